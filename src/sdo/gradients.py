@@ -1,0 +1,208 @@
+"""Gradient modes: which denoising steps keep an autograd graph, and how the gradient crosses the others.
+
+Notation (DESIGN.md, PAPER.md): a solver step is affine in the state and the network output,
+
+    x_{i+1} = a_i * x_i + b_i * eps_theta(x_i, t_i)  (+ c_i * noise_i),
+
+for i = start, ..., stop - 1. A gradient mode assigns each step one of four roles:
+
+- ``NOGRAD``: network and solver update run under ``torch.no_grad()``; nothing flows back through the step.
+- ``SHORTCUT``: the network runs under ``torch.no_grad()`` (its output is detached), the solver update stays
+  differentiable in x, so ``d x_{i+1} / d x_i = a_i I`` (plus the solver's own x-terms, e.g. DPM-Solver's
+  x0-conversion) and the network Jacobian is skipped.
+- ``FULL``: network and solver keep their graphs; activations are stored.
+- ``CHECKPOINT``: as ``FULL``, but the step's activations are dropped in forward and recomputed in backward
+  (same scheduler state, same noise), so the numbers are those of ``FULL``.
+
+The modes are small frozen dataclasses; ``Sampler.sample(x, grad=mode)`` is their only call site.
+Randomness (``RandomTruncation``'s depth, ``Shortcut(step="random")``'s index) is drawn once per trajectory,
+from the mode's own ``generator``, never from the sampler's noise generator: the trajectory is the same in
+every mode for one latent and one seed.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = ["Checkpointed", "Full", "GradientMode", "NoGrad", "RandomTruncation", "Shortcut", "StepRole", "Truncated"]
+
+
+class StepRole(enum.Enum):
+    """What one denoising step keeps for backward (see the module docstring)."""
+
+    NOGRAD = "nograd"
+    SHORTCUT = "shortcut"
+    FULL = "full"
+    CHECKPOINT = "checkpoint"
+
+
+class GradientMode:
+    """Base class of the gradient modes: ``roles(start, stop)`` gives one ``StepRole`` per step run."""
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        """Roles of steps ``start, ..., stop - 1`` (absolute indices into the sampler's schedule)."""
+        raise NotImplementedError
+
+    def __call__(self, start: int, stop: int) -> list[StepRole]:
+        return self.roles(start, stop)
+
+
+def _draw_int(low: int, high: int, generator: torch.Generator | None) -> int:
+    """One integer uniformly in ``[low, high]`` (both inclusive) from ``generator`` (global RNG if None)."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator).item())
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Full(GradientMode):
+    """Full backpropagation through every step (the exact gradient; memory grows with the number of steps).
+
+    Detached: nothing. Randomness: none. Gradient: ``d x_0 / d x_T = prod_i (a_i I + b_i d eps/dx |_i)`` and
+    ``d x_0 / d theta = sum_i (prod_{j>i} J_j) b_i d eps/d theta |_i`` with ``J_j`` the full step Jacobian.
+    """
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        return [StepRole.FULL] * (stop - start)
+
+
+@dataclass(frozen=True)
+class Checkpointed(GradientMode):
+    """Full backpropagation with per-step activation checkpointing (``torch.utils.checkpoint``, non-reentrant).
+
+    Same outputs and gradients as ``Full()``; each step's activations are recomputed in backward from the same
+    scheduler state and the same noise, so memory stays flat at about twice the forward compute.
+    Detached: nothing. Randomness: none.
+    """
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        return [StepRole.CHECKPOINT] * (stop - start)
+
+
+@dataclass(frozen=True)
+class NoGrad(GradientMode):
+    """Plain sampling: every step runs under ``torch.no_grad()``; the result carries no graph."""
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        return [StepRole.NOGRAD] * (stop - start)
+
+
+@dataclass(frozen=True)
+class Truncated(GradientMode):
+    """Truncated backpropagation through the last ``k`` steps (DRaFT-K, Clark et al. 2024, arXiv 2309.17400).
+
+    Steps before the last ``k`` run entirely under ``torch.no_grad()`` (network and solver), so the state entering
+    the last ``k`` steps is detached: no gradient reaches the initial latent. The last ``k`` steps keep their full
+    graph: ``d x_0 / d theta = sum_{i >= stop-k} (prod_{j>i} J_j) b_i d eps/d theta |_i``. Randomness: none.
+    """
+
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        _check_positive_int("k", self.k)
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        _check_fits("k", self.k, start, stop)
+        return [StepRole.NOGRAD] * (stop - start - self.k) + [StepRole.FULL] * self.k
+
+
+@dataclass(frozen=True)
+class RandomTruncation(GradientMode):
+    """Truncation at a random depth (AlignProp, Prabhudesai et al. 2023, arXiv 2310.03739).
+
+    ``k`` is drawn once per trajectory (per ``sample`` call, not per step), uniformly in ``[low, high]``, from
+    ``generator`` (the global RNG when None); then the call behaves exactly as ``Truncated(k)``.
+    """
+
+    low: int = 1
+    high: int = 1
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_positive_int("low", self.low)
+        _check_positive_int("high", self.high)
+        if self.low > self.high:
+            raise ValueError(f"`low` must be <= `high`, got low={self.low}, high={self.high}.")
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        _check_fits("high", self.high, start, stop)
+        return Truncated(_draw_int(self.low, self.high, self.generator)).roles(start, stop)
+
+
+StepChoice = Literal["first", "last", "random"] | int
+_NAMED_STEPS = ("first", "last", "random")
+
+
+@dataclass(frozen=True)
+class Shortcut(GradientMode):
+    """Shortcut Diffusion Optimization (SDO; Dou et al. 2025, arXiv 2505.07477): keep the graph of one step.
+
+    The kept steps ``s, ..., s + k - 1`` call the network with a graph. Every other step calls it under
+    ``torch.no_grad()`` (its output is detached) while the solver update stays differentiable in x, so the
+    gradient crosses those steps along the solver's affine path. With one kept step s and shortcut steps
+    ``x_{i+1} = a_i x_i + b_i eps_i`` (eps_i detached):
+
+        d x_0 / d x_start ~= (prod_{i != s} a_i) (a_s I + b_s d eps/dx |_s)
+        d x_0 / d theta   ~= (prod_{i > s} a_i) b_s d eps/d theta |_s
+
+    and likewise for any conditioning tensor ``model_fn`` uses. Memory: one step's activations, whatever the
+    number of steps.
+
+    Args:
+        step: ``"first"`` (the first step run, default; the paper's latent-optimization choice), ``"last"``,
+            ``"random"`` (drawn once per trajectory, uniformly among valid starts, from ``generator``; the paper's
+            fine-tuning choice), or an integer index into the sampler's full schedule, which must lie in
+            ``[start_step, stop - k]``.
+        k: number of consecutive kept steps (defaults to 1, the paper's method; ``k > 1`` is an ablation).
+        generator: source of the random step (the global RNG when None).
+    """
+
+    step: StepChoice = "first"
+    k: int = 1
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_positive_int("k", self.k)
+        if isinstance(self.step, bool) or not (isinstance(self.step, int) or self.step in _NAMED_STEPS):
+            raise ValueError(f"`step` must be one of {_NAMED_STEPS} or an integer index, got {self.step!r}.")
+        if isinstance(self.step, int) and self.step < 0:
+            raise ValueError(f"`step` must be a non-negative step index, got {self.step}.")
+
+    def first_kept(self, start: int, stop: int) -> int:
+        """Absolute index of the first kept step for a run of steps ``start, ..., stop - 1``."""
+        _check_fits("k", self.k, start, stop)
+        last_valid = stop - self.k
+        if self.step == "first":
+            return start
+        if self.step == "last":
+            return last_valid
+        if self.step == "random":
+            return _draw_int(start, last_valid, self.generator)
+        if not start <= self.step <= last_valid:
+            raise ValueError(
+                f"`step` must be an index in [{start}, {last_valid}] for steps {start}..{stop - 1} with k={self.k}, "
+                f"got step={self.step}."
+            )
+        return self.step
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        kept = self.first_kept(start, stop) - start
+        roles = [StepRole.SHORTCUT] * (stop - start)
+        roles[kept : kept + self.k] = [StepRole.FULL] * self.k
+        return roles
+
+
+def _check_fits(name: str, value: int, start: int, stop: int) -> None:
+    remaining = stop - start
+    if value > remaining:
+        raise ValueError(
+            f"`{name}`={value} is larger than the {remaining} remaining steps ({start}..{stop - 1}); "
+            f"use a value in [1, {remaining}]."
+        )

@@ -1,0 +1,102 @@
+"""Adapters from diffusers models to ``model_fn(x, t)``: conditioning and classifier-free guidance in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .schedulers import PREDICTION_TYPES
+
+__all__ = ["Denoiser"]
+
+
+@dataclass
+class Denoiser:
+    """``model_fn`` for a diffusers ``UNet2DModel`` (class labels) or ``UNet2DConditionModel`` (text embeddings).
+
+    With classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) at scale ``w != 1`` the conditional and
+    unconditional predictions come from one batched network call on ``[x; x]``:
+
+        out = out_uncond + w * (out_cond - out_uncond)
+
+    The output passes through as the model predicts it; ``prediction_type`` declares its kind, and ``sdo.Sampler``
+    checks that it is the one its scheduler expects. Conditioning tensors may require grad (embedding
+    optimization): the gradient reaches them through every network call that keeps a graph.
+
+    Args:
+        model: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (any module whose forward takes
+            ``(x, t, class_labels=...)`` or ``(x, t, encoder_hidden_states=...)`` and returns ``.sample``).
+        prediction_type (`str`, defaults to "epsilon"): one of "epsilon", "v_prediction", "sample", "flow".
+        class_labels: ``[batch]`` long tensor of classes (``UNet2DModel`` with ``num_class_embeds``).
+        null_class_label: the class index of the unconditional ("null") class, needed for guidance with labels.
+        encoder_hidden_states: ``[batch, tokens, dim]`` conditioning (``UNet2DConditionModel``).
+        negative_encoder_hidden_states: ``[batch or 1, tokens, dim]`` unconditional embeddings for guidance.
+        guidance_scale (`float`, defaults to 1.0): ``w``; 1 means a single conditional call, no guidance.
+    """
+
+    model: torch.nn.Module
+    prediction_type: str = "epsilon"
+    class_labels: torch.Tensor | None = None
+    null_class_label: int | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+    negative_encoder_hidden_states: torch.Tensor | None = None
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
+        if self.class_labels is not None and self.encoder_hidden_states is not None:
+            raise ValueError("Pass either `class_labels` or `encoder_hidden_states`, not both.")
+        if self.guided and self._unconditional() is None:
+            raise ValueError(
+                f"`guidance_scale`={self.guidance_scale} needs an unconditional input: `null_class_label` with "
+                "`class_labels`, or `negative_encoder_hidden_states` with `encoder_hidden_states`."
+            )
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance is applied (a conditioning input and ``guidance_scale != 1``)."""
+        conditioned = self.class_labels is not None or self.encoder_hidden_states is not None
+        return conditioned and self.guidance_scale != 1.0
+
+    def with_condition(self, **changes) -> Denoiser:
+        """A copy with other conditioning, e.g. ``denoiser.with_condition(class_labels=labels)``."""
+        return replace(self, **changes)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Model output for ``x`` ``[batch, C, H, W]`` at timestep ``t`` (a scalar), guided if configured."""
+        cond = self._conditional()
+        self._check_batch(x, cond)
+        if not self.guided:
+            return self._forward(x, t, cond)
+        uncond = self._unconditional()
+        if uncond.shape[0] == 1 and x.shape[0] > 1:
+            uncond = uncond.expand(x.shape[0], *uncond.shape[1:])
+        both = self._forward(torch.cat([x, x]), t, torch.cat([uncond.to(cond.dtype), cond]))
+        out_uncond, out_cond = both.chunk(2)
+        return out_uncond + self.guidance_scale * (out_cond - out_uncond)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if cond is None:
+            return self.model(x, t).sample
+        if self.class_labels is not None:
+            return self.model(x, t, class_labels=cond).sample
+        return self.model(x, t, encoder_hidden_states=cond).sample
+
+    def _conditional(self) -> torch.Tensor | None:
+        return self.class_labels if self.class_labels is not None else self.encoder_hidden_states
+
+    def _unconditional(self) -> torch.Tensor | None:
+        if self.class_labels is not None and self.null_class_label is not None:
+            return torch.full_like(self.class_labels, self.null_class_label)
+        if self.encoder_hidden_states is not None:
+            return self.negative_encoder_hidden_states
+        return None
+
+    @staticmethod
+    def _check_batch(x: torch.Tensor, cond: torch.Tensor | None) -> None:
+        if cond is not None and cond.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"The conditioning has batch size {cond.shape[0]} but `x` has {x.shape[0]}; they must be equal."
+            )

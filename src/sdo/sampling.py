@@ -1,0 +1,169 @@
+"""The sampling loop: one function of its inputs, whose gradient mode decides what each step keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch.utils.checkpoint import checkpoint
+
+from . import schedulers as sched
+from .gradients import GradientMode, Shortcut, StepRole
+
+__all__ = ["ModelFn", "Sampler"]
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _StepNoise:
+    """Replays one step's noise: a generator restored to the state the caller's generator had before the step.
+
+    The step draws from ``generator()`` exactly what a plain loop passing the caller's generator would draw; a
+    checkpointed step recomputed in backward gets a new generator in the same state, so the same noise.
+    ``commit()`` then advances the caller's generator past what the forward step drew.
+    """
+
+    def __init__(self, source: torch.Generator) -> None:
+        self.source = source
+        self.state = source.get_state()
+        self.last: torch.Generator | None = None
+
+    def generator(self) -> torch.Generator:
+        self.last = torch.Generator(device=self.source.device)
+        self.last.set_state(self.state)
+        return self.last
+
+    def commit(self) -> None:
+        if self.last is not None:
+            self.source.set_state(self.last.get_state())
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The global RNG that ``torch.randn`` would use on ``device`` (what diffusers draws from without a generator)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+class Sampler:
+    """A diffusers scheduler driven by our own loop, differentiable as the gradient mode says.
+
+    Each step ``i`` (timestep ``t_i``) computes ``out = model_fn(scheduler.scale_model_input(x, t_i), t_i)`` and
+    ``x = scheduler.step(out, t_i, x, ...).prev_sample``. The gradient mode (``sdo.Full``, ``sdo.Shortcut``, ...)
+    decides per step whether the network call and the solver update record a graph (see ``sdo.gradients``).
+
+    Args:
+        model_fn: ``model_fn(x, t) -> output`` of the kind the scheduler expects (``scheduler.config.
+            prediction_type``: epsilon, v_prediction or sample; a flow velocity for FlowMatchEulerDiscreteScheduler).
+            If it has a ``prediction_type`` attribute (``sdo.Denoiser`` does), it must match the scheduler's.
+        scheduler: an unmodified DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler (dpmsolver++ or
+            sde-dpmsolver++), EulerDiscreteScheduler or FlowMatchEulerDiscreteScheduler. Only its config is used:
+            the caller's object is never mutated.
+        num_inference_steps (`int`, defaults to 50): length of the schedule.
+        eta (`float`, defaults to 0.0): DDIM's stochasticity (Song et al. 2021, Eq. 16); only for DDIMScheduler.
+    """
+
+    def __init__(
+        self, model_fn: ModelFn, scheduler: SchedulerMixin, num_inference_steps: int = 50, *, eta: float = 0.0
+    ) -> None:
+        sched.check_scheduler(scheduler)
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        if eta < 0 or (eta > 0 and not isinstance(scheduler, DDIMScheduler)):
+            raise ValueError(f"`eta` must be >= 0, and non-zero only with DDIMScheduler; got eta={eta}.")
+        expected = sched.prediction_type(scheduler)
+        declared = getattr(model_fn, "prediction_type", expected)
+        if declared != expected:
+            raise ValueError(
+                f"`model_fn` predicts {declared!r} but {type(scheduler).__name__} expects {expected!r}; "
+                f"set the scheduler's `prediction_type` (or the adapter's) so that they agree."
+            )
+        self.model_fn = model_fn
+        self.num_inference_steps = num_inference_steps
+        self.eta = float(eta)
+        self.scheduler = type(scheduler).from_config(scheduler.config)
+        self.stochastic = sched.is_stochastic(self.scheduler, self.eta)
+
+    def fresh_scheduler(self, device: torch.device | str | None = None) -> SchedulerMixin:
+        """A new scheduler with this sampler's config and timesteps (what each ``sample`` call starts from)."""
+        return sched.fresh_copy(self.scheduler, self.num_inference_steps, device)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The schedule's timesteps, ``[num_inference_steps]``; step ``i`` denoises at ``timesteps[i]``."""
+        return self.fresh_scheduler().timesteps
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Scale of the initial latent: ``x_T = init_noise_sigma * N(0, I)`` (1 for DDIM/DDPM/DPM/FlowMatch)."""
+        return float(self.fresh_scheduler().init_noise_sigma)
+
+    def sample(
+        self,
+        x: torch.Tensor,
+        grad: GradientMode = Shortcut(),
+        start_step: int = 0,
+        generator: torch.Generator | None = None,
+        *,
+        stop_step: int | None = None,
+    ) -> torch.Tensor:
+        """Run steps ``start_step, ..., stop_step - 1`` from ``x`` and return the resulting latent.
+
+        Args:
+            x: ``[batch, ...]`` latent *at* ``start_step`` (the initial noise times ``init_noise_sigma`` when 0).
+            grad: gradient mode (defaults to ``Shortcut()``, the first step run keeps its graph).
+            start_step: index of the first step to run, in ``[0, num_inference_steps - 1]``.
+            generator: source of the noise of stochastic schedulers; step ``i``'s noise is what a plain loop passing
+                this generator to ``scheduler.step`` would draw, in every gradient mode. The global RNG when None.
+            stop_step: one past the last step to run (defaults to ``num_inference_steps``, giving ``x_0``); a smaller
+                value returns an intermediate latent (a warm-up).
+        """
+        stop = self._check_range(start_step, stop_step)
+        if not isinstance(grad, GradientMode):
+            raise ValueError(f"`grad` must be a gradient mode such as sdo.Shortcut() or sdo.Full(), got {grad!r}.")
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise ValueError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
+        roles = grad.roles(start_step, stop)
+        scheduler = self.fresh_scheduler(x.device)
+        noise_source = (generator or _default_generator(x.device)) if self.stochastic else None
+        for index, role in zip(range(start_step, stop), roles, strict=True):
+            noise = _StepNoise(noise_source) if noise_source is not None else None
+            x = self._step(scheduler, x, scheduler.timesteps[index], role, noise)
+            if noise is not None:
+                noise.commit()
+        return x
+
+    def _check_range(self, start_step: int, stop_step: int | None) -> int:
+        n = self.num_inference_steps
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < n:
+            raise ValueError(f"`start_step` must be an integer in [0, {n - 1}] (num_inference_steps={n}), "
+                             f"got {start_step!r}.")
+        stop = n if stop_step is None else stop_step
+        if isinstance(stop, bool) or not isinstance(stop, int) or not start_step < stop <= n:
+            raise ValueError(f"`stop_step` must be an integer in [{start_step + 1}, {n}], got {stop_step!r}.")
+        return stop
+
+    def _step(self, scheduler, x: torch.Tensor, t: torch.Tensor, role: StepRole, noise: _StepNoise | None):
+        if role is StepRole.NOGRAD:
+            with torch.no_grad():
+                return self._denoise(scheduler, x, t, noise, detach_network=False)
+        if role is StepRole.CHECKPOINT:
+            state = sched.snapshot(scheduler)
+
+            def replay(x_in: torch.Tensor) -> torch.Tensor:
+                sched.restore(scheduler, state)
+                return self._denoise(scheduler, x_in, t, noise, detach_network=False)
+
+            return checkpoint(replay, x, use_reentrant=False)
+        return self._denoise(scheduler, x, t, noise, detach_network=role is StepRole.SHORTCUT)
+
+    def _denoise(self, scheduler, x, t, noise: _StepNoise | None, detach_network: bool) -> torch.Tensor:
+        with torch.no_grad() if detach_network else nullcontext():
+            output = self.model_fn(sched.scale_model_input(scheduler, x, t), t)
+        kwargs = {"eta": self.eta} if isinstance(scheduler, DDIMScheduler) else {}
+        if noise is not None:
+            kwargs["generator"] = noise.generator()
+        return scheduler.step(output, t, x, **kwargs).prev_sample
