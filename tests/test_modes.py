@@ -77,7 +77,7 @@ def assert_same(actual, expected):
 @pytest.mark.parametrize("mode", MODES, ids=repr)
 @pytest.mark.parametrize("start", [0, 2])
 def test_mode_matches_reference_loop(scheduler_case, toy, mode, start):
-    name, scheduler, eta = scheduler_case
+    _, scheduler, eta = scheduler_case
     model, cond, x = toy
     if isinstance(mode, sdo.Shortcut) and isinstance(mode.step, int) and mode.step < start:
         pytest.skip("kept step before start_step is an error case, tested separately")
@@ -96,8 +96,10 @@ def test_mode_matches_reference_loop(scheduler_case, toy, mode, start):
     assert_same(grads(out, inputs), grads(expected, inputs))
 
 
-@pytest.mark.parametrize("mode_factory", [lambda g: sdo.RandomTruncation(1, 4, generator=g),
-                                          lambda g: sdo.Shortcut(step="random", k=2, generator=g)])
+@pytest.mark.parametrize(
+    "mode_factory",
+    [lambda g: sdo.RandomTruncation(1, 4, generator=g), lambda g: sdo.Shortcut(step="random", k=2, generator=g)],
+)
 def test_random_modes_draw_once_per_trajectory(scheduler_case, toy, mode_factory):
     _, scheduler, eta = scheduler_case
     model, cond, x = toy

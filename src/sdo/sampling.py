@@ -41,6 +41,10 @@ class _StepNoise:
             self.source.set_state(self.last.get_state())
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _default_generator(device: torch.device) -> torch.Generator:
     """The global RNG that ``torch.randn`` would use on ``device`` (what diffusers draws from without a generator)."""
     if device.type == "cuda":
@@ -70,7 +74,7 @@ class Sampler:
         self, model_fn: ModelFn, scheduler: SchedulerMixin, num_inference_steps: int = 50, *, eta: float = 0.0
     ) -> None:
         sched.check_scheduler(scheduler)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if eta < 0 or (eta > 0 and not isinstance(scheduler, DDIMScheduler)):
             raise ValueError(f"`eta` must be >= 0, and non-zero only with DDIMScheduler; got eta={eta}.")
@@ -104,7 +108,7 @@ class Sampler:
     def sample(
         self,
         x: torch.Tensor,
-        grad: GradientMode = Shortcut(),
+        grad: GradientMode = Shortcut(),  # noqa: B008 (a frozen, immutable value)
         start_step: int = 0,
         generator: torch.Generator | None = None,
         *,
@@ -138,11 +142,12 @@ class Sampler:
 
     def _check_range(self, start_step: int, stop_step: int | None) -> int:
         n = self.num_inference_steps
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < n:
-            raise ValueError(f"`start_step` must be an integer in [0, {n - 1}] (num_inference_steps={n}), "
-                             f"got {start_step!r}.")
+        if not _is_int(start_step) or not 0 <= start_step < n:
+            raise ValueError(
+                f"`start_step` must be an integer in [0, {n - 1}] (num_inference_steps={n}), got {start_step!r}."
+            )
         stop = n if stop_step is None else stop_step
-        if isinstance(stop, bool) or not isinstance(stop, int) or not start_step < stop <= n:
+        if not _is_int(stop) or not start_step < stop <= n:
             raise ValueError(f"`stop_step` must be an integer in [{start_step + 1}, {n}], got {stop_step!r}.")
         return stop
 

@@ -51,9 +51,7 @@ def prediction_type(scheduler: SchedulerMixin) -> str:
         return "flow"
     value = scheduler.config.prediction_type
     if value not in PREDICTION_TYPES[:3]:
-        raise ValueError(
-            f"`scheduler.config.prediction_type` must be one of {PREDICTION_TYPES[:3]}, got {value!r}."
-        )
+        raise ValueError(f"`scheduler.config.prediction_type` must be one of {PREDICTION_TYPES[:3]}, got {value!r}.")
     return value
 
 
