@@ -1,0 +1,118 @@
+"""The ``sdo`` command line: ``sdo demo | optimize | train-zoo``. Task flags are generated from config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, only=None) -> None:
+    """One ``--flag`` per dataclass field (type, default, help and choices taken from the field)."""
+    defaults = defaults or {}
+    for item in dataclasses.fields(config_cls):
+        if only is not None and item.name not in only:
+            continue
+        default = defaults.get(item.name, item.default)
+        parser.add_argument(
+            f"--{item.name.replace('_', '-')}", dest=item.name, type=type(default), default=default,
+            choices=item.metadata.get("choices"), help=f"{item.metadata.get('help', '')} (default: {default})",
+        )  # fmt: skip
+
+
+def _config_from(args: argparse.Namespace, config_cls, **extra):
+    names = {item.name for item in dataclasses.fields(config_cls)}
+    return config_cls(**{key: value for key, value in vars(args).items() if key in names}, **extra)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import demo_config, format_table, run_demo
+    from .tasks import LatentTaskConfig
+
+    config = demo_config(**{k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(LatentTaskConfig)}})
+    print(f"sdo demo: {config.steps} DDIM steps, batch {config.batch}, {config.iters} Adam iterations per method")
+    metrics = run_demo(config)
+    print(f"\nTask: {metrics['task']}\n")
+    print(format_table(metrics["methods"]))
+    if "targets" in metrics:
+        print(f"\nsdo / full: {metrics['s_per_iter_sdo_over_full']:.2f}x seconds per iteration, "
+              f"{metrics['peak_mem_sdo_over_full']:.3f}x peak memory")
+        print("targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in metrics["targets"].items()))
+    out = Path(config.out)
+    print(f"\nWrote {out / 'grid.png'}, {out / 'curves.png'}, {out / 'metrics.json'} "
+          f"({metrics['total_seconds']:.1f} s in all)")
+    return 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from .demo import _summary, format_table
+    from .io import save_json
+    from .latent import save_latent
+    from .plots import save_curves, save_image_grid
+    from .tasks import LatentTaskConfig, build_task, run_task
+
+    config = _config_from(args, LatentTaskConfig)
+    task = build_task(config)
+    print(f"Task: {task.description} ({config.method}, {config.steps} steps)")
+    result = run_task(config, task)
+    out = Path(config.out)
+    save_latent(out / "latent.safetensors", result.latent, **{k: v for k, v in dataclasses.asdict(config).items()})
+    save_image_grid({"before": task.original, f"after {config.method}": result.sample}, out / "grid.png")
+    save_curves({config.method: result.history}, out / "curves.png", task.description)
+    summary = _summary(result.history)
+    save_json({"config": dataclasses.asdict(config), "summary": summary, "history": result.history},
+              out / "metrics.json")
+    print(format_table({config.method: summary}))
+    print(f"Wrote {out}/latent.safetensors, grid.png, curves.png, metrics.json")
+    return 0
+
+
+def _train_zoo(args: argparse.Namespace) -> int:
+    from .zoo.train import ZooTrainingConfig, train_zoo
+
+    config = _config_from(args, ZooTrainingConfig)
+    metrics = train_zoo(args.out, config)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sdo`` argument parser."""
+    from .demo import demo_config
+    from .tasks import LatentTaskConfig
+    from .zoo.train import ZooTrainingConfig
+
+    parser = argparse.ArgumentParser(prog="sdo", description="Shortcut Diffusion Optimization (arXiv 2505.07477).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="SDO vs full backprop on the embedded model (offline, < 60 s on CPU)")
+    add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()),
+                     only={"steps", "iters", "batch", "lr", "seed", "device", "out"})  # fmt: skip
+    demo.set_defaults(run=_demo)
+
+    optimize = commands.add_parser("optimize", help="optimize latents of the embedded model for a task")
+    add_config_flags(optimize, LatentTaskConfig)
+    optimize.set_defaults(run=_optimize)
+
+    train = commands.add_parser("train-zoo", help="retrain the embedded model and classifiers (needs sdo[train])")
+    train.add_argument("--out", default="zoo-weights", help="output folder (default: zoo-weights)")
+    add_config_flags(train, ZooTrainingConfig)
+    train.set_defaults(run=_train_zoo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sdo`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as error:  # bad input: one clear line, no traceback
+        print(f"sdo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

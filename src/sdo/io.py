@@ -1,0 +1,73 @@
+"""Files: every write is atomic (temporary file in the same folder, then ``os.replace``); every read is
+safetensors or JSON, and a corrupt or truncated file raises ``CorruptFileError`` naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ["CorruptFileError", "atomic_path", "load_json", "load_tensors", "save_json", "save_tensors"]
+
+
+class CorruptFileError(ValueError):
+    """A file we read is missing, truncated or not in the expected format."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    """Write ``tensors`` as safetensors, atomically (contiguous CPU copies)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike, hint: str = "") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, truncated or corrupt file raises ``CorruptFileError``."""
+    return _read(path, lambda p: load_file(str(p)), "safetensors", hint)
+
+
+def save_json(data: Any, path: str | os.PathLike) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def load_json(path: str | os.PathLike, hint: str = "") -> Any:
+    """Read a JSON file; a missing or malformed file raises ``CorruptFileError``."""
+    return _read(path, lambda p: json.loads(Path(p).read_text()), "JSON", hint)
+
+
+def _read(path: str | os.PathLike, reader: Callable[[Path], Any], kind: str, hint: str) -> Any:
+    path = Path(path)
+    suffix = f" {hint}" if hint else ""
+    if not path.is_file():
+        raise CorruptFileError(f"{path}: file not found.{suffix}")
+    try:
+        return reader(path)
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError) as error:
+        raise CorruptFileError(f"{path}: not a valid {kind} file (truncated or corrupt: {error}).{suffix}") from error

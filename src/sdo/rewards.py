@@ -1,0 +1,122 @@
+"""Rewards: plain callables ``reward(x0, cond) -> tensor[batch]``, higher is better, differentiable in ``x0``.
+
+Images are the embedded model's ``[batch, 1, 32, 32]`` in [-1, 1] unless a reward says otherwise. ``cond`` is
+whatever the task passes along (unused by the built-ins, kept so that user rewards can see the condition).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["AdversarialReward", "ClassifierReward", "StyleReward", "gram_matrix", "latent_prior"]
+
+
+def _target_tensor(target: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    target = torch.as_tensor(target, device=device).long()
+    if target.ndim == 0:
+        return target.expand(batch)
+    if target.shape != (batch,):
+        raise ValueError(f"`target` must be a class index or a [batch] tensor, got shape {tuple(target.shape)} "
+                         f"for a batch of {batch}.")
+    return target
+
+
+class ClassifierReward:
+    """Log-probability of a target class under a classifier: ``r(x) = log softmax(f(x))[target]``.
+
+    Steers a generation into class ``target`` (or sharpens its own class), as the paper's classifier-guided
+    tasks (Dou et al. 2025, Sec. 5) do with CLIP.
+
+    Args:
+        classifier: ``[B, C, H, W] -> logits [B, K]`` (e.g. ``sdo.zoo.load_reward_classifier()``).
+        target: class index, or ``[batch]`` tensor of indices.
+    """
+
+    def __init__(self, classifier: nn.Module, target: int | torch.Tensor) -> None:
+        self.classifier = classifier
+        self.target = target
+
+    def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
+        log_probs = F.log_softmax(self.classifier(x0), dim=1)
+        target = _target_tensor(self.target, x0.shape[0], x0.device)
+        return log_probs.gather(1, target[:, None]).squeeze(1)
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """``G = F F^T / (C H W)`` of ``features`` ``[B, C, H, W]`` -> ``[B, C, C]`` (Gatys et al. 2016, Eq. 3)."""
+    batch, channels, height, width = features.shape
+    flat = features.reshape(batch, channels, height * width)
+    return flat @ flat.transpose(1, 2) / (channels * height * width)
+
+
+class StyleReward:
+    """Style match: ``r(x) = - sum_l || G_l(x) - G_l(ref) ||_F^2`` over the feature maps of a frozen network.
+
+    The paper's style-transfer task (Gram matrices of CLIP features against a reference image), transposed to
+    the embedded model: the features are the reward classifier's conv blocks. ``r(ref) = 0`` exactly.
+
+    Args:
+        feature_net: module with ``features(x) -> list[Tensor[B, C, H, W]]`` (``sdo.zoo.RewardNet`` has one).
+        reference: ``[1, C, H, W]`` or ``[batch, C, H, W]`` style image(s).
+        scale: multiplies the loss (defaults to 1e3, so that typical values are of order 1).
+    """
+
+    def __init__(self, feature_net: nn.Module, reference: torch.Tensor, scale: float = 1e3) -> None:
+        self.feature_net = feature_net
+        self.scale = scale
+        with torch.no_grad():
+            self.reference_grams = [gram_matrix(f) for f in feature_net.features(reference)]
+
+    def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
+        total = x0.new_zeros(x0.shape[0])
+        for features, reference in zip(self.feature_net.features(x0), self.reference_grams, strict=True):
+            total = total + (gram_matrix(features) - reference).square().sum(dim=(1, 2))
+        return -self.scale * total
+
+
+class AdversarialReward:
+    """Adversarial sample: make the attacked classifier say ``target`` while the image stays what it was.
+
+    ``r(x) = log p_attacked(target | x) - proximity * mean((x - x_orig)^2)``; the proximity term keeps the image
+    close to the original sample so that an independent judge still sees the source class (the paper's
+    adversarial-sample task). ``verdicts`` reports both classifiers' decisions; the judge is never part of ``r``.
+
+    Args:
+        attacked: the classifier under attack (``[B, ...] -> logits``).
+        target: the class it should output.
+        original: ``[batch, ...]`` the unoptimized samples.
+        proximity (`float`, defaults to 20.0): weight of the squared-distance term.
+    """
+
+    def __init__(self, attacked: nn.Module, target: int | torch.Tensor, original: torch.Tensor,
+                 proximity: float = 20.0) -> None:  # fmt: skip
+        self.attacked = attacked
+        self.target = target
+        self.original = original.detach()
+        self.proximity = proximity
+
+    def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
+        if x0.shape != self.original.shape:
+            raise ValueError(f"`x0` has shape {tuple(x0.shape)}, the originals {tuple(self.original.shape)}.")
+        log_probs = F.log_softmax(self.attacked(x0), dim=1)
+        target = _target_tensor(self.target, x0.shape[0], x0.device)
+        distance = (x0 - self.original).square().flatten(1).mean(dim=1)
+        return log_probs.gather(1, target[:, None]).squeeze(1) - self.proximity * distance
+
+    @torch.no_grad()
+    def verdicts(self, x0: torch.Tensor, judge: nn.Module) -> dict[str, torch.Tensor]:
+        """``{"attacked": classes [B], "judge": classes [B]}``: what each classifier says ``x0`` is."""
+        return {"attacked": self.attacked(x0).argmax(dim=1), "judge": judge(x0).argmax(dim=1)}
+
+
+def latent_prior(latent: torch.Tensor) -> torch.Tensor:
+    """Gaussian-shell regularizer ``(||z|| - sqrt(d))^2 / d`` per sample ``[batch]`` (lower is better).
+
+    A d-dimensional standard normal concentrates on the sphere of radius ``sqrt(d)``; keeping the optimized latent
+    there keeps it a plausible initial noise and limits reward hacking (as in DOODL / DNO-style optimization).
+    """
+    flat = latent.flatten(1)
+    dim = flat.shape[1]
+    return (flat.norm(dim=1) - dim**0.5).square() / dim

@@ -1,0 +1,127 @@
+"""Latent-optimization tasks on the embedded model: class steering, style transfer, adversarial samples.
+
+One config dataclass (``LatentTaskConfig``) describes a run; the ``sdo optimize`` flags are generated from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+
+from . import zoo
+from .gradients import Checkpointed, Full, GradientMode, NoGrad, Shortcut
+from .latent import OptimizationResult, optimize_latent
+from .rewards import AdversarialReward, ClassifierReward, StyleReward
+from .sampling import Sampler
+
+__all__ = ["LATENT_METHODS", "LatentTask", "LatentTaskConfig", "build_task", "run_task"]
+
+LATENT_METHODS: dict[str, GradientMode] = {
+    "sdo": Shortcut(step="first"),
+    "sdo-last": Shortcut(step="last"),
+    "full": Full(),
+    "checkpointed": Checkpointed(),
+}
+TASKS = ("class", "style", "adversarial")
+
+
+def _field(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class LatentTaskConfig:
+    """One latent-optimization run on the embedded model (every field is a ``sdo optimize`` flag)."""
+
+    task: Literal["class", "style", "adversarial"] = _field("class", "what to optimize for", choices=TASKS)
+    method: str = _field("sdo", "gradient estimator", choices=tuple(LATENT_METHODS))
+    source: int = _field(3, "class of the generated digits")
+    target: int = _field(8, "class to steer to (class, adversarial) or of the style reference (style)")
+    steps: int = _field(50, "DDIM steps")
+    iters: int = _field(30, "Adam iterations")
+    lr: float = _field(0.05, "Adam learning rate")
+    batch: int = _field(8, "latents optimized at once")
+    seed: int = _field(0, "seed of the initial noise")
+    start_step: int = _field(0, "optimize the latent at this step (after a no-grad warm-up)")
+    guidance: float = _field(3.0, "classifier-free guidance scale")
+    prior_weight: float = _field(0.0, "weight of the Gaussian-shell latent regularizer")
+    proximity: float = _field(20.0, "adversarial task: weight keeping the image near the original")
+    device: str = _field("cpu", "torch device")
+    out: str = _field("sdo-optimize", "output folder")
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"`task` must be one of {TASKS}, got {self.task!r}.")
+        if self.method not in LATENT_METHODS:
+            raise ValueError(f"`method` must be one of {tuple(LATENT_METHODS)}, got {self.method!r}.")
+        for name in ("source", "target"):
+            if not 0 <= getattr(self, name) < zoo.NUM_CLASSES:
+                raise ValueError(f"`{name}` must be a digit class in [0, 9], got {getattr(self, name)}.")
+        for name in ("steps", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.iters < 0 or self.lr <= 0:
+            raise ValueError(f"`iters` must be >= 0 and `lr` > 0, got iters={self.iters}, lr={self.lr}.")
+        if not 0 <= self.start_step < self.steps:
+            raise ValueError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Flag name -> help text, for the CLI."""
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+@dataclass
+class LatentTask:
+    """A built task: the sampler, the latent to optimize, the reward and the judge's acceptance test."""
+
+    sampler: Sampler
+    latent: torch.Tensor
+    reward: object
+    judge_accepts: object
+    original: torch.Tensor
+    description: str
+
+
+def build_task(config: LatentTaskConfig) -> LatentTask:
+    """Load the zoo and build the sampler, initial latent, reward and judge for ``config``."""
+    device = torch.device(config.device)
+    unet, reward_net, judge = (zoo.load_unet(device), zoo.load_reward_classifier(device), zoo.load_judge(device))
+    classes = torch.full((config.batch,), config.source, device=device)
+    sampler = Sampler(zoo.denoiser(unet, classes, config.guidance), zoo.scheduler("ddim"), config.steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    noise = torch.randn(config.batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator).to(device)
+    with torch.no_grad():
+        latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
+        original = sampler.sample(latent, NoGrad(), start_step=config.start_step)
+
+    def judge_says(digit: int):
+        return lambda x0: judge(x0).argmax(dim=1) == digit
+
+    if config.task == "class":
+        reward = ClassifierReward(reward_net, config.target)
+        accepts, text = judge_says(config.target), f"turn generated {config.source}s into {config.target}s"
+    elif config.task == "style":
+        images, labels = zoo.load_digits(device)
+        reference = images[labels == config.target][:1]
+        reward = StyleReward(reward_net, reference)
+        accepts = judge_says(config.source)
+        text = f"give generated {config.source}s the stroke style of a real {config.target}, staying {config.source}s"
+    else:
+        reward = AdversarialReward(reward_net, config.target, original, proximity=config.proximity)
+        reward_says = lambda x0: reward_net(x0).argmax(dim=1) == config.target  # noqa: E731
+        accepts = lambda x0: reward_says(x0) & judge_says(config.source)(x0)  # noqa: E731
+        text = f"make the reward classifier see {config.target}s in {config.source}s the judge still calls {config.source}s"
+    return LatentTask(sampler, latent, reward, accepts, original, text)
+
+
+def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress: bool = True) -> OptimizationResult:
+    """Optimize ``config``'s task with ``config.method`` (building the task unless one is given)."""
+    task = task or build_task(config)
+    return optimize_latent(
+        task.sampler, task.latent, task.reward, grad=LATENT_METHODS[config.method], start_step=config.start_step,
+        iters=config.iters, lr=config.lr, prior_weight=config.prior_weight, seed=config.seed,
+        judge=task.judge_accepts, progress=progress,
+    )  # fmt: skip
