@@ -56,6 +56,7 @@ MODES = [
     sdo.Shortcut(step="last"),
     sdo.Shortcut(step=3),
     sdo.Shortcut(step=2, k=2),
+    sdo.Shortcut(step=3, k=2, checkpoint=True),
 ]
 
 

@@ -17,6 +17,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
         if only is not None and item.name not in only:
             continue
         default = defaults.get(item.name, item.default)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, action="store_true",
+                                help=item.metadata.get("help", ""))  # fmt: skip
+            continue
         parser.add_argument(
             f"--{item.name.replace('_', '-')}", dest=item.name, type=type(default), default=default,
             choices=item.metadata.get("choices"), help=f"{item.metadata.get('help', '')} (default: {default})",
@@ -32,18 +36,24 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import demo_config, format_table, run_demo
     from .tasks import LatentTaskConfig
 
-    config = demo_config(**{k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(LatentTaskConfig)}})
+    config = demo_config(
+        **{k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(LatentTaskConfig)}}
+    )
     print(f"sdo demo: {config.steps} DDIM steps, batch {config.batch}, {config.iters} Adam iterations per method")
     metrics = run_demo(config)
     print(f"\nTask: {metrics['task']}\n")
     print(format_table(metrics["methods"]))
     if "targets" in metrics:
-        print(f"\nsdo / full: {metrics['s_per_iter_sdo_over_full']:.2f}x seconds per iteration, "
-              f"{metrics['peak_mem_sdo_over_full']:.3f}x peak memory")
+        print(
+            f"\nsdo / full: {metrics['s_per_iter_sdo_over_full']:.2f}x seconds per iteration, "
+            f"{metrics['peak_mem_sdo_over_full']:.3f}x peak memory"
+        )
         print("targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in metrics["targets"].items()))
     out = Path(config.out)
-    print(f"\nWrote {out / 'grid.png'}, {out / 'curves.png'}, {out / 'metrics.json'} "
-          f"({metrics['total_seconds']:.1f} s in all)")
+    print(
+        f"\nWrote {out / 'grid.png'}, {out / 'curves.png'}, {out / 'metrics.json'} "
+        f"({metrics['total_seconds']:.1f} s in all)"
+    )
     return 0
 
 
@@ -63,10 +73,34 @@ def _optimize(args: argparse.Namespace) -> int:
     save_image_grid({"before": task.original, f"after {config.method}": result.sample}, out / "grid.png")
     save_curves({config.method: result.history}, out / "curves.png", task.description)
     summary = _summary(result.history)
-    save_json({"config": dataclasses.asdict(config), "summary": summary, "history": result.history},
-              out / "metrics.json")
+    save_json(
+        {"config": dataclasses.asdict(config), "summary": summary, "history": result.history}, out / "metrics.json"
+    )
     print(format_table({config.method: summary}))
     print(f"Wrote {out}/latent.safetensors, grid.png, curves.png, metrics.json")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_rows, run_bench
+    from .io import atomic_path, save_json
+    from .plots import save_bench_plot
+
+    config = _config_from(args, BenchConfig)
+    result = run_bench(config)
+    table = format_rows(result["rows"])
+    out = Path(config.out)
+    save_json(result, out / "bench.json")
+    with atomic_path(out / "bench.md") as tmp:
+        tmp.write_text(f"Machine: {result['machine']}\n\n{table}\n")
+    save_bench_plot(result, out / "bench.png")
+    if args.json:
+        save_json([{k: v for k, v in row.items() if k != "history"} for row in result["rows"]], args.json)
+    print(f"Machine: {result['machine']}\n\n{table}")
+    print(
+        f"\nWrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}"
+        + (f", {args.json}" if args.json else "")
+    )
     return 0
 
 
@@ -81,6 +115,7 @@ def _train_zoo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sdo`` argument parser."""
+    from .bench import BenchConfig
     from .demo import demo_config
     from .tasks import LatentTaskConfig
     from .zoo.train import ZooTrainingConfig
@@ -96,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     optimize = commands.add_parser("optimize", help="optimize latents of the embedded model for a task")
     add_config_flags(optimize, LatentTaskConfig)
     optimize.set_defaults(run=_optimize)
+
+    bench = commands.add_parser("bench", help="compare gradient estimators: time, memory, reward, gradient cosine")
+    add_config_flags(bench, BenchConfig)
+    bench.add_argument("--json", default="", help="also write the rows (without histories) to this JSON file")
+    bench.set_defaults(run=_bench)
 
     train = commands.add_parser("train-zoo", help="retrain the embedded model and classifiers (needs sdo[train])")
     train.add_argument("--out", default="zoo-weights", help="output folder (default: zoo-weights)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -67,7 +67,9 @@ def format_table(methods: dict[str, dict]) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for name, m in methods.items():
-        judge = f"{m['judge_success_initial']:.0%} -> {m['judge_success']:.0%}" if m["judge_success"] is not None else ""
+        judge = (
+            f"{m['judge_success_initial']:.0%} -> {m['judge_success']:.0%}" if m["judge_success"] is not None else ""
+        )
         lines.append(
             f"| {name} | {m['reward_initial']:.3f} -> {m['reward_final']:.3f} | {judge} | {m['s_per_iter']:.3f} | "
             f"{m['peak_mem_bytes'] / 2**20:.1f} MiB |"
@@ -94,8 +96,12 @@ def run_demo(config: LatentTaskConfig | None = None, methods=DEMO_METHODS, progr
         "config": asdict(config),
         "methods": summaries,
         **(_ratios(summaries) if {"sdo", "full"} <= set(summaries) else {}),
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "device": config.device, "torch": torch.__version__},  # fmt: skip
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "device": config.device,
+            "torch": torch.__version__,
+        },
         "total_seconds": time.perf_counter() - started,
     }
     save_json(metrics, out / "metrics.json")

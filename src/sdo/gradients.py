@@ -162,11 +162,14 @@ class Shortcut(GradientMode):
             ``[start_step, stop - k]``.
         k: number of consecutive kept steps (defaults to 1, the paper's method; ``k > 1`` is an ablation).
         generator: source of the random step (the global RNG when None).
+        checkpoint: recompute the kept steps' activations in backward (same numbers, less memory, one more
+            network forward per kept step).
     """
 
     step: StepChoice = "first"
     k: int = 1
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("k", self.k)
@@ -195,7 +198,7 @@ class Shortcut(GradientMode):
     def roles(self, start: int, stop: int) -> list[StepRole]:
         kept = self.first_kept(start, stop) - start
         roles = [StepRole.SHORTCUT] * (stop - start)
-        roles[kept : kept + self.k] = [StepRole.FULL] * self.k
+        roles[kept : kept + self.k] = [StepRole.CHECKPOINT if self.checkpoint else StepRole.FULL] * self.k
         return roles
 
 

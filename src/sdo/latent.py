@@ -161,8 +161,9 @@ def _evaluate(sampler, z, reward, grad, start_step, seed, cond, prior_weight):
         x0 = sampler.sample(z, grad=grad, start_step=start_step, generator=generator)
         rewards = reward(x0, cond)
         if rewards.shape != (z.shape[0],):
-            raise ValueError(f"`reward` must return a [batch] tensor of shape ({z.shape[0]},), "
-                             f"got {tuple(rewards.shape)}.")
+            raise ValueError(
+                f"`reward` must return a [batch] tensor of shape ({z.shape[0]},), got {tuple(rewards.shape)}."
+            )
         loss = -rewards.sum()
         if prior_weight:
             loss = loss + prior_weight * latent_prior(z).sum()

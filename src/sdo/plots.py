@@ -7,12 +7,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from .io import atomic_path  # noqa: E402
+from .io import atomic_path
 
-__all__ = ["save_curves", "save_image_grid"]
+__all__ = ["save_bench_plot", "save_curves", "save_image_grid"]
 
 
 def _save(figure, path: str | Path) -> None:
@@ -56,4 +56,30 @@ def save_curves(histories: dict[str, list[dict]], path: str | Path, title: str =
         axis.legend()
     if title:
         figure.suptitle(title)
+    _save(figure, path)
+
+
+def save_bench_plot(result: dict, path: str | Path) -> None:
+    """Benchmark picture: reward vs seconds (most steps), seconds per iteration vs steps, cosine per kept step."""
+    rows = result["rows"]
+    most = max(row["steps"] for row in rows)
+    panels = 3 if result.get("cosine_sweep") else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    for row in (r for r in rows if r["steps"] == most):
+        axes[0].plot([h["elapsed"] for h in row["history"]], [h["reward"] for h in row["history"]], marker=".",
+                     label=row["method"])  # fmt: skip
+    axes[0].set(xlabel="seconds", ylabel="mean reward", title=f"reward vs wall-clock ({most} steps)")
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = sorted((r["steps"], r["s_per_iter"]) for r in rows if r["method"] == method)
+        axes[1].plot(*zip(*mine, strict=True), marker="o", label=method)
+    axes[1].set(xlabel="steps", ylabel="seconds / iteration (median)", title="cost vs number of steps")
+    if panels == 3:
+        for steps in sorted({point["steps"] for point in result["cosine_sweep"]}):
+            points = [p for p in result["cosine_sweep"] if p["steps"] == steps]
+            axes[2].plot([p["kept_step"] for p in points], [p["grad_cosine"] for p in points], marker="o",
+                         label=f"{steps} steps")  # fmt: skip
+        axes[2].set(xlabel="kept step", ylabel="cosine with Full's gradient", title="shortcut gradient fidelity")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     _save(figure, path)

@@ -18,8 +18,10 @@ def _target_tensor(target: int | torch.Tensor, batch: int, device: torch.device)
     if target.ndim == 0:
         return target.expand(batch)
     if target.shape != (batch,):
-        raise ValueError(f"`target` must be a class index or a [batch] tensor, got shape {tuple(target.shape)} "
-                         f"for a batch of {batch}.")
+        raise ValueError(
+            f"`target` must be a class index or a [batch] tensor, got shape {tuple(target.shape)} "
+            f"for a batch of {batch}."
+        )
     return target
 
 

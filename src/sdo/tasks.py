@@ -113,7 +113,10 @@ def build_task(config: LatentTaskConfig) -> LatentTask:
         reward = AdversarialReward(reward_net, config.target, original, proximity=config.proximity)
         reward_says = lambda x0: reward_net(x0).argmax(dim=1) == config.target  # noqa: E731
         accepts = lambda x0: reward_says(x0) & judge_says(config.source)(x0)  # noqa: E731
-        text = f"make the reward classifier see {config.target}s in {config.source}s the judge still calls {config.source}s"
+        text = (
+            f"make the reward classifier see {config.target}s in {config.source}s "
+            f"that the judge still calls {config.source}s"
+        )
     return LatentTask(sampler, latent, reward, accepts, original, text)
 
 

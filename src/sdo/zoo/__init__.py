@@ -114,4 +114,3 @@ def sample_digits(unet, classes: torch.Tensor, guidance_scale: float = 3.0, step
     noise = torch.randn(len(classes), 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(device)
     sampler = Sampler(denoiser(unet, classes.to(device), guidance_scale), scheduler("ddim"), steps)
     return sampler.sample(noise, grad=NoGrad()).clamp(-1, 1)
-

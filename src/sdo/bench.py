@@ -1,0 +1,276 @@
+"""``sdo bench``: every gradient estimator on the same work, in one process, with repeats interleaved.
+
+For each number of steps, every method starts from the same variable (the latent, or the network's weights), the
+same batch and the same seeds, and the methods take turns iteration by iteration, so that machine drift hits them
+alike. Per method: median seconds per iteration, peak extra memory (``sdo.memory.PeakMemory``), reward after N
+iterations, reward reached at equal wall-clock, and the cosine similarity of its first gradient with the exact
+one (computed by ``Checkpointed()``, which equals ``Full()``'s, as the tests check).
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
+from .memory import PeakMemory
+from .workloads import Workload, mnist_workload, sd15_workload
+
+__all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "gradient_mode", "run_bench"]
+
+BENCH_METHODS = ("sdo", "sdo-last", "full", "checkpointed", "draft-k", "alignprop", "nograd")
+_LATENT_METHODS = ("sdo", "sdo-last", "full", "checkpointed", "nograd")
+
+
+def _field(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run (every field is a ``sdo bench`` flag)."""
+
+    methods: str = _field("sdo,full,checkpointed,nograd", f"comma-separated, from {','.join(BENCH_METHODS)}")
+    model: Literal["mnist", "sd15"] = _field("mnist", "workload", choices=("mnist", "sd15"))
+    variable: Literal["latent", "weights"] = _field("latent", "what is optimized", choices=("latent", "weights"))
+    steps: str = _field("50", "comma-separated numbers of DDIM steps, e.g. 10,25,50,100")
+    iters: int = _field(5, "iterations per method")
+    batch: int = _field(4, "samples per iteration")
+    lr: float = _field(0.05, "Adam learning rate (use ~1e-4 for weights)")
+    draft_k: int = _field(1, "k of draft-k")
+    alignprop_high: int = _field(10, "alignprop draws k uniformly in [1, this]")
+    cosine_sweep: bool = _field(False, "also measure the gradient cosine of the shortcut for each kept step")
+    checkpoint_kept: bool = _field(False, "sdo: recompute the kept step in backward (less memory)")
+    checkpoint_decoder: bool = _field(False, "sd15: recompute the VAE decoder in backward (less memory)")
+    vae_slicing: bool = _field(False, "sd15: decode one image at a time")
+    width: float = _field(1.0, "sd15: channel width multiplier (<1 only for smoke tests)")
+    resolution: int = _field(512, "sd15: image resolution")
+    seed: int = _field(0, "seed of the latent, the batch and every random draw")
+    device: str = _field("cpu", "torch device")
+    out: str = _field("sdo-bench", "output folder for bench.json, bench.md and bench.png")
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.method_names if name not in BENCH_METHODS]
+        if unknown or not self.method_names:
+            raise ValueError(f"`methods` must be a comma-separated subset of {BENCH_METHODS}, got {self.methods!r}.")
+        if self.variable == "latent" and (bad := [m for m in self.method_names if m not in _LATENT_METHODS]):
+            raise ValueError(
+                f"{bad} give no gradient to the latent (they detach the early steps); use --variable weights, "
+                f"or methods from {_LATENT_METHODS}."
+            )
+        if not self.step_counts or min(self.step_counts) < 1:
+            raise ValueError(f"`steps` must be comma-separated positive integers, got {self.steps!r}.")
+        if self.iters < 1 or self.batch < 1:
+            raise ValueError(f"`iters` and `batch` must be >= 1, got {self.iters} and {self.batch}.")
+
+    @property
+    def method_names(self) -> list[str]:
+        return [name.strip() for name in self.methods.split(",") if name.strip()]
+
+    @property
+    def step_counts(self) -> list[int]:
+        try:
+            return [int(value) for value in self.steps.split(",")]
+        except ValueError as error:
+            raise ValueError(f"`steps` must be comma-separated integers, got {self.steps!r}.") from error
+
+
+def gradient_mode(name: str, config: BenchConfig, generator: torch.Generator) -> GradientMode:
+    """The gradient mode a method name stands for (``sdo`` keeps the first step for latents, a random one for
+    weights, as the paper does)."""
+    first = config.variable == "latent"
+    return {
+        "sdo": Shortcut(step="first" if first else "random", generator=generator, checkpoint=config.checkpoint_kept),
+        "sdo-last": Shortcut(step="last", checkpoint=config.checkpoint_kept),
+        "full": Full(),
+        "checkpointed": Checkpointed(),
+        "draft-k": Truncated(config.draft_k),
+        "alignprop": RandomTruncation(1, config.alignprop_high, generator=generator),
+        "nograd": NoGrad(),
+    }[name]
+
+
+class _MethodRun:
+    """One method's state: its own copy of the optimized variable, its Adam, and its measurements."""
+
+    def __init__(self, name: str, config: BenchConfig, workload: Workload, steps: int) -> None:
+        self.name = name
+        self.mode = gradient_mode(name, config, torch.Generator().manual_seed(config.seed))
+        self.model = workload.model if config.variable == "latent" else copy.deepcopy(workload.model)
+        self.sampler = workload.make_sampler(steps, self.model)
+        self.latent = workload.latent.clone()
+        if config.variable == "latent":
+            self.latent.requires_grad_(True)
+            self.variables = [self.latent]
+        else:
+            self.variables = [p for p in self.model.parameters() if p.is_floating_point()]
+            for parameter in self.variables:
+                parameter.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(self.variables, lr=config.lr, betas=(0.9, 0.9))
+        self.records: list[dict] = []
+        self.first_gradient: torch.Tensor | None = None
+        self.harness_seconds = 0.0
+
+    def iterate(self, workload: Workload, seed: int) -> None:
+        """One timed iteration: sample, reward, backward, Adam step."""
+        outer = time.perf_counter()
+        learns = not isinstance(self.mode, NoGrad)
+        _synchronize(workload.device)
+        started = time.perf_counter()
+        with PeakMemory(workload.device) as memory, torch.set_grad_enabled(learns):
+            x0 = self.sampler.sample(self.latent, grad=self.mode, generator=_generator(workload.device, seed))
+            rewards = workload.reward(x0)
+            if learns:
+                self.optimizer.zero_grad(set_to_none=True)
+                (-rewards.sum()).backward()
+                self.optimizer.step()
+        _synchronize(workload.device)
+        seconds = time.perf_counter() - started
+        if learns and self.first_gradient is None:
+            self.first_gradient = self.gradient()
+        elapsed = (self.records[-1]["elapsed"] if self.records else 0.0) + seconds
+        self.records.append({"seconds": seconds, "elapsed": elapsed, "peak_mem_bytes": memory.peak_bytes,
+                             "reward": float(rewards.detach().float().mean())})  # fmt: skip
+        self.harness_seconds += time.perf_counter() - outer - seconds
+
+    def gradient(self) -> torch.Tensor:
+        """The current gradient of the variables, flattened (zeros where a variable got none)."""
+        return torch.cat(
+            [(v.grad if v.grad is not None else torch.zeros_like(v)).flatten().float() for v in self.variables]
+        )
+
+    @torch.no_grad()
+    def final_reward(self, workload: Workload, seed: int) -> float:
+        x0 = self.sampler.sample(self.latent, grad=NoGrad(), generator=_generator(workload.device, seed))
+        return float(workload.reward(x0).float().mean())
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _exact_gradient(config: BenchConfig, workload: Workload, steps: int, runs: dict[str, _MethodRun]) -> torch.Tensor:
+    """The first-iteration gradient of Full (taken from ``full``/``checkpointed`` when they ran, else computed)."""
+    for name in ("full", "checkpointed"):
+        if name in runs and runs[name].first_gradient is not None:
+            return runs[name].first_gradient
+    return _first_gradient(config, workload, steps, Checkpointed())
+
+
+def _first_gradient(config: BenchConfig, workload: Workload, steps: int, mode: GradientMode) -> torch.Tensor:
+    probe = _MethodRun("probe", config, workload, steps)
+    probe.mode = mode
+    probe.iterate(workload, config.seed)
+    return probe.first_gradient
+
+
+def _cosine(a: torch.Tensor | None, b: torch.Tensor) -> float | None:
+    if a is None:
+        return None
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def _rows(runs: dict[str, _MethodRun], exact: torch.Tensor, workload: Workload, config: BenchConfig, steps: int):
+    learners = [run for run in runs.values() if not isinstance(run.mode, NoGrad)]
+    budget = min((run.records[-1]["elapsed"] for run in learners), default=0.0)
+    rows = []
+    for run in runs.values():
+        within = [r for r in run.records if r["elapsed"] <= budget + 1e-12] or run.records[:1]
+        rows.append({
+            "method": run.name, "mode": repr(run.mode), "steps": steps, "workload": workload.name,
+            "variable": config.variable, "iters": len(run.records),
+            "s_per_iter": statistics.median(r["seconds"] for r in run.records),
+            "peak_mem_bytes": max(r["peak_mem_bytes"] for r in run.records),
+            "reward_initial": run.records[0]["reward"], "reward_final": run.final_reward(workload, config.seed),
+            "reward_at_equal_time": within[-1]["reward"], "equal_time_budget_s": budget,
+            "grad_cosine": _cosine(run.first_gradient, exact),
+            "harness_overhead": run.harness_seconds / sum(r["seconds"] for r in run.records),
+            "history": run.records,
+        })  # fmt: skip
+    return rows
+
+
+def _cosine_sweep(config: BenchConfig, workload: Workload, steps: int, exact: torch.Tensor) -> list[dict]:
+    kept = sorted({*range(0, steps, max(1, steps // 10)), steps - 1})
+    sweep = []
+    for index in tqdm(kept, desc=f"cosine sweep ({steps} steps)", leave=False):
+        gradient = _first_gradient(config, workload, steps, Shortcut(step=index))
+        sweep.append({"steps": steps, "kept_step": index, "grad_cosine": _cosine(gradient, exact)})
+    return sweep
+
+
+def build_workload(config: BenchConfig) -> Workload:
+    """The workload ``config`` names."""
+    if config.model == "mnist":
+        return mnist_workload(batch=config.batch, seed=config.seed, device=config.device)
+    dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+    return sd15_workload(batch=config.batch, seed=config.seed, device=config.device, dtype=dtype, width=config.width,
+                         resolution=config.resolution, checkpoint_decoder=config.checkpoint_decoder,
+                         vae_slicing=config.vae_slicing)  # fmt: skip
+
+
+def run_bench(config: BenchConfig, workload: Workload | None = None, progress: bool = True) -> dict:
+    """Run the benchmark; returns ``{"rows": [...], "cosine_sweep": [...], "machine": {...}, "config": {...}}``."""
+    workload = workload or build_workload(config)
+    rows, sweep = [], []
+    for steps in config.step_counts:
+        runs = {name: _MethodRun(name, config, workload, steps) for name in config.method_names}
+        total = config.iters * len(runs)
+        with tqdm(total=total, desc=f"bench {workload.name}, {steps} steps", disable=not progress) as bar:
+            for _ in range(config.iters):
+                for run in runs.values():  # interleaved: every method takes one iteration in turn
+                    run.iterate(workload, config.seed)
+                    bar.set_postfix(method=run.name, s=f"{run.records[-1]['seconds']:.2f}")
+                    bar.update()
+        exact = _exact_gradient(config, workload, steps, runs)
+        rows += _rows(runs, exact, workload, config, steps)
+        if config.cosine_sweep:
+            sweep += _cosine_sweep(config, workload, steps, exact)
+    return {"config": asdict(config), "machine": machine_info(workload.device), "rows": rows, "cosine_sweep": sweep}
+
+
+def machine_info(device: torch.device) -> dict:
+    """The processor or GPU the figures come from."""
+    info = {"processor": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Markdown table of the benchmark rows."""
+    lines = [
+        "| steps | method | s / iter | peak extra memory | reward start -> final | reward at equal time "
+        "| grad cosine |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cosine = "" if r["grad_cosine"] is None else f"{r['grad_cosine']:.3f}"
+        lines.append(
+            f"| {r['steps']} | {r['method']} | {r['s_per_iter']:.3f} | {r['peak_mem_bytes'] / 2**20:.1f} MiB | "
+            f"{r['reward_initial']:.3f} -> {r['reward_final']:.3f} | {r['reward_at_equal_time']:.3f} | {cosine} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""optimize_latent, inversion, saved latents, and zoo files that are damaged."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import sdo
+from sdo import zoo
+from sdo.io import CorruptFileError
+from sdo.latent import NonFiniteRewardError, invert, load_latent, optimize_latent, save_latent
+from sdo.rewards import ClassifierReward
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return zoo.load_unet()
+
+
+def make_sampler(unet, classes, steps=6):
+    return sdo.Sampler(zoo.denoiser(unet, torch.tensor(classes)), zoo.scheduler("ddim"), steps)
+
+
+def noise(batch, seed=0):
+    return torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_optimize_latent_raises_the_reward_and_tracks_the_best_iterate(unet):
+    sampler = make_sampler(unet, [3, 3])
+    reward = ClassifierReward(zoo.load_reward_classifier(), 8)
+    result = optimize_latent(sampler, noise(2), reward, iters=4, lr=0.1, progress=False)
+    rewards = [record["reward"] for record in result.history]
+    assert len(result.history) == 5 and rewards[-1] > rewards[0] + 0.5
+    per_sample = torch.tensor([record["rewards"] for record in result.history])
+    torch.testing.assert_close(result.best_reward, per_sample.max(dim=0).values)
+    assert all(r["seconds"] > 0 and r["peak_mem_bytes"] > 0 for r in result.history[:-1])
+    torch.testing.assert_close(reward(result.best_sample), result.best_reward, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_latent_replays_bit_identically(unet, tmp_path):
+    sampler = make_sampler(unet, [1, 7])
+    result = optimize_latent(sampler, noise(2, 1), ClassifierReward(zoo.load_reward_classifier(), 2), iters=2,
+                             progress=False)  # fmt: skip
+    save_latent(tmp_path / "z.safetensors", result.latent, steps=6, classes="1,7")
+    replay = sampler.sample(load_latent(tmp_path / "z.safetensors"), grad=sdo.NoGrad())
+    assert torch.equal(replay, result.sample)
+
+
+def test_truncated_modes_cannot_optimize_a_latent(unet):
+    with pytest.raises(ValueError, match=r"Truncated\(k=2\) gives no gradient to the latent"):
+        optimize_latent(make_sampler(unet, [0]), noise(1), lambda x, c: x.mean(dim=(1, 2, 3)),
+                        grad=sdo.Truncated(2), iters=1, progress=False)  # fmt: skip
+
+
+def test_nan_reward_stops_with_a_clear_error(unet):
+    calls = []
+
+    def reward(x0, cond):
+        calls.append(1)
+        value = x0.mean(dim=(1, 2, 3))
+        return value if len(calls) < 3 else value * float("nan")
+
+    with pytest.raises(NonFiniteRewardError, match="not finite at iteration 2") as caught:
+        optimize_latent(make_sampler(unet, [5]), noise(1), reward, iters=5, progress=False)
+    assert len(caught.value.result.history) == 2
+
+
+def test_reward_of_the_wrong_shape_is_refused(unet):
+    with pytest.raises(ValueError, match=r"must return a \[batch\] tensor of shape \(1,\)"):
+        optimize_latent(make_sampler(unet, [5]), noise(1), lambda x, c: x.sum(), iters=1, progress=False)
+
+
+def test_ddim_inversion_reconstructs_a_real_digit(unet):
+    images, labels = zoo.load_digits()
+    x0 = images[labels == 4][:2]
+    sampler = make_sampler(unet, [4, 4], steps=25)
+    latent = invert(sampler, x0, step=10)
+    reconstruction = sampler.sample(latent, grad=sdo.NoGrad(), start_step=10)
+    error = (reconstruction - x0).square().mean()
+    assert error < 0.02
+    assert error < 0.1 * (x0 - images[labels == 1][:2]).square().mean()
+
+
+def test_inversion_needs_deterministic_ddim(unet):
+    sampler = sdo.Sampler(zoo.denoiser(unet, torch.tensor([1])), zoo.scheduler("ddpm"), 5)
+    with pytest.raises(ValueError, match="needs a Sampler with DDIMScheduler and eta=0"):
+        invert(sampler, torch.zeros(1, 1, 32, 32), 0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
+def test_damaged_weights_give_a_clear_error(tmp_path, damage):
+    folder = tmp_path / "zoo"
+    shutil.copytree(zoo.WEIGHTS_DIR, folder)
+    path = folder / "unet.safetensors"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    else:
+        path.unlink()
+    with pytest.raises(CorruptFileError, match=r"unet\.safetensors: .*(truncated or corrupt|not found).*train-zoo"):
+        zoo.load_unet(folder=folder)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    folder = tmp_path / "zoo"
+    shutil.copytree(zoo.WEIGHTS_DIR, folder)
+    shutil.copy(folder / "judge_classifier.safetensors", folder / "reward_classifier.safetensors")
+    with pytest.raises(CorruptFileError, match="weights do not fit RewardNet"):
+        zoo.load_reward_classifier(folder=folder)

@@ -1,0 +1,75 @@
+"""The shipped model's quality, the training script's determinism, and the command line end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdo import zoo
+from sdo.cli import main
+from sdo.io import load_tensors
+from sdo.zoo.train import ZooTrainingConfig, train_zoo
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_shipped_model_draws_the_requested_digits():
+    unet, judge = zoo.load_unet(), zoo.load_judge()
+    classes = torch.arange(10).repeat(3)
+    samples = zoo.sample_digits(unet, classes, steps=20, seed=1)
+    accuracy = (judge(samples).argmax(1) == classes).float().mean()
+    assert accuracy >= 0.85  # the README's figure (50 steps, 100 samples) is measured by `sdo train-zoo`
+
+
+def test_shipped_quality_figures_are_recorded():
+    metrics = zoo.zoo_info()["metrics"]
+    assert metrics["judge_accuracy_on_samples"] >= 0.9
+    assert metrics["judge_held_out_accuracy"] >= 0.9 and metrics["reward_classifier_held_out_accuracy"] >= 0.9
+
+
+def test_training_is_deterministic_given_its_seed(tmp_path):
+    config = ZooTrainingConfig(seed=3, unet_steps=2, batch_size=8, classifier_epochs=1, eval_per_class=1)
+    first, second = train_zoo(tmp_path / "a", config), train_zoo(tmp_path / "b", config)
+    first.pop("training_seconds"), second.pop("training_seconds")
+    assert first == second
+    for name in ("unet", "reward_classifier", "judge_classifier", "digits"):
+        a, b = (
+            load_tensors(tmp_path / "a" / f"{name}.safetensors"),
+            load_tensors(tmp_path / "b" / f"{name}.safetensors"),
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_demo_end_to_end_in_a_reduced_setting(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "3", "--iters", "2", "--batch", "2", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"sdo", "full"}
+    for summary in metrics["methods"].values():
+        assert {"reward_final", "s_per_iter", "peak_mem_bytes", "judge_success"} <= set(summary)
+        assert summary["s_per_iter"] > 0 and summary["peak_mem_bytes"] > 0
+    assert metrics["methods"]["sdo"]["peak_mem_bytes"] < metrics["methods"]["full"]["peak_mem_bytes"]
+    for picture in ("grid.png", "curves.png"):
+        assert (out / picture).read_bytes().startswith(PNG_SIGNATURE)
+    printed = capsys.readouterr().out
+    assert "| sdo |" in printed and "| full |" in printed
+
+
+@pytest.mark.parametrize("task", ["style", "adversarial"])
+def test_optimize_cli_writes_a_replayable_latent(tmp_path, task):
+    out = tmp_path / task
+    args = ["optimize", "--task", task, "--steps", "4", "--iters", "2", "--batch", "2", "--start-step", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert load_tensors(out / "latent.safetensors")["latent"].shape == (2, 1, 32, 32)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert len(history) == 3 and all("judge_success" in record for record in history)
+
+
+def test_cli_bad_input_is_one_clear_line(capsys):
+    assert main(["optimize", "--start-step", "60", "--steps", "50"]) == 2
+    assert "`start_step` must be in [0, 49], got 60" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["optimize", "--method", "magic"])
