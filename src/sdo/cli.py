@@ -104,6 +104,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    record = finetune(_config_from(args, FinetuneConfig))
+    print(json.dumps(record, indent=2))
+    print(f"Wrote {Path(args.out) / 'adapter.safetensors'}, metrics.jsonl, reward_curve.png")
+    return 0
+
+
 def _train_zoo(args: argparse.Namespace) -> int:
     from .zoo.train import ZooTrainingConfig, train_zoo
 
@@ -117,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``sdo`` argument parser."""
     from .bench import BenchConfig
     from .demo import demo_config
+    from .finetune import FinetuneConfig
     from .tasks import LatentTaskConfig
     from .zoo.train import ZooTrainingConfig
 
@@ -131,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     optimize = commands.add_parser("optimize", help="optimize latents of the embedded model for a task")
     add_config_flags(optimize, LatentTaskConfig)
     optimize.set_defaults(run=_optimize)
+
+    tune = commands.add_parser("finetune", help="reward fine-tuning (LoRA or full), resumable; works under accelerate")
+    add_config_flags(tune, FinetuneConfig)
+    tune.set_defaults(run=_finetune)
 
     bench = commands.add_parser("bench", help="compare gradient estimators: time, memory, reward, gradient cosine")
     add_config_flags(bench, BenchConfig)

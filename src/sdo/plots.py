@@ -12,7 +12,7 @@ import torch
 
 from .io import atomic_path
 
-__all__ = ["save_bench_plot", "save_curves", "save_image_grid"]
+__all__ = ["save_bench_plot", "save_curves", "save_finetune_curves", "save_image_grid"]
 
 
 def _save(figure, path: str | Path) -> None:
@@ -82,4 +82,24 @@ def save_bench_plot(result: dict, path: str | Path) -> None:
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    _save(figure, path)
+
+
+def save_finetune_curves(records: list[dict], path: str | Path, title: str = "") -> None:
+    """Reward per update, and the held-out judge accuracy and Frechet distance where they were measured."""
+    figure, (reward_axis, judge_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    reward_axis.plot([r["step"] for r in records], [r["reward"] for r in records], marker=".")
+    reward_axis.set(xlabel="update", ylabel="mean reward (training batch)", title=title)
+    evaluated = [r for r in records if "judge_accuracy" in r]
+    judge_axis.plot([r["step"] for r in evaluated], [r["judge_accuracy"] for r in evaluated], marker="o",
+                    color="tab:green", label="judge accuracy")  # fmt: skip
+    judge_axis.set(xlabel="update", ylabel="held-out judge accuracy", ylim=(0, 1.05))
+    frechet_axis = judge_axis.twinx()
+    frechet_axis.plot([r["step"] for r in evaluated], [r["frechet_judge"] for r in evaluated], marker="s",
+                      color="tab:red", label="Frechet distance (judge features)")  # fmt: skip
+    frechet_axis.set_ylabel("Frechet distance to real digits")
+    judge_axis.legend(loc="lower left", fontsize=8)
+    frechet_axis.legend(loc="lower right", fontsize=8)
+    for axis in (reward_axis, judge_axis):
+        axis.grid(alpha=0.3)
     _save(figure, path)

@@ -1,0 +1,89 @@
+"""Training checkpoints: written atomically as a folder (temporary name, then one rename), read back with the
+previous one as a fallback when the newest is damaged. Only safetensors and JSON, never pickle."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .io import CorruptFileError, load_json, load_tensors, save_json, save_tensors
+
+__all__ = ["Checkpoint", "latest_checkpoint", "optimizer_from_tensors", "optimizer_to_tensors", "save_checkpoint"]
+
+_PREFIX = "step-"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the step it was taken after, trainable weights, optimizer state, and its folder."""
+
+    step: int
+    weights: dict[str, torch.Tensor]
+    optimizer_tensors: dict[str, torch.Tensor]
+    state: dict
+    path: Path
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Adam-style optimizer state as flat tensors ``state.{param}.{key}`` plus JSON-able param groups."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"state.{index}.{key}": torch.as_tensor(value)
+        for index, entry in state["state"].items()
+        for key, value in entry.items()
+    }
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict) -> None:
+    """Inverse of ``optimizer_to_tensors``."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    extra: dict, keep: int = 2) -> Path:  # fmt: skip
+    """Write ``folder/step-NNNNNN/`` atomically (built under a temporary name, then renamed); keep the newest
+    ``keep`` checkpoints. A process killed at any moment leaves either the previous set or the new one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{_PREFIX}{step:06d}"
+    building = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
+    optimizer_tensors, groups = optimizer_to_tensors(optimizer)
+    save_tensors(weights, building / "weights.safetensors")
+    save_tensors(optimizer_tensors, building / "optimizer.safetensors")
+    save_json({"step": step, **groups, **extra}, building / "state.json")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(building, final)
+    for old in _checkpoint_folders(folder)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _checkpoint_folders(folder: Path) -> list[Path]:
+    """Finished checkpoint folders, newest first (temporary ones, starting with '.', are ignored)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]), reverse=True)
+
+
+def latest_checkpoint(folder: Path) -> Checkpoint | None:
+    """The newest checkpoint that loads; a damaged one is reported (warning naming the file) and skipped."""
+    for path in _checkpoint_folders(folder):
+        try:
+            state = load_json(path / "state.json")
+            return Checkpoint(int(state["step"]), load_tensors(path / "weights.safetensors"),
+                              load_tensors(path / "optimizer.safetensors"), state, path)  # fmt: skip
+        except (CorruptFileError, KeyError, ValueError) as error:
+            warnings.warn(f"Skipping damaged checkpoint {path}: {error}", stacklevel=2)
+    return None
