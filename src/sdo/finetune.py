@@ -294,11 +294,24 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
         accelerator.log(record, step=step)
         accelerator.wait_for_everyone()
         bar.set_postfix(reward=f"{mean_reward:.3f}", s=f"{record['seconds']:.2f}")
+    _check_replicas_agree(accelerator, parameters)
     if accelerator.is_main_process:
         _write_outputs(out, unet, lora, config, metrics.records)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
+
+
+def _check_replicas_agree(accelerator, parameters: list[torch.Tensor]) -> None:
+    """Data parallelism must leave every process with the same weights; gather them and compare exactly."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in parameters])
+    gathered = accelerator.gather(flat[None])
+    if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
+        raise RuntimeError("The processes ended with different weights; data-parallel updates went out of sync.")
+    if accelerator.is_main_process:
+        print(f"Weights identical on all {accelerator.num_processes} processes.")
 
 
 def _resume(folder: Path, unet, optimizer, lora: bool, accelerator) -> int:

@@ -1,0 +1,148 @@
+"""Reward fine-tuning: single and 2-process (Accelerate, gloo) runs, resume, damaged checkpoints, NaN rewards."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import sdo
+from sdo import zoo
+from sdo.checkpoints import latest_checkpoint
+from sdo.finetune import FinetuneConfig, finetune, ink_reward, load_adapter
+from sdo.io import load_tensors
+
+SMALL = dict(steps=4, sample_steps=4, batch_size=4, eval_every=0, eval_per_class=1, checkpoint_every=2, lr=5e-3)
+
+
+def small_config(tmp_path, name="run", **changes) -> FinetuneConfig:
+    return FinetuneConfig(**{**SMALL, "out": str(tmp_path / name), **changes})
+
+
+def read_metrics(config):
+    return [json.loads(line) for line in open(os.path.join(config.out, "metrics.jsonl"))]
+
+
+def adapter(config):
+    return load_tensors(os.path.join(config.out, "adapter.safetensors"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted_at(step_call: int):
+    calls = []
+
+    def reward(x0, labels):
+        calls.append(1)
+        if len(calls) == step_call:
+            raise Interrupt
+        return ink_reward(x0, labels)
+
+    return reward
+
+
+def test_single_process_run_writes_everything(tmp_path):
+    config = small_config(tmp_path, task="bold", eval_every=2)
+    last = finetune(config, progress=False)
+    records = read_metrics(config)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all({"reward", "seconds"} <= set(r) for r in records)
+    assert {"judge_accuracy", "frechet_judge"} <= set(records[1]) and "judge_accuracy" not in records[0]
+    assert last == records[-1]
+    assert (tmp_path / "run" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(adapter(config)) > 0 and all("lora" in name for name in adapter(config))
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    straight = small_config(tmp_path, "straight", method="draft-1")
+    finetune(straight, reward=ink_reward, progress=False)
+    resumed = small_config(tmp_path, "resumed", method="draft-1")
+    with pytest.raises(Interrupt):
+        finetune(resumed, reward=interrupted_at(3), progress=False)  # killed during update 3; checkpoint at 2
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").step == 2
+    finetune(resumed, reward=ink_reward, progress=False)
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
+    for name, value in adapter(straight).items():
+        torch.testing.assert_close(adapter(resumed)[name], value, rtol=0, atol=0)
+
+
+def test_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
+    config = small_config(tmp_path, steps=3, checkpoint_every=1, task="bold")
+    finetune(config, progress=False)
+    newest = tmp_path / "run" / "checkpoints" / "step-000003" / "weights.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=r"Skipping damaged checkpoint .*step-000003.*truncated or corrupt"):
+        assert latest_checkpoint(tmp_path / "run" / "checkpoints").step == 2
+
+
+def test_nan_reward_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def reward(x0, labels):
+        calls.append(1)
+        return ink_reward(x0, labels) * (float("nan") if len(calls) == 3 else 1.0)
+
+    config = small_config(tmp_path)
+    with pytest.raises(ValueError, match=r"not finite at step 3 .*Last good checkpoint: .*step-000002"):
+        finetune(config, reward=reward, progress=False)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").step == 2
+
+
+def test_saved_adapter_loads_in_one_call_and_changes_the_samples(tmp_path):
+    config = small_config(tmp_path, task="bold", lr=2e-2)
+    finetune(config, progress=False)
+    labels = torch.arange(4)
+    base = zoo.sample_digits(zoo.load_unet(), labels, steps=5)
+    tuned_unet = load_adapter(zoo.load_unet(), tmp_path / "run" / "adapter.safetensors")
+    tuned = zoo.sample_digits(tuned_unet, labels, steps=5)
+    assert (tuned - base).abs().max() > 1e-3
+    assert ink_reward(tuned).mean() > ink_reward(base).mean()  # the bold task made the strokes heavier
+
+
+def test_full_weights_and_every_method_run(tmp_path):
+    for method in ("sdo", "draft-k", "alignprop", "full"):
+        config = small_config(tmp_path, method, method=method, steps=1, lora_rank=0 if method == "full" else 2,
+                              alignprop_high=3)  # fmt: skip
+        record = finetune(config, progress=False)
+        assert torch.isfinite(torch.tensor(record["reward"]))
+
+
+def test_bad_configuration_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"`batch_size` \(6\) must be divisible by `grad_accum` \(4\)"):
+        small_config(tmp_path, batch_size=6, grad_accum=4)
+    with pytest.raises(ValueError, match=r"`draft_k` must be in \[1, 4\]"):
+        small_config(tmp_path, method="draft-k", draft_k=9)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    single = small_config(tmp_path, "single", steps=2, task="bold", grad_accum=2)
+    finetune(single, progress=False)
+    double = replace(single, out=str(tmp_path / "double"), grad_accum=1)
+    args = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            "-m", "sdo", "finetune", "--out", double.out, "--steps", "2", "--sample-steps", "4", "--batch-size", "4",
+            "--eval-every", "0", "--eval-per-class", "1", "--checkpoint-every", "2", "--lr", "0.005",
+            "--task", "bold"]  # fmt: skip
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Weights identical on all 2 processes." in done.stdout
+    for name, value in adapter(single).items():
+        torch.testing.assert_close(adapter(double)[name], value, rtol=1e-4, atol=1e-6)
+    assert sdo.__version__
