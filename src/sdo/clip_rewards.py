@@ -1,0 +1,177 @@
+"""CLIP-based rewards for images in [-1, 1] (the paper's three image rewards), from weights already on disk.
+
+- ``ClipScoreReward``: CLIP text-image cosine similarity (text-guided manipulation).
+- ``AestheticReward``: LAION aesthetic predictor, a linear head on normalized CLIP ViT-L/14 image embeddings.
+- ``ClipStyleReward``: Gram matrices of intermediate CLIP vision features against a reference image (style).
+
+Weights come from local folders or files, given as arguments or by ``$SDO_CLIP_PATH`` (a CLIP folder saved with
+``save_pretrained``) and ``$SDO_AESTHETIC_HEAD`` (the head as safetensors with ``weight [1, D]`` and ``bias [1]``).
+Nothing is downloaded. ``transformers`` is imported lazily (``pip install 'sdo[clip]'``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .io import load_tensors
+
+__all__ = ["AestheticReward", "ClipImageEncoder", "ClipScoreReward", "ClipStyleReward", "random_cutouts"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(
+            "CLIP rewards need transformers: pip install 'sdo[clip]' (or pip install transformers)"
+        ) from error
+    return transformers
+
+
+def _local(path: str | os.PathLike | None, variable: str, what: str) -> Path:
+    chosen = path or os.environ.get(variable)
+    if not chosen:
+        raise FileNotFoundError(f"No {what} given: pass its path, or set ${variable}.")
+    chosen = Path(chosen)
+    if not chosen.exists():
+        raise FileNotFoundError(
+            f"{what} not found at {chosen}. sdo never downloads weights: on a machine with access, save it with "
+            f"`save_pretrained(DIR)` (or convert it to safetensors), copy it here, and pass the path or set "
+            f"${variable}."
+        )
+    return chosen
+
+
+def random_cutouts(images: torch.Tensor, count: int, size: int, generator: torch.Generator,
+                   min_scale: float = 0.5) -> torch.Tensor:  # fmt: skip
+    """``count`` random square crops per image (side in ``[min_scale, 1]`` of the image), resized to ``size``:
+    ``[count * B, C, size, size]``, in the order crop-major. Seeded by ``generator``."""
+    height, width = images.shape[-2:]
+    crops = []
+    for _ in range(count):
+        side = int(min(height, width) * float(torch.empty(1).uniform_(min_scale, 1.0, generator=generator)))
+        top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
+        crop = images[..., top : top + side, left : left + side]
+        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False))
+    return torch.cat(crops)
+
+
+class ClipImageEncoder:
+    """A local CLIP model with differentiable preprocessing of ``[-1, 1]`` images (resize, CLIP normalization).
+
+    Args:
+        path: folder of a ``transformers`` CLIP model (and tokenizer) saved with ``save_pretrained``
+            (defaults to ``$SDO_CLIP_PATH``).
+        cutouts: random crops per image averaged in ``image_embeds`` (0: the whole image; the paper's scripts use
+            random cut-outs); seeded by ``seed``.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, device="cpu", cutouts: int = 0, seed: int = 0) -> None:
+        transformers = _transformers()
+        folder = _local(path, "SDO_CLIP_PATH", "CLIP model folder")
+        self.model = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+        self.model.requires_grad_(False)
+        self.folder = folder
+        self.size = self.model.config.vision_config.image_size
+        self.cutouts = cutouts
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mean = torch.tensor(CLIP_MEAN, device=device)[:, None, None]
+        self.std = torch.tensor(CLIP_STD, device=device)[:, None, None]
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> CLIP pixel values (optionally cut-outs, crop-major)."""
+        if self.cutouts:
+            images = random_cutouts(images, self.cutouts, self.size, self.generator)
+        else:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return ((images + 1) / 2 - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings ``[B, D]`` (averaged over cut-outs)."""
+        features = self.model.get_image_features(pixel_values=self.preprocess(images))
+        features = getattr(features, "pooler_output", features)
+        features = F.normalize(features.float(), dim=-1)
+        return features.reshape(-1, images.shape[0], features.shape[-1]).mean(0)
+
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """Unit-norm text embeddings ``[len(prompts), D]``."""
+        tokenizer = _transformers().CLIPTokenizer.from_pretrained(str(self.folder), local_files_only=True)
+        tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
+        with torch.no_grad():
+            features = self.model.get_text_features(**tokens)
+        return F.normalize(getattr(features, "pooler_output", features).float(), dim=-1)
+
+
+class ClipScoreReward:
+    """CLIP similarity ``r(x) = cos(E_img(x), E_txt(prompt))`` per image (Radford et al. 2021)."""
+
+    def __init__(self, prompt: str | list[str], encoder: ClipImageEncoder | None = None, **encoder_options) -> None:
+        self.encoder = encoder or ClipImageEncoder(**encoder_options)
+        self.text = self.encoder.text_embeds([prompt] if isinstance(prompt, str) else list(prompt))
+
+    def __call__(self, images: torch.Tensor, cond: object = None) -> torch.Tensor:
+        return (self.encoder.image_embeds(images) * self.text).sum(dim=-1)
+
+
+class AestheticReward:
+    """LAION aesthetic score: ``r(x) = w . E_img(x) / ||E_img(x)|| + b`` (the linear predictor on CLIP ViT-L/14).
+
+    Args:
+        head_path: safetensors with ``weight [1, D]`` and ``bias [1]`` (defaults to ``$SDO_AESTHETIC_HEAD``). The
+            published head is a PyTorch pickle; convert it once where it is trusted:
+            ``safetensors.torch.save_file({"weight": sd["weight"], "bias": sd["bias"]}, "aesthetic.safetensors")``.
+        target: when given, the reward is ``-(score - target)^2`` (hit a score rather than maximize it).
+    """
+
+    def __init__(self, head_path: str | os.PathLike | None = None, encoder: ClipImageEncoder | None = None,
+                 target: float | None = None, **encoder_options) -> None:  # fmt: skip
+        path = _local(head_path, "SDO_AESTHETIC_HEAD", "LAION aesthetic head (safetensors)")
+        head = load_tensors(path)
+        if set(head) != {"weight", "bias"}:
+            raise ValueError(f"{path}: expected tensors 'weight' [1, D] and 'bias' [1], found {sorted(head)}.")
+        self.encoder = encoder or ClipImageEncoder(**encoder_options)
+        self.weight, self.bias = head["weight"].float(), head["bias"].float()
+        self.target = target
+
+    def __call__(self, images: torch.Tensor, cond: object = None) -> torch.Tensor:
+        embeds = self.encoder.image_embeds(images)
+        score = embeds @ self.weight.to(embeds.device).T + self.bias.to(embeds.device)
+        score = score.squeeze(-1)
+        return score if self.target is None else -(score - self.target).square()
+
+
+class ClipStyleReward:
+    """Style: ``r(x) = - sum_l || G(h_l(x)) - G(h_l(ref)) ||_F^2`` over CLIP vision layers ``layers``, with
+    ``G(h) = h^T h / (T D)`` of the token features ``h [T, D]`` (the paper's style task; Gatys et al. 2016)."""
+
+    def __init__(self, reference: torch.Tensor, layers: tuple[int, ...] = (1, 2), scale: float = 1.0,
+                 encoder: ClipImageEncoder | None = None, **encoder_options) -> None:  # fmt: skip
+        self.encoder = encoder or ClipImageEncoder(**encoder_options)
+        self.layers = layers
+        self.scale = scale
+        with torch.no_grad():
+            self.reference = self._grams(reference)
+
+    def _grams(self, images: torch.Tensor) -> list[torch.Tensor]:
+        pixels = F.interpolate(images, size=(self.encoder.size,) * 2, mode="bilinear", align_corners=False)
+        pixels = ((pixels + 1) / 2 - self.encoder.mean) / self.encoder.std
+        hidden = self.encoder.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        grams = []
+        for layer in self.layers:
+            h = hidden[layer].float()
+            grams.append(h.transpose(1, 2) @ h / (h.shape[1] * h.shape[2]))
+        return grams
+
+    def __call__(self, images: torch.Tensor, cond: object = None) -> torch.Tensor:
+        total = images.new_zeros(images.shape[0], dtype=torch.float32)
+        for gram, reference in zip(self._grams(images), self.reference, strict=True):
+            total = total + (gram - reference).square().sum(dim=(1, 2))
+        return -self.scale * total

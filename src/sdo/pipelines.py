@@ -1,0 +1,136 @@
+"""Stable Diffusion (and compatible diffusers pipelines) from a local folder: what the sampler and tasks need.
+
+``from_pipeline`` takes a pipeline object or a folder written by ``save_pretrained`` and returns the model function
+(classifier-free guidance over prompt embeddings computed once with the pipeline's own tokenizer and text
+encoder), a supported scheduler built from the pipeline's scheduler config, the latent shape, and a
+differentiable decoder. Nothing is downloaded: folders load with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models import Denoiser
+from .sampling import Sampler
+from .schedulers import SUPPORTED_SCHEDULERS
+
+__all__ = ["PipelineParts", "from_pipeline"]
+
+_SCHEDULER_NAMES = {cls.__name__.removesuffix("Scheduler").lower(): cls for cls in SUPPORTED_SCHEDULERS}
+
+
+@dataclass
+class PipelineParts:
+    """The pieces of a pipeline that ``Sampler`` and the tasks use.
+
+    Attributes:
+        model_fn: ``sdo.Denoiser`` over the UNet with the prompt embeddings and guidance.
+        scheduler: a supported diffusers scheduler built from the pipeline's scheduler config.
+        latent_shape: ``(batch, channels, height / 8, width / 8)``.
+        decode: ``latents -> images [B, 3, H, W] in [-1, 1]`` (``vae.decode(z / scaling_factor)``), differentiable.
+        unet, vae: the pipeline's modules (frozen).
+        prompt_embeds, negative_embeds: ``[B, tokens, dim]`` and ``[1, tokens, dim]``; ``prompt_embeds`` requires
+            grad when asked for (embedding optimization).
+    """
+
+    model_fn: Denoiser
+    scheduler: object
+    latent_shape: tuple[int, int, int, int]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor
+
+    def sampler(self, num_inference_steps: int = 50) -> Sampler:
+        """A ``Sampler`` over this pipeline's model and scheduler."""
+        return Sampler(self.model_fn, self.scheduler, num_inference_steps)
+
+    def initial_latent(self, seed: int = 0) -> torch.Tensor:
+        """Gaussian initial latents of ``latent_shape`` from ``seed`` (scaled by the scheduler's init sigma)."""
+        noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed))
+        return (noise * float(self.scheduler.init_noise_sigma)).to(self.prompt_embeds.device, self.prompt_embeds.dtype)
+
+
+def _load(pipe_or_path, device, dtype):
+    if not isinstance(pipe_or_path, (str, Path)):
+        return pipe_or_path
+    from diffusers import DiffusionPipeline
+
+    path = Path(pipe_or_path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json). Save one with "
+            "`pipeline.save_pretrained(DIR)` on a machine that has the weights, and pass DIR."
+        )
+    options = {"torch_dtype": dtype} if dtype is not None else {}
+    return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None, **options)
+
+
+def _scheduler(pipe, name: str | None):
+    config = pipe.scheduler.config
+    if name is None:
+        if type(pipe.scheduler) in SUPPORTED_SCHEDULERS:
+            return type(pipe.scheduler).from_config(config)
+        name = "ddim"
+    if name not in _SCHEDULER_NAMES:
+        raise ValueError(f"`scheduler` must be one of {tuple(_SCHEDULER_NAMES)}, got {name!r}.")
+    options = {"clip_sample": False} if name in ("ddim", "ddpm") else {}
+    return _SCHEDULER_NAMES[name].from_config(config, **options)
+
+
+def from_pipeline(
+    pipe_or_path,
+    prompt: str | list[str],
+    *,
+    negative_prompt: str = "",
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    scheduler: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    embeds_require_grad: bool = False,
+) -> PipelineParts:
+    """Adapt a Stable-Diffusion-style pipeline (UNet2DConditionModel + VAE + CLIP text encoder).
+
+    Args:
+        pipe_or_path: a diffusers pipeline, or a local folder saved with ``save_pretrained``.
+        prompt: one prompt or a list (the batch).
+        negative_prompt: the unconditional prompt of classifier-free guidance (defaults to "").
+        guidance_scale: ``w`` in ``eps_u + w (eps_c - eps_u)`` (defaults to 7.5).
+        height, width: image size (defaults to the UNet's sample size times the VAE factor).
+        scheduler: "ddim", "ddpm", "dpmsolvermultistep", "eulerdiscrete" or "flowmatcheulerdiscrete"; defaults
+            to the pipeline's own when supported, else DDIM (built from the pipeline's scheduler config).
+        device, dtype: where the modules go, and their precision.
+        embeds_require_grad: make the prompt embeddings a leaf that requires grad.
+    """
+    pipe = _load(pipe_or_path, device, dtype)
+    pipe = pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval()
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompts, torch.device(device), 1, True,
+                                          negative_prompt=[negative_prompt] * len(prompts))  # fmt: skip
+    cond = cond.detach().clone().requires_grad_(embeds_require_grad)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    height = height or pipe.unet.config.sample_size * factor
+    width = width or pipe.unet.config.sample_size * factor
+    shape = (len(prompts), pipe.unet.config.in_channels, height // factor, width // factor)
+    model_fn = Denoiser(pipe.unet, prediction_type=_prediction(pipe), encoder_hidden_states=cond,
+                        negative_encoder_hidden_states=uncond[:1].detach(), guidance_scale=guidance_scale)  # fmt: skip
+    vae = pipe.vae
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return vae.decode(latents / vae.config.scaling_factor).sample
+
+    return PipelineParts(model_fn, _scheduler(pipe, scheduler), shape, decode, pipe.unet, vae, cond, uncond[:1])
+
+
+def _prediction(pipe) -> str:
+    return getattr(pipe.scheduler.config, "prediction_type", None) or "epsilon"

@@ -1,0 +1,123 @@
+"""Stable-Diffusion-style pipelines from a local folder, and CLIP rewards, with tiny random models (no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sdo
+from sdo.clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
+from sdo.io import save_tensors
+from sdo.latent import optimize_latent
+from sdo.pipelines import from_pipeline
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>", "t</w>", "low</w>",
+         "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>", "<|endoftext|>"]  # fmt: skip
+MERGES = ["#version: 0.2", "l o", "lo w</w>", "e r</w>"]
+PROMPT = "lower newer"
+
+
+def write_tokenizer(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(VOCAB)}))
+    (folder / "merges.txt").write_text("\n".join(MERGES) + "\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("pipe")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+    )  # fmt: skip
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=16)  # fmt: skip
+    text_config = transformers.CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                              bos_token_id=21, eos_token_id=22, pad_token_id=22)  # fmt: skip
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=transformers.CLIPTextModel(text_config),
+                                   tokenizer=write_tokenizer(root / "tok"), unet=unet,
+                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.save_pretrained(root / "sd")
+    return root / "sd"
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(1)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=21, eos_token_id=22,
+                         pad_token_id=22),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )  # fmt: skip
+    transformers.CLIPModel(config).save_pretrained(root / "clip")
+    write_tokenizer(root / "clip").save_pretrained(root / "clip")
+    save_tensors({"weight": torch.randn(1, 8), "bias": torch.zeros(1)}, root / "head.safetensors")
+    return root
+
+
+def test_from_pipeline_optimizes_the_latent_and_the_prompt_embedding(pipeline_dir, clip_dir):
+    parts = from_pipeline(pipeline_dir, [PROMPT, PROMPT], guidance_scale=5.0, embeds_require_grad=True)
+    assert parts.latent_shape == (2, 4, 8, 8)
+    reward = ClipScoreReward(PROMPT, path=clip_dir / "clip")
+    sampler = parts.sampler(4)
+    latent = parts.initial_latent(seed=0).requires_grad_()
+    score = reward(parts.decode(sampler.sample(latent, grad=sdo.Shortcut())))
+    latent_grad, embed_grad = torch.autograd.grad(score.sum(), [latent, parts.prompt_embeds])
+    assert latent_grad.abs().sum() > 0 and embed_grad.abs().sum() > 0
+
+    result = optimize_latent(sampler, parts.initial_latent(0), lambda x0, c: reward(parts.decode(x0)), iters=3,
+                             lr=0.1, progress=False)  # fmt: skip
+    assert result.history[-1]["reward"] > result.history[0]["reward"]
+
+
+def test_saved_latent_replays_in_a_plain_diffusers_loop(pipeline_dir):
+    from diffusers import DiffusionPipeline
+
+    parts = from_pipeline(pipeline_dir, PROMPT, guidance_scale=5.0)
+    latent = parts.initial_latent(seed=3)
+    ours = parts.sampler(5).sample(latent, grad=sdo.NoGrad())
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True)
+    pipe.scheduler = parts.scheduler  # the three lines the README documents
+    image = pipe(PROMPT, latents=latent, num_inference_steps=5, guidance_scale=5.0, output_type="latent").images
+    torch.testing.assert_close(image, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_rewards_with_tiny_models(clip_dir):
+    images = torch.rand(2, 3, 40, 40) * 2 - 1
+    encoder = ClipImageEncoder(clip_dir / "clip", cutouts=3, seed=0)
+    assert encoder.image_embeds(images).shape == (2, 8)
+    aesthetic = AestheticReward(clip_dir / "head.safetensors", path=clip_dir / "clip")
+    x = images.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(aesthetic(x).sum(), x)
+    assert grad.abs().sum() > 0
+    style = ClipStyleReward(images[:1], path=clip_dir / "clip")
+    assert style(images[:1]).item() == pytest.approx(0.0, abs=1e-10)
+    assert style(images[1:]).item() < 0
+
+
+def test_missing_weights_give_the_documented_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("SDO_CLIP_PATH", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"CLIP model folder not found at .*nowhere.*never downloads"):
+        ClipImageEncoder(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"No CLIP model folder given: pass its path, or set \$SDO_CLIP_PATH"):
+        ClipImageEncoder()
+    with pytest.raises(FileNotFoundError, match="LAION aesthetic head"):
+        AestheticReward(tmp_path / "head.safetensors")
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        from_pipeline(tmp_path, PROMPT)
