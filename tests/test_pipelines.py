@@ -121,3 +121,32 @@ def test_missing_weights_give_the_documented_error(tmp_path, monkeypatch):
         AestheticReward(tmp_path / "head.safetensors")
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
         from_pipeline(tmp_path, PROMPT)
+
+
+@pytest.mark.parametrize("task", ["aesthetic", "clip"])
+def test_two_finetuning_steps_on_a_pipeline_reach_the_lora_weights(pipeline_dir, clip_dir, tmp_path, task):
+    from sdo.finetune import FinetuneConfig, finetune
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("lower\nnewer\n")
+    config = FinetuneConfig(pipeline=str(pipeline_dir), prompts=str(prompts), task=task,
+                            clip_path=str(clip_dir / "clip"), aesthetic_head=str(clip_dir / "head.safetensors"),
+                            steps=2, sample_steps=3, batch_size=2, eval_every=1, checkpoint_every=1, lora_rank=2,
+                            lr=1e-2, out=str(tmp_path / "ft"))  # fmt: skip
+    record = finetune(config, progress=False)
+    assert record["step"] == 2 and "held_out_reward" in record
+    weights = sdo.io.load_tensors(tmp_path / "ft" / "adapter.safetensors")
+    lora_b = [value for name, value in weights.items() if "lora_B" in name]
+    assert lora_b and any(value.abs().sum() > 0 for value in lora_b)  # B starts at zero: only gradients move it
+
+
+def test_optimize_cli_on_a_pipeline(pipeline_dir, clip_dir, tmp_path):
+    from sdo.cli import main
+
+    out = tmp_path / "opt"
+    args = ["optimize", "--pipeline", str(pipeline_dir), "--prompt", PROMPT, "--reward", "clip",
+            "--clip-path", str(clip_dir / "clip"), "--steps", "3", "--iters", "2", "--batch", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert sdo.io.load_tensors(out / "latent.safetensors")["latent"].shape == (1, 4, 8, 8)
+    assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"

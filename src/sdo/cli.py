@@ -58,6 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    import torch
+
     from .demo import _summary, format_table
     from .io import save_json
     from .latent import save_latent
@@ -70,7 +72,9 @@ def _optimize(args: argparse.Namespace) -> int:
     result = run_task(config, task)
     out = Path(config.out)
     save_latent(out / "latent.safetensors", result.latent, **{k: v for k, v in dataclasses.asdict(config).items()})
-    save_image_grid({"before": task.original, f"after {config.method}": result.sample}, out / "grid.png")
+    with torch.no_grad():
+        after = task.decode(result.sample) if task.decode else result.sample
+    save_image_grid({"before": task.original, f"after {config.method}": after}, out / "grid.png")
     save_curves({config.method: result.history}, out / "curves.png", task.description)
     summary = _summary(result.history)
     save_json(

@@ -19,19 +19,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import zoo
 from .checkpoints import latest_checkpoint, optimizer_from_tensors, save_checkpoint
-from .gradients import Checkpointed, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
+from .gradients import Checkpointed, GradientMode, RandomTruncation, Shortcut, Truncated
 from .io import CorruptFileError, atomic_path, load_tensors, save_tensors
-from .quality import frechet_distance
-from .rewards import ClassifierReward
-from .sampling import Sampler
+from .targets import PipelineTarget, ZooTarget, ink_reward
 
-__all__ = ["FINETUNE_METHODS", "FINETUNE_TASKS", "FinetuneConfig", "finetune", "load_adapter"]
+__all__ = ["FINETUNE_METHODS", "FINETUNE_TASKS", "FinetuneConfig", "finetune", "ink_reward", "load_adapter"]
 
 FINETUNE_METHODS = ("sdo", "draft-k", "draft-1", "alignprop", "full")
-FINETUNE_TASKS = ("confidence", "bold")
-DEFAULT_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2"
+ZOO_TASKS = ("confidence", "bold")
+PIPELINE_TASKS = ("aesthetic", "clip")
+FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
 
 
 def _field(default, help: str, **kwargs):
@@ -52,7 +50,11 @@ class FinetuneConfig:
     grad_accum: int = _field(1, "gradient accumulation micro-batches per update")
     lr: float = _field(1e-3, "AdamW learning rate")
     lora_rank: int = _field(4, "LoRA rank; 0 trains the full weights")
-    lora_targets: str = _field(DEFAULT_LORA_TARGETS, "comma-separated module names LoRA adapts")
+    lora_targets: str = _field(
+        "",
+        "comma-separated module names LoRA adapts (default: attention and, for the "
+        "embedded model, resnet convolutions)",
+    )
     draft_k: int = _field(2, "k of draft-k")
     alignprop_high: int = _field(10, "alignprop: depth drawn uniformly in [1, this] per trajectory batch")
     guidance: float = _field(3.0, "classifier-free guidance scale")
@@ -64,6 +66,10 @@ class FinetuneConfig:
     mixed_precision: str = _field("no", "no, bf16 or fp16 (GPU)", choices=("no", "bf16", "fp16"))
     tensorboard: bool = _field(False, "log through Accelerate's TensorBoard tracker (needs tensorboard)")
     out: str = _field("sdo-finetune", "output folder (a rerun with the same folder resumes)")
+    pipeline: str = _field("", "fine-tune a local Stable Diffusion folder instead of the embedded model")
+    prompts: str = _field("", "--pipeline: text file with one training prompt per line")
+    clip_path: str = _field("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
+    aesthetic_head: str = _field("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "sample_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_per_class"):
@@ -79,6 +85,12 @@ class FinetuneConfig:
             raise ValueError(f"`draft_k` must be in [1, {self.sample_steps}], got {self.draft_k}.")
         if self.method == "alignprop" and not 1 <= self.alignprop_high <= self.sample_steps:
             raise ValueError(f"`alignprop_high` must be in [1, {self.sample_steps}], got {self.alignprop_high}.")
+        tasks = PIPELINE_TASKS if self.pipeline else ZOO_TASKS
+        if self.task not in tasks:
+            where = "with --pipeline" if self.pipeline else "for the embedded model"
+            raise ValueError(f"`task` must be one of {tasks} {where}, got {self.task!r}.")
+        if self.pipeline and not self.prompts:
+            raise ValueError("`prompts` (a file with one prompt per line) is required with --pipeline.")
 
     def mode(self, generator: torch.Generator) -> GradientMode:
         """The gradient mode of ``method``; its random draws come from ``generator``."""
@@ -95,19 +107,6 @@ class FinetuneConfig:
         return {f.name for f in fields(cls)}
 
 
-def ink_reward(x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Stroke mass: the mean ink ``(x + 1) / 2`` of each image ``[B]`` (bolder digits score higher)."""
-    return ((x0 + 1) / 2).flatten(1).mean(dim=1)
-
-
-def task_reward(task: str, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``reward(x0, labels) -> [B]`` of a fine-tuning task."""
-    if task == "bold":
-        return ink_reward
-    classifier = zoo.load_reward_classifier(device)
-    return lambda x0, labels: ClassifierReward(classifier, labels)(x0)
-
-
 def add_lora(unet: torch.nn.Module, rank: int, targets: str) -> torch.nn.Module:
     """Inject LoRA adapters (peft) of ``rank`` into ``targets``; only they stay trainable."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -116,6 +115,11 @@ def add_lora(unet: torch.nn.Module, rank: int, targets: str) -> torch.nn.Module:
                         init_lora_weights="gaussian")  # fmt: skip
     unet.requires_grad_(False)
     return inject_adapter_in_model(config, unet)
+
+
+def make_target(config: FinetuneConfig, device: torch.device):
+    """The model and reward being fine-tuned: a local pipeline when ``config.pipeline`` is set, else the zoo."""
+    return PipelineTarget(config, device) if config.pipeline else ZooTarget(config, device)
 
 
 def trainable_state(unet: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
@@ -147,7 +151,7 @@ def load_adapter(unet: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         metadata = handle.metadata() or {}
     rank = int(metadata.get("lora_rank", "0"))
     if rank:
-        add_lora(unet, rank, metadata.get("lora_targets", DEFAULT_LORA_TARGETS))
+        add_lora(unet, rank, metadata.get("lora_targets", ZooTarget.lora_targets))
     _load_trainable(unet, tensors, lora=bool(rank))
     return unet
 
@@ -156,36 +160,11 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def _global_batch(config: FinetuneConfig, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Labels ``[B]``, noises ``[B, 1, 32, 32]`` and the mode seed of update ``step`` (same on every process)."""
+def _global_batch(config: FinetuneConfig, target, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Conditions ``[B]``, noises ``[B, ...]`` and the mode seed of update ``step`` (the same on every process)."""
     generator = _step_generator(config.seed, step)
-    labels = torch.randint(0, zoo.NUM_CLASSES, (config.batch_size,), generator=generator)
-    noise = torch.randn(config.batch_size, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator)
-    return labels, noise, int(torch.randint(0, 2**62, (1,), generator=generator))
-
-
-class _Evaluator:
-    """Held-out conditions with fixed noise: judge accuracy and Frechet distance to real digits (judge features)."""
-
-    def __init__(self, config: FinetuneConfig, device: torch.device) -> None:
-        self.judge = zoo.load_judge(device)
-        real, _ = zoo.load_digits(device)
-        with torch.no_grad():
-            self.real_features = self.judge.embed(real)
-        self.labels = torch.arange(zoo.NUM_CLASSES, device=device).repeat_interleave(config.eval_per_class)
-        noise = torch.randn(len(self.labels), 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE,
-                            generator=torch.Generator().manual_seed(10_000 + config.seed))  # fmt: skip
-        self.noise = noise.to(device)
-        self.config = config
-
-    @torch.no_grad()
-    def __call__(self, unet: torch.nn.Module) -> dict[str, float]:
-        sampler = Sampler(zoo.denoiser(unet, self.labels, self.config.guidance), zoo.scheduler("ddim"),
-                          self.config.sample_steps)  # fmt: skip
-        samples = sampler.sample(self.noise, grad=NoGrad()).clamp(-1, 1)
-        accuracy = (self.judge(samples).argmax(1) == self.labels).float().mean()
-        return {"judge_accuracy": float(accuracy),
-                "frechet_judge": frechet_distance(self.judge.embed(samples), self.real_features)}  # fmt: skip
+    conditions, noise = target.draw(generator, config.batch_size)
+    return conditions, noise, int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 def _reduce_gradients(accelerator, parameters: list[torch.Tensor]) -> None:
@@ -214,9 +193,9 @@ class _MetricsLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
 
-def _update(config, unet, parameters, optimizer, reward_fn, accelerator, step: int) -> float:
+def _update(config, target, parameters, optimizer, reward_fn, accelerator, step: int) -> float:
     """One optimizer update on this process's slice of the global batch; returns the global mean reward."""
-    labels, noise, mode_seed = _global_batch(config, step)
+    labels, noise, mode_seed = _global_batch(config, target, step)
     per_process = config.batch_size // accelerator.num_processes
     rank_slice = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
     labels, noise = labels[rank_slice].to(accelerator.device), noise[rank_slice].to(accelerator.device)
@@ -224,8 +203,7 @@ def _update(config, unet, parameters, optimizer, reward_fn, accelerator, step: i
     reward_sum = torch.zeros((), device=accelerator.device)
     for micro in range(config.grad_accum):
         part = slice(micro * len(labels) // config.grad_accum, (micro + 1) * len(labels) // config.grad_accum)
-        sampler = Sampler(zoo.denoiser(unet, labels[part], config.guidance), zoo.scheduler("ddim"),
-                          config.sample_steps)  # fmt: skip
+        sampler = target.sampler(target.unet, labels[part])
         mode = config.mode(torch.Generator().manual_seed(mode_seed))  # one draw per trajectory batch, every rank
         with accelerator.autocast():
             rewards = reward_fn(sampler.sample(noise[part], grad=mode), labels[part]).float()
@@ -258,10 +236,11 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
         raise ValueError(f"`batch_size` ({config.batch_size}) must be divisible by processes x grad_accum "
                          f"({accelerator.num_processes} x {config.grad_accum}).")  # fmt: skip
     torch.manual_seed(config.seed)
-    unet = zoo.load_unet(accelerator.device)
+    target = make_target(config, accelerator.device)
+    unet = target.unet
     lora = config.lora_rank > 0
     if lora:
-        add_lora(unet, config.lora_rank, config.lora_targets)
+        add_lora(unet, config.lora_rank, config.lora_targets or target.lora_targets)
     else:
         unet.requires_grad_(True)
     unet.to(accelerator.device)
@@ -269,8 +248,8 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     start = _resume(out / "checkpoints", unet, optimizer, lora, accelerator)
     metrics = _MetricsLog(out / "metrics.jsonl", start)
-    reward_fn = reward or task_reward(config.task, accelerator.device)
-    evaluator = _Evaluator(config, accelerator.device) if accelerator.is_main_process else None
+    reward_fn = reward or target.reward
+    evaluator = target.evaluator() if accelerator.is_main_process else None
     if config.tensorboard:
         accelerator.init_trackers("sdo-finetune", config=asdict(config))
     bar = tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps,
@@ -278,7 +257,7 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     record = metrics.records[-1] if metrics.records else {}
     for step in bar:
         started = time.perf_counter()
-        mean_reward = _update(config, unet, parameters, optimizer, reward_fn, accelerator, step)
+        mean_reward = _update(config, target, parameters, optimizer, reward_fn, accelerator, step)
         if not torch.isfinite(torch.tensor(mean_reward)):
             last = latest_checkpoint(out / "checkpoints")
             raise ValueError(f"The reward is not finite at step {step} ({mean_reward}); stopped. Last good "
@@ -296,7 +275,7 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
         bar.set_postfix(reward=f"{mean_reward:.3f}", s=f"{record['seconds']:.2f}")
     _check_replicas_agree(accelerator, parameters)
     if accelerator.is_main_process:
-        _write_outputs(out, unet, lora, config, metrics.records)
+        _write_outputs(out, unet, lora, config, metrics.records, config.lora_targets or target.lora_targets)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
@@ -325,9 +304,9 @@ def _resume(folder: Path, unet, optimizer, lora: bool, accelerator) -> int:
     return checkpoint.step
 
 
-def _write_outputs(out: Path, unet, lora: bool, config: FinetuneConfig, records: list[dict]) -> None:
+def _write_outputs(out: Path, unet, lora: bool, config: FinetuneConfig, records: list[dict], targets: str) -> None:
     from .plots import save_finetune_curves
 
-    metadata = {"lora_rank": str(config.lora_rank if lora else 0), "lora_targets": config.lora_targets}
+    metadata = {"lora_rank": str(config.lora_rank if lora else 0), "lora_targets": targets}
     save_tensors(trainable_state(unet, lora), out / "adapter.safetensors", metadata=metadata)
     save_finetune_curves(records, out / "reward_curve.png", f"{config.method} on {config.task}")

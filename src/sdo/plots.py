@@ -22,7 +22,7 @@ def _save(figure, path: str | Path) -> None:
 
 
 def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, captions: dict[str, list[str]] | None = None):
-    """One labelled row per entry of ``rows`` (``[N, 1, H, W]`` images in [-1, 1]); optional per-image captions."""
+    """One labelled row per entry of ``rows`` (``[N, 1 or 3, H, W]`` images in [-1, 1]); optional captions."""
     n_cols = max(len(images) for images in rows.values())
     figure, axes = plt.subplots(len(rows), n_cols, figsize=(1.1 * n_cols + 1.2, 1.25 * len(rows)), squeeze=False)
     for row, (label, images) in enumerate(rows.items()):
@@ -31,8 +31,11 @@ def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, captions: d
             axis.set_xticks([])
             axis.set_yticks([])
             if col < len(images):
-                pixels = images[col, 0].detach().float().cpu().clamp(-1, 1)
-                axis.imshow(pixels, cmap="gray", vmin=-1, vmax=1)
+                pixels = images[col].detach().float().cpu().clamp(-1, 1)
+                if pixels.shape[0] == 3:
+                    axis.imshow(((pixels + 1) / 2).permute(1, 2, 0).numpy())
+                else:
+                    axis.imshow(pixels[0], cmap="gray", vmin=-1, vmax=1)
                 if captions and label in captions:
                     axis.set_title(captions[label][col], fontsize=7)
             else:
@@ -86,20 +89,15 @@ def save_bench_plot(result: dict, path: str | Path) -> None:
 
 
 def save_finetune_curves(records: list[dict], path: str | Path, title: str = "") -> None:
-    """Reward per update, and the held-out judge accuracy and Frechet distance where they were measured."""
-    figure, (reward_axis, judge_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
-    reward_axis.plot([r["step"] for r in records], [r["reward"] for r in records], marker=".")
-    reward_axis.set(xlabel="update", ylabel="mean reward (training batch)", title=title)
-    evaluated = [r for r in records if "judge_accuracy" in r]
-    judge_axis.plot([r["step"] for r in evaluated], [r["judge_accuracy"] for r in evaluated], marker="o",
-                    color="tab:green", label="judge accuracy")  # fmt: skip
-    judge_axis.set(xlabel="update", ylabel="held-out judge accuracy", ylim=(0, 1.05))
-    frechet_axis = judge_axis.twinx()
-    frechet_axis.plot([r["step"] for r in evaluated], [r["frechet_judge"] for r in evaluated], marker="s",
-                      color="tab:red", label="Frechet distance (judge features)")  # fmt: skip
-    frechet_axis.set_ylabel("Frechet distance to real digits")
-    judge_axis.legend(loc="lower left", fontsize=8)
-    frechet_axis.legend(loc="lower right", fontsize=8)
-    for axis in (reward_axis, judge_axis):
+    """Reward per update, and every held-out measure (judge accuracy, Frechet distance, ...) where measured."""
+    measures = sorted({key for r in records for key in r} - {"step", "reward", "seconds"})
+    figure, axes = plt.subplots(1, 1 + len(measures), figsize=(5 * (1 + len(measures)), 3.6), squeeze=False)
+    axes[0][0].plot([r["step"] for r in records], [r["reward"] for r in records], marker=".")
+    axes[0][0].set(xlabel="update", ylabel="mean reward (training batch)", title=title)
+    for axis, key in zip(axes[0][1:], measures, strict=True):
+        evaluated = [r for r in records if key in r]
+        axis.plot([r["step"] for r in evaluated], [r[key] for r in evaluated], marker="o", color="tab:green")
+        axis.set(xlabel="update", ylabel=key.replace("_", " "), title=f"held-out {key.replace('_', ' ')}")
+    for axis in axes[0]:
         axis.grid(alpha=0.3)
     _save(figure, path)

@@ -25,6 +25,7 @@ LATENT_METHODS: dict[str, GradientMode] = {
     "checkpointed": Checkpointed(),
 }
 TASKS = ("class", "style", "adversarial")
+PIPELINE_REWARDS = ("clip", "aesthetic", "style")
 
 
 def _field(default, help: str, **kwargs):
@@ -50,6 +51,12 @@ class LatentTaskConfig:
     proximity: float = _field(20.0, "adversarial task: weight keeping the image near the original")
     device: str = _field("cpu", "torch device")
     out: str = _field("sdo-optimize", "output folder")
+    pipeline: str = _field("", "optimize a local Stable Diffusion folder's latents instead of the embedded model")
+    prompt: str = _field("", "--pipeline: the prompt")
+    reward: str = _field("clip", "--pipeline: clip, aesthetic or style", choices=PIPELINE_REWARDS)
+    clip_path: str = _field("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
+    aesthetic_head: str = _field("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
+    style_image: str = _field("", "--pipeline, style: reference image (PNG)")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -66,6 +73,10 @@ class LatentTaskConfig:
             raise ValueError(f"`iters` must be >= 0 and `lr` > 0, got iters={self.iters}, lr={self.lr}.")
         if not 0 <= self.start_step < self.steps:
             raise ValueError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
+        if self.pipeline and not self.prompt:
+            raise ValueError("`prompt` is required with --pipeline.")
+        if self.pipeline and self.reward == "style" and not self.style_image:
+            raise ValueError("`style_image` (a PNG) is required with --reward style.")
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -83,10 +94,44 @@ class LatentTask:
     judge_accepts: object
     original: torch.Tensor
     description: str
+    decode: object = None  # latents -> images, for latent-diffusion pipelines
+
+
+def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
+    """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
+    from .clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
+    from .pipelines import from_pipeline
+
+    parts = from_pipeline(config.pipeline, [config.prompt] * config.batch, guidance_scale=config.guidance,
+                          device=config.device)  # fmt: skip
+    sampler = parts.sampler(config.steps)
+    encoder = ClipImageEncoder(config.clip_path or None, device=config.device)
+    if config.reward == "clip":
+        score = ClipScoreReward(config.prompt, encoder=encoder)
+    elif config.reward == "aesthetic":
+        score = AestheticReward(config.aesthetic_head or None, encoder=encoder)
+    else:
+        score = ClipStyleReward(_read_image(config.style_image, config.device), encoder=encoder)
+    with torch.no_grad():
+        noise = parts.initial_latent(config.seed)
+        latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
+        original = parts.decode(sampler.sample(latent, NoGrad(), start_step=config.start_step))
+    return LatentTask(sampler, latent, lambda x0, cond: score(parts.decode(x0)), None, original,
+                      f"{config.reward} reward for {config.prompt!r}", decode=parts.decode)  # fmt: skip
+
+
+def _read_image(path: str, device) -> torch.Tensor:
+    """A PNG as ``[1, 3, H, W]`` in [-1, 1]."""
+    import matplotlib.image
+
+    pixels = torch.as_tensor(matplotlib.image.imread(path)).float()[..., :3]
+    return (pixels.permute(2, 0, 1)[None] * 2 - 1).to(device)
 
 
 def build_task(config: LatentTaskConfig) -> LatentTask:
-    """Load the zoo and build the sampler, initial latent, reward and judge for ``config``."""
+    """Load the zoo (or the pipeline) and build the sampler, initial latent, reward and judge for ``config``."""
+    if config.pipeline:
+        return build_pipeline_task(config)
     device = torch.device(config.device)
     unet, reward_net, judge = (zoo.load_unet(device), zoo.load_reward_classifier(device), zoo.load_judge(device))
     classes = torch.full((config.batch,), config.source, device=device)

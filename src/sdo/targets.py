@@ -1,0 +1,126 @@
+"""What fine-tuning trains: the embedded model with class labels, or a local Stable Diffusion with prompts.
+
+A target draws a global batch of conditions and noises from a generator, builds a sampler for a batch of
+conditions, scores samples with its reward, and evaluates held-out conditions (to make reward hacking visible).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import zoo
+from .gradients import NoGrad
+from .models import Denoiser
+from .quality import frechet_distance
+from .rewards import ClassifierReward
+from .sampling import Sampler
+
+__all__ = ["PipelineTarget", "ZooTarget", "ink_reward"]
+
+
+def ink_reward(x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Stroke mass: the mean ink ``(x + 1) / 2`` of each image ``[B]`` (bolder digits score higher)."""
+    return ((x0 + 1) / 2).flatten(1).mean(dim=1)
+
+
+class ZooTarget:
+    """The embedded MNIST model; conditions are class labels; tasks "confidence" (reward classifier
+    log-probability of the conditioned class) and "bold" (stroke mass)."""
+
+    lora_targets = "to_q,to_k,to_v,to_out.0,conv1,conv2"
+
+    def __init__(self, config, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.unet = zoo.load_unet(device)
+        if config.task == "bold":
+            self.reward = ink_reward
+        else:
+            classifier = zoo.load_reward_classifier(device)
+            self.reward = lambda x0, labels: ClassifierReward(classifier, labels)(x0)
+
+    def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels ``[B]`` and noises ``[B, 1, 32, 32]``."""
+        labels = torch.randint(0, zoo.NUM_CLASSES, (batch,), generator=generator)
+        return labels, torch.randn(batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator)
+
+    def sampler(self, unet: torch.nn.Module, labels: torch.Tensor) -> Sampler:
+        return Sampler(zoo.denoiser(unet, labels, self.config.guidance), zoo.scheduler("ddim"),
+                       self.config.sample_steps)  # fmt: skip
+
+    def evaluator(self):
+        """Held-out labels with fixed noise: judge accuracy, and Frechet distance to real digits in judge space."""
+        judge = zoo.load_judge(self.device)
+        real, _ = zoo.load_digits(self.device)
+        with torch.no_grad():
+            real_features = judge.embed(real)
+        labels = torch.arange(zoo.NUM_CLASSES, device=self.device).repeat_interleave(self.config.eval_per_class)
+        generator = torch.Generator().manual_seed(10_000 + self.config.seed)
+        noise = torch.randn(len(labels), 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator).to(self.device)
+
+        @torch.no_grad()
+        def evaluate(unet: torch.nn.Module) -> dict[str, float]:
+            samples = self.sampler(unet, labels).sample(noise, grad=NoGrad()).clamp(-1, 1)
+            accuracy = (judge(samples).argmax(1) == labels).float().mean()
+            return {"judge_accuracy": float(accuracy),
+                    "frechet_judge": frechet_distance(judge.embed(samples), real_features)}  # fmt: skip
+
+        return evaluate
+
+
+class PipelineTarget:
+    """A Stable-Diffusion-style pipeline from a local folder; conditions are prompt indices into the prompt file;
+    rewards "aesthetic" or "clip" (CLIP similarity to the sample's own prompt) on the decoded image."""
+
+    lora_targets = "to_q,to_k,to_v,to_out.0"
+
+    def __init__(self, config, device: torch.device) -> None:
+        from .pipelines import from_pipeline
+
+        prompts = [line.strip() for line in Path(config.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"`prompts` file {config.prompts} holds no prompt (one per line).")
+        self.config, self.device, self.prompts = config, device, prompts
+        self.parts = from_pipeline(config.pipeline, prompts, guidance_scale=config.guidance, device=device)
+        self.unet = self.parts.unet
+        self.reward = self._reward(config)
+
+    def _reward(self, config):
+        from .clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward
+
+        encoder = ClipImageEncoder(config.clip_path or None, device=self.device)
+        decode = self.parts.decode
+        if config.task == "aesthetic":
+            aesthetic = AestheticReward(config.aesthetic_head or None, encoder=encoder)
+            return lambda x0, index: aesthetic(decode(x0))
+        if config.task == "clip":
+            clip = ClipScoreReward(self.prompts, encoder=encoder)
+            return lambda x0, index: (encoder.image_embeds(decode(x0)) * clip.text[index]).sum(-1)
+        raise ValueError(f"`task` must be 'aesthetic' or 'clip' with --pipeline, got {config.task!r}.")
+
+    def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt indices ``[B]`` and initial latents ``[B, C, h, w]``."""
+        index = torch.randint(0, len(self.prompts), (batch,), generator=generator)
+        return index, torch.randn(batch, *self.parts.latent_shape[1:], generator=generator)
+
+    def sampler(self, unet: torch.nn.Module, index: torch.Tensor) -> Sampler:
+        model_fn = Denoiser(unet, prediction_type=self.parts.model_fn.prediction_type,
+                            encoder_hidden_states=self.parts.prompt_embeds[index.to(self.device)],
+                            negative_encoder_hidden_states=self.parts.negative_embeds,
+                            guidance_scale=self.config.guidance)  # fmt: skip
+        return Sampler(model_fn, self.parts.scheduler, self.config.sample_steps)
+
+    def evaluator(self):
+        """Mean reward on every prompt with fixed noise."""
+        index = torch.arange(len(self.prompts))
+        generator = torch.Generator().manual_seed(10_000 + self.config.seed)
+        noise = torch.randn(len(index), *self.parts.latent_shape[1:], generator=generator).to(self.device)
+
+        @torch.no_grad()
+        def evaluate(unet: torch.nn.Module) -> dict[str, float]:
+            samples = self.sampler(unet, index).sample(noise, grad=NoGrad())
+            return {"held_out_reward": float(self.reward(samples, index).mean())}
+
+        return evaluate
