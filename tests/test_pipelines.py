@@ -125,7 +125,7 @@ def test_missing_weights_give_the_documented_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("task", ["aesthetic", "clip"])
 def test_two_finetuning_steps_on_a_pipeline_reach_the_lora_weights(pipeline_dir, clip_dir, tmp_path, task):
-    from sdo.finetune import FinetuneConfig, finetune
+    from sdo.finetuning import FinetuneConfig, finetune
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("lower\nnewer\n")

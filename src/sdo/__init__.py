@@ -5,8 +5,11 @@ Shortcuts" (arXiv 2505.07477). ``Sampler`` owns the denoising loop; a gradient m
 ``Checkpointed``, ``Truncated``, ``RandomTruncation``, ``NoGrad``) decides what each step keeps for backward.
 """
 
+from .finetuning import FinetuneConfig, finetune
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
+from .latent import OptimizationResult, invert, load_latent, optimize_latent, save_latent
 from .models import Denoiser
+from .pipelines import from_pipeline
 from .sampling import Sampler
 
 __version__ = "0.1.0"
@@ -14,11 +17,19 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpointed",
     "Denoiser",
+    "FinetuneConfig",
     "Full",
     "GradientMode",
     "NoGrad",
+    "OptimizationResult",
     "RandomTruncation",
     "Sampler",
     "Shortcut",
     "Truncated",
+    "finetune",
+    "from_pipeline",
+    "invert",
+    "load_latent",
+    "optimize_latent",
+    "save_latent",
 ]

@@ -109,7 +109,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, finetune
+    from .finetuning import FinetuneConfig, finetune
 
     record = finetune(_config_from(args, FinetuneConfig))
     print(json.dumps(record, indent=2))
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``sdo`` argument parser."""
     from .bench import BenchConfig
     from .demo import demo_config
-    from .finetune import FinetuneConfig
+    from .finetuning import FinetuneConfig
     from .tasks import LatentTaskConfig
     from .zoo.train import ZooTrainingConfig
 
