@@ -18,8 +18,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
             continue
         default = defaults.get(item.name, item.default)
         if isinstance(default, bool):
-            parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, action="store_true",
-                                help=item.metadata.get("help", ""))  # fmt: skip
+            parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=default,
+                                action=argparse.BooleanOptionalAction, help=item.metadata.get("help", ""))  # fmt: skip
             continue
         parser.add_argument(
             f"--{item.name.replace('_', '-')}", dest=item.name, type=type(default), default=default,

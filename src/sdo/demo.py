@@ -1,9 +1,10 @@
 """``sdo demo``: SDO against full backpropagation on one task of the embedded model, offline, in under a minute.
 
-The task: generate a batch of 3s with the embedded model, then optimize their initial latents so that the reward
-classifier sees 8s; the independent judge decides whether they really became 8s. Both methods start from the same
-latents and run the same number of Adam iterations; the demo reports final reward, judge success, seconds per
-iteration and peak memory side by side, and writes pictures and ``metrics.json``.
+The task: generate a batch of digits with the embedded model (unconditionally), then optimize their initial
+latents so that the reward classifier sees 8s; the independent judge decides whether they really became 8s. Both
+methods start from the same latents and run the same number of Adam iterations (latents kept on their Gaussian
+shell); the demo reports final reward, judge success, seconds per iteration and peak memory side by side, and
+writes pictures and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ DEMO_METHODS = ("sdo", "full")
 
 def demo_config(**overrides) -> LatentTaskConfig:
     """The demo's settings (sized so both methods finish within 60 s on 2 CPU cores), with ``overrides``."""
-    defaults = dict(task="class", source=3, target=8, steps=10, iters=12, lr=0.08, batch=8, seed=0, out="sdo-demo")
+    defaults = dict(task="class", source=-1, target=8, steps=20, iters=15, lr=0.05, batch=8, seed=0, out="sdo-demo")
     return LatentTaskConfig(**{**defaults, **overrides})
 
 

@@ -80,6 +80,7 @@ def optimize_latent(
     lr: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.9),
     prior_weight: float = 0.0,
+    project_to_shell: bool = False,
     seed: int = 0,
     cond: object = None,
     judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -99,6 +100,8 @@ def optimize_latent(
         reward: ``reward(x0, cond) -> [B]``, higher is better.
         grad: gradient mode; start_step: first step run; iters: Adam updates; lr, betas: Adam's.
         prior_weight: weight of the Gaussian-shell regularizer (0 disables it).
+        project_to_shell: after each Adam step, rescale each latent to its initial norm (for initial noise, about
+            ``sqrt(dim)``): the hard version of the prior, as DOODL does.
         seed: seeds the sampler's noise generator anew every iteration, so one latent always maps to one sample.
         cond: passed to ``reward``.
         judge: optional ``x0 -> [B] bool`` acceptance test recorded in the history (never optimized).
@@ -112,6 +115,7 @@ def optimize_latent(
     z = latent.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=lr, betas=betas)
     best = _BestIterate(z)
+    radius = z.detach().flatten(1).norm(dim=1)
     history: list[dict] = []
     elapsed = 0.0
     bar = tqdm(range(iters + 1), desc=f"optimize ({type(grad).__name__})", disable=not progress, leave=False)
@@ -134,6 +138,8 @@ def optimize_latent(
                 _check_gradient_reached(z, grad)
         if not final:
             optimizer.step()
+            if project_to_shell:
+                _project(z, radius)
         seconds = 0.0 if final else time.perf_counter() - started
         elapsed += seconds
         best.update(z, x0, rewards)
@@ -145,6 +151,12 @@ def optimize_latent(
         history.append(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}")
     return OptimizationResult(z.detach(), x0.detach(), best.latent, best.sample, best.reward, history)
+
+
+@torch.no_grad()
+def _project(z: torch.Tensor, radius: torch.Tensor) -> None:
+    """Rescale each latent in place to norm ``radius`` (one per batch element)."""
+    z.mul_((radius / z.flatten(1).norm(dim=1)).view(-1, *[1] * (z.ndim - 1)))
 
 
 def _check_gradient_reached(z: torch.Tensor, grad: GradientMode) -> None:

@@ -31,19 +31,36 @@ class ClassifierReward:
     Steers a generation into class ``target`` (or sharpens its own class), as the paper's classifier-guided
     tasks (Dou et al. 2025, Sec. 5) do with CLIP.
 
+    With ``views > 0`` the log-probability is averaged over that many random translations of the image (up to
+    ``max_shift`` pixels, background-filled, the same shifts at every call): the analogue of the random cut-outs of
+    the paper's CLIP rewards, which makes pixel-level adversarial patterns pay less.
+
     Args:
         classifier: ``[B, C, H, W] -> logits [B, K]`` (e.g. ``sdo.zoo.load_reward_classifier()``).
         target: class index, or ``[batch]`` tensor of indices.
+        views: number of random translations (0: the image as it is).
+        max_shift: largest translation in pixels; seed: seeds the translations.
     """
 
-    def __init__(self, classifier: nn.Module, target: int | torch.Tensor) -> None:
+    def __init__(self, classifier: nn.Module, target: int | torch.Tensor, views: int = 0, max_shift: int = 2,
+                 seed: int = 0) -> None:  # fmt: skip
         self.classifier = classifier
         self.target = target
+        self.shifts = torch.randint(0, 2 * max_shift + 1, (views, 2), generator=torch.Generator().manual_seed(seed))
+        self.max_shift = max_shift
+
+    def _views(self, x0: torch.Tensor) -> torch.Tensor:
+        if not len(self.shifts):
+            return x0
+        size = x0.shape[-1]
+        padded = F.pad(x0, (self.max_shift,) * 4, value=-1.0)
+        return torch.cat([padded[..., dy : dy + size, dx : dx + size] for dy, dx in self.shifts.tolist()])
 
     def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
-        log_probs = F.log_softmax(self.classifier(x0), dim=1)
-        target = _target_tensor(self.target, x0.shape[0], x0.device)
-        return log_probs.gather(1, target[:, None]).squeeze(1)
+        log_probs = F.log_softmax(self.classifier(self._views(x0)), dim=1)
+        target = _target_tensor(self.target, x0.shape[0], x0.device).repeat(max(1, len(self.shifts)))
+        chosen = log_probs.gather(1, target[:, None]).squeeze(1)
+        return chosen.reshape(-1, x0.shape[0]).mean(dim=0)
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ class LatentTaskConfig:
 
     task: Literal["class", "style", "adversarial"] = _field("class", "what to optimize for", choices=TASKS)
     method: str = _field("sdo", "gradient estimator", choices=tuple(LATENT_METHODS))
-    source: int = _field(3, "class of the generated digits")
+    source: int = _field(3, "class of the generated digits (-1: unconditional samples, no guidance)")
     target: int = _field(8, "class to steer to (class, adversarial) or of the style reference (style)")
     steps: int = _field(50, "DDIM steps")
     iters: int = _field(30, "Adam iterations")
@@ -48,6 +48,8 @@ class LatentTaskConfig:
     start_step: int = _field(0, "optimize the latent at this step (after a no-grad warm-up)")
     guidance: float = _field(3.0, "classifier-free guidance scale")
     prior_weight: float = _field(0.0, "weight of the Gaussian-shell latent regularizer")
+    project: bool = _field(True, "rescale latents to their initial norm after each step (the hard shell prior)")
+    views: int = _field(4, "class/adversarial: average the classifier over this many random 2-pixel shifts")
     proximity: float = _field(20.0, "adversarial task: weight keeping the image near the original")
     device: str = _field("cpu", "torch device")
     out: str = _field("sdo-optimize", "output folder")
@@ -63,9 +65,12 @@ class LatentTaskConfig:
             raise ValueError(f"`task` must be one of {TASKS}, got {self.task!r}.")
         if self.method not in LATENT_METHODS:
             raise ValueError(f"`method` must be one of {tuple(LATENT_METHODS)}, got {self.method!r}.")
-        for name in ("source", "target"):
-            if not 0 <= getattr(self, name) < zoo.NUM_CLASSES:
-                raise ValueError(f"`{name}` must be a digit class in [0, 9], got {getattr(self, name)}.")
+        if not -1 <= self.source < zoo.NUM_CLASSES:
+            raise ValueError(f"`source` must be a digit class in [0, 9] or -1 (unconditional), got {self.source}.")
+        if self.task == "adversarial" and self.source == -1:
+            raise ValueError("The adversarial task needs a source class (`source` in [0, 9]), not -1.")
+        if not 0 <= self.target < zoo.NUM_CLASSES:
+            raise ValueError(f"`target` must be a digit class in [0, 9], got {self.target}.")
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
@@ -134,8 +139,11 @@ def build_task(config: LatentTaskConfig) -> LatentTask:
         return build_pipeline_task(config)
     device = torch.device(config.device)
     unet, reward_net, judge = (zoo.load_unet(device), zoo.load_reward_classifier(device), zoo.load_judge(device))
-    classes = torch.full((config.batch,), config.source, device=device)
-    sampler = Sampler(zoo.denoiser(unet, classes, config.guidance), zoo.scheduler("ddim"), config.steps)
+    unconditional = config.source == -1
+    classes = torch.full((config.batch,), zoo.NULL_CLASS if unconditional else config.source, device=device)
+    guidance = 1.0 if unconditional else config.guidance
+    sampler = Sampler(zoo.denoiser(unet, classes, guidance), zoo.scheduler("ddim"), config.steps)
+    source = "digits" if unconditional else f"{config.source}s"
     generator = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(config.batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator).to(device)
     with torch.no_grad():
@@ -146,14 +154,14 @@ def build_task(config: LatentTaskConfig) -> LatentTask:
         return lambda x0: judge(x0).argmax(dim=1) == digit
 
     if config.task == "class":
-        reward = ClassifierReward(reward_net, config.target)
-        accepts, text = judge_says(config.target), f"turn generated {config.source}s into {config.target}s"
+        reward = ClassifierReward(reward_net, config.target, views=config.views)
+        accepts, text = judge_says(config.target), f"turn generated {source} into {config.target}s"
     elif config.task == "style":
         images, labels = zoo.load_digits(device)
         reference = images[labels == config.target][:1]
         reward = StyleReward(reward_net, reference)
-        accepts = judge_says(config.source)
-        text = f"give generated {config.source}s the stroke style of a real {config.target}, staying {config.source}s"
+        accepts = judge_says(config.source) if not unconditional else (lambda x0: judge(x0).argmax(1) >= 0)
+        text = f"give generated {source} the stroke style of a real {config.target}, keeping their class"
     else:
         reward = AdversarialReward(reward_net, config.target, original, proximity=config.proximity)
         reward_says = lambda x0: reward_net(x0).argmax(dim=1) == config.target  # noqa: E731
@@ -170,6 +178,7 @@ def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress:
     task = task or build_task(config)
     return optimize_latent(
         task.sampler, task.latent, task.reward, grad=LATENT_METHODS[config.method], start_step=config.start_step,
-        iters=config.iters, lr=config.lr, prior_weight=config.prior_weight, seed=config.seed,
+        iters=config.iters, lr=config.lr, prior_weight=config.prior_weight, project_to_shell=config.project,
+        seed=config.seed,
         judge=task.judge_accepts, progress=progress,
     )  # fmt: skip
