@@ -100,9 +100,10 @@ def gradient_mode(name: str, config: BenchConfig, generator: torch.Generator) ->
 class _MethodRun:
     """One method's state: its own copy of the optimized variable, its Adam, and its measurements."""
 
-    def __init__(self, name: str, config: BenchConfig, workload: Workload, steps: int) -> None:
+    def __init__(self, name: str, config: BenchConfig, workload: Workload, steps: int,
+                 mode: GradientMode | None = None) -> None:  # fmt: skip
         self.name = name
-        self.mode = gradient_mode(name, config, torch.Generator().manual_seed(config.seed))
+        self.mode = mode or gradient_mode(name, config, torch.Generator().manual_seed(config.seed))
         self.model = workload.model if config.variable == "latent" else copy.deepcopy(workload.model)
         self.sampler = workload.make_sampler(steps, self.model)
         self.latent = workload.latent.clone()
@@ -170,8 +171,7 @@ def _exact_gradient(config: BenchConfig, workload: Workload, steps: int, runs: d
 
 
 def _first_gradient(config: BenchConfig, workload: Workload, steps: int, mode: GradientMode) -> torch.Tensor:
-    probe = _MethodRun("probe", config, workload, steps)
-    probe.mode = mode
+    probe = _MethodRun("probe", config, workload, steps, mode)
     probe.iterate(workload, config.seed)
     return probe.first_gradient
 
@@ -179,7 +179,7 @@ def _first_gradient(config: BenchConfig, workload: Workload, steps: int, mode: G
 def _cosine(a: torch.Tensor | None, b: torch.Tensor) -> float | None:
     if a is None:
         return None
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
 def _rows(runs: dict[str, _MethodRun], exact: torch.Tensor, workload: Workload, config: BenchConfig, steps: int):

@@ -134,7 +134,8 @@ def optimize_latent(
                 )
             if not final:
                 optimizer.zero_grad()
-                loss.backward()
+                if loss.requires_grad:
+                    loss.backward()
                 _check_gradient_reached(z, grad)
         if not final:
             optimizer.step()
