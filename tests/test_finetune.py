@@ -133,7 +133,8 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     single = small_config(tmp_path, "single", steps=2, task="bold", grad_accum=2)
     finetune(single, progress=False)
     double = replace(single, out=str(tmp_path / "double"), grad_accum=1)
-    args = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    args = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
             "-m", "sdo", "finetune", "--out", double.out, "--steps", "2", "--sample-steps", "4", "--batch-size", "4",
             "--eval-every", "0", "--eval-per-class", "1", "--checkpoint-every", "2", "--lr", "0.005",
