@@ -13,7 +13,7 @@ import copy
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
 from .memory import PeakMemory
+from .options import option
 from .workloads import Workload, mnist_workload, sd15_workload
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "gradient_mode", "run_bench"]
@@ -29,32 +30,28 @@ BENCH_METHODS = ("sdo", "sdo-last", "full", "checkpointed", "draft-k", "alignpro
 _LATENT_METHODS = ("sdo", "sdo-last", "full", "checkpointed", "nograd")
 
 
-def _field(default, help: str, **kwargs):
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark run (every field is a ``sdo bench`` flag)."""
 
-    methods: str = _field("sdo,full,checkpointed,nograd", f"comma-separated, from {','.join(BENCH_METHODS)}")
-    model: Literal["mnist", "sd15"] = _field("mnist", "workload", choices=("mnist", "sd15"))
-    variable: Literal["latent", "weights"] = _field("latent", "what is optimized", choices=("latent", "weights"))
-    steps: str = _field("50", "comma-separated numbers of DDIM steps, e.g. 10,25,50,100")
-    iters: int = _field(5, "iterations per method")
-    batch: int = _field(4, "samples per iteration")
-    lr: float = _field(0.05, "Adam learning rate (use ~1e-4 for weights)")
-    draft_k: int = _field(1, "k of draft-k")
-    alignprop_high: int = _field(10, "alignprop draws k uniformly in [1, this]")
-    cosine_sweep: bool = _field(False, "also measure the gradient cosine of the shortcut for each kept step")
-    checkpoint_kept: bool = _field(False, "sdo: recompute the kept step in backward (less memory)")
-    checkpoint_decoder: bool = _field(False, "sd15: recompute the VAE decoder in backward (less memory)")
-    vae_slicing: bool = _field(False, "sd15: decode one image at a time")
-    width: float = _field(1.0, "sd15: channel width multiplier (<1 only for smoke tests)")
-    resolution: int = _field(512, "sd15: image resolution")
-    seed: int = _field(0, "seed of the latent, the batch and every random draw")
-    device: str = _field("cpu", "torch device")
-    out: str = _field("sdo-bench", "output folder for bench.json, bench.md and bench.png")
+    methods: str = option("sdo,full,checkpointed,nograd", f"comma-separated, from {','.join(BENCH_METHODS)}")
+    model: Literal["mnist", "sd15"] = option("mnist", "workload", choices=("mnist", "sd15"))
+    variable: Literal["latent", "weights"] = option("latent", "what is optimized", choices=("latent", "weights"))
+    steps: str = option("50", "comma-separated numbers of DDIM steps, e.g. 10,25,50,100")
+    iters: int = option(5, "iterations per method")
+    batch: int = option(4, "samples per iteration")
+    lr: float = option(0.05, "Adam learning rate (use ~1e-4 for weights)")
+    draft_k: int = option(1, "k of draft-k")
+    alignprop_high: int = option(10, "alignprop draws k uniformly in [1, this]")
+    cosine_sweep: bool = option(False, "also measure the gradient cosine of the shortcut for each kept step")
+    checkpoint_kept: bool = option(False, "sdo: recompute the kept step in backward (less memory)")
+    checkpoint_decoder: bool = option(False, "sd15: recompute the VAE decoder in backward (less memory)")
+    vae_slicing: bool = option(False, "sd15: decode one image at a time")
+    width: float = option(1.0, "sd15: channel width multiplier (<1 only for smoke tests)")
+    resolution: int = option(512, "sd15: image resolution")
+    seed: int = option(0, "seed of the latent, the batch and every random draw")
+    device: str = option("cpu", "torch device")
+    out: str = option("sdo-bench", "output folder for bench.json, bench.md and bench.png")
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.method_names if name not in BENCH_METHODS]

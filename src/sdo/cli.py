@@ -60,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _optimize(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo import _summary, format_table
+    from .demo import summarize, format_table
     from .io import save_json
     from .latent import save_latent
     from .plots import save_curves, save_image_grid
@@ -76,7 +76,7 @@ def _optimize(args: argparse.Namespace) -> int:
         after = task.decode(result.sample) if task.decode else result.sample
     save_image_grid({"before": task.original, f"after {config.method}": after}, out / "grid.png")
     save_curves({config.method: result.history}, out / "curves.png", task.description)
-    summary = _summary(result.history)
+    summary = summarize(result.history)
     save_json(
         {"config": dataclasses.asdict(config), "summary": summary, "history": result.history}, out / "metrics.json"
     )

@@ -32,7 +32,7 @@ def demo_config(**overrides) -> LatentTaskConfig:
     return LatentTaskConfig(**{**defaults, **overrides})
 
 
-def _summary(history: list[dict]) -> dict:
+def summarize(history: list[dict]) -> dict:
     optimization = history[:-1]  # the last record is the final latent's evaluation
     return {
         "reward_initial": history[0]["reward"],
@@ -85,7 +85,7 @@ def run_demo(config: LatentTaskConfig | None = None, methods=DEMO_METHODS, progr
     torch.manual_seed(config.seed)
     task = build_task(config)
     results = {name: run_task(replace(config, method=name), task, progress=progress) for name in methods}
-    summaries = {name: _summary(result.history) for name, result in results.items()}
+    summaries = {name: summarize(result.history) for name, result in results.items()}
     out = Path(config.out)
     save_image_grid(
         {"before": task.original, **{f"after {name}": result.sample for name, result in results.items()}},

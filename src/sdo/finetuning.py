@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoints import latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from .gradients import Checkpointed, GradientMode, RandomTruncation, Shortcut, Truncated
 from .io import CorruptFileError, atomic_path, load_tensors, save_tensors
+from .options import option
 from .targets import PipelineTarget, ZooTarget, ink_reward
 
 __all__ = ["FINETUNE_METHODS", "FINETUNE_TASKS", "FinetuneConfig", "finetune", "ink_reward", "load_adapter"]
@@ -32,44 +33,40 @@ PIPELINE_TASKS = ("aesthetic", "clip")
 FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
 
 
-def _field(default, help: str, **kwargs):
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclass(frozen=True)
 class FinetuneConfig:
     """One fine-tuning run (every field is a ``sdo finetune`` flag)."""
 
-    method: str = _field("sdo", "gradient estimator", choices=FINETUNE_METHODS)
-    task: str = _field(
+    method: str = option("sdo", "gradient estimator", choices=FINETUNE_METHODS)
+    task: str = option(
         "confidence", "reward: classifier confidence in the class, or stroke mass", choices=FINETUNE_TASKS
     )
-    steps: int = _field(100, "total optimizer updates")
-    sample_steps: int = _field(20, "DDIM steps per sample")
-    batch_size: int = _field(8, "global batch (all processes, all accumulation micro-batches)")
-    grad_accum: int = _field(1, "gradient accumulation micro-batches per update")
-    lr: float = _field(1e-3, "AdamW learning rate")
-    lora_rank: int = _field(4, "LoRA rank; 0 trains the full weights")
-    lora_targets: str = _field(
+    steps: int = option(100, "total optimizer updates")
+    sample_steps: int = option(20, "DDIM steps per sample")
+    batch_size: int = option(8, "global batch (all processes, all accumulation micro-batches)")
+    grad_accum: int = option(1, "gradient accumulation micro-batches per update")
+    lr: float = option(1e-3, "AdamW learning rate")
+    lora_rank: int = option(4, "LoRA rank; 0 trains the full weights")
+    lora_targets: str = option(
         "",
         "comma-separated module names LoRA adapts (default: attention and, for the "
         "embedded model, resnet convolutions)",
     )
-    draft_k: int = _field(2, "k of draft-k")
-    alignprop_high: int = _field(10, "alignprop: depth drawn uniformly in [1, this] per trajectory batch")
-    guidance: float = _field(3.0, "classifier-free guidance scale")
-    eval_every: int = _field(10, "held-out evaluation every this many updates (0: only at the end)")
-    eval_per_class: int = _field(5, "held-out samples per class")
-    checkpoint_every: int = _field(10, "checkpoint every this many updates")
-    seed: int = _field(0, "seeds every random draw")
-    device: str = _field("cpu", "cpu or cuda (under `accelerate launch`, Accelerate picks the device)")
-    mixed_precision: str = _field("no", "no, bf16 or fp16 (GPU)", choices=("no", "bf16", "fp16"))
-    tensorboard: bool = _field(False, "log through Accelerate's TensorBoard tracker (needs tensorboard)")
-    out: str = _field("sdo-finetune", "output folder (a rerun with the same folder resumes)")
-    pipeline: str = _field("", "fine-tune a local Stable Diffusion folder instead of the embedded model")
-    prompts: str = _field("", "--pipeline: text file with one training prompt per line")
-    clip_path: str = _field("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
-    aesthetic_head: str = _field("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
+    draft_k: int = option(2, "k of draft-k")
+    alignprop_high: int = option(10, "alignprop: depth drawn uniformly in [1, this] per trajectory batch")
+    guidance: float = option(3.0, "classifier-free guidance scale")
+    eval_every: int = option(10, "held-out evaluation every this many updates (0: only at the end)")
+    eval_per_class: int = option(5, "held-out samples per class")
+    checkpoint_every: int = option(10, "checkpoint every this many updates")
+    seed: int = option(0, "seeds every random draw")
+    device: str = option("cpu", "cpu or cuda (under `accelerate launch`, Accelerate picks the device)")
+    mixed_precision: str = option("no", "no, bf16 or fp16 (GPU)", choices=("no", "bf16", "fp16"))
+    tensorboard: bool = option(False, "log through Accelerate's TensorBoard tracker (needs tensorboard)")
+    out: str = option("sdo-finetune", "output folder (a rerun with the same folder resumes)")
+    pipeline: str = option("", "fine-tune a local Stable Diffusion folder instead of the embedded model")
+    prompts: str = option("", "--pipeline: text file with one training prompt per line")
+    clip_path: str = option("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
+    aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "sample_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_per_class"):

@@ -5,7 +5,7 @@ One config dataclass (``LatentTaskConfig``) describes a run; the ``sdo optimize`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -13,6 +13,7 @@ import torch
 from . import zoo
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, Shortcut
 from .latent import OptimizationResult, optimize_latent
+from .options import option
 from .rewards import AdversarialReward, ClassifierReward, StyleReward
 from .sampling import Sampler
 
@@ -28,37 +29,33 @@ TASKS = ("class", "style", "adversarial")
 PIPELINE_REWARDS = ("clip", "aesthetic", "style")
 
 
-def _field(default, help: str, **kwargs):
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclass(frozen=True)
 class LatentTaskConfig:
     """One latent-optimization run on the embedded model (every field is a ``sdo optimize`` flag)."""
 
-    task: Literal["class", "style", "adversarial"] = _field("class", "what to optimize for", choices=TASKS)
-    method: str = _field("sdo", "gradient estimator", choices=tuple(LATENT_METHODS))
-    source: int = _field(3, "class of the generated digits (-1: unconditional samples, no guidance)")
-    target: int = _field(8, "class to steer to (class, adversarial) or of the style reference (style)")
-    steps: int = _field(50, "DDIM steps")
-    iters: int = _field(30, "Adam iterations")
-    lr: float = _field(0.05, "Adam learning rate")
-    batch: int = _field(8, "latents optimized at once")
-    seed: int = _field(0, "seed of the initial noise")
-    start_step: int = _field(0, "optimize the latent at this step (after a no-grad warm-up)")
-    guidance: float = _field(3.0, "classifier-free guidance scale")
-    prior_weight: float = _field(0.0, "weight of the Gaussian-shell latent regularizer")
-    project: bool = _field(True, "rescale latents to their initial norm after each step (the hard shell prior)")
-    views: int = _field(4, "class/adversarial: average the classifier over this many random 2-pixel shifts")
-    proximity: float = _field(20.0, "adversarial task: weight keeping the image near the original")
-    device: str = _field("cpu", "torch device")
-    out: str = _field("sdo-optimize", "output folder")
-    pipeline: str = _field("", "optimize a local Stable Diffusion folder's latents instead of the embedded model")
-    prompt: str = _field("", "--pipeline: the prompt")
-    reward: str = _field("clip", "--pipeline: clip, aesthetic or style", choices=PIPELINE_REWARDS)
-    clip_path: str = _field("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
-    aesthetic_head: str = _field("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
-    style_image: str = _field("", "--pipeline, style: reference image (PNG)")
+    task: Literal["class", "style", "adversarial"] = option("class", "what to optimize for", choices=TASKS)
+    method: str = option("sdo", "gradient estimator", choices=tuple(LATENT_METHODS))
+    source: int = option(3, "class of the generated digits (-1: unconditional samples, no guidance)")
+    target: int = option(8, "class to steer to (class, adversarial) or of the style reference (style)")
+    steps: int = option(50, "DDIM steps")
+    iters: int = option(30, "Adam iterations")
+    lr: float = option(0.05, "Adam learning rate")
+    batch: int = option(8, "latents optimized at once")
+    seed: int = option(0, "seed of the initial noise")
+    start_step: int = option(0, "optimize the latent at this step (after a no-grad warm-up)")
+    guidance: float = option(3.0, "classifier-free guidance scale")
+    prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer")
+    project: bool = option(True, "rescale latents to their initial norm after each step (the hard shell prior)")
+    views: int = option(4, "class/adversarial: average the classifier over this many random 2-pixel shifts")
+    proximity: float = option(20.0, "adversarial task: weight keeping the image near the original")
+    device: str = option("cpu", "torch device")
+    out: str = option("sdo-optimize", "output folder")
+    pipeline: str = option("", "optimize a local Stable Diffusion folder's latents instead of the embedded model")
+    prompt: str = option("", "--pipeline: the prompt")
+    reward: str = option("clip", "--pipeline: clip, aesthetic or style", choices=PIPELINE_REWARDS)
+    clip_path: str = option("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
+    aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
+    style_image: str = option("", "--pipeline, style: reference image (PNG)")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every CPU figure in BENCHMARKS.md and the README, in one sequential run (nothing else should load the machine).
+# Usage: bash benchmarks/run_cpu.sh [OUT]   (default OUT=benchmarks/results/cpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results/cpu}
+SDO=${SDO:-.venv/bin/sdo}
+mkdir -p "$OUT"
+
+# 1. The demo, three times (wall-clock of the whole command, and its ratios).
+for i in 1 2 3; do
+  /usr/bin/time -f "%e" -o "$OUT/demo-$i.wall" $SDO demo --out "$OUT/demo-$i" > "$OUT/demo-$i.log" 2>&1
+done
+
+# 2. Latent optimization, DDIM 50 steps, every task, SDO against full backpropagation.
+for task in class style adversarial; do
+  for method in sdo full; do
+    $SDO optimize --task "$task" --method "$method" --steps 50 --iters 20 --batch 8 --out "$OUT/optimize-$task-$method" \
+      > "$OUT/optimize-$task-$method.log" 2>&1
+  done
+done
+
+# 3. Estimator benchmark on latents: cost vs steps, and gradient fidelity per kept step.
+$SDO bench --methods sdo,sdo-last,full,checkpointed,nograd --steps 10,25,50 --iters 4 --batch 4 --cosine-sweep \
+  --out "$OUT/bench-latent" --json "$OUT/bench-latent-rows.json" > "$OUT/bench-latent.log" 2>&1
+
+# 4. Estimator benchmark on weights (the fine-tuning workload), 50 steps.
+$SDO bench --variable weights --methods sdo,full,checkpointed,draft-k,alignprop,nograd --steps 50 --iters 4 --batch 4 \
+  --lr 1e-4 --out "$OUT/bench-weights" --json "$OUT/bench-weights-rows.json" > "$OUT/bench-weights.log" 2>&1
+
+# 5. Fine-tuning at an equal number of updates: reward and held-out judge accuracy.
+for method in sdo draft-1 alignprop; do
+  $SDO finetune --method "$method" --task confidence --steps 40 --sample-steps 20 --batch-size 8 --eval-every 20 \
+    --eval-per-class 10 --out "$OUT/finetune-$method" > "$OUT/finetune-$method.log" 2>&1
+done
+echo "done: $OUT"
