@@ -33,6 +33,7 @@ def demo_config(**overrides) -> LatentTaskConfig:
 
 
 def summarize(history: list[dict]) -> dict:
+    """Start and final reward and judge success, median seconds per iteration, peak memory, of one history."""
     optimization = history[:-1]  # the last record is the final latent's evaluation
     return {
         "reward_initial": history[0]["reward"],

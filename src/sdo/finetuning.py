@@ -10,6 +10,7 @@ run resumed from a checkpoint continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -226,6 +227,8 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     from accelerate import Accelerator
 
     out = Path(config.out)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard logs through Accelerate's TensorBoard tracker: pip install tensorboard")
     tracker = "tensorboard" if config.tensorboard else None
     accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision, log_with=tracker,
                               project_dir=str(out))  # fmt: skip
