@@ -60,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _optimize(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo import summarize, format_table
+    from .demo import format_table, summarize
     from .io import save_json
     from .latent import save_latent
     from .plots import save_curves, save_image_grid
