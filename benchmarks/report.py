@@ -49,7 +49,7 @@ def optimize_table(out: Path) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task in ("class", "style", "adversarial"):
-        summaries = {m: _load(out / f"optimize-{task}-{m}" / "metrics.json")["summary"] for m in ("sdo", "full")}
+        summaries = _load(out / f"compare-{task}" / "metrics.json")["methods"]
         sdo, full = summaries["sdo"], summaries["full"]
         time_ratio = sdo["s_per_iter"] / full["s_per_iter"]
         memory_ratio = sdo["peak_mem_bytes"] / full["peak_mem_bytes"]

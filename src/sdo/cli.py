@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, only=None) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, exclude=()) -> None:
     """One ``--flag`` per dataclass field (type, default, help and choices taken from the field)."""
     defaults = defaults or {}
     for item in dataclasses.fields(config_cls):
-        if only is not None and item.name not in only:
+        if item.name in exclude:
             continue
         default = defaults.get(item.name, item.default)
         if isinstance(default, bool):
@@ -137,9 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdo", description="Shortcut Diffusion Optimization (arXiv 2505.07477).")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="SDO vs full backprop on the embedded model (offline, < 60 s on CPU)")
-    add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()),
-                     only={"steps", "iters", "batch", "lr", "seed", "device", "out"})  # fmt: skip
+    demo = commands.add_parser(
+        "demo",
+        help="SDO vs full backprop on the embedded model, in one process (offline, "
+        "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
+    )
+    pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image"}
+    add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only})
     demo.set_defaults(run=_demo)
 
     optimize = commands.add_parser("optimize", help="optimize latents of the embedded model for a task")
