@@ -123,13 +123,40 @@ def test_missing_weights_give_the_documented_error(tmp_path, monkeypatch):
         from_pipeline(tmp_path, PROMPT)
 
 
-@pytest.mark.parametrize("task", ["aesthetic", "clip"])
+def write_png(path):
+    import matplotlib.image
+
+    pixels = torch.rand(24, 24, 3, generator=torch.Generator().manual_seed(5))
+    matplotlib.image.imsave(path, pixels.numpy())
+    return path
+
+
+def test_load_image_reads_a_png_in_model_range(tmp_path):
+    image = sdo.io.load_image(write_png(tmp_path / "style.png"))
+    assert image.shape == (1, 3, 24, 24) and image.min() >= -1 and image.max() <= 1 and image.std() > 0.2
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(sdo.io.CorruptFileError, match=r"broken\.png: not a valid PNG file"):
+        sdo.io.load_image(tmp_path / "broken.png")
+
+
+def test_half_precision_pipeline_keeps_latent_and_gradient_in_float32(pipeline_dir):
+    parts = from_pipeline(pipeline_dir, PROMPT, dtype=torch.bfloat16, vae_slicing=True, checkpoint_decoder=True)
+    assert parts.unet.dtype == torch.bfloat16
+    latent = parts.initial_latent(0).requires_grad_()
+    image = parts.decode(parts.sampler(3).sample(latent, grad=sdo.Shortcut(checkpoint=True)))
+    (gradient,) = torch.autograd.grad(image.mean(), latent)
+    assert latent.dtype == gradient.dtype == image.dtype == torch.float32
+    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+@pytest.mark.parametrize("task", ["aesthetic", "clip", "style"])
 def test_two_finetuning_steps_on_a_pipeline_reach_the_lora_weights(pipeline_dir, clip_dir, tmp_path, task):
     from sdo.finetuning import FinetuneConfig, finetune
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("lower\nnewer\n")
     config = FinetuneConfig(pipeline=str(pipeline_dir), prompts=str(prompts), task=task,
+                            style_image=str(write_png(tmp_path / "style.png")),
                             clip_path=str(clip_dir / "clip"), aesthetic_head=str(clip_dir / "head.safetensors"),
                             steps=2, sample_steps=3, batch_size=2, eval_every=1, checkpoint_every=1, lora_rank=2,
                             lr=1e-2, out=str(tmp_path / "ft"))  # fmt: skip

@@ -30,7 +30,7 @@ __all__ = ["FINETUNE_METHODS", "FINETUNE_TASKS", "FinetuneConfig", "finetune", "
 
 FINETUNE_METHODS = ("sdo", "draft-k", "draft-1", "alignprop", "full")
 ZOO_TASKS = ("confidence", "bold")
-PIPELINE_TASKS = ("aesthetic", "clip")
+PIPELINE_TASKS = ("aesthetic", "clip", "style")
 FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
 
 
@@ -68,6 +68,7 @@ class FinetuneConfig:
     prompts: str = option("", "--pipeline: text file with one training prompt per line")
     clip_path: str = option("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
+    style_image: str = option("", "--pipeline, style: reference image (PNG)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "sample_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_per_class"):
@@ -89,6 +90,8 @@ class FinetuneConfig:
             raise ValueError(f"`task` must be one of {tasks} {where}, got {self.task!r}.")
         if self.pipeline and not self.prompts:
             raise ValueError("`prompts` (a file with one prompt per line) is required with --pipeline.")
+        if self.pipeline and self.task == "style" and not self.style_image:
+            raise ValueError("`style_image` (a PNG) is required with --task style.")
 
     def mode(self, generator: torch.Generator) -> GradientMode:
         """The gradient mode of ``method``; its random draws come from ``generator``."""

@@ -15,7 +15,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CorruptFileError", "atomic_path", "load_json", "load_tensors", "save_json", "save_tensors"]
+__all__ = [
+    "CorruptFileError",
+    "atomic_path",
+    "load_image",
+    "load_json",
+    "load_tensors",
+    "save_json",
+    "save_tensors",
+]
 
 
 class CorruptFileError(ValueError):
@@ -62,6 +70,18 @@ def load_json(path: str | os.PathLike, hint: str = "") -> Any:
     return _read(path, lambda p: json.loads(Path(p).read_text()), "JSON", hint)
 
 
+def load_image(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A PNG image as ``[1, 3, H, W]`` in [-1, 1] (read with matplotlib; alpha dropped, grey expanded to RGB)."""
+    import matplotlib.image
+
+    def read(p: Path) -> torch.Tensor:
+        pixels = torch.as_tensor(matplotlib.image.imread(str(p), format="png")).float()
+        pixels = pixels[..., None].expand(*pixels.shape, 3) if pixels.ndim == 2 else pixels[..., :3]
+        return pixels.permute(2, 0, 1)[None] * 2 - 1
+
+    return _read(path, read, "PNG", "").to(device)
+
+
 def _read(path: str | os.PathLike, reader: Callable[[Path], Any], kind: str, hint: str) -> Any:
     path = Path(path)
     suffix = f" {hint}" if hint else ""
@@ -69,5 +89,13 @@ def _read(path: str | os.PathLike, reader: Callable[[Path], Any], kind: str, hin
         raise CorruptFileError(f"{path}: file not found.{suffix}")
     try:
         return reader(path)
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError) as error:
+    except (
+        SafetensorError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        OSError,
+        RuntimeError,
+        ValueError,
+        SyntaxError,
+    ) as error:  # fmt: skip  (PIL reports a malformed PNG as SyntaxError)
         raise CorruptFileError(f"{path}: not a valid {kind} file (truncated or corrupt: {error}).{suffix}") from error

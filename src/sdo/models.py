@@ -22,7 +22,9 @@ class Denoiser:
 
     The output passes through as the model predicts it; ``prediction_type`` declares its kind, and ``sdo.Sampler``
     checks that it is the one its scheduler expects. Conditioning tensors may require grad (embedding
-    optimization): the gradient reaches them through every network call that keeps a graph.
+    optimization): the gradient reaches them through every network call that keeps a graph. A half-precision model
+    (fp16/bf16) gets its inputs cast to its dtype and returns outputs in the dtype of ``x``, so the optimized latent
+    and the solver stay in float32.
 
     Args:
         model: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (any module whose forward takes
@@ -78,11 +80,19 @@ class Denoiser:
         return out_uncond + self.guidance_scale * (out_cond - out_uncond)
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        dtype = self._model_dtype()
+        x_in = x.to(dtype)
         if cond is None:
-            return self.model(x, t).sample
-        if self.class_labels is not None:
-            return self.model(x, t, class_labels=cond).sample
-        return self.model(x, t, encoder_hidden_states=cond).sample
+            out = self.model(x_in, t).sample
+        elif self.class_labels is not None:
+            out = self.model(x_in, t, class_labels=cond).sample
+        else:
+            out = self.model(x_in, t, encoder_hidden_states=cond.to(dtype)).sample
+        return out.to(x.dtype)
+
+    def _model_dtype(self) -> torch.dtype | None:
+        parameter = next(self.model.parameters(), None)
+        return None if parameter is None else parameter.dtype
 
     def _conditional(self) -> torch.Tensor | None:
         return self.class_labels if self.class_labels is not None else self.encoder_hidden_states

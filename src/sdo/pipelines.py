@@ -51,9 +51,9 @@ class PipelineParts:
         return Sampler(self.model_fn, self.scheduler, num_inference_steps)
 
     def initial_latent(self, seed: int = 0) -> torch.Tensor:
-        """Gaussian initial latents of ``latent_shape`` from ``seed`` (scaled by the scheduler's init sigma)."""
+        """Float32 Gaussian initial latents of ``latent_shape`` from ``seed`` (times the scheduler's init sigma)."""
         noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed))
-        return (noise * float(self.scheduler.init_noise_sigma)).to(self.prompt_embeds.device, self.prompt_embeds.dtype)
+        return (noise * float(self.scheduler.init_noise_sigma)).to(self.prompt_embeds.device)
 
 
 def _load(pipe_or_path, device, dtype):
@@ -95,6 +95,9 @@ def from_pipeline(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     embeds_require_grad: bool = False,
+    vae_slicing: bool = False,
+    vae_tiling: bool = False,
+    checkpoint_decoder: bool = False,
 ) -> PipelineParts:
     """Adapt a Stable-Diffusion-style pipeline (UNet2DConditionModel + VAE + CLIP text encoder).
 
@@ -108,9 +111,16 @@ def from_pipeline(
             to the pipeline's own when supported, else DDIM (built from the pipeline's scheduler config).
         device, dtype: where the modules go, and their precision.
         embeds_require_grad: make the prompt embeddings a leaf that requires grad.
+        vae_slicing, vae_tiling: decode one image, or one tile, at a time (diffusers' ``enable_slicing`` /
+            ``enable_tiling``): less decoder memory.
+        checkpoint_decoder: recompute the decoder's activations in backward instead of storing them.
+
+    Memory: with ``dtype=torch.bfloat16`` the modules run in bf16 while latents, solver and gradients stay float32
+    (``sdo.Denoiser`` and ``decode`` cast at the boundary); add ``sdo.Shortcut(checkpoint=True)`` to recompute the
+    kept UNet step. See BENCHMARKS.md for the SD-1.5 memory budget.
     """
     pipe = _load(pipe_or_path, device, dtype)
-    pipe = pipe.to(device)
+    pipe = pipe.to(device) if dtype is None else pipe.to(device, dtype)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -125,9 +135,19 @@ def from_pipeline(
     model_fn = Denoiser(pipe.unet, prediction_type=_prediction(pipe), encoder_hidden_states=cond,
                         negative_encoder_hidden_states=uncond[:1].detach(), guidance_scale=guidance_scale)  # fmt: skip
     vae = pipe.vae
+    if vae_slicing:
+        vae.enable_slicing()
+    if vae_tiling:
+        vae.enable_tiling()
+
+    def decode_now(latents: torch.Tensor) -> torch.Tensor:
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        return image.to(latents.dtype)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        return vae.decode(latents / vae.config.scaling_factor).sample
+        if checkpoint_decoder and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(decode_now, latents, use_reentrant=False)
+        return decode_now(latents)
 
     return PipelineParts(model_fn, _scheduler(pipe, scheduler), shape, decode, pipe.unet, vae, cond, uncond[:1])
 

@@ -72,7 +72,8 @@ class ZooTarget:
 
 class PipelineTarget:
     """A Stable-Diffusion-style pipeline from a local folder; conditions are prompt indices into the prompt file;
-    rewards "aesthetic" or "clip" (CLIP similarity to the sample's own prompt) on the decoded image."""
+    rewards "aesthetic", "clip" (CLIP similarity to the sample's own prompt) or "style" (CLIP Gram matrices against
+    a reference image) on the decoded image."""
 
     lora_targets = "to_q,to_k,to_v,to_out.0"
 
@@ -88,7 +89,8 @@ class PipelineTarget:
         self.reward = self._reward(config)
 
     def _reward(self, config):
-        from .clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward
+        from .clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
+        from .io import load_image
 
         encoder = ClipImageEncoder(config.clip_path or None, device=self.device)
         decode = self.parts.decode
@@ -98,7 +100,10 @@ class PipelineTarget:
         if config.task == "clip":
             clip = ClipScoreReward(self.prompts, encoder=encoder)
             return lambda x0, index: (encoder.image_embeds(decode(x0)) * clip.text[index]).sum(-1)
-        raise ValueError(f"`task` must be 'aesthetic' or 'clip' with --pipeline, got {config.task!r}.")
+        if config.task == "style":
+            style = ClipStyleReward(load_image(config.style_image, self.device), encoder=encoder)
+            return lambda x0, index: style(decode(x0))
+        raise ValueError(f"`task` must be 'aesthetic', 'clip' or 'style' with --pipeline, got {config.task!r}.")
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt indices ``[B]`` and initial latents ``[B, C, h, w]``."""

@@ -12,6 +12,7 @@ import torch
 
 from . import zoo
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, Shortcut
+from .io import load_image
 from .latent import OptimizationResult, optimize_latent
 from .options import option
 from .rewards import AdversarialReward, ClassifierReward, StyleReward
@@ -113,21 +114,13 @@ def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     elif config.reward == "aesthetic":
         score = AestheticReward(config.aesthetic_head or None, encoder=encoder)
     else:
-        score = ClipStyleReward(_read_image(config.style_image, config.device), encoder=encoder)
+        score = ClipStyleReward(load_image(config.style_image, config.device), encoder=encoder)
     with torch.no_grad():
         noise = parts.initial_latent(config.seed)
         latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
         original = parts.decode(sampler.sample(latent, NoGrad(), start_step=config.start_step))
     return LatentTask(sampler, latent, lambda x0, cond: score(parts.decode(x0)), None, original,
                       f"{config.reward} reward for {config.prompt!r}", decode=parts.decode)  # fmt: skip
-
-
-def _read_image(path: str, device) -> torch.Tensor:
-    """A PNG as ``[1, 3, H, W]`` in [-1, 1]."""
-    import matplotlib.image
-
-    pixels = torch.as_tensor(matplotlib.image.imread(path)).float()[..., :3]
-    return (pixels.permute(2, 0, 1)[None] * 2 - 1).to(device)
 
 
 def build_task(config: LatentTaskConfig) -> LatentTask:
