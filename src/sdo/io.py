@@ -97,5 +97,5 @@ def _read(path: str | os.PathLike, reader: Callable[[Path], Any], kind: str, hin
         RuntimeError,
         ValueError,
         SyntaxError,
-    ) as error:  # fmt: skip  (PIL reports a malformed PNG as SyntaxError)
+    ) as error:  # PIL reports a malformed PNG as SyntaxError
         raise CorruptFileError(f"{path}: not a valid {kind} file (truncated or corrupt: {error}).{suffix}") from error
