@@ -42,14 +42,14 @@ def demo_table(out: Path) -> str:
     return "\n".join(lines)
 
 
-def optimize_table(out: Path) -> str:
+def optimize_table(out: Path, prefix: str = "compare") -> str:
     lines = [
         "| task | method | reward start -> final | judge success start -> final | s / iter | peak extra memory "
         "| sdo/full time | sdo/full memory | reward within 5% of full |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task in ("class", "style", "adversarial"):
-        summaries = _load(out / f"compare-{task}" / "metrics.json")["methods"]
+        summaries = _load(out / f"{prefix}-{task}" / "metrics.json")["methods"]
         sdo, full = summaries["sdo"], summaries["full"]
         time_ratio = sdo["s_per_iter"] / full["s_per_iter"]
         memory_ratio = sdo["peak_mem_bytes"] / full["peak_mem_bytes"]
@@ -92,23 +92,22 @@ def bench_table(out: Path, name: str) -> str:
     return "\n".join(lines)
 
 
-def finetune_table(out: Path) -> str:
+def finetune_table(out: Path, task: str) -> str:
     lines = [
-        "| method | reward, first 5 updates (mean) | reward, last 5 updates (mean) | held-out judge accuracy (end) "
-        "| Frechet distance (end) | s / update (median) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | reward, first 5 updates (mean) | reward, last 5 updates (mean) | held-out judge accuracy "
+        "(after 20 -> 40 updates) | Frechet distance (after 20 -> 40) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for method in ("sdo", "draft-1", "alignprop"):
         records = [
-            json.loads(line) for line in (out / f"finetune-{method}" / "metrics.jsonl").read_text().splitlines()
+            json.loads(line) for line in (out / f"finetune-{task}-{method}" / "metrics.jsonl").read_text().splitlines()
         ]
         first = statistics.mean(r["reward"] for r in records[:5])
         last = statistics.mean(r["reward"] for r in records[-5:])
-        seconds = statistics.median(r["seconds"] for r in records)
-        end = records[-1]
+        mid, end = next(r for r in records if r["step"] == 20), records[-1]
         lines.append(
-            f"| {method} | {first:.3f} | {last:.3f} | {end['judge_accuracy']:.0%} | {end['frechet_judge']:.2f} | "
-            f"{seconds:.2f} |"
+            f"| {method} | {first:.3f} | {last:.3f} | {mid['judge_accuracy']:.0%} -> {end['judge_accuracy']:.0%} | "
+            f"{mid['frechet_judge']:.2f} -> {end['frechet_judge']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -117,10 +116,12 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/cpu")
     sections = {
         "Demo": demo_table,
-        "Latent optimization, DDIM 50 steps": optimize_table,
+        "Latent optimization, DDIM 50 steps, latent at step 0": optimize_table,
+        "Latent optimization, DDIM 50 steps, latent at step 40": lambda o: optimize_table(o, "compare-late"),
         "Estimators on latents": lambda o: bench_table(o, "bench-latent"),
         "Estimators on weights (fine-tuning workload), 50 steps": lambda o: bench_table(o, "bench-weights"),
-        "Fine-tuning, 40 updates": finetune_table,
+        "Fine-tuning, 40 updates, task confidence": lambda o: finetune_table(o, "confidence"),
+        "Fine-tuning, 40 updates, task bold": lambda o: finetune_table(o, "bold"),
     }
     for title, make in sections.items():
         try:

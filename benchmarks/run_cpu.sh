@@ -15,9 +15,12 @@ done
 fi
 
 # 2. Latent optimization, DDIM 50 steps, every task, SDO against full backpropagation in one process each.
+# Then the paper's protocol for editing: optimize the latent at step 40 of 50 (after a no-grad warm-up).
 for task in class style adversarial; do
   $SDO demo --task "$task" --source 3 --target 8 --steps 50 --iters 20 --batch 8 --out "$OUT/compare-$task" \
     > "$OUT/compare-$task.log" 2>&1
+  $SDO demo --task "$task" --source 3 --target 8 --steps 50 --start-step 40 --iters 20 --batch 8 \
+    --out "$OUT/compare-late-$task" > "$OUT/compare-late-$task.log" 2>&1
 done
 
 # 3. Estimator benchmark on latents: cost vs steps, and gradient fidelity per kept step.
@@ -28,9 +31,12 @@ $SDO bench --methods sdo,sdo-last,full,checkpointed,nograd --steps 10,25,50 --it
 $SDO bench --variable weights --methods sdo,full,checkpointed,draft-k,alignprop,nograd --steps 50 --iters 4 --batch 4 \
   --lr 1e-4 --out "$OUT/bench-weights" --json "$OUT/bench-weights-rows.json" > "$OUT/bench-weights.log" 2>&1
 
-# 5. Fine-tuning at an equal number of updates: reward and held-out judge accuracy.
+# 5. Fine-tuning at an equal number of updates: reward and held-out judge accuracy, on both tasks.
+# confidence: guidance 1, so the classifier is not already certain; bold: lr 3e-4, 40 updates.
 for method in sdo draft-1 alignprop; do
-  $SDO finetune --method "$method" --task confidence --steps 40 --sample-steps 20 --batch-size 8 --eval-every 20 \
-    --eval-per-class 10 --out "$OUT/finetune-$method" > "$OUT/finetune-$method.log" 2>&1
+  $SDO finetune --method "$method" --task confidence --guidance 1.0 --steps 40 --sample-steps 20 --batch-size 8 \
+    --eval-every 20 --eval-per-class 10 --out "$OUT/finetune-confidence-$method" > "$OUT/finetune-confidence-$method.log" 2>&1
+  $SDO finetune --method "$method" --task bold --lr 3e-4 --steps 40 --sample-steps 20 --batch-size 8 \
+    --eval-every 20 --eval-per-class 10 --out "$OUT/finetune-bold-$method" > "$OUT/finetune-bold-$method.log" 2>&1
 done
 echo "done: $OUT"

@@ -177,3 +177,51 @@ def test_optimize_cli_on_a_pipeline(pipeline_dir, clip_dir, tmp_path):
     assert main(args) == 0
     assert sdo.io.load_tensors(out / "latent.safetensors")["latent"].shape == (1, 4, 8, 8)
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    root = tmp_path_factory.mktemp("sd3")
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32,
+                                        pooled_projection_dim=32, out_channels=4)  # fmt: skip
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=16, shift_factor=0.06, scaling_factor=1.5)  # fmt: skip
+    text = dict(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=21, eos_token_id=22, pad_token_id=22,
+                projection_dim=16)  # fmt: skip
+    encoders = [transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text)) for _ in range(2)]
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=encoders[0], tokenizer=write_tokenizer(root / "t1"),
+                                    text_encoder_2=encoders[1], tokenizer_2=write_tokenizer(root / "t2"),
+                                    text_encoder_3=None, tokenizer_3=None)  # fmt: skip
+    pipe.save_pretrained(root / "sd3")
+    return root / "sd3"
+
+
+def test_sd3_style_transformer_pipeline_with_flow_matching(sd3_dir):
+    from diffusers import DiffusionPipeline
+
+    parts = from_pipeline(sd3_dir, [PROMPT, PROMPT], guidance_scale=4.0, embeds_require_grad=True)
+    assert type(parts.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and parts.latent_shape == (2, 4, 8, 8)
+    latent = parts.initial_latent(1).requires_grad_()
+    image = parts.decode(parts.sampler(3).sample(latent, grad=sdo.Shortcut()))
+    latent_grad, embed_grad = torch.autograd.grad(image.square().mean(), [latent, parts.prompt_embeds])
+    assert latent_grad.abs().sum() > 0 and embed_grad.abs().sum() > 0
+
+    ours = parts.sampler(3).sample(latent.detach(), grad=sdo.NoGrad())
+    pipe = DiffusionPipeline.from_pretrained(
+        str(sd3_dir), local_files_only=True, text_encoder_3=None, tokenizer_3=None
+    )
+    plain = pipe([PROMPT, PROMPT], latents=latent.detach(), num_inference_steps=3, guidance_scale=4.0,
+                 output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-5)

@@ -28,13 +28,17 @@ class Denoiser:
 
     Args:
         model: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (any module whose forward takes
-            ``(x, t, class_labels=...)`` or ``(x, t, encoder_hidden_states=...)`` and returns ``.sample``).
+            ``(x, t, class_labels=...)`` or ``(x, t, encoder_hidden_states=...)`` and returns ``.sample``), or,
+            with ``pooled_projections``, an SD3-style ``SD3Transformer2DModel`` (called with ``hidden_states``,
+            ``timestep [batch]``, ``encoder_hidden_states`` and ``pooled_projections``).
         prediction_type (`str`, defaults to "epsilon"): one of "epsilon", "v_prediction", "sample", "flow".
         class_labels: ``[batch]`` long tensor of classes (``UNet2DModel`` with ``num_class_embeds``).
         null_class_label: the class index of the unconditional ("null") class, needed for guidance with labels.
         encoder_hidden_states: ``[batch, tokens, dim]`` conditioning (``UNet2DConditionModel``).
         negative_encoder_hidden_states: ``[batch or 1, tokens, dim]`` unconditional embeddings for guidance.
         guidance_scale (`float`, defaults to 1.0): ``w``; 1 means a single conditional call, no guidance.
+        pooled_projections, negative_pooled_projections: ``[batch (or 1), dim]`` pooled text embeddings of
+            SD3-style transformers (conditional and unconditional).
     """
 
     model: torch.nn.Module
@@ -44,12 +48,18 @@ class Denoiser:
     encoder_hidden_states: torch.Tensor | None = None
     negative_encoder_hidden_states: torch.Tensor | None = None
     guidance_scale: float = 1.0
+    pooled_projections: torch.Tensor | None = None
+    negative_pooled_projections: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
         if self.class_labels is not None and self.encoder_hidden_states is not None:
             raise ValueError("Pass either `class_labels` or `encoder_hidden_states`, not both.")
+        if self.pooled_projections is not None and self.encoder_hidden_states is None:
+            raise ValueError("`pooled_projections` (SD3-style models) need `encoder_hidden_states` too.")
+        if self.guided and self.pooled_projections is not None and self.negative_pooled_projections is None:
+            raise ValueError("Guidance with `pooled_projections` needs `negative_pooled_projections`.")
         if self.guided and self._unconditional() is None:
             raise ValueError(
                 f"`guidance_scale`={self.guidance_scale} needs an unconditional input: `null_class_label` with "
@@ -68,21 +78,25 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Model output for ``x`` ``[batch, C, H, W]`` at timestep ``t`` (a scalar), guided if configured."""
-        cond = self._conditional()
+        cond, pooled = self._conditional(), self.pooled_projections
         self._check_batch(x, cond)
         if not self.guided:
-            return self._forward(x, t, cond)
-        uncond = self._unconditional()
-        if uncond.shape[0] == 1 and x.shape[0] > 1:
-            uncond = uncond.expand(x.shape[0], *uncond.shape[1:])
-        both = self._forward(torch.cat([x, x]), t, torch.cat([uncond.to(cond.dtype), cond]))
+            return self._forward(x, t, cond, pooled)
+        uncond = _expand(self._unconditional(), x.shape[0]).to(cond.dtype)
+        if pooled is not None:
+            pooled = torch.cat([_expand(self.negative_pooled_projections, x.shape[0]).to(pooled.dtype), pooled])
+        both = self._forward(torch.cat([x, x]), t, torch.cat([uncond, cond]), pooled)
         out_uncond, out_cond = both.chunk(2)
         return out_uncond + self.guidance_scale * (out_cond - out_uncond)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t, cond: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
         dtype = self._model_dtype()
         x_in = x.to(dtype)
-        if cond is None:
+        if pooled is not None:  # SD3-style transformer: keyword call, one timestep per sample
+            timestep = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+            out = self.model(hidden_states=x_in, timestep=timestep, encoder_hidden_states=cond.to(dtype),
+                             pooled_projections=pooled.to(dtype)).sample  # fmt: skip
+        elif cond is None:
             out = self.model(x_in, t).sample
         elif self.class_labels is not None:
             out = self.model(x_in, t, class_labels=cond).sample
@@ -110,3 +124,8 @@ class Denoiser:
             raise ValueError(
                 f"The conditioning has batch size {cond.shape[0]} but `x` has {x.shape[0]}; they must be equal."
             )
+
+
+def _expand(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """Broadcast a batch-1 conditioning tensor to ``batch``."""
+    return tensor.expand(batch, *tensor.shape[1:]) if tensor.shape[0] == 1 and batch > 1 else tensor

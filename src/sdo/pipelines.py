@@ -1,4 +1,5 @@
-"""Stable Diffusion (and compatible diffusers pipelines) from a local folder: what the sampler and tasks need.
+"""Stable Diffusion (1.x/2.x UNet pipelines, and SD3-style transformer pipelines with FlowMatch) from a local
+folder: what the sampler and tasks need.
 
 ``from_pipeline`` takes a pipeline object or a folder written by ``save_pretrained`` and returns the model function
 (classifier-free guidance over prompt embeddings computed once with the pipeline's own tokenizer and text
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .io import load_json
 from .models import Denoiser
 from .sampling import Sampler
-from .schedulers import SUPPORTED_SCHEDULERS
+from .schedulers import SUPPORTED_SCHEDULERS, prediction_type
 
 __all__ = ["PipelineParts", "from_pipeline"]
 
@@ -32,7 +34,7 @@ class PipelineParts:
         scheduler: a supported diffusers scheduler built from the pipeline's scheduler config.
         latent_shape: ``(batch, channels, height / 8, width / 8)``.
         decode: ``latents -> images [B, 3, H, W] in [-1, 1]`` (``vae.decode(z / scaling_factor)``), differentiable.
-        unet, vae: the pipeline's modules (frozen).
+        unet, vae: the denoising network (the UNet, or the transformer of SD3-style pipelines) and the VAE, frozen.
         prompt_embeds, negative_embeds: ``[B, tokens, dim]`` and ``[1, tokens, dim]``; ``prompt_embeds`` requires
             grad when asked for (embedding optimization).
     """
@@ -53,7 +55,7 @@ class PipelineParts:
     def initial_latent(self, seed: int = 0) -> torch.Tensor:
         """Float32 Gaussian initial latents of ``latent_shape`` from ``seed`` (times the scheduler's init sigma)."""
         noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed))
-        return (noise * float(self.scheduler.init_noise_sigma)).to(self.prompt_embeds.device)
+        return (noise * float(getattr(self.scheduler, "init_noise_sigma", 1.0))).to(self.prompt_embeds.device)
 
 
 def _load(pipe_or_path, device, dtype):
@@ -67,8 +69,11 @@ def _load(pipe_or_path, device, dtype):
             f"{path} is not a diffusers pipeline folder (no model_index.json). Save one with "
             "`pipeline.save_pretrained(DIR)` on a machine that has the weights, and pass DIR."
         )
+    # Components saved as absent (e.g. SD3 without its T5 encoder, SD without a safety checker) are passed as None.
+    index = load_json(path / "model_index.json")
+    absent = {name: None for name, value in index.items() if value == [None, None] or name == "safety_checker"}
     options = {"torch_dtype": dtype} if dtype is not None else {}
-    return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None, **options)
+    return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **absent, **options)
 
 
 def _scheduler(pipe, name: str | None):
@@ -121,36 +126,59 @@ def from_pipeline(
     """
     pipe = _load(pipe_or_path, device, dtype)
     pipe = pipe.to(device) if dtype is None else pipe.to(device, dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    network = getattr(pipe, "transformer", None) or pipe.unet
+    for module in (network, pipe.vae, *_text_encoders(pipe)):
         module.requires_grad_(False).eval()
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompts, torch.device(device), 1, True,
-                                          negative_prompt=[negative_prompt] * len(prompts))  # fmt: skip
+    cond, uncond, pooled, negative_pooled = _encode(pipe, prompts, negative_prompt, torch.device(device))
     cond = cond.detach().clone().requires_grad_(embeds_require_grad)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    height = height or pipe.unet.config.sample_size * factor
-    width = width or pipe.unet.config.sample_size * factor
-    shape = (len(prompts), pipe.unet.config.in_channels, height // factor, width // factor)
-    model_fn = Denoiser(pipe.unet, prediction_type=_prediction(pipe), encoder_hidden_states=cond,
-                        negative_encoder_hidden_states=uncond[:1].detach(), guidance_scale=guidance_scale)  # fmt: skip
-    vae = pipe.vae
-    if vae_slicing:
+    height = height or network.config.sample_size * factor
+    width = width or network.config.sample_size * factor
+    shape = (len(prompts), network.config.in_channels, height // factor, width // factor)
+    sampler_scheduler = _scheduler(pipe, scheduler)
+    model_fn = Denoiser(network, prediction_type=prediction_type(sampler_scheduler), encoder_hidden_states=cond,
+                        negative_encoder_hidden_states=uncond[:1], guidance_scale=guidance_scale,
+                        pooled_projections=pooled, negative_pooled_projections=negative_pooled)  # fmt: skip
+    decode = _decoder(pipe.vae, vae_slicing, vae_tiling, checkpoint_decoder)
+    return PipelineParts(model_fn, sampler_scheduler, shape, decode, network, pipe.vae, cond, uncond[:1])
+
+
+def _text_encoders(pipe) -> list[torch.nn.Module]:
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [module for name in names if (module := getattr(pipe, name, None)) is not None]
+
+
+def _encode(pipe, prompts: list[str], negative_prompt: str, device: torch.device):
+    """Prompt embeddings with the pipeline's own encoders: ``(cond, uncond, pooled, negative_pooled)``; the pooled
+    pair is None for UNet pipelines (Stable Diffusion 1.x/2.x) and set for SD3-style transformer pipelines."""
+    negative = [negative_prompt] * len(prompts)
+    with torch.no_grad():
+        if getattr(pipe, "transformer", None) is not None:
+            cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
+                prompts, prompts, prompts, device=device, do_classifier_free_guidance=True,
+                negative_prompt=negative, negative_prompt_2=negative, negative_prompt_3=negative,
+            )  # fmt: skip
+            return cond, uncond.detach(), pooled.detach(), negative_pooled[:1].detach()
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=negative)
+    return cond, uncond.detach(), None, None
+
+
+def _decoder(vae, slicing: bool, tiling: bool, checkpointed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``latents -> images in [-1, 1]``: undo the latent scaling (and shift), decode in the VAE's dtype."""
+    if slicing:
         vae.enable_slicing()
-    if vae_tiling:
+    if tiling:
         vae.enable_tiling()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
 
     def decode_now(latents: torch.Tensor) -> torch.Tensor:
-        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        image = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
         return image.to(latents.dtype)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        if checkpoint_decoder and torch.is_grad_enabled():
+        if checkpointed and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(decode_now, latents, use_reentrant=False)
         return decode_now(latents)
 
-    return PipelineParts(model_fn, _scheduler(pipe, scheduler), shape, decode, pipe.unet, vae, cond, uncond[:1])
-
-
-def _prediction(pipe) -> str:
-    return getattr(pipe.scheduler.config, "prediction_type", None) or "epsilon"
+    return decode

@@ -103,7 +103,7 @@ class Sampler:
     @property
     def init_noise_sigma(self) -> float:
         """Scale of the initial latent: ``x_T = init_noise_sigma * N(0, I)`` (1 for DDIM/DDPM/DPM/FlowMatch)."""
-        return float(self.fresh_scheduler().init_noise_sigma)
+        return float(getattr(self.fresh_scheduler(), "init_noise_sigma", 1.0))  # FlowMatch has none: 1
 
     def sample(
         self,

@@ -21,8 +21,9 @@ __all__ = ["PipelineTarget", "ZooTarget", "ink_reward"]
 
 
 def ink_reward(x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Stroke mass: the mean ink ``(x + 1) / 2`` of each image ``[B]`` (bolder digits score higher)."""
-    return ((x0 + 1) / 2).flatten(1).mean(dim=1)
+    """Stroke mass: the mean ink ``(clamp(x, -1, 1) + 1) / 2`` of each image ``[B]``, in [0, 1] (bolder digits
+    score higher; values outside the displayable range earn nothing)."""
+    return ((x0.clamp(-1, 1) + 1) / 2).flatten(1).mean(dim=1)
 
 
 class ZooTarget:
