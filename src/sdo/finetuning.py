@@ -47,6 +47,7 @@ class FinetuneConfig:
     batch_size: int = option(8, "global batch (all processes, all accumulation micro-batches)")
     grad_accum: int = option(1, "gradient accumulation micro-batches per update")
     lr: float = option(1e-3, "AdamW learning rate")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this before each update (0: off)")
     lora_rank: int = option(4, "LoRA rank; 0 trains the full weights")
     lora_targets: str = option(
         "",
@@ -211,6 +212,8 @@ def _update(config, target, parameters, optimizer, reward_fn, accelerator, step:
         (-rewards.sum() / config.batch_size).backward()
         reward_sum += rewards.detach().sum()
     _reduce_gradients(accelerator, parameters)
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
     return float(accelerator.reduce(reward_sum, reduction="sum")) / config.batch_size
 
