@@ -27,18 +27,21 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
         )  # fmt: skip
 
 
-def _config_from(args: argparse.Namespace, config_cls, **extra):
+def _fields_of(args: argparse.Namespace, config_cls) -> dict:
+    """The parsed flags that are fields of ``config_cls``."""
     names = {item.name for item in dataclasses.fields(config_cls)}
-    return config_cls(**{key: value for key, value in vars(args).items() if key in names}, **extra)
+    return {key: value for key, value in vars(args).items() if key in names}
+
+
+def _config_from(args: argparse.Namespace, config_cls):
+    return config_cls(**_fields_of(args, config_cls))
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import demo_config, format_table, run_demo
     from .tasks import LatentTaskConfig
 
-    config = demo_config(
-        **{k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(LatentTaskConfig)}}
-    )
+    config = demo_config(**_fields_of(args, LatentTaskConfig))
     print(f"sdo demo: {config.steps} DDIM steps, batch {config.batch}, {config.iters} Adam iterations per method")
     metrics = run_demo(config)
     print(f"\nTask: {metrics['task']}\n")
@@ -71,7 +74,7 @@ def _optimize(args: argparse.Namespace) -> int:
     print(f"Task: {task.description} ({config.method}, {config.steps} steps)")
     result = run_task(config, task)
     out = Path(config.out)
-    save_latent(out / "latent.safetensors", result.latent, **{k: v for k, v in dataclasses.asdict(config).items()})
+    save_latent(out / "latent.safetensors", result.latent, **dataclasses.asdict(config))
     with torch.no_grad():
         after = task.decode(result.sample) if task.decode else result.sample
     save_image_grid({"before": task.original, f"after {config.method}": after}, out / "grid.png")

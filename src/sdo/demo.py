@@ -9,7 +9,6 @@ writes pictures and ``metrics.json``.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import asdict, replace
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .bench import machine_info
 from .io import save_json
 from .plots import save_curves, save_image_grid
 from .tasks import LatentTaskConfig, build_task, run_task
@@ -98,12 +98,7 @@ def run_demo(config: LatentTaskConfig | None = None, methods=DEMO_METHODS, progr
         "config": asdict(config),
         "methods": summaries,
         **(_ratios(summaries) if {"sdo", "full"} <= set(summaries) else {}),
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "device": config.device,
-            "torch": torch.__version__,
-        },
+        "machine": {**machine_info(torch.device(config.device)), "device": config.device},
         "total_seconds": time.perf_counter() - started,
     }
     save_json(metrics, out / "metrics.json")

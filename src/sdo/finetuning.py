@@ -14,7 +14,7 @@ import importlib.util
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,9 @@ class FinetuneConfig:
 
     method: str = option("sdo", "gradient estimator", choices=FINETUNE_METHODS)
     task: str = option(
-        "confidence", "reward: classifier confidence in the class, or stroke mass", choices=FINETUNE_TASKS
+        "confidence",
+        "reward: embedded model: confidence or bold; --pipeline: aesthetic, clip or style",
+        choices=FINETUNE_TASKS,
     )
     steps: int = option(100, "total optimizer updates")
     sample_steps: int = option(20, "DDIM steps per sample")
@@ -103,10 +105,6 @@ class FinetuneConfig:
             "alignprop": lambda: RandomTruncation(1, self.alignprop_high, generator=generator),
             "full": lambda: Checkpointed(),
         }[self.method]()
-
-    @classmethod
-    def names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
 
 
 def add_lora(unet: torch.nn.Module, rank: int, targets: str) -> torch.nn.Module:
@@ -219,7 +217,7 @@ def _update(config, target, parameters, optimizer, reward_fn, accelerator, step:
 
 
 def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: bool = True) -> dict:
-    """Fine-tune the embedded model on ``config.task`` (or on ``reward(x0, labels) -> [B]`` when given).
+    """Fine-tune the embedded model (or ``config.pipeline``) on ``config.task``, or on ``reward(x0, conditions)``.
 
     Writes into ``config.out``: ``checkpoints/step-NNNNNN/`` every ``checkpoint_every`` updates (resumed from by a
     rerun), ``metrics.jsonl`` (``step``, ``reward``, ``seconds`` and, at evaluations, ``judge_accuracy`` and
@@ -243,10 +241,10 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
                          f"({accelerator.num_processes} x {config.grad_accum}).")  # fmt: skip
     torch.manual_seed(config.seed)
     target = make_target(config, accelerator.device)
-    unet = target.unet
+    unet, lora_targets = target.unet, config.lora_targets or target.lora_targets
     lora = config.lora_rank > 0
     if lora:
-        add_lora(unet, config.lora_rank, config.lora_targets or target.lora_targets)
+        add_lora(unet, config.lora_rank, lora_targets)
     else:
         unet.requires_grad_(True)
     unet.to(accelerator.device)
@@ -281,7 +279,7 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
         bar.set_postfix(reward=f"{mean_reward:.3f}", s=f"{record['seconds']:.2f}")
     _check_replicas_agree(accelerator, parameters)
     if accelerator.is_main_process:
-        _write_outputs(out, unet, lora, config, metrics.records, config.lora_targets or target.lora_targets)
+        _write_outputs(out, unet, lora, config, metrics.records, lora_targets)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record

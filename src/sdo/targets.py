@@ -48,8 +48,7 @@ class ZooTarget:
         return labels, torch.randn(batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator)
 
     def sampler(self, unet: torch.nn.Module, labels: torch.Tensor) -> Sampler:
-        return Sampler(zoo.denoiser(unet, labels, self.config.guidance), zoo.scheduler("ddim"),
-                       self.config.sample_steps)  # fmt: skip
+        return zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance)
 
     def evaluator(self):
         """Held-out labels with fixed noise: judge accuracy, and Frechet distance to real digits in judge space."""

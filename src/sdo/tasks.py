@@ -5,7 +5,7 @@ One config dataclass (``LatentTaskConfig``) describes a run; the ``sdo optimize`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -81,11 +81,6 @@ class LatentTaskConfig:
         if self.pipeline and self.reward == "style" and not self.style_image:
             raise ValueError("`style_image` (a PNG) is required with --reward style.")
 
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Flag name -> help text, for the CLI."""
-        return {f.name: f.metadata["help"] for f in fields(cls)}
-
 
 @dataclass
 class LatentTask:
@@ -132,7 +127,7 @@ def build_task(config: LatentTaskConfig) -> LatentTask:
     unconditional = config.source == -1
     classes = torch.full((config.batch,), zoo.NULL_CLASS if unconditional else config.source, device=device)
     guidance = 1.0 if unconditional else config.guidance
-    sampler = Sampler(zoo.denoiser(unet, classes, guidance), zoo.scheduler("ddim"), config.steps)
+    sampler = zoo.ddim_sampler(unet, classes, config.steps, guidance)
     source = "digits" if unconditional else f"{config.source}s"
     generator = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(config.batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator).to(device)

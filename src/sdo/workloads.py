@@ -78,7 +78,7 @@ def mnist_workload(batch: int = 4, source: int = 3, target: int = 8, seed: int =
     reward = ClassifierReward(classifier, target)
 
     def make_sampler(steps: int, model: torch.nn.Module) -> Sampler:
-        return Sampler(zoo.denoiser(model, classes), zoo.scheduler("ddim"), steps)
+        return zoo.ddim_sampler(model, classes, steps)
 
     return Workload("mnist", make_sampler, noise.to(device), lambda x0: reward(x0), unet, device, torch.float32)
 

@@ -22,6 +22,7 @@ __all__ = [
     "NUM_CLASSES",
     "UNET_CONFIG",
     "WEIGHTS_DIR",
+    "ddim_sampler",
     "denoiser",
     "load_digits",
     "load_judge",
@@ -106,11 +107,16 @@ def denoiser(unet, classes: torch.Tensor, guidance_scale: float = 3.0) -> Denois
     return Denoiser(unet, class_labels=classes, null_class_label=NULL_CLASS, guidance_scale=guidance_scale)
 
 
+def ddim_sampler(unet, classes: torch.Tensor, steps: int, guidance_scale: float = 3.0) -> Sampler:
+    """A DDIM ``Sampler`` of ``steps`` over the embedded UNet conditioned on ``classes`` ``[batch]``, guided."""
+    return Sampler(denoiser(unet, classes, guidance_scale), scheduler("ddim"), steps)
+
+
 @torch.no_grad()
 def sample_digits(unet, classes: torch.Tensor, guidance_scale: float = 3.0, steps: int = 50, seed: int = 0):
     """Class-conditional DDIM samples ``[len(classes), 1, 32, 32]`` in [-1, 1] (plain sampling, no gradient)."""
     device = next(unet.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(len(classes), 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(device)
-    sampler = Sampler(denoiser(unet, classes.to(device), guidance_scale), scheduler("ddim"), steps)
+    sampler = ddim_sampler(unet, classes.to(device), steps, guidance_scale)
     return sampler.sample(noise, grad=NoGrad()).clamp(-1, 1)
