@@ -5,7 +5,7 @@ import sys
 import torch
 
 from sdo import zoo
-from sdo.plots import save_image_grid
+from sdo.app.plots import save_image_grid
 
 out = sys.argv[1] if len(sys.argv) > 1 else "docs/zoo-samples.png"
 unet, judge = zoo.load_unet(), zoo.load_judge()

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from sdo.bench import BENCH_METHODS, BenchConfig, run_bench
-from sdo.cli import main
+from sdo.app.bench import BENCH_METHODS, BenchConfig, run_bench
+from sdo.app.cli import main
 
 ROW_KEYS = {
     "method", "mode", "steps", "workload", "variable", "iters", "s_per_iter", "peak_mem_bytes", "reward_initial",

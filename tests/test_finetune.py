@@ -14,8 +14,8 @@ import torch
 
 import sdo
 from sdo import zoo
-from sdo.checkpoints import latest_checkpoint
-from sdo.finetuning import FinetuneConfig, finetune, ink_reward, load_adapter
+from sdo.app.checkpoints import latest_checkpoint
+from sdo.app.finetuning import FinetuneConfig, finetune, ink_reward, load_adapter
 from sdo.io import load_tensors
 
 SMALL = dict(steps=4, sample_steps=4, batch_size=4, eval_every=0, eval_per_class=1, checkpoint_every=2, lr=5e-3)

@@ -151,7 +151,7 @@ def test_half_precision_pipeline_keeps_latent_and_gradient_in_float32(pipeline_d
 
 @pytest.mark.parametrize("task", ["aesthetic", "clip", "style"])
 def test_two_finetuning_steps_on_a_pipeline_reach_the_lora_weights(pipeline_dir, clip_dir, tmp_path, task):
-    from sdo.finetuning import FinetuneConfig, finetune
+    from sdo.app.finetuning import FinetuneConfig, finetune
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("lower\nnewer\n")
@@ -168,7 +168,7 @@ def test_two_finetuning_steps_on_a_pipeline_reach_the_lora_weights(pipeline_dir,
 
 
 def test_optimize_cli_on_a_pipeline(pipeline_dir, clip_dir, tmp_path):
-    from sdo.cli import main
+    from sdo.app.cli import main
 
     out = tmp_path / "opt"
     args = ["optimize", "--pipeline", str(pipeline_dir), "--prompt", PROMPT, "--reward", "clip",

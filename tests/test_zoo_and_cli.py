@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdo import zoo
-from sdo.cli import main
+from sdo.app.cli import main
 from sdo.io import load_tensors
 from sdo.zoo.train import ZooTrainingConfig, train_zoo
 

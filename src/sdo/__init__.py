@@ -3,9 +3,26 @@
 Method: Dou et al., "You Only Look One Step: Accelerating Backpropagation in Diffusion Sampling with Gradient
 Shortcuts" (arXiv 2505.07477). ``Sampler`` owns the denoising loop; a gradient mode (``Shortcut``, ``Full``,
 ``Checkpointed``, ``Truncated``, ``RandomTruncation``, ``NoGrad``) decides what each step keeps for backward.
+
+Layout (``docs/design.md``): the library is the modules of this package (the core: ``gradients``, ``sampling``,
+``schedulers``); the applications (the ``sdo`` command, demo, bench, fine-tuning runs) are in ``sdo.app`` and the
+embedded model in ``sdo.zoo``. ``import sdo`` loads neither, nor peft, Accelerate, matplotlib or transformers:
+``sdo.finetune`` and ``sdo.FinetuneConfig`` are loaded from ``sdo.app.finetuning`` when first used.
 """
 
-from .finetuning import FinetuneConfig, finetune
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (
+    ConfigError,
+    CorruptFileError,
+    MissingExtraError,
+    MissingWeightsError,
+    NonFiniteRewardError,
+    SdoError,
+)
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
 from .latent import OptimizationResult, invert, load_latent, optimize_latent, save_latent
 from .models import Denoiser
@@ -14,16 +31,25 @@ from .sampling import Sampler
 
 __version__ = "0.1.0"
 
+# Public names that live in the applications layer, imported on first use (PEP 562).
+_LAZY = {"finetune": "sdo.app.finetuning", "FinetuneConfig": "sdo.app.finetuning", "finetuning": "sdo.finetuning"}
+
 __all__ = [
     "Checkpointed",
+    "ConfigError",
+    "CorruptFileError",
     "Denoiser",
     "FinetuneConfig",
     "Full",
     "GradientMode",
+    "MissingExtraError",
+    "MissingWeightsError",
     "NoGrad",
+    "NonFiniteRewardError",
     "OptimizationResult",
     "RandomTruncation",
     "Sampler",
+    "SdoError",
     "Shortcut",
     "Truncated",
     "finetune",
@@ -33,3 +59,10 @@ __all__ = [
     "optimize_latent",
     "save_latent",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sdo' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    return module if module.__name__ == f"sdo.{name}" else getattr(module, name)

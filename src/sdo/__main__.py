@@ -1,5 +1,7 @@
+"""``python -m sdo``: the ``sdo`` command."""
+
 import sys
 
-from .cli import main
+from sdo.app.cli import main
 
 sys.exit(main())

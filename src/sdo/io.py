@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import CorruptFileError
+
 __all__ = [
     "CorruptFileError",
     "atomic_path",
@@ -24,10 +26,6 @@ __all__ = [
     "save_json",
     "save_tensors",
 ]
-
-
-class CorruptFileError(ValueError):
-    """A file we read is missing, truncated or not in the expected format."""
 
 
 @contextmanager

@@ -11,8 +11,9 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from .errors import CorruptFileError, NonFiniteRewardError
 from .gradients import GradientMode, NoGrad, Shortcut
-from .io import CorruptFileError, load_tensors, save_tensors
+from .io import load_tensors, save_tensors
 from .memory import PeakMemory
 from .rewards import latent_prior
 from .sampling import Sampler
@@ -20,14 +21,6 @@ from .sampling import Sampler
 __all__ = ["NonFiniteRewardError", "OptimizationResult", "invert", "load_latent", "optimize_latent", "save_latent"]
 
 Reward = Callable[[torch.Tensor, object], torch.Tensor]
-
-
-class NonFiniteRewardError(ValueError):
-    """The reward was NaN or infinite; ``result`` holds everything up to the last finite iteration."""
-
-    def __init__(self, message: str, result: OptimizationResult) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 @dataclass

@@ -38,8 +38,8 @@ def _config_from(args: argparse.Namespace, config_cls):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import demo_config, format_table, run_demo
-    from .tasks import LatentTaskConfig
+    from sdo.app.demo import demo_config, format_table, run_demo
+    from sdo.app.tasks.latent import LatentTaskConfig
 
     config = demo_config(**_fields_of(args, LatentTaskConfig))
     print(f"sdo demo: {config.steps} DDIM steps, batch {config.batch}, {config.iters} Adam iterations per method")
@@ -63,11 +63,11 @@ def _demo(args: argparse.Namespace) -> int:
 def _optimize(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo import format_table, summarize
-    from .io import save_json
-    from .latent import save_latent
-    from .plots import save_curves, save_image_grid
-    from .tasks import LatentTaskConfig, build_task, run_task
+    from sdo.app.demo import format_table, summarize
+    from sdo.app.plots import save_curves, save_image_grid
+    from sdo.app.tasks.latent import LatentTaskConfig, build_task, run_task
+    from sdo.io import save_json
+    from sdo.latent import save_latent
 
     config = _config_from(args, LatentTaskConfig)
     task = build_task(config)
@@ -89,9 +89,9 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, format_rows, run_bench
-    from .io import atomic_path, save_json
-    from .plots import save_bench_plot
+    from sdo.app.bench import BenchConfig, format_rows, run_bench
+    from sdo.app.plots import save_bench_plot
+    from sdo.io import atomic_path, save_json
 
     config = _config_from(args, BenchConfig)
     result = run_bench(config)
@@ -112,7 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .finetuning import FinetuneConfig, finetune
+    from sdo.app.finetuning import FinetuneConfig, finetune
 
     record = finetune(_config_from(args, FinetuneConfig))
     print(json.dumps(record, indent=2))
@@ -121,7 +121,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _train_zoo(args: argparse.Namespace) -> int:
-    from .zoo.train import ZooTrainingConfig, train_zoo
+    from sdo.zoo.train import ZooTrainingConfig, train_zoo
 
     config = _config_from(args, ZooTrainingConfig)
     metrics = train_zoo(args.out, config)
@@ -131,11 +131,11 @@ def _train_zoo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sdo`` argument parser."""
-    from .bench import BenchConfig
-    from .demo import demo_config
-    from .finetuning import FinetuneConfig
-    from .tasks import LatentTaskConfig
-    from .zoo.train import ZooTrainingConfig
+    from sdo.app.bench import BenchConfig
+    from sdo.app.demo import demo_config
+    from sdo.app.finetuning import FinetuneConfig
+    from sdo.app.tasks.latent import LatentTaskConfig
+    from sdo.zoo.train import ZooTrainingConfig
 
     parser = argparse.ArgumentParser(prog="sdo", description="Shortcut Diffusion Optimization (arXiv 2505.07477).")
     commands = parser.add_subparsers(dest="command", required=True)

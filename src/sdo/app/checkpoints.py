@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .io import CorruptFileError, load_json, load_tensors, save_json, save_tensors
+from sdo.io import CorruptFileError, load_json, load_tensors, save_json, save_tensors
 
 __all__ = ["Checkpoint", "latest_checkpoint", "optimizer_from_tensors", "optimizer_to_tensors", "save_checkpoint"]
 

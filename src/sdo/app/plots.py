@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from .io import atomic_path
+from sdo.io import atomic_path
 
 __all__ = ["save_bench_plot", "save_curves", "save_finetune_curves", "save_image_grid"]
 

@@ -10,13 +10,13 @@ from typing import Literal
 
 import torch
 
-from . import zoo
-from .gradients import Checkpointed, Full, GradientMode, NoGrad, Shortcut
-from .io import load_image
-from .latent import OptimizationResult, optimize_latent
-from .options import option
-from .rewards import AdversarialReward, ClassifierReward, StyleReward
-from .sampling import Sampler
+from sdo import zoo
+from sdo.app.options import option
+from sdo.gradients import Checkpointed, Full, GradientMode, NoGrad, Shortcut
+from sdo.io import load_image
+from sdo.latent import OptimizationResult, optimize_latent
+from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
+from sdo.sampling import Sampler
 
 __all__ = ["LATENT_METHODS", "LatentTask", "LatentTaskConfig", "build_task", "run_task"]
 
@@ -97,8 +97,8 @@ class LatentTask:
 
 def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
-    from .clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
-    from .pipelines import from_pipeline
+    from sdo.clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
+    from sdo.pipelines import from_pipeline
 
     parts = from_pipeline(config.pipeline, [config.prompt] * config.batch, guidance_scale=config.guidance,
                           device=config.device)  # fmt: skip

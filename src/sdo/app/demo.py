@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .bench import machine_info
-from .io import save_json
-from .plots import save_curves, save_image_grid
-from .tasks import LatentTaskConfig, build_task, run_task
+from sdo.app.bench import machine_info
+from sdo.app.plots import save_curves, save_image_grid
+from sdo.app.tasks.latent import LatentTaskConfig, build_task, run_task
+from sdo.io import save_json
 
 __all__ = ["DEMO_METHODS", "demo_config", "format_table", "run_demo"]
 

@@ -19,10 +19,10 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
-from .memory import PeakMemory
-from .options import option
-from .workloads import Workload, mnist_workload, sd15_workload
+from sdo.app.options import option
+from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
+from sdo.gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
+from sdo.memory import PeakMemory
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "gradient_mode", "run_bench"]
 

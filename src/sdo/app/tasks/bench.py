@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import zoo
-from .models import Denoiser
-from .rewards import ClassifierReward
-from .sampling import Sampler
+from sdo import zoo
+from sdo.models import Denoiser
+from sdo.rewards import ClassifierReward
+from sdo.sampling import Sampler
 
 __all__ = ["SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "Workload", "mnist_workload", "sd15_workload"]
 

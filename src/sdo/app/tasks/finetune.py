@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from . import zoo
-from .gradients import NoGrad
-from .models import Denoiser
-from .quality import frechet_distance
-from .rewards import ClassifierReward
-from .sampling import Sampler
+from sdo import zoo
+from sdo.app.quality import frechet_distance
+from sdo.gradients import NoGrad
+from sdo.models import Denoiser
+from sdo.rewards import ClassifierReward
+from sdo.sampling import Sampler
 
 __all__ = ["PipelineTarget", "ZooTarget", "ink_reward"]
 
@@ -78,7 +78,7 @@ class PipelineTarget:
     lora_targets = "to_q,to_k,to_v,to_out.0"
 
     def __init__(self, config, device: torch.device) -> None:
-        from .pipelines import from_pipeline
+        from sdo.pipelines import from_pipeline
 
         prompts = [line.strip() for line in Path(config.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
@@ -89,8 +89,8 @@ class PipelineTarget:
         self.reward = self._reward(config)
 
     def _reward(self, config):
-        from .clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
-        from .io import load_image
+        from sdo.clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
+        from sdo.io import load_image
 
         encoder = ClipImageEncoder(config.clip_path or None, device=self.device)
         decode = self.parts.decode

@@ -1,0 +1,123 @@
+"""The estimator registry: one table from every method name the ``sdo`` command accepts to what it runs.
+
+Every command (``optimize``, ``demo``, ``finetune``, ``bench``) resolves ``--method``/``--methods`` here, so one
+name means one thing everywhere. ``sdo bench --list-methods`` prints the table. The gradient modes themselves are
+in ``sdo.gradients``; see ``docs/design.md`` for the definitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import ConfigError
+from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
+
+__all__ = ["METHODS", "Method", "MethodOptions", "describe_methods", "gradient_mode", "method_names"]
+
+Variable = Literal["latent", "weights"]
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """What a method's gradient mode may depend on.
+
+    Attributes:
+        variable: what is optimized, ``"latent"`` or ``"weights"`` (``sdo`` keeps a different step for each, as the
+            paper does).
+        generator: source of the mode's random draws (``sdo`` for weights, ``sdo-random``, ``alignprop``).
+        draft_k: k of ``draft-k``. alignprop_high: ``alignprop`` draws its depth in ``[1, alignprop_high]``.
+        checkpoint_kept: the ``sdo*`` methods recompute their kept step in backward (less memory).
+    """
+
+    variable: Variable = "latent"
+    generator: torch.Generator | None = None
+    draft_k: int = 1
+    alignprop_high: int = 10
+    checkpoint_kept: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry entry: ``build(options)`` gives the gradient mode; ``latent`` says whether it reaches a latent."""
+
+    name: str
+    summary: str
+    build: Callable[[MethodOptions], GradientMode]
+    latent: bool = True
+
+
+def _shortcut(step: str) -> Callable[[MethodOptions], GradientMode]:
+    def build(options: MethodOptions) -> GradientMode:
+        chosen = ("first" if options.variable == "latent" else "random") if step == "paper" else step
+        return Shortcut(step=chosen, generator=options.generator, checkpoint=options.checkpoint_kept)
+
+    return build
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method(
+            "sdo",
+            "SDO, the paper's kept step: the first step for a latent, a random one for weights",
+            _shortcut("paper"),
+        ),
+        Method("sdo-first", "SDO keeping the first step run", _shortcut("first")),
+        Method("sdo-random", "SDO keeping one step drawn per trajectory", _shortcut("random")),
+        Method("sdo-last", "SDO keeping the last step", _shortcut("last")),
+        Method("full", "exact backpropagation through every step (memory grows with the steps)", lambda o: Full()),
+        Method(
+            "checkpointed",
+            "exact backpropagation, each step recomputed in backward (flat memory)",
+            lambda o: Checkpointed(),
+        ),
+        Method(
+            "draft-k",
+            "DRaFT-K: backpropagation through the last k steps only (--draft-k)",
+            lambda o: Truncated(o.draft_k),
+            latent=False,
+        ),
+        Method("draft-1", "DRaFT-1: backpropagation through the last step only", lambda o: Truncated(1), latent=False),
+        Method(
+            "alignprop",
+            "AlignProp: the last k steps, k drawn per trajectory in [1, --alignprop-high]",
+            lambda o: RandomTruncation(1, o.alignprop_high, generator=o.generator),
+            latent=False,
+        ),
+        Method("nograd", "plain sampling, no gradient (the cost floor)", lambda o: NoGrad(), latent=False),
+    )
+}
+
+
+def method_names(variable: Variable | None = None) -> tuple[str, ...]:
+    """Every registered name, or those that give a gradient to ``variable`` (``nograd`` counts for both)."""
+    if variable == "latent":
+        return tuple(name for name, method in METHODS.items() if method.latent or name == "nograd")
+    return tuple(METHODS)
+
+
+def gradient_mode(name: str, options: MethodOptions | None = None) -> GradientMode:
+    """The gradient mode the method ``name`` stands for.
+
+    Raises:
+        ConfigError: ``name`` is not registered, or gives no gradient to ``options.variable``.
+    """
+    options = options or MethodOptions()
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(METHODS)} (sdo bench --list-methods).")
+    if name not in method_names(options.variable):
+        raise ConfigError(
+            f"method {name!r} gives no gradient to a {options.variable} (it detaches the early steps); "
+            f"use one of {', '.join(method_names('latent'))}, or optimize weights."
+        )
+    return METHODS[name].build(options)
+
+
+def describe_methods() -> str:
+    """One line per method: name and summary (``sdo bench --list-methods``)."""
+    width = max(map(len, METHODS))
+    return "\n".join(f"{name:<{width}}  {method.summary}" for name, method in METHODS.items())
