@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError, MissingWeightsError, missing_extra
 from .io import load_tensors
 
 __all__ = ["AestheticReward", "ClipImageEncoder", "ClipScoreReward", "ClipStyleReward", "random_cutouts"]
@@ -29,19 +30,17 @@ def _transformers():
     try:
         import transformers
     except ImportError as error:
-        raise ImportError(
-            "CLIP rewards need transformers: pip install 'sdo[clip]' (or pip install transformers)"
-        ) from error
+        raise missing_extra("transformers", "clip", "CLIP, PickScore and aesthetic rewards") from error
     return transformers
 
 
 def _local(path: str | os.PathLike | None, variable: str, what: str) -> Path:
     chosen = path or os.environ.get(variable)
     if not chosen:
-        raise FileNotFoundError(f"No {what} given: pass its path, or set ${variable}.")
+        raise MissingWeightsError(f"No {what} given: pass its path, or set ${variable}.")
     chosen = Path(chosen)
     if not chosen.exists():
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"{what} not found at {chosen}. sdo never downloads weights: on a machine with access, save it with "
             f"`save_pretrained(DIR)` (or convert it to safetensors), copy it here, and pass the path or set "
             f"${variable}."
@@ -136,7 +135,7 @@ class AestheticReward:
         path = _local(head_path, "SDO_AESTHETIC_HEAD", "LAION aesthetic head (safetensors)")
         head = load_tensors(path)
         if set(head) != {"weight", "bias"}:
-            raise ValueError(f"{path}: expected tensors 'weight' [1, D] and 'bias' [1], found {sorted(head)}.")
+            raise ConfigError(f"{path}: expected tensors 'weight' [1, D] and 'bias' [1], found {sorted(head)}.")
         self.encoder = encoder or ClipImageEncoder(**encoder_options)
         self.weight, self.bias = head["weight"].float(), head["bias"].float()
         self.target = target

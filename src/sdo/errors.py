@@ -55,6 +55,6 @@ class NonFiniteRewardError(SdoError, ValueError):
 def missing_extra(package: str, extra: str, purpose: str) -> MissingExtraError:
     """The error for an absent optional dependency: ``package`` is installed by the ``extra`` of ``sdo``."""
     return MissingExtraError(
-        f"{purpose} needs the optional dependency `{package}`; install it with: pip install 'shortcut-diffusion[{extra}]'"
-        f" (or pip install {package})."
+        f"{purpose} needs the optional dependency `{package}`; install it with: "
+        f"pip install 'shortcut-diffusion[{extra}]' (or pip install {package})."
     )

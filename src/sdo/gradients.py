@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["Checkpointed", "Full", "GradientMode", "NoGrad", "RandomTruncation", "Shortcut", "StepRole", "Truncated"]
 
 
@@ -58,7 +60,7 @@ def _draw_int(low: int, high: int, generator: torch.Generator | None) -> int:
 
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class RandomTruncation(GradientMode):
         _check_positive_int("low", self.low)
         _check_positive_int("high", self.high)
         if self.low > self.high:
-            raise ValueError(f"`low` must be <= `high`, got low={self.low}, high={self.high}.")
+            raise ConfigError(f"`low` must be <= `high`, got low={self.low}, high={self.high}.")
 
     def roles(self, start: int, stop: int) -> list[StepRole]:
         _check_fits("high", self.high, start, stop)
@@ -174,9 +176,9 @@ class Shortcut(GradientMode):
     def __post_init__(self) -> None:
         _check_positive_int("k", self.k)
         if isinstance(self.step, bool) or not (isinstance(self.step, int) or self.step in _NAMED_STEPS):
-            raise ValueError(f"`step` must be one of {_NAMED_STEPS} or an integer index, got {self.step!r}.")
+            raise ConfigError(f"`step` must be one of {_NAMED_STEPS} or an integer index, got {self.step!r}.")
         if isinstance(self.step, int) and self.step < 0:
-            raise ValueError(f"`step` must be a non-negative step index, got {self.step}.")
+            raise ConfigError(f"`step` must be a non-negative step index, got {self.step}.")
 
     def first_kept(self, start: int, stop: int) -> int:
         """Absolute index of the first kept step for a run of steps ``start, ..., stop - 1``."""
@@ -189,7 +191,7 @@ class Shortcut(GradientMode):
         if self.step == "random":
             return _draw_int(start, last_valid, self.generator)
         if not start <= self.step <= last_valid:
-            raise ValueError(
+            raise ConfigError(
                 f"`step` must be an index in [{start}, {last_valid}] for steps {start}..{stop - 1} with k={self.k}, "
                 f"got step={self.step}."
             )
@@ -205,7 +207,7 @@ class Shortcut(GradientMode):
 def _check_fits(name: str, value: int, start: int, stop: int) -> None:
     remaining = stop - start
     if value > remaining:
-        raise ValueError(
+        raise ConfigError(
             f"`{name}`={value} is larger than the {remaining} remaining steps ({start}..{stop - 1}); "
             f"use a value in [1, {remaining}]."
         )

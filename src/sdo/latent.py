@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from .errors import CorruptFileError, NonFiniteRewardError
+from .errors import ConfigError, CorruptFileError, NonFiniteRewardError
 from .gradients import GradientMode, NoGrad, Shortcut
 from .io import load_tensors, save_tensors
 from .memory import PeakMemory
@@ -104,7 +104,7 @@ def optimize_latent(
         NonFiniteRewardError: the reward is NaN or infinite; its ``result`` holds the last finite state.
     """
     if iters < 0:
-        raise ValueError(f"`iters` must be >= 0, got {iters}.")
+        raise ConfigError(f"`iters` must be >= 0, got {iters}.")
     z = latent.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=lr, betas=betas)
     best = _BestIterate(z)
@@ -155,7 +155,7 @@ def _project(z: torch.Tensor, radius: torch.Tensor) -> None:
 
 def _check_gradient_reached(z: torch.Tensor, grad: GradientMode) -> None:
     if z.grad is None:
-        raise ValueError(
+        raise ConfigError(
             f"{grad!r} gives no gradient to the latent (it detaches the steps before its kept ones); "
             "use sdo.Shortcut(), sdo.Full() or sdo.Checkpointed() to optimize a latent."
         )
@@ -167,7 +167,7 @@ def _evaluate(sampler, z, reward, grad, start_step, seed, cond, prior_weight):
         x0 = sampler.sample(z, grad=grad, start_step=start_step, generator=generator)
         rewards = reward(x0, cond)
         if rewards.shape != (z.shape[0],):
-            raise ValueError(
+            raise ConfigError(
                 f"`reward` must return a [batch] tensor of shape ({z.shape[0]},), got {tuple(rewards.shape)}."
             )
         loss = -rewards.sum()
@@ -188,10 +188,10 @@ def invert(sampler: Sampler, x0: torch.Tensor, step: int) -> torch.Tensor:
     ``start_step=step`` approximately reconstructs ``x0``. Needs a DDIM sampler with ``eta=0``.
     """
     if not isinstance(sampler.scheduler, DDIMScheduler) or sampler.eta != 0:
-        raise ValueError("`invert` needs a Sampler with DDIMScheduler and eta=0 (DDIM inversion is deterministic).")
+        raise ConfigError("`invert` needs a Sampler with DDIMScheduler and eta=0 (DDIM inversion is deterministic).")
     n = sampler.num_inference_steps
     if not 0 <= step < n:
-        raise ValueError(f"`step` must be in [0, {n - 1}], got {step}.")
+        raise ConfigError(f"`step` must be in [0, {n - 1}], got {step}.")
     scheduler = sampler.fresh_scheduler(x0.device)
     alphas_bar = scheduler.alphas_cumprod.to(x0.device)
     x = x0

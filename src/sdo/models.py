@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .errors import ConfigError
 from .schedulers import PREDICTION_TYPES
 
 __all__ = ["Denoiser"]
@@ -53,15 +54,15 @@ class Denoiser:
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
+            raise ConfigError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
         if self.class_labels is not None and self.encoder_hidden_states is not None:
-            raise ValueError("Pass either `class_labels` or `encoder_hidden_states`, not both.")
+            raise ConfigError("Pass either `class_labels` or `encoder_hidden_states`, not both.")
         if self.pooled_projections is not None and self.encoder_hidden_states is None:
-            raise ValueError("`pooled_projections` (SD3-style models) need `encoder_hidden_states` too.")
+            raise ConfigError("`pooled_projections` (SD3-style models) need `encoder_hidden_states` too.")
         if self.guided and self.pooled_projections is not None and self.negative_pooled_projections is None:
-            raise ValueError("Guidance with `pooled_projections` needs `negative_pooled_projections`.")
+            raise ConfigError("Guidance with `pooled_projections` needs `negative_pooled_projections`.")
         if self.guided and self._unconditional() is None:
-            raise ValueError(
+            raise ConfigError(
                 f"`guidance_scale`={self.guidance_scale} needs an unconditional input: `null_class_label` with "
                 "`class_labels`, or `negative_encoder_hidden_states` with `encoder_hidden_states`."
             )
@@ -121,7 +122,7 @@ class Denoiser:
     @staticmethod
     def _check_batch(x: torch.Tensor, cond: torch.Tensor | None) -> None:
         if cond is not None and cond.shape[0] != x.shape[0]:
-            raise ValueError(
+            raise ConfigError(
                 f"The conditioning has batch size {cond.shape[0]} but `x` has {x.shape[0]}; they must be equal."
             )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError, MissingWeightsError
 from .io import load_json
 from .models import Denoiser
 from .sampling import Sampler
@@ -65,7 +66,7 @@ def _load(pipe_or_path, device, dtype):
 
     path = Path(pipe_or_path)
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"{path} is not a diffusers pipeline folder (no model_index.json). Save one with "
             "`pipeline.save_pretrained(DIR)` on a machine that has the weights, and pass DIR."
         )
@@ -83,7 +84,7 @@ def _scheduler(pipe, name: str | None):
             return type(pipe.scheduler).from_config(config)
         name = "ddim"
     if name not in _SCHEDULER_NAMES:
-        raise ValueError(f"`scheduler` must be one of {tuple(_SCHEDULER_NAMES)}, got {name!r}.")
+        raise ConfigError(f"`scheduler` must be one of {tuple(_SCHEDULER_NAMES)}, got {name!r}.")
     options = {"clip_sample": False} if name in ("ddim", "ddpm") else {}
     return _SCHEDULER_NAMES[name].from_config(config, **options)
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = ["AdversarialReward", "ClassifierReward", "StyleReward", "gram_matrix", "latent_prior"]
 
 
@@ -18,7 +20,7 @@ def _target_tensor(target: int | torch.Tensor, batch: int, device: torch.device)
     if target.ndim == 0:
         return target.expand(batch)
     if target.shape != (batch,):
-        raise ValueError(
+        raise ConfigError(
             f"`target` must be a class index or a [batch] tensor, got shape {tuple(target.shape)} "
             f"for a batch of {batch}."
         )
@@ -118,7 +120,7 @@ class AdversarialReward:
 
     def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
         if x0.shape != self.original.shape:
-            raise ValueError(f"`x0` has shape {tuple(x0.shape)}, the originals {tuple(self.original.shape)}.")
+            raise ConfigError(f"`x0` has shape {tuple(x0.shape)}, the originals {tuple(self.original.shape)}.")
         log_probs = F.log_softmax(self.attacked(x0), dim=1)
         target = _target_tensor(self.target, x0.shape[0], x0.device)
         distance = (x0 - self.original).square().flatten(1).mean(dim=1)

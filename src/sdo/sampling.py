@@ -11,6 +11,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch.utils.checkpoint import checkpoint
 
 from . import schedulers as sched
+from .errors import ConfigError
 from .gradients import GradientMode, Shortcut, StepRole
 
 __all__ = ["ModelFn", "Sampler"]
@@ -75,13 +76,13 @@ class Sampler:
     ) -> None:
         sched.check_scheduler(scheduler)
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+            raise ConfigError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if eta < 0 or (eta > 0 and not isinstance(scheduler, DDIMScheduler)):
-            raise ValueError(f"`eta` must be >= 0, and non-zero only with DDIMScheduler; got eta={eta}.")
+            raise ConfigError(f"`eta` must be >= 0, and non-zero only with DDIMScheduler; got eta={eta}.")
         expected = sched.prediction_type(scheduler)
         declared = getattr(model_fn, "prediction_type", expected)
         if declared != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"`model_fn` predicts {declared!r} but {type(scheduler).__name__} expects {expected!r}; "
                 f"set the scheduler's `prediction_type` (or the adapter's) so that they agree."
             )
@@ -127,9 +128,9 @@ class Sampler:
         """
         stop = self._check_range(start_step, stop_step)
         if not isinstance(grad, GradientMode):
-            raise ValueError(f"`grad` must be a gradient mode such as sdo.Shortcut() or sdo.Full(), got {grad!r}.")
+            raise ConfigError(f"`grad` must be a gradient mode such as sdo.Shortcut() or sdo.Full(), got {grad!r}.")
         if not torch.is_tensor(x) or not x.is_floating_point():
-            raise ValueError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
+            raise ConfigError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
         roles = grad.roles(start_step, stop)
         scheduler = self.fresh_scheduler(x.device)
         noise_source = (generator or _default_generator(x.device)) if self.stochastic else None
@@ -143,12 +144,12 @@ class Sampler:
     def _check_range(self, start_step: int, stop_step: int | None) -> int:
         n = self.num_inference_steps
         if not _is_int(start_step) or not 0 <= start_step < n:
-            raise ValueError(
+            raise ConfigError(
                 f"`start_step` must be an integer in [0, {n - 1}] (num_inference_steps={n}), got {start_step!r}."
             )
         stop = n if stop_step is None else stop_step
         if not _is_int(stop) or not start_step < stop <= n:
-            raise ValueError(f"`stop_step` must be an integer in [{start_step + 1}, {n}], got {stop_step!r}.")
+            raise ConfigError(f"`stop_step` must be an integer in [{start_step + 1}, {n}], got {stop_step!r}.")
         return stop
 
     def _step(self, scheduler, x: torch.Tensor, t: torch.Tensor, role: StepRole, noise: _StepNoise | None):

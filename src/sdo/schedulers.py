@@ -20,6 +20,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .errors import ConfigError
+
 SUPPORTED_SCHEDULERS = (
     DDIMScheduler,
     DDPMScheduler,
@@ -35,10 +37,10 @@ def check_scheduler(scheduler: object) -> None:
     """Raise ``ValueError`` unless ``scheduler`` is one of ``SUPPORTED_SCHEDULERS`` in a supported configuration."""
     if type(scheduler) not in SUPPORTED_SCHEDULERS:
         names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
-        raise ValueError(f"`scheduler` must be one of {names}; got {type(scheduler).__name__}.")
+        raise ConfigError(f"`scheduler` must be one of {names}; got {type(scheduler).__name__}.")
     algorithm = getattr(scheduler.config, "algorithm_type", None)
     if isinstance(scheduler, DPMSolverMultistepScheduler) and algorithm not in _DPM_ALGORITHMS:
-        raise ValueError(
+        raise ConfigError(
             f"`scheduler.config.algorithm_type` must be one of {_DPM_ALGORITHMS} for DPMSolverMultistepScheduler, "
             f"got {algorithm!r}."
         )
@@ -51,7 +53,7 @@ def prediction_type(scheduler: SchedulerMixin) -> str:
         return "flow"
     value = scheduler.config.prediction_type
     if value not in PREDICTION_TYPES[:3]:
-        raise ValueError(f"`scheduler.config.prediction_type` must be one of {PREDICTION_TYPES[:3]}, got {value!r}.")
+        raise ConfigError(f"`scheduler.config.prediction_type` must be one of {PREDICTION_TYPES[:3]}, got {value!r}.")
     return value
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from sdo.app.options import option
 from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
+from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
 from sdo.memory import PeakMemory
 
@@ -56,16 +57,16 @@ class BenchConfig:
     def __post_init__(self) -> None:
         unknown = [name for name in self.method_names if name not in BENCH_METHODS]
         if unknown or not self.method_names:
-            raise ValueError(f"`methods` must be a comma-separated subset of {BENCH_METHODS}, got {self.methods!r}.")
+            raise ConfigError(f"`methods` must be a comma-separated subset of {BENCH_METHODS}, got {self.methods!r}.")
         if self.variable == "latent" and (bad := [m for m in self.method_names if m not in _LATENT_METHODS]):
-            raise ValueError(
+            raise ConfigError(
                 f"{bad} give no gradient to the latent (they detach the early steps); use --variable weights, "
                 f"or methods from {_LATENT_METHODS}."
             )
         if not self.step_counts or min(self.step_counts) < 1:
-            raise ValueError(f"`steps` must be comma-separated positive integers, got {self.steps!r}.")
+            raise ConfigError(f"`steps` must be comma-separated positive integers, got {self.steps!r}.")
         if self.iters < 1 or self.batch < 1:
-            raise ValueError(f"`iters` and `batch` must be >= 1, got {self.iters} and {self.batch}.")
+            raise ConfigError(f"`iters` and `batch` must be >= 1, got {self.iters} and {self.batch}.")
 
     @property
     def method_names(self) -> list[str]:
@@ -76,7 +77,7 @@ class BenchConfig:
         try:
             return [int(value) for value in self.steps.split(",")]
         except ValueError as error:
-            raise ValueError(f"`steps` must be comma-separated integers, got {self.steps!r}.") from error
+            raise ConfigError(f"`steps` must be comma-separated integers, got {self.steps!r}.") from error
 
 
 def gradient_mode(name: str, config: BenchConfig, generator: torch.Generator) -> GradientMode:

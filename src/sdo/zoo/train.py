@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from sdo.errors import ConfigError
+
 from ..io import save_json, save_tensors
 from .data import mnist_splits, to_model_space
 from .nets import NULL_CLASS, UNET_CONFIG, JudgeNet, RewardNet, build_unet
@@ -52,9 +54,9 @@ class ZooTrainingConfig:
     def __post_init__(self) -> None:
         for name in ("unet_steps", "batch_size", "classifier_epochs", "eval_per_class"):
             if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if not 0 <= self.label_dropout < 1 or not 0 < self.ema_decay < 1:
-            raise ValueError("`label_dropout` must be in [0, 1) and `ema_decay` in (0, 1).")
+            raise ConfigError("`label_dropout` must be in [0, 1) and `ema_decay` in (0, 1).")
 
 
 def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:

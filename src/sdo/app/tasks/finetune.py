@@ -12,6 +12,7 @@ import torch
 
 from sdo import zoo
 from sdo.app.quality import frechet_distance
+from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
 from sdo.models import Denoiser
 from sdo.rewards import ClassifierReward
@@ -82,7 +83,7 @@ class PipelineTarget:
 
         prompts = [line.strip() for line in Path(config.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"`prompts` file {config.prompts} holds no prompt (one per line).")
+            raise ConfigError(f"`prompts` file {config.prompts} holds no prompt (one per line).")
         self.config, self.device, self.prompts = config, device, prompts
         self.parts = from_pipeline(config.pipeline, prompts, guidance_scale=config.guidance, device=device)
         self.unet = self.parts.unet
@@ -103,7 +104,7 @@ class PipelineTarget:
         if config.task == "style":
             style = ClipStyleReward(load_image(config.style_image, self.device), encoder=encoder)
             return lambda x0, index: style(decode(x0))
-        raise ValueError(f"`task` must be 'aesthetic', 'clip' or 'style' with --pipeline, got {config.task!r}.")
+        raise ConfigError(f"`task` must be 'aesthetic', 'clip' or 'style' with --pipeline, got {config.task!r}.")
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt indices ``[B]`` and initial latents ``[B, C, h, w]``."""

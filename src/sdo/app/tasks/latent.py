@@ -12,6 +12,7 @@ import torch
 
 from sdo import zoo
 from sdo.app.options import option
+from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, Full, GradientMode, NoGrad, Shortcut
 from sdo.io import load_image
 from sdo.latent import OptimizationResult, optimize_latent
@@ -60,26 +61,26 @@ class LatentTaskConfig:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"`task` must be one of {TASKS}, got {self.task!r}.")
+            raise ConfigError(f"`task` must be one of {TASKS}, got {self.task!r}.")
         if self.method not in LATENT_METHODS:
-            raise ValueError(f"`method` must be one of {tuple(LATENT_METHODS)}, got {self.method!r}.")
+            raise ConfigError(f"`method` must be one of {tuple(LATENT_METHODS)}, got {self.method!r}.")
         if not -1 <= self.source < zoo.NUM_CLASSES:
-            raise ValueError(f"`source` must be a digit class in [0, 9] or -1 (unconditional), got {self.source}.")
+            raise ConfigError(f"`source` must be a digit class in [0, 9] or -1 (unconditional), got {self.source}.")
         if self.task == "adversarial" and self.source == -1:
-            raise ValueError("The adversarial task needs a source class (`source` in [0, 9]), not -1.")
+            raise ConfigError("The adversarial task needs a source class (`source` in [0, 9]), not -1.")
         if not 0 <= self.target < zoo.NUM_CLASSES:
-            raise ValueError(f"`target` must be a digit class in [0, 9], got {self.target}.")
+            raise ConfigError(f"`target` must be a digit class in [0, 9], got {self.target}.")
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.iters < 0 or self.lr <= 0:
-            raise ValueError(f"`iters` must be >= 0 and `lr` > 0, got iters={self.iters}, lr={self.lr}.")
+            raise ConfigError(f"`iters` must be >= 0 and `lr` > 0, got iters={self.iters}, lr={self.lr}.")
         if not 0 <= self.start_step < self.steps:
-            raise ValueError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
+            raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
         if self.pipeline and not self.prompt:
-            raise ValueError("`prompt` is required with --pipeline.")
+            raise ConfigError("`prompt` is required with --pipeline.")
         if self.pipeline and self.reward == "style" and not self.style_image:
-            raise ValueError("`style_image` (a PNG) is required with --reward style.")
+            raise ConfigError("`style_image` (a PNG) is required with --reward style.")
 
 
 @dataclass
