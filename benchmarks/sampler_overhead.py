@@ -39,14 +39,18 @@ def main() -> None:
     with torch.no_grad():
         torch.testing.assert_close(sampler.sample(noise, grad=sdo.NoGrad()), plain_loop(denoiser, noise, args.steps))
         for _ in range(args.repeats):
-            for name, run in (("plain", lambda: plain_loop(denoiser, noise, args.steps)),
-                              ("sdo", lambda: sampler.sample(noise, grad=sdo.NoGrad()))):  # fmt: skip
+            for name, run in (
+                ("plain", lambda: plain_loop(denoiser, noise, args.steps)),
+                ("sdo", lambda: sampler.sample(noise, grad=sdo.NoGrad())),
+            ):
                 started = time.perf_counter()
                 run()
                 timings[name].append(time.perf_counter() - started)
     plain, ours = statistics.median(timings["plain"]), statistics.median(timings["sdo"])
-    print(f"plain diffusers loop: {plain:.3f} s, sdo.Sampler NoGrad: {ours:.3f} s (medians of {args.repeats}); "
-          f"overhead {100 * (ours / plain - 1):+.1f}%")  # fmt: skip
+    print(
+        f"plain diffusers loop: {plain:.3f} s, sdo.Sampler NoGrad: {ours:.3f} s (medians of {args.repeats}); "
+        f"overhead {100 * (ours / plain - 1):+.1f}%"
+    )
 
 
 if __name__ == "__main__":

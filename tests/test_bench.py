@@ -11,15 +11,29 @@ from sdo.app.bench import BENCH_METHODS, BenchConfig, run_bench
 from sdo.app.cli import main
 
 ROW_KEYS = {
-    "method", "mode", "steps", "workload", "variable", "iters", "s_per_iter", "peak_mem_bytes", "reward_initial",
-    "reward_final", "reward_at_equal_time", "equal_time_budget_s", "grad_cosine", "harness_overhead", "history",
-}  # fmt: skip
+    "method",
+    "mode",
+    "steps",
+    "workload",
+    "variable",
+    "iters",
+    "s_per_iter",
+    "peak_mem_bytes",
+    "reward_initial",
+    "reward_final",
+    "reward_at_equal_time",
+    "equal_time_budget_s",
+    "grad_cosine",
+    "harness_overhead",
+    "history",
+}
 
 
 @pytest.fixture(scope="module")
 def weights_bench():
-    config = BenchConfig(methods=",".join(BENCH_METHODS), variable="weights", steps="4", iters=2, batch=1, lr=1e-4,
-                         alignprop_high=3)  # fmt: skip
+    config = BenchConfig(
+        methods=",".join(BENCH_METHODS), variable="weights", steps="4", iters=2, batch=1, lr=1e-4, alignprop_high=3
+    )
     return run_bench(config, progress=False)
 
 
@@ -44,8 +58,22 @@ def test_gradient_fidelity_sanity(weights_bench):
 
 def test_latent_bench_with_cosine_sweep_and_cli_json(tmp_path, capsys):
     rows_file = tmp_path / "rows.json"
-    args = ["bench", "--methods", "sdo,full,nograd", "--steps", "3,5", "--iters", "2", "--batch", "1",
-            "--cosine-sweep", "--out", str(tmp_path / "bench"), "--json", str(rows_file)]  # fmt: skip
+    args = [
+        "bench",
+        "--methods",
+        "sdo,full,nograd",
+        "--steps",
+        "3,5",
+        "--iters",
+        "2",
+        "--batch",
+        "1",
+        "--cosine-sweep",
+        "--out",
+        str(tmp_path / "bench"),
+        "--json",
+        str(rows_file),
+    ]
     assert main(args) == 0
     rows = json.loads(rows_file.read_text())
     assert [(r["steps"], r["method"]) for r in rows] == [(s, m) for s in (3, 5) for m in ("sdo", "full", "nograd")]
@@ -67,8 +95,17 @@ def test_latent_bench_refuses_methods_without_a_latent_gradient():
 
 
 def test_sd15_architecture_smoke_on_cpu():
-    config = BenchConfig(model="sd15", methods="sdo,full", steps="2", iters=1, batch=1, width=0.1, resolution=64,
-                         checkpoint_decoder=True, vae_slicing=True)  # fmt: skip
+    config = BenchConfig(
+        model="sd15",
+        methods="sdo,full",
+        steps="2",
+        iters=1,
+        batch=1,
+        width=0.1,
+        resolution=64,
+        checkpoint_decoder=True,
+        vae_slicing=True,
+    )
     rows = {row["method"]: row for row in run_bench(config, progress=False)["rows"]}
     assert rows["sdo"]["peak_mem_bytes"] < rows["full"]["peak_mem_bytes"]
     assert rows["full"]["grad_cosine"] == pytest.approx(1.0, abs=1e-5)
@@ -77,8 +114,16 @@ def test_sd15_architecture_smoke_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sd15_architecture_on_gpu():
-    config = BenchConfig(model="sd15", methods="sdo,checkpointed,nograd", steps="3", iters=1, batch=1, width=0.25,
-                         resolution=128, device="cuda")  # fmt: skip
+    config = BenchConfig(
+        model="sd15",
+        methods="sdo,checkpointed,nograd",
+        steps="3",
+        iters=1,
+        batch=1,
+        width=0.25,
+        resolution=128,
+        device="cuda",
+    )
     rows = {row["method"]: row for row in run_bench(config, progress=False)["rows"]}
     assert rows["sdo"]["peak_mem_bytes"] <= rows["checkpointed"]["peak_mem_bytes"] * 1.5
     assert rows["checkpointed"]["grad_cosine"] == pytest.approx(1.0, abs=1e-2)

@@ -109,8 +109,9 @@ def test_saved_adapter_loads_in_one_call_and_changes_the_samples(tmp_path):
 
 def test_full_weights_and_every_method_run(tmp_path):
     for method in ("sdo", "draft-k", "alignprop", "full"):
-        config = small_config(tmp_path, method, method=method, steps=1, lora_rank=0 if method == "full" else 2,
-                              alignprop_high=3)  # fmt: skip
+        config = small_config(
+            tmp_path, method, method=method, steps=1, lora_rank=0 if method == "full" else 2, alignprop_high=3
+        )
         record = finetune(config, progress=False)
         assert torch.isfinite(torch.tensor(record["reward"]))
 
@@ -133,12 +134,43 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     single = small_config(tmp_path, "single", steps=2, task="bold", grad_accum=2)
     finetune(single, progress=False)
     double = replace(single, out=str(tmp_path / "double"), grad_accum=1)
-    args = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            "-m", "sdo", "finetune", "--out", double.out, "--steps", "2", "--sample-steps", "4", "--batch-size", "4",
-            "--eval-every", "0", "--eval-per-class", "1", "--checkpoint-every", "2", "--lr", "0.005",
-            "--task", "bold"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "sdo",
+        "finetune",
+        "--out",
+        double.out,
+        "--steps",
+        "2",
+        "--sample-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "0",
+        "--eval-per-class",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--lr",
+        "0.005",
+        "--task",
+        "bold",
+    ]
     done = subprocess.run(
         args, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )

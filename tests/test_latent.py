@@ -41,8 +41,9 @@ def test_optimize_latent_raises_the_reward_and_tracks_the_best_iterate(unet):
 
 def test_saved_latent_replays_bit_identically(unet, tmp_path):
     sampler = make_sampler(unet, [1, 7])
-    result = optimize_latent(sampler, noise(2, 1), ClassifierReward(zoo.load_reward_classifier(), 2), iters=2,
-                             progress=False)  # fmt: skip
+    result = optimize_latent(
+        sampler, noise(2, 1), ClassifierReward(zoo.load_reward_classifier(), 2), iters=2, progress=False
+    )
     save_latent(tmp_path / "z.safetensors", result.latent, steps=6, classes="1,7")
     replay = sampler.sample(load_latent(tmp_path / "z.safetensors"), grad=sdo.NoGrad())
     assert torch.equal(replay, result.sample)
@@ -50,8 +51,14 @@ def test_saved_latent_replays_bit_identically(unet, tmp_path):
 
 def test_truncated_modes_cannot_optimize_a_latent(unet):
     with pytest.raises(ValueError, match=r"Truncated\(k=2\) gives no gradient to the latent"):
-        optimize_latent(make_sampler(unet, [0]), noise(1), lambda x, c: x.mean(dim=(1, 2, 3)),
-                        grad=sdo.Truncated(2), iters=1, progress=False)  # fmt: skip
+        optimize_latent(
+            make_sampler(unet, [0]),
+            noise(1),
+            lambda x, c: x.mean(dim=(1, 2, 3)),
+            grad=sdo.Truncated(2),
+            iters=1,
+            progress=False,
+        )
 
 
 def test_nan_reward_stops_with_a_clear_error(unet):

@@ -15,8 +15,31 @@ from sdo.pipelines import from_pipeline
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>", "t</w>", "low</w>",
-         "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>", "<|endoftext|>"]  # fmt: skip
+VOCAB = [
+    "l",
+    "o",
+    "w",
+    "e",
+    "r",
+    "s",
+    "t",
+    "i",
+    "d",
+    "n",
+    "lo",
+    "l</w>",
+    "w</w>",
+    "r</w>",
+    "t</w>",
+    "low</w>",
+    "er</w>",
+    "lowest</w>",
+    "newer</w>",
+    "wider",
+    "<unk>",
+    "<|startoftext|>",
+    "<|endoftext|>",
+]
 MERGES = ["#version: 0.2", "l o", "lo w</w>", "e r</w>"]
 PROMPT = "lower newer"
 
@@ -35,20 +58,46 @@ def pipeline_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        sample_size=16)  # fmt: skip
-    text_config = transformers.CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32,
-                                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-                                              bos_token_id=21, eos_token_id=22, pad_token_id=22)  # fmt: skip
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=transformers.CLIPTextModel(text_config),
-                                   tokenizer=write_tokenizer(root / "tok"), unet=unet,
-                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=21,
+        eos_token_id=22,
+        pad_token_id=22,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=transformers.CLIPTextModel(text_config),
+        tokenizer=write_tokenizer(root / "tok"),
+        unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(root / "sd")
     return root / "sd"
 
@@ -58,13 +107,27 @@ def clip_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("clip")
     torch.manual_seed(1)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=21, eos_token_id=22,
-                         pad_token_id=22),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(VOCAB),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=21,
+            eos_token_id=22,
+            pad_token_id=22,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=8,
-    )  # fmt: skip
+    )
     transformers.CLIPModel(config).save_pretrained(root / "clip")
     write_tokenizer(root / "clip").save_pretrained(root / "clip")
     save_tensors({"weight": torch.randn(1, 8), "bias": torch.zeros(1)}, root / "head.safetensors")
@@ -81,8 +144,9 @@ def test_from_pipeline_optimizes_the_latent_and_the_prompt_embedding(pipeline_di
     latent_grad, embed_grad = torch.autograd.grad(score.sum(), [latent, parts.prompt_embeds])
     assert latent_grad.abs().sum() > 0 and embed_grad.abs().sum() > 0
 
-    result = optimize_latent(sampler, parts.initial_latent(0), lambda x0, c: reward(parts.decode(x0)), iters=3,
-                             lr=0.1, progress=False)  # fmt: skip
+    result = optimize_latent(
+        sampler, parts.initial_latent(0), lambda x0, c: reward(parts.decode(x0)), iters=3, lr=0.1, progress=False
+    )
     assert result.history[-1]["reward"] > result.history[0]["reward"]
 
 
@@ -155,11 +219,22 @@ def test_two_finetuning_steps_on_a_pipeline_reach_the_lora_weights(pipeline_dir,
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("lower\nnewer\n")
-    config = FinetuneConfig(pipeline=str(pipeline_dir), prompts=str(prompts), task=task,
-                            style_image=str(write_png(tmp_path / "style.png")),
-                            clip_path=str(clip_dir / "clip"), aesthetic_head=str(clip_dir / "head.safetensors"),
-                            steps=2, sample_steps=3, batch_size=2, eval_every=1, checkpoint_every=1, lora_rank=2,
-                            lr=1e-2, out=str(tmp_path / "ft"))  # fmt: skip
+    config = FinetuneConfig(
+        pipeline=str(pipeline_dir),
+        prompts=str(prompts),
+        task=task,
+        style_image=str(write_png(tmp_path / "style.png")),
+        clip_path=str(clip_dir / "clip"),
+        aesthetic_head=str(clip_dir / "head.safetensors"),
+        steps=2,
+        sample_steps=3,
+        batch_size=2,
+        eval_every=1,
+        checkpoint_every=1,
+        lora_rank=2,
+        lr=1e-2,
+        out=str(tmp_path / "ft"),
+    )
     record = finetune(config, progress=False)
     assert record["step"] == 2 and "held_out_reward" in record
     weights = sdo.io.load_tensors(tmp_path / "ft" / "adapter.safetensors")
@@ -171,9 +246,25 @@ def test_optimize_cli_on_a_pipeline(pipeline_dir, clip_dir, tmp_path):
     from sdo.app.cli import main
 
     out = tmp_path / "opt"
-    args = ["optimize", "--pipeline", str(pipeline_dir), "--prompt", PROMPT, "--reward", "clip",
-            "--clip-path", str(clip_dir / "clip"), "--steps", "3", "--iters", "2", "--batch", "1",
-            "--out", str(out)]  # fmt: skip
+    args = [
+        "optimize",
+        "--pipeline",
+        str(pipeline_dir),
+        "--prompt",
+        PROMPT,
+        "--reward",
+        "clip",
+        "--clip-path",
+        str(clip_dir / "clip"),
+        "--steps",
+        "3",
+        "--iters",
+        "2",
+        "--batch",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert sdo.io.load_tensors(out / "latent.safetensors")["latent"].shape == (1, 4, 8, 8)
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
@@ -190,20 +281,52 @@ def sd3_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sd3")
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
-                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32,
-                                        pooled_projection_dim=32, out_channels=4)  # fmt: skip
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        sample_size=16, shift_factor=0.06, scaling_factor=1.5)  # fmt: skip
-    text = dict(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=21, eos_token_id=22, pad_token_id=22,
-                projection_dim=16)  # fmt: skip
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        out_channels=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        shift_factor=0.06,
+        scaling_factor=1.5,
+    )
+    text = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=21,
+        eos_token_id=22,
+        pad_token_id=22,
+        projection_dim=16,
+    )
     encoders = [transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text)) for _ in range(2)]
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                                    text_encoder=encoders[0], tokenizer=write_tokenizer(root / "t1"),
-                                    text_encoder_2=encoders[1], tokenizer_2=write_tokenizer(root / "t2"),
-                                    text_encoder_3=None, tokenizer_3=None)  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=write_tokenizer(root / "t1"),
+        text_encoder_2=encoders[1],
+        tokenizer_2=write_tokenizer(root / "t2"),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipe.save_pretrained(root / "sd3")
     return root / "sd3"
 
@@ -222,6 +345,7 @@ def test_sd3_style_transformer_pipeline_with_flow_matching(sd3_dir):
     pipe = DiffusionPipeline.from_pretrained(
         str(sd3_dir), local_files_only=True, text_encoder_3=None, tokenizer_3=None
     )
-    plain = pipe([PROMPT, PROMPT], latents=latent.detach(), num_inference_steps=3, guidance_scale=4.0,
-                 output_type="latent").images  # fmt: skip
+    plain = pipe(
+        [PROMPT, PROMPT], latents=latent.detach(), num_inference_steps=3, guidance_scale=4.0, output_type="latent"
+    ).images
     torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-5)

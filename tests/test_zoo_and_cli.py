@@ -60,8 +60,21 @@ def test_demo_end_to_end_in_a_reduced_setting(tmp_path, capsys):
 @pytest.mark.parametrize("task", ["style", "adversarial"])
 def test_optimize_cli_writes_a_replayable_latent(tmp_path, task):
     out = tmp_path / task
-    args = ["optimize", "--task", task, "--steps", "4", "--iters", "2", "--batch", "2", "--start-step", "1",
-            "--out", str(out)]  # fmt: skip
+    args = [
+        "optimize",
+        "--task",
+        task,
+        "--steps",
+        "4",
+        "--iters",
+        "2",
+        "--batch",
+        "2",
+        "--start-step",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert load_tensors(out / "latent.safetensors")["latent"].shape == (2, 1, 32, 32)
     history = json.loads((out / "metrics.json").read_text())["history"]

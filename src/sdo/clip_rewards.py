@@ -48,8 +48,9 @@ def _local(path: str | os.PathLike | None, variable: str, what: str) -> Path:
     return chosen
 
 
-def random_cutouts(images: torch.Tensor, count: int, size: int, generator: torch.Generator,
-                   min_scale: float = 0.5) -> torch.Tensor:  # fmt: skip
+def random_cutouts(
+    images: torch.Tensor, count: int, size: int, generator: torch.Generator, min_scale: float = 0.5
+) -> torch.Tensor:
     """``count`` random square crops per image (side in ``[min_scale, 1]`` of the image), resized to ``size``:
     ``[count * B, C, size, size]``, in the order crop-major. Seeded by ``generator``."""
     height, width = images.shape[-2:]
@@ -130,8 +131,13 @@ class AestheticReward:
         target: when given, the reward is ``-(score - target)^2`` (hit a score rather than maximize it).
     """
 
-    def __init__(self, head_path: str | os.PathLike | None = None, encoder: ClipImageEncoder | None = None,
-                 target: float | None = None, **encoder_options) -> None:  # fmt: skip
+    def __init__(
+        self,
+        head_path: str | os.PathLike | None = None,
+        encoder: ClipImageEncoder | None = None,
+        target: float | None = None,
+        **encoder_options,
+    ) -> None:
         path = _local(head_path, "SDO_AESTHETIC_HEAD", "LAION aesthetic head (safetensors)")
         head = load_tensors(path)
         if set(head) != {"weight", "bias"}:
@@ -151,8 +157,14 @@ class ClipStyleReward:
     """Style: ``r(x) = - sum_l || G(h_l(x)) - G(h_l(ref)) ||_F^2`` over CLIP vision layers ``layers``, with
     ``G(h) = h^T h / (T D)`` of the token features ``h [T, D]`` (the paper's style task; Gatys et al. 2016)."""
 
-    def __init__(self, reference: torch.Tensor, layers: tuple[int, ...] = (1, 2), scale: float = 1.0,
-                 encoder: ClipImageEncoder | None = None, **encoder_options) -> None:  # fmt: skip
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        layers: tuple[int, ...] = (1, 2),
+        scale: float = 1.0,
+        encoder: ClipImageEncoder | None = None,
+        **encoder_options,
+    ) -> None:
         self.encoder = encoder or ClipImageEncoder(**encoder_options)
         self.layers = layers
         self.scale = scale

@@ -116,8 +116,9 @@ def optimize_latent(
         final = iteration == iters
         started = time.perf_counter()
         with PeakMemory(z.device) as memory:
-            x0, rewards, loss = _evaluate(sampler, z, reward, NoGrad() if final else grad, start_step, seed, cond,
-                                          prior_weight)  # fmt: skip
+            x0, rewards, loss = _evaluate(
+                sampler, z, reward, NoGrad() if final else grad, start_step, seed, cond, prior_weight
+            )
             if not torch.isfinite(rewards).all():
                 partial = OptimizationResult(z.detach(), x0.detach(), best.latent, best.sample, best.reward, history)
                 raise NonFiniteRewardError(
@@ -137,9 +138,15 @@ def optimize_latent(
         seconds = 0.0 if final else time.perf_counter() - started
         elapsed += seconds
         best.update(z, x0, rewards)
-        record = {"iter": iteration, "reward": float(rewards.mean()), "rewards": rewards.tolist(),
-                  "loss": float(loss.detach()), "seconds": seconds, "elapsed": elapsed,
-                  "peak_mem_bytes": memory.peak_bytes if not final else 0}  # fmt: skip
+        record = {
+            "iter": iteration,
+            "reward": float(rewards.mean()),
+            "rewards": rewards.tolist(),
+            "loss": float(loss.detach()),
+            "seconds": seconds,
+            "elapsed": elapsed,
+            "peak_mem_bytes": memory.peak_bytes if not final else 0,
+        }
         if judge is not None:
             record["judge_success"] = float(judge(x0.detach()).float().mean())
         history.append(record)

@@ -95,8 +95,12 @@ class Denoiser:
         x_in = x.to(dtype)
         if pooled is not None:  # SD3-style transformer: keyword call, one timestep per sample
             timestep = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-            out = self.model(hidden_states=x_in, timestep=timestep, encoder_hidden_states=cond.to(dtype),
-                             pooled_projections=pooled.to(dtype)).sample  # fmt: skip
+            out = self.model(
+                hidden_states=x_in,
+                timestep=timestep,
+                encoder_hidden_states=cond.to(dtype),
+                pooled_projections=pooled.to(dtype),
+            ).sample
         elif cond is None:
             out = self.model(x_in, t).sample
         elif self.class_labels is not None:

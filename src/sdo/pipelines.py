@@ -138,9 +138,15 @@ def from_pipeline(
     width = width or network.config.sample_size * factor
     shape = (len(prompts), network.config.in_channels, height // factor, width // factor)
     sampler_scheduler = _scheduler(pipe, scheduler)
-    model_fn = Denoiser(network, prediction_type=prediction_type(sampler_scheduler), encoder_hidden_states=cond,
-                        negative_encoder_hidden_states=uncond[:1], guidance_scale=guidance_scale,
-                        pooled_projections=pooled, negative_pooled_projections=negative_pooled)  # fmt: skip
+    model_fn = Denoiser(
+        network,
+        prediction_type=prediction_type(sampler_scheduler),
+        encoder_hidden_states=cond,
+        negative_encoder_hidden_states=uncond[:1],
+        guidance_scale=guidance_scale,
+        pooled_projections=pooled,
+        negative_pooled_projections=negative_pooled,
+    )
     decode = _decoder(pipe.vae, vae_slicing, vae_tiling, checkpoint_decoder)
     return PipelineParts(model_fn, sampler_scheduler, shape, decode, network, pipe.vae, cond, uncond[:1])
 
@@ -157,9 +163,15 @@ def _encode(pipe, prompts: list[str], negative_prompt: str, device: torch.device
     with torch.no_grad():
         if getattr(pipe, "transformer", None) is not None:
             cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
-                prompts, prompts, prompts, device=device, do_classifier_free_guidance=True,
-                negative_prompt=negative, negative_prompt_2=negative, negative_prompt_3=negative,
-            )  # fmt: skip
+                prompts,
+                prompts,
+                prompts,
+                device=device,
+                do_classifier_free_guidance=True,
+                negative_prompt=negative,
+                negative_prompt_2=negative,
+                negative_prompt_3=negative,
+            )
             return cond, uncond.detach(), pooled.detach(), negative_pooled[:1].detach()
         cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=negative)
     return cond, uncond.detach(), None, None

@@ -44,8 +44,9 @@ class ClassifierReward:
         max_shift: largest translation in pixels; seed: seeds the translations.
     """
 
-    def __init__(self, classifier: nn.Module, target: int | torch.Tensor, views: int = 0, max_shift: int = 2,
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, classifier: nn.Module, target: int | torch.Tensor, views: int = 0, max_shift: int = 2, seed: int = 0
+    ) -> None:
         self.classifier = classifier
         self.target = target
         self.shifts = torch.randint(0, 2 * max_shift + 1, (views, 2), generator=torch.Generator().manual_seed(seed))
@@ -111,8 +112,9 @@ class AdversarialReward:
         proximity (`float`, defaults to 20.0): weight of the squared-distance term.
     """
 
-    def __init__(self, attacked: nn.Module, target: int | torch.Tensor, original: torch.Tensor,
-                 proximity: float = 20.0) -> None:  # fmt: skip
+    def __init__(
+        self, attacked: nn.Module, target: int | torch.Tensor, original: torch.Tensor, proximity: float = 20.0
+    ) -> None:
         self.attacked = attacked
         self.target = target
         self.original = original.detach()

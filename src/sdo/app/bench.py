@@ -98,8 +98,9 @@ def gradient_mode(name: str, config: BenchConfig, generator: torch.Generator) ->
 class _MethodRun:
     """One method's state: its own copy of the optimized variable, its Adam, and its measurements."""
 
-    def __init__(self, name: str, config: BenchConfig, workload: Workload, steps: int,
-                 mode: GradientMode | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, config: BenchConfig, workload: Workload, steps: int, mode: GradientMode | None = None
+    ) -> None:
         self.name = name
         self.mode = mode or gradient_mode(name, config, torch.Generator().manual_seed(config.seed))
         self.model = workload.model if config.variable == "latent" else copy.deepcopy(workload.model)
@@ -135,8 +136,14 @@ class _MethodRun:
         if learns and self.first_gradient is None:
             self.first_gradient = self.gradient()
         elapsed = (self.records[-1]["elapsed"] if self.records else 0.0) + seconds
-        self.records.append({"seconds": seconds, "elapsed": elapsed, "peak_mem_bytes": memory.peak_bytes,
-                             "reward": float(rewards.detach().float().mean())})  # fmt: skip
+        self.records.append(
+            {
+                "seconds": seconds,
+                "elapsed": elapsed,
+                "peak_mem_bytes": memory.peak_bytes,
+                "reward": float(rewards.detach().float().mean()),
+            }
+        )
         self.harness_seconds += time.perf_counter() - outer - seconds
 
     def gradient(self) -> torch.Tensor:
@@ -186,17 +193,25 @@ def _rows(runs: dict[str, _MethodRun], exact: torch.Tensor, workload: Workload, 
     rows = []
     for run in runs.values():
         within = [r for r in run.records if r["elapsed"] <= budget + 1e-12] or run.records[:1]
-        rows.append({
-            "method": run.name, "mode": repr(run.mode), "steps": steps, "workload": workload.name,
-            "variable": config.variable, "iters": len(run.records),
-            "s_per_iter": statistics.median(r["seconds"] for r in run.records),
-            "peak_mem_bytes": max(r["peak_mem_bytes"] for r in run.records),
-            "reward_initial": run.records[0]["reward"], "reward_final": run.final_reward(workload, config.seed),
-            "reward_at_equal_time": within[-1]["reward"], "equal_time_budget_s": budget,
-            "grad_cosine": _cosine(run.first_gradient, exact),
-            "harness_overhead": run.harness_seconds / sum(r["seconds"] for r in run.records),
-            "history": run.records,
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": run.name,
+                "mode": repr(run.mode),
+                "steps": steps,
+                "workload": workload.name,
+                "variable": config.variable,
+                "iters": len(run.records),
+                "s_per_iter": statistics.median(r["seconds"] for r in run.records),
+                "peak_mem_bytes": max(r["peak_mem_bytes"] for r in run.records),
+                "reward_initial": run.records[0]["reward"],
+                "reward_final": run.final_reward(workload, config.seed),
+                "reward_at_equal_time": within[-1]["reward"],
+                "equal_time_budget_s": budget,
+                "grad_cosine": _cosine(run.first_gradient, exact),
+                "harness_overhead": run.harness_seconds / sum(r["seconds"] for r in run.records),
+                "history": run.records,
+            }
+        )
     return rows
 
 
@@ -214,9 +229,16 @@ def build_workload(config: BenchConfig) -> Workload:
     if config.model == "mnist":
         return mnist_workload(batch=config.batch, seed=config.seed, device=config.device)
     dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
-    return sd15_workload(batch=config.batch, seed=config.seed, device=config.device, dtype=dtype, width=config.width,
-                         resolution=config.resolution, checkpoint_decoder=config.checkpoint_decoder,
-                         vae_slicing=config.vae_slicing)  # fmt: skip
+    return sd15_workload(
+        batch=config.batch,
+        seed=config.seed,
+        device=config.device,
+        dtype=dtype,
+        width=config.width,
+        resolution=config.resolution,
+        checkpoint_decoder=config.checkpoint_decoder,
+        vae_slicing=config.vae_slicing,
+    )
 
 
 def run_bench(config: BenchConfig, workload: Workload | None = None, progress: bool = True) -> dict:

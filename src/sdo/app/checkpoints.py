@@ -50,8 +50,14 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
 
 
-def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    extra: dict, keep: int = 2) -> Path:  # fmt: skip
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    extra: dict,
+    keep: int = 2,
+) -> Path:
     """Write ``folder/step-NNNNNN/`` atomically (built under a temporary name, then renamed); keep the newest
     ``keep`` checkpoints. A process killed at any moment leaves either the previous set or the new one."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,8 +88,13 @@ def latest_checkpoint(folder: Path) -> Checkpoint | None:
     for path in _checkpoint_folders(folder):
         try:
             state = load_json(path / "state.json")
-            return Checkpoint(int(state["step"]), load_tensors(path / "weights.safetensors"),
-                              load_tensors(path / "optimizer.safetensors"), state, path)  # fmt: skip
+            return Checkpoint(
+                int(state["step"]),
+                load_tensors(path / "weights.safetensors"),
+                load_tensors(path / "optimizer.safetensors"),
+                state,
+                path,
+            )
         except (CorruptFileError, KeyError, ValueError) as error:
             warnings.warn(f"Skipping damaged checkpoint {path}: {error}", stacklevel=2)
     return None

@@ -20,13 +20,22 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
             continue
         default = defaults.get(item.name, item.default)
         if isinstance(default, bool):
-            parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=default,
-                                action=argparse.BooleanOptionalAction, help=item.metadata.get("help", ""))  # fmt: skip
+            parser.add_argument(
+                f"--{item.name.replace('_', '-')}",
+                dest=item.name,
+                default=default,
+                action=argparse.BooleanOptionalAction,
+                help=item.metadata.get("help", ""),
+            )
             continue
         parser.add_argument(
-            f"--{item.name.replace('_', '-')}", dest=item.name, type=type(default), default=default,
-            choices=item.metadata.get("choices"), help=f"{item.metadata.get('help', '')} (default: {default})",
-        )  # fmt: skip
+            f"--{item.name.replace('_', '-')}",
+            dest=item.name,
+            type=type(default),
+            default=default,
+            choices=item.metadata.get("choices"),
+            help=f"{item.metadata.get('help', '')} (default: {default})",
+        )
 
 
 def _fields_of(args: argparse.Namespace, config_cls) -> dict:

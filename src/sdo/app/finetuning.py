@@ -112,8 +112,9 @@ def add_lora(unet: torch.nn.Module, rank: int, targets: str) -> torch.nn.Module:
     """Inject LoRA adapters (peft) of ``rank`` into ``targets``; only they stay trainable."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=[t.strip() for t in targets.split(",")],
-                        init_lora_weights="gaussian")  # fmt: skip
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=[t.strip() for t in targets.split(",")], init_lora_weights="gaussian"
+    )
     unet.requires_grad_(False)
     return inject_adapter_in_model(config, unet)
 
@@ -235,11 +236,14 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard logs through Accelerate's TensorBoard tracker: pip install tensorboard")
     tracker = "tensorboard" if config.tensorboard else None
-    accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision, log_with=tracker,
-                              project_dir=str(out))  # fmt: skip
+    accelerator = Accelerator(
+        cpu=config.device == "cpu", mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(out)
+    )
     if config.batch_size % (accelerator.num_processes * config.grad_accum):
-        raise ConfigError(f"`batch_size` ({config.batch_size}) must be divisible by processes x grad_accum "
-                         f"({accelerator.num_processes} x {config.grad_accum}).")  # fmt: skip
+        raise ConfigError(
+            f"`batch_size` ({config.batch_size}) must be divisible by processes x grad_accum "
+            f"({accelerator.num_processes} x {config.grad_accum})."
+        )
     torch.manual_seed(config.seed)
     target = make_target(config, accelerator.device)
     unet, lora_targets = target.unet, config.lora_targets or target.lora_targets
@@ -257,24 +261,32 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     evaluator = target.evaluator() if accelerator.is_main_process else None
     if config.tensorboard:
         accelerator.init_trackers("sdo-finetune", config=asdict(config))
-    bar = tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps,
-               desc=f"finetune ({config.method})", disable=not (progress and accelerator.is_main_process))  # fmt: skip
+    bar = tqdm(
+        range(start + 1, config.steps + 1),
+        initial=start,
+        total=config.steps,
+        desc=f"finetune ({config.method})",
+        disable=not (progress and accelerator.is_main_process),
+    )
     record = metrics.records[-1] if metrics.records else {}
     for step in bar:
         started = time.perf_counter()
         mean_reward = _update(config, target, parameters, optimizer, reward_fn, accelerator, step)
         if not torch.isfinite(torch.tensor(mean_reward)):
             last = latest_checkpoint(out / "checkpoints")
-            raise ConfigError(f"The reward is not finite at step {step} ({mean_reward}); stopped. Last good "
-                             f"checkpoint: {last.path if last else 'none'}.")  # fmt: skip
+            raise ConfigError(
+                f"The reward is not finite at step {step} ({mean_reward}); stopped. Last good "
+                f"checkpoint: {last.path if last else 'none'}."
+            )
         record = {"step": step, "reward": mean_reward, "seconds": time.perf_counter() - started}
         if accelerator.is_main_process:
             if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
                 record.update(evaluator(unet))
             metrics.append(record)
             if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(out / "checkpoints", step, trainable_state(unet, lora), optimizer,
-                                {"config": asdict(config)})  # fmt: skip
+                save_checkpoint(
+                    out / "checkpoints", step, trainable_state(unet, lora), optimizer, {"config": asdict(config)}
+                )
         accelerator.log(record, step=step)
         accelerator.wait_for_everyone()
         bar.set_postfix(reward=f"{mean_reward:.3f}", s=f"{record['seconds']:.2f}")

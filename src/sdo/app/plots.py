@@ -69,8 +69,12 @@ def save_bench_plot(result: dict, path: str | Path) -> None:
     panels = 3 if result.get("cosine_sweep") else 2
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
     for row in (r for r in rows if r["steps"] == most):
-        axes[0].plot([h["elapsed"] for h in row["history"]], [h["reward"] for h in row["history"]], marker=".",
-                     label=row["method"])  # fmt: skip
+        axes[0].plot(
+            [h["elapsed"] for h in row["history"]],
+            [h["reward"] for h in row["history"]],
+            marker=".",
+            label=row["method"],
+        )
     axes[0].set(xlabel="seconds", ylabel="mean reward", title=f"reward vs wall-clock ({most} steps)")
     for method in dict.fromkeys(row["method"] for row in rows):
         mine = sorted((r["steps"], r["s_per_iter"]) for r in rows if r["method"] == method)
@@ -79,8 +83,12 @@ def save_bench_plot(result: dict, path: str | Path) -> None:
     if panels == 3:
         for steps in sorted({point["steps"] for point in result["cosine_sweep"]}):
             points = [p for p in result["cosine_sweep"] if p["steps"] == steps]
-            axes[2].plot([p["kept_step"] for p in points], [p["grad_cosine"] for p in points], marker="o",
-                         label=f"{steps} steps")  # fmt: skip
+            axes[2].plot(
+                [p["kept_step"] for p in points],
+                [p["grad_cosine"] for p in points],
+                marker="o",
+                label=f"{steps} steps",
+            )
         axes[2].set(xlabel="kept step", ylabel="cosine with Full's gradient", title="shortcut gradient fidelity")
     for axis in axes:
         axis.grid(alpha=0.3)

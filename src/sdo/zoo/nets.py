@@ -66,10 +66,16 @@ class JudgeNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 5, stride=2, padding=2), nn.GroupNorm(4, 32), nn.GELU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.GELU(),
-            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.GroupNorm(8, 128), nn.GELU(),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 5, stride=2, padding=2),
+            nn.GroupNorm(4, 32),
+            nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 64),
+            nn.GELU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 128),
+            nn.GELU(),
+        )
         self.head = nn.Linear(128, NUM_CLASSES)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -118,8 +118,14 @@ def sd15_workload(
         )
         return Sampler(denoiser, scheduler, steps)
 
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     size = resolution // 8
     latent = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     projection = torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(seed + 1))

@@ -65,8 +65,10 @@ class ZooTarget:
         def evaluate(unet: torch.nn.Module) -> dict[str, float]:
             samples = self.sampler(unet, labels).sample(noise, grad=NoGrad()).clamp(-1, 1)
             accuracy = (judge(samples).argmax(1) == labels).float().mean()
-            return {"judge_accuracy": float(accuracy),
-                    "frechet_judge": frechet_distance(judge.embed(samples), real_features)}  # fmt: skip
+            return {
+                "judge_accuracy": float(accuracy),
+                "frechet_judge": frechet_distance(judge.embed(samples), real_features),
+            }
 
         return evaluate
 
@@ -112,10 +114,13 @@ class PipelineTarget:
         return index, torch.randn(batch, *self.parts.latent_shape[1:], generator=generator)
 
     def sampler(self, unet: torch.nn.Module, index: torch.Tensor) -> Sampler:
-        model_fn = Denoiser(unet, prediction_type=self.parts.model_fn.prediction_type,
-                            encoder_hidden_states=self.parts.prompt_embeds[index.to(self.device)],
-                            negative_encoder_hidden_states=self.parts.negative_embeds,
-                            guidance_scale=self.config.guidance)  # fmt: skip
+        model_fn = Denoiser(
+            unet,
+            prediction_type=self.parts.model_fn.prediction_type,
+            encoder_hidden_states=self.parts.prompt_embeds[index.to(self.device)],
+            negative_encoder_hidden_states=self.parts.negative_embeds,
+            guidance_scale=self.config.guidance,
+        )
         return Sampler(model_fn, self.parts.scheduler, self.config.sample_steps)
 
     def evaluator(self):

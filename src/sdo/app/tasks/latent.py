@@ -101,8 +101,9 @@ def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     from sdo.clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
     from sdo.pipelines import from_pipeline
 
-    parts = from_pipeline(config.pipeline, [config.prompt] * config.batch, guidance_scale=config.guidance,
-                          device=config.device)  # fmt: skip
+    parts = from_pipeline(
+        config.pipeline, [config.prompt] * config.batch, guidance_scale=config.guidance, device=config.device
+    )
     sampler = parts.sampler(config.steps)
     encoder = ClipImageEncoder(config.clip_path or None, device=config.device)
     if config.reward == "clip":
@@ -115,8 +116,15 @@ def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
         noise = parts.initial_latent(config.seed)
         latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
         original = parts.decode(sampler.sample(latent, NoGrad(), start_step=config.start_step))
-    return LatentTask(sampler, latent, lambda x0, cond: score(parts.decode(x0)), None, original,
-                      f"{config.reward} reward for {config.prompt!r}", decode=parts.decode)  # fmt: skip
+    return LatentTask(
+        sampler,
+        latent,
+        lambda x0, cond: score(parts.decode(x0)),
+        None,
+        original,
+        f"{config.reward} reward for {config.prompt!r}",
+        decode=parts.decode,
+    )
 
 
 def build_task(config: LatentTaskConfig) -> LatentTask:
@@ -163,8 +171,16 @@ def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress:
     """Optimize ``config``'s task with ``config.method`` (building the task unless one is given)."""
     task = task or build_task(config)
     return optimize_latent(
-        task.sampler, task.latent, task.reward, grad=LATENT_METHODS[config.method], start_step=config.start_step,
-        iters=config.iters, lr=config.lr, prior_weight=config.prior_weight, project_to_shell=config.project,
+        task.sampler,
+        task.latent,
+        task.reward,
+        grad=LATENT_METHODS[config.method],
+        start_step=config.start_step,
+        iters=config.iters,
+        lr=config.lr,
+        prior_weight=config.prior_weight,
+        project_to_shell=config.project,
         seed=config.seed,
-        judge=task.judge_accepts, progress=progress,
-    )  # fmt: skip
+        judge=task.judge_accepts,
+        progress=progress,
+    )
