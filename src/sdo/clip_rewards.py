@@ -18,9 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, MissingWeightsError, missing_extra
-from .io import load_tensors
+from .io import load_image, load_tensors
+from .rewards import gram_matrix, style_distance
 
-__all__ = ["AestheticReward", "ClipImageEncoder", "ClipScoreReward", "ClipStyleReward", "random_cutouts"]
+__all__ = [
+    "CLIP_REWARDS",
+    "AestheticReward",
+    "ClipImageEncoder",
+    "ClipScoreReward",
+    "ClipStyleReward",
+    "clip_reward",
+    "random_cutouts",
+]
+
+CLIP_REWARDS = ("clip", "aesthetic", "style")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -86,9 +97,9 @@ class ClipImageEncoder:
         self.mean = torch.tensor(CLIP_MEAN, device=device)[:, None, None]
         self.std = torch.tensor(CLIP_STD, device=device)[:, None, None]
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [-1, 1] -> CLIP pixel values (optionally cut-outs, crop-major)."""
-        if self.cutouts:
+    def preprocess(self, images: torch.Tensor, cutouts: bool = True) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> CLIP pixel values (with ``cutouts``, the encoder's cut-outs, crop-major)."""
+        if cutouts and self.cutouts:
             images = random_cutouts(images, self.cutouts, self.size, self.generator)
         else:
             images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -111,14 +122,19 @@ class ClipImageEncoder:
 
 
 class ClipScoreReward:
-    """CLIP similarity ``r(x) = cos(E_img(x), E_txt(prompt))`` per image (Radford et al. 2021)."""
+    """CLIP similarity ``r(x) = cos(E_img(x), E_txt(prompt))`` per image (Radford et al. 2021).
+
+    With one prompt every image is scored against it; with several, image ``b`` is scored against prompt ``b``, or
+    against ``prompts[cond[b]]`` when the condition ``cond`` is a ``[B]`` tensor of prompt indices.
+    """
 
     def __init__(self, prompt: str | list[str], encoder: ClipImageEncoder | None = None, **encoder_options) -> None:
         self.encoder = encoder or ClipImageEncoder(**encoder_options)
         self.text = self.encoder.text_embeds([prompt] if isinstance(prompt, str) else list(prompt))
 
     def __call__(self, images: torch.Tensor, cond: object = None) -> torch.Tensor:
-        return (self.encoder.image_embeds(images) * self.text).sum(dim=-1)
+        text = self.text[cond] if torch.is_tensor(cond) else self.text
+        return (self.encoder.image_embeds(images) * text).sum(dim=-1)
 
 
 class AestheticReward:
@@ -169,20 +185,37 @@ class ClipStyleReward:
         self.layers = layers
         self.scale = scale
         with torch.no_grad():
-            self.reference = self._grams(reference)
+            self.reference = [gram_matrix(features) for features in self._features(reference)]
 
-    def _grams(self, images: torch.Tensor) -> list[torch.Tensor]:
-        pixels = F.interpolate(images, size=(self.encoder.size,) * 2, mode="bilinear", align_corners=False)
-        pixels = ((pixels + 1) / 2 - self.encoder.mean) / self.encoder.std
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Token features of the chosen layers as ``[B, D, T]`` (channels first, as ``gram_matrix`` takes)."""
+        pixels = self.encoder.preprocess(images, cutouts=False)
         hidden = self.encoder.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
-        grams = []
-        for layer in self.layers:
-            h = hidden[layer].float()
-            grams.append(h.transpose(1, 2) @ h / (h.shape[1] * h.shape[2]))
-        return grams
+        return [hidden[layer].float().transpose(1, 2) for layer in self.layers]
 
     def __call__(self, images: torch.Tensor, cond: object = None) -> torch.Tensor:
-        total = images.new_zeros(images.shape[0], dtype=torch.float32)
-        for gram, reference in zip(self._grams(images), self.reference, strict=True):
-            total = total + (gram - reference).square().sum(dim=(1, 2))
-        return -self.scale * total
+        return -self.scale * style_distance(self._features(images), self.reference)
+
+
+def clip_reward(
+    name: str,
+    encoder: ClipImageEncoder,
+    prompts: list[str],
+    *,
+    aesthetic_head: str | os.PathLike | None = None,
+    style_image: str | os.PathLike | None = None,
+):
+    """The CLIP-based image reward ``name`` (one of ``CLIP_REWARDS``) as ``reward(images, cond) -> [B]``.
+
+    "clip": ``ClipScoreReward(prompts)`` (``cond`` may index the prompts); "aesthetic": ``AestheticReward``
+    (``aesthetic_head`` or ``$SDO_AESTHETIC_HEAD``); "style": ``ClipStyleReward`` against the PNG ``style_image``.
+    """
+    if name == "clip":
+        return ClipScoreReward(prompts, encoder=encoder)
+    if name == "aesthetic":
+        return AestheticReward(aesthetic_head or None, encoder=encoder)
+    if name == "style":
+        if not style_image:
+            raise ConfigError("the style reward needs a reference image (`style_image`, a PNG).")
+        return ClipStyleReward(load_image(style_image, encoder.model.device), encoder=encoder)
+    raise ConfigError(f"the CLIP-based reward must be one of {CLIP_REWARDS}, got {name!r}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,9 @@ class OptimizationResult:
         best_latent, best_sample, best_reward: per batch element, the iterate with the highest reward seen.
         history: one dict per evaluated iterate (``iters + 1`` of them, the last being the final latent):
             ``iter``, ``reward`` (batch mean), ``rewards`` (per sample), ``loss``, ``seconds`` (wall-clock of that
-            iteration, 0 for the final evaluation), ``elapsed``, ``peak_mem_bytes`` and, with a judge,
-            ``judge_success`` (fraction of the batch the judge accepts).
+            iteration, 0 for the final evaluation), ``elapsed``; with ``measure=True``, ``peak_mem_bytes`` and
+            ``mem_kind`` (not for the final evaluation); with a judge, ``judge_success`` (fraction of the batch the
+            judge accepts).
     """
 
     latent: torch.Tensor
@@ -62,6 +64,33 @@ class _BestIterate:
         self.sample[better] = sample.detach()[better]
 
 
+@dataclass(frozen=True)
+class _Objective:
+    """What one iteration evaluates: ``reward(sample(z), cond) - prior_weight * latent_prior(z)``."""
+
+    sampler: Sampler
+    reward: Reward
+    start_step: int
+    seed: int
+    cond: object
+    prior_weight: float
+
+    def __call__(self, z: torch.Tensor, grad: GradientMode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x0, rewards [B] detached, loss)``; the loss carries the graph ``grad`` keeps."""
+        generator = torch.Generator(device=z.device).manual_seed(self.seed)
+        with torch.set_grad_enabled(not isinstance(grad, NoGrad)):
+            x0 = self.sampler.sample(z, grad=grad, start_step=self.start_step, generator=generator)
+            rewards = self.reward(x0, self.cond)
+            if rewards.shape != (z.shape[0],):
+                raise ConfigError(
+                    f"`reward` must return a [batch] tensor of shape ({z.shape[0]},), got {tuple(rewards.shape)}."
+                )
+            loss = -rewards.sum()
+            if self.prior_weight:
+                loss = loss + self.prior_weight * latent_prior(z).sum()
+        return x0, rewards.detach(), loss
+
+
 def optimize_latent(
     sampler: Sampler,
     latent: torch.Tensor,
@@ -77,6 +106,7 @@ def optimize_latent(
     seed: int = 0,
     cond: object = None,
     judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    measure: bool = False,
     progress: bool = True,
 ) -> OptimizationResult:
     """Maximize ``reward(sample(z), cond) - prior_weight * latent_prior(z)`` over the latent ``z`` with Adam.
@@ -90,7 +120,7 @@ def optimize_latent(
         sampler: the sampler (model, scheduler, steps).
         latent: ``[B, ...]`` the initial noise (``start_step=0``) or the latent at ``start_step`` (after a no-grad
             warm-up with ``sampler.sample(..., stop_step=k)``, or after ``sdo.invert``). Not modified.
-        reward: ``reward(x0, cond) -> [B]``, higher is better.
+        reward: ``reward(x0, cond) -> [B]``, higher is better (the one reward protocol of ``sdo.rewards``).
         grad: gradient mode; start_step: first step run; iters: Adam updates; lr, betas: Adam's.
         prior_weight: weight of the Gaussian-shell regularizer (0 disables it).
         project_to_shell: after each Adam step, rescale each latent to its initial norm (for initial noise, about
@@ -98,6 +128,8 @@ def optimize_latent(
         seed: seeds the sampler's noise generator anew every iteration, so one latent always maps to one sample.
         cond: passed to ``reward``.
         judge: optional ``x0 -> [B] bool`` acceptance test recorded in the history (never optimized).
+        measure: record each iteration's extra memory (``peak_mem_bytes``, and ``mem_kind``: see
+            ``sdo.memory.PeakMemory``). Off by default: on CUDA it resets the process's peak-memory statistics.
         progress: show a tqdm progress bar with the reward.
 
     Raises:
@@ -105,6 +137,7 @@ def optimize_latent(
     """
     if iters < 0:
         raise ConfigError(f"`iters` must be >= 0, got {iters}.")
+    objective = _Objective(sampler, reward, start_step, seed, cond, prior_weight)
     z = latent.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=lr, betas=betas)
     best = _BestIterate(z)
@@ -115,10 +148,8 @@ def optimize_latent(
     for iteration in bar:
         final = iteration == iters
         started = time.perf_counter()
-        with PeakMemory(z.device) as memory:
-            x0, rewards, loss = _evaluate(
-                sampler, z, reward, NoGrad() if final else grad, start_step, seed, cond, prior_weight
-            )
+        with PeakMemory(z.device) if measure and not final else nullcontext() as memory:
+            x0, rewards, loss = objective(z, NoGrad() if final else grad)
             if not torch.isfinite(rewards).all():
                 partial = OptimizationResult(z.detach(), x0.detach(), best.latent, best.sample, best.reward, history)
                 raise NonFiniteRewardError(
@@ -145,8 +176,9 @@ def optimize_latent(
             "loss": float(loss.detach()),
             "seconds": seconds,
             "elapsed": elapsed,
-            "peak_mem_bytes": memory.peak_bytes if not final else 0,
         }
+        if memory is not None:
+            record.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind)
         if judge is not None:
             record["judge_success"] = float(judge(x0.detach()).float().mean())
         history.append(record)
@@ -166,21 +198,6 @@ def _check_gradient_reached(z: torch.Tensor, grad: GradientMode) -> None:
             f"{grad!r} gives no gradient to the latent (it detaches the steps before its kept ones); "
             "use sdo.Shortcut(), sdo.Full() or sdo.Checkpointed() to optimize a latent."
         )
-
-
-def _evaluate(sampler, z, reward, grad, start_step, seed, cond, prior_weight):
-    generator = torch.Generator(device=z.device).manual_seed(seed)
-    with torch.set_grad_enabled(not isinstance(grad, NoGrad)):
-        x0 = sampler.sample(z, grad=grad, start_step=start_step, generator=generator)
-        rewards = reward(x0, cond)
-        if rewards.shape != (z.shape[0],):
-            raise ConfigError(
-                f"`reward` must return a [batch] tensor of shape ({z.shape[0]},), got {tuple(rewards.shape)}."
-            )
-        loss = -rewards.sum()
-        if prior_weight:
-            loss = loss + prior_weight * latent_prior(z).sum()
-    return x0, rewards.detach(), loss
 
 
 @torch.no_grad()

@@ -1,21 +1,33 @@
-"""Measuring the extra memory a gradient costs: CUDA allocator peak, or on CPU the bytes autograd saves."""
+"""Measuring the extra memory a gradient costs: the CUDA allocator's peak, or on CPU the bytes autograd saves.
+
+The two figures are different things and are labelled as such (``PeakMemory.kind``): on CUDA a true peak of
+allocated memory; on CPU, where PyTorch keeps no allocator statistics, the total size of the activations saved
+for backward (not a peak of process memory).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+CUDA_PEAK = "cuda peak allocated"
+CPU_SAVED = "cpu saved activations"
+
 
 class PeakMemory:
-    """Context manager giving ``peak_bytes``: the extra memory used while it is open.
+    """Context manager giving ``peak_bytes``: the extra memory used while it is open, and ``kind``, what it is.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation at entry. CPU (no allocator statistics): the
+    CUDA (``kind == "cuda peak allocated"``): ``torch.cuda.max_memory_allocated`` minus the allocation at entry.
+    This resets the allocator's peak statistics of the device, for the whole process, at entry: use it only where
+    the caller asked for a measurement. CPU (``kind == "cpu saved activations"``; no allocator statistics): the
     bytes of distinct storages autograd saves for backward inside the context (parameters excluded, since they
-    exist anyway) - the activation memory, which is what the gradient modes trade.
+    exist anyway) - the activation memory, which is what the gradient modes trade; it installs saved-tensor hooks
+    while open.
     """
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
+        self.kind = CUDA_PEAK if self.device.type == "cuda" else CPU_SAVED
         self.peak_bytes = 0
         self._storages: dict[int, int] = {}
         self._hooks = None

@@ -94,10 +94,12 @@ METHODS: dict[str, Method] = {
 
 
 def method_names(variable: Variable | None = None) -> tuple[str, ...]:
-    """Every registered name, or those that give a gradient to ``variable`` (``nograd`` counts for both)."""
-    if variable == "latent":
-        return tuple(name for name, method in METHODS.items() if method.latent or name == "nograd")
-    return tuple(METHODS)
+    """Every registered name (``variable=None``), or the methods that optimize ``variable`` (``nograd`` excluded)."""
+    if variable is None:
+        return tuple(METHODS)
+    return tuple(
+        name for name, method in METHODS.items() if name != "nograd" and (method.latent or variable != "latent")
+    )
 
 
 def gradient_mode(name: str, options: MethodOptions | None = None) -> GradientMode:
@@ -109,10 +111,10 @@ def gradient_mode(name: str, options: MethodOptions | None = None) -> GradientMo
     options = options or MethodOptions()
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(METHODS)} (sdo bench --list-methods).")
-    if name not in method_names(options.variable):
+    if options.variable == "latent" and not METHODS[name].latent and name != "nograd":
         raise ConfigError(
-            f"method {name!r} gives no gradient to a {options.variable} (it detaches the early steps); "
-            f"use one of {', '.join(method_names('latent'))}, or optimize weights."
+            f"method {name!r} gives no gradient to the latent (it detaches the early steps); "
+            f"use one of {', '.join(method_names('latent'))}, or optimize weights (--variable weights)."
         )
     return METHODS[name].build(options)
 

@@ -15,15 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, MissingWeightsError
+from .errors import MissingWeightsError
 from .io import load_json
 from .models import Denoiser
 from .sampling import Sampler
-from .schedulers import SUPPORTED_SCHEDULERS, prediction_type
+from .schedulers import SUPPORTED_SCHEDULERS, prediction_type, scheduler_by_name
 
 __all__ = ["PipelineParts", "from_pipeline"]
-
-_SCHEDULER_NAMES = {cls.__name__.removesuffix("Scheduler").lower(): cls for cls in SUPPORTED_SCHEDULERS}
 
 
 @dataclass
@@ -83,10 +81,7 @@ def _scheduler(pipe, name: str | None):
         if type(pipe.scheduler) in SUPPORTED_SCHEDULERS:
             return type(pipe.scheduler).from_config(config)
         name = "ddim"
-    if name not in _SCHEDULER_NAMES:
-        raise ConfigError(f"`scheduler` must be one of {tuple(_SCHEDULER_NAMES)}, got {name!r}.")
-    options = {"clip_sample": False} if name in ("ddim", "ddpm") else {}
-    return _SCHEDULER_NAMES[name].from_config(config, **options)
+    return scheduler_by_name(name, config)
 
 
 def from_pipeline(
@@ -113,8 +108,9 @@ def from_pipeline(
         negative_prompt: the unconditional prompt of classifier-free guidance (defaults to "").
         guidance_scale: ``w`` in ``eps_u + w (eps_c - eps_u)`` (defaults to 7.5).
         height, width: image size (defaults to the UNet's sample size times the VAE factor).
-        scheduler: "ddim", "ddpm", "dpmsolvermultistep", "eulerdiscrete" or "flowmatcheulerdiscrete"; defaults
-            to the pipeline's own when supported, else DDIM (built from the pipeline's scheduler config).
+        scheduler: a name from ``sdo.schedulers.SCHEDULER_NAMES`` ("ddim", "ddpm", "dpm++", "euler",
+            "flowmatch"); defaults to the pipeline's own when supported, else DDIM (built from the pipeline's
+            scheduler config).
         device, dtype: where the modules go, and their precision.
         embeds_require_grad: make the prompt embeddings a leaf that requires grad.
         vae_slicing, vae_tiling: decode one image, or one tile, at a time (diffusers' ``enable_slicing`` /

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["AdversarialReward", "ClassifierReward", "StyleReward", "gram_matrix", "latent_prior"]
+__all__ = ["AdversarialReward", "ClassifierReward", "StyleReward", "gram_matrix", "latent_prior", "style_distance"]
 
 
 def _target_tensor(target: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
@@ -67,10 +67,18 @@ class ClassifierReward:
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """``G = F F^T / (C H W)`` of ``features`` ``[B, C, H, W]`` -> ``[B, C, C]`` (Gatys et al. 2016, Eq. 3)."""
-    batch, channels, height, width = features.shape
-    flat = features.reshape(batch, channels, height * width)
-    return flat @ flat.transpose(1, 2) / (channels * height * width)
+    """``G = F F^T / (C N)`` of ``features`` ``[B, C, *positions]`` (N positions) -> ``[B, C, C]``
+    (Gatys et al. 2016, Eq. 3)."""
+    flat = features.flatten(2)
+    return flat @ flat.transpose(1, 2) / (flat.shape[1] * flat.shape[2])
+
+
+def style_distance(features: list[torch.Tensor], reference_grams: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_l || G(F_l) - G_l^ref ||_F^2`` per sample ``[B]`` over paired feature maps and reference Grams."""
+    total = 0.0
+    for layer, reference in zip(features, reference_grams, strict=True):
+        total = total + (gram_matrix(layer).float() - reference).square().sum(dim=(1, 2))
+    return total
 
 
 class StyleReward:
@@ -92,10 +100,7 @@ class StyleReward:
             self.reference_grams = [gram_matrix(f) for f in feature_net.features(reference)]
 
     def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
-        total = x0.new_zeros(x0.shape[0])
-        for features, reference in zip(self.feature_net.features(x0), self.reference_grams, strict=True):
-            total = total + (gram_matrix(features) - reference).square().sum(dim=(1, 2))
-        return -self.scale * total
+        return -self.scale * style_distance(self.feature_net.features(x0), self.reference_grams)
 
 
 class AdversarialReward:

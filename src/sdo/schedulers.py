@@ -29,12 +29,20 @@ SUPPORTED_SCHEDULERS = (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
+# The one vocabulary of scheduler names (the zoo, pipelines and the CLI use it).
+SCHEDULER_NAMES = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "flowmatch": FlowMatchEulerDiscreteScheduler,
+}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 _DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 
 
 def check_scheduler(scheduler: object) -> None:
-    """Raise ``ValueError`` unless ``scheduler`` is one of ``SUPPORTED_SCHEDULERS`` in a supported configuration."""
+    """Raise ``ConfigError`` unless ``scheduler`` is one of ``SUPPORTED_SCHEDULERS`` in a supported configuration."""
     if type(scheduler) not in SUPPORTED_SCHEDULERS:
         names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
         raise ConfigError(f"`scheduler` must be one of {names}; got {type(scheduler).__name__}.")
@@ -55,6 +63,18 @@ def prediction_type(scheduler: SchedulerMixin) -> str:
     if value not in PREDICTION_TYPES[:3]:
         raise ConfigError(f"`scheduler.config.prediction_type` must be one of {PREDICTION_TYPES[:3]}, got {value!r}.")
     return value
+
+
+def scheduler_by_name(name: str, config: Any = None, **options: Any) -> SchedulerMixin:
+    """The scheduler ``name`` (a key of ``SCHEDULER_NAMES``) built from ``config`` (a diffusers scheduler config,
+    e.g. a pipeline's) or from ``options`` alone. DDIM and DDPM get ``clip_sample=False``: gradients are never cut
+    by a clamp."""
+    if name not in SCHEDULER_NAMES:
+        raise ConfigError(f"`scheduler` must be one of {tuple(SCHEDULER_NAMES)}, got {name!r}.")
+    if name in ("ddim", "ddpm"):
+        options = {"clip_sample": False, **options}
+    cls = SCHEDULER_NAMES[name]
+    return cls.from_config(config, **options) if config is not None else cls(**options)
 
 
 def is_stochastic(scheduler: SchedulerMixin, eta: float) -> bool:

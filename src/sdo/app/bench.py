@@ -10,7 +10,6 @@ one (computed by ``Checkpointed()``, which equals ``Full()``'s, as the tests che
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -20,15 +19,16 @@ import torch
 from tqdm.auto import tqdm
 
 from sdo.app.options import option
+from sdo.app.report import MEMORY_HEADER, machine_info, markdown_table, mebibytes
 from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
 from sdo.errors import ConfigError
-from sdo.gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
+from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
 from sdo.memory import PeakMemory
+from sdo.methods import MethodOptions, gradient_mode, method_names
 
-__all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "gradient_mode", "run_bench"]
+__all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "run_bench"]
 
-BENCH_METHODS = ("sdo", "sdo-last", "full", "checkpointed", "draft-k", "alignprop", "nograd")
-_LATENT_METHODS = ("sdo", "sdo-last", "full", "checkpointed", "nograd")
+BENCH_METHODS = method_names()
 
 
 @dataclass(frozen=True)
@@ -58,15 +58,22 @@ class BenchConfig:
         unknown = [name for name in self.method_names if name not in BENCH_METHODS]
         if unknown or not self.method_names:
             raise ConfigError(f"`methods` must be a comma-separated subset of {BENCH_METHODS}, got {self.methods!r}.")
-        if self.variable == "latent" and (bad := [m for m in self.method_names if m not in _LATENT_METHODS]):
-            raise ConfigError(
-                f"{bad} give no gradient to the latent (they detach the early steps); use --variable weights, "
-                f"or methods from {_LATENT_METHODS}."
-            )
+        for name in self.method_names:
+            gradient_mode(name, self.method_options())  # unknown names, or no gradient to the variable: ConfigError
         if not self.step_counts or min(self.step_counts) < 1:
             raise ConfigError(f"`steps` must be comma-separated positive integers, got {self.steps!r}.")
         if self.iters < 1 or self.batch < 1:
             raise ConfigError(f"`iters` and `batch` must be >= 1, got {self.iters} and {self.batch}.")
+
+    def method_options(self, generator: torch.Generator | None = None) -> MethodOptions:
+        """What the registry's gradient modes take from this config."""
+        return MethodOptions(
+            variable=self.variable,
+            generator=generator,
+            draft_k=self.draft_k,
+            alignprop_high=self.alignprop_high,
+            checkpoint_kept=self.checkpoint_kept,
+        )
 
     @property
     def method_names(self) -> list[str]:
@@ -80,21 +87,6 @@ class BenchConfig:
             raise ConfigError(f"`steps` must be comma-separated integers, got {self.steps!r}.") from error
 
 
-def gradient_mode(name: str, config: BenchConfig, generator: torch.Generator) -> GradientMode:
-    """The gradient mode a method name stands for (``sdo`` keeps the first step for latents, a random one for
-    weights, as the paper does)."""
-    first = config.variable == "latent"
-    return {
-        "sdo": Shortcut(step="first" if first else "random", generator=generator, checkpoint=config.checkpoint_kept),
-        "sdo-last": Shortcut(step="last", checkpoint=config.checkpoint_kept),
-        "full": Full(),
-        "checkpointed": Checkpointed(),
-        "draft-k": Truncated(config.draft_k),
-        "alignprop": RandomTruncation(1, config.alignprop_high, generator=generator),
-        "nograd": NoGrad(),
-    }[name]
-
-
 class _MethodRun:
     """One method's state: its own copy of the optimized variable, its Adam, and its measurements."""
 
@@ -102,7 +94,7 @@ class _MethodRun:
         self, name: str, config: BenchConfig, workload: Workload, steps: int, mode: GradientMode | None = None
     ) -> None:
         self.name = name
-        self.mode = mode or gradient_mode(name, config, torch.Generator().manual_seed(config.seed))
+        self.mode = mode or gradient_mode(name, config.method_options(torch.Generator().manual_seed(config.seed)))
         self.model = workload.model if config.variable == "latent" else copy.deepcopy(workload.model)
         self.sampler = workload.make_sampler(steps, self.model)
         self.latent = workload.latent.clone()
@@ -126,7 +118,7 @@ class _MethodRun:
         started = time.perf_counter()
         with PeakMemory(workload.device) as memory, torch.set_grad_enabled(learns):
             x0 = self.sampler.sample(self.latent, grad=self.mode, generator=_generator(workload.device, seed))
-            rewards = workload.reward(x0)
+            rewards = workload.reward(x0, None)
             if learns:
                 self.optimizer.zero_grad(set_to_none=True)
                 (-rewards.sum()).backward()
@@ -155,7 +147,7 @@ class _MethodRun:
     @torch.no_grad()
     def final_reward(self, workload: Workload, seed: int) -> float:
         x0 = self.sampler.sample(self.latent, grad=NoGrad(), generator=_generator(workload.device, seed))
-        return float(workload.reward(x0).float().mean())
+        return float(workload.reward(x0, None).float().mean())
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -261,36 +253,29 @@ def run_bench(config: BenchConfig, workload: Workload | None = None, progress: b
     return {"config": asdict(config), "machine": machine_info(workload.device), "rows": rows, "cosine_sweep": sweep}
 
 
-def machine_info(device: torch.device) -> dict:
-    """The processor or GPU the figures come from."""
-    info = {"processor": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def format_rows(rows: list[dict]) -> str:
     """Markdown table of the benchmark rows."""
-    lines = [
-        "| steps | method | s / iter | peak extra memory | reward start -> final | reward at equal time "
-        "| grad cosine |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    headers = (
+        "steps",
+        "method",
+        "s / iter",
+        MEMORY_HEADER,
+        "reward start -> final",
+        "reward at equal time",
+        "grad cosine",
+    )
+    return markdown_table(headers, [_row_cells(r) for r in rows])
+
+
+def _row_cells(r: dict) -> list[str]:
+    cosine = "" if r["grad_cosine"] is None else f"{r['grad_cosine']:.3f}"
+    rewards = f"{r['reward_initial']:.3f} -> {r['reward_final']:.3f}"
+    return [
+        r["steps"],
+        r["method"],
+        f"{r['s_per_iter']:.3f}",
+        mebibytes(r["peak_mem_bytes"]),
+        rewards,
+        f"{r['reward_at_equal_time']:.3f}",
+        cosine,
     ]
-    for r in rows:
-        cosine = "" if r["grad_cosine"] is None else f"{r['grad_cosine']:.3f}"
-        lines.append(
-            f"| {r['steps']} | {r['method']} | {r['s_per_iter']:.3f} | {r['peak_mem_bytes'] / 2**20:.1f} MiB | "
-            f"{r['reward_initial']:.3f} -> {r['reward_final']:.3f} | {r['reward_at_equal_time']:.3f} | {cosine} |"
-        )
-    return "\n".join(lines)

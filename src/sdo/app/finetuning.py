@@ -24,12 +24,13 @@ from sdo.app.checkpoints import latest_checkpoint, optimizer_from_tensors, save_
 from sdo.app.options import option
 from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
 from sdo.errors import ConfigError
-from sdo.gradients import Checkpointed, GradientMode, RandomTruncation, Shortcut, Truncated
+from sdo.gradients import GradientMode
 from sdo.io import CorruptFileError, atomic_path, load_tensors, save_tensors
+from sdo.methods import MethodOptions, gradient_mode, method_names
 
 __all__ = ["FINETUNE_METHODS", "FINETUNE_TASKS", "FinetuneConfig", "finetune", "ink_reward", "load_adapter"]
 
-FINETUNE_METHODS = ("sdo", "draft-k", "draft-1", "alignprop", "full")
+FINETUNE_METHODS = method_names("weights")
 ZOO_TASKS = ("confidence", "bold")
 PIPELINE_TASKS = ("aesthetic", "clip", "style")
 FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
@@ -84,6 +85,8 @@ class FinetuneConfig:
             )
         if self.lora_rank < 0 or self.lr <= 0:
             raise ConfigError(f"`lora_rank` must be >= 0 and `lr` > 0, got {self.lora_rank} and {self.lr}.")
+        if self.method not in FINETUNE_METHODS:
+            raise ConfigError(f"`method` must be one of {FINETUNE_METHODS} for fine-tuning, got {self.method!r}.")
         if self.method == "draft-k" and not 1 <= self.draft_k <= self.sample_steps:
             raise ConfigError(f"`draft_k` must be in [1, {self.sample_steps}], got {self.draft_k}.")
         if self.method == "alignprop" and not 1 <= self.alignprop_high <= self.sample_steps:
@@ -98,14 +101,10 @@ class FinetuneConfig:
             raise ConfigError("`style_image` (a PNG) is required with --task style.")
 
     def mode(self, generator: torch.Generator) -> GradientMode:
-        """The gradient mode of ``method``; its random draws come from ``generator``."""
-        return {
-            "sdo": lambda: Shortcut(step="random", generator=generator),
-            "draft-k": lambda: Truncated(self.draft_k),
-            "draft-1": lambda: Truncated(1),
-            "alignprop": lambda: RandomTruncation(1, self.alignprop_high, generator=generator),
-            "full": lambda: Checkpointed(),
-        }[self.method]()
+        """The gradient mode of ``method`` from the registry (``sdo.methods``); its random draws come from
+        ``generator``."""
+        options = MethodOptions("weights", generator, draft_k=self.draft_k, alignprop_high=self.alignprop_high)
+        return gradient_mode(self.method, options)
 
 
 def add_lora(unet: torch.nn.Module, rank: int, targets: str) -> torch.nn.Module:

@@ -8,14 +8,12 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-from sdo.errors import ConfigError
 
 from ..gradients import NoGrad
 from ..io import CorruptFileError, load_json, load_tensors
 from ..models import Denoiser
 from ..sampling import Sampler
+from ..schedulers import scheduler_by_name
 from .nets import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, UNET_CONFIG, JudgeNet, RewardNet, build_unet
 
 __all__ = [
@@ -30,6 +28,7 @@ __all__ = [
     "load_judge",
     "load_reward_classifier",
     "load_unet",
+    "noise",
     "sample_digits",
     "scheduler",
     "weights_dir",
@@ -38,12 +37,6 @@ __all__ = [
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 _HINT = "Reinstall sdo, or retrain the zoo with `sdo train-zoo --out DIR` and set SDO_ZOO_DIR to that folder."
-_SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-}
 
 
 def weights_dir(override: Path | str | None = None) -> Path:
@@ -95,13 +88,17 @@ def zoo_info(folder: Path | None = None) -> dict:
 def scheduler(kind: str = "ddim"):
     """The noise schedule the zoo was trained with (linear betas, 1000 steps), as a ``kind`` sampler.
 
-    ``kind``: "ddim" (default), "ddpm", "dpm++" (DPM-Solver++ order 2) or "euler". Sample clipping is off, so
-    gradients are never cut by a clamp.
+    ``kind``: "ddim" (default), "ddpm", "dpm++" (DPM-Solver++ order 2) or "euler" (``sdo.schedulers.
+    SCHEDULER_NAMES``). Sample clipping is off, so gradients are never cut by a clamp.
     """
-    if kind not in _SCHEDULERS:
-        raise ConfigError(f"`kind` must be one of {tuple(_SCHEDULERS)}, got {kind!r}.")
-    options = {"clip_sample": False} if kind in ("ddim", "ddpm") else {}
-    return _SCHEDULERS[kind](num_train_timesteps=1000, **options)
+    return scheduler_by_name(kind, num_train_timesteps=1000)
+
+
+def noise(batch: int, seed: int | torch.Generator = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Initial noise ``[batch, 1, 32, 32]`` for the embedded model, drawn on the CPU from ``seed`` (or from a
+    generator, which advances), so that one seed gives the same latents on every device."""
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(device)
 
 
 def denoiser(unet, classes: torch.Tensor, guidance_scale: float = 3.0) -> Denoiser:
@@ -118,7 +115,5 @@ def ddim_sampler(unet, classes: torch.Tensor, steps: int, guidance_scale: float 
 def sample_digits(unet, classes: torch.Tensor, guidance_scale: float = 3.0, steps: int = 50, seed: int = 0):
     """Class-conditional DDIM samples ``[len(classes), 1, 32, 32]`` in [-1, 1] (plain sampling, no gradient)."""
     device = next(unet.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(len(classes), 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(device)
     sampler = ddim_sampler(unet, classes.to(device), steps, guidance_scale)
-    return sampler.sample(noise, grad=NoGrad()).clamp(-1, 1)
+    return sampler.sample(noise(len(classes), seed, device), grad=NoGrad()).clamp(-1, 1)

@@ -55,7 +55,8 @@ class Workload:
         name: workload name.
         make_sampler: ``(steps, model) -> Sampler`` running ``model`` (a copy of ``model`` when weights are trained).
         latent: ``[B, ...]`` initial latent (the same for every method).
-        reward: ``x0 -> [B]`` reward of a sample (decoding included, for latent-diffusion workloads).
+        reward: ``reward(x0, cond) -> [B]`` of a sample (the one reward protocol; ``cond`` is None here), decoding
+            included for latent-diffusion workloads.
         model: the network whose weights ``--variable weights`` optimizes.
         device, dtype: where and in which precision the work runs.
     """
@@ -63,7 +64,7 @@ class Workload:
     name: str
     make_sampler: Callable[[int, torch.nn.Module], Sampler]
     latent: torch.Tensor
-    reward: Callable[[torch.Tensor], torch.Tensor]
+    reward: Callable[[torch.Tensor, object], torch.Tensor]
     model: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
@@ -74,13 +75,13 @@ def mnist_workload(batch: int = 4, source: int = 3, target: int = 8, seed: int =
     device = torch.device(device)
     unet, classifier = zoo.load_unet(device), zoo.load_reward_classifier(device)
     classes = torch.full((batch,), source, device=device)
-    noise = torch.randn(batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+    noise = zoo.noise(batch, seed, device)
     reward = ClassifierReward(classifier, target)
 
     def make_sampler(steps: int, model: torch.nn.Module) -> Sampler:
         return zoo.ddim_sampler(model, classes, steps)
 
-    return Workload("mnist", make_sampler, noise.to(device), lambda x0: reward(x0), unet, device, torch.float32)
+    return Workload("mnist", make_sampler, noise, reward, unet, device, torch.float32)
 
 
 def sd15_workload(
@@ -134,7 +135,7 @@ def sd15_workload(
     def decode(z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z / vae.config.scaling_factor).sample
 
-    def reward(x0: torch.Tensor) -> torch.Tensor:
+    def reward(x0: torch.Tensor, cond: object = None) -> torch.Tensor:
         if checkpoint_decoder and torch.is_grad_enabled():
             image = torch.utils.checkpoint.checkpoint(decode, x0, use_reentrant=False)
         else:

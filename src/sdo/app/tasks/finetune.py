@@ -46,7 +46,7 @@ class ZooTarget:
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels ``[B]`` and noises ``[B, 1, 32, 32]``."""
         labels = torch.randint(0, zoo.NUM_CLASSES, (batch,), generator=generator)
-        return labels, torch.randn(batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator)
+        return labels, zoo.noise(batch, generator)
 
     def sampler(self, unet: torch.nn.Module, labels: torch.Tensor) -> Sampler:
         return zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance)
@@ -58,8 +58,7 @@ class ZooTarget:
         with torch.no_grad():
             real_features = judge.embed(real)
         labels = torch.arange(zoo.NUM_CLASSES, device=self.device).repeat_interleave(self.config.eval_per_class)
-        generator = torch.Generator().manual_seed(10_000 + self.config.seed)
-        noise = torch.randn(len(labels), 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator).to(self.device)
+        noise = zoo.noise(len(labels), 10_000 + self.config.seed, self.device)
 
         @torch.no_grad()
         def evaluate(unet: torch.nn.Module) -> dict[str, float]:
@@ -92,21 +91,13 @@ class PipelineTarget:
         self.reward = self._reward(config)
 
     def _reward(self, config):
-        from sdo.clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
-        from sdo.io import load_image
+        from sdo.clip_rewards import ClipImageEncoder, clip_reward
 
         encoder = ClipImageEncoder(config.clip_path or None, device=self.device)
-        decode = self.parts.decode
-        if config.task == "aesthetic":
-            aesthetic = AestheticReward(config.aesthetic_head or None, encoder=encoder)
-            return lambda x0, index: aesthetic(decode(x0))
-        if config.task == "clip":
-            clip = ClipScoreReward(self.prompts, encoder=encoder)
-            return lambda x0, index: (encoder.image_embeds(decode(x0)) * clip.text[index]).sum(-1)
-        if config.task == "style":
-            style = ClipStyleReward(load_image(config.style_image, self.device), encoder=encoder)
-            return lambda x0, index: style(decode(x0))
-        raise ConfigError(f"`task` must be 'aesthetic', 'clip' or 'style' with --pipeline, got {config.task!r}.")
+        score = clip_reward(
+            config.task, encoder, self.prompts, aesthetic_head=config.aesthetic_head, style_image=config.style_image
+        )
+        return lambda x0, index: score(self.parts.decode(x0), index)
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt indices ``[B]`` and initial latents ``[B, C, h, w]``."""

@@ -12,23 +12,18 @@ import torch
 
 from sdo import zoo
 from sdo.app.options import option
+from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError
-from sdo.gradients import Checkpointed, Full, GradientMode, NoGrad, Shortcut
-from sdo.io import load_image
+from sdo.gradients import NoGrad
 from sdo.latent import OptimizationResult, optimize_latent
+from sdo.methods import MethodOptions, gradient_mode, method_names
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
 from sdo.sampling import Sampler
 
 __all__ = ["LATENT_METHODS", "LatentTask", "LatentTaskConfig", "build_task", "run_task"]
 
-LATENT_METHODS: dict[str, GradientMode] = {
-    "sdo": Shortcut(step="first"),
-    "sdo-last": Shortcut(step="last"),
-    "full": Full(),
-    "checkpointed": Checkpointed(),
-}
+LATENT_METHODS = method_names("latent")
 TASKS = ("class", "style", "adversarial")
-PIPELINE_REWARDS = ("clip", "aesthetic", "style")
 
 
 @dataclass(frozen=True)
@@ -36,7 +31,7 @@ class LatentTaskConfig:
     """One latent-optimization run on the embedded model (every field is a ``sdo optimize`` flag)."""
 
     task: Literal["class", "style", "adversarial"] = option("class", "what to optimize for", choices=TASKS)
-    method: str = option("sdo", "gradient estimator", choices=tuple(LATENT_METHODS))
+    method: str = option("sdo", "gradient estimator (sdo bench --list-methods)", choices=LATENT_METHODS)
     source: int = option(3, "class of the generated digits (-1: unconditional samples, no guidance)")
     target: int = option(8, "class to steer to (class, adversarial) or of the style reference (style)")
     steps: int = option(50, "DDIM steps")
@@ -54,7 +49,7 @@ class LatentTaskConfig:
     out: str = option("sdo-optimize", "output folder")
     pipeline: str = option("", "optimize a local Stable Diffusion folder's latents instead of the embedded model")
     prompt: str = option("", "--pipeline: the prompt")
-    reward: str = option("clip", "--pipeline: clip, aesthetic or style", choices=PIPELINE_REWARDS)
+    reward: str = option("clip", "--pipeline: clip, aesthetic or style", choices=CLIP_REWARDS)
     clip_path: str = option("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
@@ -63,7 +58,7 @@ class LatentTaskConfig:
         if self.task not in TASKS:
             raise ConfigError(f"`task` must be one of {TASKS}, got {self.task!r}.")
         if self.method not in LATENT_METHODS:
-            raise ConfigError(f"`method` must be one of {tuple(LATENT_METHODS)}, got {self.method!r}.")
+            raise ConfigError(f"`method` must be one of {LATENT_METHODS} for a latent, got {self.method!r}.")
         if not -1 <= self.source < zoo.NUM_CLASSES:
             raise ConfigError(f"`source` must be a digit class in [0, 9] or -1 (unconditional), got {self.source}.")
         if self.task == "adversarial" and self.source == -1:
@@ -98,7 +93,7 @@ class LatentTask:
 
 def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
-    from sdo.clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
+    from sdo.clip_rewards import ClipImageEncoder, clip_reward
     from sdo.pipelines import from_pipeline
 
     parts = from_pipeline(
@@ -106,23 +101,20 @@ def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     )
     sampler = parts.sampler(config.steps)
     encoder = ClipImageEncoder(config.clip_path or None, device=config.device)
-    if config.reward == "clip":
-        score = ClipScoreReward(config.prompt, encoder=encoder)
-    elif config.reward == "aesthetic":
-        score = AestheticReward(config.aesthetic_head or None, encoder=encoder)
-    else:
-        score = ClipStyleReward(load_image(config.style_image, config.device), encoder=encoder)
+    score = clip_reward(
+        config.reward, encoder, [config.prompt], aesthetic_head=config.aesthetic_head, style_image=config.style_image
+    )
     with torch.no_grad():
         noise = parts.initial_latent(config.seed)
         latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
         original = parts.decode(sampler.sample(latent, NoGrad(), start_step=config.start_step))
     return LatentTask(
-        sampler,
-        latent,
-        lambda x0, cond: score(parts.decode(x0)),
-        None,
-        original,
-        f"{config.reward} reward for {config.prompt!r}",
+        sampler=sampler,
+        latent=latent,
+        reward=lambda x0, cond: score(parts.decode(x0), cond),
+        judge_accepts=None,
+        original=original,
+        description=f"{config.reward} reward for {config.prompt!r}",
         decode=parts.decode,
     )
 
@@ -138,8 +130,7 @@ def build_task(config: LatentTaskConfig) -> LatentTask:
     guidance = 1.0 if unconditional else config.guidance
     sampler = zoo.ddim_sampler(unet, classes, config.steps, guidance)
     source = "digits" if unconditional else f"{config.source}s"
-    generator = torch.Generator().manual_seed(config.seed)
-    noise = torch.randn(config.batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, generator=generator).to(device)
+    noise = zoo.noise(config.batch, config.seed, device)
     with torch.no_grad():
         latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
         original = sampler.sample(latent, NoGrad(), start_step=config.start_step)
@@ -164,7 +155,9 @@ def build_task(config: LatentTaskConfig) -> LatentTask:
             f"make the reward classifier see {config.target}s in {config.source}s "
             f"that the judge still calls {config.source}s"
         )
-    return LatentTask(sampler, latent, reward, accepts, original, text)
+    return LatentTask(
+        sampler=sampler, latent=latent, reward=reward, judge_accepts=accepts, original=original, description=text
+    )
 
 
 def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress: bool = True) -> OptimizationResult:
@@ -174,7 +167,7 @@ def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress:
         task.sampler,
         task.latent,
         task.reward,
-        grad=LATENT_METHODS[config.method],
+        grad=gradient_mode(config.method, MethodOptions(variable="latent")),
         start_step=config.start_step,
         iters=config.iters,
         lr=config.lr,
@@ -182,5 +175,6 @@ def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress:
         project_to_shell=config.project,
         seed=config.seed,
         judge=task.judge_accepts,
+        measure=True,
         progress=progress,
     )
