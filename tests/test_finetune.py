@@ -91,8 +91,11 @@ def test_nan_reward_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
         return ink_reward(x0, labels) * (float("nan") if len(calls) == 3 else 1.0)
 
     config = small_config(tmp_path)
-    with pytest.raises(ValueError, match=r"not finite at step 3 .*Last good checkpoint: .*step-000002"):
+    with pytest.raises(
+        sdo.NonFiniteRewardError, match=r"not finite at step 3 .*Last good checkpoint: .*step-000002"
+    ) as err:
         finetune(config, reward=reward, progress=False)
+    assert err.value.result["step"] == 3 and err.value.result["last_checkpoint"].endswith("step-000002")
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").step == 2
 
 

@@ -1,6 +1,6 @@
 """Every gradient mode x every scheduler against an independent plain loop written here.
 
-The reference below is the definition in DESIGN.md, spelled out step by step: for each step it either runs
+The reference below is the definition in docs/design.md, spelled out step by step: for each step it either runs
 everything under no_grad, detaches only the network output (shortcut), or keeps everything.
 """
 
@@ -15,7 +15,7 @@ N_STEPS = 6
 
 
 def reference_roles(mode, start: int, stop: int) -> list[str]:
-    """The DESIGN.md table, written independently of sdo.gradients."""
+    """The docs/design.md table, written independently of sdo.gradients."""
     n = stop - start
     if isinstance(mode, (sdo.Full, sdo.Checkpointed)):
         return ["full"] * n

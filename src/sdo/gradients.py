@@ -1,6 +1,6 @@
 """Gradient modes: which denoising steps keep an autograd graph, and how the gradient crosses the others.
 
-Notation (DESIGN.md, PAPER.md): a solver step is affine in the state and the network output,
+Notation (docs/design.md): a solver step is affine in the state and the network output,
 
     x_{i+1} = a_i * x_i + b_i * eps_theta(x_i, t_i)  (+ c_i * noise_i),
 
@@ -48,9 +48,6 @@ class GradientMode:
     def roles(self, start: int, stop: int) -> list[StepRole]:
         """Roles of steps ``start, ..., stop - 1`` (absolute indices into the sampler's schedule)."""
         raise NotImplementedError
-
-    def __call__(self, start: int, stop: int) -> list[StepRole]:
-        return self.roles(start, stop)
 
 
 def _draw_int(low: int, high: int, generator: torch.Generator | None) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -72,10 +72,6 @@ class Denoiser:
         """Whether classifier-free guidance is applied (a conditioning input and ``guidance_scale != 1``)."""
         conditioned = self.class_labels is not None or self.encoder_hidden_states is not None
         return conditioned and self.guidance_scale != 1.0
-
-    def with_condition(self, **changes) -> Denoiser:
-        """A copy with other conditioning, e.g. ``denoiser.with_condition(class_labels=labels)``."""
-        return replace(self, **changes)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Model output for ``x`` ``[batch, C, H, W]`` at timestep ``t`` (a scalar), guided if configured."""

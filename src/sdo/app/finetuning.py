@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from sdo.app.checkpoints import latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from sdo.app.options import option
 from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
-from sdo.errors import ConfigError
+from sdo.errors import ConfigError, NonFiniteRewardError
 from sdo.gradients import GradientMode
 from sdo.io import CorruptFileError, atomic_path, load_tensors, save_tensors
 from sdo.methods import MethodOptions, gradient_mode, method_names
@@ -226,8 +226,9 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     ``reward_curve.png``. Returns the last metrics record.
 
     Raises:
-        ValueError: bad configuration, or a non-finite reward (the message names the step; the last good
-            checkpoint is kept).
+        ConfigError: bad configuration.
+        NonFiniteRewardError: a non-finite reward; the message names the step, ``result`` holds ``step`` and
+            ``last_checkpoint`` (the last good checkpoint, kept on disk).
     """
     from accelerate import Accelerator
 
@@ -273,9 +274,10 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
         mean_reward = _update(config, target, parameters, optimizer, reward_fn, accelerator, step)
         if not torch.isfinite(torch.tensor(mean_reward)):
             last = latest_checkpoint(out / "checkpoints")
-            raise ConfigError(
+            raise NonFiniteRewardError(
                 f"The reward is not finite at step {step} ({mean_reward}); stopped. Last good "
-                f"checkpoint: {last.path if last else 'none'}."
+                f"checkpoint: {last.path if last else 'none'}.",
+                {"step": step, "last_checkpoint": str(last.path) if last else None},
             )
         record = {"step": step, "reward": mean_reward, "seconds": time.perf_counter() - started}
         if accelerator.is_main_process:
