@@ -90,7 +90,7 @@ def test_latent_bench_with_cosine_sweep_and_cli_json(tmp_path, capsys):
 def test_latent_bench_refuses_methods_without_a_latent_gradient():
     with pytest.raises(ValueError, match=r"method 'draft-k' gives no gradient to the latent"):
         BenchConfig(methods="sdo,draft-k")
-    with pytest.raises(ValueError, match="unknown method .magic.; known methods: sdo, sdo-first"):
+    with pytest.raises(ValueError, match=r"unknown method .magic.; known methods: sdo, sdo-first"):
         BenchConfig(methods="sdo,magic")
     with pytest.raises(ValueError, match="`methods` must name at least one method"):
         BenchConfig(methods=" , ")
