@@ -63,6 +63,17 @@ class _BestIterate:
         self.latent[better] = latent.detach()[better]
         self.sample[better] = sample.detach()[better]
 
+    def result(self, latent: torch.Tensor, sample: torch.Tensor, history: list[dict]) -> OptimizationResult:
+        """The ``OptimizationResult`` of a run whose current iterate is ``latent`` with ``sample``."""
+        return OptimizationResult(
+            latent=latent.detach(),
+            sample=sample.detach(),
+            best_latent=self.latent,
+            best_sample=self.sample,
+            best_reward=self.reward,
+            history=history,
+        )
+
 
 @dataclass(frozen=True)
 class _Objective:
@@ -151,7 +162,7 @@ def optimize_latent(
         with PeakMemory(z.device) if measure and not final else nullcontext() as memory:
             x0, rewards, loss = objective(z, NoGrad() if final else grad)
             if not torch.isfinite(rewards).all():
-                partial = OptimizationResult(z.detach(), x0.detach(), best.latent, best.sample, best.reward, history)
+                partial = best.result(z, x0, history)
                 raise NonFiniteRewardError(
                     f"The reward is not finite at iteration {iteration} ({rewards.tolist()}); stopped. "
                     "The error's `result` holds the last finite iterate.",
@@ -183,7 +194,7 @@ def optimize_latent(
             record["judge_success"] = float(judge(x0.detach()).float().mean())
         history.append(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}")
-    return OptimizationResult(z.detach(), x0.detach(), best.latent, best.sample, best.reward, history)
+    return best.result(z, x0, history)
 
 
 @torch.no_grad()

@@ -81,7 +81,15 @@ def mnist_workload(batch: int = 4, source: int = 3, target: int = 8, seed: int =
     def make_sampler(steps: int, model: torch.nn.Module) -> Sampler:
         return zoo.ddim_sampler(model, classes, steps)
 
-    return Workload("mnist", make_sampler, noise, reward, unet, device, torch.float32)
+    return Workload(
+        name="mnist",
+        make_sampler=make_sampler,
+        latent=noise,
+        reward=reward,
+        model=unet,
+        device=device,
+        dtype=torch.float32,
+    )
 
 
 def sd15_workload(
@@ -142,7 +150,9 @@ def sd15_workload(
             image = decode(x0)
         return (image * projection).flatten(1).sum(dim=1).float()
 
-    return Workload("sd15", make_sampler, latent, reward, unet, device, dtype)
+    return Workload(
+        name="sd15", make_sampler=make_sampler, latent=latent, reward=reward, model=unet, device=device, dtype=dtype
+    )
 
 
 def _scaled(config: dict, width: float) -> dict:
