@@ -17,6 +17,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .adjoint import Adjoint, AdjointStats
+from .doodl import optimize_latent_doodl
+from .edict import EDICTSampler, Invertible
 from .errors import (
     ConfigError,
     CorruptFileError,
@@ -25,9 +28,6 @@ from .errors import (
     NonFiniteRewardError,
     SdoError,
 )
-from .adjoint import Adjoint, AdjointStats
-from .doodl import optimize_latent_doodl
-from .edict import EDICTSampler, Invertible
 from .freedom import GuidanceResult, freedom_sample
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
 from .latent import OptimizationResult, invert, load_latent, optimize_latent, save_latent

@@ -94,7 +94,9 @@ class Adjoint(LoopMode):
         if self.params is not None:
             params = tuple(self.params)
             if not all(torch.is_tensor(p) for p in params):
-                raise ConfigError("`params` must be a sequence of tensors (the tensors model_fn uses to differentiate).")
+                raise ConfigError(
+                    "`params` must be a sequence of tensors (the tensors model_fn uses to differentiate)."
+                )
             object.__setattr__(self, "params", params)
 
     def run(self, sampler, x: torch.Tensor, start: int, stop: int, generator: torch.Generator | None) -> torch.Tensor:

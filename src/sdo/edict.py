@@ -64,7 +64,9 @@ class Invertible(LoopMode):
         if self.params is not None:
             params = tuple(self.params)
             if not all(torch.is_tensor(p) for p in params):
-                raise ConfigError("`params` must be a sequence of tensors (the tensors model_fn uses to differentiate).")
+                raise ConfigError(
+                    "`params` must be a sequence of tensors (the tensors model_fn uses to differentiate)."
+                )
             object.__setattr__(self, "params", params)
 
     def run(self, sampler, x: torch.Tensor, start: int, stop: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -90,7 +92,9 @@ class EDICTSampler:
         self, model_fn: ModelFn, scheduler: SchedulerMixin, num_inference_steps: int = 50, mix: float = 0.93
     ) -> None:
         if type(scheduler) is not DDIMScheduler:
-            raise ConfigError(f"EDICTSampler needs a DDIMScheduler (EDICT is DDIM with eta 0), got {type(scheduler).__name__}.")
+            raise ConfigError(
+                f"EDICTSampler needs a DDIMScheduler (EDICT is DDIM with eta 0), got {type(scheduler).__name__}."
+            )
         if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 < mix <= 1:
             raise ConfigError(f"`mix` must be a number in (0, 1] (the paper uses 0.93), got {mix!r}.")
         self.sampler = Sampler(model_fn, scheduler, num_inference_steps)
@@ -112,7 +116,7 @@ class EDICTSampler:
     def sample(
         self,
         x: torch.Tensor,
-        grad: GradientMode = Invertible(),  # noqa: B008 (a frozen, immutable value)
+        grad: GradientMode = Invertible(),
         start_step: int = 0,
         generator: torch.Generator | None = None,
         *,
@@ -132,7 +136,7 @@ class EDICTSampler:
         self,
         x: torch.Tensor,
         y: torch.Tensor | None = None,
-        grad: GradientMode = Invertible(),  # noqa: B008 (a frozen, immutable value)
+        grad: GradientMode = Invertible(),
         start_step: int = 0,
         *,
         stop_step: int | None = None,
@@ -261,7 +265,9 @@ class _InvertibleWalk:
                 if g is not None:
                     param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
             x, y = x_in.detach(), y_in.detach()
-        self.stats.reconstruction_error = max(_relative(x - start_pair[0], start_pair[0]), _relative(y - start_pair[1], start_pair[1]))
+        self.stats.reconstruction_error = max(
+            _relative(x - start_pair[0], start_pair[0]), _relative(y - start_pair[1], start_pair[1])
+        )
         self.stats.max_residual = residual
         self.stats.steps = self.stop - self.start
         self.stats.network_calls = 6 * (self.stop - self.start)  # 2 forward, 2 inversion, 2 recomputed
@@ -287,4 +293,3 @@ class _InvertibleFunction(torch.autograd.Function):
         grad_y = torch.zeros_like(y_out) if grad_y is None else grad_y
         gx, gy, param_grads = ctx.walk.backward((x, y), (x_out, y_out), (grad_x, grad_y))
         return None, gx, gy, *param_grads
-

@@ -134,7 +134,9 @@ def _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, ext
         x0 = _x0_prediction(scheduler, step, x_in, output, index)
         rewards = reward(decoder(x0) if decoder is not None else x0, cond)
         if rewards.shape != (x.shape[0],):
-            raise ConfigError(f"`reward` must return a [batch] tensor of shape ({x.shape[0]},), got {tuple(rewards.shape)}.")
+            raise ConfigError(
+                f"`reward` must return a [batch] tensor of shape ({x.shape[0]},), got {tuple(rewards.shape)}."
+            )
         (gradient,) = torch.autograd.grad(rewards.sum(), x_in)
     if not (torch.isfinite(rewards).all() and torch.isfinite(gradient).all()):
         raise NonFiniteRewardError(f"FreeDoM: the reward or its gradient is not finite at step {index}; stopped.")
@@ -183,7 +185,10 @@ def _range(name: str, value, low: int, high: int) -> tuple[int, int]:
     ok = isinstance(value, (tuple, list)) and len(value) == 2
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     if not ok or not low <= value[0] < value[1] <= high:
-        raise ConfigError(f"`{name}` must be a pair of step indices (first, stop) with {low} <= first < stop <= {high}, got {value!r}.")
+        raise ConfigError(
+            f"`{name}` must be a pair of step indices (first, stop) with {low} <= first < stop <= {high}, "
+            f"got {value!r}."
+        )
     return int(value[0]), int(value[1])
 
 

@@ -23,6 +23,7 @@ every mode for one latent and one seed.
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,9 +74,7 @@ class LoopMode(GradientMode):
     def roles(self, start: int, stop: int) -> list[StepRole]:
         raise ConfigError(f"{self!r} owns the sampling loop and has no per-step roles; pass it to Sampler.sample.")
 
-    def run(
-        self, sampler, x: torch.Tensor, start: int, stop: int, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def run(self, sampler, x: torch.Tensor, start: int, stop: int, generator: torch.Generator | None) -> torch.Tensor:
         """Run steps ``start, ..., stop - 1`` of ``sampler`` from ``x``; return the final latent."""
         raise NotImplementedError
 
@@ -257,7 +256,7 @@ def _check_step_list(steps: list[int] | tuple[int, ...], k: int) -> tuple[int, .
     """Validate ``Shortcut(step=[...])``: a non-empty, strictly increasing sequence of indices >= 0, with k = 1."""
     if not steps or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in steps):
         raise ConfigError(f"`step` as a sequence must hold step indices >= 0 (at least one), got {list(steps)!r}.")
-    if any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
+    if any(a >= b for a, b in itertools.pairwise(steps)):
         raise ConfigError(f"`step` as a sequence must be strictly increasing (sorted, no repeats), got {list(steps)}.")
     if k != 1:
         raise ConfigError(f"`k` must be 1 when `step` is a sequence of kept steps, got k={k}.")
