@@ -2,7 +2,9 @@
 
 Method: Dou et al., "You Only Look One Step: Accelerating Backpropagation in Diffusion Sampling with Gradient
 Shortcuts" (arXiv 2505.07477). ``Sampler`` owns the denoising loop; a gradient mode (``Shortcut``, ``Full``,
-``Checkpointed``, ``Truncated``, ``RandomTruncation``, ``NoGrad``) decides what each step keeps for backward.
+``Checkpointed``, ``Truncated``, ``RandomTruncation``, ``NoGrad``, ``Adjoint``) decides what each step keeps for
+backward. The paper's other baselines: ``EDICTSampler`` with ``Invertible`` and ``optimize_latent_doodl`` (DOODL),
+and ``freedom_sample`` (FreeDoM guidance).
 
 Layout (``docs/design.md``): the library is the modules of this package (the core: ``gradients``, ``sampling``,
 ``schedulers``); the applications (the ``sdo`` command, demo, bench, fine-tuning runs) are in ``sdo.app`` and the
@@ -15,6 +17,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .adjoint import Adjoint, AdjointStats
+from .doodl import optimize_latent_doodl
+from .edict import EDICTSampler, Invertible
 from .errors import (
     ConfigError,
     CorruptFileError,
@@ -23,6 +28,7 @@ from .errors import (
     NonFiniteRewardError,
     SdoError,
 )
+from .freedom import GuidanceResult, freedom_sample
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
 from .latent import OptimizationResult, invert, load_latent, optimize_latent, save_latent
 from .models import Denoiser
@@ -35,13 +41,18 @@ __version__ = "0.1.0"
 _LAZY = {"finetune": "sdo.app.finetuning", "FinetuneConfig": "sdo.app.finetuning", "finetuning": "sdo.finetuning"}
 
 __all__ = [
+    "Adjoint",
+    "AdjointStats",
     "Checkpointed",
     "ConfigError",
     "CorruptFileError",
     "Denoiser",
+    "EDICTSampler",
     "FinetuneConfig",
     "Full",
     "GradientMode",
+    "GuidanceResult",
+    "Invertible",
     "MissingExtraError",
     "MissingWeightsError",
     "NoGrad",
@@ -53,10 +64,12 @@ __all__ = [
     "Shortcut",
     "Truncated",
     "finetune",
+    "freedom_sample",
     "from_pipeline",
     "invert",
     "load_latent",
     "optimize_latent",
+    "optimize_latent_doodl",
     "save_latent",
 ]
 

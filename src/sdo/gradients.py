@@ -23,6 +23,7 @@ every mode for one latent and one seed.
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,7 +31,17 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["Checkpointed", "Full", "GradientMode", "NoGrad", "RandomTruncation", "Shortcut", "StepRole", "Truncated"]
+__all__ = [
+    "Checkpointed",
+    "Full",
+    "GradientMode",
+    "LoopMode",
+    "NoGrad",
+    "RandomTruncation",
+    "Shortcut",
+    "StepRole",
+    "Truncated",
+]
 
 
 class StepRole(enum.Enum):
@@ -47,6 +58,21 @@ class GradientMode:
 
     def roles(self, start: int, stop: int) -> list[StepRole]:
         """Roles of steps ``start, ..., stop - 1`` (absolute indices into the sampler's schedule)."""
+        raise NotImplementedError
+
+
+class LoopMode(GradientMode):
+    """A gradient mode that owns the whole sampling loop instead of assigning per-step roles (``sdo.Adjoint``).
+
+    ``Sampler.sample`` hands such a mode the sampler and the run: ``mode.run(sampler, x, start, stop, generator)``
+    returns the final latent, with whatever autograd connection the mode defines.
+    """
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        raise ConfigError(f"{self!r} owns the sampling loop and has no per-step roles; pass it to Sampler.sample.")
+
+    def run(self, sampler, x: torch.Tensor, start: int, stop: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Run steps ``start, ..., stop - 1`` of ``sampler`` from ``x``; return the final latent."""
         raise NotImplementedError
 
 
@@ -135,7 +161,7 @@ class RandomTruncation(GradientMode):
         return Truncated(_draw_int(self.low, self.high, self.generator)).roles(start, stop)
 
 
-StepChoice = Literal["first", "last", "random"] | int
+StepChoice = Literal["first", "last", "random"] | int | tuple[int, ...]
 _NAMED_STEPS = ("first", "last", "random")
 
 
@@ -157,9 +183,14 @@ class Shortcut(GradientMode):
     Args:
         step: ``"first"`` (the first step run, default; the paper's latent-optimization choice), ``"last"``,
             ``"random"`` (drawn once per trajectory, uniformly among valid starts, from ``generator``; the paper's
-            fine-tuning choice), or an integer index into the sampler's full schedule, which must lie in
-            ``[start_step, stop - k]``.
-        k: number of consecutive kept steps (defaults to 1, the paper's method; ``k > 1`` is an ablation).
+            fine-tuning choice), an integer index into the sampler's full schedule, which must lie in
+            ``[start_step, stop - k]``, or a sequence of strictly increasing indices ``[i, j, ...]`` (an ablation
+            beyond the paper: the graph is kept at exactly those steps, each one step long, and every other step is a
+            shortcut; memory grows with the number of kept steps, not with the number of steps). With several kept
+            steps s_1 < ... < s_m the gradient is the product, in step order, of ``a_i I`` over shortcut steps and the
+            full step Jacobian ``a_s I + b_s d eps/dx |_s`` over kept steps.
+        k: number of consecutive kept steps (defaults to 1, the paper's method; ``k > 1`` is an ablation; must be 1
+            when ``step`` is a sequence).
         generator: source of the random step (the global RNG when None).
         checkpoint: recompute the kept steps' activations in backward (same numbers, less memory, one more
             network forward per kept step).
@@ -172,6 +203,9 @@ class Shortcut(GradientMode):
 
     def __post_init__(self) -> None:
         _check_positive_int("k", self.k)
+        if isinstance(self.step, (list, tuple)):
+            object.__setattr__(self, "step", _check_step_list(self.step, self.k))
+            return
         if isinstance(self.step, bool) or not (isinstance(self.step, int) or self.step in _NAMED_STEPS):
             raise ConfigError(f"`step` must be one of {_NAMED_STEPS} or an integer index, got {self.step!r}.")
         if isinstance(self.step, int) and self.step < 0:
@@ -180,6 +214,8 @@ class Shortcut(GradientMode):
     def first_kept(self, start: int, stop: int) -> int:
         """Absolute index of the first kept step for a run of steps ``start, ..., stop - 1``."""
         _check_fits("k", self.k, start, stop)
+        if isinstance(self.step, tuple):
+            return self.kept_steps(start, stop)[0]
         last_valid = stop - self.k
         if self.step == "first":
             return start
@@ -194,11 +230,34 @@ class Shortcut(GradientMode):
             )
         return self.step
 
+    def kept_steps(self, start: int, stop: int) -> tuple[int, ...]:
+        """Absolute indices of every kept step for a run of steps ``start, ..., stop - 1``."""
+        if not isinstance(self.step, tuple):
+            first = self.first_kept(start, stop)
+            return tuple(range(first, first + self.k))
+        outside = [index for index in self.step if not start <= index < stop]
+        if outside:
+            raise ConfigError(
+                f"`step` indices must lie in [{start}, {stop - 1}] for steps {start}..{stop - 1}, got {outside} "
+                f"outside (step={list(self.step)})."
+            )
+        return self.step
+
     def roles(self, start: int, stop: int) -> list[StepRole]:
-        kept = self.first_kept(start, stop) - start
-        roles = [StepRole.SHORTCUT] * (stop - start)
-        roles[kept : kept + self.k] = [StepRole.CHECKPOINT if self.checkpoint else StepRole.FULL] * self.k
-        return roles
+        kept = self.kept_steps(start, stop)
+        role = StepRole.CHECKPOINT if self.checkpoint else StepRole.FULL
+        return [role if index in kept else StepRole.SHORTCUT for index in range(start, stop)]
+
+
+def _check_step_list(steps: list[int] | tuple[int, ...], k: int) -> tuple[int, ...]:
+    """Validate ``Shortcut(step=[...])``: a non-empty, strictly increasing sequence of indices >= 0, with k = 1."""
+    if not steps or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in steps):
+        raise ConfigError(f"`step` as a sequence must hold step indices >= 0 (at least one), got {list(steps)!r}.")
+    if any(a >= b for a, b in itertools.pairwise(steps)):
+        raise ConfigError(f"`step` as a sequence must be strictly increasing (sorted, no repeats), got {list(steps)}.")
+    if k != 1:
+        raise ConfigError(f"`k` must be 1 when `step` is a sequence of kept steps, got k={k}.")
+    return tuple(steps)
 
 
 def _check_fits(name: str, value: int, start: int, stop: int) -> None:

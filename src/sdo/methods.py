@@ -13,12 +13,14 @@ from typing import Literal
 
 import torch
 
+from .adjoint import Adjoint
 from .errors import ConfigError
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
 
 __all__ = ["METHODS", "Method", "MethodOptions", "describe_methods", "gradient_mode", "method_names"]
 
 Variable = Literal["latent", "weights"]
+Kind = Literal["mode", "doodl", "guidance"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class MethodOptions:
         generator: source of the mode's random draws (``sdo`` for weights, ``sdo-random``, ``alignprop``).
         draft_k: k of ``draft-k``. alignprop_high: ``alignprop`` draws its depth in ``[1, alignprop_high]``.
         checkpoint_kept: the ``sdo*`` methods recompute their kept step in backward (less memory).
+        adjoint_iters: fixed-point refinements of ``adjoint``'s reconstructions (``sdo.Adjoint(fixed_point_iters)``).
+        kept_steps: the kept steps of ``sdo-multi`` (``sdo.Shortcut(step=[...])``); None spreads 4 over the run.
     """
 
     variable: Variable = "latent"
@@ -38,16 +42,24 @@ class MethodOptions:
     draft_k: int = 1
     alignprop_high: int = 10
     checkpoint_kept: bool = False
+    adjoint_iters: int = 2
+    kept_steps: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
 class Method:
-    """One registry entry: ``build(options)`` gives the gradient mode; ``latent`` says whether it reaches a latent."""
+    """One registry entry: ``build(options)`` gives the gradient mode; ``latent`` says whether it reaches a latent.
+
+    ``kind`` says what runs the method: ``"mode"``, a gradient mode for ``sdo.optimize_latent`` / ``sdo.finetune``
+    (``build`` gives it); ``"doodl"``, ``sdo.optimize_latent_doodl`` over an ``sdo.EDICTSampler``; ``"guidance"``,
+    one ``sdo.freedom_sample`` pass per sample. Only ``"mode"`` entries have a gradient mode.
+    """
 
     name: str
     summary: str
-    build: Callable[[MethodOptions], GradientMode]
+    build: Callable[[MethodOptions], GradientMode] | None
     latent: bool = True
+    kind: Kind = "mode"
 
 
 def _shortcut(step: str) -> Callable[[MethodOptions], GradientMode]:
@@ -56,6 +68,25 @@ def _shortcut(step: str) -> Callable[[MethodOptions], GradientMode]:
         return Shortcut(step=chosen, generator=options.generator, checkpoint=options.checkpoint_kept)
 
     return build
+
+
+def _multi(options: MethodOptions) -> GradientMode:
+    """``sdo-multi``: ``Shortcut(step=options.kept_steps)``, or 4 kept steps spread over the run when None."""
+    if options.kept_steps is not None:
+        return Shortcut(step=options.kept_steps, generator=options.generator, checkpoint=options.checkpoint_kept)
+    return _SpreadShortcut(checkpoint=options.checkpoint_kept)
+
+
+@dataclass(frozen=True)
+class _SpreadShortcut(Shortcut):
+    """``Shortcut`` keeping ``count`` steps evenly spread over whatever run it is given (the first one included)."""
+
+    count: int = 4
+
+    def kept_steps(self, start: int, stop: int) -> tuple[int, ...]:
+        remaining = stop - start
+        count = min(self.count, remaining)
+        return tuple(sorted({start + (k * remaining) // count for k in range(count)}))
 
 
 METHODS: dict[str, Method] = {
@@ -89,8 +120,28 @@ METHODS: dict[str, Method] = {
             latent=False,
         ),
         Method("nograd", "plain sampling, no gradient (the cost floor)", lambda o: NoGrad(), latent=False),
+        Method(
+            "adjoint",
+            "AdjointDPM: no-grad forward, backward by running the solver backward (--adjoint-iters refinements)",
+            lambda o: Adjoint(fixed_point_iters=o.adjoint_iters),
+        ),
+        Method("sdo-multi", "SDO keeping several steps spread over the run (graphs only there)", _multi),
+        Method(
+            "doodl",
+            "DOODL: EDICT sampling with exact-inversion backprop, SGD+momentum, clipping, renormalization",
+            None,
+            kind="doodl",
+        ),
+        Method(
+            "freedom",
+            "FreeDoM: training-free guidance in one sampling pass (reward gradient at the x0 prediction)",
+            None,
+            kind="guidance",
+        ),
     )
 }
+
+_RUNNERS = {"doodl": "sdo.optimize_latent_doodl on an sdo.EDICTSampler", "guidance": "sdo.freedom_sample"}
 
 
 def method_names(variable: Variable | None = None) -> tuple[str, ...]:
@@ -116,7 +167,10 @@ def gradient_mode(name: str, options: MethodOptions | None = None) -> GradientMo
             f"method {name!r} gives no gradient to the latent (it detaches the early steps); "
             f"use one of {', '.join(method_names('latent'))}, or optimize weights (--variable weights)."
         )
-    return METHODS[name].build(options)
+    method = METHODS[name]
+    if method.kind != "mode":
+        raise ConfigError(f"method {name!r} is not a gradient mode: it runs through {_RUNNERS[method.kind]}.")
+    return method.build(options)
 
 
 def describe_methods() -> str:

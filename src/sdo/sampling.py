@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import schedulers as sched
 from .errors import ConfigError
-from .gradients import GradientMode, Shortcut, StepRole
+from .gradients import GradientMode, LoopMode, Shortcut, StepRole
 
 __all__ = ["ModelFn", "Sampler"]
 
@@ -131,6 +131,8 @@ class Sampler:
             raise ConfigError(f"`grad` must be a gradient mode such as sdo.Shortcut() or sdo.Full(), got {grad!r}.")
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise ConfigError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
+        if isinstance(grad, LoopMode):  # e.g. sdo.Adjoint: the mode runs the whole loop itself
+            return grad.run(self, x, start_step, stop, generator)
         roles = grad.roles(start_step, stop)
         scheduler = self.fresh_scheduler(x.device)
         noise_source = (generator or _default_generator(x.device)) if self.stochastic else None

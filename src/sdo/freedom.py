@@ -1,0 +1,214 @@
+"""FreeDoM: training-free energy guidance inside one sampling pass (Yu et al., ICCV 2023, arXiv 2303.09833).
+
+Notation: step i maps ``x_i`` (timestep ``t_i``) to ``x_{i+1}``; the marginal at step i is
+``x_i = alpha_i x_0 + sigma_i eps`` (DDIM/DDPM: ``alpha = sqrt(ab_t)``, ``sigma = sqrt(1 - ab_t)``; Euler:
+``alpha = 1``, ``sigma = sigma_i``; FlowMatch: ``alpha = 1 - s_i``, ``sigma = s_i``). The energy is ``E = -reward``.
+At each step i inside the guidance window ``[window[0], window[1])``:
+
+1. ``out = model_fn(x_i, t_i)`` with a graph; the solver gives the unguided ``x'_{i+1}`` and the x0 prediction
+   ``x0_hat(x_i)`` (``pred_original_sample``; FlowMatch: ``x_i - s_i v``);
+2. ``g_i = d reward(D(x0_hat), cond) / d x_i`` (one network VJP; ``D`` the optional decoder);
+3. ``x_{i+1} = x'_{i+1} + rho_i g_i`` (a step down the energy), with FreeDoM's adaptive step size
+   ``rho_i = scale * rms(x'_{i+1} - x_i) / rms(g_i)`` per sample: the guidance moves the state by ``scale`` times
+   the solver's own update (the authors' CLIP rule sets ``0.02`` of the update's x0 term; measuring the whole
+   update makes it one formula on every scheduler);
+4. time travel (inside ``[travel[0], travel[1])``, ``repeats`` > 1): re-noise ``x_{i+1}`` back to step i,
+   ``x_i = (alpha_i / alpha_{i+1}) x_{i+1} + sqrt(sigma_i^2 - (alpha_i / alpha_{i+1})^2 sigma_{i+1}^2) z``, and redo
+   the step, ``repeats`` passes in all.
+
+Steps outside the window run under ``torch.no_grad()``. Nothing is optimized across passes: one guided pass per
+sample, whose cost is one network forward + backward (and the reward's) per guided pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+from . import schedulers as sched
+from .errors import ConfigError, NonFiniteRewardError
+from .sampling import Sampler, _default_generator
+
+__all__ = ["GuidanceResult", "freedom_sample"]
+
+Reward = Callable[[torch.Tensor, object], torch.Tensor]
+_X0_SCHEDULERS = (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
+
+
+@dataclass
+class GuidanceResult:
+    """What ``freedom_sample`` returns.
+
+    Attributes:
+        sample: ``[B, ...]`` the guided final latent (detached).
+        rewards: ``[B]`` the reward of the final sample (decoded when a decoder is given).
+        history: one dict per guided pass: ``step`` (schedule index), ``pass`` (0 .. repeats - 1), ``timestep``,
+            ``reward`` (batch mean of the reward at the x0 prediction), ``rho`` (batch mean step size), ``grad_rms``.
+        seconds: wall-clock of the whole guided pass (without the final reward evaluation).
+        network_calls: network evaluations of the pass.
+    """
+
+    sample: torch.Tensor
+    rewards: torch.Tensor
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    network_calls: int = 0
+
+
+def freedom_sample(
+    sampler: Sampler,
+    x: torch.Tensor,
+    reward: Reward,
+    *,
+    cond: object = None,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scale: float = 0.2,
+    window: tuple[int, int] | None = None,
+    repeats: int = 1,
+    travel: tuple[int, int] | None = None,
+    start_step: int = 0,
+    generator: torch.Generator | None = None,
+) -> GuidanceResult:
+    """One FreeDoM-guided sampling pass (Yu et al. 2023, arXiv 2303.09833; formulas in the module docstring).
+
+    Args:
+        sampler: an ``sdo.Sampler`` on DDIM (any eta), DDPM, Euler or FlowMatch Euler (a scheduler with an x0
+            prediction; DPM-Solver gives a ``ConfigError``).
+        x: ``[B, ...]`` the latent at ``start_step`` (initial noise times ``init_noise_sigma`` when 0).
+        reward: ``reward(image, cond) -> [B]``, higher is better (the energy is its negative).
+        cond: passed to ``reward``. decoder: optional ``x0 -> image`` applied before the reward (e.g. a VAE decode).
+        scale (`float`, defaults to 0.2): the guidance step as a fraction of the solver's update (>= 0).
+        window: ``(first, stop)`` schedule indices of the guided steps (defaults to every step run); must satisfy
+            ``start_step <= first < stop <= num_inference_steps``.
+        repeats (`int`, defaults to 1): passes per step inside ``travel`` (time travel; 1 disables it).
+        travel: ``(first, stop)`` steps that time-travel, inside ``window`` (defaults to the first half of it).
+        start_step: first step run. generator: noise of stochastic schedulers and of time travel (global RNG if None).
+
+    Raises:
+        ConfigError: unsupported scheduler, window or travel range outside the run, repeats < 1, bad scale.
+        NonFiniteRewardError: the reward or its gradient is NaN or infinite.
+    """
+    first, stop, travel_first, travel_stop = _check(sampler, x, scale, window, repeats, travel, start_step)
+    started = time.perf_counter()
+    scheduler = sampler.fresh_scheduler(x.device)
+    noise = generator or _default_generator(x.device)
+    kwargs = {"eta": sampler.eta} if isinstance(scheduler, DDIMScheduler) else {}
+    history, calls, x = [], 0, x.detach()
+    for index in range(start_step, sampler.num_inference_steps):
+        t = scheduler.timesteps[index]
+        guided = first <= index < stop
+        passes = repeats if guided and travel_first <= index < travel_stop else 1
+        state = sched.snapshot(scheduler)
+        for number in range(passes):
+            sched.restore(scheduler, state)
+            extra = {**kwargs, "generator": noise} if sched.is_stochastic(scheduler, sampler.eta) else kwargs
+            calls += 1
+            if not guided:
+                with torch.no_grad():
+                    output = sampler.model_fn(sched.scale_model_input(scheduler, x, t), t)
+                    x_next = scheduler.step(output, t, x, **extra).prev_sample
+            else:
+                x_next, record = _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, extra)
+                history.append({"step": index, "pass": number, "timestep": int(t), **record})
+            if number + 1 < passes:
+                x = _renoise(scheduler, index, x_next, noise)
+        x = x_next
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        rewards = reward(decoder(x) if decoder is not None else x, cond)
+    return GuidanceResult(x, rewards.detach(), history, seconds, calls)
+
+
+def _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, extra):
+    """Steps 1-3 of the module docstring: the unguided update plus ``rho g``, and the pass's metrics."""
+    t = scheduler.timesteps[index]
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        output = sampler.model_fn(sched.scale_model_input(scheduler, x_in, t), t)
+        step = scheduler.step(output, t, x_in, **extra)
+        x0 = _x0_prediction(scheduler, step, x_in, output, index)
+        rewards = reward(decoder(x0) if decoder is not None else x0, cond)
+        if rewards.shape != (x.shape[0],):
+            raise ConfigError(
+                f"`reward` must return a [batch] tensor of shape ({x.shape[0]},), got {tuple(rewards.shape)}."
+            )
+        (gradient,) = torch.autograd.grad(rewards.sum(), x_in)
+    if not (torch.isfinite(rewards).all() and torch.isfinite(gradient).all()):
+        raise NonFiniteRewardError(f"FreeDoM: the reward or its gradient is not finite at step {index}; stopped.")
+    x_next = step.prev_sample.detach()
+    rho = scale * _rms(x_next - x) / _rms(gradient).clamp_min(1e-30)
+    x_next = x_next + rho.view(-1, *[1] * (x.ndim - 1)) * gradient
+    record = {"reward": float(rewards.mean()), "rho": float(rho.mean()), "grad_rms": float(_rms(gradient).mean())}
+    return x_next, record
+
+
+def _rms(tensor: torch.Tensor) -> torch.Tensor:
+    """Root mean square per batch element, ``[B]``."""
+    return tensor.flatten(1).square().mean(dim=1).sqrt()
+
+
+def _x0_prediction(scheduler, step, x: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
+    """The step's x0 prediction: ``pred_original_sample``, or ``x - s_i v`` for FlowMatch (which returns none)."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return x - scheduler.sigmas[index].to(x.dtype) * output
+    return step.pred_original_sample
+
+
+def _signal_noise(scheduler, index: int) -> tuple[float, float]:
+    """``(alpha_i, sigma_i)`` of the marginal ``x_i = alpha_i x_0 + sigma_i eps`` (index n: the clean end)."""
+    if isinstance(scheduler, (EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)):
+        s = float(scheduler.sigmas[index])
+        return (1.0, s) if isinstance(scheduler, EulerDiscreteScheduler) else (1.0 - s, s)
+    if index >= len(scheduler.timesteps):
+        ab = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
+    else:
+        ab = float(scheduler.alphas_cumprod[int(scheduler.timesteps[index])])
+    return math.sqrt(ab), math.sqrt(1.0 - ab)
+
+
+def _renoise(scheduler, index: int, x_next: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Time travel: a draw of ``x_i`` given ``x_{i+1}`` under the forward process (module docstring, step 4)."""
+    alpha, sigma = _signal_noise(scheduler, index)
+    alpha_next, sigma_next = _signal_noise(scheduler, index + 1)
+    ratio = alpha / alpha_next
+    spread = math.sqrt(max(sigma**2 - (ratio * sigma_next) ** 2, 0.0))
+    z = torch.randn(x_next.shape, generator=generator, device=x_next.device, dtype=x_next.dtype)
+    return ratio * x_next + spread * z
+
+
+def _range(name: str, value, low: int, high: int) -> tuple[int, int]:
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or not low <= value[0] < value[1] <= high:
+        raise ConfigError(
+            f"`{name}` must be a pair of step indices (first, stop) with {low} <= first < stop <= {high}, "
+            f"got {value!r}."
+        )
+    return int(value[0]), int(value[1])
+
+
+def _check(sampler, x, scale, window, repeats, travel, start_step):
+    if not isinstance(sampler, Sampler):
+        raise ConfigError(f"`sampler` must be an sdo.Sampler, got {type(sampler).__name__}.")
+    if type(sampler.scheduler) not in _X0_SCHEDULERS:
+        raise ConfigError(
+            f"FreeDoM needs a scheduler whose step predicts x0 (DDIM, DDPM, Euler, FlowMatch Euler); "
+            f"{type(sampler.scheduler).__name__} gives none."
+        )
+    n = sampler.num_inference_steps
+    sampler._check_range(start_step, None)
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ConfigError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0):
+        raise ConfigError(f"`scale` must be a finite number >= 0, got {scale!r}.")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"`repeats` must be an integer >= 1 (1: no time travel), got {repeats!r}.")
+    first, stop = _range("window", (start_step, n) if window is None else window, start_step, n)
+    default_travel = (first, first + max(1, (stop - first) // 2))
+    travel_first, travel_stop = _range("travel", default_travel if travel is None else travel, first, stop)
+    return first, stop, travel_first, travel_stop
