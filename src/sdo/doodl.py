@@ -14,7 +14,52 @@ from .gradients import GradientMode, NoGrad
 from .latent import OptimizationResult, Reward, _BestIterate, _project
 from .memory import PeakMemory
 
-__all__ = ["optimize_latent_doodl"]
+__all__ = ["DoodlUpdate", "optimize_latent_doodl"]
+
+
+class DoodlUpdate:
+    """DOODL's update of a latent ``z`` from the gradient ``g`` of the reward (Wallace et al. 2023, ``doodl.py``):
+
+        d = clip(lr * g, -clip, clip);  m = momentum * m + d;  z = z + m + perturbation * N(0, I);
+        z = z * ||z_init|| / ||z||  (per sample, with ``renormalize``)
+
+    One object per run: it holds the momentum ``m``, the initial norms and the perturbation's generator (seeded by
+    ``seed``). ``sdo.optimize_latent_doodl`` and ``sdo bench`` both apply it.
+    """
+
+    def __init__(
+        self,
+        z: torch.Tensor,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        clip: float | None = 1e-3,
+        perturbation: float = 1e-4,
+        renormalize: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.lr, self.momentum, self.clip, self.perturbation, self.renormalize = (
+            lr,
+            momentum,
+            clip,
+            perturbation,
+            renormalize,
+        )
+        self.radius = z.detach().flatten(1).norm(dim=1)
+        self.noise = torch.Generator(device=z.device).manual_seed(seed)
+        self.velocity: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor, gradient: torch.Tensor) -> None:
+        """Move ``z`` (in place) up the reward along ``gradient``."""
+        step = self.lr * gradient
+        if self.clip is not None:
+            step = step.clamp(-self.clip, self.clip)
+        self.velocity = step if self.velocity is None else self.momentum * self.velocity + step
+        z.add_(self.velocity)
+        if self.perturbation:
+            z.add_(self.perturbation * torch.randn(z.shape, generator=self.noise, device=z.device, dtype=z.dtype))
+        if self.renormalize:
+            _project(z, self.radius)
 
 
 def optimize_latent_doodl(
@@ -68,9 +113,8 @@ def optimize_latent_doodl(
     """
     _check(sampler, iters, lr, momentum, clip, perturbation, grad)
     z = latent.detach().clone().requires_grad_(True)
-    radius = z.detach().flatten(1).norm(dim=1)
-    noise = torch.Generator(device=z.device).manual_seed(seed)
-    best, history, elapsed, velocity = _BestIterate(z), [], 0.0, None
+    update = DoodlUpdate(z, lr, momentum, clip, perturbation, renormalize, seed)
+    best, history, elapsed = _BestIterate(z), [], 0.0
     bar = tqdm(range(iters + 1), desc="optimize (DOODL)", disable=not progress, leave=False)
     for iteration in bar:
         final = iteration == iters
@@ -89,16 +133,7 @@ def optimize_latent_doodl(
             if not final:
                 (gradient,) = torch.autograd.grad(loss, z)
         if not final:
-            with torch.no_grad():
-                step = -lr * gradient  # ascent on the reward
-                if clip is not None:
-                    step = step.clamp(-clip, clip)
-                velocity = step if velocity is None else momentum * velocity + step
-                z.add_(velocity)
-                if perturbation:
-                    z.add_(perturbation * torch.randn(z.shape, generator=noise, device=z.device, dtype=z.dtype))
-            if renormalize:
-                _project(z, radius)
+            update(z, -gradient)  # the gradient of the loss; DOODL ascends the reward
         seconds = 0.0 if final else time.perf_counter() - started
         elapsed += seconds
         best.update(z, x0, rewards.detach())

@@ -143,7 +143,11 @@ def _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, ext
     x_next = step.prev_sample.detach()
     rho = scale * _rms(x_next - x) / _rms(gradient).clamp_min(1e-30)
     x_next = x_next + rho.view(-1, *[1] * (x.ndim - 1)) * gradient
-    record = {"reward": float(rewards.mean()), "rho": float(rho.mean()), "grad_rms": float(_rms(gradient).mean())}
+    record = {
+        "reward": float(rewards.detach().mean()),
+        "rho": float(rho.mean()),
+        "grad_rms": float(_rms(gradient).mean()),
+    }
     return x_next, record
 
 

@@ -145,12 +145,15 @@ _RUNNERS = {"doodl": "sdo.optimize_latent_doodl on an sdo.EDICTSampler", "guidan
 
 
 def method_names(variable: Variable | None = None) -> tuple[str, ...]:
-    """Every registered name (``variable=None``), or the methods that optimize ``variable`` (``nograd`` excluded)."""
+    """Every registered name (``variable=None``), or the methods that optimize ``variable`` (``nograd`` excluded):
+    for a latent, those with ``latent=True`` (DOODL and FreeDoM included); for weights, the gradient modes."""
     if variable is None:
         return tuple(METHODS)
-    return tuple(
-        name for name, method in METHODS.items() if name != "nograd" and (method.latent or variable != "latent")
-    )
+
+    def optimizes(method: Method) -> bool:
+        return method.latent if variable == "latent" else method.kind == "mode"
+
+    return tuple(name for name, method in METHODS.items() if name != "nograd" and optimizes(method))
 
 
 def gradient_mode(name: str, options: MethodOptions | None = None) -> GradientMode:

@@ -13,10 +13,14 @@ import torch
 from sdo import zoo
 from sdo.app.options import option
 from sdo.clip_rewards import CLIP_REWARDS
+from sdo.doodl import optimize_latent_doodl
+from sdo.edict import EDICTSampler
 from sdo.errors import ConfigError
+from sdo.freedom import freedom_sample
 from sdo.gradients import NoGrad
 from sdo.latent import OptimizationResult, optimize_latent
-from sdo.methods import MethodOptions, gradient_mode, method_names
+from sdo.memory import PeakMemory
+from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
 from sdo.sampling import Sampler
 
@@ -45,6 +49,11 @@ class LatentTaskConfig:
     project: bool = option(True, "rescale latents to their initial norm after each step (the hard shell prior)")
     views: int = option(4, "class/adversarial: average the classifier over this many random 2-pixel shifts")
     proximity: float = option(20.0, "adversarial task: weight keeping the image near the original")
+    adjoint_iters: int = option(2, "adjoint: fixed-point refinements of each reconstructed state")
+    kept_steps: str = option("", "sdo-multi: comma-separated kept step indices (default: 4 spread over the run)")
+    doodl_lr: float = option(1.0, "doodl: gradient scale before element-wise clipping at 1e-3 (the authors' rule)")
+    freedom_scale: float = option(0.2, "freedom: guidance step as a fraction of the solver update")
+    freedom_repeats: int = option(1, "freedom: time-travel passes per step in the first half of the window")
     device: str = option("cpu", "torch device")
     out: str = option("sdo-optimize", "output folder")
     pipeline: str = option("", "optimize a local Stable Diffusion folder's latents instead of the embedded model")
@@ -53,6 +62,10 @@ class LatentTaskConfig:
     clip_path: str = option("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
+
+    def method_options(self) -> MethodOptions:
+        """What the registry's gradient mode for ``method`` takes from this config (a latent is optimized)."""
+        return MethodOptions("latent", adjoint_iters=self.adjoint_iters, kept_steps=_index_list(self.kept_steps))
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -72,6 +85,13 @@ class LatentTaskConfig:
             raise ConfigError(f"`iters` must be >= 0 and `lr` > 0, got iters={self.iters}, lr={self.lr}.")
         if not 0 <= self.start_step < self.steps:
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
+        if self.adjoint_iters < 0 or self.freedom_repeats < 1 or self.freedom_scale < 0 or not self.doodl_lr > 0:
+            raise ConfigError(
+                "`adjoint_iters` must be >= 0, `freedom_repeats` >= 1, `freedom_scale` >= 0 and `doodl_lr` > 0; got "
+                f"{self.adjoint_iters}, {self.freedom_repeats}, {self.freedom_scale}, {self.doodl_lr}."
+            )
+        if METHODS[self.method].kind == "mode":
+            gradient_mode(self.method, self.method_options())  # a bad --kept-steps fails here, before any work
         if self.pipeline and not self.prompt:
             raise ConfigError("`prompt` is required with --pipeline.")
         if self.pipeline and self.reward == "style" and not self.style_image:
@@ -160,14 +180,34 @@ def build_task(config: LatentTaskConfig) -> LatentTask:
     )
 
 
+def _index_list(text: str) -> tuple[int, ...] | None:
+    """``"3,10,20"`` -> ``(3, 10, 20)``; ``""`` -> None."""
+    if not text.strip():
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as error:
+        raise ConfigError(f"`kept_steps` must be comma-separated step indices, got {text!r}.") from error
+
+
 def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress: bool = True) -> OptimizationResult:
-    """Optimize ``config``'s task with ``config.method`` (building the task unless one is given)."""
+    """Optimize ``config``'s task with ``config.method`` (building the task unless one is given).
+
+    Gradient modes run ``sdo.optimize_latent`` (Adam); ``doodl`` runs ``sdo.optimize_latent_doodl`` on an
+    ``sdo.EDICTSampler`` over the same model and schedule; ``freedom`` runs one ``sdo.freedom_sample`` pass, reported
+    as a two-record history (the unguided sample, then the guided one; ``seconds`` is the whole pass).
+    """
     task = task or build_task(config)
+    runner = {"mode": _run_mode, "doodl": _run_doodl, "guidance": _run_freedom}[METHODS[config.method].kind]
+    return runner(config, task, progress)
+
+
+def _run_mode(config: LatentTaskConfig, task: LatentTask, progress: bool) -> OptimizationResult:
     return optimize_latent(
         task.sampler,
         task.latent,
         task.reward,
-        grad=gradient_mode(config.method, MethodOptions(variable="latent")),
+        grad=gradient_mode(config.method, config.method_options()),
         start_step=config.start_step,
         iters=config.iters,
         lr=config.lr,
@@ -178,3 +218,58 @@ def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress:
         measure=True,
         progress=progress,
     )
+
+
+def _run_doodl(config: LatentTaskConfig, task: LatentTask, progress: bool) -> OptimizationResult:
+    sampler = task.sampler
+    edict = EDICTSampler(sampler.model_fn, sampler.scheduler, sampler.num_inference_steps)
+    return optimize_latent_doodl(
+        edict,
+        task.latent,
+        task.reward,
+        start_step=config.start_step,
+        iters=config.iters,
+        lr=config.doodl_lr,
+        renormalize=config.project,
+        seed=config.seed,
+        judge=task.judge_accepts,
+        progress=progress,
+    )
+
+
+def _run_freedom(config: LatentTaskConfig, task: LatentTask, progress: bool) -> OptimizationResult:
+    generator = torch.Generator(device=task.latent.device).manual_seed(config.seed)
+    with PeakMemory(task.latent.device) as memory:
+        guided = freedom_sample(
+            task.sampler,
+            task.latent,
+            task.reward,
+            scale=config.freedom_scale,
+            repeats=config.freedom_repeats,
+            start_step=config.start_step,
+            generator=generator,
+        )
+    with torch.no_grad():
+        generator.manual_seed(config.seed)
+        unguided = task.sampler.sample(task.latent, NoGrad(), start_step=config.start_step, generator=generator)
+        before = task.reward(unguided, None)
+    cost = {"seconds": guided.seconds, "elapsed": guided.seconds, "peak_mem_bytes": memory.peak_bytes}
+    history = [
+        _record(0, before, unguided, task.judge_accepts, **cost, mem_kind=memory.kind),
+        _record(1, guided.rewards, guided.sample, task.judge_accepts, seconds=0.0, elapsed=guided.seconds),
+    ]
+    return OptimizationResult(
+        latent=task.latent,
+        sample=guided.sample,
+        best_latent=task.latent,
+        best_sample=guided.sample,
+        best_reward=guided.rewards,
+        history=history,
+    )
+
+
+def _record(iteration: int, rewards: torch.Tensor, sample: torch.Tensor, judge, **extra) -> dict:
+    record = {"iter": iteration, "reward": float(rewards.mean()), "rewards": rewards.tolist(), **extra}
+    if judge is not None:
+        record["judge_success"] = float(judge(sample).float().mean())
+    return record
