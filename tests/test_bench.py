@@ -7,8 +7,11 @@ import json
 import pytest
 import torch
 
-from sdo.app.bench import BENCH_METHODS, BenchConfig, run_bench
+from sdo.app.bench import BenchConfig, run_bench
 from sdo.app.cli import main
+from sdo.methods import method_names
+
+WEIGHT_METHODS = (*method_names("weights"), "nograd")
 
 ROW_KEYS = {
     "method",
@@ -32,14 +35,14 @@ ROW_KEYS = {
 @pytest.fixture(scope="module")
 def weights_bench():
     config = BenchConfig(
-        methods=",".join(BENCH_METHODS), variable="weights", steps="4", iters=2, batch=1, lr=1e-4, alignprop_high=3
+        methods=",".join(WEIGHT_METHODS), variable="weights", steps="4", iters=2, batch=1, lr=1e-4, alignprop_high=3
     )
     return run_bench(config, progress=False)
 
 
 def test_every_method_reports_every_field(weights_bench):
     rows = {row["method"]: row for row in weights_bench["rows"]}
-    assert set(rows) == set(BENCH_METHODS)
+    assert set(rows) == set(WEIGHT_METHODS)
     for name, row in rows.items():
         assert set(row) == ROW_KEYS, name
         assert row["s_per_iter"] > 0 and len(row["history"]) == 2
@@ -129,3 +132,15 @@ def test_sd15_architecture_on_gpu():
     rows = {row["method"]: row for row in run_bench(config, progress=False)["rows"]}
     assert rows["sdo"]["peak_mem_bytes"] <= rows["checkpointed"]["peak_mem_bytes"] * 1.5
     assert rows["checkpointed"]["grad_cosine"] == pytest.approx(1.0, abs=1e-2)
+
+
+def test_latent_only_methods_run_in_the_bench():
+    config = BenchConfig(methods="sdo,adjoint,doodl,freedom", steps="3", iters=2, batch=1)
+    rows = {row["method"]: row for row in run_bench(config, progress=False)["rows"]}
+    assert rows["adjoint"]["grad_cosine"] > 0.5  # exact up to the reconstruction error
+    assert rows["doodl"]["grad_cosine"] is None and rows["freedom"]["grad_cosine"] is None  # other chain / no grad
+    assert rows["doodl"]["reward_final"] != rows["doodl"]["reward_initial"]  # DOODL moved the latent
+    assert rows["freedom"]["reward_final"] > rows["sdo"]["reward_initial"]  # guidance beats the unguided sample
+    assert all(row["peak_mem_bytes"] > 0 for row in rows.values())
+    with pytest.raises(ValueError, match="method 'doodl' optimizes a latent only"):
+        BenchConfig(methods="doodl", variable="weights")

@@ -21,10 +21,13 @@ from tqdm.auto import tqdm
 from sdo.app.options import option
 from sdo.app.report import MEMORY_HEADER, machine_info, markdown_table, mebibytes
 from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
+from sdo.doodl import DoodlUpdate
+from sdo.edict import EDICTSampler, Invertible
 from sdo.errors import ConfigError
+from sdo.freedom import freedom_sample
 from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
 from sdo.memory import PeakMemory
-from sdo.methods import MethodOptions, gradient_mode, method_names
+from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "run_bench"]
 
@@ -58,7 +61,10 @@ class BenchConfig:
         if not self.method_names:
             raise ConfigError(f"`methods` must name at least one method of {BENCH_METHODS}, got {self.methods!r}.")
         for name in self.method_names:
-            gradient_mode(name, self.method_options())  # unknown names, or no gradient to the variable: ConfigError
+            if _kind(name) == "mode":
+                gradient_mode(name, self.method_options())  # unknown names, or no gradient to the variable
+            elif self.variable != "latent":
+                raise ConfigError(f"method {name!r} optimizes a latent only; use --variable latent.")
         if not self.step_counts or min(self.step_counts) < 1:
             raise ConfigError(f"`steps` must be comma-separated positive integers, got {self.steps!r}.")
         if self.iters < 1 or self.batch < 1:
@@ -110,22 +116,14 @@ class _MethodRun:
         self.harness_seconds = 0.0
 
     def iterate(self, workload: Workload, seed: int) -> None:
-        """One timed iteration: sample, reward, backward, Adam step."""
+        """One timed iteration (``step``), with its wall-clock and memory recorded."""
         outer = time.perf_counter()
-        learns = not isinstance(self.mode, NoGrad)
         _synchronize(workload.device)
         started = time.perf_counter()
-        with PeakMemory(workload.device) as memory, torch.set_grad_enabled(learns):
-            x0 = self.sampler.sample(self.latent, grad=self.mode, generator=_generator(workload.device, seed))
-            rewards = workload.reward(x0, None)
-            if learns:
-                self.optimizer.zero_grad(set_to_none=True)
-                (-rewards.sum()).backward()
-                self.optimizer.step()
+        with PeakMemory(workload.device) as memory:
+            rewards = self.step(workload, seed)
         _synchronize(workload.device)
         seconds = time.perf_counter() - started
-        if learns and self.first_gradient is None:
-            self.first_gradient = self.gradient()
         elapsed = (self.records[-1]["elapsed"] if self.records else 0.0) + seconds
         self.records.append(
             {
@@ -137,6 +135,20 @@ class _MethodRun:
         )
         self.harness_seconds += time.perf_counter() - outer - seconds
 
+    def step(self, workload: Workload, seed: int) -> torch.Tensor:
+        """Sample with the gradient mode, reward, backward, Adam step; returns the rewards ``[B]``."""
+        learns = not isinstance(self.mode, NoGrad)
+        with torch.set_grad_enabled(learns):
+            x0 = self.sampler.sample(self.latent, grad=self.mode, generator=_generator(workload.device, seed))
+            rewards = workload.reward(x0, None)
+            if learns:
+                self.optimizer.zero_grad(set_to_none=True)
+                (-rewards.sum()).backward()
+                if self.first_gradient is None:
+                    self.first_gradient = self.gradient()
+                self.optimizer.step()
+        return rewards
+
     def gradient(self) -> torch.Tensor:
         """The current gradient of the variables, flattened (zeros where a variable got none)."""
         return torch.cat(
@@ -147,6 +159,58 @@ class _MethodRun:
     def final_reward(self, workload: Workload, seed: int) -> float:
         x0 = self.sampler.sample(self.latent, grad=NoGrad(), generator=_generator(workload.device, seed))
         return float(workload.reward(x0, None).float().mean())
+
+
+class _DoodlRun(_MethodRun):
+    """DOODL: the coupled EDICT chain with exact-inversion backprop and DOODL's update (``sdo.DoodlUpdate``). Its
+    gradient is that of another chain, so no cosine with the DDIM gradient is reported."""
+
+    def __init__(self, name: str, config: BenchConfig, workload: Workload, steps: int) -> None:
+        super().__init__(name, config, workload, steps, mode=Invertible())
+        sampler = self.sampler
+        self.edict = EDICTSampler(sampler.model_fn, sampler.scheduler, sampler.num_inference_steps)
+        self.update = DoodlUpdate(self.latent, seed=config.seed)
+
+    def step(self, workload: Workload, seed: int) -> torch.Tensor:
+        x0, y0 = self.edict.sample_pair(self.latent, None, self.mode)
+        rewards = (workload.reward(x0, None) + workload.reward(y0, None)) / 2
+        (gradient,) = torch.autograd.grad(rewards.sum(), self.latent)
+        self.update(self.latent, gradient)
+        return rewards
+
+    @torch.no_grad()
+    def final_reward(self, workload: Workload, seed: int) -> float:
+        x0, y0 = self.edict.sample_pair(self.latent, None, NoGrad())
+        return float(((workload.reward(x0, None) + workload.reward(y0, None)) / 2).float().mean())
+
+
+class _FreedomRun(_MethodRun):
+    """FreeDoM: one guided sampling pass per iteration (the latent is not optimized); its reward is the guided
+    sample's."""
+
+    def __init__(self, name: str, config: BenchConfig, workload: Workload, steps: int) -> None:
+        super().__init__(name, config, workload, steps, mode="freedom_sample(scale=0.2)")
+        self.last_reward = float("nan")
+
+    def step(self, workload: Workload, seed: int) -> torch.Tensor:
+        generator = _generator(workload.device, seed)
+        guided = freedom_sample(self.sampler, self.latent.detach(), workload.reward, generator=generator)
+        self.last_reward = float(guided.rewards.float().mean())
+        return guided.rewards
+
+    def final_reward(self, workload: Workload, seed: int) -> float:
+        return self.last_reward
+
+
+def _kind(name: str) -> str:
+    return METHODS[name].kind if name in METHODS else "mode"
+
+
+def _method_run(name: str, config: BenchConfig, workload: Workload, steps: int) -> _MethodRun:
+    """The run of method ``name``: a gradient mode with Adam, DOODL, or FreeDoM guidance."""
+    return {"mode": _MethodRun, "doodl": _DoodlRun, "guidance": _FreedomRun}[_kind(name)](
+        name, config, workload, steps
+    )
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -237,7 +301,7 @@ def run_bench(config: BenchConfig, workload: Workload | None = None, progress: b
     workload = workload or build_workload(config)
     rows, sweep = [], []
     for steps in config.step_counts:
-        runs = {name: _MethodRun(name, config, workload, steps) for name in config.method_names}
+        runs = {name: _method_run(name, config, workload, steps) for name in config.method_names}
         total = config.iters * len(runs)
         with tqdm(total=total, desc=f"bench {workload.name}, {steps} steps", disable=not progress) as bar:
             for _ in range(config.iters):
