@@ -3,15 +3,18 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdo-installed
+# The exact versions for this machine (torch's local CPU build); the package itself declares ranges.
+CONSTRAINTS ?= constraints/cpu.txt
 
-.PHONY: demo test lint bench train-zoo clean
+.PHONY: demo test lint wheel-check bench train-zoo clean
 
-$(STAMP): pyproject.toml
+# src/sdo/__init__.py holds the version, which the editable install records in its metadata.
+$(STAMP): pyproject.toml $(CONSTRAINTS) src/sdo/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: this exact version is the CPU build on the project's machines.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	# torch first, held to the constraints: on the project's machines that is the local CPU build.
+	$(BIN)/pip install -q -c $(CONSTRAINTS) torch
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +28,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# Build the wheel, install it into a new venv beside this machine's torch, run `sdo` from there (docs/packaging.md).
+wheel-check: $(STAMP)
+	$(BIN)/python scripts/check_wheel.py --constraints $(CONSTRAINTS)
+
 bench: $(STAMP)
 	$(BIN)/sdo bench
 
@@ -32,4 +39,4 @@ train-zoo: $(STAMP)
 	$(BIN)/sdo train-zoo
 
 clean:
-	rm -rf $(VENV) sdo-demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) sdo-demo .pytest_cache .ruff_cache build dist

@@ -35,7 +35,9 @@ from .models import Denoiser
 from .pipelines import from_pipeline
 from .sampling import Sampler
 
-__version__ = "0.1.0"
+# The one place the version is written: pyproject.toml reads it (setuptools `dynamic`), so the installed metadata of
+# `shortcut-diffusion` always says the same.
+__version__ = "0.2.0"
 
 # Public names that live in the applications layer, imported on first use (PEP 562).
 _LAZY = {"finetune": "sdo.app.finetuning", "FinetuneConfig": "sdo.app.finetuning", "finetuning": "sdo.finetuning"}

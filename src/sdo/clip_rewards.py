@@ -6,7 +6,7 @@
 
 Weights come from local folders or files, given as arguments or by ``$SDO_CLIP_PATH`` (a CLIP folder saved with
 ``save_pretrained``) and ``$SDO_AESTHETIC_HEAD`` (the head as safetensors with ``weight [1, D]`` and ``bias [1]``).
-Nothing is downloaded. ``transformers`` is imported lazily (``pip install 'sdo[clip]'``).
+Nothing is downloaded. ``transformers`` is imported lazily (``pip install 'shortcut-diffusion[clip]'``).
 """
 
 from __future__ import annotations

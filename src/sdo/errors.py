@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# The distribution's name on the package index, named by every install hint; the import name and the command are `sdo`.
+DISTRIBUTION = "shortcut-diffusion"
+
 __all__ = [
     "ConfigError",
     "CorruptFileError",
@@ -53,8 +56,8 @@ class NonFiniteRewardError(SdoError, ValueError):
 
 
 def missing_extra(package: str, extra: str, purpose: str) -> MissingExtraError:
-    """The error for an absent optional dependency: ``package`` is installed by the ``extra`` of ``sdo``."""
+    """The error for an absent optional dependency: ``package`` comes with ``shortcut-diffusion[extra]``."""
     return MissingExtraError(
         f"{purpose} needs the optional dependency `{package}`; install it with: "
-        f"pip install 'shortcut-diffusion[{extra}]' (or pip install {package})."
+        f"pip install '{DISTRIBUTION}[{extra}]' (or pip install {package})."
     )

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdo.errors import SdoError
+from sdo import __version__
+from sdo.errors import DISTRIBUTION, SdoError
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, exclude=()) -> None:
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sdo.zoo.train import ZooTrainingConfig
 
     parser = argparse.ArgumentParser(prog="sdo", description="Shortcut Diffusion Optimization (arXiv 2505.07477).")
+    parser.add_argument("--version", action="version", version=f"sdo {__version__} ({DISTRIBUTION})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
@@ -179,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_bench)
 
-    train = commands.add_parser("train-zoo", help="retrain the embedded model and classifiers (needs sdo[train])")
+    train = commands.add_parser(
+        "train-zoo", help=f"retrain the embedded model and classifiers (needs {DISTRIBUTION}[train])"
+    )
     train.add_argument("--out", default="zoo-weights", help="output folder (default: zoo-weights)")
     add_config_flags(train, ZooTrainingConfig)
     train.set_defaults(run=_train_zoo)

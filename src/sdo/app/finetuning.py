@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from sdo.app.checkpoints import latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from sdo.app.options import option
 from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
-from sdo.errors import ConfigError, NonFiniteRewardError
+from sdo.errors import ConfigError, NonFiniteRewardError, missing_extra
 from sdo.gradients import GradientMode
 from sdo.io import CorruptFileError, atomic_path, load_tensors, save_tensors
 from sdo.methods import MethodOptions, gradient_mode, method_names
@@ -67,7 +67,9 @@ class FinetuneConfig:
     seed: int = option(0, "seeds every random draw")
     device: str = option("cpu", "cpu or cuda (under `accelerate launch`, Accelerate picks the device)")
     mixed_precision: str = option("no", "no, bf16 or fp16 (GPU)", choices=("no", "bf16", "fp16"))
-    tensorboard: bool = option(False, "log through Accelerate's TensorBoard tracker (needs tensorboard)")
+    tensorboard: bool = option(
+        False, "log through Accelerate's TensorBoard tracker (needs shortcut-diffusion[tensorboard])"
+    )
     out: str = option("sdo-finetune", "output folder (a rerun with the same folder resumes)")
     pipeline: str = option("", "fine-tune a local Stable Diffusion folder instead of the embedded model")
     prompts: str = option("", "--pipeline: text file with one training prompt per line")
@@ -234,7 +236,7 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
 
     out = Path(config.out)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("--tensorboard logs through Accelerate's TensorBoard tracker: pip install tensorboard")
+        raise missing_extra("tensorboard", "tensorboard", "--tensorboard (Accelerate's TensorBoard tracker)")
     tracker = "tensorboard" if config.tensorboard else None
     accelerator = Accelerator(
         cpu=config.device == "cpu", mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(out)

