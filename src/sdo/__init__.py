@@ -21,6 +21,8 @@ from .errors import (
     MissingExtraError,
     MissingWeightsError,
     NonFiniteRewardError,
+    OutputLockedError,
+    ResumeMismatchError,
     SdoError,
 )
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
@@ -47,7 +49,9 @@ __all__ = [
     "NoGrad",
     "NonFiniteRewardError",
     "OptimizationResult",
+    "OutputLockedError",
     "RandomTruncation",
+    "ResumeMismatchError",
     "Sampler",
     "SdoError",
     "Shortcut",
