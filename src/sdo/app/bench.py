@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from sdo.app.options import option
 from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
+from sdo.checks import check_positive, check_seed
 from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
 from sdo.memory import PeakMemory
@@ -67,6 +68,8 @@ class BenchConfig:
             raise ConfigError(f"`steps` must be comma-separated positive integers, got {self.steps!r}.")
         if self.iters < 1 or self.batch < 1:
             raise ConfigError(f"`iters` and `batch` must be >= 1, got {self.iters} and {self.batch}.")
+        check_positive(self.lr, "lr")
+        check_seed(self.seed)
 
     @property
     def method_names(self) -> list[str]:

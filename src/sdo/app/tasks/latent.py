@@ -12,6 +12,7 @@ import torch
 
 from sdo import zoo
 from sdo.app.options import option
+from sdo.checks import check_positive, check_seed
 from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, Full, GradientMode, NoGrad, Shortcut
 from sdo.io import load_image
@@ -75,6 +76,8 @@ class LatentTaskConfig:
                 raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.iters < 0 or self.lr <= 0:
             raise ConfigError(f"`iters` must be >= 0 and `lr` > 0, got iters={self.iters}, lr={self.lr}.")
+        check_positive(self.lr, "lr")
+        check_seed(self.seed)
         if not 0 <= self.start_step < self.steps:
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
         if self.pipeline and not self.prompt:
