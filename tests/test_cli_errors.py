@@ -69,21 +69,21 @@ def test_corrupt_zoo_file(capsys, monkeypatch, tmp_path):
     assert "unet.safetensors: not a valid safetensors file" in line
 
 
-def test_non_finite_reward_is_one_line(capsys, monkeypatch):
+def test_non_finite_reward_is_one_line(capsys, monkeypatch, tmp_path):
     def diverge(args):
         raise sdo.NonFiniteRewardError("The reward is not finite at iteration 3 ([nan]); stopped.")
 
     monkeypatch.setattr(cli, "_optimize", diverge)
-    assert "not finite at iteration 3" in one_line_error(capsys, ["optimize"])
+    assert "not finite at iteration 3" in one_line_error(capsys, ["optimize", "--out", str(tmp_path)])
 
 
-def test_a_real_bug_keeps_its_traceback(monkeypatch):
+def test_a_real_bug_keeps_its_traceback(monkeypatch, tmp_path):
     def bug(args):
         raise KeyError("a bug")
 
     monkeypatch.setattr(cli, "_optimize", bug)
     with pytest.raises(KeyError):
-        cli.main(["optimize"])
+        cli.main(["optimize", "--out", str(tmp_path)])
 
 
 def test_list_methods_prints_one_line_per_registered_method(capsys):

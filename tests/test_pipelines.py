@@ -349,3 +349,45 @@ def test_sd3_style_transformer_pipeline_with_flow_matching(sd3_dir):
         [PROMPT, PROMPT], latents=latent.detach(), num_inference_steps=3, guidance_scale=4.0, output_type="latent"
     ).images
     torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_evaluation_runs_in_batches_of_batch_size(pipeline_dir, clip_dir, tmp_path):
+    """Issue 13.14: held-out evaluation over many prompts never sends more than one batch to the network."""
+    from sdo.app.finetuning import FinetuneConfig
+    from sdo.app.tasks.finetune import PipelineTarget
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["lower", "newer", "wider", "lowest", "lower newer"]) + "\n")
+    config = FinetuneConfig(
+        pipeline=str(pipeline_dir),
+        prompts=str(prompts),
+        task="aesthetic",
+        clip_path=str(clip_dir / "clip"),
+        aesthetic_head=str(clip_dir / "head.safetensors"),
+        sample_steps=2,
+        batch_size=2,
+    )
+    target = PipelineTarget(config, torch.device("cpu"))
+    batches = []
+    target.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    record = target.evaluator()(target.unet)
+    assert torch.isfinite(torch.tensor(record["held_out_reward"]))
+    assert batches and max(batches) <= 2 * config.batch_size  # x2: the guided and unguided halves
+    assert len(batches) == 2 * 3  # 2 sampling steps for each of the 3 batches (2 + 2 + 1 prompts)
+
+
+def test_pickled_weights_are_refused_with_a_conversion_hint(pipeline_dir, clip_dir, tmp_path):
+    """Issue 13.15: pipelines and CLIP load only safetensors; a .bin folder says how to convert it."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True)
+    pipe.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(sdo.MissingWeightsError, match=r"pickled \(\.bin\) weights.*safe_serialization=True"):
+        from_pipeline(tmp_path / "bin", PROMPT)
+    clip = transformers.CLIPModel.from_pretrained(str(clip_dir / "clip"), local_files_only=True)
+    clip.save_pretrained(tmp_path / "clipbin")
+    # transformers 5 writes safetensors whatever it is told: make the pickled folder by hand.
+    (tmp_path / "clipbin" / "model.safetensors").unlink()
+    torch.save(clip.state_dict(), tmp_path / "clipbin" / "pytorch_model.bin")
+    with pytest.raises(sdo.MissingWeightsError, match=r"pickled \(\.bin\) weights.*safe_serialization=True"):
+        ClipImageEncoder(tmp_path / "clipbin")

@@ -26,6 +26,8 @@ from .errors import (
     MissingExtraError,
     MissingWeightsError,
     NonFiniteRewardError,
+    OutputLockedError,
+    ResumeMismatchError,
     SdoError,
 )
 from .freedom import GuidanceResult, freedom_sample
@@ -60,7 +62,9 @@ __all__ = [
     "NoGrad",
     "NonFiniteRewardError",
     "OptimizationResult",
+    "OutputLockedError",
     "RandomTruncation",
+    "ResumeMismatchError",
     "Sampler",
     "SdoError",
     "Shortcut",

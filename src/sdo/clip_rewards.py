@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, MissingWeightsError, missing_extra
 from .io import load_image, load_tensors
+from .pipelines import _convert_hint, _has_pickled_weights
 from .rewards import gram_matrix, style_distance
 
 __all__ = [
@@ -88,7 +89,13 @@ class ClipImageEncoder:
     def __init__(self, path: str | os.PathLike | None = None, device="cpu", cutouts: int = 0, seed: int = 0) -> None:
         transformers = _transformers()
         folder = _local(path, "SDO_CLIP_PATH", "CLIP model folder")
-        self.model = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+        try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
+            model = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError) as error:
+            if not _has_pickled_weights(Path(folder)):
+                raise
+            raise MissingWeightsError(_convert_hint(Path(folder), "transformers.CLIPModel", error)) from None
+        self.model = model.to(device).eval()
         self.model.requires_grad_(False)
         self.folder = folder
         self.size = self.model.config.vision_config.image_size

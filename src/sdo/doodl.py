@@ -129,14 +129,20 @@ def optimize_latent_doodl(
                     "The error's `result` holds the last finite iterate.",
                     partial,
                 )
+            best.update(z, x0, rewards.detach())  # before the update moves z: best_latent is best_sample's latent
             loss = -rewards.sum()
             if not final:
                 (gradient,) = torch.autograd.grad(loss, z)
+                if not bool(torch.isfinite(gradient).all()):
+                    raise NonFiniteRewardError(
+                        f"The gradient of the reward is not finite at iteration {iteration}; stopped before the "
+                        "update. The error's `result` holds the best iterate so far.",
+                        best.result(z, x0, history),
+                    )
         if not final:
             update(z, -gradient)  # the gradient of the loss; DOODL ascends the reward
         seconds = 0.0 if final else time.perf_counter() - started
         elapsed += seconds
-        best.update(z, x0, rewards.detach())
         record = {
             "iter": iteration,
             "reward": float(rewards.detach().mean()),

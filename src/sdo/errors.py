@@ -18,6 +18,8 @@ __all__ = [
     "MissingExtraError",
     "MissingWeightsError",
     "NonFiniteRewardError",
+    "OutputLockedError",
+    "ResumeMismatchError",
     "SdoError",
     "missing_extra",
 ]
@@ -41,6 +43,15 @@ class MissingExtraError(SdoError, ImportError):
 
 class CorruptFileError(SdoError, ValueError):
     """A file we read is missing, truncated or not in the expected format; the message names the file."""
+
+
+class ResumeMismatchError(ConfigError):
+    """A rerun on an output folder asks for settings that differ from the run the folder holds; the message names
+    the differing flags."""
+
+
+class OutputLockedError(SdoError, RuntimeError):
+    """Another process is writing into the same output folder (it holds the folder's lock file)."""
 
 
 class NonFiniteRewardError(SdoError, ValueError):

@@ -18,28 +18,48 @@ from safetensors.torch import load_file, save_file
 from .errors import CorruptFileError
 
 __all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
     "CorruptFileError",
     "atomic_path",
     "load_image",
     "load_json",
     "load_tensors",
+    "make_dir",
     "save_json",
     "save_tensors",
 ]
 
 
+FILE_MODE = 0o644
+"""Permissions of every file ``sdo`` writes (owner read-write, everyone read), whatever the umask."""
+DIR_MODE = 0o755
+"""Permissions of every folder ``sdo`` creates (owner full access, everyone read and list), whatever the umask."""
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and missing parents) with ``DIR_MODE``; folders that already exist are left as they are."""
+    path = Path(path)
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in missing:
+        os.chmod(folder, DIR_MODE)
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, else it is removed."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, else it is removed.
+
+    The file ends with ``FILE_MODE`` (0644) whatever the writer did (``mkstemp`` and safetensors create 0600).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
     try:
         yield Path(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from .checks import check_positive, check_seed
 from .errors import ConfigError, CorruptFileError, NonFiniteRewardError
 from .gradients import GradientMode, NoGrad, Shortcut
 from .io import load_tensors, save_tensors
@@ -31,7 +32,8 @@ class OptimizationResult:
     Attributes:
         latent: ``[B, ...]`` the final latent (after ``iters`` Adam updates).
         sample: ``[B, ...]`` its sample.
-        best_latent, best_sample, best_reward: per batch element, the iterate with the highest reward seen.
+        best_latent, best_sample, best_reward: per batch element, the iterate with the highest reward seen:
+            ``sampler.sample(best_latent)`` gives ``best_sample`` and ``reward(best_sample)`` gives ``best_reward``.
         history: one dict per evaluated iterate (``iters + 1`` of them, the last being the final latent):
             ``iter``, ``reward`` (batch mean), ``rewards`` (per sample), ``loss``, ``seconds`` (wall-clock of that
             iteration, 0 for the final evaluation), ``elapsed``; with ``measure=True``, ``peak_mem_bytes`` and
@@ -144,16 +146,22 @@ def optimize_latent(
         progress: show a tqdm progress bar with the reward.
 
     Raises:
-        NonFiniteRewardError: the reward is NaN or infinite; its ``result`` holds the last finite state.
+        NonFiniteRewardError: the reward or its gradient is NaN or infinite; its ``result`` holds the last iterate
+            whose reward and gradient were finite (``latent``, ``sample``) and the best iterate so far.
+        ConfigError: bad arguments; a gradient mode that gives the latent no gradient; a reward with no gradient
+            path to the sample.
     """
     if iters < 0:
         raise ConfigError(f"`iters` must be >= 0, got {iters}.")
+    check_positive(lr, "lr")
+    check_seed(seed)
     objective = _Objective(sampler, reward, start_step, seed, cond, prior_weight)
     z = latent.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=lr, betas=betas)
     best = _BestIterate(z)
     radius = z.detach().flatten(1).norm(dim=1)
     history: list[dict] = []
+    last_finite: tuple[torch.Tensor, torch.Tensor] | None = None  # (latent, sample) of the last finite iterate
     elapsed = 0.0
     bar = tqdm(range(iters + 1), desc=f"optimize ({type(grad).__name__})", disable=not progress, leave=False)
     for iteration in bar:
@@ -162,24 +170,34 @@ def optimize_latent(
         with PeakMemory(z.device) if measure and not final else nullcontext() as memory:
             x0, rewards, loss = objective(z, NoGrad() if final else grad)
             if not torch.isfinite(rewards).all():
-                partial = best.result(z, x0, history)
+                partial = best.result(*(last_finite or (z, x0)), history)
                 raise NonFiniteRewardError(
                     f"The reward is not finite at iteration {iteration} ({rewards.tolist()}); stopped. "
                     "The error's `result` holds the last finite iterate.",
                     partial,
                 )
+            best.update(z, x0, rewards)  # before the Adam step moves z: best_latent is the latent of best_sample
+            last_finite = (z.detach().clone(), x0.detach())
             if not final:
                 optimizer.zero_grad()
+                if x0.requires_grad:
+                    x0.retain_grad()
                 if loss.requires_grad:
                     loss.backward()
-                _check_gradient_reached(z, grad)
+                _check_gradient_reached(z, x0, grad)
+                if not bool(torch.isfinite(z.grad).all()):
+                    partial = best.result(*last_finite, history)
+                    raise NonFiniteRewardError(
+                        f"The gradient of the reward is not finite at iteration {iteration} (the reward is); "
+                        "stopped before the Adam step. The error's `result` holds the last finite iterate.",
+                        partial,
+                    )
         if not final:
             optimizer.step()
             if project_to_shell:
                 _project(z, radius)
         seconds = 0.0 if final else time.perf_counter() - started
         elapsed += seconds
-        best.update(z, x0, rewards)
         record = {
             "iter": iteration,
             "reward": float(rewards.mean()),
@@ -203,7 +221,13 @@ def _project(z: torch.Tensor, radius: torch.Tensor) -> None:
     z.mul_((radius / z.flatten(1).norm(dim=1)).view(-1, *[1] * (z.ndim - 1)))
 
 
-def _check_gradient_reached(z: torch.Tensor, grad: GradientMode) -> None:
+def _check_gradient_reached(z: torch.Tensor, x0: torch.Tensor, grad: GradientMode) -> None:
+    if x0.requires_grad and x0.grad is None:
+        raise ConfigError(
+            "The reward has no gradient path to the sample: `reward(x0, cond)` returned a tensor that does not "
+            "depend on x0 through differentiable operations (computed under torch.no_grad(), detached, or "
+            "converted to numbers?)."
+        )
     if z.grad is None:
         raise ConfigError(
             f"{grad!r} gives no gradient to the latent (it detaches the steps before its kept ones); "
@@ -245,9 +269,26 @@ def save_latent(path: str | Path, latent: torch.Tensor, **metadata: object) -> N
     save_tensors({"latent": latent}, path, metadata={key: str(value) for key, value in metadata.items()})
 
 
-def load_latent(path: str | Path) -> torch.Tensor:
-    """Read a latent written by ``save_latent``; a corrupt file raises ``CorruptFileError``."""
+def load_latent(path: str | Path, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Read a latent written by ``save_latent``.
+
+    Args:
+        path: the safetensors file.
+        shape: the latent shape the model takes (e.g. ``PipelineParts.latent_shape``, or ``(B, 1, 32, 32)`` for the
+            embedded model); ``-1`` matches any size (e.g. ``(-1, 4, 64, 64)``). None: not checked.
+
+    Raises:
+        CorruptFileError: the file is corrupt, holds no ``latent``, holds NaN or infinite values, or (with
+            ``shape``) a latent of another shape; the message names the file.
+    """
     tensors = load_tensors(path)
     if "latent" not in tensors:
         raise CorruptFileError(f"{path}: no tensor named 'latent' (found {sorted(tensors)}).")
-    return tensors["latent"]
+    latent = tensors["latent"]
+    if shape is not None and (
+        latent.ndim != len(shape) or any(want not in (-1, got) for want, got in zip(shape, latent.shape, strict=True))
+    ):
+        raise CorruptFileError(f"{path}: the latent has shape {tuple(latent.shape)}, the model takes {tuple(shape)}.")
+    if latent.is_floating_point() and not bool(torch.isfinite(latent).all()):
+        raise CorruptFileError(f"{path}: the latent holds NaN or infinite values.")
+    return latent

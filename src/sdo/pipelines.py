@@ -72,7 +72,27 @@ def _load(pipe_or_path, device, dtype):
     index = load_json(path / "model_index.json")
     absent = {name: None for name, value in index.items() if value == [None, None] or name == "safety_checker"}
     options = {"torch_dtype": dtype} if dtype is not None else {}
-    return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **absent, **options)
+    try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
+        return DiffusionPipeline.from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True, **absent, **options
+        )
+    except (OSError, ValueError) as error:
+        if not _has_pickled_weights(path):
+            raise
+        raise MissingWeightsError(_convert_hint(path, "DiffusionPipeline", error)) from None
+
+
+def _has_pickled_weights(path: Path) -> bool:
+    """Whether ``path`` (or its component folders) holds ``.bin``/``.pt``/``.ckpt`` weights."""
+    return any(found.suffix in (".bin", ".pt", ".pth", ".ckpt") for found in path.rglob("*") if found.is_file())
+
+
+def _convert_hint(path: Path, loader: str, error: Exception) -> str:
+    return (
+        f"{path} holds pickled (.bin) weights and no safetensors; sdo reads only safetensors. Convert it once, "
+        f"on a machine where you trust the files: `{loader}.from_pretrained(DIR, use_safetensors=False)"
+        f".save_pretrained(NEW_DIR, safe_serialization=True)`, then pass NEW_DIR. ({str(error).splitlines()[0]})"
+    )
 
 
 def _scheduler(pipe, name: str | None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -46,6 +47,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _learned_variance(scheduler, output: torch.Tensor, x: torch.Tensor) -> bool:
+    """DDPM with a learned variance takes ``2 C`` output channels for a ``C``-channel latent (mean and variance)."""
+    learned = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+    return (
+        learned
+        and output.shape[:1] + output.shape[2:] == x.shape[:1] + x.shape[2:]
+        and (output.shape[1] == 2 * x.shape[1])
+    )
+
+
 def _default_generator(device: torch.device) -> torch.Generator:
     """The global RNG that ``torch.randn`` would use on ``device`` (what diffusers draws from without a generator)."""
     if device.type == "cuda":
@@ -77,7 +88,7 @@ class Sampler:
         sched.check_scheduler(scheduler)
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ConfigError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if eta < 0 or (eta > 0 and not isinstance(scheduler, DDIMScheduler)):
+        if not math.isfinite(float(eta)) or eta < 0 or (eta > 0 and not isinstance(scheduler, DDIMScheduler)):
             raise ConfigError(f"`eta` must be >= 0, and non-zero only with DDIMScheduler; got eta={eta}.")
         expected = sched.prediction_type(scheduler)
         declared = getattr(model_fn, "prediction_type", expected)
@@ -131,6 +142,18 @@ class Sampler:
             raise ConfigError(f"`grad` must be a gradient mode such as sdo.Shortcut() or sdo.Full(), got {grad!r}.")
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise ConfigError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise ConfigError(f"`x` must be a [batch, ...] latent with batch >= 1, got shape {tuple(x.shape)}.")
+        if not bool(torch.isfinite(x.detach()).all()):
+            raise ConfigError("`x` holds NaN or infinite values; a latent must be finite.")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ConfigError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+            if generator.device.type != x.device.type:
+                raise ConfigError(
+                    f"`generator` is on {generator.device} but `x` on {x.device}; create it with "
+                    f"torch.Generator(device=x.device)."
+                )
         if isinstance(grad, LoopMode):  # e.g. sdo.Adjoint: the mode runs the whole loop itself
             return grad.run(self, x, start_step, stop, generator)
         roles = grad.roles(start_step, stop)
@@ -171,6 +194,12 @@ class Sampler:
     def _denoise(self, scheduler, x, t, noise: _StepNoise | None, detach_network: bool) -> torch.Tensor:
         with torch.no_grad() if detach_network else nullcontext():
             output = self.model_fn(sched.scale_model_input(scheduler, x, t), t)
+        if not torch.is_tensor(output) or (output.shape != x.shape and not _learned_variance(scheduler, output, x)):
+            shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
+            raise ConfigError(
+                f"`model_fn` returned {shape} for a latent of shape {tuple(x.shape)}; its output must have the "
+                "latent's shape (nothing is broadcast)."
+            )
         kwargs = {"eta": self.eta} if isinstance(scheduler, DDIMScheduler) else {}
         if noise is not None:
             kwargs["generator"] = noise.generator()

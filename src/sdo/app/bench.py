@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from sdo.app.options import option
 from sdo.app.report import MEMORY_HEADER, machine_info, markdown_table, mebibytes
 from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
+from sdo.checks import check_positive, check_seed
 from sdo.doodl import DoodlUpdate
 from sdo.edict import EDICTSampler, Invertible
 from sdo.errors import ConfigError
@@ -69,6 +70,8 @@ class BenchConfig:
             raise ConfigError(f"`steps` must be comma-separated positive integers, got {self.steps!r}.")
         if self.iters < 1 or self.batch < 1:
             raise ConfigError(f"`iters` and `batch` must be >= 1, got {self.iters} and {self.batch}.")
+        check_positive(self.lr, "lr")
+        check_seed(self.seed)
 
     def method_options(self, generator: torch.Generator | None = None) -> MethodOptions:
         """What the registry's gradient modes take from this config."""

@@ -4,6 +4,7 @@ previous one as a fallback when the newest is damaged. Only safetensors and JSON
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sdo.io import CorruptFileError, load_json, load_tensors, save_json, save_tensors
+from sdo.io import DIR_MODE, CorruptFileError, load_json, load_tensors, make_dir, save_json, save_tensors
 
 __all__ = ["Checkpoint", "latest_checkpoint", "optimizer_from_tensors", "optimizer_to_tensors", "save_checkpoint"]
 
@@ -60,9 +61,10 @@ def save_checkpoint(
 ) -> Path:
     """Write ``folder/step-NNNNNN/`` atomically (built under a temporary name, then renamed); keep the newest
     ``keep`` checkpoints. A process killed at any moment leaves either the previous set or the new one."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     final = folder / f"{_PREFIX}{step:06d}"
     building = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
+    os.chmod(building, DIR_MODE)  # mkdtemp creates 0700
     optimizer_tensors, groups = optimizer_to_tensors(optimizer)
     save_tensors(weights, building / "weights.safetensors")
     save_tensors(optimizer_tensors, building / "optimizer.safetensors")
@@ -87,14 +89,28 @@ def latest_checkpoint(folder: Path) -> Checkpoint | None:
     """The newest checkpoint that loads; a damaged one is reported (warning naming the file) and skipped."""
     for path in _checkpoint_folders(folder):
         try:
-            state = load_json(path / "state.json")
+            state = _check_state(path / "state.json", load_json(path / "state.json"))
+            optimizer_tensors = load_tensors(path / "optimizer.safetensors")
+            for name in optimizer_tensors:
+                if not re.fullmatch(r"state\.\d+\..+", name):
+                    raise CorruptFileError(f"{path / 'optimizer.safetensors'}: unexpected tensor {name!r}.")
             return Checkpoint(
-                int(state["step"]),
-                load_tensors(path / "weights.safetensors"),
-                load_tensors(path / "optimizer.safetensors"),
-                state,
-                path,
+                state["step"], load_tensors(path / "weights.safetensors"), optimizer_tensors, state, path
             )
-        except (CorruptFileError, KeyError, ValueError) as error:
+        except (CorruptFileError, KeyError, ValueError, TypeError) as error:
             warnings.warn(f"Skipping damaged checkpoint {path}: {error}", stacklevel=2)
     return None
+
+
+def _check_state(path: Path, state: object) -> dict:
+    """``state.json`` must be an object with an integer ``step`` matching its folder and a list of
+    ``param_groups`` objects that each list their ``params``."""
+    if not isinstance(state, dict):
+        raise CorruptFileError(f"{path}: expected a JSON object, got {type(state).__name__}.")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or f"{_PREFIX}{step:06d}" != path.parent.name:
+        raise CorruptFileError(f"{path}: 'step' is {step!r}, which does not match the folder {path.parent.name}.")
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise CorruptFileError(f"{path}: 'param_groups' is missing or not a list of optimizer parameter groups.")
+    return state

@@ -103,11 +103,7 @@ def _bench(args: argparse.Namespace) -> int:
     from sdo.app.bench import BenchConfig, format_rows, run_bench
     from sdo.app.plots import save_bench_plot
     from sdo.io import atomic_path, save_json
-    from sdo.methods import describe_methods
 
-    if args.list_methods:
-        print(describe_methods())
-        return 0
     config = _config_from(args, BenchConfig)
     result = run_bench(config)
     table = format_rows(result["rows"])
@@ -129,7 +125,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from sdo.app.finetuning import FinetuneConfig, finetune
 
-    record = finetune(_config_from(args, FinetuneConfig))
+    record = finetune(_config_from(args, FinetuneConfig), break_lock=args.break_lock)
     print(json.dumps(record, indent=2))
     print(f"Wrote {Path(args.out) / 'adapter.safetensors'}, metrics.jsonl, reward_curve.png")
     return 0
@@ -163,15 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image"}
     add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only})
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, config=lambda args: demo_config(**_fields_of(args, LatentTaskConfig)))
 
     optimize = commands.add_parser("optimize", help="optimize latents of the embedded model for a task")
     add_config_flags(optimize, LatentTaskConfig)
-    optimize.set_defaults(run=_optimize)
+    optimize.set_defaults(run=_optimize, config=lambda args: _config_from(args, LatentTaskConfig))
 
     tune = commands.add_parser("finetune", help="reward fine-tuning (LoRA or full), resumable; works under accelerate")
     add_config_flags(tune, FinetuneConfig)
-    tune.set_defaults(run=_finetune)
+    tune.set_defaults(run=_finetune, config=lambda args: _config_from(args, FinetuneConfig))
 
     bench = commands.add_parser("bench", help="compare gradient estimators: time, memory, reward, gradient cosine")
     add_config_flags(bench, BenchConfig)
@@ -179,22 +175,64 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--list-methods", action="store_true", help="print every method name and what it runs, then exit"
     )
-    bench.set_defaults(run=_bench)
+    bench.set_defaults(run=_bench, config=lambda args: _config_from(args, BenchConfig))
 
     train = commands.add_parser(
         "train-zoo", help=f"retrain the embedded model and classifiers (needs {DISTRIBUTION}[train])"
     )
     train.add_argument("--out", default="zoo-weights", help="output folder (default: zoo-weights)")
     add_config_flags(train, ZooTrainingConfig)
-    train.set_defaults(run=_train_zoo)
+    train.set_defaults(run=_train_zoo, config=lambda args: _config_from(args, ZooTrainingConfig))
+    for command in (demo, optimize, tune, bench, train):
+        command.add_argument(
+            "--break-lock",
+            action="store_true",
+            help="take over the output folder's lock when it was written from another host and no run uses it",
+        )
     return parser
+
+
+def _check_up_front(args: argparse.Namespace):
+    """Before any model loads: the settings (the command's config), the seed's range, the device, and that every
+    output folder is writable. Returns the config."""
+    from sdo.app.runs import check_writable
+    from sdo.checks import check_device, check_seed
+
+    config = args.config(args)
+    if hasattr(args, "seed"):
+        check_seed(args.seed)
+    if hasattr(args, "device"):
+        check_device(args.device)
+    check_writable(args.out)
+    if getattr(args, "json", ""):
+        check_writable(Path(args.json).parent)
+    return config
+
+
+def _run_locked(args: argparse.Namespace, config) -> int:
+    """Run a command holding ``--out``'s lock, its settings recorded in ``config.json`` (fine-tuning locks and
+    records inside ``finetune``, shared by all its processes)."""
+    from sdo.app.runs import RunLock, check_command, clean_leftovers, write_config
+
+    if args.command == "finetune":
+        return args.run(args)
+    with RunLock(args.out, args.command, args.break_lock):
+        check_command(args.out, args.command)
+        clean_leftovers(args.out)
+        write_config(args.out, args.command, {**dataclasses.asdict(config), "out": args.out})
+        return args.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sdo`` console script."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "list_methods", False):  # a question about the registry: no output folder, no lock
+        from sdo.methods import describe_methods
+
+        print(describe_methods())
+        return 0
     try:
-        return args.run(args)
+        return _run_locked(args, _check_up_front(args))
     except SdoError as error:  # bad input, missing weights or extras, corrupt files: one clear line, no traceback
         print(f"sdo {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -14,16 +14,25 @@ import importlib.util
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from sdo.app.checkpoints import latest_checkpoint, optimizer_from_tensors, save_checkpoint
+from sdo.app.checkpoints import Checkpoint, latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from sdo.app.options import option
+from sdo.app.runs import RunLock, check_command, check_writable, clean_leftovers, differing_flags, flag, write_config
 from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
-from sdo.errors import ConfigError, NonFiniteRewardError, missing_extra
+from sdo.checks import check_device, check_positive, check_seed
+from sdo.errors import (
+    ConfigError,
+    NonFiniteRewardError,
+    OutputLockedError,
+    ResumeMismatchError,
+    SdoError,
+    missing_extra,
+)
 from sdo.gradients import GradientMode
 from sdo.io import CorruptFileError, atomic_path, load_tensors, save_tensors
 from sdo.methods import MethodOptions, gradient_mode, method_names
@@ -85,8 +94,13 @@ class FinetuneConfig:
             raise ConfigError(
                 f"`batch_size` ({self.batch_size}) must be divisible by `grad_accum` ({self.grad_accum})."
             )
-        if self.lora_rank < 0 or self.lr <= 0:
-            raise ConfigError(f"`lora_rank` must be >= 0 and `lr` > 0, got {self.lora_rank} and {self.lr}.")
+        if self.lora_rank < 0:
+            raise ConfigError(f"`lora_rank` must be >= 0, got {self.lora_rank}.")
+        check_positive(self.lr, "lr")
+        check_positive(self.max_grad_norm, "max_grad_norm", allow_zero=True)
+        check_seed(self.seed)
+        if self.eval_every < 0:
+            raise ConfigError(f"`eval_every` must be >= 0 (0: only at the end), got {self.eval_every}.")
         if self.method not in FINETUNE_METHODS:
             raise ConfigError(f"`method` must be one of {FINETUNE_METHODS} for fine-tuning, got {self.method!r}.")
         if self.method == "draft-k" and not 1 <= self.draft_k <= self.sample_steps:
@@ -134,33 +148,62 @@ def trainable_state(unet: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor
     return unet.state_dict()
 
 
-def _load_trainable(unet: torch.nn.Module, weights: dict[str, torch.Tensor], lora: bool) -> None:
+def _load_trainable(unet: torch.nn.Module, weights: dict[str, torch.Tensor], lora: bool, source: object) -> None:
+    """Load exactly the trainable tensors into ``unet``: a missing, unexpected or mis-shaped tensor is a
+    ``CorruptFileError`` naming ``source`` (the file) and the first offending tensor; nothing is loaded then."""
+    expected = {name: tuple(value.shape) for name, value in trainable_state(unet, lora).items()}
+    if not weights:
+        raise CorruptFileError(f"{source}: holds no tensors; expected the {len(expected)} trainable tensors.")
+    problems = [f"unexpected tensor {name!r}" for name in sorted(set(weights) - set(expected))]
+    problems += [f"missing tensor {name!r}" for name in sorted(set(expected) - set(weights))]
+    problems += [
+        f"tensor {name!r} has shape {tuple(weights[name].shape)}, the model's is {expected[name]}"
+        for name in sorted(set(expected) & set(weights))
+        if tuple(weights[name].shape) != expected[name]
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CorruptFileError(f"{source}: does not fit the model: {problems[0]}{more}.")
     if lora:
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(unet, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise CorruptFileError(f"adapter tensors do not fit the model: {result.unexpected_keys[:3]} ...")
+        set_peft_model_state_dict(unet, weights)
     else:
         unet.load_state_dict(weights)
 
 
 def load_adapter(unet: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load ``DIR/adapter.safetensors`` written by ``finetune`` into ``unet`` (injecting LoRA when it is one)."""
+    """Load ``DIR/adapter.safetensors`` written by ``finetune`` into ``unet`` (injecting LoRA when it is one).
+
+    Raises:
+        CorruptFileError: the file is damaged, its ``lora_rank`` metadata is missing or not an integer >= 0, its
+            LoRA targets are not in ``unet``, or its tensors are not exactly the trainable ones (a tensor missing,
+            unexpected or of another shape); the message names the file and the first offending key.
+    """
     from safetensors import safe_open
 
     tensors = load_tensors(path)
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata() or {}
-    rank = int(metadata.get("lora_rank", "0"))
+    if "lora_rank" not in metadata:
+        raise CorruptFileError(f"{path}: no 'lora_rank' metadata; not an adapter written by `sdo finetune`.")
+    try:
+        rank = int(metadata["lora_rank"])
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise CorruptFileError(f"{path}: metadata 'lora_rank' is {metadata['lora_rank']!r}, not an integer >= 0.")
     if rank:
-        add_lora(unet, rank, metadata.get("lora_targets", ZooTarget.lora_targets))
-    _load_trainable(unet, tensors, lora=bool(rank))
+        try:
+            add_lora(unet, rank, metadata.get("lora_targets", ZooTarget.lora_targets))
+        except ValueError as error:
+            raise CorruptFileError(f"{path}: metadata 'lora_targets' do not fit the model: {error}") from None
+    _load_trainable(unet, tensors, lora=bool(rank), source=path)
     return unet
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**64)  # every seed in [0, 2**63 - 1]
 
 
 def _global_batch(config: FinetuneConfig, target, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -187,8 +230,25 @@ class _MetricsLog:
         self.path = path
         self.records: list[dict] = []
         if path.is_file() and resume_step:
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.records = [record for record in lines if record["step"] <= resume_step]
+            self.records = [record for record in self._read() if record["step"] <= resume_step]
+
+    def _read(self) -> list[dict]:
+        records = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CorruptFileError(f"{self.path}, line {number}: not valid JSON ({error.msg}).") from None
+            if (
+                not isinstance(record, dict)
+                or isinstance(record.get("step"), bool)
+                or not isinstance(record.get("step"), int)
+            ):
+                raise CorruptFileError(f"{self.path}, line {number}: not a metrics record with an integer 'step'.")
+            records.append(record)
+        return records
 
     def append(self, record: dict) -> None:
         self.records.append(record)
@@ -209,7 +269,14 @@ def _update(config, target, parameters, optimizer, reward_fn, accelerator, step:
         sampler = target.sampler(target.unet, labels[part])
         mode = config.mode(torch.Generator().manual_seed(mode_seed))  # one draw per trajectory batch, every rank
         with accelerator.autocast():
-            rewards = reward_fn(sampler.sample(noise[part], grad=mode), labels[part]).float()
+            x0 = sampler.sample(noise[part], grad=mode)
+            rewards = reward_fn(x0, labels[part]).float()
+        if x0.requires_grad and not rewards.requires_grad:
+            raise ConfigError(
+                "The reward has no gradient path to the sample: `reward(x0, conditions)` returned a tensor that "
+                "does not depend on x0 through differentiable operations (computed under torch.no_grad(), "
+                "detached, or converted to numbers?)."
+            )
         (-rewards.sum() / config.batch_size).backward()
         reward_sum += rewards.detach().sum()
     _reduce_gradients(accelerator, parameters)
@@ -219,7 +286,9 @@ def _update(config, target, parameters, optimizer, reward_fn, accelerator, step:
     return float(accelerator.reduce(reward_sum, reduction="sum")) / config.batch_size
 
 
-def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: bool = True) -> dict:
+def finetune(
+    config: FinetuneConfig, reward: Callable | None = None, progress: bool = True, *, break_lock: bool = False
+) -> dict:
     """Fine-tune the embedded model (or ``config.pipeline``) on ``config.task``, or on ``reward(x0, conditions)``.
 
     Writes into ``config.out``: ``checkpoints/step-NNNNNN/`` every ``checkpoint_every`` updates (resumed from by a
@@ -227,14 +296,27 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     ``frechet_judge``), ``adapter.safetensors`` (final trainable weights; ``load_adapter`` puts them back) and
     ``reward_curve.png``. Returns the last metrics record.
 
+    The folder records the run's settings in ``config.json`` and is locked (``.sdo.lock``) for the run; a rerun
+    resumes only with the same result-changing settings (``RESUME_FREE`` may change, ``steps`` may grow).
+    ``break_lock`` takes over a lock written from another host (see ``sdo.app.runs.RunLock``).
+
     Raises:
-        ConfigError: bad configuration.
+        ConfigError: bad configuration (checked before any model loads).
         NonFiniteRewardError: a non-finite reward; the message names the step, ``result`` holds ``step`` and
             ``last_checkpoint`` (the last good checkpoint, kept on disk).
+        ResumeMismatchError: ``config.out`` holds a run with other settings; the message names the flags.
+        OutputLockedError: another process is writing into ``config.out``.
     """
     from accelerate import Accelerator
 
     out = Path(config.out)
+    check_device(config.device)
+    if config.mixed_precision == "fp16" and (config.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError(
+            "`mixed_precision` fp16 needs a CUDA GPU (and --device cuda); on the CPU use --mixed-precision bf16 or no."
+        )
+    if config.pipeline and not Path(config.prompts).is_file():
+        raise ConfigError(f"`prompts` file {config.prompts} not found (a text file with one prompt per line).")
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise missing_extra("tensorboard", "tensorboard", "--tensorboard (Accelerate's TensorBoard tracker)")
     tracker = "tensorboard" if config.tensorboard else None
@@ -246,6 +328,16 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
             f"`batch_size` ({config.batch_size}) must be divisible by processes x grad_accum "
             f"({accelerator.num_processes} x {config.grad_accum})."
         )
+    lock, checkpoint = _open_output(accelerator, out, config, break_lock)
+    try:
+        return _train(config, reward, progress, accelerator, out, checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: FinetuneConfig, reward, progress: bool, accelerator, out: Path, checkpoint) -> dict:
+    """The body of ``finetune``, run while the main process holds the output folder's lock."""
     torch.manual_seed(config.seed)
     target = make_target(config, accelerator.device)
     unet, lora_targets = target.unet, config.lora_targets or target.lora_targets
@@ -257,7 +349,7 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     unet.to(accelerator.device)
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    start = _resume(out / "checkpoints", unet, optimizer, lora, accelerator)
+    start = _resume(checkpoint, unet, optimizer, lora, accelerator)
     metrics = _MetricsLog(out / "metrics.jsonl", start)
     reward_fn = reward or target.reward
     evaluator = target.evaluator() if accelerator.is_main_process else None
@@ -313,11 +405,68 @@ def _check_replicas_agree(accelerator, parameters: list[torch.Tensor]) -> None:
         print(f"Weights identical on all {accelerator.num_processes} processes.")
 
 
-def _resume(folder: Path, unet, optimizer, lora: bool, accelerator) -> int:
-    checkpoint = latest_checkpoint(folder)
+RESUME_FREE = frozenset({"out", "eval_every", "checkpoint_every", "device", "tensorboard"})
+"""Settings a rerun may change without changing the trained weights: where the folder is, how often it
+evaluates and checkpoints, the device (same computation, other hardware) and logging. ``steps`` may grow; every
+other setting must match the run the folder holds."""
+
+
+def _open_output(accelerator, out: Path, config: FinetuneConfig, break_lock: bool):
+    """Before any model loads: on the main process, check ``out`` is writable, lock it, check that a run it
+    holds has the same settings, clean a killed run's leftovers and record ``config.json``. Every process then
+    gets the outcome (the lock is shared through the main process). Returns the lock (None on other processes)
+    and the checkpoint to resume from (None if there is none)."""
+    lock, error, checkpoint = None, None, None
+    if accelerator.is_main_process:
+        try:
+            check_writable(out)
+            lock = RunLock(out, "finetune", break_lock).acquire()
+            checkpoint = _check_resume(out, config)
+            clean_leftovers(out)
+            write_config(out, "finetune", asdict(config))
+        except SdoError as caught:
+            error = caught
+            if lock is not None:
+                lock.release()
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+        if float(failed) and error is None:
+            raise OutputLockedError(f"{out}: the main process could not open the output folder (see its error).")
+    if error is not None:
+        raise error
+    if not accelerator.is_main_process:
+        checkpoint = latest_checkpoint(out / "checkpoints")
+    return lock, checkpoint
+
+
+def _check_resume(out: Path, config: FinetuneConfig) -> Checkpoint | None:
+    """The checkpoint to resume from in ``out``, if any. Its run (the checkpoint's settings, else ``config.json``)
+    must have the same result-changing settings as ``config``; ``steps`` may not drop below the updates done."""
+    recorded = check_command(out, "finetune")
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    if checkpoint is None:
+        return None  # nothing to resume: the run starts over
+    saved = checkpoint.state.get("config") if isinstance(checkpoint.state.get("config"), dict) else recorded
+    if saved is None:
+        return checkpoint
+    defaults = {item.name: item.default for item in fields(FinetuneConfig)}
+    changes = differing_flags(saved, asdict(config), defaults, RESUME_FREE | {"steps"})
+    if config.steps < checkpoint.step:
+        changes.insert(0, f"--steps {config.steps} is below the {checkpoint.step} updates already done")
+    if changes:
+        free = ", ".join(flag(name) for name in sorted(RESUME_FREE - {"out"}))
+        raise ResumeMismatchError(
+            f"{out} holds a run with other settings: {'; '.join(changes)}. To resume it, rerun with its settings "
+            f"(only --steps may grow; {free} may change), or choose another --out."
+        )
+    return checkpoint
+
+
+def _resume(checkpoint: Checkpoint | None, unet, optimizer, lora: bool, accelerator) -> int:
     if checkpoint is None:
         return 0
-    _load_trainable(unet, {k: v.to(accelerator.device) for k, v in checkpoint.weights.items()}, lora)
+    weights = {k: v.to(accelerator.device) for k, v in checkpoint.weights.items()}
+    _load_trainable(unet, weights, lora, source=checkpoint.path / "weights.safetensors")
     optimizer_from_tensors(optimizer, checkpoint.optimizer_tensors, checkpoint.state)
     if accelerator.is_main_process:
         print(f"Resuming from {checkpoint.path} (step {checkpoint.step}).")

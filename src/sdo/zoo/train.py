@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from sdo.checks import check_positive, check_seed
 from sdo.errors import ConfigError
 
 from ..io import save_json, save_tensors
@@ -57,6 +58,8 @@ class ZooTrainingConfig:
                 raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if not 0 <= self.label_dropout < 1 or not 0 < self.ema_decay < 1:
             raise ConfigError("`label_dropout` must be in [0, 1) and `ema_decay` in (0, 1).")
+        check_positive(self.lr, "lr")
+        check_seed(self.seed)
 
 
 def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:

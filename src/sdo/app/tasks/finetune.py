@@ -115,14 +115,19 @@ class PipelineTarget:
         return Sampler(model_fn, self.parts.scheduler, self.config.sample_steps)
 
     def evaluator(self):
-        """Mean reward on every prompt with fixed noise."""
-        index = torch.arange(len(self.prompts))
-        generator = torch.Generator().manual_seed(10_000 + self.config.seed)
-        noise = torch.randn(len(index), *self.parts.latent_shape[1:], generator=generator).to(self.device)
+        """Mean reward on every prompt with fixed noise, in batches of ``batch_size`` prompts (memory does not grow
+        with the number of prompts)."""
+        size = self.config.batch_size
 
         @torch.no_grad()
         def evaluate(unet: torch.nn.Module) -> dict[str, float]:
-            samples = self.sampler(unet, index).sample(noise, grad=NoGrad())
-            return {"held_out_reward": float(self.reward(samples, index).mean())}
+            generator = torch.Generator().manual_seed(10_000 + self.config.seed)
+            total = 0.0
+            for first in range(0, len(self.prompts), size):
+                index = torch.arange(first, min(first + size, len(self.prompts)))
+                noise = torch.randn(len(index), *self.parts.latent_shape[1:], generator=generator).to(self.device)
+                samples = self.sampler(unet, index).sample(noise, grad=NoGrad())
+                total += float(self.reward(samples, index).sum())
+            return {"held_out_reward": total / len(self.prompts)}
 
         return evaluate

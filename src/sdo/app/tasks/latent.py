@@ -12,6 +12,7 @@ import torch
 
 from sdo import zoo
 from sdo.app.options import option
+from sdo.checks import check_positive, check_seed
 from sdo.clip_rewards import CLIP_REWARDS
 from sdo.doodl import optimize_latent_doodl
 from sdo.edict import EDICTSampler
@@ -83,6 +84,8 @@ class LatentTaskConfig:
                 raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.iters < 0 or self.lr <= 0:
             raise ConfigError(f"`iters` must be >= 0 and `lr` > 0, got iters={self.iters}, lr={self.lr}.")
+        check_positive(self.lr, "lr")
+        check_seed(self.seed)
         if not 0 <= self.start_step < self.steps:
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
         if self.adjoint_iters < 0 or self.freedom_repeats < 1 or self.freedom_scale < 0 or not self.doodl_lr > 0:

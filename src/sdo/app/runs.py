@@ -1,0 +1,268 @@
+"""Output folders of ``sdo`` runs: checked writable before any work, locked against a second writer, cleaned of a
+killed run's leftovers, and recording the settings of the run they hold (``config.json``).
+
+The lock is ``OUT/.sdo.lock``: an exclusive ``flock`` on it is held for the run and released by the kernel when
+the process ends, however it ends. The file names the holder (process id, host, command). A lock file whose lock
+nobody holds was left by a run that was killed: it is reported and taken over. A lock file written by another
+host (a shared filesystem, where the holder's process cannot be checked) is refused unless ``--break-lock``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from sdo.errors import ConfigError, OutputLockedError, ResumeMismatchError
+from sdo.io import FILE_MODE, load_json, make_dir, save_json
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (not POSIX): fall back to process-id checks
+    fcntl = None
+
+__all__ = [
+    "LOCK_NAME",
+    "RunLock",
+    "check_command",
+    "check_writable",
+    "clean_leftovers",
+    "differing_flags",
+    "write_config",
+]
+
+LOCK_NAME = ".sdo.lock"
+CONFIG_NAME = "config.json"
+# Temporary names: ``atomic_path`` files (``.NAME.XXXXXXXX.tmp``, mkstemp), checkpoint folders being built
+# (``.step-NNNNNN.XXXXXXXX``, mkdtemp) and writability probes (``.sdo-probe-PID.tmp``).
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\.sdo-probe-\d+\.tmp$")
+_TEMP_FOLDER = re.compile(r"^\.step-\d+\.[a-z0-9_]{8}$")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``lora_rank`` -> ``--lora-rank``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """Create ``out`` if needed and write and remove a probe file in it; a ``ConfigError`` naming ``--out`` if
+    that fails (a file in the way, no permission, a read-only filesystem), before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"`out` {out} is a file, not a folder; choose another --out.")
+    try:
+        make_dir(out)
+    except OSError as error:
+        raise ConfigError(f"`out` {out} cannot be created: {error.strerror or error}; choose another --out.") from None
+    probe = out / f".sdo-probe-{os.getpid()}.tmp"
+    try:
+        with open(probe, "w") as handle:
+            handle.write("sdo")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"`out` {out} is not writable: {error.strerror or error}; choose another --out.") from None
+    return out
+
+
+def clean_leftovers(out: str | os.PathLike) -> list[Path]:
+    """Remove temporary files and half-built checkpoint folders that a killed run left in ``out`` and
+    ``out/checkpoints``; returns what was removed. Call it only while holding the folder's lock."""
+    removed = []
+    for folder in (Path(out), Path(out) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.is_dir() and not path.is_symlink() and _TEMP_FOLDER.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            elif path.is_file() and _TEMP_FILE.match(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def check_command(out: str | os.PathLike, command: str) -> dict | None:
+    """The settings recorded in ``out/config.json`` (None if there are none); a ``ResumeMismatchError`` if they
+    belong to another command's run."""
+    path = Path(out) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    recorded = load_json(path)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+        return None  # a damaged record: the run's checkpoints (or nothing) decide
+    if recorded.get("command", command) != command:
+        raise ResumeMismatchError(
+            f"{out} holds a `sdo {recorded['command']}` run, not a `sdo {command}` one; choose another --out."
+        )
+    return recorded["config"]
+
+
+def write_config(out: str | os.PathLike, command: str, config: dict) -> Path:
+    """Record a run's settings as ``out/config.json`` (``{"command": ..., "config": {...}}``), atomically."""
+    path = Path(out) / CONFIG_NAME
+    save_json({"command": command, "config": config}, path)
+    return path
+
+
+def differing_flags(saved: dict, current: dict, defaults: dict, free: frozenset[str]) -> list[str]:
+    """``--flag OLD -> NEW`` for each setting of ``current`` that differs from ``saved`` (a field missing from
+    ``saved`` counts as its default), except the ``free`` ones."""
+    changes = []
+    for name, value in current.items():
+        if name in free:
+            continue
+        old = saved.get(name, defaults.get(name))
+        if old != value:
+            changes.append(f"{flag(name)} {json.dumps(old)} -> {json.dumps(value)}")
+    return changes
+
+
+class RunLock:
+    """An exclusive lock on an output folder, held from ``acquire()`` to ``release()`` (or the process's end).
+
+    Args:
+        out: the output folder (created if needed).
+        command: the holder's command, written into the lock file for the message a second process gets.
+        break_lock: take over a lock whose holder cannot be checked (written from another host).
+    """
+
+    def __init__(self, out: str | os.PathLike, command: str, break_lock: bool = False) -> None:
+        self.out = Path(out)
+        self.path = self.out / LOCK_NAME
+        self.command = command
+        self.break_lock = break_lock
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise ``OutputLockedError`` naming the process that holds it."""
+        make_dir(self.out)
+        if fcntl is None:  # pragma: no cover
+            return self._acquire_by_pid()
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read(fd)
+                os.close(fd)
+                raise OutputLockedError(
+                    f"{self.out} is in use by {_describe(holder)}; wait for it to finish, or choose another --out."
+                ) from None
+            except OSError:  # this filesystem has no flock
+                os.close(fd)
+                return self._acquire_by_pid()
+            if not _same_file(fd, self.path):  # the holder removed it between our open and flock: try again
+                os.close(fd)
+                continue
+            try:
+                self._take_over(_read(fd))
+            except OutputLockedError:
+                os.close(fd)
+                raise
+            self._fd = fd
+            self._write(fd)
+            return self
+        raise OutputLockedError(f"{self.out}: could not take the lock {self.path}; try again.")
+
+    def release(self) -> None:
+        """Give the lock up and remove the lock file."""
+        if self._fd is None:
+            return
+        try:
+            if _same_file(self._fd, self.path):
+                self.path.unlink()
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def _take_over(self, holder: dict | None) -> None:
+        """The lock was free; a lock file that still names a holder was left by a run that is gone."""
+        if not holder:
+            return
+        if holder.get("host") not in (None, socket.gethostname()) and not self.break_lock:
+            raise OutputLockedError(
+                f"{self.out} is locked by {_describe(holder)} (lock file {self.path}); the process cannot be "
+                "checked from this host. If no run is using the folder, rerun with --break-lock."
+            )
+        print(
+            f"sdo: cleared a stale lock on {self.out} left by {_describe(holder)}, which is no longer running.",
+            file=sys.stderr,
+        )
+
+    def _write(self, fd: int) -> None:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+
+    def _acquire_by_pid(self) -> RunLock:  # pragma: no cover (filesystems without flock)
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            except FileExistsError:
+                with open(self.path, "rb") as handle:
+                    holder = _parse(handle.read())
+                alive = holder and holder.get("host") == socket.gethostname() and _alive(holder.get("pid"))
+                if alive or not self.break_lock:
+                    state = "in use by" if alive else "locked by"
+                    hint = "" if alive else " If that process is gone, rerun with --break-lock to clear the lock."
+                    raise OutputLockedError(f"{self.out} is {state} {_describe(holder)}.{hint}") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            self._fd = fd
+            self._write(fd)
+            return self
+        raise OutputLockedError(f"{self.out}: could not take the lock {self.path}; try again.")
+
+
+def _read(fd: int) -> dict | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return _parse(os.read(fd, 4096))
+
+
+def _parse(data: bytes) -> dict | None:
+    try:
+        record = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "another process (starting up)"
+    command = f"`sdo {holder['command']}` " if holder.get("command") else ""
+    return f"{command}process {holder.get('pid')} on host {holder.get('host')}"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _alive(pid: object) -> bool:  # pragma: no cover (filesystems without flock)
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
