@@ -123,7 +123,7 @@ def optimize_latent_doodl(
             with torch.set_grad_enabled(not final):
                 x0, rewards = _objective(sampler, z, reward, NoGrad() if final else grad, start_step, cond)
             if not torch.isfinite(rewards).all():
-                partial = OptimizationResult(z.detach(), x0.detach(), best.latent, best.sample, best.reward, history)
+                partial = best.result(z, x0, history)
                 raise NonFiniteRewardError(
                     f"The reward is not finite at iteration {iteration} ({rewards.tolist()}); stopped. "
                     "The error's `result` holds the last finite iterate.",
