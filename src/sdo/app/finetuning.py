@@ -10,11 +10,12 @@ run resumed from a checkpoint continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,9 @@ from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
 from sdo.errors import ConfigError
 from sdo.gradients import GradientMode
 from sdo.io import CorruptFileError, atomic_path, load_tensors, save_tensors
+from sdo.kl import TrajectoryKL, adapters_disabled
 from sdo.methods import MethodOptions, gradient_mode, method_names
+from sdo.sampling import Sampler
 
 __all__ = ["FINETUNE_METHODS", "FINETUNE_TASKS", "FinetuneConfig", "finetune", "ink_reward", "load_adapter"]
 
@@ -52,6 +55,11 @@ class FinetuneConfig:
     grad_accum: int = option(1, "gradient accumulation micro-batches per update")
     lr: float = option(1e-3, "AdamW learning rate")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this before each update (0: off)")
+    kl_weight: float = option(
+        0.0,
+        "weight of the base-model regularizer: mean squared difference between the fine-tuned and the frozen "
+        "base model's predictions at the trained steps (the KL between their Gaussian steps up to a constant)",
+    )
     lora_rank: int = option(4, "LoRA rank; 0 trains the full weights")
     lora_targets: str = option(
         "",
@@ -83,6 +91,8 @@ class FinetuneConfig:
             raise ConfigError(
                 f"`batch_size` ({self.batch_size}) must be divisible by `grad_accum` ({self.grad_accum})."
             )
+        if self.kl_weight < 0:
+            raise ConfigError(f"`kl_weight` must be >= 0, got {self.kl_weight}.")
         if self.lora_rank < 0 or self.lr <= 0:
             raise ConfigError(f"`lora_rank` must be >= 0 and `lr` > 0, got {self.lora_rank} and {self.lr}.")
         if self.method not in FINETUNE_METHODS:
@@ -194,27 +204,58 @@ class _MetricsLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
 
-def _update(config, target, parameters, optimizer, reward_fn, accelerator, step: int) -> float:
-    """One optimizer update on this process's slice of the global batch; returns the global mean reward."""
+def _regularized(sampler: Sampler, base: torch.nn.Module | None) -> tuple[Sampler, TrajectoryKL]:
+    """``sampler`` with its model wrapped in a ``TrajectoryKL`` against the base model: the network with its LoRA
+    adapters disabled (``base`` None), or the frozen copy ``base`` of a full-weight run."""
+    model_fn = sampler.model_fn
+
+    def base_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if base is not None:
+            return replace(model_fn, model=base)(x, t)
+        with adapters_disabled(model_fn.model):
+            return model_fn(x, t)
+
+    kl = TrajectoryKL(model_fn, base_fn)
+    return Sampler(kl, sampler.scheduler, sampler.num_inference_steps, eta=sampler.eta), kl
+
+
+def _update(config, target, parameters, optimizer, reward_fn, accelerator, step: int, base=None) -> dict:
+    """One optimizer update on this process's slice of the global batch; returns the global means of the reward,
+    of each term of a weighted reward (``reward_NAME``) and, with ``kl_weight``, of the KL penalty (``kl``)."""
     labels, noise, mode_seed = _global_batch(config, target, step)
     per_process = config.batch_size // accelerator.num_processes
     rank_slice = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
     labels, noise = labels[rank_slice].to(accelerator.device), noise[rank_slice].to(accelerator.device)
     optimizer.zero_grad(set_to_none=True)
-    reward_sum = torch.zeros((), device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, values: torch.Tensor) -> None:
+        sums[name] = sums.get(name, torch.zeros((), device=accelerator.device)) + values.detach().float().sum()
+
     for micro in range(config.grad_accum):
         part = slice(micro * len(labels) // config.grad_accum, (micro + 1) * len(labels) // config.grad_accum)
         sampler = target.sampler(target.unet, labels[part])
+        if config.kl_weight > 0:
+            sampler, kl = _regularized(sampler, base)
         mode = config.mode(torch.Generator().manual_seed(mode_seed))  # one draw per trajectory batch, every rank
         with accelerator.autocast():
             rewards = reward_fn(sampler.sample(noise[part], grad=mode), labels[part]).float()
-        (-rewards.sum() / config.batch_size).backward()
-        reward_sum += rewards.detach().sum()
+        loss = -rewards.sum()
+        add("reward", rewards)
+        for name, values in (getattr(reward_fn, "last_terms", None) or {}).items():
+            add(f"reward_{name}", values)
+        if config.kl_weight > 0:
+            penalty = kl.penalty()
+            penalty = torch.zeros_like(rewards) if penalty is None else penalty.float()
+            loss = loss + config.kl_weight * penalty.sum()
+            add("kl", penalty)
+        (loss / config.batch_size).backward()
     _reduce_gradients(accelerator, parameters)
     if config.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
-    return float(accelerator.reduce(reward_sum, reduction="sum")) / config.batch_size
+    scale = config.batch_size
+    return {name: float(accelerator.reduce(total, reduction="sum")) / scale for name, total in sums.items()}
 
 
 def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: bool = True) -> dict:
@@ -252,6 +293,8 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     else:
         unet.requires_grad_(True)
     unet.to(accelerator.device)
+    # The base model of the KL regularizer: the adapters switched off (LoRA), or a frozen copy (full weights).
+    base = copy.deepcopy(unet).requires_grad_(False) if config.kl_weight > 0 and not lora else None
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     start = _resume(out / "checkpoints", unet, optimizer, lora, accelerator)
@@ -270,14 +313,15 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     record = metrics.records[-1] if metrics.records else {}
     for step in bar:
         started = time.perf_counter()
-        mean_reward = _update(config, target, parameters, optimizer, reward_fn, accelerator, step)
+        means = _update(config, target, parameters, optimizer, reward_fn, accelerator, step, base)
+        mean_reward = means.pop("reward")
         if not torch.isfinite(torch.tensor(mean_reward)):
             last = latest_checkpoint(out / "checkpoints")
             raise ConfigError(
                 f"The reward is not finite at step {step} ({mean_reward}); stopped. Last good "
                 f"checkpoint: {last.path if last else 'none'}."
             )
-        record = {"step": step, "reward": mean_reward, "seconds": time.perf_counter() - started}
+        record = {"step": step, "reward": mean_reward, **means, "seconds": time.perf_counter() - started}
         if accelerator.is_main_process:
             if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
                 record.update(evaluator(unet))
