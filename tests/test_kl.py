@@ -16,7 +16,14 @@ from sdo.kl import TrajectoryKL, adapters_disabled
 
 def test_kl_is_zero_at_initialization_and_positive_after_an_update(tmp_path):
     config = FinetuneConfig(
-        task="bold", steps=3, sample_steps=4, batch_size=2, eval_every=0, eval_per_class=1, lr=1e-2, kl_weight=1.0,
+        task="bold",
+        steps=3,
+        sample_steps=4,
+        batch_size=2,
+        eval_every=0,
+        eval_per_class=1,
+        lr=1e-2,
+        kl_weight=1.0,
         out=str(tmp_path / "kl"),
     )
     finetune(config, progress=False)

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SDO vs full backprop on the embedded model, in one process (offline, "
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
-    pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image"}
+    pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image", "height", "width"}
     add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only})
     demo.set_defaults(run=_demo)
 

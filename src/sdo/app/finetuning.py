@@ -82,6 +82,8 @@ class FinetuneConfig:
     clip_path: str = option("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
+    height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
+    width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "sample_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_per_class"):

@@ -85,7 +85,14 @@ class PipelineTarget:
         if not prompts:
             raise ConfigError(f"`prompts` file {config.prompts} holds no prompt (one per line).")
         self.config, self.device, self.prompts = config, device, prompts
-        self.parts = from_pipeline(config.pipeline, prompts, guidance_scale=config.guidance, device=device)
+        self.parts = from_pipeline(
+            config.pipeline,
+            prompts,
+            guidance_scale=config.guidance,
+            device=device,
+            height=config.height or None,
+            width=config.width or None,
+        )
         self.unet = self.parts.unet
         self.lora_targets = self.parts.lora_targets
         self.reward = self._reward(config)

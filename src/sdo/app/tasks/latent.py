@@ -53,6 +53,8 @@ class LatentTaskConfig:
     clip_path: str = option("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
+    height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
+    width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -97,7 +99,12 @@ def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     from sdo.pipelines import from_pipeline
 
     parts = from_pipeline(
-        config.pipeline, [config.prompt] * config.batch, guidance_scale=config.guidance, device=config.device
+        config.pipeline,
+        [config.prompt] * config.batch,
+        guidance_scale=config.guidance,
+        device=config.device,
+        height=config.height or None,
+        width=config.width or None,
     )
     sampler = parts.sampler(config.steps)
     encoder = ClipImageEncoder(config.clip_path or None, device=config.device)
