@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
     pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image", "height", "width"}
+    pipeline_only.add("pickscore_path")
     add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only})
     demo.set_defaults(run=_demo)
 

@@ -35,7 +35,7 @@ __all__ = ["FINETUNE_METHODS", "FINETUNE_TASKS", "FinetuneConfig", "finetune", "
 
 FINETUNE_METHODS = method_names("weights")
 ZOO_TASKS = ("confidence", "bold")
-PIPELINE_TASKS = ("aesthetic", "clip", "style")
+PIPELINE_TASKS = ("aesthetic", "clip", "style", "pickscore")
 FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
 
 
@@ -46,7 +46,7 @@ class FinetuneConfig:
     method: str = option("sdo", "gradient estimator", choices=FINETUNE_METHODS)
     task: str = option(
         "confidence",
-        "reward: embedded model: confidence or bold; --pipeline: aesthetic, clip or style",
+        "reward: embedded model: confidence or bold; --pipeline: aesthetic, clip, style or pickscore",
         choices=FINETUNE_TASKS,
     )
     steps: int = option(100, "total optimizer updates")
@@ -79,7 +79,11 @@ class FinetuneConfig:
     out: str = option("sdo-finetune", "output folder (a rerun with the same folder resumes)")
     pipeline: str = option("", "fine-tune a local Stable Diffusion folder instead of the embedded model")
     prompts: str = option("", "--pipeline: text file with one training prompt per line")
+    reward: str = option(
+        "", "--pipeline: rewards as a weighted sum, e.g. clip=1.0,aesthetic=0.5 (default: the --task reward alone)"
+    )
     clip_path: str = option("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
+    pickscore_path: str = option("", "--pipeline, pickscore: local PickScore CLIP folder (or $SDO_PICKSCORE_PATH)")
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
     height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
@@ -104,13 +108,21 @@ class FinetuneConfig:
         if self.method == "alignprop" and not 1 <= self.alignprop_high <= self.sample_steps:
             raise ConfigError(f"`alignprop_high` must be in [1, {self.sample_steps}], got {self.alignprop_high}.")
         tasks = PIPELINE_TASKS if self.pipeline else ZOO_TASKS
-        if self.task not in tasks:
+        if self.task not in tasks and not (self.pipeline and self.reward):  # --reward replaces --task
             where = "with --pipeline" if self.pipeline else "for the embedded model"
             raise ConfigError(f"`task` must be one of {tasks} {where}, got {self.task!r}.")
         if self.pipeline and not self.prompts:
             raise ConfigError("`prompts` (a file with one prompt per line) is required with --pipeline.")
-        if self.pipeline and self.task == "style" and not self.style_image:
-            raise ConfigError("`style_image` (a PNG) is required with --task style.")
+        if self.reward and not self.pipeline:
+            raise ConfigError("`reward` (a weighted sum of image rewards) is for --pipeline runs.")
+        if self.pipeline and "style" in self.reward_terms() and not self.style_image:
+            raise ConfigError("`style_image` (a PNG) is required with the style reward.")
+
+    def reward_terms(self) -> dict[str, float]:
+        """The ``--pipeline`` reward terms and weights: ``reward`` parsed, or ``{task: 1.0}``."""
+        from sdo.app.reward_spec import parse_reward_spec
+
+        return parse_reward_spec(self.reward or self.task)
 
     def mode(self, generator: torch.Generator) -> GradientMode:
         """The gradient mode of ``method`` from the registry (``sdo.methods``); its random draws come from

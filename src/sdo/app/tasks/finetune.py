@@ -74,9 +74,9 @@ class ZooTarget:
 
 class PipelineTarget:
     """A text-to-image pipeline (SD, SDXL, SD3, Flux) from a local folder; conditions are prompt indices into the
-    prompt file; rewards "aesthetic", "clip" (CLIP similarity to the sample's own prompt) or "style" (CLIP Gram
-    matrices against a reference image) on the decoded image. LoRA adapts the network's attention projections
-    (``sdo.pipelines.lora_targets``)."""
+    prompt file; rewards "aesthetic", "clip" (CLIP similarity to the sample's own prompt), "style" (CLIP Gram
+    matrices against a reference image), "pickscore", or a weighted sum of them (``--reward``), on the decoded
+    image. LoRA adapts the network's attention projections (``sdo.pipelines.lora_targets``)."""
 
     def __init__(self, config, device: torch.device) -> None:
         from sdo.pipelines import from_pipeline
@@ -98,13 +98,18 @@ class PipelineTarget:
         self.reward = self._reward(config)
 
     def _reward(self, config):
-        from sdo.clip_rewards import ClipImageEncoder, clip_reward
+        from sdo.app.reward_spec import DecodedReward, image_reward
 
-        encoder = ClipImageEncoder(config.clip_path or None, device=self.device)
-        score = clip_reward(
-            config.task, encoder, self.prompts, aesthetic_head=config.aesthetic_head, style_image=config.style_image
+        score = image_reward(
+            config.reward or config.task,
+            self.prompts,
+            device=self.device,
+            clip_path=config.clip_path,
+            pickscore_path=config.pickscore_path,
+            aesthetic_head=config.aesthetic_head,
+            style_image=config.style_image,
         )
-        return lambda x0, index: score(self.parts.decode(x0), index)
+        return DecodedReward(score, self.parts.decode)
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt indices ``[B]`` and initial latents ``[B, C, h, w]``."""
