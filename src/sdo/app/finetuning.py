@@ -278,7 +278,9 @@ def finetune(config: FinetuneConfig, reward: Callable | None = None, progress: b
     Writes into ``config.out``: ``checkpoints/step-NNNNNN/`` every ``checkpoint_every`` updates (resumed from by a
     rerun), ``metrics.jsonl`` (``step``, ``reward``, ``seconds`` and, at evaluations, ``judge_accuracy`` and
     ``frechet_judge``), ``adapter.safetensors`` (final trainable weights; ``load_adapter`` puts them back) and
-    ``reward_curve.png``. Returns the last metrics record.
+    ``reward_curve.png``. With ``kl_weight`` the loss adds ``kl_weight * mean_b penalty_b``, the base-model
+    regularizer of ``sdo.kl.TrajectoryKL`` (logged as ``kl``); a weighted ``--reward`` logs each term as
+    ``reward_NAME``. Returns the last metrics record.
 
     Raises:
         ValueError: bad configuration, or a non-finite reward (the message names the step; the last good
