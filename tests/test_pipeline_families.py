@@ -212,12 +212,15 @@ def test_two_finetuning_steps_for_each_method(family_dir, clip_dir, tmp_path, me
         checkpoint_every=2,
         lora_rank=2,
         lr=1e-2,
+        kl_weight=0.5,  # the base-model regularizer, through the adapters switched off
         height=HEIGHT,
         width=WIDTH,
         out=str(tmp_path / "ft"),
     )
     record = finetune(config, progress=False)
-    assert record["step"] == 2 and "held_out_reward" in record
+    assert record["step"] == 2 and "held_out_reward" in record and record["kl"] >= 0
+    first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] == 0.0  # LoRA's B starts at zero
     weights = sdo.io.load_tensors(tmp_path / "ft" / "adapter.safetensors")
     assert any(value.abs().sum() > 0 for name, value in weights.items() if "lora_B" in name)
 

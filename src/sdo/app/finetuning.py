@@ -230,7 +230,9 @@ def _regularized(sampler: Sampler, base: torch.nn.Module | None) -> tuple[Sample
             return model_fn(x, t)
 
     kl = TrajectoryKL(model_fn, base_fn)
-    return Sampler(kl, sampler.scheduler, sampler.num_inference_steps, eta=sampler.eta), kl
+    regularized = copy.copy(sampler)  # same scheduler, steps, timestep options and noise convention
+    regularized.model_fn = kl
+    return regularized, kl
 
 
 def _update(config, target, parameters, optimizer, reward_fn, accelerator, step: int, base=None) -> dict:
