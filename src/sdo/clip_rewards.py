@@ -3,6 +3,7 @@
 - ``ClipScoreReward``: CLIP text-image cosine similarity (text-guided manipulation).
 - ``AestheticReward``: LAION aesthetic predictor, a linear head on normalized CLIP ViT-L/14 image embeddings.
 - ``ClipStyleReward``: Gram matrices of intermediate CLIP vision features against a reference image (style).
+- ``PickScoreReward``: PickScore, the human-preference fine-tune of CLIP-H (its own folder, ``$SDO_PICKSCORE_PATH``).
 
 Weights come from local folders or files, given as arguments or by ``$SDO_CLIP_PATH`` (a CLIP folder saved with
 ``save_pretrained``) and ``$SDO_AESTHETIC_HEAD`` (the head as safetensors with ``weight [1, D]`` and ``bias [1]``).
@@ -28,11 +29,12 @@ __all__ = [
     "ClipImageEncoder",
     "ClipScoreReward",
     "ClipStyleReward",
+    "PickScoreReward",
     "clip_reward",
     "random_cutouts",
 ]
 
-CLIP_REWARDS = ("clip", "aesthetic", "style")
+CLIP_REWARDS = ("clip", "aesthetic", "style", "pickscore")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -204,19 +206,50 @@ class ClipStyleReward:
         return -self.scale * style_distance(self._features(images), self.reference)
 
 
+class PickScoreReward:
+    """PickScore (Kirstain et al. 2023, "Pick-a-Pic", arXiv 2305.01569): ``r(x) = exp(s) cos(E_img(x), E_txt(p))``,
+    the logit of the CLIP-H model fine-tuned on human preferences (``s``: its learned ``logit_scale``).
+
+    Prompts are handled as by ``ClipScoreReward`` (one for all, one per image, or indexed by ``cond``). The model is
+    a ``transformers`` CLIP folder (e.g. ``yuvalkirstain/PickScore_v1`` saved with ``save_pretrained``, tokenizer
+    included), read from ``path`` or ``$SDO_PICKSCORE_PATH``; the image preprocessing is the differentiable one of
+    ``ClipImageEncoder`` (resize to the vision size, CLIP normalization).
+    """
+
+    def __init__(
+        self, prompt: str | list[str], path: str | os.PathLike | None = None, device="cpu", cutouts: int = 0
+    ) -> None:
+        folder = _local(path, "SDO_PICKSCORE_PATH", "PickScore model folder")
+        self.encoder = ClipImageEncoder(folder, device=device, cutouts=cutouts)
+        self.text = self.encoder.text_embeds([prompt] if isinstance(prompt, str) else list(prompt))
+        self.scale = float(self.encoder.model.logit_scale.exp())
+
+    def __call__(self, images: torch.Tensor, cond: object = None) -> torch.Tensor:
+        text = self.text[cond] if torch.is_tensor(cond) else self.text
+        return self.scale * (self.encoder.image_embeds(images) * text).sum(dim=-1)
+
+
 def clip_reward(
     name: str,
-    encoder: ClipImageEncoder,
+    encoder: ClipImageEncoder | None,
     prompts: list[str],
     *,
     aesthetic_head: str | os.PathLike | None = None,
     style_image: str | os.PathLike | None = None,
+    pickscore_path: str | os.PathLike | None = None,
 ):
     """The CLIP-based image reward ``name`` (one of ``CLIP_REWARDS``) as ``reward(images, cond) -> [B]``.
 
     "clip": ``ClipScoreReward(prompts)`` (``cond`` may index the prompts); "aesthetic": ``AestheticReward``
-    (``aesthetic_head`` or ``$SDO_AESTHETIC_HEAD``); "style": ``ClipStyleReward`` against the PNG ``style_image``.
+    (``aesthetic_head`` or ``$SDO_AESTHETIC_HEAD``); "style": ``ClipStyleReward`` against the PNG ``style_image``;
+    "pickscore": ``PickScoreReward(prompts)`` from its own model (``pickscore_path`` or ``$SDO_PICKSCORE_PATH``; it
+    does not use ``encoder``, which may then be None).
     """
+    if name == "pickscore":
+        device = encoder.model.device if encoder is not None else "cpu"
+        return PickScoreReward(prompts, pickscore_path or None, device=device)
+    if encoder is None:
+        raise ConfigError(f"the {name!r} reward needs a CLIP image encoder (`encoder`).")
     if name == "clip":
         return ClipScoreReward(prompts, encoder=encoder)
     if name == "aesthetic":

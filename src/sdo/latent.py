@@ -206,6 +206,8 @@ def optimize_latent(
             "seconds": seconds,
             "elapsed": elapsed,
         }
+        for name, values in (getattr(reward, "last_terms", None) or {}).items():  # a weighted sum's terms
+            record[f"reward_{name}"] = float(values.float().mean())
         if memory is not None:
             record.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind)
         if judge is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,7 +14,8 @@ __all__ = ["Denoiser"]
 
 @dataclass
 class Denoiser:
-    """``model_fn`` for a diffusers ``UNet2DModel`` (class labels) or ``UNet2DConditionModel`` (text embeddings).
+    """``model_fn`` for a diffusers ``UNet2DModel`` (class labels), ``UNet2DConditionModel`` (text embeddings, and
+    SDXL's added conditioning), or a text-to-image transformer (SD3, Flux).
 
     With classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) at scale ``w != 1`` the conditional and
     unconditional predictions come from one batched network call on ``[x; x]``:
@@ -39,7 +40,15 @@ class Denoiser:
         negative_encoder_hidden_states: ``[batch or 1, tokens, dim]`` unconditional embeddings for guidance.
         guidance_scale (`float`, defaults to 1.0): ``w``; 1 means a single conditional call, no guidance.
         pooled_projections, negative_pooled_projections: ``[batch (or 1), dim]`` pooled text embeddings of
-            SD3-style transformers (conditional and unconditional).
+            SD3-style and Flux transformers (conditional and unconditional).
+        added_cond_kwargs, negative_added_cond_kwargs: ``{name: [batch (or 1), ...]}`` extra per-sample conditioning
+            a ``UNet2DConditionModel`` takes as ``added_cond_kwargs`` (SDXL: ``text_embeds``, the pooled prompt
+            embedding, and ``time_ids``, the size and crop micro-conditioning); batched like the embeddings.
+        guidance_embedding: for guidance-distilled transformers (Flux dev), the guidance scale the network embeds
+            (``guidance=[batch]``); independent of ``guidance_scale`` (true classifier-free guidance).
+        extra_kwargs: constant keyword inputs of every network call, not batched (Flux: ``txt_ids``, ``img_ids``).
+        timestep_divisor (`float`, defaults to 1.0): transformers are called with ``t / timestep_divisor`` (1000 for
+            Flux, which takes timesteps in [0, 1]).
     """
 
     model: torch.nn.Module
@@ -51,6 +60,11 @@ class Denoiser:
     guidance_scale: float = 1.0
     pooled_projections: torch.Tensor | None = None
     negative_pooled_projections: torch.Tensor | None = None
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    guidance_embedding: float | None = None
+    extra_kwargs: dict[str, torch.Tensor] | None = None
+    timestep_divisor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -61,6 +75,11 @@ class Denoiser:
             raise ConfigError("`pooled_projections` (SD3-style models) need `encoder_hidden_states` too.")
         if self.guided and self.pooled_projections is not None and self.negative_pooled_projections is None:
             raise ConfigError("Guidance with `pooled_projections` needs `negative_pooled_projections`.")
+        transformer = self.pooled_projections is not None
+        if self.added_cond_kwargs is not None and (self.encoder_hidden_states is None or transformer):
+            raise ConfigError("`added_cond_kwargs` (SDXL) need `encoder_hidden_states` and a UNet, not a transformer.")
+        if self.guided and self.added_cond_kwargs is not None and self.negative_added_cond_kwargs is None:
+            raise ConfigError("Guidance with `added_cond_kwargs` needs `negative_added_cond_kwargs`.")
         if self.guided and self._unconditional() is None:
             raise ConfigError(
                 f"`guidance_scale`={self.guidance_scale} needs an unconditional input: `null_class_label` with "
@@ -73,34 +92,70 @@ class Denoiser:
         conditioned = self.class_labels is not None or self.encoder_hidden_states is not None
         return conditioned and self.guidance_scale != 1.0
 
+    def rows(self, index: torch.Tensor) -> Denoiser:
+        """A copy conditioned on rows ``index`` ``[B]`` of the per-sample conditioning (e.g. a training batch drawn
+        from the prompts of ``sdo.from_pipeline``); unconditional inputs of batch 1 are kept as they are."""
+
+        def pick(tensor: torch.Tensor | None, keep_single: bool = False) -> torch.Tensor | None:
+            if tensor is None or (keep_single and tensor.shape[0] == 1):
+                return tensor
+            return tensor[index.to(tensor.device)]
+
+        def pick_all(tensors: dict | None, keep_single: bool = False) -> dict | None:
+            return None if tensors is None else {k: pick(v, keep_single) for k, v in tensors.items()}
+
+        return replace(
+            self,
+            class_labels=pick(self.class_labels),
+            encoder_hidden_states=pick(self.encoder_hidden_states),
+            negative_encoder_hidden_states=pick(self.negative_encoder_hidden_states, True),
+            pooled_projections=pick(self.pooled_projections),
+            negative_pooled_projections=pick(self.negative_pooled_projections, True),
+            added_cond_kwargs=pick_all(self.added_cond_kwargs),
+            negative_added_cond_kwargs=pick_all(self.negative_added_cond_kwargs, True),
+        )
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Model output for ``x`` ``[batch, C, H, W]`` at timestep ``t`` (a scalar), guided if configured."""
-        cond, pooled = self._conditional(), self.pooled_projections
+        """Model output for ``x`` ``[batch, ...]`` at timestep ``t`` (a scalar), guided if configured."""
+        cond, pooled, added = self._conditional(), self.pooled_projections, self.added_cond_kwargs
         self._check_batch(x, cond)
         if not self.guided:
-            return self._forward(x, t, cond, pooled)
-        uncond = _expand(self._unconditional(), x.shape[0]).to(cond.dtype)
+            return self._forward(x, t, cond, pooled, added)
+        batch = x.shape[0]
+        uncond = _expand(self._unconditional(), batch).to(cond.dtype)
         if pooled is not None:
-            pooled = torch.cat([_expand(self.negative_pooled_projections, x.shape[0]).to(pooled.dtype), pooled])
-        both = self._forward(torch.cat([x, x]), t, torch.cat([uncond, cond]), pooled)
+            pooled = torch.cat([_expand(self.negative_pooled_projections, batch).to(pooled.dtype), pooled])
+        if added is not None:
+            negative = self.negative_added_cond_kwargs
+            added = {name: torch.cat([_expand(negative[name], batch).to(v.dtype), v]) for name, v in added.items()}
+        both = self._forward(torch.cat([x, x]), t, torch.cat([uncond, cond]), pooled, added)
         out_uncond, out_cond = both.chunk(2)
         return out_uncond + self.guidance_scale * (out_cond - out_uncond)
 
-    def _forward(self, x: torch.Tensor, t, cond: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t, cond: torch.Tensor | None, pooled, added) -> torch.Tensor:
         dtype = self._model_dtype()
         x_in = x.to(dtype)
-        if pooled is not None:  # SD3-style transformer: keyword call, one timestep per sample
+        if pooled is not None:  # SD3-style / Flux transformer: keyword call, one timestep per sample
             timestep = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+            if self.timestep_divisor != 1.0:
+                timestep = timestep.to(x.dtype) / self.timestep_divisor
+            inputs = dict(self.extra_kwargs or {})
+            if self.guidance_embedding is not None:
+                inputs["guidance"] = torch.full([x.shape[0]], self.guidance_embedding, device=x.device)
             out = self.model(
                 hidden_states=x_in,
                 timestep=timestep,
                 encoder_hidden_states=cond.to(dtype),
                 pooled_projections=pooled.to(dtype),
+                **inputs,
             ).sample
         elif cond is None:
             out = self.model(x_in, t).sample
         elif self.class_labels is not None:
             out = self.model(x_in, t, class_labels=cond).sample
+        elif added is not None:  # SDXL: pooled text embedding and size micro-conditioning
+            added = {name: value.to(dtype) for name, value in added.items()}
+            out = self.model(x_in, t, encoder_hidden_states=cond.to(dtype), added_cond_kwargs=added).sample
         else:
             out = self.model(x_in, t, encoder_hidden_states=cond.to(dtype)).sample
         return out.to(x.dtype)

@@ -1,27 +1,52 @@
-"""Stable Diffusion (1.x/2.x UNet pipelines, and SD3-style transformer pipelines with FlowMatch) from a local
-folder: what the sampler and tasks need.
+"""Text-to-image pipelines from a local folder: Stable Diffusion 1.x/2.x and SDXL (UNet), SD3 and Flux
+(transformers with FlowMatch); what the sampler and tasks need.
 
 ``from_pipeline`` takes a pipeline object or a folder written by ``save_pretrained`` and returns the model function
-(classifier-free guidance over prompt embeddings computed once with the pipeline's own tokenizer and text
-encoder), a supported scheduler built from the pipeline's scheduler config, the latent shape, and a
-differentiable decoder. Nothing is downloaded: folders load with ``local_files_only=True``.
+(classifier-free guidance over prompt embeddings computed once with the pipeline's own tokenizers and text
+encoders), a supported scheduler built from the pipeline's scheduler config, the latent shape, and a
+differentiable decoder. One contract holds for every family: with ``parts = from_pipeline(folder, prompt, height=h,
+width=w)``, the pipeline's own ``pipe(prompt, latents=parts.initial_latent(s), num_inference_steps=n,
+guidance_scale=g, height=h, width=w)`` and ``parts.decode(parts.sampler(n).sample(parts.initial_latent(s)))`` give
+the same image (``from_pipeline(..., guidance_scale=g)``; ``pipe.scheduler = parts.scheduler`` when the pipeline's
+own scheduler is not one ``sdo`` supports). Nothing is downloaded: folders load with ``local_files_only=True``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import MissingWeightsError
+from .errors import ConfigError, MissingWeightsError
 from .io import load_json
 from .models import Denoiser
 from .sampling import Sampler
 from .schedulers import SUPPORTED_SCHEDULERS, prediction_type, scheduler_by_name
 
-__all__ = ["PipelineParts", "from_pipeline"]
+__all__ = ["FAMILIES", "PipelineParts", "from_pipeline", "lora_targets"]
+
+# Pipeline class -> family, and the components each family needs.
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+_REQUIRED = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer"),
+    "sdxl": ("unet", "vae", "text_encoder_2", "tokenizer_2"),
+    "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "flux": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+}
+SUPPORTED = (
+    "StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3) "
+    "and FluxPipeline (Flux)"
+)
+_DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
+_UNET_LORA_TARGETS = "to_q,to_k,to_v,to_out.0"
+_TRANSFORMER_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
 
 
 @dataclass
@@ -29,32 +54,81 @@ class PipelineParts:
     """The pieces of a pipeline that ``Sampler`` and the tasks use.
 
     Attributes:
-        model_fn: ``sdo.Denoiser`` over the UNet with the prompt embeddings and guidance.
+        model_fn: ``sdo.Denoiser`` over the network with the prompt embeddings and guidance.
         scheduler: a supported diffusers scheduler built from the pipeline's scheduler config.
-        latent_shape: ``(batch, channels, height / 8, width / 8)``.
-        decode: ``latents -> images [B, 3, H, W] in [-1, 1]`` (``vae.decode(z / scaling_factor)``), differentiable.
-        unet, vae: the denoising network (the UNet, or the transformer of SD3-style pipelines) and the VAE, frozen.
-        prompt_embeds, negative_embeds: ``[B, tokens, dim]`` and ``[1, tokens, dim]``; ``prompt_embeds`` requires
-            grad when asked for (embedding optimization).
+        latent_shape: the layout of the pipeline's ``latents=`` argument: ``(batch, channels, height / f, width / f)``
+            with the VAE factor ``f``, or for Flux the packed ``(batch, (height / 2f) (width / 2f), 4 channels)``.
+        decode: ``latents -> images [B, 3, H, W] in [-1, 1]`` (unpacked, unscaled and unshifted as the pipeline
+            does, then ``vae.decode``), differentiable.
+        unet, vae: the denoising network (the UNet, or the transformer of SD3 and Flux) and the VAE, frozen.
+        prompt_embeds, negative_embeds: ``[B, tokens, dim]`` and ``[1, tokens, dim]`` (None where the pipeline
+            runs no classifier-free guidance, e.g. Flux without a negative prompt); ``prompt_embeds`` requires grad
+            when asked for (embedding optimization).
+        pooled_embeds: ``[B, dim]`` pooled prompt embeddings (SDXL, SD3, Flux; None for SD 1.x/2.x), requiring grad
+            with ``prompt_embeds``.
+        family: "sd", "sdxl", "sd3" or "flux".
+        timestep_options: ``num_inference_steps -> set_timesteps`` extra arguments (Flux and dynamically shifted
+            SD3: ``sigmas``/``mu``), as the pipeline passes them.
+        image_latent_shape: ``(batch, channels, height / f, width / f)``, the unpacked latent.
     """
 
     model_fn: Denoiser
     scheduler: object
-    latent_shape: tuple[int, int, int, int]
+    latent_shape: tuple[int, ...]
     decode: Callable[[torch.Tensor], torch.Tensor]
     unet: torch.nn.Module
     vae: torch.nn.Module
     prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    pooled_embeds: torch.Tensor | None = None
+    family: str = "sd"
+    timestep_options: Callable[[int], dict] | None = None
+    image_latent_shape: tuple[int, int, int, int] | None = None
+    lora_targets: str = field(default=_UNET_LORA_TARGETS)
 
-    def sampler(self, num_inference_steps: int = 50) -> Sampler:
-        """A ``Sampler`` over this pipeline's model and scheduler."""
-        return Sampler(self.model_fn, self.scheduler, num_inference_steps)
+    def sampler(self, num_inference_steps: int = 50, model_fn: Callable | None = None) -> Sampler:
+        """A ``Sampler`` over this pipeline's model (or ``model_fn``) and scheduler, with the pipeline's timestep
+        arguments; it takes the initial latent as the pipeline's ``latents=`` does (unit noise, ``scale_noise``)."""
+        options = self.timestep_options(num_inference_steps) if self.timestep_options else None
+        return Sampler(
+            model_fn or self.model_fn,
+            self.scheduler,
+            num_inference_steps,
+            timestep_options=options,
+            scale_noise=True,
+        )
 
-    def initial_latent(self, seed: int = 0) -> torch.Tensor:
-        """Float32 Gaussian initial latents of ``latent_shape`` from ``seed`` (times the scheduler's init sigma)."""
-        noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed))
-        return (noise * float(getattr(self.scheduler, "init_noise_sigma", 1.0))).to(self.prompt_embeds.device)
+    def initial_latent(self, seed: int = 0, batch: int | None = None) -> torch.Tensor:
+        """Float32 unit Gaussian noise from ``seed`` in the layout the pipeline's ``latents=`` takes
+        (``latent_shape``; for Flux, the noise of ``image_latent_shape`` packed into 2x2 patches), of ``batch``
+        samples (defaults to the prompt batch)."""
+        shape = self.image_latent_shape or self.latent_shape
+        shape = (batch or shape[0], *shape[1:])
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        if self.family == "flux":
+            noise = pack_latents(noise)
+        return noise.to(self.prompt_embeds.device)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Flux's 2x2 patch packing: ``[B, C, h, w] -> [B, (h/2)(w/2), 4C]`` (``FluxPipeline._pack_latents``)."""
+    batch, channels, height, width = latents.shape
+    latents = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of ``pack_latents`` for a latent image ``height x width``: ``[B, (h/2)(w/2), 4C] -> [B, C, h, w]``."""
+    batch, _, packed = latents.shape
+    latents = latents.view(batch, height // 2, width // 2, packed // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch, packed // 4, height, width)
+
+
+def lora_targets(network: torch.nn.Module) -> str:
+    """The attention projections LoRA adapts in ``network``, comma-separated (peft ``target_modules``): the
+    query/key/value/output projections of a UNet, and of both streams of an SD3 or Flux transformer."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in network.named_modules()}
+    return _TRANSFORMER_LORA_TARGETS if "add_q_proj" in names else _UNET_LORA_TARGETS
 
 
 def _load(pipe_or_path, device, dtype):
@@ -70,6 +144,7 @@ def _load(pipe_or_path, device, dtype):
         )
     # Components saved as absent (e.g. SD3 without its T5 encoder, SD without a safety checker) are passed as None.
     index = load_json(path / "model_index.json")
+    _check_family(index.get("_class_name"), path)
     absent = {name: None for name, value in index.items() if value == [None, None] or name == "safety_checker"}
     options = {"torch_dtype": dtype} if dtype is not None else {}
     try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
@@ -78,7 +153,7 @@ def _load(pipe_or_path, device, dtype):
         )
     except (OSError, ValueError) as error:
         if not _has_pickled_weights(path):
-            raise
+            raise MissingWeightsError(f"{path}: the pipeline could not be loaded: {error}".splitlines()[0]) from error
         raise MissingWeightsError(_convert_hint(path, "DiffusionPipeline", error)) from None
 
 
@@ -95,6 +170,13 @@ def _convert_hint(path: Path, loader: str, error: Exception) -> str:
     )
 
 
+def _check_family(class_name: str | None, where: object) -> str:
+    """The family of pipeline class ``class_name``; ``ConfigError`` naming the supported ones otherwise."""
+    if class_name not in FAMILIES:
+        raise ConfigError(f"{where}: {class_name} is not supported; sdo.from_pipeline supports {SUPPORTED}.")
+    return FAMILIES[class_name]
+
+
 def _scheduler(pipe, name: str | None):
     config = pipe.scheduler.config
     if name is None:
@@ -108,8 +190,8 @@ def from_pipeline(
     pipe_or_path,
     prompt: str | list[str],
     *,
-    negative_prompt: str = "",
-    guidance_scale: float = 7.5,
+    negative_prompt: str | None = None,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     scheduler: str | None = None,
@@ -119,52 +201,128 @@ def from_pipeline(
     vae_slicing: bool = False,
     vae_tiling: bool = False,
     checkpoint_decoder: bool = False,
+    true_cfg_scale: float = 1.0,
+    max_sequence_length: int | None = None,
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
 ) -> PipelineParts:
-    """Adapt a Stable-Diffusion-style pipeline (UNet2DConditionModel + VAE + CLIP text encoder).
+    """Adapt a text-to-image pipeline: SD 1.x/2.x, SDXL, SD3 or Flux (see ``FAMILIES``), as its ``__call__`` runs.
+
+    Each family is conditioned as its diffusers pipeline does it:
+
+    - SD 1.x/2.x: CLIP prompt embeddings; guidance ``eps_u + w (eps_c - eps_u)``.
+    - SDXL (Podell et al. 2023, arXiv 2307.01952): both CLIP encoders' penultimate states concatenated, the second
+      encoder's pooled embedding and the ``time_ids`` (original size, crop corner, target size) as
+      ``added_cond_kwargs``; with no negative prompt and ``force_zeros_for_empty_prompt`` the unconditional
+      embeddings are zeros; an fp16 VAE with ``force_upcast`` decodes in float32.
+    - SD3 (Esser et al. 2024, arXiv 2403.03206): joint CLIP(+T5) embeddings and pooled CLIP embeddings; FlowMatch,
+      with the dynamic shift ``mu`` when the scheduler asks for it.
+    - Flux: T5 sequence embeddings and the CLIP pooled embedding; packed 2x2 latents with their image/text position
+      ids; the guidance scale is embedded (``guidance=``) for guidance-distilled checkpoints, and true
+      classifier-free guidance runs when ``negative_prompt`` is given with ``true_cfg_scale > 1``; FlowMatch with
+      ``sigmas = linspace(1, 1/n, n)`` and ``mu`` linear in the image sequence length (``calculate_shift``).
+      Decoding unpacks the latent and undoes the VAE's scaling and shift.
 
     Args:
         pipe_or_path: a diffusers pipeline, or a local folder saved with ``save_pretrained``.
         prompt: one prompt or a list (the batch).
-        negative_prompt: the unconditional prompt of classifier-free guidance (defaults to "").
-        guidance_scale: ``w`` in ``eps_u + w (eps_c - eps_u)`` (defaults to 7.5).
-        height, width: image size (defaults to the UNet's sample size times the VAE factor).
+        negative_prompt: the unconditional prompt of classifier-free guidance (defaults to the pipeline's own
+            default: "" for SD and SD3, zeros for SDXL with ``force_zeros_for_empty_prompt``, none for Flux).
+        guidance_scale: ``w`` in ``eps_u + w (eps_c - eps_u)``; for Flux the embedded guidance (defaults to the
+            pipeline's default: 7.5 SD, 5.0 SDXL, 7.0 SD3, 3.5 Flux).
+        height, width: image size (defaults to the pipeline's); must be a multiple of what the model can take (8
+            for SD and SDXL, VAE factor x patch size for SD3, 2 x VAE factor for Flux), else ``ConfigError``.
         scheduler: a name from ``sdo.schedulers.SCHEDULER_NAMES`` ("ddim", "ddpm", "dpm++", "euler",
             "flowmatch"); defaults to the pipeline's own when supported, else DDIM (built from the pipeline's
             scheduler config).
         device, dtype: where the modules go, and their precision.
-        embeds_require_grad: make the prompt embeddings a leaf that requires grad.
+        embeds_require_grad: make the prompt embeddings (and pooled embeddings) leaves that require grad.
         vae_slicing, vae_tiling: decode one image, or one tile, at a time (diffusers' ``enable_slicing`` /
             ``enable_tiling``): less decoder memory.
         checkpoint_decoder: recompute the decoder's activations in backward instead of storing them.
+        true_cfg_scale: Flux: scale of true classifier-free guidance with ``negative_prompt`` (1: none).
+        max_sequence_length: Flux/SD3: T5 tokens (defaults to the pipeline's: 512 Flux, 256 SD3).
+        original_size, crops_coords_top_left, target_size: SDXL's micro-conditioning (defaults: (height, width),
+            (0, 0), (height, width)).
+
+    Raises:
+        ConfigError: an unsupported pipeline class or size, or a missing component (the message names the
+            supported families).
+        MissingWeightsError: the folder is not a pipeline folder, or a component could not be loaded.
 
     Memory: with ``dtype=torch.bfloat16`` the modules run in bf16 while latents, solver and gradients stay float32
     (``sdo.Denoiser`` and ``decode`` cast at the boundary); add ``sdo.Shortcut(checkpoint=True)`` to recompute the
-    kept UNet step. See BENCHMARKS.md for the SD-1.5 memory budget.
+    kept step. See BENCHMARKS.md for the SD-1.5 memory budget.
     """
     pipe = _load(pipe_or_path, device, dtype)
+    family = _check_family(type(pipe).__name__, type(pipe).__name__)
+    for name in _REQUIRED[family]:
+        if getattr(pipe, name, None) is None:
+            raise ConfigError(
+                f"{type(pipe).__name__} has no `{name}`, which sdo needs for the {family} family; "
+                f"sdo.from_pipeline supports {SUPPORTED} with their text encoders, VAE and denoising network."
+            )
     pipe = pipe.to(device) if dtype is None else pipe.to(device, dtype)
     network = getattr(pipe, "transformer", None) or pipe.unet
     for module in (network, pipe.vae, *_text_encoders(pipe)):
         module.requires_grad_(False).eval()
+    if family == "sdxl" and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)  # as the pipeline does before decoding: the fp16 SDXL VAE overflows
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    cond, uncond, pooled, negative_pooled = _encode(pipe, prompts, negative_prompt, torch.device(device))
-    cond = cond.detach().clone().requires_grad_(embeds_require_grad)
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    height = height or network.config.sample_size * factor
-    width = width or network.config.sample_size * factor
-    shape = (len(prompts), network.config.in_channels, height // factor, width // factor)
+    height, width, factor = _size(pipe, family, network, height, width)
+    guidance = _DEFAULT_GUIDANCE[family] if guidance_scale is None else guidance_scale
+    build = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]
+    with torch.no_grad():
+        parts = build(
+            pipe,
+            prompts,
+            negative_prompt=negative_prompt,
+            guidance=guidance,
+            size=(height, width, factor),
+            device=torch.device(device),
+            true_cfg_scale=true_cfg_scale,
+            max_sequence_length=max_sequence_length,
+            micro=(original_size or (height, width), tuple(crops_coords_top_left), target_size or (height, width)),
+        )
+    model_fn, latent_shape, image_latent_shape, timestep_options = parts
+    if embeds_require_grad:
+        model_fn = _leaves(model_fn)
     sampler_scheduler = _scheduler(pipe, scheduler)
-    model_fn = Denoiser(
-        network,
-        prediction_type=prediction_type(sampler_scheduler),
-        encoder_hidden_states=cond,
-        negative_encoder_hidden_states=uncond[:1],
-        guidance_scale=guidance_scale,
-        pooled_projections=pooled,
-        negative_pooled_projections=negative_pooled,
+    model_fn = Denoiser(**{**vars(model_fn), "prediction_type": prediction_type(sampler_scheduler)})
+    decode = _decoder(pipe.vae, vae_slicing, vae_tiling, checkpoint_decoder, image_latent_shape, family)
+    return PipelineParts(
+        model_fn=model_fn,
+        scheduler=sampler_scheduler,
+        latent_shape=latent_shape,
+        decode=decode,
+        unet=network,
+        vae=pipe.vae,
+        prompt_embeds=model_fn.encoder_hidden_states,
+        negative_embeds=model_fn.negative_encoder_hidden_states,
+        pooled_embeds=_pooled(model_fn),
+        family=family,
+        timestep_options=timestep_options,
+        image_latent_shape=image_latent_shape,
+        lora_targets=lora_targets(network),
     )
-    decode = _decoder(pipe.vae, vae_slicing, vae_tiling, checkpoint_decoder)
-    return PipelineParts(model_fn, sampler_scheduler, shape, decode, network, pipe.vae, cond, uncond[:1])
+
+
+def _size(pipe, family: str, network, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """Height, width (the pipeline's defaults when None) and the VAE factor; ``ConfigError`` unless both are
+    multiples of what the family takes."""
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    default = getattr(pipe, "default_sample_size", None) or network.config.sample_size
+    height, width = height or default * factor, width or default * factor
+    multiples = {"sd": 8, "sdxl": 8, "flux": factor * 2}
+    multiple = multiples[family] if family in multiples else factor * network.config.patch_size
+    if height % multiple or width % multiple:
+        raise ConfigError(
+            f"height and width must be multiples of {multiple} for this {family} pipeline (VAE factor {factor}), "
+            f"got {height}x{width}; for example {height - height % multiple or multiple}x"
+            f"{width - width % multiple or multiple}."
+        )
+    return height, width, factor
 
 
 def _text_encoders(pipe) -> list[torch.nn.Module]:
@@ -172,37 +330,170 @@ def _text_encoders(pipe) -> list[torch.nn.Module]:
     return [module for name in names if (module := getattr(pipe, name, None)) is not None]
 
 
-def _encode(pipe, prompts: list[str], negative_prompt: str, device: torch.device):
-    """Prompt embeddings with the pipeline's own encoders: ``(cond, uncond, pooled, negative_pooled)``; the pooled
-    pair is None for UNet pipelines (Stable Diffusion 1.x/2.x) and set for SD3-style transformer pipelines."""
-    negative = [negative_prompt] * len(prompts)
-    with torch.no_grad():
-        if getattr(pipe, "transformer", None) is not None:
-            cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
-                prompts,
-                prompts,
-                prompts,
-                device=device,
-                do_classifier_free_guidance=True,
-                negative_prompt=negative,
-                negative_prompt_2=negative,
-                negative_prompt_3=negative,
-            )
-            return cond, uncond.detach(), pooled.detach(), negative_pooled[:1].detach()
-        cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=negative)
-    return cond, uncond.detach(), None, None
+def _sd(pipe, prompts, *, negative_prompt, guidance, size, device, **_):
+    """SD 1.x/2.x: CLIP embeddings, UNet latents ``[B, C, h, w]``."""
+    height, width, factor = size
+    negative = [negative_prompt or ""] * len(prompts)
+    cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=negative)
+    shape = (len(prompts), pipe.unet.config.in_channels, height // factor, width // factor)
+    model_fn = Denoiser(
+        pipe.unet, encoder_hidden_states=cond, negative_encoder_hidden_states=uncond[:1], guidance_scale=guidance
+    )
+    return model_fn, shape, shape, None
 
 
-def _decoder(vae, slicing: bool, tiling: bool, checkpointed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``latents -> images in [-1, 1]``: undo the latent scaling (and shift), decode in the VAE's dtype."""
+def _sdxl(pipe, prompts, *, negative_prompt, guidance, size, device, micro, **_):
+    """SDXL: both encoders' embeddings, the pooled embedding and ``time_ids`` as ``added_cond_kwargs``."""
+    height, width, factor = size
+    negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=prompts, device=device, do_classifier_free_guidance=True, negative_prompt=negative
+    )
+    projection = pipe.text_encoder_2.config.projection_dim
+    time_ids = torch.tensor([[*micro[0], *micro[1], *micro[2]]], dtype=cond.dtype, device=device)
+    expected = pipe.unet.add_embedding.linear_1.in_features
+    if pipe.unet.config.addition_time_embed_dim * time_ids.shape[1] + projection != expected:
+        raise ConfigError(
+            f"The SDXL UNet expects an added embedding of {expected} values but the text encoder's projection "
+            f"({projection}) and 6 time ids give another; the pipeline's config is inconsistent."
+        )
+    shape = (len(prompts), pipe.unet.config.in_channels, height // factor, width // factor)
+    model_fn = Denoiser(
+        pipe.unet,
+        encoder_hidden_states=cond,
+        negative_encoder_hidden_states=uncond[:1],
+        guidance_scale=guidance,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1)},
+        negative_added_cond_kwargs={"text_embeds": negative_pooled[:1], "time_ids": time_ids},
+    )
+    return model_fn, shape, shape, None
+
+
+def _sd3(pipe, prompts, *, negative_prompt, guidance, size, device, max_sequence_length, **_):
+    """SD3: joint embeddings and pooled CLIP embeddings; FlowMatch with ``mu`` under dynamic shifting."""
+    height, width, factor = size
+    negative = [negative_prompt or ""] * len(prompts)
+    options = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
+        prompts,
+        prompts,
+        prompts,
+        device=device,
+        do_classifier_free_guidance=True,
+        negative_prompt=negative,
+        negative_prompt_2=negative,
+        negative_prompt_3=negative,
+        **options,
+    )
+    transformer = pipe.transformer
+    shape = (len(prompts), transformer.config.in_channels, height // factor, width // factor)
+    model_fn = Denoiser(
+        transformer,
+        encoder_hidden_states=cond,
+        negative_encoder_hidden_states=uncond[:1],
+        guidance_scale=guidance,
+        pooled_projections=pooled,
+        negative_pooled_projections=negative_pooled[:1],
+    )
+    timestep_options = None
+    if pipe.scheduler.config.get("use_dynamic_shifting", None):
+        patch = transformer.config.patch_size
+        mu = _shift((shape[2] // patch) * (shape[3] // patch), pipe.scheduler.config)
+        timestep_options = lambda steps: {"mu": mu}  # noqa: E731
+    return model_fn, shape, shape, timestep_options
+
+
+def _flux(pipe, prompts, *, negative_prompt, guidance, size, device, true_cfg_scale, max_sequence_length, **_):
+    """Flux: T5 + pooled CLIP, packed latents with position ids, embedded guidance, FlowMatch with ``mu``."""
+    import numpy as np
+
+    height, width, factor = size
+    options = {"max_sequence_length": max_sequence_length or 512}
+    cond, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, **options)
+    true_cfg = true_cfg_scale > 1 and negative_prompt is not None
+    uncond = negative_pooled = None
+    if true_cfg:
+        negative = [negative_prompt] * len(prompts)
+        uncond, negative_pooled, _ = pipe.encode_prompt(prompt=negative, prompt_2=None, device=device, **options)
+        uncond, negative_pooled = uncond[:1], negative_pooled[:1]
+    transformer = pipe.transformer
+    channels = transformer.config.in_channels // 4
+    latent_height, latent_width = 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
+    image_shape = (len(prompts), channels, latent_height, latent_width)
+    image_ids = pipe._prepare_latent_image_ids(len(prompts), latent_height // 2, latent_width // 2, device, cond.dtype)
+    sequence = (latent_height // 2) * (latent_width // 2)
+    model_fn = Denoiser(
+        transformer,
+        encoder_hidden_states=cond,
+        negative_encoder_hidden_states=uncond,
+        guidance_scale=true_cfg_scale if true_cfg else 1.0,
+        pooled_projections=pooled,
+        negative_pooled_projections=negative_pooled,
+        guidance_embedding=guidance if transformer.config.guidance_embeds else None,
+        extra_kwargs={"txt_ids": text_ids, "img_ids": image_ids},
+        timestep_divisor=1000.0,
+    )
+    mu = _shift(sequence, pipe.scheduler.config)
+    use_flow_sigmas = pipe.scheduler.config.get("use_flow_sigmas", False)
+
+    def timestep_options(steps: int) -> dict:
+        sigmas = None if use_flow_sigmas else np.linspace(1.0, 1 / steps, steps)
+        return {"sigmas": sigmas, "mu": mu}
+
+    return model_fn, (len(prompts), sequence, channels * 4), image_shape, timestep_options
+
+
+def _shift(sequence: int, config) -> float:
+    """The dynamic shift ``mu`` of FlowMatch, linear in the image sequence length (diffusers ``calculate_shift``):
+    ``base_shift`` at ``base_image_seq_len`` tokens, ``max_shift`` at ``max_image_seq_len``."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return sequence * slope + base_shift - slope * base_len
+
+
+def _leaves(model_fn: Denoiser) -> Denoiser:
+    """The prompt embeddings and pooled embeddings as leaves that require grad (the rest detached)."""
+    cond = model_fn.encoder_hidden_states.detach().clone().requires_grad_(True)
+    changes = {"encoder_hidden_states": cond}
+    if model_fn.pooled_projections is not None:
+        changes["pooled_projections"] = model_fn.pooled_projections.detach().clone().requires_grad_(True)
+    if model_fn.added_cond_kwargs is not None:
+        pooled = model_fn.added_cond_kwargs["text_embeds"].detach().clone().requires_grad_(True)
+        changes["added_cond_kwargs"] = {**model_fn.added_cond_kwargs, "text_embeds": pooled}
+    return model_fn.with_condition(**changes)
+
+
+def _pooled(model_fn: Denoiser) -> torch.Tensor | None:
+    if model_fn.added_cond_kwargs is not None:
+        return model_fn.added_cond_kwargs["text_embeds"]
+    return model_fn.pooled_projections
+
+
+def _decoder(
+    vae, slicing: bool, tiling: bool, checkpointed: bool, image_shape: tuple[int, ...], family: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``latents -> images in [-1, 1]``: unpack (Flux), undo the latent scaling (with SDXL's per-channel
+    ``latents_mean``/``latents_std``, or SD3/Flux's ``shift_factor``), decode in the VAE's dtype."""
     if slicing:
         vae.enable_slicing()
     if tiling:
         vae.enable_tiling()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    config = vae.config
+    shift = getattr(config, "shift_factor", None) or 0.0
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
 
     def decode_now(latents: torch.Tensor) -> torch.Tensor:
-        image = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        if family == "flux":
+            latents = unpack_latents(latents, *image_shape[2:])
+        if mean is not None and std is not None:
+            view = (1, len(mean), 1, 1)
+            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(view)
+            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(view)
+            latents = latents * std_t / config.scaling_factor + mean_t
+        else:
+            latents = latents / config.scaling_factor + shift
+        image = vae.decode(latents.to(vae.dtype)).sample
         return image.to(latents.dtype)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,15 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["AdversarialReward", "ClassifierReward", "StyleReward", "gram_matrix", "latent_prior", "style_distance"]
+__all__ = [
+    "AdversarialReward",
+    "ClassifierReward",
+    "StyleReward",
+    "WeightedReward",
+    "gram_matrix",
+    "latent_prior",
+    "style_distance",
+]
 
 
 def _target_tensor(target: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
@@ -148,3 +156,30 @@ def latent_prior(latent: torch.Tensor) -> torch.Tensor:
     flat = latent.flatten(1)
     dim = flat.shape[1]
     return (flat.norm(dim=1) - dim**0.5).square() / dim
+
+
+class WeightedReward:
+    """A weighted sum of rewards, ``r(x, c) = sum_i w_i r_i(x, c)``, differentiable as its terms are.
+
+    After each call, ``last_terms`` holds every term's unweighted values ``{name: [B]}`` (detached), so that a
+    training loop can log each one separately (``sdo optimize`` and ``sdo finetune`` write them as
+    ``reward_NAME``).
+
+    Args:
+        terms: ``{name: (weight, reward)}``; weights must be >= 0 (a negative weight would turn a reward into a
+            cost: say so with a reward of your own).
+    """
+
+    def __init__(self, terms: dict[str, tuple[float, object]]) -> None:
+        if not terms:
+            raise ConfigError("`terms` must hold at least one reward.")
+        negative = [name for name, (weight, _) in terms.items() if weight < 0]
+        if negative:
+            raise ConfigError(f"reward weights must be >= 0; negative for {', '.join(negative)}.")
+        self.terms = dict(terms)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
+        values = {name: reward(x0, cond) for name, (_, reward) in self.terms.items()}
+        self.last_terms = {name: value.detach() for name, value in values.items()}
+        return sum(self.terms[name][0] * value for name, value in values.items())

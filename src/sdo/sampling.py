@@ -80,10 +80,22 @@ class Sampler:
             the caller's object is never mutated.
         num_inference_steps (`int`, defaults to 50): length of the schedule.
         eta (`float`, defaults to 0.0): DDIM's stochasticity (Song et al. 2021, Eq. 16); only for DDIMScheduler.
+        timestep_options (`dict`, *optional*): extra ``scheduler.set_timesteps`` arguments, e.g. the ``sigmas`` and
+            dynamic shift ``mu`` a Flux pipeline passes to FlowMatch.
+        scale_noise (`bool`, defaults to False): ``x`` given at step 0 is unit-variance noise, multiplied by the
+            schedule's ``init_noise_sigma`` before the first step: the convention of a diffusers pipeline's
+            ``latents=`` argument (``sdo.from_pipeline`` samplers use it; it matters for Euler, whose sigma is > 1).
     """
 
     def __init__(
-        self, model_fn: ModelFn, scheduler: SchedulerMixin, num_inference_steps: int = 50, *, eta: float = 0.0
+        self,
+        model_fn: ModelFn,
+        scheduler: SchedulerMixin,
+        num_inference_steps: int = 50,
+        *,
+        eta: float = 0.0,
+        timestep_options: dict | None = None,
+        scale_noise: bool = False,
     ) -> None:
         sched.check_scheduler(scheduler)
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
@@ -100,12 +112,14 @@ class Sampler:
         self.model_fn = model_fn
         self.num_inference_steps = num_inference_steps
         self.eta = float(eta)
+        self.timestep_options = dict(timestep_options or {})
+        self.scale_noise = scale_noise
         self.scheduler = type(scheduler).from_config(scheduler.config)
         self.stochastic = sched.is_stochastic(self.scheduler, self.eta)
 
     def fresh_scheduler(self, device: torch.device | str | None = None) -> SchedulerMixin:
         """A new scheduler with this sampler's config and timesteps (what each ``sample`` call starts from)."""
-        return sched.fresh_copy(self.scheduler, self.num_inference_steps, device)
+        return sched.fresh_copy(self.scheduler, self.num_inference_steps, device, **self.timestep_options)
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -129,7 +143,8 @@ class Sampler:
         """Run steps ``start_step, ..., stop_step - 1`` from ``x`` and return the resulting latent.
 
         Args:
-            x: ``[batch, ...]`` latent *at* ``start_step`` (the initial noise times ``init_noise_sigma`` when 0).
+            x: ``[batch, ...]`` latent *at* ``start_step`` (the initial noise times ``init_noise_sigma`` when 0;
+                unit noise with ``scale_noise``).
             grad: gradient mode (defaults to ``Shortcut()``, the first step run keeps its graph).
             start_step: index of the first step to run, in ``[0, num_inference_steps - 1]``.
             generator: source of the noise of stochastic schedulers; step ``i``'s noise is what a plain loop passing
@@ -159,6 +174,8 @@ class Sampler:
         roles = grad.roles(start_step, stop)
         scheduler = self.fresh_scheduler(x.device)
         noise_source = (generator or _default_generator(x.device)) if self.stochastic else None
+        if self.scale_noise and start_step == 0:
+            x = x * scheduler.init_noise_sigma if hasattr(scheduler, "init_noise_sigma") else x
         for index, role in zip(range(start_step, stop), roles, strict=True):
             noise = _StepNoise(noise_source) if noise_source is not None else None
             x = self._step(scheduler, x, scheduler.timesteps[index], role, noise)

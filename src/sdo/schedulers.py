@@ -90,10 +90,10 @@ def is_stochastic(scheduler: SchedulerMixin, eta: float) -> bool:
     return False
 
 
-def fresh_copy(scheduler: SchedulerMixin, num_inference_steps: int, device: torch.device | str | None):
-    """A new scheduler with the same config and ``set_timesteps(num_inference_steps)`` applied."""
+def fresh_copy(scheduler: SchedulerMixin, num_inference_steps: int, device: torch.device | str | None, **options: Any):
+    """A new scheduler with the same config and ``set_timesteps(num_inference_steps, **options)`` applied."""
     copy = type(scheduler).from_config(scheduler.config)
-    copy.set_timesteps(num_inference_steps, device=device)
+    copy.set_timesteps(num_inference_steps, device=device, **options)
     return copy
 
 

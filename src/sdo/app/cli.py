@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="SDO vs full backprop on the embedded model, in one process (offline, "
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
-    pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image"}
+    pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image", "height", "width"}
+    pipeline_only.add("pickscore_path")
     add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only})
     demo.set_defaults(run=_demo, config=lambda args: demo_config(**_fields_of(args, LatentTaskConfig)))
 

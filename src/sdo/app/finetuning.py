@@ -10,11 +10,12 @@ run resumed from a checkpoint continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,13 +36,15 @@ from sdo.errors import (
 )
 from sdo.gradients import GradientMode
 from sdo.io import CorruptFileError, atomic_path, load_tensors, save_tensors
+from sdo.kl import TrajectoryKL, adapters_disabled
 from sdo.methods import MethodOptions, gradient_mode, method_names
+from sdo.sampling import Sampler
 
 __all__ = ["FINETUNE_METHODS", "FINETUNE_TASKS", "FinetuneConfig", "finetune", "ink_reward", "load_adapter"]
 
 FINETUNE_METHODS = method_names("weights")
 ZOO_TASKS = ("confidence", "bold")
-PIPELINE_TASKS = ("aesthetic", "clip", "style")
+PIPELINE_TASKS = ("aesthetic", "clip", "style", "pickscore")
 FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
 
 
@@ -52,7 +55,7 @@ class FinetuneConfig:
     method: str = option("sdo", "gradient estimator", choices=FINETUNE_METHODS)
     task: str = option(
         "confidence",
-        "reward: embedded model: confidence or bold; --pipeline: aesthetic, clip or style",
+        "reward: embedded model: confidence or bold; --pipeline: aesthetic, clip, style or pickscore",
         choices=FINETUNE_TASKS,
     )
     steps: int = option(100, "total optimizer updates")
@@ -61,6 +64,11 @@ class FinetuneConfig:
     grad_accum: int = option(1, "gradient accumulation micro-batches per update")
     lr: float = option(1e-3, "AdamW learning rate")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this before each update (0: off)")
+    kl_weight: float = option(
+        0.0,
+        "weight of the base-model regularizer: mean squared difference between the fine-tuned and the frozen "
+        "base model's predictions at the trained steps (the KL between their Gaussian steps up to a constant)",
+    )
     lora_rank: int = option(4, "LoRA rank; 0 trains the full weights")
     lora_targets: str = option(
         "",
@@ -82,9 +90,15 @@ class FinetuneConfig:
     out: str = option("sdo-finetune", "output folder (a rerun with the same folder resumes)")
     pipeline: str = option("", "fine-tune a local Stable Diffusion folder instead of the embedded model")
     prompts: str = option("", "--pipeline: text file with one training prompt per line")
+    reward: str = option(
+        "", "--pipeline: rewards as a weighted sum, e.g. clip=1.0,aesthetic=0.5 (default: the --task reward alone)"
+    )
     clip_path: str = option("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
+    pickscore_path: str = option("", "--pipeline, pickscore: local PickScore CLIP folder (or $SDO_PICKSCORE_PATH)")
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
+    height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
+    width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "sample_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_per_class"):
@@ -101,6 +115,8 @@ class FinetuneConfig:
         check_seed(self.seed)
         if self.eval_every < 0:
             raise ConfigError(f"`eval_every` must be >= 0 (0: only at the end), got {self.eval_every}.")
+        if self.kl_weight < 0:
+            raise ConfigError(f"`kl_weight` must be >= 0, got {self.kl_weight}.")
         if self.method not in FINETUNE_METHODS:
             raise ConfigError(f"`method` must be one of {FINETUNE_METHODS} for fine-tuning, got {self.method!r}.")
         if self.method == "draft-k" and not 1 <= self.draft_k <= self.sample_steps:
@@ -108,13 +124,21 @@ class FinetuneConfig:
         if self.method == "alignprop" and not 1 <= self.alignprop_high <= self.sample_steps:
             raise ConfigError(f"`alignprop_high` must be in [1, {self.sample_steps}], got {self.alignprop_high}.")
         tasks = PIPELINE_TASKS if self.pipeline else ZOO_TASKS
-        if self.task not in tasks:
+        if self.task not in tasks and not (self.pipeline and self.reward):  # --reward replaces --task
             where = "with --pipeline" if self.pipeline else "for the embedded model"
             raise ConfigError(f"`task` must be one of {tasks} {where}, got {self.task!r}.")
         if self.pipeline and not self.prompts:
             raise ConfigError("`prompts` (a file with one prompt per line) is required with --pipeline.")
-        if self.pipeline and self.task == "style" and not self.style_image:
-            raise ConfigError("`style_image` (a PNG) is required with --task style.")
+        if self.reward and not self.pipeline:
+            raise ConfigError("`reward` (a weighted sum of image rewards) is for --pipeline runs.")
+        if self.pipeline and "style" in self.reward_terms() and not self.style_image:
+            raise ConfigError("`style_image` (a PNG) is required with the style reward.")
+
+    def reward_terms(self) -> dict[str, float]:
+        """The ``--pipeline`` reward terms and weights: ``reward`` parsed, or ``{task: 1.0}``."""
+        from sdo.app.reward_spec import parse_reward_spec
+
+        return parse_reward_spec(self.reward or self.task)
 
     def mode(self, generator: torch.Generator) -> GradientMode:
         """The gradient mode of ``method`` from the registry (``sdo.methods``); its random draws come from
@@ -256,17 +280,41 @@ class _MetricsLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
 
-def _update(config, target, parameters, optimizer, reward_fn, accelerator, step: int) -> float:
-    """One optimizer update on this process's slice of the global batch; returns the global mean reward."""
+def _regularized(sampler: Sampler, base: torch.nn.Module | None) -> tuple[Sampler, TrajectoryKL]:
+    """``sampler`` with its model wrapped in a ``TrajectoryKL`` against the base model: the network with its LoRA
+    adapters disabled (``base`` None), or the frozen copy ``base`` of a full-weight run."""
+    model_fn = sampler.model_fn
+
+    def base_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if base is not None:
+            return replace(model_fn, model=base)(x, t)
+        with adapters_disabled(model_fn.model):
+            return model_fn(x, t)
+
+    kl = TrajectoryKL(model_fn, base_fn)
+    regularized = copy.copy(sampler)  # same scheduler, steps, timestep options and noise convention
+    regularized.model_fn = kl
+    return regularized, kl
+
+
+def _update(config, target, parameters, optimizer, reward_fn, accelerator, step: int, base=None) -> dict:
+    """One optimizer update on this process's slice of the global batch; returns the global means of the reward,
+    of each term of a weighted reward (``reward_NAME``) and, with ``kl_weight``, of the KL penalty (``kl``)."""
     labels, noise, mode_seed = _global_batch(config, target, step)
     per_process = config.batch_size // accelerator.num_processes
     rank_slice = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
     labels, noise = labels[rank_slice].to(accelerator.device), noise[rank_slice].to(accelerator.device)
     optimizer.zero_grad(set_to_none=True)
-    reward_sum = torch.zeros((), device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, values: torch.Tensor) -> None:
+        sums[name] = sums.get(name, torch.zeros((), device=accelerator.device)) + values.detach().float().sum()
+
     for micro in range(config.grad_accum):
         part = slice(micro * len(labels) // config.grad_accum, (micro + 1) * len(labels) // config.grad_accum)
         sampler = target.sampler(target.unet, labels[part])
+        if config.kl_weight > 0:
+            sampler, kl = _regularized(sampler, base)
         mode = config.mode(torch.Generator().manual_seed(mode_seed))  # one draw per trajectory batch, every rank
         with accelerator.autocast():
             x0 = sampler.sample(noise[part], grad=mode)
@@ -277,13 +325,22 @@ def _update(config, target, parameters, optimizer, reward_fn, accelerator, step:
                 "does not depend on x0 through differentiable operations (computed under torch.no_grad(), "
                 "detached, or converted to numbers?)."
             )
-        (-rewards.sum() / config.batch_size).backward()
-        reward_sum += rewards.detach().sum()
+        loss = -rewards.sum()
+        add("reward", rewards)
+        for name, values in (getattr(reward_fn, "last_terms", None) or {}).items():
+            add(f"reward_{name}", values)
+        if config.kl_weight > 0:
+            penalty = kl.penalty()
+            penalty = torch.zeros_like(rewards) if penalty is None else penalty.float()
+            loss = loss + config.kl_weight * penalty.sum()
+            add("kl", penalty)
+        (loss / config.batch_size).backward()
     _reduce_gradients(accelerator, parameters)
     if config.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
-    return float(accelerator.reduce(reward_sum, reduction="sum")) / config.batch_size
+    scale = config.batch_size
+    return {name: float(accelerator.reduce(total, reduction="sum")) / scale for name, total in sums.items()}
 
 
 def finetune(
@@ -294,7 +351,9 @@ def finetune(
     Writes into ``config.out``: ``checkpoints/step-NNNNNN/`` every ``checkpoint_every`` updates (resumed from by a
     rerun), ``metrics.jsonl`` (``step``, ``reward``, ``seconds`` and, at evaluations, ``judge_accuracy`` and
     ``frechet_judge``), ``adapter.safetensors`` (final trainable weights; ``load_adapter`` puts them back) and
-    ``reward_curve.png``. Returns the last metrics record.
+    ``reward_curve.png``. With ``kl_weight`` the loss adds ``kl_weight * mean_b penalty_b``, the base-model
+    regularizer of ``sdo.kl.TrajectoryKL`` (logged as ``kl``); a weighted ``--reward`` logs each term as
+    ``reward_NAME``. Returns the last metrics record.
 
     The folder records the run's settings in ``config.json`` and is locked (``.sdo.lock``) for the run; a rerun
     resumes only with the same result-changing settings (``RESUME_FREE`` may change, ``steps`` may grow).
@@ -347,6 +406,8 @@ def _train(config: FinetuneConfig, reward, progress: bool, accelerator, out: Pat
     else:
         unet.requires_grad_(True)
     unet.to(accelerator.device)
+    # The base model of the KL regularizer: the adapters switched off (LoRA), or a frozen copy (full weights).
+    base = copy.deepcopy(unet).requires_grad_(False) if config.kl_weight > 0 and not lora else None
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     start = _resume(checkpoint, unet, optimizer, lora, accelerator)
@@ -365,7 +426,8 @@ def _train(config: FinetuneConfig, reward, progress: bool, accelerator, out: Pat
     record = metrics.records[-1] if metrics.records else {}
     for step in bar:
         started = time.perf_counter()
-        mean_reward = _update(config, target, parameters, optimizer, reward_fn, accelerator, step)
+        means = _update(config, target, parameters, optimizer, reward_fn, accelerator, step, base)
+        mean_reward = means.pop("reward")
         if not torch.isfinite(torch.tensor(mean_reward)):
             last = latest_checkpoint(out / "checkpoints")
             raise NonFiniteRewardError(
@@ -373,7 +435,7 @@ def _train(config: FinetuneConfig, reward, progress: bool, accelerator, out: Pat
                 f"checkpoint: {last.path if last else 'none'}.",
                 {"step": step, "last_checkpoint": str(last.path) if last else None},
             )
-        record = {"step": step, "reward": mean_reward, "seconds": time.perf_counter() - started}
+        record = {"step": step, "reward": mean_reward, **means, "seconds": time.perf_counter() - started}
         if accelerator.is_main_process:
             if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
                 record.update(evaluator(unet))

@@ -45,16 +45,25 @@ def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, captions: d
 
 
 def save_curves(histories: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
-    """Mean reward against iteration and against wall-clock seconds, one line per method."""
-    figure, (by_iter, by_time) = plt.subplots(1, 2, figsize=(10, 3.6))
+    """Mean reward against iteration and against wall-clock seconds, one line per method; with a weighted reward,
+    a third panel shows each term (``reward_NAME``, unweighted) against iteration."""
+    terms = sorted({key for history in histories.values() for r in history for key in r if key.startswith("reward_")})
+    figure, axes = plt.subplots(1, 3 if terms else 2, figsize=(15 if terms else 10, 3.6))
+    by_iter, by_time = axes[0], axes[1]
     for name, history in histories.items():
         rewards = [record["reward"] for record in history]
         by_iter.plot([record["iter"] for record in history], rewards, marker=".", label=name)
         by_time.plot([record["elapsed"] for record in history], rewards, marker=".", label=name)
+        for term in terms:
+            points = [(r["iter"], r[term]) for r in history if term in r]
+            axes[2].plot(*zip(*points, strict=True), marker=".", label=f"{name}: {term[len('reward_') :]}")
     by_iter.set_xlabel("iteration")
     by_time.set_xlabel("seconds (optimization only)")
     for axis in (by_iter, by_time):
         axis.set_ylabel("mean reward")
+    if terms:
+        axes[2].set(xlabel="iteration", ylabel="mean reward term (unweighted)", title="reward terms")
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
     if title:

@@ -6,6 +6,7 @@ conditions, scores samples with its reward, and evaluates held-out conditions (t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,6 @@ from sdo import zoo
 from sdo.app.quality import frechet_distance
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
-from sdo.models import Denoiser
 from sdo.rewards import ClassifierReward
 from sdo.sampling import Sampler
 
@@ -73,11 +73,10 @@ class ZooTarget:
 
 
 class PipelineTarget:
-    """A Stable-Diffusion-style pipeline from a local folder; conditions are prompt indices into the prompt file;
-    rewards "aesthetic", "clip" (CLIP similarity to the sample's own prompt) or "style" (CLIP Gram matrices against
-    a reference image) on the decoded image."""
-
-    lora_targets = "to_q,to_k,to_v,to_out.0"
+    """A text-to-image pipeline (SD, SDXL, SD3, Flux) from a local folder; conditions are prompt indices into the
+    prompt file; rewards "aesthetic", "clip" (CLIP similarity to the sample's own prompt), "style" (CLIP Gram
+    matrices against a reference image), "pickscore", or a weighted sum of them (``--reward``), on the decoded
+    image. LoRA adapts the network's attention projections (``sdo.pipelines.lora_targets``)."""
 
     def __init__(self, config, device: torch.device) -> None:
         from sdo.pipelines import from_pipeline
@@ -86,18 +85,31 @@ class PipelineTarget:
         if not prompts:
             raise ConfigError(f"`prompts` file {config.prompts} holds no prompt (one per line).")
         self.config, self.device, self.prompts = config, device, prompts
-        self.parts = from_pipeline(config.pipeline, prompts, guidance_scale=config.guidance, device=device)
+        self.parts = from_pipeline(
+            config.pipeline,
+            prompts,
+            guidance_scale=config.guidance,
+            device=device,
+            height=config.height or None,
+            width=config.width or None,
+        )
         self.unet = self.parts.unet
+        self.lora_targets = self.parts.lora_targets
         self.reward = self._reward(config)
 
     def _reward(self, config):
-        from sdo.clip_rewards import ClipImageEncoder, clip_reward
+        from sdo.app.reward_spec import DecodedReward, image_reward
 
-        encoder = ClipImageEncoder(config.clip_path or None, device=self.device)
-        score = clip_reward(
-            config.task, encoder, self.prompts, aesthetic_head=config.aesthetic_head, style_image=config.style_image
+        score = image_reward(
+            config.reward or config.task,
+            self.prompts,
+            device=self.device,
+            clip_path=config.clip_path,
+            pickscore_path=config.pickscore_path,
+            aesthetic_head=config.aesthetic_head,
+            style_image=config.style_image,
         )
-        return lambda x0, index: score(self.parts.decode(x0), index)
+        return DecodedReward(score, self.parts.decode)
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt indices ``[B]`` and initial latents ``[B, C, h, w]``."""
@@ -105,14 +117,9 @@ class PipelineTarget:
         return index, torch.randn(batch, *self.parts.latent_shape[1:], generator=generator)
 
     def sampler(self, unet: torch.nn.Module, index: torch.Tensor) -> Sampler:
-        model_fn = Denoiser(
-            unet,
-            prediction_type=self.parts.model_fn.prediction_type,
-            encoder_hidden_states=self.parts.prompt_embeds[index.to(self.device)],
-            negative_encoder_hidden_states=self.parts.negative_embeds,
-            guidance_scale=self.config.guidance,
-        )
-        return Sampler(model_fn, self.parts.scheduler, self.config.sample_steps)
+        """The pipeline's sampler over ``unet`` conditioned on prompts ``index`` ``[B]``."""
+        model_fn = replace(self.parts.model_fn.rows(index.to(self.device)), model=unet)
+        return self.parts.sampler(self.config.sample_steps, model_fn)
 
     def evaluator(self):
         """Mean reward on every prompt with fixed noise, in batches of ``batch_size`` prompts (memory does not grow

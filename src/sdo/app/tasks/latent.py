@@ -12,6 +12,7 @@ import torch
 
 from sdo import zoo
 from sdo.app.options import option
+from sdo.app.reward_spec import parse_reward_spec
 from sdo.checks import check_positive, check_seed
 from sdo.clip_rewards import CLIP_REWARDS
 from sdo.doodl import optimize_latent_doodl
@@ -59,10 +60,16 @@ class LatentTaskConfig:
     out: str = option("sdo-optimize", "output folder")
     pipeline: str = option("", "optimize a local Stable Diffusion folder's latents instead of the embedded model")
     prompt: str = option("", "--pipeline: the prompt")
-    reward: str = option("clip", "--pipeline: clip, aesthetic or style", choices=CLIP_REWARDS)
+    reward: str = option(
+        "clip",
+        f"--pipeline: one of {', '.join(CLIP_REWARDS)}, or a weighted sum such as clip=1.0,aesthetic=0.5",
+    )
     clip_path: str = option("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
+    pickscore_path: str = option("", "--pipeline, pickscore: local PickScore CLIP folder (or $SDO_PICKSCORE_PATH)")
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
+    height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
+    width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
 
     def method_options(self) -> MethodOptions:
         """What the registry's gradient mode for ``method`` takes from this config (a latent is optimized)."""
@@ -97,8 +104,8 @@ class LatentTaskConfig:
             gradient_mode(self.method, self.method_options())  # a bad --kept-steps fails here, before any work
         if self.pipeline and not self.prompt:
             raise ConfigError("`prompt` is required with --pipeline.")
-        if self.pipeline and self.reward == "style" and not self.style_image:
-            raise ConfigError("`style_image` (a PNG) is required with --reward style.")
+        if self.pipeline and "style" in parse_reward_spec(self.reward) and not self.style_image:
+            raise ConfigError("`style_image` (a PNG) is required with the style reward.")
 
 
 @dataclass
@@ -116,16 +123,26 @@ class LatentTask:
 
 def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
-    from sdo.clip_rewards import ClipImageEncoder, clip_reward
+    from sdo.app.reward_spec import DecodedReward, image_reward
     from sdo.pipelines import from_pipeline
 
     parts = from_pipeline(
-        config.pipeline, [config.prompt] * config.batch, guidance_scale=config.guidance, device=config.device
+        config.pipeline,
+        [config.prompt] * config.batch,
+        guidance_scale=config.guidance,
+        device=config.device,
+        height=config.height or None,
+        width=config.width or None,
     )
     sampler = parts.sampler(config.steps)
-    encoder = ClipImageEncoder(config.clip_path or None, device=config.device)
-    score = clip_reward(
-        config.reward, encoder, [config.prompt], aesthetic_head=config.aesthetic_head, style_image=config.style_image
+    score = image_reward(
+        config.reward,
+        [config.prompt],
+        device=config.device,
+        clip_path=config.clip_path,
+        pickscore_path=config.pickscore_path,
+        aesthetic_head=config.aesthetic_head,
+        style_image=config.style_image,
     )
     with torch.no_grad():
         noise = parts.initial_latent(config.seed)
@@ -134,7 +151,7 @@ def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     return LatentTask(
         sampler=sampler,
         latent=latent,
-        reward=lambda x0, cond: score(parts.decode(x0), cond),
+        reward=DecodedReward(score, parts.decode),
         judge_accepts=None,
         original=original,
         description=f"{config.reward} reward for {config.prompt!r}",
