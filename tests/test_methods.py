@@ -32,13 +32,12 @@ def test_names_resolve_to_the_documented_modes():
 
 
 def test_every_command_accepts_exactly_the_registry_names():
-    assert (
-        LATENT_METHODS
-        == method_names("latent")
-        == ("sdo", "sdo-first", "sdo-random", "sdo-last", "full", "checkpointed")
-    )
-    assert FINETUNE_METHODS == method_names("weights") == tuple(name for name in METHODS if name != "nograd")
-    assert set(BenchConfig(methods=",".join(METHODS), variable="weights").method_names) == set(METHODS)
+    latent = ("sdo", "sdo-first", "sdo-random", "sdo-last", "full", "checkpointed", "adjoint", "sdo-multi", "doodl")
+    assert LATENT_METHODS == method_names("latent") == (*latent, "freedom")
+    modes = tuple(name for name, method in METHODS.items() if method.kind == "mode" and name != "nograd")
+    assert FINETUNE_METHODS == method_names("weights") == modes and "doodl" not in modes
+    weights = (*modes, "nograd")
+    assert BenchConfig(methods=",".join(weights), variable="weights").method_names == list(weights)
     flags = {field.name: field.metadata for field in dataclasses.fields(LatentTaskConfig)}
     assert flags["method"]["choices"] == LATENT_METHODS
 
