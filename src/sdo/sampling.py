@@ -11,6 +11,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch.utils.checkpoint import checkpoint
 
 from . import schedulers as sched
+from .compiled import CompiledModelFn, CompileOptions, compile_options
 from .errors import ConfigError
 from .gradients import GradientMode, Shortcut, StepRole
 
@@ -69,10 +70,19 @@ class Sampler:
             the caller's object is never mutated.
         num_inference_steps (`int`, defaults to 50): length of the schedule.
         eta (`float`, defaults to 0.0): DDIM's stochasticity (Song et al. 2021, Eq. 16); only for DDIMScheduler.
+        compile (defaults to False): run the detached network calls (``NOGRAD`` and ``SHORTCUT`` steps) through
+            ``torch.compile``: True, a mode name (``"reduce-overhead"``, ``"max-autotune"``, ...) or an
+            ``sdo.compiled.CompileOptions``. The kept steps stay eager. See ``sdo.compiled``.
     """
 
     def __init__(
-        self, model_fn: ModelFn, scheduler: SchedulerMixin, num_inference_steps: int = 50, *, eta: float = 0.0
+        self,
+        model_fn: ModelFn,
+        scheduler: SchedulerMixin,
+        num_inference_steps: int = 50,
+        *,
+        eta: float = 0.0,
+        compile: bool | str | CompileOptions = False,
     ) -> None:
         sched.check_scheduler(scheduler)
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
@@ -87,6 +97,8 @@ class Sampler:
                 f"set the scheduler's `prediction_type` (or the adapter's) so that they agree."
             )
         self.model_fn = model_fn
+        options = compile_options(compile)
+        self.detached_model_fn: ModelFn = model_fn if options is None else CompiledModelFn(model_fn, options)
         self.num_inference_steps = num_inference_steps
         self.eta = float(eta)
         self.scheduler = type(scheduler).from_config(scheduler.config)
@@ -155,7 +167,7 @@ class Sampler:
     def _step(self, scheduler, x: torch.Tensor, t: torch.Tensor, role: StepRole, noise: _StepNoise | None):
         if role is StepRole.NOGRAD:
             with torch.no_grad():
-                return self._denoise(scheduler, x, t, noise, detach_network=False)
+                return self._denoise(scheduler, x, t, noise, detach_network=True)
         if role is StepRole.CHECKPOINT:
             state = sched.snapshot(scheduler)
 
@@ -168,7 +180,8 @@ class Sampler:
 
     def _denoise(self, scheduler, x, t, noise: _StepNoise | None, detach_network: bool) -> torch.Tensor:
         with torch.no_grad() if detach_network else nullcontext():
-            output = self.model_fn(sched.scale_model_input(scheduler, x, t), t)
+            model_fn = self.detached_model_fn if detach_network else self.model_fn
+            output = model_fn(sched.scale_model_input(scheduler, x, t), t)
         kwargs = {"eta": self.eta} if isinstance(scheduler, DDIMScheduler) else {}
         if noise is not None:
             kwargs["generator"] = noise.generator()
