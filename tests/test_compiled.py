@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_conditional_unet, tiny_unet
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch._dynamo.utils import counters
 
 import sdo
+from conftest import tiny_conditional_unet, tiny_unet
 from sdo.compiled import CompiledModelFn, CompileOptions, compile_options
 from sdo.errors import ConfigError
 
@@ -45,7 +45,12 @@ def sample_and_gradient(sampler: sdo.Sampler, mode: sdo.GradientMode):
 
 @pytest.mark.parametrize(
     ("solver", "mode"),
-    [("ddim", sdo.Shortcut()), ("ddim", sdo.Shortcut(step="last")), ("ddim", sdo.NoGrad()), ("dpm++2", sdo.Shortcut())],
+    [
+        ("ddim", sdo.Shortcut()),
+        ("ddim", sdo.Shortcut(step="last")),
+        ("ddim", sdo.NoGrad()),
+        ("dpm++2", sdo.Shortcut()),
+    ],
     ids=str,
 )
 def test_compiled_samples_and_gradients_equal_eager(solver, mode):
@@ -122,7 +127,9 @@ def test_compile_argument_is_checked():
 def test_inductor_compiled_chain_equals_eager_without_recompiling():
     """Real code generation (inductor, C++ on CPU) on a tiny network: equal results, one graph for 3 iterations."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(4, 1, 3, padding=1))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(4, 1, 3, padding=1)
+    )
     net.requires_grad_(False)
 
     def model_fn(x, t):

@@ -21,7 +21,7 @@ from .models import Denoiser
 from .sampling import Sampler
 from .schedulers import SUPPORTED_SCHEDULERS, prediction_type, scheduler_by_name
 
-__all__ = ["PipelineParts", "from_pipeline"]
+__all__ = ["PipelineParts", "from_pipeline", "load_pipeline"]
 
 
 @dataclass
@@ -55,6 +55,12 @@ class PipelineParts:
         """Float32 Gaussian initial latents of ``latent_shape`` from ``seed`` (times the scheduler's init sigma)."""
         noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed))
         return (noise * float(getattr(self.scheduler, "init_noise_sigma", 1.0))).to(self.prompt_embeds.device)
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype | None = None):
+    """Load a diffusers pipeline saved with ``save_pretrained`` in a local folder (no download), once, for several
+    ``from_pipeline`` calls (one per prompt); raises ``MissingWeightsError`` for a folder that is not one."""
+    return _load(path, None, dtype)
 
 
 def _load(pipe_or_path, device, dtype):

@@ -80,6 +80,10 @@ def _optimize(args: argparse.Namespace) -> int:
     from sdo.latent import save_latent
 
     config = _config_from(args, LatentTaskConfig)
+    if config.conditions or config.prompts:
+        return _optimize_items(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     task = build_task(config)
     print(f"Task: {task.description} ({config.method}, {config.steps} steps)")
     result = run_task(config, task)
@@ -95,6 +99,16 @@ def _optimize(args: argparse.Namespace) -> int:
     )
     print(format_table({config.method: summary}))
     print(f"Wrote {out}/latent.safetensors, grid.png, curves.png, metrics.json")
+    return 0
+
+
+def _optimize_items(config) -> int:
+    from sdo.app.sharded import run_items
+
+    summary = run_items(config)
+    if summary is not None:  # the main process
+        print(summary["table"])
+        print(f"Wrote {Path(config.out)}/items/<index>/, summary.md, summary.json, grid.png")
     return 0
 
 
@@ -160,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
     pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image"}
-    add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only})
+    many_items = {"conditions", "prompts", "threads"}
+    add_config_flags(
+        demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only, *many_items}
+    )
     demo.set_defaults(run=_demo)
 
     optimize = commands.add_parser("optimize", help="optimize latents of the embedded model for a task")

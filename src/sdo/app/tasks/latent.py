@@ -20,7 +20,15 @@ from sdo.methods import MethodOptions, gradient_mode, method_names
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
 from sdo.sampling import Sampler
 
-__all__ = ["LATENT_METHODS", "LatentTask", "LatentTaskConfig", "build_task", "run_task"]
+__all__ = [
+    "LATENT_METHODS",
+    "LatentTask",
+    "LatentTaskConfig",
+    "TaskResources",
+    "build_task",
+    "load_resources",
+    "run_task",
+]
 
 LATENT_METHODS = method_names("latent")
 TASKS = ("class", "style", "adversarial")
@@ -53,6 +61,16 @@ class LatentTaskConfig:
     clip_path: str = option("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
+    conditions: int = option(
+        0,
+        "optimize N class-steering items (source, target and seed from the item index and --seed), sharded over "
+        "the processes of `accelerate launch`; results under OUT/items/<index>/ (0: one run of --source/--target)",
+    )
+    prompts: str = option(
+        "", "--pipeline: a file of prompts, one item per line, sharded over processes like --conditions"
+    )
+    compile: bool = option(False, "run the no-grad network calls through torch.compile (CUDA: CUDA graphs)")
+    threads: int = option(0, "torch threads per process (0: the machine's cores divided among the processes)")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -72,8 +90,14 @@ class LatentTaskConfig:
             raise ConfigError(f"`iters` must be >= 0 and `lr` > 0, got iters={self.iters}, lr={self.lr}.")
         if not 0 <= self.start_step < self.steps:
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
-        if self.pipeline and not self.prompt:
-            raise ConfigError("`prompt` is required with --pipeline.")
+        if self.pipeline and not (self.prompt or self.prompts):
+            raise ConfigError("`prompt` (or `prompts`, a file of prompts) is required with --pipeline.")
+        if self.conditions < 0 or self.threads < 0:
+            raise ConfigError(f"`conditions` and `threads` must be >= 0, got {self.conditions} and {self.threads}.")
+        if self.conditions and self.pipeline:
+            raise ConfigError("`conditions` steers the embedded model's classes; with --pipeline use --prompts FILE.")
+        if self.prompts and not self.pipeline:
+            raise ConfigError("`prompts` needs --pipeline (the embedded model takes --conditions N).")
         if self.pipeline and self.reward == "style" and not self.style_image:
             raise ConfigError("`style_image` (a PNG) is required with --reward style.")
 
@@ -91,16 +115,50 @@ class LatentTask:
     decode: object = None  # latents -> images, for latent-diffusion pipelines
 
 
-def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
+@dataclass
+class TaskResources:
+    """What every item of a run shares, loaded once: the embedded model's networks, or a pipeline and CLIP.
+
+    Sharing one network object also lets ``--compile`` compile it once for all items.
+    """
+
+    unet: torch.nn.Module | None = None
+    reward_net: torch.nn.Module | None = None
+    judge: torch.nn.Module | None = None
+    pipeline: object = None
+    clip: object = None
+
+
+def load_resources(config: LatentTaskConfig) -> TaskResources:
+    """Load the networks ``config``'s tasks use (the zoo, or the pipeline folder and the CLIP encoder)."""
+    device = torch.device(config.device)
+    if config.pipeline:
+        from sdo.clip_rewards import ClipImageEncoder
+        from sdo.pipelines import load_pipeline
+
+        pipeline = load_pipeline(config.pipeline)
+        return TaskResources(pipeline=pipeline, clip=ClipImageEncoder(config.clip_path or None, device=device))
+    return TaskResources(zoo.load_unet(device), zoo.load_reward_classifier(device), zoo.load_judge(device))
+
+
+def _sampler(sampler: Sampler, config: LatentTaskConfig) -> Sampler:
+    """``sampler``, compiled as ``config.compile`` says."""
+    if not config.compile:
+        return sampler
+    return Sampler(sampler.model_fn, sampler.scheduler, sampler.num_inference_steps, eta=sampler.eta, compile=True)
+
+
+def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
     """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
-    from sdo.clip_rewards import ClipImageEncoder, clip_reward
+    from sdo.clip_rewards import clip_reward
     from sdo.pipelines import from_pipeline
 
+    resources = resources or load_resources(config)
     parts = from_pipeline(
-        config.pipeline, [config.prompt] * config.batch, guidance_scale=config.guidance, device=config.device
+        resources.pipeline, [config.prompt] * config.batch, guidance_scale=config.guidance, device=config.device
     )
-    sampler = parts.sampler(config.steps)
-    encoder = ClipImageEncoder(config.clip_path or None, device=config.device)
+    sampler = _sampler(parts.sampler(config.steps), config)
+    encoder = resources.clip
     score = clip_reward(
         config.reward, encoder, [config.prompt], aesthetic_head=config.aesthetic_head, style_image=config.style_image
     )
@@ -119,16 +177,17 @@ def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     )
 
 
-def build_task(config: LatentTaskConfig) -> LatentTask:
-    """Load the zoo (or the pipeline) and build the sampler, initial latent, reward and judge for ``config``."""
+def build_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
+    """Build the sampler, initial latent, reward and judge for ``config``, from ``resources`` (loaded if None)."""
+    resources = resources or load_resources(config)
     if config.pipeline:
-        return build_pipeline_task(config)
+        return build_pipeline_task(config, resources)
     device = torch.device(config.device)
-    unet, reward_net, judge = (zoo.load_unet(device), zoo.load_reward_classifier(device), zoo.load_judge(device))
+    unet, reward_net, judge = resources.unet, resources.reward_net, resources.judge
     unconditional = config.source == -1
     classes = torch.full((config.batch,), zoo.NULL_CLASS if unconditional else config.source, device=device)
     guidance = 1.0 if unconditional else config.guidance
-    sampler = zoo.ddim_sampler(unet, classes, config.steps, guidance)
+    sampler = _sampler(zoo.ddim_sampler(unet, classes, config.steps, guidance), config)
     source = "digits" if unconditional else f"{config.source}s"
     noise = zoo.noise(config.batch, config.seed, device)
     with torch.no_grad():
