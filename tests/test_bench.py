@@ -26,6 +26,8 @@ ROW_KEYS = {
     "grad_cosine",
     "harness_overhead",
     "history",
+    "first_iter_s",
+    "compiled",
 }
 
 

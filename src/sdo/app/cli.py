@@ -122,6 +122,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(describe_methods())
         return 0
     config = _config_from(args, BenchConfig)
+    if config.plan:
+        return _plan(config)
     result = run_bench(config)
     table = format_rows(result["rows"])
     out = Path(config.out)
@@ -136,6 +138,18 @@ def _bench(args: argparse.Namespace) -> int:
         f"\nWrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}"
         + (f", {args.json}" if args.json else "")
     )
+    return 0
+
+
+def _plan(config) -> int:
+    from sdo.app.plan import format_plan, plan_bench
+    from sdo.io import save_json
+
+    plan = plan_bench(config)
+    save_json(plan, Path(config.out) / "plan.json")
+    print(f"Plan (predicted, nothing run): {config.model}, batch {config.batch}, {config.variable}\n")
+    print(format_plan(plan))
+    print(f"\nWrote {Path(config.out) / 'plan.json'}")
     return 0
 
 
