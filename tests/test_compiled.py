@@ -145,3 +145,21 @@ def test_inductor_compiled_chain_equals_eager_without_recompiling():
     torch.testing.assert_close(compiled.latent, eager.latent, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled.sample, eager.sample, rtol=1e-5, atol=1e-6)
     assert graphs() == 1, counters["recompiles"]
+
+
+def test_commands_build_compiled_samplers_when_asked(tmp_path):
+    from sdo import zoo
+    from sdo.app.bench import BenchConfig
+    from sdo.app.cli import build_parser
+    from sdo.app.finetuning import FinetuneConfig
+    from sdo.app.tasks.finetune import ZooTarget
+    from sdo.app.tasks.latent import LatentTaskConfig, _sampler
+
+    for command in ("optimize", "bench", "finetune"):
+        assert build_parser().parse_args([command, "--compile"]).compile is True
+    target = ZooTarget(FinetuneConfig(compile=True, out=str(tmp_path)), torch.device("cpu"))
+    assert isinstance(target.sampler(target.unet, torch.tensor([1])).detached_model_fn, CompiledModelFn)
+    sampler = zoo.ddim_sampler(target.unet, torch.tensor([1]), 2)
+    assert isinstance(_sampler(sampler, LatentTaskConfig(compile=True)).detached_model_fn, CompiledModelFn)
+    assert _sampler(sampler, LatentTaskConfig()) is sampler
+    assert BenchConfig(compile=True).compile

@@ -165,7 +165,10 @@ class CompiledModelFn:
             from .models import Denoiser  # models imports nothing from here; keep the import local and cheap
 
             if isinstance(self.model_fn, Denoiser) and isinstance(self.model_fn.model, torch.nn.Module):
-                network = _compiled_module(self.model_fn.model, self.options, device)
+                module = self.model_fn.model
+                if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+                    module = module.module  # no-grad calls need no gradient synchronization
+                network = _compiled_module(module, self.options, device)
                 self._compiled[device.type] = replace(self.model_fn, model=_NetworkView(self.model_fn.model, network))
             else:
                 self._compiled[device.type] = _compile(self.model_fn, self.options, device)

@@ -49,7 +49,10 @@ class ZooTarget:
         return labels, zoo.noise(batch, generator)
 
     def sampler(self, unet: torch.nn.Module, labels: torch.Tensor) -> Sampler:
-        return zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance)
+        sampler = zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance)
+        if not self.config.compile:
+            return sampler
+        return Sampler(sampler.model_fn, sampler.scheduler, self.config.sample_steps, compile=True)
 
     def evaluator(self):
         """Held-out labels with fixed noise: judge accuracy, and Frechet distance to real digits in judge space."""
@@ -112,7 +115,7 @@ class PipelineTarget:
             negative_encoder_hidden_states=self.parts.negative_embeds,
             guidance_scale=self.config.guidance,
         )
-        return Sampler(model_fn, self.parts.scheduler, self.config.sample_steps)
+        return Sampler(model_fn, self.parts.scheduler, self.config.sample_steps, compile=self.config.compile)
 
     def evaluator(self):
         """Mean reward on every prompt with fixed noise."""
