@@ -13,8 +13,9 @@ The gradient mode's roles (``sdo.gradients``) for ``n`` steps then compose them.
 ``c`` of role CHECKPOINT, and the reward's ``A_r, F_r, B_r``:
 
     saved activations (the CPU figure)  = f A + A_r
-    peak activations                    = f A + c X + [c > 0] A + A_r     (a checkpointed step's activations
-                                                                           are alive only while it is recomputed)
+    peak activations                    = f A + c X + max(A_r, [c > 0] A)   (a checkpointed step's activations
+                                          are alive only while it is recomputed, after the reward's backward; with
+                                          a checkpointed decoder, A_r is its rematerialized size)
     FLOPs per iteration                 = n F + f B + c (F + B) + F_r + B_r     (nograd: n F + F_r)
     relative time                       = FLOPs / FLOPs(nograd)
 
@@ -32,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdo.app.bench import BenchConfig
@@ -71,9 +74,12 @@ class MethodPlan:
 
 
 def profile_call(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: object) -> CallProfile:
-    """Trace ``fn(x, *args)`` once with grad enabled (on meta tensors: nothing is computed), then its backward.
+    """Trace ``fn(x, *args)`` with grad enabled (on meta tensors nothing is computed), then its backward.
 
-    Counts the distinct storages autograd saves (``nn.Parameter``s excluded) and the FLOPs of forward and backward.
+    Memory: the distinct storages autograd saves (``nn.Parameter``s excluded), with attention as PyTorch's fused
+    kernels run it on CPU and CUDA (flash / memory-efficient: query, key, value, output and log-sum-exp saved, no
+    attention matrix; on the meta device ``scaled_dot_product_attention`` would otherwise take the unfused path).
+    FLOPs: ``torch.utils.flop_counter`` over the forward and the backward (attention counted as its matmuls).
     """
     storages: dict[int, int] = {}
 
@@ -83,8 +89,10 @@ def profile_call(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: object
             storages[storage._cdata] = storage.nbytes()
         return tensor
 
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _FusedAttention():
+        fn(x, *args)
     counter = FlopCounterMode(display=False)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), counter:
+    with torch.enable_grad(), counter:
         out = fn(x, *args)
     forward = counter.get_total_flops()
     backward = 0
@@ -93,6 +101,20 @@ def profile_call(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: object
             out.float().sum().backward()
         backward = counter.get_total_flops()
     return CallProfile(sum(storages.values()), forward, backward, x.numel() * x.element_size())
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Routes ``scaled_dot_product_attention`` without a mask to the fused flash kernel (whose memory the real run
+    has: the CPU kernel here, which saves what CUDA's flash and memory-efficient kernels save)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and len(args) == 3 and kwargs.get("attn_mask") is None:
+            query, key, value = args
+            dropout, causal = kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False)
+            fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            return fused(query, key, value, dropout, causal, scale=kwargs.get("scale"))[0]
+        return func(*args, **kwargs)
 
 
 def plan_method(
@@ -105,8 +127,9 @@ def plan_method(
     learns = full + checkpoint > 0 or StepRole.SHORTCUT in roles
     time_full = (mode.low + mode.high) / 2 if isinstance(mode, RandomTruncation) else full
     saved = full * network.saved_bytes + (reward.saved_bytes if learns else 0)
-    peak = saved + checkpoint * network.input_bytes + (network.saved_bytes if checkpoint else 0)
-    peak += reward.peak - reward.saved_bytes if learns else 0
+    # Rematerialized activations (a checkpointed step, a checkpointed decoder) are alive one at a time, in backward.
+    rematerialized = max(reward.peak, network.saved_bytes if checkpoint else 0) if learns else 0
+    peak = full * network.saved_bytes + checkpoint * network.input_bytes + rematerialized
     flops = steps * network.forward_flops + reward.forward_flops
     if learns:
         flops += time_full * network.backward_flops + reward.backward_flops

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,8 @@ def _process_state(device: str):
     """Accelerate's view of the launch (index and count of processes); one process without a launcher."""
     from accelerate import PartialState
 
-    return PartialState(cpu=torch.device(device).type == "cpu")
+    # The final barrier waits for the slowest shard, which may take hours: a day before a process gives up on it.
+    return PartialState(cpu=torch.device(device).type == "cpu", timeout=timedelta(hours=24))
 
 
 def run_items(config: LatentTaskConfig, progress: bool = True) -> dict | None:
@@ -179,14 +181,14 @@ def run_items(config: LatentTaskConfig, progress: bool = True) -> dict | None:
         todo = [item for item in mine if _finished(out, item, spec) is None]
         bar = tqdm(
             total=len(items),
-            initial=len(items) - _count_unfinished(out, items, spec),
+            initial=_count_done(out, items),
             desc="items done",
             disable=not (progress and state.is_main_process),
         )
         resources = load_resources(config) if todo else None
         for item in todo:
             metrics = _run_item(config, item, spec, out, resources, progress and state.is_main_process)
-            bar.n = len(items) - _count_unfinished(out, items, spec)
+            bar.n = _count_done(out, items)  # every process's finished items
             bar.set_postfix(item=metrics["item"]["index"], reward=f"{metrics['reward_best']:.3f}")
             bar.refresh()
         bar.close()
@@ -196,8 +198,9 @@ def run_items(config: LatentTaskConfig, progress: bool = True) -> dict | None:
     return write_summary(config, items, spec, skipped=len(mine) - len(todo), processes=processes)
 
 
-def _count_unfinished(out: Path, items: list[Item], spec: dict) -> int:
-    return sum(_finished(out, item, spec) is None for item in items)
+def _count_done(out: Path, items: list[Item]) -> int:
+    """Items with a done marker (a file check only: cheap enough to run after every item)."""
+    return sum((_item_dir(out, item) / "metrics.json").is_file() for item in items)
 
 
 def _run_item(
