@@ -101,8 +101,8 @@ def compile_options(compile: bool | str | CompileOptions | None) -> CompileOptio
     )
 
 
-# module -> {(options, device type): compiled module}. The values hold the module strongly, so an entry is removed
-# by a finalizer on the *compiled* wrapper's owner instead: see _compiled_module.
+# module -> {(options, device type): compiled forward}. The compiled forwards reach the module only through a weak
+# reference (_WeakForward), so an entry dies with its module.
 _MODULE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
