@@ -20,9 +20,9 @@ class PeakMemory:
     CUDA (``kind == "cuda peak allocated"``): ``torch.cuda.max_memory_allocated`` minus the allocation at entry.
     This resets the allocator's peak statistics of the device, for the whole process, at entry: use it only where
     the caller asked for a measurement. CPU (``kind == "cpu saved activations"``; no allocator statistics): the
-    bytes of distinct storages autograd saves for backward inside the context (parameters excluded, since they
-    exist anyway) - the activation memory, which is what the gradient modes trade; it installs saved-tensor hooks
-    while open.
+    bytes of distinct storages autograd saves for backward inside the context (parameters and views of them
+    excluded, since they exist anyway) - the activation memory, which is what the gradient modes trade; it
+    installs saved-tensor hooks while open.
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -43,7 +43,7 @@ class PeakMemory:
         return self
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tensor, nn.Parameter):
+        if not _is_parameter(tensor):
             storage = tensor.untyped_storage()
             self._storages[storage.data_ptr()] = storage.nbytes()
         return tensor
@@ -55,3 +55,8 @@ class PeakMemory:
         else:
             self._hooks.__exit__(*exc)
             self.peak_bytes = sum(self._storages.values())
+
+
+def _is_parameter(tensor: torch.Tensor) -> bool:
+    """A parameter, or a view of one (``linear`` saves ``weight.t()``): memory that exists without any graph."""
+    return isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)

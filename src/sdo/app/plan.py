@@ -4,8 +4,9 @@ The prediction traces *one* network call and *one* reward evaluation (decoder in
 device - shapes and dtypes only, no weights, no arithmetic, no memory - built from the workload's model config,
 resolution and batch. The trace gives, per call:
 
-- ``A``: bytes autograd saves for backward (distinct storages, parameters excluded: what ``sdo.memory.PeakMemory``
-  counts on CPU), with the same ``requires_grad`` pattern as the real run (the latent, or the weights);
+- ``A``: bytes autograd saves for backward (distinct storages, parameters and their views excluded: what
+  ``sdo.memory.PeakMemory`` counts on CPU), with the same ``requires_grad`` pattern as the real run (the latent,
+  or the weights);
 - ``F`` and ``B``: forward and backward FLOPs (``torch.utils.flop_counter``: matmuls, convolutions, attention);
 - ``X``: bytes of the latent a step takes.
 
@@ -40,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdo.app.bench import BenchConfig
 from sdo.app.report import markdown_table, mebibytes
 from sdo.gradients import GradientMode, RandomTruncation, StepRole, Truncated
+from sdo.memory import _is_parameter
 
 __all__ = ["CallProfile", "MethodPlan", "format_plan", "plan_bench", "plan_method", "profile_call"]
 
@@ -76,15 +78,15 @@ class MethodPlan:
 def profile_call(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: object) -> CallProfile:
     """Trace ``fn(x, *args)`` with grad enabled (on meta tensors nothing is computed), then its backward.
 
-    Memory: the distinct storages autograd saves (``nn.Parameter``s excluded), with attention as PyTorch's fused
-    kernels run it on CPU and CUDA (flash / memory-efficient: query, key, value, output and log-sum-exp saved, no
+    Memory: the distinct storages autograd saves (parameters and their views excluded), with attention as PyTorch's
+    fused kernels run it on CPU and CUDA (flash / memory-efficient: query, key, value, output and log-sum-exp saved, no
     attention matrix; on the meta device ``scaled_dot_product_attention`` would otherwise take the unfused path).
     FLOPs: ``torch.utils.flop_counter`` over the forward and the backward (attention counted as its matmuls).
     """
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tensor, torch.nn.Parameter):
+        if not _is_parameter(tensor):  # the rule sdo.memory.PeakMemory counts by
             storage = tensor.untyped_storage()
             storages[storage._cdata] = storage.nbytes()
         return tensor
