@@ -10,7 +10,7 @@ from sdo.app.bench import BenchConfig, run_bench
 from sdo.app.cli import main
 from sdo.app.plan import plan_bench
 
-FACTOR = 2.0  # stated accuracy of the memory prediction against the measured CPU figure (saved activations)
+FACTOR = 1.25  # stated accuracy of the memory prediction against the measured CPU figure (saved activations)
 WORKLOADS = {
     "mnist": dict(model="mnist", batch=2),
     "sd15-tiny": dict(model="sd15", batch=1, width=0.1, resolution=64),  # SD-1.5's architecture, narrow and small
@@ -18,7 +18,7 @@ WORKLOADS = {
 
 
 @pytest.mark.parametrize("workload", ["mnist", pytest.param("sd15-tiny", marks=pytest.mark.slow)])
-def test_planned_memory_is_within_a_factor_of_two_of_the_measured_cpu_figure(workload):
+def test_planned_memory_is_within_the_stated_factor_of_the_measured_cpu_figure(workload):
     config = BenchConfig(methods="sdo,full,checkpointed,nograd", steps="2,4", iters=1, **WORKLOADS[workload])
     started = time.perf_counter()
     plan = {(r["method"], r["steps"]): r for r in plan_bench(config)["rows"]}
