@@ -168,7 +168,8 @@ def _process_state(device: str):
 def run_items(config: LatentTaskConfig, progress: bool = True) -> dict | None:
     """Optimize every item of ``config`` (``--conditions`` or ``--prompts``) on this process's shard.
 
-    Returns the summary (on the main process; None on the others). Reruns skip finished items.
+    Returns the summary (on the main process; None on the others). Reruns skip finished items; the summary's
+    ``skipped_as_finished`` counts the items already finished when the run started.
     """
     items = items_of(config)
     state = _process_state(config.device)
@@ -179,6 +180,7 @@ def run_items(config: LatentTaskConfig, progress: bool = True) -> dict | None:
     mine = [item for item in items if item.index % processes == rank]
     with _threads(_thread_count(config, processes)):
         todo = [item for item in mine if _finished(out, item, spec) is None]
+        finished_before = sum(_finished(out, item, spec) is not None for item in items) if state.is_main_process else 0
         bar = tqdm(
             total=len(items),
             initial=_count_done(out, items),
@@ -195,7 +197,7 @@ def run_items(config: LatentTaskConfig, progress: bool = True) -> dict | None:
         state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    return write_summary(config, items, spec, skipped=len(mine) - len(todo), processes=processes)
+    return write_summary(config, items, spec, skipped=finished_before, processes=processes)
 
 
 def _count_done(out: Path, items: list[Item]) -> int:
