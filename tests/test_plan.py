@@ -31,11 +31,12 @@ def test_planned_memory_is_within_the_stated_factor_of_the_measured_cpu_figure(w
             continue
         ratio = predicted / row["peak_mem_bytes"]
         assert 1 / FACTOR <= ratio <= FACTOR, (row["method"], row["steps"], predicted, row["peak_mem_bytes"])
-    # The shape of the prediction: sdo flat in the steps, full linear, checkpointed's peak near sdo's.
+    # The shape of the prediction: sdo flat in the steps, full linear, checkpointed peaks at one rematerialized step.
     assert plan[("sdo", 4)]["saved_bytes"] == plan[("sdo", 2)]["saved_bytes"]
     full_growth = plan[("full", 4)]["saved_bytes"] - plan[("full", 2)]["saved_bytes"]
     assert full_growth == 2 * (plan[("full", 2)]["saved_bytes"] - plan[("sdo", 2)]["saved_bytes"])
-    assert plan[("checkpointed", 4)]["peak_activation_bytes"] >= plan[("sdo", 4)]["saved_bytes"]
+    one_step = plan[("sdo", 4)]["saved_bytes"] - plan[("checkpointed", 4)]["saved_bytes"]  # A: sdo saves A + A_r
+    assert plan[("checkpointed", 4)]["peak_activation_bytes"] >= one_step  # the step rematerialized in backward
     assert plan[("nograd", 4)]["relative_time"] == 1.0
     assert 1.0 < plan[("sdo", 4)]["relative_time"] < plan[("full", 4)]["relative_time"]
     assert plan[("full", 4)]["relative_time"] < plan[("checkpointed", 4)]["relative_time"]
