@@ -29,6 +29,8 @@ ROW_KEYS = {
     "grad_cosine",
     "harness_overhead",
     "history",
+    "first_iter_s",
+    "compiled",
 }
 
 

@@ -391,3 +391,31 @@ def test_pickled_weights_are_refused_with_a_conversion_hint(pipeline_dir, clip_d
     torch.save(clip.state_dict(), tmp_path / "clipbin" / "pytorch_model.bin")
     with pytest.raises(sdo.MissingWeightsError, match=r"pickled \(\.bin\) weights.*safe_serialization=True"):
         ClipImageEncoder(tmp_path / "clipbin")
+
+
+def test_optimize_prompts_file_runs_one_item_per_prompt(pipeline_dir, clip_dir, tmp_path):
+    from sdo.app.sharded import run_items
+    from sdo.app.tasks.latent import LatentTaskConfig
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n# skipped\nlower\n")
+    config = LatentTaskConfig(
+        pipeline=str(pipeline_dir),
+        prompts=str(prompts),
+        clip_path=str(clip_dir / "clip"),
+        steps=2,
+        iters=1,
+        batch=1,
+        out=str(tmp_path / "items"),
+    )
+    summary = run_items(config, progress=False)
+    assert summary["finished"] == 2 and [row["condition"] for row in summary["per_item"]] == [repr(PROMPT), "'lower'"]
+    metrics = sdo.io.load_json(tmp_path / "items" / "items" / "1" / "metrics.json")
+    assert metrics["item"]["prompt"] == "lower"
+    assert sdo.io.load_tensors(tmp_path / "items" / "items" / "0" / "latent.safetensors")["latent"].shape == (
+        1,
+        4,
+        8,
+        8,
+    )
+    assert run_items(config, progress=False)["skipped_as_finished"] == 2

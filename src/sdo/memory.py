@@ -21,9 +21,9 @@ class PeakMemory:
     This resets the allocator's peak statistics of the device, for the whole process, at entry: use it only where
     the caller asked for a measurement. CPU (``kind == "cpu saved activations"``; no allocator statistics): the
     largest total size of distinct storages that autograd holds for backward at any one time inside the context,
-    through forward and backward (parameters excluded, since they exist anyway) - the activation memory, which is
-    what the gradient modes trade. A step recomputed in backward (checkpointing, the adjoint walk) counts while its
-    activations are alive. It installs saved-tensor hooks while open.
+    through forward and backward (parameters and views of them excluded, since they exist anyway) - the activation
+    memory, which is what the gradient modes trade. A step recomputed in backward (checkpointing, the adjoint walk)
+    counts while its activations are alive. It installs saved-tensor hooks while open.
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -45,7 +45,7 @@ class PeakMemory:
         return self
 
     def _pack(self, tensor: torch.Tensor) -> object:
-        if isinstance(tensor, nn.Parameter):
+        if _is_parameter(tensor):
             return tensor
         storage = tensor.untyped_storage()
         address = storage.data_ptr()
@@ -87,3 +87,8 @@ class _Saved:
 
 def _unpack(saved: object) -> torch.Tensor:
     return saved.tensor if isinstance(saved, _Saved) else saved
+
+
+def _is_parameter(tensor: torch.Tensor) -> bool:
+    """A parameter, or a view of one (``linear`` saves ``weight.t()``): memory that exists without any graph."""
+    return isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)

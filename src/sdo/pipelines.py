@@ -25,7 +25,7 @@ from .models import Denoiser
 from .sampling import Sampler
 from .schedulers import SUPPORTED_SCHEDULERS, prediction_type, scheduler_by_name
 
-__all__ = ["FAMILIES", "PipelineParts", "from_pipeline", "lora_targets"]
+__all__ = ["FAMILIES", "PipelineParts", "from_pipeline", "load_pipeline", "lora_targets"]
 
 # Pipeline class -> family, and the components each family needs.
 FAMILIES = {
@@ -86,16 +86,18 @@ class PipelineParts:
     image_latent_shape: tuple[int, int, int, int] | None = None
     lora_targets: str = field(default=_UNET_LORA_TARGETS)
 
-    def sampler(self, num_inference_steps: int = 50, model_fn: Callable | None = None) -> Sampler:
+    def sampler(self, num_inference_steps: int = 50, model_fn: Callable | None = None, **options) -> Sampler:
         """A ``Sampler`` over this pipeline's model (or ``model_fn``) and scheduler, with the pipeline's timestep
-        arguments; it takes the initial latent as the pipeline's ``latents=`` does (unit noise, ``scale_noise``)."""
-        options = self.timestep_options(num_inference_steps) if self.timestep_options else None
+        arguments; it takes the initial latent as the pipeline's ``latents=`` does (unit noise, ``scale_noise``).
+        ``options`` go to ``Sampler`` (e.g. ``compile``)."""
+        timesteps = self.timestep_options(num_inference_steps) if self.timestep_options else None
         return Sampler(
             model_fn or self.model_fn,
             self.scheduler,
             num_inference_steps,
-            timestep_options=options,
+            timestep_options=timesteps,
             scale_noise=True,
+            **options,
         )
 
     def initial_latent(self, seed: int = 0, batch: int | None = None) -> torch.Tensor:
@@ -129,6 +131,12 @@ def lora_targets(network: torch.nn.Module) -> str:
     query/key/value/output projections of a UNet, and of both streams of an SD3 or Flux transformer."""
     names = {name.rsplit(".", 1)[-1] for name, _ in network.named_modules()}
     return _TRANSFORMER_LORA_TARGETS if "add_q_proj" in names else _UNET_LORA_TARGETS
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype | None = None):
+    """Load a diffusers pipeline saved with ``save_pretrained`` in a local folder (no download), once, for several
+    ``from_pipeline`` calls (one per prompt); raises ``MissingWeightsError`` for a folder that is not one."""
+    return _load(path, None, dtype)
 
 
 def _load(pipe_or_path, device, dtype):

@@ -12,6 +12,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch.utils.checkpoint import checkpoint
 
 from . import schedulers as sched
+from .compiled import CompiledModelFn, CompileOptions, compile_options
 from .errors import ConfigError
 from .gradients import GradientMode, LoopMode, Shortcut, StepRole
 
@@ -85,6 +86,9 @@ class Sampler:
         scale_noise (`bool`, defaults to False): ``x`` given at step 0 is unit-variance noise, multiplied by the
             schedule's ``init_noise_sigma`` before the first step: the convention of a diffusers pipeline's
             ``latents=`` argument (``sdo.from_pipeline`` samplers use it; it matters for Euler, whose sigma is > 1).
+        compile (defaults to False): run the detached network calls (``NOGRAD`` and ``SHORTCUT`` steps) through
+            ``torch.compile``: True, a mode name (``"reduce-overhead"``, ``"max-autotune"``, ...) or an
+            ``sdo.compiled.CompileOptions``. The kept steps stay eager. See ``sdo.compiled``.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class Sampler:
         eta: float = 0.0,
         timestep_options: dict | None = None,
         scale_noise: bool = False,
+        compile: bool | str | CompileOptions = False,
     ) -> None:
         sched.check_scheduler(scheduler)
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
@@ -110,6 +115,8 @@ class Sampler:
                 f"set the scheduler's `prediction_type` (or the adapter's) so that they agree."
             )
         self.model_fn = model_fn
+        options = compile_options(compile)
+        self.detached_model_fn: ModelFn = model_fn if options is None else CompiledModelFn(model_fn, options)
         self.num_inference_steps = num_inference_steps
         self.eta = float(eta)
         self.timestep_options = dict(timestep_options or {})
@@ -197,7 +204,7 @@ class Sampler:
     def _step(self, scheduler, x: torch.Tensor, t: torch.Tensor, role: StepRole, noise: _StepNoise | None):
         if role is StepRole.NOGRAD:
             with torch.no_grad():
-                return self._denoise(scheduler, x, t, noise, detach_network=False)
+                return self._denoise(scheduler, x, t, noise, detach_network=True)
         if role is StepRole.CHECKPOINT:
             state = sched.snapshot(scheduler)
 
@@ -210,7 +217,8 @@ class Sampler:
 
     def _denoise(self, scheduler, x, t, noise: _StepNoise | None, detach_network: bool) -> torch.Tensor:
         with torch.no_grad() if detach_network else nullcontext():
-            output = self.model_fn(sched.scale_model_input(scheduler, x, t), t)
+            model_fn = self.detached_model_fn if detach_network else self.model_fn
+            output = model_fn(sched.scale_model_input(scheduler, x, t), t)
         if not torch.is_tensor(output) or (output.shape != x.shape and not _learned_variance(scheduler, output, x)):
             shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
             raise ConfigError(

@@ -29,6 +29,7 @@ from sdo.freedom import freedom_sample
 from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
 from sdo.memory import PeakMemory
 from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
+from sdo.sampling import Sampler
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "run_bench"]
 
@@ -54,6 +55,10 @@ class BenchConfig:
     vae_slicing: bool = option(False, "sd15: decode one image at a time")
     width: float = option(1.0, "sd15: channel width multiplier (<1 only for smoke tests)")
     resolution: int = option(512, "sd15: image resolution")
+    compile: bool = option(
+        False, "also run every method with its no-grad network calls compiled (torch.compile; rows 'NAME+compile')"
+    )
+    plan: bool = option(False, "predict activation memory and relative time per iteration, without running")
     seed: int = option(0, "seed of the latent, the batch and every random draw")
     device: str = option("cpu", "torch device")
     out: str = option("sdo-bench", "output folder for bench.json, bench.md and bench.png")
@@ -99,12 +104,23 @@ class _MethodRun:
     """One method's state: its own copy of the optimized variable, its Adam, and its measurements."""
 
     def __init__(
-        self, name: str, config: BenchConfig, workload: Workload, steps: int, mode: GradientMode | None = None
+        self,
+        name: str,
+        config: BenchConfig,
+        workload: Workload,
+        steps: int,
+        mode: GradientMode | None = None,
+        compiled: bool = False,
     ) -> None:
-        self.name = name
+        self.name = f"{name}+compile" if compiled else name
+        self.compiled = compiled
         self.mode = mode or gradient_mode(name, config.method_options(torch.Generator().manual_seed(config.seed)))
         self.model = workload.model if config.variable == "latent" else copy.deepcopy(workload.model)
         self.sampler = workload.make_sampler(steps, self.model)
+        if compiled:  # the same sampler, its no-grad network calls compiled (sdo.compiled)
+            self.sampler = Sampler(
+                self.sampler.model_fn, self.sampler.scheduler, steps, eta=self.sampler.eta, compile=True
+            )
         self.latent = workload.latent.clone()
         if config.variable == "latent":
             self.latent.requires_grad_(True)
@@ -260,6 +276,8 @@ def _rows(runs: dict[str, _MethodRun], exact: torch.Tensor, workload: Workload, 
                 "variable": config.variable,
                 "iters": len(run.records),
                 "s_per_iter": statistics.median(r["seconds"] for r in run.records),
+                "first_iter_s": run.records[0]["seconds"],
+                "compiled": run.compiled,
                 "peak_mem_bytes": max(r["peak_mem_bytes"] for r in run.records),
                 "reward_initial": run.records[0]["reward"],
                 "reward_final": run.final_reward(workload, config.seed),
@@ -305,6 +323,10 @@ def run_bench(config: BenchConfig, workload: Workload | None = None, progress: b
     rows, sweep = [], []
     for steps in config.step_counts:
         runs = {name: _method_run(name, config, workload, steps) for name in config.method_names}
+        if config.compile:  # compiled rows for the gradient modes (DOODL and FreeDoM run their own loops)
+            modes = [name for name in config.method_names if _kind(name) == "mode"]
+            compiled = [_MethodRun(name, config, workload, steps, compiled=True) for name in modes]
+            runs.update({run.name: run for run in compiled})
         total = config.iters * len(runs)
         with tqdm(total=total, desc=f"bench {workload.name}, {steps} steps", disable=not progress) as bar:
             for _ in range(config.iters):
@@ -325,6 +347,7 @@ def format_rows(rows: list[dict]) -> str:
         "steps",
         "method",
         "s / iter",
+        "first iter s (compiles)",
         MEMORY_HEADER,
         "reward start -> final",
         "reward at equal time",
@@ -340,6 +363,7 @@ def _row_cells(r: dict) -> list[str]:
         r["steps"],
         r["method"],
         f"{r['s_per_iter']:.3f}",
+        f"{r.get('first_iter_s', float('nan')):.2f}",
         mebibytes(r["peak_mem_bytes"]),
         rewards,
         f"{r['reward_at_equal_time']:.3f}",

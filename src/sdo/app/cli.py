@@ -81,6 +81,10 @@ def _optimize(args: argparse.Namespace) -> int:
     from sdo.latent import save_latent
 
     config = _config_from(args, LatentTaskConfig)
+    if config.conditions or config.prompts:
+        return _optimize_items(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     task = build_task(config)
     print(f"Task: {task.description} ({config.method}, {config.steps} steps)")
     result = run_task(config, task)
@@ -99,12 +103,24 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimize_items(config) -> int:
+    from sdo.app.sharded import run_items
+
+    summary = run_items(config)
+    if summary is not None:  # the main process
+        print(summary["table"])
+        print(f"Wrote {Path(config.out)}/items/<index>/, summary.md, summary.json, grid.png")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from sdo.app.bench import BenchConfig, format_rows, run_bench
     from sdo.app.plots import save_bench_plot
     from sdo.io import atomic_path, save_json
 
     config = _config_from(args, BenchConfig)
+    if config.plan:
+        return _plan(config)
     result = run_bench(config)
     table = format_rows(result["rows"])
     out = Path(config.out)
@@ -119,6 +135,18 @@ def _bench(args: argparse.Namespace) -> int:
         f"\nWrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}"
         + (f", {args.json}" if args.json else "")
     )
+    return 0
+
+
+def _plan(config) -> int:
+    from sdo.app.plan import format_plan, plan_bench
+    from sdo.io import save_json
+
+    plan = plan_bench(config)
+    save_json(plan, Path(config.out) / "plan.json")
+    print(f"Plan (predicted, nothing run): {config.model}, batch {config.batch}, {config.variable}\n")
+    print(format_plan(plan))
+    print(f"\nWrote {Path(config.out) / 'plan.json'}")
     return 0
 
 
@@ -159,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image", "height", "width"}
     pipeline_only.add("pickscore_path")
-    add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only})
+    many_items = {"conditions", "prompts", "threads"}
+    add_config_flags(
+        demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only, *many_items}
+    )
     demo.set_defaults(run=_demo, config=lambda args: demo_config(**_fields_of(args, LatentTaskConfig)))
 
     optimize = commands.add_parser("optimize", help="optimize latents of the embedded model for a task")

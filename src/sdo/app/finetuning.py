@@ -84,6 +84,7 @@ class FinetuneConfig:
     seed: int = option(0, "seeds every random draw")
     device: str = option("cpu", "cpu or cuda (under `accelerate launch`, Accelerate picks the device)")
     mixed_precision: str = option("no", "no, bf16 or fp16 (GPU)", choices=("no", "bf16", "fp16"))
+    compile: bool = option(False, "run the no-grad network calls through torch.compile (CUDA: CUDA graphs)")
     tensorboard: bool = option(
         False, "log through Accelerate's TensorBoard tracker (needs shortcut-diffusion[tensorboard])"
     )

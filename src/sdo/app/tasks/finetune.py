@@ -49,7 +49,10 @@ class ZooTarget:
         return labels, zoo.noise(batch, generator)
 
     def sampler(self, unet: torch.nn.Module, labels: torch.Tensor) -> Sampler:
-        return zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance)
+        sampler = zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance)
+        if not self.config.compile:
+            return sampler
+        return Sampler(sampler.model_fn, sampler.scheduler, self.config.sample_steps, compile=True)
 
     def evaluator(self):
         """Held-out labels with fixed noise: judge accuracy, and Frechet distance to real digits in judge space."""
@@ -119,7 +122,7 @@ class PipelineTarget:
     def sampler(self, unet: torch.nn.Module, index: torch.Tensor) -> Sampler:
         """The pipeline's sampler over ``unet`` conditioned on prompts ``index`` ``[B]``."""
         model_fn = replace(self.parts.model_fn.rows(index.to(self.device)), model=unet)
-        return self.parts.sampler(self.config.sample_steps, model_fn)
+        return self.parts.sampler(self.config.sample_steps, model_fn, compile=self.config.compile)
 
     def evaluator(self):
         """Mean reward on every prompt with fixed noise, in batches of ``batch_size`` prompts (memory does not grow

@@ -26,7 +26,15 @@ from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
 from sdo.sampling import Sampler
 
-__all__ = ["LATENT_METHODS", "LatentTask", "LatentTaskConfig", "build_task", "run_task"]
+__all__ = [
+    "LATENT_METHODS",
+    "LatentTask",
+    "LatentTaskConfig",
+    "TaskResources",
+    "build_task",
+    "load_resources",
+    "run_task",
+]
 
 LATENT_METHODS = method_names("latent")
 TASKS = ("class", "style", "adversarial")
@@ -75,6 +83,17 @@ class LatentTaskConfig:
         """What the registry's gradient mode for ``method`` takes from this config (a latent is optimized)."""
         return MethodOptions("latent", adjoint_iters=self.adjoint_iters, kept_steps=_index_list(self.kept_steps))
 
+    conditions: int = option(
+        0,
+        "optimize N class-steering items (source, target and seed from the item index and --seed), sharded over "
+        "the processes of `accelerate launch`; results under OUT/items/<index>/ (0: one run of --source/--target)",
+    )
+    prompts: str = option(
+        "", "--pipeline: a file of prompts, one item per line, sharded over processes like --conditions"
+    )
+    compile: bool = option(False, "run the no-grad network calls through torch.compile (CUDA: CUDA graphs)")
+    threads: int = option(0, "torch threads per process (0: the machine's cores divided among the processes)")
+
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"`task` must be one of {TASKS}, got {self.task!r}.")
@@ -102,8 +121,14 @@ class LatentTaskConfig:
             )
         if METHODS[self.method].kind == "mode":
             gradient_mode(self.method, self.method_options())  # a bad --kept-steps fails here, before any work
-        if self.pipeline and not self.prompt:
-            raise ConfigError("`prompt` is required with --pipeline.")
+        if self.pipeline and not (self.prompt or self.prompts):
+            raise ConfigError("`prompt` (or `prompts`, a file of prompts) is required with --pipeline.")
+        if self.conditions < 0 or self.threads < 0:
+            raise ConfigError(f"`conditions` and `threads` must be >= 0, got {self.conditions} and {self.threads}.")
+        if self.conditions and self.pipeline:
+            raise ConfigError("`conditions` steers the embedded model's classes; with --pipeline use --prompts FILE.")
+        if self.prompts and not self.pipeline:
+            raise ConfigError("`prompts` needs --pipeline (the embedded model takes --conditions N).")
         if self.pipeline and "style" in parse_reward_spec(self.reward) and not self.style_image:
             raise ConfigError("`style_image` (a PNG) is required with the style reward.")
 
@@ -121,20 +146,51 @@ class LatentTask:
     decode: object = None  # latents -> images, for latent-diffusion pipelines
 
 
-def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
+@dataclass
+class TaskResources:
+    """What every item of a run shares, loaded once: the embedded model's networks, or a pipeline.
+
+    Sharing one network object also lets ``--compile`` compile it once for all items.
+    """
+
+    unet: torch.nn.Module | None = None
+    reward_net: torch.nn.Module | None = None
+    judge: torch.nn.Module | None = None
+    pipeline: object = None
+
+
+def load_resources(config: LatentTaskConfig) -> TaskResources:
+    """Load the networks ``config``'s tasks use (the zoo, or the pipeline folder and the CLIP encoder)."""
+    device = torch.device(config.device)
+    if config.pipeline:
+        from sdo.pipelines import load_pipeline
+
+        return TaskResources(pipeline=load_pipeline(config.pipeline))
+    return TaskResources(zoo.load_unet(device), zoo.load_reward_classifier(device), zoo.load_judge(device))
+
+
+def _sampler(sampler: Sampler, config: LatentTaskConfig) -> Sampler:
+    """``sampler``, compiled as ``config.compile`` says."""
+    if not config.compile:
+        return sampler
+    return Sampler(sampler.model_fn, sampler.scheduler, sampler.num_inference_steps, eta=sampler.eta, compile=True)
+
+
+def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
     """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
     from sdo.app.reward_spec import DecodedReward, image_reward
     from sdo.pipelines import from_pipeline
 
+    resources = resources or load_resources(config)
     parts = from_pipeline(
-        config.pipeline,
+        resources.pipeline,
         [config.prompt] * config.batch,
         guidance_scale=config.guidance,
         device=config.device,
         height=config.height or None,
         width=config.width or None,
     )
-    sampler = parts.sampler(config.steps)
+    sampler = parts.sampler(config.steps, compile=config.compile)
     score = image_reward(
         config.reward,
         [config.prompt],
@@ -159,16 +215,17 @@ def build_pipeline_task(config: LatentTaskConfig) -> LatentTask:
     )
 
 
-def build_task(config: LatentTaskConfig) -> LatentTask:
-    """Load the zoo (or the pipeline) and build the sampler, initial latent, reward and judge for ``config``."""
+def build_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
+    """Build the sampler, initial latent, reward and judge for ``config``, from ``resources`` (loaded if None)."""
+    resources = resources or load_resources(config)
     if config.pipeline:
-        return build_pipeline_task(config)
+        return build_pipeline_task(config, resources)
     device = torch.device(config.device)
-    unet, reward_net, judge = (zoo.load_unet(device), zoo.load_reward_classifier(device), zoo.load_judge(device))
+    unet, reward_net, judge = resources.unet, resources.reward_net, resources.judge
     unconditional = config.source == -1
     classes = torch.full((config.batch,), zoo.NULL_CLASS if unconditional else config.source, device=device)
     guidance = 1.0 if unconditional else config.guidance
-    sampler = zoo.ddim_sampler(unet, classes, config.steps, guidance)
+    sampler = _sampler(zoo.ddim_sampler(unet, classes, config.steps, guidance), config)
     source = "digits" if unconditional else f"{config.source}s"
     noise = zoo.noise(config.batch, config.seed, device)
     with torch.no_grad():

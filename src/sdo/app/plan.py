@@ -1,0 +1,260 @@
+"""``sdo bench --plan``: activation memory and relative time per iteration, predicted without running the work.
+
+The prediction traces *one* network call and *one* reward evaluation (decoder included) on PyTorch's ``meta``
+device - shapes and dtypes only, no weights, no arithmetic, no memory - built from the workload's model config,
+resolution and batch. The trace gives, per call:
+
+- ``A``: bytes autograd saves for backward (distinct storages, parameters and their views excluded: what
+  ``sdo.memory.PeakMemory`` counts on CPU), with the same ``requires_grad`` pattern as the real run (the latent,
+  or the weights);
+- ``F`` and ``B``: forward and backward FLOPs (``torch.utils.flop_counter``: matmuls, convolutions, attention);
+- ``X``: bytes of the latent a step takes.
+
+The gradient mode's roles (``sdo.gradients``) for ``n`` steps then compose them. With ``f`` steps of role FULL,
+``c`` of role CHECKPOINT, and the reward's ``A_r, F_r, B_r``:
+
+    saved activations (the CPU figure)  = f A + A_r
+    peak activations                    = f A + c X + max(A_r, [c > 0] A)   (a checkpointed step's activations
+                                          are alive only while it is recomputed, after the reward's backward; with
+                                          a checkpointed decoder, A_r is its rematerialized size)
+    FLOPs per iteration                 = n F + f B + c (F + B) + F_r + B_r     (nograd: n F + F_r)
+    relative time                       = FLOPs / FLOPs(nograd)
+
+so ``sdo`` costs one step's activations whatever ``n`` is, ``full`` grows as ``n A``, and ``checkpointed`` costs
+``n X + A`` at about ``(2F + B) / F`` times the no-grad compute. ``alignprop``'s peak uses its largest depth and
+its time the mean depth. The solver update saves only scalars (DDIM) and is neglected; so are the FLOPs of
+elementwise operations, which is why the time ratios are a floor on small models, where per-call overhead
+dominates (the embedded model on CPU). On CUDA the allocator's peak adds the transient workspace of one call and
+the weights' gradients and optimizer state (``--variable weights``, given separately).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdo.app.bench import BenchConfig
+from sdo.app.report import markdown_table, mebibytes
+from sdo.gradients import GradientMode, RandomTruncation, StepRole, Truncated
+from sdo.memory import _is_parameter
+
+__all__ = ["CallProfile", "MethodPlan", "format_plan", "plan_bench", "plan_method", "profile_call"]
+
+
+@dataclass(frozen=True)
+class CallProfile:
+    """One traced call: saved bytes ``A``, forward and backward FLOPs ``F``, ``B``, and its input's bytes ``X``."""
+
+    saved_bytes: int
+    forward_flops: int
+    backward_flops: int
+    input_bytes: int
+    peak_bytes: int | None = None  # when recomputed in backward: the activations alive then (else saved_bytes)
+
+    @property
+    def peak(self) -> int:
+        return self.saved_bytes if self.peak_bytes is None else self.peak_bytes
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """The prediction for one method at one number of steps (see the module docstring for the formulas)."""
+
+    method: str
+    steps: int
+    saved_bytes: int
+    peak_activation_bytes: int
+    flops: int
+    relative_time: float
+    param_bytes: int
+    grad_and_optimizer_bytes: int
+
+
+def profile_call(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: object) -> CallProfile:
+    """Trace ``fn(x, *args)`` with grad enabled (on meta tensors nothing is computed), then its backward.
+
+    Memory: the distinct storages autograd saves (parameters and their views excluded), with attention as PyTorch's
+    fused kernels run it on CPU and CUDA (flash / memory-efficient: query, key, value, output and log-sum-exp saved, no
+    attention matrix; on the meta device ``scaled_dot_product_attention`` would otherwise take the unfused path).
+    FLOPs: ``torch.utils.flop_counter`` over the forward and the backward (attention counted as its matmuls).
+    """
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not _is_parameter(tensor):  # the rule sdo.memory.PeakMemory counts by
+            storage = tensor.untyped_storage()
+            storages[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _FusedAttention():
+        fn(x, *args)
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), counter:
+        out = fn(x, *args)
+    forward = counter.get_total_flops()
+    backward = 0
+    if out.requires_grad:
+        with counter:
+            out.float().sum().backward()
+        backward = counter.get_total_flops()
+    return CallProfile(sum(storages.values()), forward, backward, x.numel() * x.element_size())
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Routes ``scaled_dot_product_attention`` without a mask to the fused flash kernel (whose memory the real run
+    has: the CPU kernel here, which saves what CUDA's flash and memory-efficient kernels save)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and len(args) == 3 and kwargs.get("attn_mask") is None:
+            query, key, value = args
+            dropout, causal = kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False)
+            fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            return fused(query, key, value, dropout, causal, scale=kwargs.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
+def plan_method(
+    name: str, mode: GradientMode, steps: int, network: CallProfile, reward: CallProfile, nograd_flops: int
+) -> MethodPlan:
+    """Compose one network call's and one reward's profiles along ``mode``'s step roles (module docstring)."""
+    peak_mode = Truncated(mode.high) if isinstance(mode, RandomTruncation) else mode
+    roles = peak_mode.roles(0, steps)
+    full, checkpoint = roles.count(StepRole.FULL), roles.count(StepRole.CHECKPOINT)
+    learns = full + checkpoint > 0 or StepRole.SHORTCUT in roles
+    time_full = (mode.low + mode.high) / 2 if isinstance(mode, RandomTruncation) else full
+    saved = full * network.saved_bytes + (reward.saved_bytes if learns else 0)
+    # Rematerialized activations (a checkpointed step, a checkpointed decoder) are alive one at a time, in backward.
+    rematerialized = max(reward.peak, network.saved_bytes if checkpoint else 0) if learns else 0
+    peak = full * network.saved_bytes + checkpoint * network.input_bytes + rematerialized
+    flops = steps * network.forward_flops + reward.forward_flops
+    if learns:
+        flops += time_full * network.backward_flops + reward.backward_flops
+        flops += checkpoint * (network.forward_flops + network.backward_flops)
+    return MethodPlan(name, steps, saved, peak, int(flops), flops / nograd_flops if nograd_flops else 0.0, 0, 0)
+
+
+@dataclass(frozen=True)
+class _MetaWorkload:
+    """A workload's network call and reward on meta tensors, and the weights trained with ``--variable weights``."""
+
+    network: Callable[..., torch.Tensor]
+    reward: Callable[[torch.Tensor], torch.Tensor]
+    reward_as_run: Callable[[torch.Tensor], torch.Tensor]  # with the decoder checkpointed, if the config says so
+    latent: torch.Tensor
+    timestep: torch.Tensor
+    model: torch.nn.Module
+
+
+def _meta_workload(config: BenchConfig) -> _MetaWorkload:
+    """The benchmark's workload (``sdo.app.tasks.bench``), built on the meta device from its configs."""
+    from sdo.models import Denoiser
+
+    meta = torch.device("meta")
+    if config.model == "mnist":
+        from sdo import zoo
+        from sdo.rewards import ClassifierReward
+        from sdo.zoo.nets import RewardNet, build_unet
+
+        with meta:
+            unet, classifier = build_unet().requires_grad_(False), RewardNet().requires_grad_(False)
+        denoiser = zoo.denoiser(unet, torch.full((config.batch,), 3, device=meta))
+        reward = ClassifierReward(classifier, 8)
+        latent = torch.empty(config.batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, device=meta)
+        score = lambda x0: reward(x0, None)  # noqa: E731
+        return _MetaWorkload(denoiser, score, score, latent, torch.tensor(500, device=meta), unet)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from sdo.app.tasks.bench import SD15_UNET_CONFIG, SD15_VAE_CONFIG, _scaled
+
+    dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+    unet_config, vae_config = _scaled(SD15_UNET_CONFIG, config.width), _scaled(SD15_VAE_CONFIG, config.width)
+    with meta:
+        unet = UNet2DConditionModel(**unet_config).to(dtype).requires_grad_(False)
+        vae = AutoencoderKL(**vae_config).to(dtype).requires_grad_(False)
+    text = torch.empty(config.batch, 77, unet_config["cross_attention_dim"], device=meta, dtype=dtype)
+    denoiser = Denoiser(unet, encoder_hidden_states=text, negative_encoder_hidden_states=text[:1], guidance_scale=7.5)
+    size = config.resolution // 8
+    projection = torch.empty(3, config.resolution, config.resolution, device=meta, dtype=dtype)
+
+    def decode(x0: torch.Tensor) -> torch.Tensor:
+        return vae.decode(x0 / vae.config.scaling_factor).sample
+
+    def reward(x0: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        image = torch.utils.checkpoint.checkpoint(decode, x0, use_reentrant=False) if checkpointed else decode(x0)
+        return (image * projection).flatten(1).sum(dim=1).float()
+
+    latent = torch.empty(config.batch, 4, size, size, device=meta, dtype=dtype)
+    as_run = (lambda x0: reward(x0, True)) if config.checkpoint_decoder else reward
+    return _MetaWorkload(denoiser, reward, as_run, latent, torch.tensor(500, device=meta), unet)
+
+
+def plan_bench(config: BenchConfig) -> dict:
+    """Predict, for every method and number of steps of ``config``, the activation memory and relative time of
+    one iteration (nothing runs: see the module docstring). Returns ``{"config", "profiles", "rows"}``."""
+    from sdo.methods import gradient_mode
+
+    workload = _meta_workload(config)
+    weights = config.variable == "weights"
+    if weights:
+        workload.model.requires_grad_(True)
+    x = workload.latent.clone().requires_grad_(not weights)
+    network = profile_call(workload.network, x, workload.timestep)
+    reward = profile_call(workload.reward, workload.latent.clone().requires_grad_(True))
+    if workload.reward_as_run is not workload.reward:  # checkpointed decoder: saves little, recomputes in backward
+        recomputed = profile_call(workload.reward_as_run, workload.latent.clone().requires_grad_(True))
+        reward = CallProfile(
+            recomputed.saved_bytes,
+            reward.forward_flops,
+            reward.backward_flops + reward.forward_flops,
+            reward.input_bytes,
+            peak_bytes=reward.saved_bytes + recomputed.saved_bytes,
+        )
+    param_bytes = sum(p.numel() * p.element_size() for p in workload.model.parameters())
+    rows = []
+    for steps in config.step_counts:
+        nograd_flops = steps * network.forward_flops + reward.forward_flops
+        for name in config.method_names:
+            mode = gradient_mode(name, config.method_options(torch.Generator().manual_seed(config.seed)))
+            try:
+                plan = plan_method(name, mode, steps, network, reward, nograd_flops)
+            except NotImplementedError:  # a mode without step roles (e.g. reversible solvers): not modelled
+                continue
+            trained = param_bytes if weights and plan.saved_bytes else 0
+            rows.append(asdict(plan) | {"param_bytes": param_bytes, "grad_and_optimizer_bytes": 3 * trained})
+    return {
+        "config": asdict(config),
+        "profiles": {"network": asdict(network), "reward": asdict(reward)},
+        "rows": rows,
+    }
+
+
+def format_plan(plan: dict) -> str:
+    """Markdown table of a plan."""
+    headers = (
+        "steps",
+        "method",
+        "predicted peak activations",
+        "saved activations (CPU figure)",
+        "GFLOP / iter",
+        "time vs nograd",
+        "weights: grads + Adam",
+    )
+    rows = [
+        [
+            r["steps"],
+            r["method"],
+            mebibytes(r["peak_activation_bytes"]),
+            mebibytes(r["saved_bytes"]),
+            f"{r['flops'] / 1e9:.1f}",
+            f"{r['relative_time']:.2f}x",
+            mebibytes(r["grad_and_optimizer_bytes"]),
+        ]
+        for r in plan["rows"]
+    ]
+    return markdown_table(headers, rows)
