@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -80,7 +82,7 @@ def test_one_graph_serves_every_step_sample_call_and_optimize_iteration():
     assert graphs() == 1, counters["recompiles"]
     # Another sampler over the same network (a new Denoiser, new labels, other steps) reuses the compiled graph.
     again = sdo.Sampler(
-        sampler.model_fn.with_condition(class_labels=torch.tensor([7, 3])),
+        dataclasses.replace(sampler.model_fn, class_labels=torch.tensor([7, 3])),
         sampler.scheduler,
         3,
         compile=QUICK,

@@ -14,7 +14,7 @@ own scheduler is not one ``sdo`` supports). Nothing is downloaded: folders load 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -469,7 +469,7 @@ def _leaves(model_fn: Denoiser) -> Denoiser:
     if model_fn.added_cond_kwargs is not None:
         pooled = model_fn.added_cond_kwargs["text_embeds"].detach().clone().requires_grad_(True)
         changes["added_cond_kwargs"] = {**model_fn.added_cond_kwargs, "text_embeds": pooled}
-    return model_fn.with_condition(**changes)
+    return replace(model_fn, **changes)
 
 
 def _pooled(model_fn: Denoiser) -> torch.Tensor | None:
