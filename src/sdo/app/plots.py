@@ -139,4 +139,5 @@ def save_comparison_plot(cases: dict[str, dict], path: str | Path) -> None:
         axis.set_ylabel("mean reward")
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
     _save(figure, path)
