@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -247,6 +248,8 @@ def _run_locked(args: argparse.Namespace, config) -> int:
     from sdo.app.runs import RunLock, check_command, clean_leftovers, write_config
 
     if args.command == "finetune":
+        return args.run(args)
+    if int(os.environ.get("RANK", "0")) > 0:  # under `accelerate launch`, the other processes share rank 0's lock
         return args.run(args)
     with RunLock(args.out, args.command, args.break_lock):
         check_command(args.out, args.command)
