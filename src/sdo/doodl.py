@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .edict import EDICTSampler, Invertible
 from .errors import ConfigError, NonFiniteRewardError
 from .gradients import GradientMode, NoGrad
-from .latent import OptimizationResult, Reward, _BestIterate, _project
+from .latent import OptimizationResult, Reward, _BestIterate, _project, history_record
 from .memory import PeakMemory
 
 __all__ = ["DoodlUpdate", "optimize_latent_doodl"]
@@ -105,8 +105,8 @@ def optimize_latent_doodl(
     Returns:
         An ``sdo.OptimizationResult``: ``sample`` is the ``x`` output of EDICT; the history has one record per
         evaluated iterate (``iters + 1``) with ``iter``, ``reward`` (batch mean of the objective), ``rewards``,
-        ``loss`` (``-sum_b r_b``), ``seconds``, ``elapsed``, ``peak_mem_bytes`` and, with a judge, ``judge_success``
-        (on the ``x`` output).
+        ``loss`` (``-sum_b r_b``), ``seconds``, ``elapsed``, ``peak_mem_bytes`` and ``mem_kind`` (always measured)
+        and, with a judge, ``judge_success`` (on the ``x`` output).
 
     Raises:
         ConfigError: bad arguments. NonFiniteRewardError: a NaN or infinite reward (``result``: the run so far).
@@ -143,20 +143,12 @@ def optimize_latent_doodl(
             update(z, -gradient)  # the gradient of the loss; DOODL ascends the reward
         seconds = 0.0 if final else time.perf_counter() - started
         elapsed += seconds
-        record = {
-            "iter": iteration,
-            "reward": float(rewards.detach().mean()),
-            "rewards": rewards.detach().tolist(),
-            "loss": float(loss.detach()),
-            "seconds": seconds,
-            "elapsed": elapsed,
-            "peak_mem_bytes": memory.peak_bytes if not final else 0,
-        }
+        record = history_record(iteration, rewards, loss, seconds, elapsed, reward=reward, memory=memory)
         if judge is not None:
             record["judge_success"] = float(judge(x0.detach()).float().mean())
         history.append(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}")
-    return OptimizationResult(z.detach(), x0.detach(), best.latent, best.sample, best.reward, history)
+    return best.result(z, x0, history)
 
 
 def _objective(sampler: EDICTSampler, z, reward, grad, start_step, cond):

@@ -198,23 +198,41 @@ def optimize_latent(
                 _project(z, radius)
         seconds = 0.0 if final else time.perf_counter() - started
         elapsed += seconds
-        record = {
-            "iter": iteration,
-            "reward": float(rewards.mean()),
-            "rewards": rewards.tolist(),
-            "loss": float(loss.detach()),
-            "seconds": seconds,
-            "elapsed": elapsed,
-        }
-        for name, values in (getattr(reward, "last_terms", None) or {}).items():  # a weighted sum's terms
-            record[f"reward_{name}"] = float(values.float().mean())
-        if memory is not None:
-            record.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind)
+        record = history_record(iteration, rewards, loss, seconds, elapsed, reward=reward, memory=memory)
         if judge is not None:
             record["judge_success"] = float(judge(x0.detach()).float().mean())
         history.append(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}")
     return best.result(z, x0, history)
+
+
+def history_record(
+    iteration: int,
+    rewards: torch.Tensor,
+    loss: torch.Tensor,
+    seconds: float,
+    elapsed: float,
+    *,
+    reward: object = None,
+    memory: PeakMemory | None = None,
+) -> dict:
+    """One iterate's history record (shared by ``optimize_latent`` and ``sdo.optimize_latent_doodl``): ``iter``,
+    ``reward`` (batch mean), ``rewards``, ``loss``, ``seconds``, ``elapsed``; ``reward_NAME`` for each term of a
+    weighted ``reward``; ``peak_mem_bytes`` and ``mem_kind`` when a ``memory`` measurement ran."""
+    rewards = rewards.detach()
+    record = {
+        "iter": iteration,
+        "reward": float(rewards.mean()),
+        "rewards": rewards.tolist(),
+        "loss": float(loss.detach()),
+        "seconds": seconds,
+        "elapsed": elapsed,
+    }
+    for name, values in (getattr(reward, "last_terms", None) or {}).items():  # a weighted sum's terms
+        record[f"reward_{name}"] = float(values.float().mean())
+    if memory is not None:
+        record.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind)
+    return record
 
 
 @torch.no_grad()
