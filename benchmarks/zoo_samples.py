@@ -12,7 +12,7 @@ unet, judge = zoo.load_unet(), zoo.load_judge()
 classes = torch.arange(10).repeat_interleave(8)
 samples = zoo.sample_digits(unet, classes, guidance_scale=3.0, steps=50, seed=0)
 verdicts = judge(samples).argmax(1)
-rows = {f"{digit}": samples[classes == digit] for digit in range(10)}
+rows = {f"{digit}": zoo.to_images(samples[classes == digit]) for digit in range(10)}
 captions = {f"{digit}": [f"judge: {v}" for v in verdicts[classes == digit].tolist()] for digit in range(10)}
 save_image_grid(rows, out, captions)
 print(f"judge accuracy on these {len(classes)} samples: {(verdicts == classes).float().mean():.1%}")

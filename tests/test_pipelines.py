@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,6 +151,34 @@ def test_from_pipeline_optimizes_the_latent_and_the_prompt_embedding(pipeline_di
     assert result.history[-1]["reward"] > result.history[0]["reward"]
 
 
+def test_latent_reward_hands_decoded_images_in_0_1_and_the_prompts_to_an_image_reward(pipeline_dir, tmp_path):
+    from sdo.app.images import save_images
+
+    parts = from_pipeline(pipeline_dir, [PROMPT, "newer"])
+    seen = {}
+
+    def brightness(images, prompts):
+        seen.update(images=images.detach(), prompts=prompts)
+        return images.mean(dim=(1, 2, 3))
+
+    x0 = parts.sampler(2).sample(parts.initial_latent(0), grad=sdo.NoGrad()).requires_grad_()
+    reward = parts.latent_reward(brightness)
+    value = reward(x0)
+    (latent_grad,) = torch.autograd.grad(value.sum(), x0)
+    assert seen["prompts"] == [PROMPT, "newer"] and latent_grad.abs().sum() > 0
+    assert seen["images"].min() >= 0 and seen["images"].max() <= 1 and seen["images"].std() > 0
+    torch.testing.assert_close(value, parts.decode(x0).mean(dim=(1, 2, 3)))
+    assert reward(x0.detach(), torch.tensor([1, 1])).shape == (2,) and seen["prompts"] == ["newer", "newer"]
+    # The PNGs hold round(255 x) of the same images.
+    paths = save_images(seen["images"], tmp_path / "images", "after")
+    assert [p.name for p in paths] == ["after-0.png", "after-1.png"]
+    from PIL import Image
+
+    pixels = torch.as_tensor(np.array(Image.open(paths[1]))).permute(2, 0, 1).float() / 255
+    assert pixels.shape == seen["images"][1].shape
+    assert (pixels - seen["images"][1]).abs().max() <= 0.5 / 255 + 1e-6
+
+
 def test_saved_latent_replays_in_a_plain_diffusers_loop(pipeline_dir):
     from diffusers import DiffusionPipeline
 
@@ -163,7 +192,7 @@ def test_saved_latent_replays_in_a_plain_diffusers_loop(pipeline_dir):
 
 
 def test_clip_rewards_with_tiny_models(clip_dir):
-    images = torch.rand(2, 3, 40, 40) * 2 - 1
+    images = torch.rand(2, 3, 40, 40)
     encoder = ClipImageEncoder(clip_dir / "clip", cutouts=3, seed=0)
     assert encoder.image_embeds(images).shape == (2, 8)
     aesthetic = AestheticReward(clip_dir / "head.safetensors", path=clip_dir / "clip")
@@ -195,9 +224,9 @@ def write_png(path):
     return path
 
 
-def test_load_image_reads_a_png_in_model_range(tmp_path):
+def test_load_image_reads_a_png_in_0_1(tmp_path):
     image = sdo.io.load_image(write_png(tmp_path / "style.png"))
-    assert image.shape == (1, 3, 24, 24) and image.min() >= -1 and image.max() <= 1 and image.std() > 0.2
+    assert image.shape == (1, 3, 24, 24) and image.min() >= 0 and image.max() <= 1 and image.std() > 0.1
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(sdo.io.CorruptFileError, match=r"broken\.png: not a valid PNG file"):
         sdo.io.load_image(tmp_path / "broken.png")

@@ -11,7 +11,7 @@ import sdo
 from sdo import zoo
 from sdo.app.reward_spec import image_reward, parse_reward_spec
 from sdo.app.tasks.finetune import ink_reward
-from sdo.clip_rewards import PickScoreReward
+from sdo.clip_rewards import ClipImageEncoder, ClipScoreReward, PickScoreReward
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward, WeightedReward
 
 pytest.importorskip("transformers")
@@ -71,7 +71,7 @@ def image_rewards(clip_dir, tmp_path):
 
 
 def test_every_image_reward_passes_its_gradient_to_the_image(clip_dir, tmp_path):
-    images = (torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0)) * 2 - 1).requires_grad_()
+    images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0)).requires_grad_()
     for spec, reward in image_rewards(clip_dir, tmp_path).items():
         values = reward(images, None)
         assert values.shape == (2,) and torch.isfinite(values).all(), spec
@@ -82,7 +82,7 @@ def test_every_image_reward_passes_its_gradient_to_the_image(clip_dir, tmp_path)
 def test_weighted_reward_is_the_weighted_sum_of_its_logged_terms(clip_dir, tmp_path):
     rewards = image_rewards(clip_dir, tmp_path)
     weighted = rewards["clip=1.0,aesthetic=0.5,style=2,pickscore=0.1"]
-    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     total = weighted(images, None)
     terms = weighted.last_terms
     assert set(terms) == {"clip", "aesthetic", "style", "pickscore"}
@@ -93,10 +93,22 @@ def test_weighted_reward_is_the_weighted_sum_of_its_logged_terms(clip_dir, tmp_p
 
 def test_pickscore_is_the_scaled_clip_similarity(clip_dir):
     pick = PickScoreReward([PROMPT, "newer"], path=clip_dir / "clip")
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    cosine = (pick.encoder.image_embeds(images) * pick.text).sum(-1)
+    images = torch.rand(2, 3, 32, 32)
+    cosine = (pick.encoder.image_embeds(images) * pick.text.embeds).sum(-1)
     torch.testing.assert_close(pick(images), pick.encoder.model.logit_scale.exp() * cosine)
     torch.testing.assert_close(pick(images, torch.tensor([1, 1]))[1], pick(images)[1])
+
+
+def test_a_list_of_prompts_is_scored_as_given(clip_dir):
+    """The image-reward convention ``reward(images, prompts)``: prompts given at the call replace those of the
+    constructor, image by image; an unseen prompt is encoded once and cached."""
+    clip = ClipScoreReward([PROMPT, "newer"], encoder=ClipImageEncoder(clip_dir / "clip"))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(clip(images, ["newer", PROMPT]), clip(images, torch.tensor([1, 0])))
+    fresh = clip(images, ["a third prompt", "a third prompt"])
+    alone = ClipScoreReward("a third prompt", encoder=clip.encoder)(images)
+    torch.testing.assert_close(fresh, alone)
+    assert "a third prompt" in clip.text.cache
 
 
 def test_missing_pickscore_folder_names_its_variable(monkeypatch):

@@ -1,4 +1,4 @@
-"""CLIP-based rewards for images in [-1, 1] (the paper's three image rewards), from weights already on disk.
+"""CLIP-based rewards for images in [0, 1] (the paper's three image rewards), from weights already on disk.
 
 - ``ClipScoreReward``: CLIP text-image cosine similarity (text-guided manipulation).
 - ``AestheticReward``: LAION aesthetic predictor, a linear head on normalized CLIP ViT-L/14 image embeddings.
@@ -30,6 +30,7 @@ __all__ = [
     "ClipScoreReward",
     "ClipStyleReward",
     "PickScoreReward",
+    "PromptTexts",
     "clip_reward",
     "random_cutouts",
 ]
@@ -79,7 +80,7 @@ def random_cutouts(
 
 
 class ClipImageEncoder:
-    """A local CLIP model with differentiable preprocessing of ``[-1, 1]`` images (resize, CLIP normalization).
+    """A local CLIP model with differentiable preprocessing of ``[0, 1]`` images (resize, CLIP normalization).
 
     Args:
         path: folder of a ``transformers`` CLIP model (and tokenizer) saved with ``save_pretrained``
@@ -107,12 +108,12 @@ class ClipImageEncoder:
         self.std = torch.tensor(CLIP_STD, device=device)[:, None, None]
 
     def preprocess(self, images: torch.Tensor, cutouts: bool = True) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [-1, 1] -> CLIP pixel values (with ``cutouts``, the encoder's cut-outs, crop-major)."""
+        """``[B, 3, H, W]`` in [0, 1] -> CLIP pixel values (with ``cutouts``, the encoder's cut-outs, crop-major)."""
         if cutouts and self.cutouts:
             images = random_cutouts(images, self.cutouts, self.size, self.generator)
         else:
             images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return ((images + 1) / 2 - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings ``[B, D]`` (averaged over cut-outs)."""
@@ -130,20 +131,47 @@ class ClipImageEncoder:
         return F.normalize(getattr(features, "pooler_output", features).float(), dim=-1)
 
 
+class PromptTexts:
+    """The text embeddings a prompt-conditioned CLIP reward scores against.
+
+    ``select(cond)``: the prompts given at construction when ``cond`` is None; ``prompts[cond[b]]`` when ``cond`` is a
+    ``[B]`` tensor of indices; the embeddings of ``cond`` itself when it is a list of prompts (the image-reward
+    convention ``reward(images, prompts)``), encoded once per distinct prompt.
+    """
+
+    def __init__(self, encoder: ClipImageEncoder, prompt: str | list[str]) -> None:
+        self.encoder = encoder
+        self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        self.embeds = encoder.text_embeds(self.prompts)
+        self.cache = dict(zip(self.prompts, self.embeds, strict=True))
+
+    def select(self, cond: object) -> torch.Tensor:
+        """``[1 or B, D]`` normalized text embeddings for ``cond`` (None, index tensor or list of prompts)."""
+        if torch.is_tensor(cond):
+            return self.embeds[cond]
+        if isinstance(cond, (list, tuple)) and cond:
+            missing = [prompt for prompt in dict.fromkeys(cond) if prompt not in self.cache]
+            if missing:
+                self.cache.update(zip(missing, self.encoder.text_embeds(missing), strict=True))
+            return torch.stack([self.cache[prompt] for prompt in cond])
+        return self.embeds
+
+
 class ClipScoreReward:
-    """CLIP similarity ``r(x) = cos(E_img(x), E_txt(prompt))`` per image (Radford et al. 2021).
+    """CLIP similarity ``r(x) = cos(E_img(x), E_txt(prompt))`` per image (Radford et al. 2021), for images in
+    ``[0, 1]``.
 
     With one prompt every image is scored against it; with several, image ``b`` is scored against prompt ``b``, or
-    against ``prompts[cond[b]]`` when the condition ``cond`` is a ``[B]`` tensor of prompt indices.
+    against ``prompts[cond[b]]`` when the condition ``cond`` is a ``[B]`` tensor of prompt indices; a list of
+    prompts as ``cond`` is scored as given (``reward(images, prompts)``, ``sdo.ImageReward``).
     """
 
     def __init__(self, prompt: str | list[str], encoder: ClipImageEncoder | None = None, **encoder_options) -> None:
         self.encoder = encoder or ClipImageEncoder(**encoder_options)
-        self.text = self.encoder.text_embeds([prompt] if isinstance(prompt, str) else list(prompt))
+        self.text = PromptTexts(self.encoder, prompt)
 
     def __call__(self, images: torch.Tensor, cond: object = None) -> torch.Tensor:
-        text = self.text[cond] if torch.is_tensor(cond) else self.text
-        return (self.encoder.image_embeds(images) * text).sum(dim=-1)
+        return (self.encoder.image_embeds(images) * self.text.select(cond)).sum(dim=-1)
 
 
 class AestheticReward:
@@ -221,12 +249,11 @@ class PickScoreReward:
     ) -> None:
         folder = _local(path, "SDO_PICKSCORE_PATH", "PickScore model folder")
         self.encoder = ClipImageEncoder(folder, device=device, cutouts=cutouts)
-        self.text = self.encoder.text_embeds([prompt] if isinstance(prompt, str) else list(prompt))
+        self.text = PromptTexts(self.encoder, prompt)
         self.scale = float(self.encoder.model.logit_scale.exp())
 
     def __call__(self, images: torch.Tensor, cond: object = None) -> torch.Tensor:
-        text = self.text[cond] if torch.is_tensor(cond) else self.text
-        return self.scale * (self.encoder.image_embeds(images) * text).sum(dim=-1)
+        return self.scale * (self.encoder.image_embeds(images) * self.text.select(cond)).sum(dim=-1)
 
 
 def clip_reward(

@@ -89,13 +89,13 @@ def load_json(path: str | os.PathLike, hint: str = "") -> Any:
 
 
 def load_image(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A PNG image as ``[1, 3, H, W]`` in [-1, 1] (read with matplotlib; alpha dropped, grey expanded to RGB)."""
+    """A PNG image as ``[1, 3, H, W]`` in [0, 1] (read with matplotlib; alpha dropped, grey expanded to RGB)."""
     import matplotlib.image
 
     def read(p: Path) -> torch.Tensor:
         pixels = torch.as_tensor(matplotlib.image.imread(str(p), format="png")).float()
         pixels = pixels[..., None].expand(*pixels.shape, 3) if pixels.ndim == 2 else pixels[..., :3]
-        return pixels.permute(2, 0, 1)[None] * 2 - 1
+        return pixels.permute(2, 0, 1)[None].contiguous()
 
     return _read(path, read, "PNG", "").to(device)
 

@@ -25,7 +25,7 @@ from .models import Denoiser
 from .sampling import Sampler
 from .schedulers import SUPPORTED_SCHEDULERS, prediction_type, scheduler_by_name
 
-__all__ = ["FAMILIES", "PipelineParts", "from_pipeline", "load_pipeline", "lora_targets"]
+__all__ = ["FAMILIES", "DecodedReward", "PipelineParts", "from_pipeline", "load_pipeline", "lora_targets"]
 
 # Pipeline class -> family, and the components each family needs.
 FAMILIES = {
@@ -58,8 +58,9 @@ class PipelineParts:
         scheduler: a supported diffusers scheduler built from the pipeline's scheduler config.
         latent_shape: the layout of the pipeline's ``latents=`` argument: ``(batch, channels, height / f, width / f)``
             with the VAE factor ``f``, or for Flux the packed ``(batch, (height / 2f) (width / 2f), 4 channels)``.
-        decode: ``latents -> images [B, 3, H, W] in [-1, 1]`` (unpacked, unscaled and unshifted as the pipeline
-            does, then ``vae.decode``), differentiable.
+        decode: ``latents -> images [B, 3, H, W] in [0, 1]`` (unpacked, unscaled and unshifted as the pipeline
+            does, then ``vae.decode``, then ``(x / 2 + 0.5).clamp(0, 1)`` as diffusers' image processor),
+            differentiable. ``[0, 1]`` float images are sdo's image convention (``sdo.ImageReward``).
         unet, vae: the denoising network (the UNet, or the transformer of SD3 and Flux) and the VAE, frozen.
         prompt_embeds, negative_embeds: ``[B, tokens, dim]`` and ``[1, tokens, dim]`` (None where the pipeline
             runs no classifier-free guidance, e.g. Flux without a negative prompt); ``prompt_embeds`` requires grad
@@ -70,6 +71,7 @@ class PipelineParts:
         timestep_options: ``num_inference_steps -> set_timesteps`` extra arguments (Flux and dynamically shifted
             SD3: ``sigmas``/``mu``), as the pipeline passes them.
         image_latent_shape: ``(batch, channels, height / f, width / f)``, the unpacked latent.
+        prompts: the prompt batch the embeddings were computed from (what image rewards receive).
     """
 
     model_fn: Denoiser
@@ -85,6 +87,13 @@ class PipelineParts:
     timestep_options: Callable[[int], dict] | None = None
     image_latent_shape: tuple[int, int, int, int] | None = None
     lora_targets: str = field(default=_UNET_LORA_TARGETS)
+    prompts: list[str] = field(default_factory=list)
+
+    def latent_reward(self, image_reward: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> DecodedReward:
+        """The latent reward ``r(x0, cond) = image_reward(decode(x0), prompts)`` of an image reward (``sdo``'s image
+        convention: ``image_reward(images [B, 3, H, W] in [0, 1], prompts) -> [B]``, differentiable in
+        ``images``), for ``optimize_latent`` and every other latent-reward API; no decoding by hand."""
+        return DecodedReward(image_reward, self.decode, self.prompts)
 
     def sampler(self, num_inference_steps: int = 50, model_fn: Callable | None = None, **options) -> Sampler:
         """A ``Sampler`` over this pipeline's model (or ``model_fn``) and scheduler, with the pipeline's timestep
@@ -110,6 +119,38 @@ class PipelineParts:
         if self.family == "flux":
             noise = pack_latents(noise)
         return noise.to(self.prompt_embeds.device)
+
+
+class DecodedReward:
+    """A latent reward from an image reward: ``r(x0, cond) = image_reward(decode(x0), prompts)``.
+
+    ``image_reward(images, prompts) -> [B]`` takes float images ``[B, 3, H, W]`` in ``[0, 1]`` and the prompt batch
+    (``sdo.ImageReward``); ``cond``, when it is a ``[B]`` tensor of prompt indices, picks the prompts. ``last_terms``
+    passes a weighted reward's unweighted terms through (``sdo.rewards.WeightedReward``).
+    """
+
+    def __init__(
+        self,
+        image_reward: Callable[[torch.Tensor, list[str]], torch.Tensor],
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        prompts: list[str] | None = None,
+    ) -> None:
+        self.image_reward = image_reward
+        self.decode = decode
+        self.prompts = list(prompts or [])
+
+    @property
+    def last_terms(self) -> dict[str, torch.Tensor]:
+        """The unweighted terms of the last call (a weighted reward), else empty."""
+        return getattr(self.image_reward, "last_terms", {})
+
+    def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
+        prompts = self.prompts
+        if torch.is_tensor(cond) and prompts:
+            prompts = [prompts[int(index)] for index in cond]
+        elif len(prompts) == 1 and x0.shape[0] > 1:
+            prompts = prompts * x0.shape[0]
+        return self.image_reward(self.decode(x0), prompts)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -313,6 +354,7 @@ def from_pipeline(
         timestep_options=timestep_options,
         image_latent_shape=image_latent_shape,
         lora_targets=lora_targets(network),
+        prompts=prompts,
     )
 
 
@@ -481,8 +523,9 @@ def _pooled(model_fn: Denoiser) -> torch.Tensor | None:
 def _decoder(
     vae, slicing: bool, tiling: bool, checkpointed: bool, image_shape: tuple[int, ...], family: str
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``latents -> images in [-1, 1]``: unpack (Flux), undo the latent scaling (with SDXL's per-channel
-    ``latents_mean``/``latents_std``, or SD3/Flux's ``shift_factor``), decode in the VAE's dtype."""
+    """``latents -> images in [0, 1]``: unpack (Flux), undo the latent scaling (with SDXL's per-channel
+    ``latents_mean``/``latents_std``, or SD3/Flux's ``shift_factor``), decode in the VAE's dtype, and map
+    ``[-1, 1]`` to ``[0, 1]`` with the clamp of diffusers' ``VaeImageProcessor`` (no gradient past the clamp)."""
     if slicing:
         vae.enable_slicing()
     if tiling:
@@ -502,7 +545,7 @@ def _decoder(
         else:
             latents = latents / config.scaling_factor + shift
         image = vae.decode(latents.to(vae.dtype)).sample
-        return image.to(latents.dtype)
+        return (image.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         if checkpointed and torch.is_grad_enabled():

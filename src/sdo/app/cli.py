@@ -92,8 +92,8 @@ def _optimize(args: argparse.Namespace) -> int:
     out = Path(config.out)
     save_latent(out / "latent.safetensors", result.latent, **dataclasses.asdict(config))
     with torch.no_grad():
-        after = task.decode(result.sample) if task.decode else result.sample
-    save_image_grid({"before": task.original, f"after {config.method}": after}, out / "grid.png")
+        before, after = task.decode(task.original), task.decode(result.sample)
+    save_image_grid({"before": before, f"after {config.method}": after}, out / "grid.png")
     save_curves({config.method: result.history}, out / "curves.png", task.description)
     summary = summarize(result.history)
     save_json(

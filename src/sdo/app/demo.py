@@ -76,7 +76,10 @@ def run_demo(config: LatentTaskConfig | None = None, methods=DEMO_METHODS, progr
     summaries = {name: summarize(result.history) for name, result in results.items()}
     out = Path(config.out)
     save_image_grid(
-        {"before": task.original, **{f"after {name}": result.sample for name, result in results.items()}},
+        {
+            "before": task.decode(task.original),
+            **{f"after {name}": task.decode(result.sample) for name, result in results.items()},
+        },
         out / "grid.png",
     )
     save_curves({name: result.history for name, result in results.items()}, out / "curves.png", task.description)

@@ -22,7 +22,7 @@ def _save(figure, path: str | Path) -> None:
 
 
 def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, captions: dict[str, list[str]] | None = None):
-    """One labelled row per entry of ``rows`` (``[N, 1 or 3, H, W]`` images in [-1, 1]); optional captions."""
+    """One labelled row per entry of ``rows`` (``[N, 1 or 3, H, W]`` images in [0, 1]); optional captions."""
     n_cols = max(len(images) for images in rows.values())
     figure, axes = plt.subplots(len(rows), n_cols, figsize=(1.1 * n_cols + 1.2, 1.25 * len(rows)), squeeze=False)
     for row, (label, images) in enumerate(rows.items()):
@@ -31,11 +31,11 @@ def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, captions: d
             axis.set_xticks([])
             axis.set_yticks([])
             if col < len(images):
-                pixels = images[col].detach().float().cpu().clamp(-1, 1)
+                pixels = images[col].detach().float().cpu().clamp(0, 1)
                 if pixels.shape[0] == 3:
-                    axis.imshow(((pixels + 1) / 2).permute(1, 2, 0).numpy())
+                    axis.imshow(pixels.permute(1, 2, 0).numpy())
                 else:
-                    axis.imshow(pixels[0], cmap="gray", vmin=-1, vmax=1)
+                    axis.imshow(pixels[0], cmap="gray", vmin=0, vmax=1)
                 if captions and label in captions:
                     axis.set_title(captions[label][col], fontsize=7)
             else:

@@ -1,14 +1,14 @@
 """``--reward clip=1.0,aesthetic=0.5``: the image rewards of ``--pipeline`` tasks, alone or as a weighted sum.
 
 A spec is ``NAME`` or ``NAME=WEIGHT`` terms separated by commas (``clip``, ``pickscore=1,aesthetic=0.25``); names
-are ``sdo.clip_rewards.CLIP_REWARDS``. ``image_reward`` builds it over the latents of a pipeline (decode, then
-score); each term is logged separately (``reward_NAME``) through ``sdo.rewards.WeightedReward.last_terms``.
+are ``sdo.clip_rewards.CLIP_REWARDS``. ``image_reward`` builds it as an image reward ``reward(images, prompts)``
+(``PipelineParts.latent_reward`` turns it into a latent one); each term is logged separately (``reward_NAME``)
+through ``sdo.rewards.WeightedReward.last_terms``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -16,7 +16,7 @@ from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError
 from sdo.rewards import WeightedReward
 
-__all__ = ["DecodedReward", "image_reward", "parse_reward_spec"]
+__all__ = ["image_reward", "parse_reward_spec"]
 
 
 def parse_reward_spec(spec: str, names: tuple[str, ...] = CLIP_REWARDS) -> dict[str, float]:
@@ -43,22 +43,6 @@ def parse_reward_spec(spec: str, names: tuple[str, ...] = CLIP_REWARDS) -> dict[
             raise ConfigError(f"the weight of reward {name!r} must be a finite number >= 0, got {weight_text}.")
         terms[name] = weight
     return terms
-
-
-class DecodedReward:
-    """``reward(x0, cond) = score(decode(x0), cond)`` for latent models; ``last_terms`` passes the score's through."""
-
-    def __init__(self, score: Callable, decode: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.score = score
-        self.decode = decode
-
-    @property
-    def last_terms(self) -> dict[str, torch.Tensor]:
-        """The unweighted terms of the last call (a weighted spec), else empty."""
-        return getattr(self.score, "last_terms", {})
-
-    def __call__(self, x0: torch.Tensor, cond: object = None) -> torch.Tensor:
-        return self.score(self.decode(x0), cond)
 
 
 def image_reward(

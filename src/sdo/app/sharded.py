@@ -14,7 +14,7 @@ gives it (bit for bit at equal thread counts; within float round-off otherwise).
 
 Process ``r`` of ``P`` (``accelerate launch``) runs the items ``i`` with ``i mod P == r``. Each finished item leaves
 ``OUT/items/<i>/``: ``latent.safetensors`` (the optimized latent, with the item in its metadata),
-``samples.safetensors`` (before/after images), ``image.png`` (before row over after row) and, written last,
+``samples.safetensors`` (before/after images in [0, 1]), ``image.png`` (before row over after row) and, written last,
 ``metrics.json`` - the item's "done" marker. Every file is written atomically, so a killed run loses at most the
 items in flight, and a rerun with the same ``--out`` skips every item whose ``metrics.json`` matches it and redoes
 the rest. When all processes are done, the main process writes ``summary.md``, ``summary.json`` and ``grid.png``.
@@ -214,17 +214,16 @@ def _run_item(
     task = build_task(item_config, resources)
     result = run_task(item_config, task, progress=progress)
     with torch.no_grad():
-        after = task.decode(result.sample) if task.decode else result.sample
-        best = task.decode(result.best_sample) if task.decode else result.best_sample
+        before, after, best = (task.decode(x0) for x0 in (task.original, result.sample, result.best_sample))
     folder = _item_dir(out, item)
     metadata = {**dataclasses.asdict(item), "method": config.method, "steps": config.steps}
     save_latent(folder / "latent.safetensors", result.latent, **metadata)
     save_tensors(
-        {"before": task.original, "after": after, "best": best, "best_latent": result.best_latent},
+        {"before": before, "after": after, "best": best, "best_latent": result.best_latent},
         folder / "samples.safetensors",
         metadata={key: str(value) for key, value in metadata.items()},
     )
-    _save_rows([task.original, after], folder / "image.png")
+    _save_rows([before, after], folder / "image.png")
     history = result.history
     metrics = {
         "item": dataclasses.asdict(item),
@@ -245,11 +244,11 @@ def _run_item(
 
 
 def _save_rows(rows: list[torch.Tensor], path: Path) -> None:
-    """Images ``[N, C, H, W]`` in [-1, 1], one row per tensor, as one PNG (atomically; no figure, no labels)."""
+    """Images ``[N, C, H, W]`` in [0, 1], one row per tensor, as one PNG (atomically; no figure, no labels)."""
     import matplotlib.image
 
-    pixels = torch.cat([torch.cat(list(row.detach().float().cpu().clamp(-1, 1)), dim=-1) for row in rows], dim=-2)
-    pixels = ((pixels + 1) / 2).permute(1, 2, 0)
+    pixels = torch.cat([torch.cat(list(row.detach().float().cpu().clamp(0, 1)), dim=-1) for row in rows], dim=-2)
+    pixels = pixels.permute(1, 2, 0)
     if pixels.shape[-1] == 1:
         pixels = pixels.expand(*pixels.shape[:2], 3)
     with atomic_path(path) as tmp:

@@ -111,6 +111,11 @@ def ddim_sampler(unet, classes: torch.Tensor, steps: int, guidance_scale: float 
     return Sampler(denoiser(unet, classes, guidance_scale), scheduler("ddim"), steps)
 
 
+def to_images(x0: torch.Tensor) -> torch.Tensor:
+    """Digits ``[B, 1, 32, 32]`` in [-1, 1] as images in [0, 1] (sdo's image convention, for pictures and PNGs)."""
+    return (x0.clamp(-1, 1) + 1) / 2
+
+
 @torch.no_grad()
 def sample_digits(unet, classes: torch.Tensor, guidance_scale: float = 3.0, steps: int = 50, seed: int = 0):
     """Class-conditional DDIM samples ``[len(classes), 1, 32, 32]`` in [-1, 1] (plain sampling, no gradient)."""

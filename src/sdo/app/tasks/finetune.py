@@ -101,7 +101,7 @@ class PipelineTarget:
         self.reward = self._reward(config)
 
     def _reward(self, config):
-        from sdo.app.reward_spec import DecodedReward, image_reward
+        from sdo.app.reward_spec import image_reward
 
         score = image_reward(
             config.reward or config.task,
@@ -112,7 +112,7 @@ class PipelineTarget:
             aesthetic_head=config.aesthetic_head,
             style_image=config.style_image,
         )
-        return DecodedReward(score, self.parts.decode)
+        return self.parts.latent_reward(score)
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt indices ``[B]`` and initial latents ``[B, C, h, w]``."""

@@ -5,6 +5,7 @@ One config dataclass (``LatentTaskConfig``) describes a run; the ``sdo optimize`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -143,7 +144,7 @@ class LatentTask:
     judge_accepts: object
     original: torch.Tensor
     description: str
-    decode: object = None  # latents -> images, for latent-diffusion pipelines
+    decode: Callable[[torch.Tensor], torch.Tensor] = zoo.to_images  # samples -> images [B, C, H, W] in [0, 1]
 
 
 @dataclass
@@ -178,7 +179,7 @@ def _sampler(sampler: Sampler, config: LatentTaskConfig) -> Sampler:
 
 def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
     """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
-    from sdo.app.reward_spec import DecodedReward, image_reward
+    from sdo.app.reward_spec import image_reward
     from sdo.pipelines import from_pipeline
 
     resources = resources or load_resources(config)
@@ -203,11 +204,11 @@ def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | Non
     with torch.no_grad():
         noise = parts.initial_latent(config.seed)
         latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
-        original = parts.decode(sampler.sample(latent, NoGrad(), start_step=config.start_step))
+        original = sampler.sample(latent, NoGrad(), start_step=config.start_step)
     return LatentTask(
         sampler=sampler,
         latent=latent,
-        reward=DecodedReward(score, parts.decode),
+        reward=parts.latent_reward(score),
         judge_accepts=None,
         original=original,
         description=f"{config.reward} reward for {config.prompt!r}",
