@@ -1,15 +1,20 @@
-"""The two layers: the library (``src/sdo/*.py``) never imports the applications (``sdo.app``) or the zoo, and
-``import sdo`` stays light."""
+"""Structural rules of ``src/sdo``: the two layers (the library, ``src/sdo/*.py``, never imports the applications,
+``sdo.app``, or the zoo, and ``import sdo`` stays light) and the defaults rule (no default argument value carries
+mutable state)."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import enum
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sdo"
 SHIMS = {"finetuning.py", "__main__.py"}  # public old paths kept on purpose; they import sdo.app
@@ -79,3 +84,93 @@ def test_public_names_of_the_application_layer_load_on_first_use():
         "assert sdo.finetuning.load_adapter is load_adapter"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# The defaults rule (STYLE.md 14: "Defaults are immutable values, never instances that hold state"). A default
+# argument value (of a def, async def or lambda anywhere in src/sdo) must be *deeply immutable*: None, bool, int,
+# float, complex, str, bytes, range, an enum member, a torch.dtype / torch.device, a class, or a tuple / frozenset
+# of such values, or an instance of a frozen dataclass all of whose field values are deeply immutable (the
+# gradient modes ``sdo.Shortcut()`` etc.). A mutable display or comprehension ([], {}, {1}, [x for ...]) anywhere in
+# a default fails without evaluating it; any other default is evaluated in its module's namespace (a default that
+# cannot be, e.g. one reading an enclosing function's local, fails too) and its value is judged. So
+# ``Invertible()`` fails: it is frozen, but its ``stats`` field is a mutable ``AdjointStats`` that every call using
+# the default would share.
+_MUTABLE_DISPLAYS = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp, ast.GeneratorExp)
+_IMMUTABLE_TYPES = (type(None), bool, int, float, complex, str, bytes, range, enum.Enum, torch.dtype, torch.device, type)
+
+
+def _immutable(value) -> bool:
+    """Whether ``value`` is deeply immutable (the defaults rule above)."""
+    if isinstance(value, _IMMUTABLE_TYPES):
+        return True
+    if isinstance(value, (tuple, frozenset)):
+        return all(_immutable(item) for item in value)
+    if dataclasses.is_dataclass(value) and type(value).__dataclass_params__.frozen:
+        return all(_immutable(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False
+
+
+def _is_literal(node: ast.expr) -> bool:
+    """A constant, a negated constant, or a tuple of literals: immutable without evaluating anything."""
+    if isinstance(node, ast.Tuple):
+        return all(_is_literal(item) for item in node.elts)
+    if isinstance(node, ast.UnaryOp):
+        return _is_literal(node.operand)
+    return isinstance(node, ast.Constant)
+
+
+def _default_violations(source: str, namespace) -> list[tuple[str, str]]:
+    """``("line: default", why)`` for every default argument value of ``source`` that breaks the defaults rule;
+    ``namespace()`` gives the module's globals (called only when a default needs evaluating)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        for default in [*node.args.defaults, *(d for d in node.args.kw_defaults if d is not None)]:
+            if _is_literal(default):
+                continue
+            text = f"{default.lineno}: {ast.unparse(default)}"
+            if any(isinstance(part, _MUTABLE_DISPLAYS) for part in ast.walk(default)):
+                found.append((text, "a mutable display"))
+                continue
+            try:
+                value = eval(compile(ast.Expression(default), "<default>", "eval"), namespace())  # noqa: S307
+            except NameError as error:
+                found.append((text, f"not a module-level value: {error}"))
+                continue
+            if not _immutable(value):
+                found.append((text, f"a {type(value).__name__}, which is not deeply immutable"))
+    return found
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(("sdo", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+
+
+@pytest.mark.parametrize("path", _modules(PACKAGE, recursive=True), ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_no_default_argument_carries_mutable_state(path):
+    bad = _default_violations(path.read_text(), lambda: vars(importlib.import_module(_module_name(path))))
+    assert not bad, f"{path.relative_to(PACKAGE)}: default argument values that are not deeply immutable: {bad}"
+
+
+def test_the_defaults_checker_tells_values_from_state():
+    import sdo
+
+    source = (
+        "def f(a=[], b={}, c=set(), d=sdo.Invertible(), e=sdo.Adjoint(), g=(1, [2]), *, h=frozenset(), "
+        "i=sdo.Shortcut(step='last'), j=sdo.Full(), k=(-1, 'x', None), l=torch.float64, m=CONSTANT, n=TABLE):\n"
+        "    return lambda v, o=v: o\n"
+    )
+    namespace = {"sdo": sdo, "torch": torch, "CONSTANT": ("a", 2.0), "TABLE": {"a": 1}}
+    bad = [text for text, _ in _default_violations(source, lambda: namespace)]
+    assert bad == [
+        "1: []",
+        "1: {}",
+        "1: set()",
+        "1: sdo.Invertible()",
+        "1: sdo.Adjoint()",
+        "1: (1, [2])",
+        "1: TABLE",
+        "2: v",
+    ]
