@@ -96,7 +96,20 @@ def test_public_names_of_the_application_layer_load_on_first_use():
 # ``Invertible()`` fails: it is frozen, but its ``stats`` field is a mutable ``AdjointStats`` that every call using
 # the default would share.
 _MUTABLE_DISPLAYS = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp, ast.GeneratorExp)
-_IMMUTABLE_TYPES = (type(None), bool, int, float, complex, str, bytes, range, enum.Enum, torch.dtype, torch.device, type)
+_IMMUTABLE_TYPES = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    range,
+    enum.Enum,
+    torch.dtype,
+    torch.device,
+    type,
+)
 
 
 def _immutable(value) -> bool:
@@ -134,7 +147,7 @@ def _default_violations(source: str, namespace) -> list[tuple[str, str]]:
                 found.append((text, "a mutable display"))
                 continue
             try:
-                value = eval(compile(ast.Expression(default), "<default>", "eval"), namespace())  # noqa: S307
+                value = eval(compile(ast.Expression(default), "<default>", "eval"), namespace())
             except NameError as error:
                 found.append((text, f"not a module-level value: {error}"))
                 continue
