@@ -1,6 +1,6 @@
 """Structural rules of ``src/sdo``: the two layers (the library, ``src/sdo/*.py``, never imports the applications,
-``sdo.app``, or the zoo, and ``import sdo`` stays light) and the defaults rule (no default argument value carries
-mutable state)."""
+``sdo.app``, or the zoo, and ``import sdo`` stays light), the defaults rule (no default argument value carries
+mutable state) and the privacy rule (no module of ``src/sdo`` uses another module's underscore names)."""
 
 from __future__ import annotations
 
@@ -187,3 +187,133 @@ def test_the_defaults_checker_tells_values_from_state():
         "1: TABLE",
         "2: v",
     ]
+
+
+# The privacy rule (STYLE.md 14: "No module reaches into another's private names. What two modules share is public in
+# a third"). A private name is an identifier with one leading underscore (dunders are not private). A module of
+# src/sdo *defines* the private names of its functions and classes (at any depth), of the assignments at module and
+# class level, and of the attributes it assigns on ``self`` / ``cls``. In a module M of src/sdo, each of these is a
+# violation:
+#   1. ``from X import _name`` where X is another module of sdo (absolute or relative);
+#   2. ``E._name`` where E is a name M imported from another module of sdo (a module: ``sched._x``; a class or any
+#      other object: ``Sampler._check_range``);
+#   3. ``E._name`` on any other expression but ``self`` and ``cls`` (e.g. an instance: ``sampler._check_range``,
+#      ``self.sampler._check_range``) when ``_name`` is defined by another module of sdo and not by M.
+# A module may itself be private (``sdo/_autograd.py``): its names carry no underscore and other modules import them;
+# a private module is imported only inside sdo. Tests may use private names; third-party private names (diffusers'
+# ``scheduler._step_index``) are outside the rule. ``getattr(obj, "_name")`` with a string is not seen.
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _defined_private_names(tree: ast.Module) -> set[str]:
+    """The private names a module defines (the privacy rule above)."""
+    names = set()
+    scopes = [tree]
+    while scopes:
+        scope = scopes.pop()
+        for node in scope.body:
+            targets = []
+            if isinstance(node, ast.ClassDef):
+                scopes.append(node)
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                targets = [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name) and _private(n.id))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and _private(node.name):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and _private(node.attr):
+            names.update([node.attr] if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls") else [])
+    return names
+
+
+def _imported_from(node: ast.ImportFrom, module: str) -> str:
+    """The absolute name of the module ``node`` (in ``module``) imports from."""
+    package = module.removesuffix(".__init__") if module.endswith(".__init__") else module.rsplit(".", 1)[0]
+    base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+    return ".".join(part for part in (base, node.module or "") if part)
+
+
+def _privacy_violations(source: str, module: str, private_names: dict[str, set[str]]) -> list[str]:
+    """``line: text`` for every use in ``source`` (the module ``module``, named like ``sdo.x``, or ``sdo.__init__``
+    for a package) of another module's private name; ``private_names`` maps every module of sdo to the private names
+    it defines."""
+    tree = ast.parse(source)
+    own = private_names.get(module, set())
+    others = set().union(*(names for name, names in private_names.items() if name != module)) - own
+    imported, found = {}, []  # local name -> the sdo module it comes from
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            source_module = _imported_from(node, module)
+            if source_module.split(".")[0] != "sdo" or source_module == module.removesuffix(".__init__"):
+                continue
+            for alias in node.names:
+                if _private(alias.name):
+                    found.append(f"{node.lineno}: from {source_module} import {alias.name}")
+                submodule = f"{source_module}.{alias.name}"  # `from . import a` binds the module sdo.a
+                imported[alias.asname or alias.name] = submodule if submodule in private_names else source_module
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "sdo":
+                    imported[alias.asname or alias.name.split(".")[0]] = alias.name
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+            continue
+        base = node.value
+        if isinstance(base, ast.Name) and base.id in imported:
+            found.append(f"{node.lineno}: {ast.unparse(node)} (a private name of {imported[base.id]})")
+        elif not (isinstance(base, ast.Name) and base.id in ("self", "cls")) and node.attr in others:
+            found.append(f"{node.lineno}: {ast.unparse(node)} (a private name of another module)")
+    return sorted(set(found), key=lambda line: (int(line.split(":")[0]), line))
+
+
+SOURCES = _modules(PACKAGE, recursive=True)
+
+
+def _source_module(path: Path) -> str:
+    """``sdo.x.y`` for ``sdo/x/y.py``, ``sdo.x.__init__`` for ``sdo/x/__init__.py`` (relative imports resolve
+    from it)."""
+    return ".".join(("sdo", *path.relative_to(PACKAGE).with_suffix("").parts))
+
+
+@pytest.fixture(scope="module")
+def private_names() -> dict[str, set[str]]:
+    return {_source_module(path): _defined_private_names(ast.parse(path.read_text())) for path in SOURCES}
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_no_module_uses_another_modules_private_names(path, private_names):
+    bad = _privacy_violations(path.read_text(), _source_module(path), private_names)
+    assert not bad, f"{path.relative_to(PACKAGE)} uses private names of other sdo modules: {bad}"
+
+
+def test_the_privacy_checker_sees_imports_attributes_and_instances():
+    names = {"sdo.a": {"_helper", "_Class", "_method", "_state"}, "sdo.b": {"_own", "_method"}, "sdo.c": set()}
+    source = (
+        "import sdo.a as mod\n"
+        "from . import a\n"
+        "from .a import Class, _helper\n"
+        "from ._autograd import graph_leaves\n"
+        "from .b import _own\n"
+        "def f(sampler, scheduler):\n"
+        "    from sdo.a import _Class as alias\n"
+        "    sampler._state, self._state, cls._helper\n"
+        "    Class._method(), a._helper, mod._anything\n"
+        "    scheduler._step_index, self.meter._own, self.meter._method\n"
+    )
+    assert _privacy_violations(source, "sdo.b", names) == [
+        "3: from sdo.a import _helper",
+        "7: from sdo.a import _Class",
+        "8: sampler._state (a private name of another module)",
+        "9: Class._method (a private name of sdo.a)",
+        "9: a._helper (a private name of sdo.a)",
+        "9: mod._anything (a private name of sdo.a)",
+    ]
+    assert _privacy_violations("from .a import _helper\n", "sdo.a", names) == []  # a module's own names
+    assert _privacy_violations("from ..a import _helper\n", "sdo.app.x", names) == ["1: from sdo.a import _helper"]
+    tree = ast.parse("_X = 1\nclass C:\n    _y: int = 0\n    def _m(self):\n        self._z = _local = 1\n")
+    assert _defined_private_names(tree) == {"_X", "_y", "_m", "_z"}

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 from .errors import ConfigError
 from .gradients import LoopMode
 
-__all__ = ["AdjointStats", "Chain", "ReverseWalkMode", "graph_leaves", "relative_error"]
+__all__ = ["AdjointStats", "Chain", "ReverseWalkMode", "graph_leaves", "relative_error", "run_chain"]
 
 States = tuple[torch.Tensor, ...]
 
