@@ -317,3 +317,38 @@ def test_the_privacy_checker_sees_imports_attributes_and_instances():
     assert _privacy_violations("from ..a import _helper\n", "sdo.app.x", names) == ["1: from sdo.a import _helper"]
     tree = ast.parse("_X = 1\nclass C:\n    _y: int = 0\n    def _m(self):\n        self._z = _local = 1\n")
     assert _defined_private_names(tree) == {"_X", "_y", "_m", "_z"}
+
+
+# One of each (STYLE.md 13): the callables a user writes are typed once, in sdo/protocols.py. No other module of
+# src/sdo defines (by class, def or assignment at module level) one of these names or the old alias ``Reward``; it
+# imports them from ``sdo.protocols``.
+PROTOCOL_NAMES = {"ModelFn", "LatentReward", "ImageReward", "Reward"}
+
+
+def _module_level_definitions(tree: ast.Module) -> dict[str, int]:
+    """Name -> line of every class, function and assignment target at the module level of ``tree``."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            found[node.name] = node.lineno
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for target in targets:
+            if isinstance(target, ast.Name):
+                found[target.id] = node.lineno
+    return found
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in SOURCES if p.name != "protocols.py"], ids=lambda path: str(path.relative_to(PACKAGE))
+)
+def test_protocols_are_defined_once(path):
+    defined = _module_level_definitions(ast.parse(path.read_text()))
+    bad = {name: line for name, line in defined.items() if name in PROTOCOL_NAMES}
+    assert not bad, f"{path.relative_to(PACKAGE)} defines {bad}; import them from sdo.protocols"
+
+
+def test_the_protocols_module_defines_them():
+    defined = _module_level_definitions(ast.parse((PACKAGE / "protocols.py").read_text()))
+    assert {"ModelFn", "LatentReward", "ImageReward"} <= set(defined)
+    source = "Reward = Callable[[torch.Tensor, object], torch.Tensor]\nx: int = 1\nclass ModelFn: pass\n"
+    assert _module_level_definitions(ast.parse(source)) == {"Reward": 1, "x": 2, "ModelFn": 3}

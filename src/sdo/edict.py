@@ -31,7 +31,8 @@ from ._autograd import AdjointStats, ReverseWalkMode, run_chain
 from .adjoint import SolverSteps, check_deterministic_solver
 from .errors import ConfigError
 from .gradients import Full, GradientMode, NoGrad
-from .sampling import ModelFn, Sampler
+from .protocols import ModelFn
+from .sampling import Sampler
 
 __all__ = ["EDICTSampler", "Invertible"]
 
