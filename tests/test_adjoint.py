@@ -174,3 +174,15 @@ def test_unsupported_solvers(toy, scheduler, eta, match):
 def test_bad_params():
     with pytest.raises(sdo.ConfigError, match="params"):
         sdo.Adjoint(params=[1.0])
+
+
+def test_adjoint_and_invertible_share_one_reverse_walk():
+    from sdo._autograd import ReverseWalkMode
+
+    assert issubclass(sdo.Adjoint, ReverseWalkMode) and issubclass(sdo.Invertible, ReverseWalkMode)
+    for make in (sdo.Adjoint, sdo.Invertible):
+        with pytest.raises(sdo.ConfigError, match="params"):
+            make(params=[torch.zeros(1), "w"])
+        weight = torch.zeros(2, requires_grad=True)
+        assert make(params=[weight]).params == (weight,)  # a sequence, kept as a tuple
+    assert sdo.Adjoint().stats is not sdo.Adjoint().stats  # every instance records its own walk

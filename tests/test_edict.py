@@ -70,6 +70,34 @@ def test_invertible_equals_full_for_latent_parameters_and_conditioning(toy):
     torch.testing.assert_close(grad_x, expected, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("start", [0, 1])
+def test_invertible_equals_full_from_a_distinct_pair_and_records_its_walk(toy, start):
+    model, cond, x = toy
+    sampler = toy_edict(toy)
+    y = (0.5 * x + 0.25).detach().requires_grad_()  # the pair's second latent, different from x
+    inputs = [x, y, cond, *model.parameters()]
+    mode = sdo.Invertible()
+    results = []
+    for grad in (sdo.Full(), mode):
+        x_out, y_out = sampler.sample_pair(x, y, grad=grad, start_step=start)
+        results.append(torch.autograd.grad(x_out.sin().sum() + 2 * y_out.sum(), inputs))
+    for invertible, full in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(invertible, full, rtol=1e-8, atol=1e-10)
+    n = 6 - start
+    assert mode.stats.steps == n and mode.stats.tensors == len(inputs) - 2
+    assert mode.stats.reconstruction_error < 1e-10 and mode.stats.max_residual < 1e-10
+    assert mode.stats.network_calls == 6 * n - 1  # forward reuses the probe's call; 2 inversions, 2 recomputed
+
+
+def test_default_mode_is_a_fresh_invertible_per_call(toy):
+    sampler = toy_edict(toy, 4)
+    x = toy[2]
+    (grad_default,) = torch.autograd.grad(sampler.sample(x).square().sum(), [x])
+    (grad_full,) = torch.autograd.grad(sampler.sample(x, grad=sdo.Full()).square().sum(), [x])
+    torch.testing.assert_close(grad_default, grad_full, rtol=1e-8, atol=1e-10)
+    assert sdo.EDICTSampler.sample.__defaults__[0] is None  # no shared mode (and no shared stats) as a default
+
+
 @pytest.mark.parametrize("mode", [sdo.Invertible(), sdo.Full()], ids=repr)
 def test_saved_memory_is_flat_for_invertible(toy, mode):
     x = toy[2]

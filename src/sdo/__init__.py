@@ -7,7 +7,8 @@ backward. The paper's other baselines: ``EDICTSampler`` with ``Invertible`` and 
 and ``freedom_sample`` (FreeDoM guidance).
 
 Layout (``docs/design.md``): the library is the modules of this package (the core: ``gradients``, ``sampling``,
-``schedulers``); the applications (the ``sdo`` command, demo, bench, fine-tuning runs) are in ``sdo.app`` and the
+``schedulers``); the callables a user writes are typed in ``protocols`` (``ModelFn``, ``LatentReward``,
+``ImageReward``); the applications (the ``sdo`` command, demo, bench, fine-tuning runs) are in ``sdo.app`` and the
 embedded model in ``sdo.zoo``. ``import sdo`` loads neither, nor peft, Accelerate, matplotlib or transformers:
 ``sdo.finetune`` and ``sdo.FinetuneConfig`` are loaded from ``sdo.app.finetuning`` when first used.
 """
@@ -26,8 +27,6 @@ from .errors import (
     MissingExtraError,
     MissingWeightsError,
     NonFiniteRewardError,
-    OutputLockedError,
-    ResumeMismatchError,
     SdoError,
 )
 from .freedom import GuidanceResult, freedom_sample
@@ -35,14 +34,22 @@ from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncatio
 from .latent import OptimizationResult, invert, load_latent, optimize_latent, save_latent
 from .models import Denoiser
 from .pipelines import from_pipeline
+from .protocols import ImageReward, LatentReward, ModelFn
 from .sampling import Sampler
 
 # The one place the version is written: pyproject.toml reads it (setuptools `dynamic`), so the installed metadata of
 # `shortcut-diffusion` always says the same.
 __version__ = "0.2.0"
 
-# Public names that live in the applications layer, imported on first use (PEP 562).
-_LAZY = {"finetune": "sdo.app.finetuning", "FinetuneConfig": "sdo.app.finetuning", "finetuning": "sdo.finetuning"}
+# Names loaded on first use (PEP 562): the public names that live in the applications layer, and the two errors only
+# the applications raise (outside `__all__`; `sdo.errors` is their home, `sdo.OutputLockedError` keeps working).
+_LAZY = {
+    "finetune": "sdo.app.finetuning",
+    "FinetuneConfig": "sdo.app.finetuning",
+    "finetuning": "sdo.finetuning",
+    "OutputLockedError": "sdo.errors",
+    "ResumeMismatchError": "sdo.errors",
+}
 
 __all__ = [
     "Adjoint",
@@ -56,15 +63,16 @@ __all__ = [
     "Full",
     "GradientMode",
     "GuidanceResult",
+    "ImageReward",
     "Invertible",
+    "LatentReward",
     "MissingExtraError",
     "MissingWeightsError",
+    "ModelFn",
     "NoGrad",
     "NonFiniteRewardError",
     "OptimizationResult",
-    "OutputLockedError",
     "RandomTruncation",
-    "ResumeMismatchError",
     "Sampler",
     "SdoError",
     "Shortcut",

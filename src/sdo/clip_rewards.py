@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, MissingWeightsError, missing_extra
-from .io import load_image, load_tensors
-from .pipelines import _convert_hint, _has_pickled_weights
+from .io import convert_hint, has_pickled_weights, load_image, load_tensors
 from .rewards import gram_matrix, style_distance
 
 __all__ = [
@@ -95,9 +94,9 @@ class ClipImageEncoder:
         try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
             model = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
         except (OSError, ValueError) as error:
-            if not _has_pickled_weights(Path(folder)):
+            if not has_pickled_weights(Path(folder)):
                 raise
-            raise MissingWeightsError(_convert_hint(Path(folder), "transformers.CLIPModel", error)) from None
+            raise MissingWeightsError(convert_hint(Path(folder), "transformers.CLIPModel", error)) from None
         self.model = model.to(device).eval()
         self.model.requires_grad_(False)
         self.folder = folder

@@ -22,6 +22,8 @@ __all__ = [
     "FILE_MODE",
     "CorruptFileError",
     "atomic_path",
+    "convert_hint",
+    "has_pickled_weights",
     "load_image",
     "load_json",
     "load_tensors",
@@ -117,3 +119,18 @@ def _read(path: str | os.PathLike, reader: Callable[[Path], Any], kind: str, hin
         SyntaxError,
     ) as error:  # PIL reports a malformed PNG as SyntaxError
         raise CorruptFileError(f"{path}: not a valid {kind} file (truncated or corrupt: {error}).{suffix}") from error
+
+
+def has_pickled_weights(path: Path) -> bool:
+    """Whether the folder ``path`` (or its component folders) holds ``.bin``/``.pt``/``.pth``/``.ckpt`` weights."""
+    return any(found.suffix in (".bin", ".pt", ".pth", ".ckpt") for found in path.rglob("*") if found.is_file())
+
+
+def convert_hint(path: Path, loader: str, error: Exception) -> str:
+    """The message for a folder of pickled weights that ``loader`` (e.g. ``"DiffusionPipeline"``) could not load
+    from safetensors: how to convert it once, and the first line of ``error``."""
+    return (
+        f"{path} holds pickled (.bin) weights and no safetensors; sdo reads only safetensors. Convert it once, "
+        f"on a machine where you trust the files: `{loader}.from_pretrained(DIR, use_safetensors=False)"
+        f".save_pretrained(NEW_DIR, safe_serialization=True)`, then pass NEW_DIR. ({str(error).splitlines()[0]})"
+    )

@@ -15,14 +15,14 @@ depend on the number of steps or on how many steps a method keeps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["TrajectoryKL", "adapters_disabled"]
+from .protocols import ModelFn
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["TrajectoryKL", "adapters_disabled"]
 
 
 class TrajectoryKL:

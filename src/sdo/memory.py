@@ -45,7 +45,7 @@ class PeakMemory:
         return self
 
     def _pack(self, tensor: torch.Tensor) -> object:
-        if _is_parameter(tensor):
+        if is_parameter(tensor):
             return tensor
         storage = tensor.untyped_storage()
         address = storage.data_ptr()
@@ -89,6 +89,6 @@ def _unpack(saved: object) -> torch.Tensor:
     return saved.tensor if isinstance(saved, _Saved) else saved
 
 
-def _is_parameter(tensor: torch.Tensor) -> bool:
+def is_parameter(tensor: torch.Tensor) -> bool:
     """A parameter, or a view of one (``linear`` saves ``weight.t()``): memory that exists without any graph."""
     return isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, MissingWeightsError
-from .io import load_json
+from .io import convert_hint, has_pickled_weights, load_json
 from .models import Denoiser
 from .sampling import Sampler
 from .schedulers import SUPPORTED_SCHEDULERS, prediction_type, scheduler_by_name
@@ -201,22 +201,9 @@ def _load(pipe_or_path, device, dtype):
             str(path), local_files_only=True, use_safetensors=True, **absent, **options
         )
     except (OSError, ValueError) as error:
-        if not _has_pickled_weights(path):
+        if not has_pickled_weights(path):
             raise MissingWeightsError(f"{path}: the pipeline could not be loaded: {error}".splitlines()[0]) from error
-        raise MissingWeightsError(_convert_hint(path, "DiffusionPipeline", error)) from None
-
-
-def _has_pickled_weights(path: Path) -> bool:
-    """Whether ``path`` (or its component folders) holds ``.bin``/``.pt``/``.ckpt`` weights."""
-    return any(found.suffix in (".bin", ".pt", ".pth", ".ckpt") for found in path.rglob("*") if found.is_file())
-
-
-def _convert_hint(path: Path, loader: str, error: Exception) -> str:
-    return (
-        f"{path} holds pickled (.bin) weights and no safetensors; sdo reads only safetensors. Convert it once, "
-        f"on a machine where you trust the files: `{loader}.from_pretrained(DIR, use_safetensors=False)"
-        f".save_pretrained(NEW_DIR, safe_serialization=True)`, then pass NEW_DIR. ({str(error).splitlines()[0]})"
-    )
+        raise MissingWeightsError(convert_hint(path, "DiffusionPipeline", error)) from None
 
 
 def _check_family(class_name: str | None, where: object) -> str:
@@ -336,7 +323,7 @@ def from_pipeline(
         )
     model_fn, latent_shape, image_latent_shape, timestep_options = parts
     if embeds_require_grad:
-        model_fn = _leaves(model_fn)
+        model_fn = _with_leaf_conditioning(model_fn)
     sampler_scheduler = _scheduler(pipe, scheduler)
     model_fn = Denoiser(**{**vars(model_fn), "prediction_type": prediction_type(sampler_scheduler)})
     decode = _decoder(pipe.vae, vae_slicing, vae_tiling, checkpoint_decoder, image_latent_shape, family)
@@ -502,7 +489,7 @@ def _shift(sequence: int, config) -> float:
     return sequence * slope + base_shift - slope * base_len
 
 
-def _leaves(model_fn: Denoiser) -> Denoiser:
+def _with_leaf_conditioning(model_fn: Denoiser) -> Denoiser:
     """The prompt embeddings and pooled embeddings as leaves that require grad (the rest detached)."""
     cond = model_fn.encoder_hidden_states.detach().clone().requires_grad_(True)
     changes = {"encoder_hidden_states": cond}

@@ -1,4 +1,5 @@
-"""Rewards: plain callables ``reward(x0, cond) -> tensor[batch]``, higher is better, differentiable in ``x0``.
+"""Rewards: latent rewards (``sdo.LatentReward``), plain callables ``reward(x0, cond) -> tensor[batch]``, higher is
+better, differentiable in ``x0``.
 
 Images are the embedded model's ``[batch, 1, 32, 32]`` in [-1, 1] unless a reward says otherwise. ``cond`` is
 whatever the task passes along (unused by the built-ins, kept so that user rewards can see the condition).
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .protocols import LatentReward
 
 __all__ = [
     "AdversarialReward",
@@ -166,11 +168,11 @@ class WeightedReward:
     ``reward_NAME``).
 
     Args:
-        terms: ``{name: (weight, reward)}``; weights must be >= 0 (a negative weight would turn a reward into a
-            cost: say so with a reward of your own).
+        terms: ``{name: (weight, reward)}`` with latent rewards; weights must be >= 0 (a negative weight would turn
+            a reward into a cost: say so with a reward of your own).
     """
 
-    def __init__(self, terms: dict[str, tuple[float, object]]) -> None:
+    def __init__(self, terms: dict[str, tuple[float, LatentReward]]) -> None:
         if not terms:
             raise ConfigError("`terms` must hold at least one reward.")
         negative = [name for name, (weight, _) in terms.items() if weight < 0]

@@ -1,4 +1,5 @@
-"""The ``sdo`` command line: ``sdo demo | optimize | train-zoo``. Task flags are generated from config dataclasses."""
+"""The ``sdo`` command line: ``sdo demo | optimize | finetune | bench | train-zoo``. Task flags are generated from
+config dataclasses."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdo.app.bench import BenchConfig
 from sdo.app.report import markdown_table, mebibytes
 from sdo.gradients import GradientMode, RandomTruncation, StepRole, Truncated
-from sdo.memory import _is_parameter
+from sdo.memory import is_parameter
 
 __all__ = ["CallProfile", "MethodPlan", "format_plan", "plan_bench", "plan_method", "profile_call"]
 
@@ -86,7 +86,7 @@ def profile_call(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: object
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if not _is_parameter(tensor):  # the rule sdo.memory.PeakMemory counts by
+        if not is_parameter(tensor):  # the rule sdo.memory.PeakMemory counts by
             storage = tensor.untyped_storage()
             storages[storage._cdata] = storage.nbytes()
         return tensor
@@ -170,10 +170,11 @@ def _meta_workload(config: BenchConfig) -> _MetaWorkload:
         return _MetaWorkload(denoiser, score, score, latent, torch.tensor(500, device=meta), unet)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from sdo.app.tasks.bench import SD15_UNET_CONFIG, SD15_VAE_CONFIG, _scaled
+    from sdo.app.tasks.bench import SD15_UNET_CONFIG, SD15_VAE_CONFIG, scaled_config
 
     dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
-    unet_config, vae_config = _scaled(SD15_UNET_CONFIG, config.width), _scaled(SD15_VAE_CONFIG, config.width)
+    unet_config = scaled_config(SD15_UNET_CONFIG, config.width)
+    vae_config = scaled_config(SD15_VAE_CONFIG, config.width)
     with meta:
         unet = UNet2DConditionModel(**unet_config).to(dtype).requires_grad_(False)
         vae = AutoencoderKL(**vae_config).to(dtype).requires_grad_(False)

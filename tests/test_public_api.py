@@ -1,0 +1,85 @@
+"""The public surface: ``sdo.__all__`` is the library's names plus ``finetune`` / ``FinetuneConfig``, and the three
+protocols a user implements are exported, typed once and structural."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+
+import pytest
+import torch
+
+import sdo
+import sdo.edict
+import sdo.errors
+import sdo.kl
+
+PUBLIC = {
+    "Adjoint",
+    "AdjointStats",
+    "Checkpointed",
+    "ConfigError",
+    "CorruptFileError",
+    "Denoiser",
+    "EDICTSampler",
+    "FinetuneConfig",
+    "Full",
+    "GradientMode",
+    "GuidanceResult",
+    "ImageReward",
+    "Invertible",
+    "LatentReward",
+    "MissingExtraError",
+    "MissingWeightsError",
+    "ModelFn",
+    "NoGrad",
+    "NonFiniteRewardError",
+    "OptimizationResult",
+    "RandomTruncation",
+    "Sampler",
+    "SdoError",
+    "Shortcut",
+    "Truncated",
+    "finetune",
+    "freedom_sample",
+    "from_pipeline",
+    "invert",
+    "load_latent",
+    "optimize_latent",
+    "optimize_latent_doodl",
+    "save_latent",
+}
+
+
+def test_all_is_the_library_plus_the_two_finetuning_names():
+    assert set(sdo.__all__) == PUBLIC and len(sdo.__all__) == len(PUBLIC)
+    assert sdo.__all__ == sorted(sdo.__all__, key=lambda name: (name[0].islower(), name))
+
+
+@pytest.mark.parametrize("name", ["OutputLockedError", "ResumeMismatchError"])
+def test_errors_only_the_applications_raise_leave_all_and_keep_working(name):
+    assert name not in sdo.__all__
+    assert name in sdo.errors.__all__
+    assert getattr(sdo, name) is getattr(sdo.errors, name) and issubclass(getattr(sdo, name), sdo.SdoError)
+
+
+def test_unknown_names_still_raise_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        sdo.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("protocol", "arguments"),
+    [(sdo.ModelFn, ["x", "t"]), (sdo.LatentReward, ["x0", "cond"]), (sdo.ImageReward, ["images", "prompts"])],
+)
+def test_protocols_are_structural_with_positional_arguments(protocol, arguments):
+    assert typing.Protocol in protocol.__mro__
+    hints = typing.get_type_hints(protocol.__call__)
+    assert list(hints) == [*arguments, "return"] and hints["return"] is torch.Tensor
+    assert hints[arguments[0]] is torch.Tensor
+    parameters = list(inspect.signature(protocol.__call__).parameters.values())[1:]
+    assert [p.kind for p in parameters] == [inspect.Parameter.POSITIONAL_ONLY] * 2  # any parameter names fit
+
+
+def test_the_library_types_its_callables_with_the_one_protocol():
+    assert sdo.kl.ModelFn is sdo.ModelFn and sdo.edict.ModelFn is sdo.ModelFn
