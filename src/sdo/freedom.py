@@ -31,8 +31,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from . import schedulers as sched
+from .checks import check_int, check_latent, check_latent_fits, check_positive, check_rewards
 from .errors import ConfigError, NonFiniteRewardError
-from .sampling import Sampler, _default_generator
+from .sampling import Sampler, default_generator
 
 __all__ = ["GuidanceResult", "freedom_sample"]
 
@@ -96,7 +97,7 @@ def freedom_sample(
     first, stop, travel_first, travel_stop = _check(sampler, x, scale, window, repeats, travel, start_step)
     started = time.perf_counter()
     scheduler = sampler.fresh_scheduler(x.device)
-    noise = generator or _default_generator(x.device)
+    noise = generator or default_generator(x.device)
     kwargs = {"eta": sampler.eta} if isinstance(scheduler, DDIMScheduler) else {}
     history, calls, x = [], 0, x.detach()
     for index in range(start_step, sampler.num_inference_steps):
@@ -120,7 +121,7 @@ def freedom_sample(
         x = x_next
     seconds = time.perf_counter() - started
     with torch.no_grad():
-        rewards = reward(decoder(x) if decoder is not None else x, cond)
+        rewards = check_rewards(reward(decoder(x) if decoder is not None else x, cond), x.shape[0])
     return GuidanceResult(x, rewards.detach(), history, seconds, calls)
 
 
@@ -132,11 +133,7 @@ def _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, ext
         output = sampler.model_fn(sched.scale_model_input(scheduler, x_in, t), t)
         step = scheduler.step(output, t, x_in, **extra)
         x0 = _x0_prediction(scheduler, step, x_in, output, index)
-        rewards = reward(decoder(x0) if decoder is not None else x0, cond)
-        if rewards.shape != (x.shape[0],):
-            raise ConfigError(
-                f"`reward` must return a [batch] tensor of shape ({x.shape[0]},), got {tuple(rewards.shape)}."
-            )
+        rewards = check_rewards(reward(decoder(x0) if decoder is not None else x0, cond), x.shape[0])
         (gradient,) = torch.autograd.grad(rewards.sum(), x_in)
     if not (torch.isfinite(rewards).all() and torch.isfinite(gradient).all()):
         raise NonFiniteRewardError(f"FreeDoM: the reward or its gradient is not finite at step {index}; stopped.")
@@ -205,13 +202,13 @@ def _check(sampler, x, scale, window, repeats, travel, start_step):
             f"{type(sampler.scheduler).__name__} gives none."
         )
     n = sampler.num_inference_steps
-    sampler._check_range(start_step, None)
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ConfigError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0):
+    sampler.check_steps(start_step)
+    check_latent(x)
+    check_latent_fits(x, sampler.network)
+    if isinstance(scale, bool):
         raise ConfigError(f"`scale` must be a finite number >= 0, got {scale!r}.")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"`repeats` must be an integer >= 1 (1: no time travel), got {repeats!r}.")
+    check_positive(scale, "scale", allow_zero=True)
+    check_int(repeats, "repeats", low=1)
     first, stop = _range("window", (start_step, n) if window is None else window, start_step, n)
     default_travel = (first, first + max(1, (stop - first) // 2))
     travel_first, travel_stop = _range("travel", default_travel if travel is None else travel, first, stop)
