@@ -14,7 +14,7 @@ from .gradients import GradientMode, NoGrad
 from .latent import LatentStepper, OptimizationResult, Reward, Shell
 from .sampling import Sampler
 
-__all__ = ["DoodlUpdate", "PairObjective", "edict_sampler", "optimize_latent_doodl"]
+__all__ = ["DoodlUpdate", "PairObjective", "doodl_stepper", "edict_sampler", "optimize_latent_doodl"]
 
 
 def edict_sampler(sampler: Sampler | EDICTSampler) -> EDICTSampler:
@@ -153,20 +153,57 @@ def optimize_latent_doodl(
         ConfigError: bad arguments. NonFiniteRewardError: a NaN or infinite reward or gradient; as for
             ``sdo.optimize_latent``, its ``result`` holds the last iterate whose reward was finite.
     """
-    _check(sampler, latent, iters, lr, momentum, clip, perturbation, grad, seed)
+    check_int(iters, "iters")
+    stepper = doodl_stepper(
+        sampler,
+        latent,
+        reward,
+        grad=grad,
+        start_step=start_step,
+        lr=lr,
+        momentum=momentum,
+        clip=clip,
+        perturbation=perturbation,
+        renormalize=renormalize,
+        seed=seed,
+        cond=cond,
+        judge=judge,
+        measure=measure,
+    )
+    return stepper.run(iters, "optimize (DOODL)", progress)
+
+
+def doodl_stepper(
+    sampler: EDICTSampler,
+    latent: torch.Tensor,
+    reward: Reward,
+    *,
+    grad: GradientMode = Invertible(),  # noqa: B008 (a frozen, immutable value)
+    start_step: int = 0,
+    lr: float = 1.0,
+    momentum: float = 0.9,
+    clip: float | None = 1e-3,
+    perturbation: float = 1e-4,
+    renormalize: bool = True,
+    seed: int = 0,
+    cond: object = None,
+    judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    measure: bool = False,
+) -> LatentStepper:
+    """The ``sdo.latent.LatentStepper`` of ``optimize_latent_doodl`` (same arguments, checked here):
+    ``PairObjective`` with ``DoodlUpdate``. ``sdo bench`` steps it one iteration at a time."""
+    _check(sampler, latent, lr, momentum, clip, perturbation, grad, seed)
     objective = PairObjective(sampler, reward, start_step, cond)
 
     def doodl(z: torch.Tensor) -> DoodlUpdate:
         return DoodlUpdate(z, lr, momentum, clip, perturbation, renormalize, seed)
 
-    stepper = LatentStepper(objective, latent, doodl, grad=grad, reward=reward, judge=judge, measure=measure)
-    return stepper.run(iters, "optimize (DOODL)", progress)
+    return LatentStepper(objective, latent, doodl, grad=grad, reward=reward, judge=judge, measure=measure)
 
 
-def _check(sampler, latent, iters, lr, momentum, clip, perturbation, grad, seed) -> None:
+def _check(sampler, latent, lr, momentum, clip, perturbation, grad, seed) -> None:
     if not isinstance(sampler, EDICTSampler):
         raise ConfigError(f"DOODL optimizes through sdo.EDICTSampler, got {type(sampler).__name__}.")
-    check_int(iters, "iters")
     check_positive(lr, "lr")
     check_seed(seed)
     if isinstance(momentum, bool) or not 0 <= check_positive(momentum, "momentum", allow_zero=True) < 1:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -33,11 +34,13 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, Flow
 from . import schedulers as sched
 from .checks import check_int, check_latent, check_latent_fits, check_positive, check_rewards
 from .errors import ConfigError, NonFiniteRewardError
+from .gradients import NoGrad
+from .latent import OptimizationResult, Reward, history_record
+from .memory import PeakMemory
 from .sampling import Sampler, default_generator
 
-__all__ = ["GuidanceResult", "freedom_sample"]
+__all__ = ["GuidanceResult", "GuidanceStepper", "freedom_sample"]
 
-Reward = Callable[[torch.Tensor, object], torch.Tensor]
 _X0_SCHEDULERS = (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
 
 
@@ -213,3 +216,91 @@ def _check(sampler, x, scale, window, repeats, travel, start_step):
     default_travel = (first, first + max(1, (stop - first) // 2))
     travel_first, travel_stop = _range("travel", default_travel if travel is None else travel, first, stop)
     return first, stop, travel_first, travel_stop
+
+
+class GuidanceStepper:
+    """FreeDoM as a method beside latent optimization: each ``step()`` is one guided pass from the same latent.
+
+    Nothing is optimized across passes (the latent never moves), so a pass is FreeDoM's counterpart of one
+    iteration: ``sdo bench`` interleaves passes with other methods' iterations, and ``run()`` reports one pass as
+    a two-record history, the shape of a one-iteration latent optimization: record 0 is the unguided sample (the
+    starting point) carrying the pass's cost (``seconds``, and ``peak_mem_bytes``/``mem_kind`` with ``measure``),
+    record 1 the guided sample.
+
+    Args:
+        sampler, latent, reward, cond, start_step: as for ``freedom_sample`` (``latent`` is its ``x``).
+        seed: seeds the noise generator of every pass (one latent, one seed: one guided sample).
+        scale, repeats: as for ``freedom_sample``. judge, measure: as for ``sdo.optimize_latent``.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        latent: torch.Tensor,
+        reward: Reward,
+        *,
+        cond: object = None,
+        start_step: int = 0,
+        seed: int = 0,
+        scale: float = 0.2,
+        repeats: int = 1,
+        judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        measure: bool = False,
+    ) -> None:
+        self.sampler, self.latent, self.reward, self.cond = sampler, latent.detach(), reward, cond
+        self.start_step, self.seed, self.scale, self.repeats = start_step, seed, scale, repeats
+        self.judge, self.measure = judge, measure
+        self.history: list[dict] = []
+        self.last: GuidanceResult | None = None
+        self.gradient = None  # FreeDoM gives the latent no gradient
+
+    def step(self) -> dict:
+        """One guided pass; returns (and appends to ``history``) its record (the guided sample's reward)."""
+        with PeakMemory(self.latent.device) if self.measure else nullcontext() as memory:
+            self.last = freedom_sample(
+                self.sampler,
+                self.latent,
+                self.reward,
+                cond=self.cond,
+                scale=self.scale,
+                repeats=self.repeats,
+                start_step=self.start_step,
+                generator=self._generator(),
+            )
+        elapsed = (self.history[-1]["elapsed"] if self.history else 0.0) + self.last.seconds
+        record = self._record(len(self.history), self.last.rewards, self.last.sample, self.last.seconds, elapsed)
+        if memory is not None:
+            record.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind)
+        self.history.append(record)
+        return record
+
+    def finish(self) -> OptimizationResult:
+        """The result of the last pass (``latent`` is the unchanged starting latent)."""
+        if self.last is None:
+            raise ConfigError("GuidanceStepper.finish() needs one step() first.")
+        guided = self.last
+        return OptimizationResult(self.latent, guided.sample, self.latent, guided.sample, guided.rewards, self.history)
+
+    def run(self, iters: int = 1, description: str = "", progress: bool = True) -> OptimizationResult:
+        """One guided pass (``iters``, ``description`` and ``progress`` are unused: nothing iterates), reported as
+        the two-record history of the class docstring."""
+        guided = self.step()
+        with torch.no_grad():
+            unguided = self.sampler.sample(
+                self.latent, NoGrad(), start_step=self.start_step, generator=self._generator()
+            )
+            before = check_rewards(self.reward(unguided, self.cond), self.latent.shape[0])
+        cost = {key: guided[key] for key in ("seconds", "elapsed", "peak_mem_bytes", "mem_kind") if key in guided}
+        first = {**self._record(0, before, unguided, 0.0, 0.0), **cost}
+        final = self._record(1, self.last.rewards, self.last.sample, 0.0, guided["elapsed"])
+        self.history[:] = [first, final]
+        return self.finish()
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.latent.device).manual_seed(self.seed)
+
+    def _record(self, iteration: int, rewards, sample, seconds: float, elapsed: float) -> dict:
+        record = history_record(iteration, rewards, None, seconds, elapsed)
+        if self.judge is not None:
+            record["judge_success"] = float(self.judge(sample).float().mean())
+        return record

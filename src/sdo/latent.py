@@ -40,6 +40,7 @@ __all__ = [
     "UpdateRule",
     "history_record",
     "invert",
+    "latent_stepper",
     "load_latent",
     "optimize_latent",
     "save_latent",
@@ -321,11 +322,47 @@ def optimize_latent(
             gradient mode that gives the latent no gradient; a reward with no gradient path to the sample.
     """
     check_int(iters, "iters")
+    if isinstance(grad, NoGrad):
+        raise ConfigError(f"{grad!r} gives no gradient to the latent; use sdo.Shortcut() or sdo.Full().")
+    stepper = latent_stepper(
+        sampler,
+        latent,
+        reward,
+        grad=grad,
+        start_step=start_step,
+        lr=lr,
+        betas=betas,
+        prior_weight=prior_weight,
+        project_to_shell=project_to_shell,
+        seed=seed,
+        cond=cond,
+        judge=judge,
+        measure=measure,
+    )
+    return stepper.run(iters, f"optimize ({type(grad).__name__})", progress)
+
+
+def latent_stepper(
+    sampler: Sampler,
+    latent: torch.Tensor,
+    reward: Reward,
+    *,
+    grad: GradientMode,
+    start_step: int = 0,
+    lr: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.9),
+    prior_weight: float = 0.0,
+    project_to_shell: bool = False,
+    seed: int = 0,
+    cond: object = None,
+    judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    measure: bool = False,
+) -> LatentStepper:
+    """The ``LatentStepper`` of ``optimize_latent`` (same arguments, checked here): ``SampleObjective`` with
+    ``AdamUpdate``. ``sdo bench`` steps it one iteration at a time; ``grad=sdo.NoGrad()`` only evaluates."""
     check_positive(lr, "lr")
     betas = check_betas(betas)
     check_seed(seed)
-    if isinstance(grad, NoGrad):
-        raise ConfigError(f"{grad!r} gives no gradient to the latent; use sdo.Shortcut() or sdo.Full().")
     check_latent(latent, "latent")
     check_latent_fits(latent, sampler.network, "latent")
     objective = SampleObjective(sampler, reward, start_step, seed, cond, prior_weight)
@@ -333,8 +370,7 @@ def optimize_latent(
     def adam(z: torch.Tensor) -> AdamUpdate:
         return AdamUpdate(z, lr, betas, Shell(z) if project_to_shell else None)
 
-    stepper = LatentStepper(objective, latent, adam, grad=grad, reward=reward, judge=judge, measure=measure)
-    return stepper.run(iters, f"optimize ({type(grad).__name__})", progress)
+    return LatentStepper(objective, latent, adam, grad=grad, reward=reward, judge=judge, measure=measure)
 
 
 def history_record(
