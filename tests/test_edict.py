@@ -123,14 +123,16 @@ def test_doodl_raises_the_reward_with_a_consistent_history(toy):
     def reward(x0, cond):
         return -(x0 - target).square().flatten(1).mean(dim=1)
 
-    result = sdo.optimize_latent_doodl(sampler, x, reward, iters=6, lr=10.0, clip=0.05, progress=False)
+    result = sdo.optimize_latent_doodl(sampler, x, reward, iters=6, lr=10.0, clip=0.05, measure=True, progress=False)
     assert isinstance(result, sdo.OptimizationResult)
     assert [r["iter"] for r in result.history] == list(range(7))
     assert set(result.history[0]) >= {"iter", "reward", "rewards", "loss", "seconds", "elapsed", "peak_mem_bytes"}
+    assert "peak_mem_bytes" not in result.history[-1]  # the final evaluation is not an iteration
     assert result.history[-1]["reward"] > result.history[0]["reward"]
     torch.testing.assert_close(result.latent.flatten(1).norm(dim=1), x.detach().flatten(1).norm(dim=1))
     again = sdo.optimize_latent_doodl(sampler, x, reward, iters=6, lr=10.0, clip=0.05, progress=False)
     torch.testing.assert_close(again.latent, result.latent, rtol=0, atol=0)  # seeded perturbation
+    assert not any("peak_mem_bytes" in r for r in again.history)  # measuring is opt-in, as in optimize_latent
 
 
 @pytest.mark.parametrize(

@@ -80,9 +80,10 @@ def test_adapter_and_scheduler_prediction_types_must_agree():
         sdo.Sampler(denoiser, DDIMScheduler(), 10)
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, 1001])
 def test_number_of_steps(bad):
-    with pytest.raises(ValueError, match="`num_inference_steps` must be an integer >= 1"):
+    """At least one step, and no more than the schedule's training timesteps (1000 here)."""
+    with pytest.raises(sdo.ConfigError, match=r"`num_inference_steps` must be an integer in \[1, 1000\]"):
         sdo.Sampler(lambda x, t: x, DDIMScheduler(), bad)
 
 

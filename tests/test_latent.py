@@ -9,6 +9,7 @@ import torch
 
 import sdo
 from sdo import zoo
+from sdo.doodl import edict_sampler
 from sdo.io import CorruptFileError
 from sdo.latent import NonFiniteRewardError, invert, load_latent, optimize_latent, save_latent
 from sdo.rewards import ClassifierReward
@@ -73,17 +74,35 @@ def test_truncated_modes_cannot_optimize_a_latent(unet):
         )
 
 
-def test_nan_reward_stops_with_a_clear_error(unet):
+@pytest.mark.parametrize("method", ["adam", "doodl"])
+def test_nan_reward_stops_with_the_last_finite_iterate(unet, method):
+    """One behaviour for both loops: the error's result holds the run so far, whose latent and sample are the last
+    iterate with a finite reward (here iteration 1, after one update), not the failing one."""
+    sampler = make_sampler(unet, [5], steps=4)
+    calls_per_evaluation = 2 if method == "doodl" else 1  # DOODL scores both EDICT outputs
     calls = []
 
     def reward(x0, cond):
         calls.append(1)
         value = x0.mean(dim=(1, 2, 3))
-        return value if len(calls) < 3 else value * float("nan")
+        return value if len(calls) <= 2 * calls_per_evaluation else value * float("nan")
 
+    start = noise(1)
     with pytest.raises(NonFiniteRewardError, match="not finite at iteration 2") as caught:
-        optimize_latent(make_sampler(unet, [5]), noise(1), reward, iters=5, progress=False)
-    assert len(caught.value.result.history) == 2
+        if method == "doodl":
+            sdo.optimize_latent_doodl(edict_sampler(sampler), start, reward, iters=5, lr=10.0, progress=False)
+        else:
+            optimize_latent(sampler, start, reward, iters=5, lr=0.1, progress=False)
+    result = caught.value.result
+    assert [r["iter"] for r in result.history] == [0, 1]
+    assert not torch.equal(result.latent, start)  # one update was taken
+    if method == "doodl":
+        replay = edict_sampler(sampler).sample(result.latent, grad=sdo.NoGrad())
+    else:
+        replay = sampler.sample(result.latent, grad=sdo.NoGrad(), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(replay, result.sample, rtol=0, atol=0)
+    if method == "adam":  # DOODL's recorded reward averages the two EDICT outputs
+        assert result.history[-1]["reward"] == pytest.approx(float(result.sample.mean()), abs=1e-6)
 
 
 def test_reward_of_the_wrong_shape_is_refused(unet):

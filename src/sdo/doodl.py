@@ -2,29 +2,73 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from .checks import check_int, check_latent, check_latent_fits, check_positive, check_rewards, check_seed
 from .edict import EDICTSampler, Invertible
-from .errors import ConfigError, NonFiniteRewardError
+from .errors import ConfigError
 from .gradients import GradientMode, NoGrad
-from .latent import OptimizationResult, Reward, _BestIterate, _project, history_record
-from .memory import PeakMemory
+from .latent import LatentStepper, OptimizationResult, Reward, Shell
+from .sampling import Sampler
 
-__all__ = ["DoodlUpdate", "optimize_latent_doodl"]
+__all__ = ["DoodlUpdate", "PairObjective", "doodl_stepper", "edict_sampler", "optimize_latent_doodl"]
+
+
+def edict_sampler(sampler: Sampler | EDICTSampler) -> EDICTSampler:
+    """The ``sdo.EDICTSampler`` over ``sampler``'s model and schedule (the one place DOODL's chain is built from a
+    plain sampler; an ``EDICTSampler`` is returned as is).
+
+    Raises:
+        ConfigError: a sampler whose schedule EDICT cannot reproduce (``timestep_options``, or see
+            ``sdo.EDICTSampler``).
+    """
+    if isinstance(sampler, EDICTSampler):
+        return sampler
+    if sampler.timestep_options or sampler.eta:
+        raise ConfigError(
+            "DOODL runs EDICT over deterministic DDIM with the scheduler's own timesteps; this sampler has "
+            f"eta={sampler.eta} and timestep_options={sampler.timestep_options}."
+        )
+    return EDICTSampler(sampler.model_fn, sampler.scheduler, sampler.num_inference_steps)
+
+
+@dataclass(frozen=True)
+class PairObjective:
+    """DOODL's objective: ``r(z) = (reward(x_0(z, z), cond) + reward(y_0(z, z), cond)) / 2`` per sample.
+
+    Both coupled EDICT latents start at ``z`` and the two outputs are scored, as DOODL does (Wallace et al. 2023).
+    The sample reported is the ``x`` output; the loss is ``-sum_b r_b``.
+    """
+
+    sampler: EDICTSampler
+    reward: Reward
+    start_step: int = 0
+    cond: object = None
+
+    def __call__(self, z: torch.Tensor, grad: GradientMode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x0, rewards [B] detached, loss)``; the loss carries the graph ``grad`` keeps."""
+        with torch.set_grad_enabled(not isinstance(grad, NoGrad)):
+            x0, y0 = self.sampler.sample_pair(z, None, grad, self.start_step)
+            batch = z.shape[0]
+            rewards = (
+                check_rewards(self.reward(x0, self.cond), batch) + check_rewards(self.reward(y0, self.cond), batch)
+            ) / 2
+            loss = -rewards.sum()
+        return x0, rewards.detach(), loss
 
 
 class DoodlUpdate:
-    """DOODL's update of a latent ``z`` from the gradient ``g`` of the reward (Wallace et al. 2023, ``doodl.py``):
+    """DOODL's update of a latent ``z`` (Wallace et al. 2023, ``doodl.py``), from the gradient ``g`` of the reward:
 
         d = clip(lr * g, -clip, clip);  m = momentum * m + d;  z = z + m + perturbation * N(0, I);
-        z = z * ||z_init|| / ||z||  (per sample, with ``renormalize``)
+        z = z * ||z_init|| / ||z||  (per sample, with ``renormalize``: ``sdo.latent.Shell``)
 
     One object per run: it holds the momentum ``m``, the initial norms and the perturbation's generator (seeded by
-    ``seed``). ``sdo.optimize_latent_doodl`` and ``sdo bench`` both apply it.
+    ``seed``). It is an ``sdo.latent.UpdateRule``: called with the gradient of the loss ``-sum_b r_b``, it ascends the
+    reward (``g`` is minus that gradient).
     """
 
     def __init__(
@@ -37,29 +81,23 @@ class DoodlUpdate:
         renormalize: bool = True,
         seed: int = 0,
     ) -> None:
-        self.lr, self.momentum, self.clip, self.perturbation, self.renormalize = (
-            lr,
-            momentum,
-            clip,
-            perturbation,
-            renormalize,
-        )
-        self.radius = z.detach().flatten(1).norm(dim=1)
+        self.lr, self.momentum, self.clip, self.perturbation = lr, momentum, clip, perturbation
+        self.shell = Shell(z) if renormalize else None
         self.noise = torch.Generator(device=z.device).manual_seed(seed)
         self.velocity: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, gradient: torch.Tensor) -> None:
-        """Move ``z`` (in place) up the reward along ``gradient``."""
-        step = self.lr * gradient
+        """Move ``z`` (in place) up the reward, i.e. against ``gradient``, the gradient of the loss."""
+        step = -self.lr * gradient
         if self.clip is not None:
             step = step.clamp(-self.clip, self.clip)
         self.velocity = step if self.velocity is None else self.momentum * self.velocity + step
         z.add_(self.velocity)
         if self.perturbation:
             z.add_(self.perturbation * torch.randn(z.shape, generator=self.noise, device=z.device, dtype=z.dtype))
-        if self.renormalize:
-            _project(z, self.radius)
+        if self.shell is not None:
+            self.shell.project(z)
 
 
 def optimize_latent_doodl(
@@ -78,18 +116,21 @@ def optimize_latent_doodl(
     seed: int = 0,
     cond: object = None,
     judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    measure: bool = False,
     progress: bool = True,
 ) -> OptimizationResult:
     """DOODL's optimizer, as the authors run it (``doodl.py``), over a latent tied to both EDICT chains.
 
-    The objective is ``r(z) = (reward(x_0(z, z)) + reward(y_0(z, z))) / 2`` per sample: both coupled latents start
-    at ``z`` and the two EDICT outputs are scored, as DOODL does. Each iteration, with ``g = d r / d z`` (through
-    ``grad``, ``sdo.Invertible()`` by default: exact, flat memory):
+    The objective is ``PairObjective``'s ``r(z) = (reward(x_0(z, z)) + reward(y_0(z, z))) / 2`` per sample. Each
+    iteration, with ``g = d r / d z`` (through ``grad``, ``sdo.Invertible()`` by default: exact, flat memory):
 
         d = clip(lr * g, -clip, clip)        (element-wise gradient clipping)
         m = momentum * m + d                 (SGD momentum, no dampening; m = d at the first iteration)
         z = z + m + perturbation * N(0, I)   (a small noise perturbation)
         z = z * ||z_init|| / ||z||           (renormalization to the initial norm, per sample)
+
+    The loop is ``sdo.latent.LatentStepper``'s, the one ``sdo.optimize_latent`` runs, with ``DoodlUpdate`` as its
+    update rule.
 
     Args:
         sampler: an ``sdo.EDICTSampler``.
@@ -100,81 +141,77 @@ def optimize_latent_doodl(
             before clipping). momentum: in [0, 1). clip: the element-wise bound (None: no clipping).
         perturbation: standard deviation of the added noise (0: none), drawn from a generator seeded by ``seed``.
         renormalize: rescale each latent to its initial norm after every update (for initial noise).
-        seed, cond, judge, progress: as for ``sdo.optimize_latent``.
+        seed, cond, judge, measure, progress: as for ``sdo.optimize_latent``.
 
     Returns:
         An ``sdo.OptimizationResult``: ``sample`` is the ``x`` output of EDICT; the history has one record per
         evaluated iterate (``iters + 1``) with ``iter``, ``reward`` (batch mean of the objective), ``rewards``,
-        ``loss`` (``-sum_b r_b``), ``seconds``, ``elapsed``, ``peak_mem_bytes`` and ``mem_kind`` (always measured)
-        and, with a judge, ``judge_success`` (on the ``x`` output).
+        ``loss`` (``-sum_b r_b``), ``seconds``, ``elapsed``, with ``measure=True`` ``peak_mem_bytes`` and
+        ``mem_kind``, and, with a judge, ``judge_success`` (on the ``x`` output).
 
     Raises:
-        ConfigError: bad arguments. NonFiniteRewardError: a NaN or infinite reward (``result``: the run so far).
+        ConfigError: bad arguments. NonFiniteRewardError: a NaN or infinite reward or gradient; as for
+            ``sdo.optimize_latent``, its ``result`` holds the last iterate whose reward was finite.
     """
-    _check(sampler, iters, lr, momentum, clip, perturbation, grad)
-    z = latent.detach().clone().requires_grad_(True)
-    update = DoodlUpdate(z, lr, momentum, clip, perturbation, renormalize, seed)
-    best, history, elapsed = _BestIterate(z), [], 0.0
-    bar = tqdm(range(iters + 1), desc="optimize (DOODL)", disable=not progress, leave=False)
-    for iteration in bar:
-        final = iteration == iters
-        started = time.perf_counter()
-        with PeakMemory(z.device) as memory:
-            with torch.set_grad_enabled(not final):
-                x0, rewards = _objective(sampler, z, reward, NoGrad() if final else grad, start_step, cond)
-            if not torch.isfinite(rewards).all():
-                partial = best.result(z, x0, history)
-                raise NonFiniteRewardError(
-                    f"The reward is not finite at iteration {iteration} ({rewards.tolist()}); stopped. "
-                    "The error's `result` holds the last finite iterate.",
-                    partial,
-                )
-            best.update(z, x0, rewards.detach())  # before the update moves z: best_latent is best_sample's latent
-            loss = -rewards.sum()
-            if not final:
-                (gradient,) = torch.autograd.grad(loss, z)
-                if not bool(torch.isfinite(gradient).all()):
-                    raise NonFiniteRewardError(
-                        f"The gradient of the reward is not finite at iteration {iteration}; stopped before the "
-                        "update. The error's `result` holds the best iterate so far.",
-                        best.result(z, x0, history),
-                    )
-        if not final:
-            update(z, -gradient)  # the gradient of the loss; DOODL ascends the reward
-        seconds = 0.0 if final else time.perf_counter() - started
-        elapsed += seconds
-        record = history_record(iteration, rewards, loss, seconds, elapsed, reward=reward, memory=memory)
-        if judge is not None:
-            record["judge_success"] = float(judge(x0.detach()).float().mean())
-        history.append(record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}")
-    return best.result(z, x0, history)
+    check_int(iters, "iters")
+    stepper = doodl_stepper(
+        sampler,
+        latent,
+        reward,
+        grad=grad,
+        start_step=start_step,
+        lr=lr,
+        momentum=momentum,
+        clip=clip,
+        perturbation=perturbation,
+        renormalize=renormalize,
+        seed=seed,
+        cond=cond,
+        judge=judge,
+        measure=measure,
+    )
+    return stepper.run(iters, "optimize (DOODL)", progress)
 
 
-def _objective(sampler: EDICTSampler, z, reward, grad, start_step, cond):
-    """``x_0`` and the per-sample objective ``(reward(x_0) + reward(y_0)) / 2`` (with a graph unless NoGrad)."""
-    x0, y0 = sampler.sample_pair(z, None, grad, start_step)
-    x_rewards, y_rewards = reward(x0, cond), reward(y0, cond)
-    for rewards in (x_rewards, y_rewards):
-        if rewards.shape != (z.shape[0],):
-            raise ConfigError(
-                f"`reward` must return a [batch] tensor of shape ({z.shape[0]},), got {tuple(rewards.shape)}."
-            )
-    return x0, (x_rewards + y_rewards) / 2
+def doodl_stepper(
+    sampler: EDICTSampler,
+    latent: torch.Tensor,
+    reward: Reward,
+    *,
+    grad: GradientMode = Invertible(),  # noqa: B008 (a frozen, immutable value)
+    start_step: int = 0,
+    lr: float = 1.0,
+    momentum: float = 0.9,
+    clip: float | None = 1e-3,
+    perturbation: float = 1e-4,
+    renormalize: bool = True,
+    seed: int = 0,
+    cond: object = None,
+    judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    measure: bool = False,
+) -> LatentStepper:
+    """The ``sdo.latent.LatentStepper`` of ``optimize_latent_doodl`` (same arguments, checked here):
+    ``PairObjective`` with ``DoodlUpdate``. ``sdo bench`` steps it one iteration at a time."""
+    _check(sampler, latent, lr, momentum, clip, perturbation, grad, seed)
+    objective = PairObjective(sampler, reward, start_step, cond)
+
+    def doodl(z: torch.Tensor) -> DoodlUpdate:
+        return DoodlUpdate(z, lr, momentum, clip, perturbation, renormalize, seed)
+
+    return LatentStepper(objective, latent, doodl, grad=grad, reward=reward, judge=judge, measure=measure)
 
 
-def _check(sampler, iters, lr, momentum, clip, perturbation, grad) -> None:
+def _check(sampler, latent, lr, momentum, clip, perturbation, grad, seed) -> None:
     if not isinstance(sampler, EDICTSampler):
         raise ConfigError(f"DOODL optimizes through sdo.EDICTSampler, got {type(sampler).__name__}.")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ConfigError(f"`iters` must be an integer >= 0, got {iters!r}.")
-    if not lr > 0:
-        raise ConfigError(f"`lr` must be > 0, got {lr}.")
-    if not 0 <= momentum < 1:
+    check_positive(lr, "lr")
+    check_seed(seed)
+    if isinstance(momentum, bool) or not 0 <= check_positive(momentum, "momentum", allow_zero=True) < 1:
         raise ConfigError(f"`momentum` must be in [0, 1), got {momentum}.")
-    if clip is not None and not clip > 0:
-        raise ConfigError(f"`clip` must be > 0 or None, got {clip}.")
-    if not perturbation >= 0:
-        raise ConfigError(f"`perturbation` must be >= 0, got {perturbation}.")
+    if clip is not None:
+        check_positive(clip, "clip")
+    check_positive(perturbation, "perturbation", allow_zero=True)
     if isinstance(grad, NoGrad) or not isinstance(grad, GradientMode):
         raise ConfigError(f"`grad` must be sdo.Invertible() or sdo.Full(), got {grad!r}.")
+    check_latent(latent, "latent")
+    check_latent_fits(latent, sampler.sampler.network, "latent")

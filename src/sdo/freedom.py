@@ -25,18 +25,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from . import schedulers as sched
+from .checks import check_int, check_latent, check_latent_fits, check_positive, check_rewards
 from .errors import ConfigError, NonFiniteRewardError
-from .sampling import Sampler, _default_generator
+from .gradients import NoGrad
+from .latent import OptimizationResult, Reward, history_record
+from .memory import PeakMemory
+from .sampling import Sampler, default_generator
 
-__all__ = ["GuidanceResult", "freedom_sample"]
+__all__ = ["GuidanceResult", "GuidanceStepper", "freedom_sample"]
 
-Reward = Callable[[torch.Tensor, object], torch.Tensor]
 _X0_SCHEDULERS = (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
 
 
@@ -96,7 +100,7 @@ def freedom_sample(
     first, stop, travel_first, travel_stop = _check(sampler, x, scale, window, repeats, travel, start_step)
     started = time.perf_counter()
     scheduler = sampler.fresh_scheduler(x.device)
-    noise = generator or _default_generator(x.device)
+    noise = generator or default_generator(x.device)
     kwargs = {"eta": sampler.eta} if isinstance(scheduler, DDIMScheduler) else {}
     history, calls, x = [], 0, x.detach()
     for index in range(start_step, sampler.num_inference_steps):
@@ -120,7 +124,7 @@ def freedom_sample(
         x = x_next
     seconds = time.perf_counter() - started
     with torch.no_grad():
-        rewards = reward(decoder(x) if decoder is not None else x, cond)
+        rewards = check_rewards(reward(decoder(x) if decoder is not None else x, cond), x.shape[0])
     return GuidanceResult(x, rewards.detach(), history, seconds, calls)
 
 
@@ -132,11 +136,7 @@ def _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, ext
         output = sampler.model_fn(sched.scale_model_input(scheduler, x_in, t), t)
         step = scheduler.step(output, t, x_in, **extra)
         x0 = _x0_prediction(scheduler, step, x_in, output, index)
-        rewards = reward(decoder(x0) if decoder is not None else x0, cond)
-        if rewards.shape != (x.shape[0],):
-            raise ConfigError(
-                f"`reward` must return a [batch] tensor of shape ({x.shape[0]},), got {tuple(rewards.shape)}."
-            )
+        rewards = check_rewards(reward(decoder(x0) if decoder is not None else x0, cond), x.shape[0])
         (gradient,) = torch.autograd.grad(rewards.sum(), x_in)
     if not (torch.isfinite(rewards).all() and torch.isfinite(gradient).all()):
         raise NonFiniteRewardError(f"FreeDoM: the reward or its gradient is not finite at step {index}; stopped.")
@@ -205,14 +205,102 @@ def _check(sampler, x, scale, window, repeats, travel, start_step):
             f"{type(sampler.scheduler).__name__} gives none."
         )
     n = sampler.num_inference_steps
-    sampler._check_range(start_step, None)
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ConfigError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0):
+    sampler.check_steps(start_step)
+    check_latent(x)
+    check_latent_fits(x, sampler.network)
+    if isinstance(scale, bool):
         raise ConfigError(f"`scale` must be a finite number >= 0, got {scale!r}.")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"`repeats` must be an integer >= 1 (1: no time travel), got {repeats!r}.")
+    check_positive(scale, "scale", allow_zero=True)
+    check_int(repeats, "repeats", low=1)
     first, stop = _range("window", (start_step, n) if window is None else window, start_step, n)
     default_travel = (first, first + max(1, (stop - first) // 2))
     travel_first, travel_stop = _range("travel", default_travel if travel is None else travel, first, stop)
     return first, stop, travel_first, travel_stop
+
+
+class GuidanceStepper:
+    """FreeDoM as a method beside latent optimization: each ``step()`` is one guided pass from the same latent.
+
+    Nothing is optimized across passes (the latent never moves), so a pass is FreeDoM's counterpart of one
+    iteration: ``sdo bench`` interleaves passes with other methods' iterations, and ``run()`` reports one pass as
+    a two-record history, the shape of a one-iteration latent optimization: record 0 is the unguided sample (the
+    starting point) carrying the pass's cost (``seconds``, and ``peak_mem_bytes``/``mem_kind`` with ``measure``),
+    record 1 the guided sample.
+
+    Args:
+        sampler, latent, reward, cond, start_step: as for ``freedom_sample`` (``latent`` is its ``x``).
+        seed: seeds the noise generator of every pass (one latent, one seed: one guided sample).
+        scale, repeats: as for ``freedom_sample``. judge, measure: as for ``sdo.optimize_latent``.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        latent: torch.Tensor,
+        reward: Reward,
+        *,
+        cond: object = None,
+        start_step: int = 0,
+        seed: int = 0,
+        scale: float = 0.2,
+        repeats: int = 1,
+        judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        measure: bool = False,
+    ) -> None:
+        self.sampler, self.latent, self.reward, self.cond = sampler, latent.detach(), reward, cond
+        self.start_step, self.seed, self.scale, self.repeats = start_step, seed, scale, repeats
+        self.judge, self.measure = judge, measure
+        self.history: list[dict] = []
+        self.last: GuidanceResult | None = None
+        self.gradient = None  # FreeDoM gives the latent no gradient
+
+    def step(self) -> dict:
+        """One guided pass; returns (and appends to ``history``) its record (the guided sample's reward)."""
+        with PeakMemory(self.latent.device) if self.measure else nullcontext() as memory:
+            self.last = freedom_sample(
+                self.sampler,
+                self.latent,
+                self.reward,
+                cond=self.cond,
+                scale=self.scale,
+                repeats=self.repeats,
+                start_step=self.start_step,
+                generator=self._generator(),
+            )
+        elapsed = (self.history[-1]["elapsed"] if self.history else 0.0) + self.last.seconds
+        record = self._record(len(self.history), self.last.rewards, self.last.sample, self.last.seconds, elapsed)
+        if memory is not None:
+            record.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind)
+        self.history.append(record)
+        return record
+
+    def finish(self) -> OptimizationResult:
+        """The result of the last pass (``latent`` is the unchanged starting latent)."""
+        if self.last is None:
+            raise ConfigError("GuidanceStepper.finish() needs one step() first.")
+        guided = self.last
+        return OptimizationResult(self.latent, guided.sample, self.latent, guided.sample, guided.rewards, self.history)
+
+    def run(self, iters: int = 1, description: str = "", progress: bool = True) -> OptimizationResult:
+        """One guided pass (``iters``, ``description`` and ``progress`` are unused: nothing iterates), reported as
+        the two-record history of the class docstring."""
+        guided = self.step()
+        with torch.no_grad():
+            unguided = self.sampler.sample(
+                self.latent, NoGrad(), start_step=self.start_step, generator=self._generator()
+            )
+            before = check_rewards(self.reward(unguided, self.cond), self.latent.shape[0])
+        cost = {key: guided[key] for key in ("seconds", "elapsed", "peak_mem_bytes", "mem_kind") if key in guided}
+        first = {**self._record(0, before, unguided, 0.0, 0.0), **cost}
+        final = self._record(1, self.last.rewards, self.last.sample, 0.0, guided["elapsed"])
+        self.history[:] = [first, final]
+        return self.finish()
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.latent.device).manual_seed(self.seed)
+
+    def _record(self, iteration: int, rewards, sample, seconds: float, elapsed: float) -> dict:
+        record = history_record(iteration, rewards, None, seconds, elapsed)
+        if self.judge is not None:
+            record["judge_success"] = float(self.judge(sample).float().mean())
+        return record

@@ -14,7 +14,8 @@ for i = start, ..., stop - 1. A gradient mode assigns each step one of four role
 - ``CHECKPOINT``: as ``FULL``, but the step's activations are dropped in forward and recomputed in backward
   (same scheduler state, same noise), so the numbers are those of ``FULL``.
 
-The modes are small frozen dataclasses; ``Sampler.sample(x, grad=mode)`` is their only call site.
+The modes are small frozen dataclasses passed as ``Sampler.sample(x, grad=mode)``: the sampler asks a per-step
+mode for its ``roles``, and hands a ``LoopMode`` (``sdo.Adjoint``, ``sdo.Invertible``) the whole run.
 Randomness (``RandomTruncation``'s depth, ``Shortcut(step="random")``'s index) is drawn once per trajectory,
 from the mode's own ``generator``, never from the sampler's noise generator: the trajectory is the same in
 every mode for one latent and one seed.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,6 +41,7 @@ __all__ = [
     "NoGrad",
     "RandomTruncation",
     "Shortcut",
+    "SpreadShortcut",
     "StepRole",
     "Truncated",
 ]
@@ -247,6 +250,51 @@ class Shortcut(GradientMode):
         kept = self.kept_steps(start, stop)
         role = StepRole.CHECKPOINT if self.checkpoint else StepRole.FULL
         return [role if index in kept else StepRole.SHORTCUT for index in range(start, stop)]
+
+
+@dataclass(frozen=True)
+class SpreadShortcut(Shortcut):
+    """SDO keeping ``count`` steps evenly spread over whatever run it is given, the first one included (the
+    ``sdo-multi`` method without ``--kept-steps``; an ablation beyond the paper).
+
+    For a run of ``m = stop - start`` steps, the kept steps are ``start + (j * m) // c`` for ``j = 0, ..., c - 1``
+    with ``c = min(count, m)``; each is ``FULL`` (``CHECKPOINT`` with ``checkpoint``), every other step a
+    ``SHORTCUT``, and the gradient is ``Shortcut(step=[...])``'s with those indices. Randomness: none.
+
+    On a run of ``count`` steps or fewer every step is kept: the roles, and so the gradient and the memory, are
+    those of ``Full()`` (``Checkpointed()`` with ``checkpoint``). The mode still runs (it is the same computation),
+    but it never does so silently: ``roles`` warns (``UserWarning``) and ``covers_every_step`` says so, for callers
+    that record it.
+
+    Args:
+        count (`int`, defaults to 4): the number of kept steps (>= 1). checkpoint: as for ``Shortcut``.
+    """
+
+    count: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("count", self.count)
+
+    def kept_steps(self, start: int, stop: int) -> tuple[int, ...]:
+        remaining = stop - start
+        count = min(self.count, remaining)
+        return tuple(sorted({start + (k * remaining) // count for k in range(count)}))
+
+    def covers_every_step(self, start: int, stop: int) -> bool:
+        """Whether every step of the run ``start, ..., stop - 1`` is kept (the mode then equals ``Full()``)."""
+        return len(self.kept_steps(start, stop)) == stop - start
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        if self.covers_every_step(start, stop):
+            same = "Checkpointed()" if self.checkpoint else "Full()"
+            warnings.warn(
+                f"SpreadShortcut(count={self.count}) keeps every one of the {stop - start} steps run: this run is "
+                f"{same} (same gradient, same memory), not a shortcut.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return super().roles(start, stop)
 
 
 def _check_step_list(steps: list[int] | tuple[int, ...], k: int) -> tuple[int, ...]:

@@ -7,12 +7,21 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from .checks import check_positive, check_seed
+from .checks import (
+    check_betas,
+    check_int,
+    check_latent,
+    check_latent_fits,
+    check_positive,
+    check_rewards,
+    check_seed,
+)
 from .errors import ConfigError, CorruptFileError, NonFiniteRewardError
 from .gradients import GradientMode, NoGrad, Shortcut
 from .io import load_tensors, save_tensors
@@ -20,7 +29,22 @@ from .memory import PeakMemory
 from .rewards import latent_prior
 from .sampling import Sampler
 
-__all__ = ["NonFiniteRewardError", "OptimizationResult", "invert", "load_latent", "optimize_latent", "save_latent"]
+__all__ = [
+    "AdamUpdate",
+    "LatentStepper",
+    "NonFiniteRewardError",
+    "Objective",
+    "OptimizationResult",
+    "SampleObjective",
+    "Shell",
+    "UpdateRule",
+    "history_record",
+    "invert",
+    "latent_stepper",
+    "load_latent",
+    "optimize_latent",
+    "save_latent",
+]
 
 Reward = Callable[[torch.Tensor, object], torch.Tensor]
 
@@ -77,31 +101,177 @@ class _BestIterate:
         )
 
 
+class Objective(Protocol):
+    """What one iteration of latent optimization evaluates at the latent ``z``."""
+
+    def __call__(self, z: torch.Tensor, grad: GradientMode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x0, rewards [B] detached, loss)``: the sample, its per-sample objective, and the scalar loss to
+        minimize, which carries the graph ``grad`` keeps (none under ``sdo.NoGrad()``)."""
+
+
+class UpdateRule(Protocol):
+    """How latent optimization moves the latent once the loss gradient is known."""
+
+    def __call__(self, z: torch.Tensor, gradient: torch.Tensor) -> None:
+        """Move ``z`` (in place, a leaf) down the loss along ``gradient = d loss / d z``."""
+
+
 @dataclass(frozen=True)
-class _Objective:
-    """What one iteration evaluates: ``reward(sample(z), cond) - prior_weight * latent_prior(z)``."""
+class SampleObjective:
+    """``optimize_latent``'s objective: ``reward(sample(z), cond) - prior_weight * latent_prior(z)`` per sample.
+
+    The sampler's noise generator is seeded anew with ``seed`` at every evaluation, so one latent always maps to one
+    sample. The loss is ``-sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``.
+    """
 
     sampler: Sampler
     reward: Reward
-    start_step: int
-    seed: int
-    cond: object
-    prior_weight: float
+    start_step: int = 0
+    seed: int = 0
+    cond: object = None
+    prior_weight: float = 0.0
 
     def __call__(self, z: torch.Tensor, grad: GradientMode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x0, rewards [B] detached, loss)``; the loss carries the graph ``grad`` keeps."""
         generator = torch.Generator(device=z.device).manual_seed(self.seed)
         with torch.set_grad_enabled(not isinstance(grad, NoGrad)):
             x0 = self.sampler.sample(z, grad=grad, start_step=self.start_step, generator=generator)
-            rewards = self.reward(x0, self.cond)
-            if rewards.shape != (z.shape[0],):
-                raise ConfigError(
-                    f"`reward` must return a [batch] tensor of shape ({z.shape[0]},), got {tuple(rewards.shape)}."
-                )
+            rewards = check_rewards(self.reward(x0, self.cond), z.shape[0])
             loss = -rewards.sum()
             if self.prior_weight:
                 loss = loss + self.prior_weight * latent_prior(z).sum()
         return x0, rewards.detach(), loss
+
+
+class Shell:
+    """The Gaussian shell a latent is projected back onto: each sample's norm at the start of the run (for
+    initial noise, about ``sqrt(dim)``; the hard version of the latent prior, as DOODL does)."""
+
+    def __init__(self, z: torch.Tensor) -> None:
+        self.radius = z.detach().flatten(1).norm(dim=1)
+
+    @torch.no_grad()
+    def project(self, z: torch.Tensor) -> None:
+        """Rescale each latent of ``z`` in place to its initial norm."""
+        z.mul_((self.radius / z.flatten(1).norm(dim=1)).view(-1, *[1] * (z.ndim - 1)))
+
+
+class AdamUpdate:
+    """``optimize_latent``'s update rule: one Adam step (Kingma & Ba 2015) on the latent, then, with ``shell``, the
+    projection back onto the initial norms."""
+
+    def __init__(self, z: torch.Tensor, lr: float, betas: tuple[float, float], shell: Shell | None = None) -> None:
+        self.optimizer = torch.optim.Adam([z], lr=lr, betas=betas)
+        self.shell = shell
+
+    def __call__(self, z: torch.Tensor, gradient: torch.Tensor) -> None:
+        """One Adam step of ``z`` (the latent this rule was built for) along the loss gradient."""
+        z.grad = gradient
+        self.optimizer.step()
+        if self.shell is not None:
+            self.shell.project(z)
+
+
+class LatentStepper:
+    """The one latent-optimization loop, one iteration per ``step()`` call.
+
+    Each iteration evaluates ``objective(z, grad)``, refuses a non-finite reward, updates the per-sample best
+    iterate (before the update moves ``z``, so that ``best_latent`` is the latent of ``best_sample``), backpropagates
+    the loss to ``z``, refuses a non-finite gradient, and applies ``update(z, d loss / d z)``. ``finish()`` evaluates
+    the final latent once more (no gradient) and returns the ``OptimizationResult``. ``sdo.optimize_latent`` (Adam),
+    ``sdo.optimize_latent_doodl`` (DOODL's update on the EDICT pair) and ``sdo bench`` (interleaved runs) all drive
+    this loop. Under ``sdo.NoGrad()`` an iteration only evaluates (``sdo bench``'s cost floor).
+
+    Args:
+        objective: an ``Objective``. latent: ``[B, ...]`` the starting latent (not modified). update: an
+            ``UpdateRule`` built for the latent this stepper optimizes (``stepper.latent``).
+        grad: the gradient mode of every iteration's sample.
+        reward: the reward, read only for a weighted sum's ``last_terms`` (``reward_NAME`` history fields).
+        judge: optional ``x0 -> [B] bool`` acceptance test recorded in the history (never optimized).
+        measure: record each iteration's extra memory (``sdo.memory.PeakMemory``).
+
+    Raises (from ``step`` and ``finish``):
+        NonFiniteRewardError: the reward or its gradient is NaN or infinite; ``result`` holds the run so far with
+            the last iterate whose reward was finite as its ``latent`` and ``sample``, and the best iterate.
+        ConfigError: the reward has no gradient path to the sample, or ``grad`` gives none to the latent.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        latent: torch.Tensor,
+        update: Callable[[torch.Tensor], UpdateRule],
+        *,
+        grad: GradientMode,
+        reward: object = None,
+        judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        measure: bool = False,
+    ) -> None:
+        self.objective, self.grad, self.reward, self.judge, self.measure = objective, grad, reward, judge, measure
+        self.latent = latent.detach().clone().requires_grad_(True)
+        self.update = update(self.latent)
+        self.best = _BestIterate(self.latent)
+        self.history: list[dict] = []
+        self.gradient: torch.Tensor | None = None  # d loss / d latent of the last iteration
+        self.last_finite: tuple[torch.Tensor, torch.Tensor] | None = None  # (latent, sample)
+
+    def step(self) -> dict:
+        """One iteration; returns (and appends to ``history``) its record."""
+        return self._iterate(final=False)
+
+    def finish(self) -> OptimizationResult:
+        """Evaluate the current latent once more (no gradient, recorded with ``seconds`` 0) and return the result."""
+        self._iterate(final=True)
+        return self.best.result(*self.last_finite, self.history)
+
+    def run(self, iters: int, description: str, progress: bool = True) -> OptimizationResult:
+        """``iters`` iterations then ``finish()``, with a tqdm bar showing the reward."""
+        bar = tqdm(range(iters), desc=description, disable=not progress, leave=False)
+        for _ in bar:
+            bar.set_postfix(reward=f"{self.step()['reward']:.3f}")
+        return self.finish()
+
+    def _iterate(self, final: bool) -> dict:
+        z, iteration, learns = self.latent, len(self.history), not final and not isinstance(self.grad, NoGrad)
+        started = time.perf_counter()
+        with PeakMemory(z.device) if self.measure and not final else nullcontext() as memory:
+            x0, rewards, loss = self.objective(z, self.grad if learns else NoGrad())
+            if not torch.isfinite(rewards).all():
+                raise NonFiniteRewardError(
+                    f"The reward is not finite at iteration {iteration} ({rewards.tolist()}); stopped. "
+                    "The error's `result` holds the last finite iterate.",
+                    self.best.result(*(self.last_finite or (z, x0)), self.history),
+                )
+            self.best.update(z, x0, rewards)
+            self.last_finite = (z.detach().clone(), x0.detach())
+            if learns:
+                self.gradient = self._backward(z, x0, loss, iteration)
+        if learns:
+            self.update(z, self.gradient)
+        seconds = 0.0 if final else time.perf_counter() - started
+        elapsed = (self.history[-1]["elapsed"] if self.history else 0.0) + seconds
+        record = history_record(iteration, rewards, loss, seconds, elapsed, reward=self.reward, memory=memory)
+        if self.judge is not None:
+            record["judge_success"] = float(self.judge(x0.detach()).float().mean())
+        self.history.append(record)
+        return record
+
+    def _backward(self, z: torch.Tensor, x0: torch.Tensor, loss: torch.Tensor, iteration: int) -> torch.Tensor:
+        """``d loss / d z``, after checking that the gradient reached the sample and the latent and is finite."""
+        z.grad = None
+        if x0.requires_grad:
+            x0.retain_grad()
+        if loss.requires_grad:
+            loss.backward()
+        _check_gradient_reached(z, x0, self.grad)
+        if not bool(torch.isfinite(z.grad).all()):
+            raise NonFiniteRewardError(
+                f"The gradient of the reward is not finite at iteration {iteration} (the reward is); "
+                "stopped before the update. The error's `result` holds the last finite iterate.",
+                self.best.result(*self.last_finite, self.history),
+            )
+        gradient, z.grad = z.grad, None
+        return gradient
 
 
 def optimize_latent(
@@ -127,17 +297,17 @@ def optimize_latent(
     Each iteration samples ``x0`` from ``z`` with the gradient mode ``grad`` (``Shortcut()``: the SDO one-step
     gradient of Dou et al. 2025; ``Full()``: exact backpropagation), and takes one Adam step on
     ``loss = -sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``. The defaults follow the authors'
-    reference scripts (Adam, lr 0.01, betas (0.9, 0.9)).
+    reference scripts (Adam, lr 0.01, betas (0.9, 0.9)). The loop is ``LatentStepper``'s.
 
     Args:
         sampler: the sampler (model, scheduler, steps).
         latent: ``[B, ...]`` the initial noise (``start_step=0``) or the latent at ``start_step`` (after a no-grad
             warm-up with ``sampler.sample(..., stop_step=k)``, or after ``sdo.invert``). Not modified.
         reward: ``reward(x0, cond) -> [B]``, higher is better (the one reward protocol of ``sdo.rewards``).
-        grad: gradient mode; start_step: first step run; iters: Adam updates; lr, betas: Adam's.
+        grad: gradient mode; start_step: first step run; iters: Adam updates; lr, betas: Adam's (betas in [0, 1)).
         prior_weight: weight of the Gaussian-shell regularizer (0 disables it).
-        project_to_shell: after each Adam step, rescale each latent to its initial norm (for initial noise, about
-            ``sqrt(dim)``): the hard version of the prior, as DOODL does.
+        project_to_shell: after each Adam step, rescale each latent to its initial norm (``Shell``): the hard
+            version of the prior, as DOODL does.
         seed: seeds the sampler's noise generator anew every iteration, so one latent always maps to one sample.
         cond: passed to ``reward``.
         judge: optional ``x0 -> [B] bool`` acceptance test recorded in the history (never optimized).
@@ -147,98 +317,85 @@ def optimize_latent(
 
     Raises:
         NonFiniteRewardError: the reward or its gradient is NaN or infinite; its ``result`` holds the last iterate
-            whose reward and gradient were finite (``latent``, ``sample``) and the best iterate so far.
-        ConfigError: bad arguments; a gradient mode that gives the latent no gradient; a reward with no gradient
-            path to the sample.
+            whose reward was finite (``latent``, ``sample``) and the best iterate so far.
+        ConfigError: bad arguments (including a latent or reward output the sampler's network cannot take); a
+            gradient mode that gives the latent no gradient; a reward with no gradient path to the sample.
     """
-    if iters < 0:
-        raise ConfigError(f"`iters` must be >= 0, got {iters}.")
+    check_int(iters, "iters")
+    if isinstance(grad, NoGrad):
+        raise ConfigError(f"{grad!r} gives no gradient to the latent; use sdo.Shortcut() or sdo.Full().")
+    stepper = latent_stepper(
+        sampler,
+        latent,
+        reward,
+        grad=grad,
+        start_step=start_step,
+        lr=lr,
+        betas=betas,
+        prior_weight=prior_weight,
+        project_to_shell=project_to_shell,
+        seed=seed,
+        cond=cond,
+        judge=judge,
+        measure=measure,
+    )
+    return stepper.run(iters, f"optimize ({type(grad).__name__})", progress)
+
+
+def latent_stepper(
+    sampler: Sampler,
+    latent: torch.Tensor,
+    reward: Reward,
+    *,
+    grad: GradientMode,
+    start_step: int = 0,
+    lr: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.9),
+    prior_weight: float = 0.0,
+    project_to_shell: bool = False,
+    seed: int = 0,
+    cond: object = None,
+    judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    measure: bool = False,
+) -> LatentStepper:
+    """The ``LatentStepper`` of ``optimize_latent`` (same arguments, checked here): ``SampleObjective`` with
+    ``AdamUpdate``. ``sdo bench`` steps it one iteration at a time; ``grad=sdo.NoGrad()`` only evaluates."""
     check_positive(lr, "lr")
+    betas = check_betas(betas)
     check_seed(seed)
-    objective = _Objective(sampler, reward, start_step, seed, cond, prior_weight)
-    z = latent.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=lr, betas=betas)
-    best = _BestIterate(z)
-    radius = z.detach().flatten(1).norm(dim=1)
-    history: list[dict] = []
-    last_finite: tuple[torch.Tensor, torch.Tensor] | None = None  # (latent, sample) of the last finite iterate
-    elapsed = 0.0
-    bar = tqdm(range(iters + 1), desc=f"optimize ({type(grad).__name__})", disable=not progress, leave=False)
-    for iteration in bar:
-        final = iteration == iters
-        started = time.perf_counter()
-        with PeakMemory(z.device) if measure and not final else nullcontext() as memory:
-            x0, rewards, loss = objective(z, NoGrad() if final else grad)
-            if not torch.isfinite(rewards).all():
-                partial = best.result(*(last_finite or (z, x0)), history)
-                raise NonFiniteRewardError(
-                    f"The reward is not finite at iteration {iteration} ({rewards.tolist()}); stopped. "
-                    "The error's `result` holds the last finite iterate.",
-                    partial,
-                )
-            best.update(z, x0, rewards)  # before the Adam step moves z: best_latent is the latent of best_sample
-            last_finite = (z.detach().clone(), x0.detach())
-            if not final:
-                optimizer.zero_grad()
-                if x0.requires_grad:
-                    x0.retain_grad()
-                if loss.requires_grad:
-                    loss.backward()
-                _check_gradient_reached(z, x0, grad)
-                if not bool(torch.isfinite(z.grad).all()):
-                    partial = best.result(*last_finite, history)
-                    raise NonFiniteRewardError(
-                        f"The gradient of the reward is not finite at iteration {iteration} (the reward is); "
-                        "stopped before the Adam step. The error's `result` holds the last finite iterate.",
-                        partial,
-                    )
-        if not final:
-            optimizer.step()
-            if project_to_shell:
-                _project(z, radius)
-        seconds = 0.0 if final else time.perf_counter() - started
-        elapsed += seconds
-        record = history_record(iteration, rewards, loss, seconds, elapsed, reward=reward, memory=memory)
-        if judge is not None:
-            record["judge_success"] = float(judge(x0.detach()).float().mean())
-        history.append(record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}")
-    return best.result(z, x0, history)
+    check_latent(latent, "latent")
+    check_latent_fits(latent, sampler.network, "latent")
+    objective = SampleObjective(sampler, reward, start_step, seed, cond, prior_weight)
+
+    def adam(z: torch.Tensor) -> AdamUpdate:
+        return AdamUpdate(z, lr, betas, Shell(z) if project_to_shell else None)
+
+    return LatentStepper(objective, latent, adam, grad=grad, reward=reward, judge=judge, measure=measure)
 
 
 def history_record(
     iteration: int,
     rewards: torch.Tensor,
-    loss: torch.Tensor,
+    loss: torch.Tensor | None,
     seconds: float,
     elapsed: float,
     *,
     reward: object = None,
     memory: PeakMemory | None = None,
 ) -> dict:
-    """One iterate's history record (shared by ``optimize_latent`` and ``sdo.optimize_latent_doodl``): ``iter``,
-    ``reward`` (batch mean), ``rewards``, ``loss``, ``seconds``, ``elapsed``; ``reward_NAME`` for each term of a
-    weighted ``reward``; ``peak_mem_bytes`` and ``mem_kind`` when a ``memory`` measurement ran."""
+    """One iterate's history record (the one builder of every latent method's history): ``iter``, ``reward``
+    (batch mean), ``rewards``, ``loss`` (when there is one), ``seconds``, ``elapsed``; ``reward_NAME`` for each term
+    of a weighted ``reward``; ``peak_mem_bytes`` and ``mem_kind`` when a ``memory`` measurement ran."""
     rewards = rewards.detach()
-    record = {
-        "iter": iteration,
-        "reward": float(rewards.mean()),
-        "rewards": rewards.tolist(),
-        "loss": float(loss.detach()),
-        "seconds": seconds,
-        "elapsed": elapsed,
-    }
+    record = {"iter": iteration, "reward": float(rewards.mean()), "rewards": rewards.tolist()}
+    if loss is not None:
+        record["loss"] = float(loss.detach())
+    record.update(seconds=seconds, elapsed=elapsed)
     for name, values in (getattr(reward, "last_terms", None) or {}).items():  # a weighted sum's terms
         record[f"reward_{name}"] = float(values.float().mean())
     if memory is not None:
         record.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind)
     return record
-
-
-@torch.no_grad()
-def _project(z: torch.Tensor, radius: torch.Tensor) -> None:
-    """Rescale each latent in place to norm ``radius`` (one per batch element)."""
-    z.mul_((radius / z.flatten(1).norm(dim=1)).view(-1, *[1] * (z.ndim - 1)))
 
 
 def _check_gradient_reached(z: torch.Tensor, x0: torch.Tensor, grad: GradientMode) -> None:

@@ -1,31 +1,50 @@
 """The estimator registry: one table from every method name the ``sdo`` command accepts to what it runs.
 
 Every command (``optimize``, ``demo``, ``finetune``, ``bench``) resolves ``--method``/``--methods`` here, so one
-name means one thing everywhere. ``sdo bench --list-methods`` prints the table. The gradient modes themselves are
-in ``sdo.gradients``; see ``docs/design.md`` for the definitions.
+name means one thing everywhere. ``sdo bench --list-methods`` prints the table. Each entry carries its runner: a
+gradient mode through ``sdo.optimize_latent``'s loop (Adam), DOODL's loop on the EDICT chain, or FreeDoM guidance.
+``Method.stepper`` gives one run stepped one iteration at a time (``sdo bench``) and ``Method.optimize`` the whole
+run (``sdo optimize``). The gradient modes themselves are in ``sdo.gradients``; see ``docs/design.md``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
 from .adjoint import Adjoint
+from .doodl import doodl_stepper, edict_sampler
 from .errors import ConfigError
-from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
+from .freedom import GuidanceStepper
+from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, SpreadShortcut, Truncated
+from .latent import OptimizationResult, Reward, latent_stepper
+from .sampling import Sampler
 
-__all__ = ["METHODS", "Method", "MethodOptions", "describe_methods", "gradient_mode", "method_names"]
+__all__ = [
+    "DOODL",
+    "GUIDANCE",
+    "METHODS",
+    "MODE",
+    "LatentProblem",
+    "Method",
+    "MethodOptions",
+    "Runner",
+    "Stepper",
+    "describe_methods",
+    "find_method",
+    "gradient_mode",
+    "method_names",
+]
 
 Variable = Literal["latent", "weights"]
-Kind = Literal["mode", "doodl", "guidance"]
 
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """What a method's gradient mode may depend on.
+    """What a method's gradient mode and runner may depend on.
 
     Attributes:
         variable: what is optimized, ``"latent"`` or ``"weights"`` (``sdo`` keeps a different step for each, as the
@@ -34,7 +53,11 @@ class MethodOptions:
         draft_k: k of ``draft-k``. alignprop_high: ``alignprop`` draws its depth in ``[1, alignprop_high]``.
         checkpoint_kept: the ``sdo*`` methods recompute their kept step in backward (less memory).
         adjoint_iters: fixed-point refinements of ``adjoint``'s reconstructions (``sdo.Adjoint(fixed_point_iters)``).
-        kept_steps: the kept steps of ``sdo-multi`` (``sdo.Shortcut(step=[...])``); None spreads 4 over the run.
+        kept_steps: the kept steps of ``sdo-multi`` (``sdo.Shortcut(step=[...])``); None spreads 4 over the run
+            (``sdo.gradients.SpreadShortcut``).
+        lr, prior_weight, project_to_shell: the Adam run of a gradient mode (``sdo.optimize_latent``'s arguments).
+        doodl_lr, doodl_renormalize: DOODL's ``lr`` and ``renormalize`` (``sdo.optimize_latent_doodl``).
+        freedom_scale, freedom_repeats: FreeDoM's ``scale`` and ``repeats`` (``sdo.freedom_sample``).
     """
 
     variable: Variable = "latent"
@@ -44,22 +67,176 @@ class MethodOptions:
     checkpoint_kept: bool = False
     adjoint_iters: int = 2
     kept_steps: tuple[int, ...] | None = None
+    lr: float = 0.01
+    prior_weight: float = 0.0
+    project_to_shell: bool = False
+    doodl_lr: float = 1.0
+    doodl_renormalize: bool = True
+    freedom_scale: float = 0.2
+    freedom_repeats: int = 1
+
+
+@dataclass(frozen=True)
+class LatentProblem:
+    """What a latent method works on: the sampler, the starting latent, the reward, and what every run records.
+
+    Attributes:
+        sampler: an ``sdo.Sampler`` (DOODL runs the EDICT chain over its model and schedule).
+        latent: ``[B, ...]`` the latent at ``start_step`` (initial noise when 0). reward: ``reward(x0, cond) -> [B]``.
+        start_step, seed, cond, judge, measure: as for ``sdo.optimize_latent``.
+    """
+
+    sampler: Sampler
+    latent: torch.Tensor
+    reward: Reward
+    start_step: int = 0
+    seed: int = 0
+    cond: object = None
+    judge: Callable[[torch.Tensor], torch.Tensor] | None = None
+    measure: bool = False
+
+
+class Stepper(Protocol):
+    """One run of a latent method, one iteration per ``step()``: ``sdo.latent.LatentStepper`` (gradient modes and
+    DOODL) or ``sdo.freedom.GuidanceStepper``. ``gradient`` is the last iteration's loss gradient (None if none)."""
+
+    gradient: torch.Tensor | None
+
+    def step(self) -> dict:
+        """One iteration; its history record."""
+
+    def finish(self) -> OptimizationResult:
+        """The run's result."""
+
+    def run(self, iters: int, description: str, progress: bool = True) -> OptimizationResult:
+        """The whole run: ``iters`` iterations, then ``finish()``."""
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How a method runs on a latent: ``start(method, problem, options)`` gives its ``Stepper``.
+
+    Attributes:
+        kind: ``"mode"`` (a gradient mode through ``sdo.optimize_latent``'s loop), ``"doodl"`` or ``"guidance"``.
+        runs: what it runs, in words (for messages).
+        start: builds the ``Stepper``.
+        exact_gradient: its gradient is that of the sampler's own chain, so comparable with ``Full()``'s (DOODL's
+            is of the EDICT chain; FreeDoM gives the latent none).
+    """
+
+    kind: str
+    runs: str
+    start: Callable[[Method, LatentProblem, MethodOptions], Stepper]
+    exact_gradient: bool = False
+
+
+def _start_mode(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
+    return latent_stepper(
+        problem.sampler,
+        problem.latent,
+        problem.reward,
+        grad=method.mode(options),
+        start_step=problem.start_step,
+        lr=options.lr,
+        prior_weight=options.prior_weight,
+        project_to_shell=options.project_to_shell,
+        seed=problem.seed,
+        cond=problem.cond,
+        judge=problem.judge,
+        measure=problem.measure,
+    )
+
+
+def _start_doodl(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
+    return doodl_stepper(
+        edict_sampler(problem.sampler),
+        problem.latent,
+        problem.reward,
+        start_step=problem.start_step,
+        lr=options.doodl_lr,
+        renormalize=options.doodl_renormalize,
+        seed=problem.seed,
+        cond=problem.cond,
+        judge=problem.judge,
+        measure=problem.measure,
+    )
+
+
+def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
+    return GuidanceStepper(
+        problem.sampler,
+        problem.latent,
+        problem.reward,
+        cond=problem.cond,
+        start_step=problem.start_step,
+        seed=problem.seed,
+        scale=options.freedom_scale,
+        repeats=options.freedom_repeats,
+        judge=problem.judge,
+        measure=problem.measure,
+    )
+
+
+MODE = Runner("mode", "sdo.optimize_latent (Adam)", _start_mode, exact_gradient=True)
+DOODL = Runner("doodl", "sdo.optimize_latent_doodl on an sdo.EDICTSampler", _start_doodl)
+GUIDANCE = Runner("guidance", "sdo.freedom_sample", _start_guidance)
 
 
 @dataclass(frozen=True)
 class Method:
-    """One registry entry: ``build(options)`` gives the gradient mode; ``latent`` says whether it reaches a latent.
+    """One registry entry: its name, a summary, and how it runs.
 
-    ``kind`` says what runs the method: ``"mode"``, a gradient mode for ``sdo.optimize_latent`` / ``sdo.finetune``
-    (``build`` gives it); ``"doodl"``, ``sdo.optimize_latent_doodl`` over an ``sdo.EDICTSampler``; ``"guidance"``,
-    one ``sdo.freedom_sample`` pass per sample. Only ``"mode"`` entries have a gradient mode.
+    ``build(options)`` gives the gradient mode of a ``MODE`` entry (None for DOODL and FreeDoM, which run their
+    own loops); ``latent`` says whether the method reaches a latent; ``runner`` says what runs it (``MODE``,
+    ``DOODL`` or ``GUIDANCE``).
     """
 
     name: str
     summary: str
     build: Callable[[MethodOptions], GradientMode] | None
     latent: bool = True
-    kind: Kind = "mode"
+    runner: Runner = MODE
+
+    @property
+    def kind(self) -> str:
+        """``"mode"``, ``"doodl"`` or ``"guidance"`` (the runner's kind)."""
+        return self.runner.kind
+
+    def mode(self, options: MethodOptions | None = None) -> GradientMode:
+        """The gradient mode this method stands for.
+
+        Raises:
+            ConfigError: the method is not a gradient mode (DOODL, FreeDoM), or gives no gradient to
+                ``options.variable``.
+        """
+        options = options or MethodOptions()
+        if options.variable == "latent" and not self.latent and self.name != "nograd":
+            raise ConfigError(
+                f"method {self.name!r} gives no gradient to the latent (it detaches the early steps); "
+                f"use one of {', '.join(method_names('latent'))}, or optimize weights (--variable weights)."
+            )
+        if self.build is None:
+            raise ConfigError(f"method {self.name!r} is not a gradient mode: it runs through {self.runner.runs}.")
+        return self.build(options)
+
+    def check(self, options: MethodOptions) -> None:
+        """Refuse, before any work, a method that cannot optimize ``options.variable`` or whose mode cannot be
+        built from ``options`` (e.g. a bad ``kept_steps``)."""
+        if self.build is not None:
+            self.mode(options)
+        elif options.variable != "latent":
+            raise ConfigError(f"method {self.name!r} optimizes a latent only; use --variable latent.")
+
+    def stepper(self, problem: LatentProblem, options: MethodOptions | None = None) -> Stepper:
+        """A run of this method on ``problem``, stepped one iteration at a time (``sdo bench``)."""
+        return self.runner.start(self, problem, options or MethodOptions())
+
+    def optimize(
+        self, problem: LatentProblem, options: MethodOptions | None = None, iters: int = 20, progress: bool = True
+    ) -> OptimizationResult:
+        """The whole run of this method on ``problem``: ``iters`` iterations of its loop (FreeDoM: one guided
+        pass, reported as a two-record history)."""
+        return self.stepper(problem, options).run(iters, f"optimize ({self.name})", progress)
 
 
 def _shortcut(step: str) -> Callable[[MethodOptions], GradientMode]:
@@ -71,22 +248,10 @@ def _shortcut(step: str) -> Callable[[MethodOptions], GradientMode]:
 
 
 def _multi(options: MethodOptions) -> GradientMode:
-    """``sdo-multi``: ``Shortcut(step=options.kept_steps)``, or 4 kept steps spread over the run when None."""
+    """``sdo-multi``: ``Shortcut(step=options.kept_steps)``, or ``SpreadShortcut``'s 4 steps spread over the run."""
     if options.kept_steps is not None:
         return Shortcut(step=options.kept_steps, generator=options.generator, checkpoint=options.checkpoint_kept)
-    return _SpreadShortcut(checkpoint=options.checkpoint_kept)
-
-
-@dataclass(frozen=True)
-class _SpreadShortcut(Shortcut):
-    """``Shortcut`` keeping ``count`` steps evenly spread over whatever run it is given (the first one included)."""
-
-    count: int = 4
-
-    def kept_steps(self, start: int, stop: int) -> tuple[int, ...]:
-        remaining = stop - start
-        count = min(self.count, remaining)
-        return tuple(sorted({start + (k * remaining) // count for k in range(count)}))
+    return SpreadShortcut(checkpoint=options.checkpoint_kept)
 
 
 METHODS: dict[str, Method] = {
@@ -130,18 +295,16 @@ METHODS: dict[str, Method] = {
             "doodl",
             "DOODL: EDICT sampling with exact-inversion backprop, SGD+momentum, clipping, renormalization",
             None,
-            kind="doodl",
+            runner=DOODL,
         ),
         Method(
             "freedom",
             "FreeDoM: training-free guidance in one sampling pass (reward gradient at the x0 prediction)",
             None,
-            kind="guidance",
+            runner=GUIDANCE,
         ),
     )
 }
-
-_RUNNERS = {"doodl": "sdo.optimize_latent_doodl on an sdo.EDICTSampler", "guidance": "sdo.freedom_sample"}
 
 
 def method_names(variable: Variable | None = None) -> tuple[str, ...]:
@@ -151,29 +314,32 @@ def method_names(variable: Variable | None = None) -> tuple[str, ...]:
         return tuple(METHODS)
 
     def optimizes(method: Method) -> bool:
-        return method.latent if variable == "latent" else method.kind == "mode"
+        return method.latent if variable == "latent" else method.build is not None
 
     return tuple(name for name, method in METHODS.items() if name != "nograd" and optimizes(method))
 
 
-def gradient_mode(name: str, options: MethodOptions | None = None) -> GradientMode:
-    """The gradient mode the method ``name`` stands for.
+def find_method(name: str, options: MethodOptions | None = None) -> Method:
+    """The registry entry ``name``, checked against ``options`` (``Method.check``).
 
     Raises:
-        ConfigError: ``name`` is not registered, or gives no gradient to ``options.variable``.
+        ConfigError: ``name`` is not registered, or cannot optimize ``options.variable`` as ``options`` say.
     """
-    options = options or MethodOptions()
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(METHODS)} (sdo bench --list-methods).")
-    if options.variable == "latent" and not METHODS[name].latent and name != "nograd":
-        raise ConfigError(
-            f"method {name!r} gives no gradient to the latent (it detaches the early steps); "
-            f"use one of {', '.join(method_names('latent'))}, or optimize weights (--variable weights)."
-        )
     method = METHODS[name]
-    if method.kind != "mode":
-        raise ConfigError(f"method {name!r} is not a gradient mode: it runs through {_RUNNERS[method.kind]}.")
-    return method.build(options)
+    method.check(options or MethodOptions())
+    return method
+
+
+def gradient_mode(name: str, options: MethodOptions | None = None) -> GradientMode:
+    """The gradient mode the method ``name`` stands for (``find_method``, then ``Method.mode``).
+
+    Raises:
+        ConfigError: ``name`` is not registered, is not a gradient mode, or gives no gradient to
+            ``options.variable``.
+    """
+    return find_method(name, options).mode(options)
 
 
 def describe_methods() -> str:

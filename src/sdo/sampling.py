@@ -12,11 +12,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch.utils.checkpoint import checkpoint
 
 from . import schedulers as sched
+from .checks import check_latent, check_latent_fits, check_schedule_start, check_step_range
 from .compiled import CompiledModelFn, CompileOptions, compile_options
 from .errors import ConfigError
 from .gradients import GradientMode, LoopMode, Shortcut, StepRole
 
-__all__ = ["ModelFn", "Sampler"]
+__all__ = ["ModelFn", "Sampler", "default_generator"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -58,7 +59,7 @@ def _learned_variance(scheduler, output: torch.Tensor, x: torch.Tensor) -> bool:
     )
 
 
-def _default_generator(device: torch.device) -> torch.Generator:
+def default_generator(device: torch.device) -> torch.Generator:
     """The global RNG that ``torch.randn`` would use on ``device`` (what diffusers draws from without a generator)."""
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
@@ -103,8 +104,12 @@ class Sampler:
         compile: bool | str | CompileOptions = False,
     ) -> None:
         sched.check_scheduler(scheduler)
-        if not _is_int(num_inference_steps) or num_inference_steps < 1:
-            raise ConfigError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        train_steps = int(scheduler.config.num_train_timesteps)
+        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= train_steps:
+            raise ConfigError(
+                f"`num_inference_steps` must be an integer in [1, {train_steps}] (the schedule's training timesteps), "
+                f"got {num_inference_steps!r}."
+            )
         if not math.isfinite(float(eta)) or eta < 0 or (eta > 0 and not isinstance(scheduler, DDIMScheduler)):
             raise ConfigError(f"`eta` must be >= 0, and non-zero only with DDIMScheduler; got eta={eta}.")
         expected = sched.prediction_type(scheduler)
@@ -115,14 +120,41 @@ class Sampler:
                 f"set the scheduler's `prediction_type` (or the adapter's) so that they agree."
             )
         self.model_fn = model_fn
-        options = compile_options(compile)
-        self.detached_model_fn: ModelFn = model_fn if options is None else CompiledModelFn(model_fn, options)
+        self.compile_options = compile_options(compile)
+        self.detached_model_fn: ModelFn = (
+            model_fn if self.compile_options is None else CompiledModelFn(model_fn, self.compile_options)
+        )
         self.num_inference_steps = num_inference_steps
         self.eta = float(eta)
         self.timestep_options = dict(timestep_options or {})
         self.scale_noise = scale_noise
         self.scheduler = type(scheduler).from_config(scheduler.config)
         self.stochastic = sched.is_stochastic(self.scheduler, self.eta)
+        self.first_timestep = float(self.timesteps[0])
+        network = getattr(model_fn, "model", None)  # the network of an adapter such as sdo.Denoiser, when it has one
+        self.network: torch.nn.Module | None = network if isinstance(network, torch.nn.Module) else None
+
+    def with_options(self, **changes: object) -> Sampler:
+        """A copy of this sampler that keeps every setting (``model_fn``, ``scheduler``, ``num_inference_steps``,
+        ``eta``, ``timestep_options``, ``scale_noise``, ``compile``) except the ``changes`` given, e.g.
+        ``sampler.with_options(compile=True)`` or ``sampler.with_options(num_inference_steps=10)``.
+
+        Raises:
+            ConfigError: a name that is not a ``Sampler`` argument, or a value ``Sampler`` refuses.
+        """
+        settings = {
+            "model_fn": self.model_fn,
+            "scheduler": self.scheduler,
+            "num_inference_steps": self.num_inference_steps,
+            "eta": self.eta,
+            "timestep_options": self.timestep_options,
+            "scale_noise": self.scale_noise,
+            "compile": self.compile_options or False,
+        }
+        unknown = sorted(set(changes) - set(settings))
+        if unknown:
+            raise ConfigError(f"`with_options` takes Sampler arguments ({', '.join(settings)}), got {unknown}.")
+        return Sampler(**{**settings, **changes})
 
     def fresh_scheduler(self, device: torch.device | str | None = None) -> SchedulerMixin:
         """A new scheduler with this sampler's config and timesteps (what each ``sample`` call starts from)."""
@@ -159,15 +191,11 @@ class Sampler:
             stop_step: one past the last step to run (defaults to ``num_inference_steps``, giving ``x_0``); a smaller
                 value returns an intermediate latent (a warm-up).
         """
-        stop = self._check_range(start_step, stop_step)
+        stop = self.check_steps(start_step, stop_step)
         if not isinstance(grad, GradientMode):
             raise ConfigError(f"`grad` must be a gradient mode such as sdo.Shortcut() or sdo.Full(), got {grad!r}.")
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise ConfigError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
-        if x.ndim < 2 or x.shape[0] == 0:
-            raise ConfigError(f"`x` must be a [batch, ...] latent with batch >= 1, got shape {tuple(x.shape)}.")
-        if not bool(torch.isfinite(x.detach()).all()):
-            raise ConfigError("`x` holds NaN or infinite values; a latent must be finite.")
+        check_latent(x)
+        check_latent_fits(x, self.network)
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise ConfigError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
@@ -180,7 +208,7 @@ class Sampler:
             return grad.run(self, x, start_step, stop, generator)
         roles = grad.roles(start_step, stop)
         scheduler = self.fresh_scheduler(x.device)
-        noise_source = (generator or _default_generator(x.device)) if self.stochastic else None
+        noise_source = (generator or default_generator(x.device)) if self.stochastic else None
         if self.scale_noise and start_step == 0:
             x = x * scheduler.init_noise_sigma if hasattr(scheduler, "init_noise_sigma") else x
         for index, role in zip(range(start_step, stop), roles, strict=True):
@@ -190,16 +218,14 @@ class Sampler:
                 noise.commit()
         return x
 
-    def _check_range(self, start_step: int, stop_step: int | None) -> int:
-        n = self.num_inference_steps
-        if not _is_int(start_step) or not 0 <= start_step < n:
-            raise ConfigError(
-                f"`start_step` must be an integer in [0, {n - 1}] (num_inference_steps={n}), got {start_step!r}."
-            )
-        stop = n if stop_step is None else stop_step
-        if not _is_int(stop) or not start_step < stop <= n:
-            raise ConfigError(f"`stop_step` must be an integer in [{start_step + 1}, {n}], got {stop_step!r}.")
+    def check_steps(self, start_step: int, stop_step: int | None = None) -> int:
+        """The stop of a run of steps ``start_step, ..., stop_step - 1`` (``sdo.checks.check_step_range``), after
+        refusing a degenerate schedule at ``start_step`` 0 (``sdo.checks.check_schedule_start``)."""
+        stop = check_step_range(start_step, stop_step, self.num_inference_steps)
+        check_schedule_start(self.first_timestep, int(self.scheduler.config.num_train_timesteps), start_step)
         return stop
+
+    _check_range = check_steps  # the old private name, until every caller uses check_steps
 
     def _step(self, scheduler, x: torch.Tensor, t: torch.Tensor, role: StepRole, noise: _StepNoise | None):
         if role is StepRole.NOGRAD:

@@ -22,14 +22,10 @@ from sdo.app.options import option
 from sdo.app.report import MEMORY_HEADER, machine_info, markdown_table, mebibytes
 from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
 from sdo.checks import check_positive, check_seed
-from sdo.doodl import DoodlUpdate
-from sdo.edict import EDICTSampler, Invertible
 from sdo.errors import ConfigError
-from sdo.freedom import freedom_sample
 from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
 from sdo.memory import PeakMemory
-from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
-from sdo.sampling import Sampler
+from sdo.methods import METHODS, LatentProblem, Method, MethodOptions, Stepper, find_method, method_names
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "run_bench"]
 
@@ -67,10 +63,7 @@ class BenchConfig:
         if not self.method_names:
             raise ConfigError(f"`methods` must name at least one method of {BENCH_METHODS}, got {self.methods!r}.")
         for name in self.method_names:
-            if _kind(name) == "mode":
-                gradient_mode(name, self.method_options())  # unknown names, or no gradient to the variable
-            elif self.variable != "latent":
-                raise ConfigError(f"method {name!r} optimizes a latent only; use --variable latent.")
+            find_method(name, self.method_options())  # unknown names, or no gradient to the variable
         if not self.step_counts or min(self.step_counts) < 1:
             raise ConfigError(f"`steps` must be comma-separated positive integers, got {self.steps!r}.")
         if self.iters < 1 or self.batch < 1:
@@ -86,6 +79,7 @@ class BenchConfig:
             draft_k=self.draft_k,
             alignprop_high=self.alignprop_high,
             checkpoint_kept=self.checkpoint_kept,
+            lr=self.lr,
         )
 
     @property
@@ -101,7 +95,11 @@ class BenchConfig:
 
 
 class _MethodRun:
-    """One method's state: its own copy of the optimized variable, its Adam, and its measurements."""
+    """One method's run on its own copy of the optimized variable, with its measurements.
+
+    A latent is optimized by the registry's ``Stepper`` of the method (the one latent-optimization loop, or
+    FreeDoM's guided pass); weights by ``_WeightsRun``.
+    """
 
     def __init__(
         self,
@@ -114,25 +112,24 @@ class _MethodRun:
     ) -> None:
         self.name = f"{name}+compile" if compiled else name
         self.compiled = compiled
-        self.mode = mode or gradient_mode(name, config.method_options(torch.Generator().manual_seed(config.seed)))
+        options = config.method_options(torch.Generator().manual_seed(config.seed))
+        # a probe's mode (exact gradient, cosine sweep) runs as an unregistered gradient-mode method
+        self.method = METHODS[name] if mode is None else Method(name, "bench probe", lambda _: mode)
+        self.mode = self.method.mode(options) if self.method.build is not None else None
+        self.label = repr(self.mode) if self.mode is not None else self.method.runner.runs
+        self.learns = not isinstance(self.mode, NoGrad)
         self.model = workload.model if config.variable == "latent" else copy.deepcopy(workload.model)
         self.sampler = workload.make_sampler(steps, self.model)
         if compiled:  # the same sampler, its no-grad network calls compiled (sdo.compiled)
-            self.sampler = Sampler(
-                self.sampler.model_fn, self.sampler.scheduler, steps, eta=self.sampler.eta, compile=True
-            )
-        self.latent = workload.latent.clone()
-        if config.variable == "latent":
-            self.latent.requires_grad_(True)
-            self.variables = [self.latent]
-        else:
-            self.variables = [p for p in self.model.parameters() if p.is_floating_point()]
-            for parameter in self.variables:
-                parameter.requires_grad_(True)
-        self.optimizer = torch.optim.Adam(self.variables, lr=config.lr, betas=(0.9, 0.9))
+            self.sampler = self.sampler.with_options(compile=True)
         self.records: list[dict] = []
         self.first_gradient: torch.Tensor | None = None
         self.harness_seconds = 0.0
+        self.stepper = self._stepper(config, workload, options) if config.variable == "latent" else None
+
+    def _stepper(self, config: BenchConfig, workload: Workload, options: MethodOptions) -> Stepper:
+        problem = LatentProblem(self.sampler, workload.latent, workload.reward, seed=config.seed)
+        return self.method.stepper(problem, options)
 
     def iterate(self, workload: Workload, seed: int) -> None:
         """One timed iteration (``step``), with its wall-clock and memory recorded."""
@@ -155,24 +152,45 @@ class _MethodRun:
         self.harness_seconds += time.perf_counter() - outer - seconds
 
     def step(self, workload: Workload, seed: int) -> torch.Tensor:
+        """One iteration of the method's stepper; returns the rewards ``[B]`` it recorded."""
+        record = self.stepper.step()
+        if self.first_gradient is None and self.learns and self.method.runner.exact_gradient:
+            self.first_gradient = self.stepper.gradient.flatten().float()
+        return torch.tensor(record["rewards"])
+
+    def final_reward(self, workload: Workload, seed: int) -> float:
+        """The reward of the final iterate (no gradient)."""
+        return float(self.stepper.finish().history[-1]["reward"])
+
+
+class _WeightsRun(_MethodRun):
+    """A gradient mode optimizing the network's weights with Adam (the latent stays fixed)."""
+
+    def __init__(self, name: str, config: BenchConfig, workload: Workload, steps: int, **kwargs) -> None:
+        super().__init__(name, config, workload, steps, **kwargs)
+        self.latent = workload.latent
+        self.variables = [p for p in self.model.parameters() if p.is_floating_point()]
+        for parameter in self.variables:
+            parameter.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(self.variables, lr=config.lr, betas=(0.9, 0.9))
+
+    def step(self, workload: Workload, seed: int) -> torch.Tensor:
         """Sample with the gradient mode, reward, backward, Adam step; returns the rewards ``[B]``."""
-        learns = not isinstance(self.mode, NoGrad)
-        with torch.set_grad_enabled(learns):
+        with torch.set_grad_enabled(self.learns):
             x0 = self.sampler.sample(self.latent, grad=self.mode, generator=_generator(workload.device, seed))
             rewards = workload.reward(x0, None)
-            if learns:
+            if self.learns:
                 self.optimizer.zero_grad(set_to_none=True)
                 (-rewards.sum()).backward()
                 if self.first_gradient is None:
-                    self.first_gradient = self.gradient()
+                    self.first_gradient = torch.cat(
+                        [
+                            (v.grad if v.grad is not None else torch.zeros_like(v)).flatten().float()
+                            for v in self.variables
+                        ]
+                    )
                 self.optimizer.step()
         return rewards
-
-    def gradient(self) -> torch.Tensor:
-        """The current gradient of the variables, flattened (zeros where a variable got none)."""
-        return torch.cat(
-            [(v.grad if v.grad is not None else torch.zeros_like(v)).flatten().float() for v in self.variables]
-        )
 
     @torch.no_grad()
     def final_reward(self, workload: Workload, seed: int) -> float:
@@ -180,56 +198,12 @@ class _MethodRun:
         return float(workload.reward(x0, None).float().mean())
 
 
-class _DoodlRun(_MethodRun):
-    """DOODL: the coupled EDICT chain with exact-inversion backprop and DOODL's update (``sdo.DoodlUpdate``). Its
-    gradient is that of another chain, so no cosine with the DDIM gradient is reported."""
-
-    def __init__(self, name: str, config: BenchConfig, workload: Workload, steps: int) -> None:
-        super().__init__(name, config, workload, steps, mode=Invertible())
-        sampler = self.sampler
-        self.edict = EDICTSampler(sampler.model_fn, sampler.scheduler, sampler.num_inference_steps)
-        self.update = DoodlUpdate(self.latent, seed=config.seed)
-
-    def step(self, workload: Workload, seed: int) -> torch.Tensor:
-        x0, y0 = self.edict.sample_pair(self.latent, None, self.mode)
-        rewards = (workload.reward(x0, None) + workload.reward(y0, None)) / 2
-        (gradient,) = torch.autograd.grad(rewards.sum(), self.latent)
-        self.update(self.latent, gradient)
-        return rewards
-
-    @torch.no_grad()
-    def final_reward(self, workload: Workload, seed: int) -> float:
-        x0, y0 = self.edict.sample_pair(self.latent, None, NoGrad())
-        return float(((workload.reward(x0, None) + workload.reward(y0, None)) / 2).float().mean())
-
-
-class _FreedomRun(_MethodRun):
-    """FreeDoM: one guided sampling pass per iteration (the latent is not optimized); its reward is the guided
-    sample's."""
-
-    def __init__(self, name: str, config: BenchConfig, workload: Workload, steps: int) -> None:
-        super().__init__(name, config, workload, steps, mode="freedom_sample(scale=0.2)")
-        self.last_reward = float("nan")
-
-    def step(self, workload: Workload, seed: int) -> torch.Tensor:
-        generator = _generator(workload.device, seed)
-        guided = freedom_sample(self.sampler, self.latent.detach(), workload.reward, generator=generator)
-        self.last_reward = float(guided.rewards.float().mean())
-        return guided.rewards
-
-    def final_reward(self, workload: Workload, seed: int) -> float:
-        return self.last_reward
-
-
-def _kind(name: str) -> str:
-    return METHODS[name].kind if name in METHODS else "mode"
-
-
-def _method_run(name: str, config: BenchConfig, workload: Workload, steps: int) -> _MethodRun:
-    """The run of method ``name``: a gradient mode with Adam, DOODL, or FreeDoM guidance."""
-    return {"mode": _MethodRun, "doodl": _DoodlRun, "guidance": _FreedomRun}[_kind(name)](
-        name, config, workload, steps
-    )
+def _method_run(
+    name: str, config: BenchConfig, workload: Workload, steps: int, mode: GradientMode | None = None, **kwargs
+) -> _MethodRun:
+    """The run of method ``name`` (or of the unregistered ``mode``) on the variable ``config`` optimizes."""
+    run = _WeightsRun if config.variable == "weights" else _MethodRun
+    return run(name, config, workload, steps, mode=mode, **kwargs)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -250,7 +224,7 @@ def _exact_gradient(config: BenchConfig, workload: Workload, steps: int, runs: d
 
 
 def _first_gradient(config: BenchConfig, workload: Workload, steps: int, mode: GradientMode) -> torch.Tensor:
-    probe = _MethodRun("probe", config, workload, steps, mode)
+    probe = _method_run("probe", config, workload, steps, mode)
     probe.iterate(workload, config.seed)
     return probe.first_gradient
 
@@ -262,7 +236,7 @@ def _cosine(a: torch.Tensor | None, b: torch.Tensor) -> float | None:
 
 
 def _rows(runs: dict[str, _MethodRun], exact: torch.Tensor, workload: Workload, config: BenchConfig, steps: int):
-    learners = [run for run in runs.values() if not isinstance(run.mode, NoGrad)]
+    learners = [run for run in runs.values() if run.learns]
     budget = min((run.records[-1]["elapsed"] for run in learners), default=0.0)
     rows = []
     for run in runs.values():
@@ -270,7 +244,7 @@ def _rows(runs: dict[str, _MethodRun], exact: torch.Tensor, workload: Workload, 
         rows.append(
             {
                 "method": run.name,
-                "mode": repr(run.mode),
+                "mode": run.label,
                 "steps": steps,
                 "workload": workload.name,
                 "variable": config.variable,
@@ -324,8 +298,8 @@ def run_bench(config: BenchConfig, workload: Workload | None = None, progress: b
     for steps in config.step_counts:
         runs = {name: _method_run(name, config, workload, steps) for name in config.method_names}
         if config.compile:  # compiled rows for the gradient modes (DOODL and FreeDoM run their own loops)
-            modes = [name for name in config.method_names if _kind(name) == "mode"]
-            compiled = [_MethodRun(name, config, workload, steps, compiled=True) for name in modes]
+            modes = [name for name in config.method_names if METHODS[name].build is not None]
+            compiled = [_method_run(name, config, workload, steps, compiled=True) for name in modes]
             runs.update({run.name: run for run in compiled})
         total = config.iters * len(runs)
         with tqdm(total=total, desc=f"bench {workload.name}, {steps} steps", disable=not progress) as bar:

@@ -16,14 +16,10 @@ from sdo.app.options import option
 from sdo.app.reward_spec import parse_reward_spec
 from sdo.checks import check_positive, check_seed
 from sdo.clip_rewards import CLIP_REWARDS
-from sdo.doodl import optimize_latent_doodl
-from sdo.edict import EDICTSampler
 from sdo.errors import ConfigError
-from sdo.freedom import freedom_sample
 from sdo.gradients import NoGrad
-from sdo.latent import OptimizationResult, optimize_latent
-from sdo.memory import PeakMemory
-from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
+from sdo.latent import OptimizationResult
+from sdo.methods import METHODS, LatentProblem, MethodOptions, find_method, method_names
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
 from sdo.sampling import Sampler
 
@@ -81,8 +77,19 @@ class LatentTaskConfig:
     width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
 
     def method_options(self) -> MethodOptions:
-        """What the registry's gradient mode for ``method`` takes from this config (a latent is optimized)."""
-        return MethodOptions("latent", adjoint_iters=self.adjoint_iters, kept_steps=_index_list(self.kept_steps))
+        """What the registry's entry for ``method`` takes from this config (a latent is optimized)."""
+        return MethodOptions(
+            "latent",
+            adjoint_iters=self.adjoint_iters,
+            kept_steps=_index_list(self.kept_steps),
+            lr=self.lr,
+            prior_weight=self.prior_weight,
+            project_to_shell=self.project,
+            doodl_lr=self.doodl_lr,
+            doodl_renormalize=self.project,
+            freedom_scale=self.freedom_scale,
+            freedom_repeats=self.freedom_repeats,
+        )
 
     conditions: int = option(
         0,
@@ -120,8 +127,7 @@ class LatentTaskConfig:
                 "`adjoint_iters` must be >= 0, `freedom_repeats` >= 1, `freedom_scale` >= 0 and `doodl_lr` > 0; got "
                 f"{self.adjoint_iters}, {self.freedom_repeats}, {self.freedom_scale}, {self.doodl_lr}."
             )
-        if METHODS[self.method].kind == "mode":
-            gradient_mode(self.method, self.method_options())  # a bad --kept-steps fails here, before any work
+        find_method(self.method, self.method_options())  # a bad --kept-steps fails here, before any work
         if self.pipeline and not (self.prompt or self.prompts):
             raise ConfigError("`prompt` (or `prompts`, a file of prompts) is required with --pipeline.")
         if self.conditions < 0 or self.threads < 0:
@@ -172,9 +178,7 @@ def load_resources(config: LatentTaskConfig) -> TaskResources:
 
 def _sampler(sampler: Sampler, config: LatentTaskConfig) -> Sampler:
     """``sampler``, compiled as ``config.compile`` says."""
-    if not config.compile:
-        return sampler
-    return Sampler(sampler.model_fn, sampler.scheduler, sampler.num_inference_steps, eta=sampler.eta, compile=True)
+    return sampler.with_options(compile=True) if config.compile else sampler
 
 
 def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
@@ -269,85 +273,19 @@ def _index_list(text: str) -> tuple[int, ...] | None:
 
 
 def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress: bool = True) -> OptimizationResult:
-    """Optimize ``config``'s task with ``config.method`` (building the task unless one is given).
-
-    Gradient modes run ``sdo.optimize_latent`` (Adam); ``doodl`` runs ``sdo.optimize_latent_doodl`` on an
-    ``sdo.EDICTSampler`` over the same model and schedule; ``freedom`` runs one ``sdo.freedom_sample`` pass, reported
-    as a two-record history (the unguided sample, then the guided one; ``seconds`` is the whole pass).
+    """Optimize ``config``'s task with ``config.method`` (building the task unless one is given), through the
+    registry's runner of that method (``sdo.methods.Method.optimize``): gradient modes run ``sdo.optimize_latent``'s
+    loop (Adam), ``doodl`` DOODL's on an ``sdo.EDICTSampler`` over the same model and schedule, ``freedom`` one
+    ``sdo.freedom_sample`` pass reported as a two-record history (the unguided sample, then the guided one).
     """
     task = task or build_task(config)
-    runner = {"mode": _run_mode, "doodl": _run_doodl, "guidance": _run_freedom}[METHODS[config.method].kind]
-    return runner(config, task, progress)
-
-
-def _run_mode(config: LatentTaskConfig, task: LatentTask, progress: bool) -> OptimizationResult:
-    return optimize_latent(
+    problem = LatentProblem(
         task.sampler,
         task.latent,
         task.reward,
-        grad=gradient_mode(config.method, config.method_options()),
         start_step=config.start_step,
-        iters=config.iters,
-        lr=config.lr,
-        prior_weight=config.prior_weight,
-        project_to_shell=config.project,
         seed=config.seed,
         judge=task.judge_accepts,
         measure=True,
-        progress=progress,
     )
-
-
-def _run_doodl(config: LatentTaskConfig, task: LatentTask, progress: bool) -> OptimizationResult:
-    sampler = task.sampler
-    edict = EDICTSampler(sampler.model_fn, sampler.scheduler, sampler.num_inference_steps)
-    return optimize_latent_doodl(
-        edict,
-        task.latent,
-        task.reward,
-        start_step=config.start_step,
-        iters=config.iters,
-        lr=config.doodl_lr,
-        renormalize=config.project,
-        seed=config.seed,
-        judge=task.judge_accepts,
-        progress=progress,
-    )
-
-
-def _run_freedom(config: LatentTaskConfig, task: LatentTask, progress: bool) -> OptimizationResult:
-    generator = torch.Generator(device=task.latent.device).manual_seed(config.seed)
-    with PeakMemory(task.latent.device) as memory:
-        guided = freedom_sample(
-            task.sampler,
-            task.latent,
-            task.reward,
-            scale=config.freedom_scale,
-            repeats=config.freedom_repeats,
-            start_step=config.start_step,
-            generator=generator,
-        )
-    with torch.no_grad():
-        generator.manual_seed(config.seed)
-        unguided = task.sampler.sample(task.latent, NoGrad(), start_step=config.start_step, generator=generator)
-        before = task.reward(unguided, None)
-    cost = {"seconds": guided.seconds, "elapsed": guided.seconds, "peak_mem_bytes": memory.peak_bytes}
-    history = [
-        _record(0, before, unguided, task.judge_accepts, **cost, mem_kind=memory.kind),
-        _record(1, guided.rewards, guided.sample, task.judge_accepts, seconds=0.0, elapsed=guided.seconds),
-    ]
-    return OptimizationResult(
-        latent=task.latent,
-        sample=guided.sample,
-        best_latent=task.latent,
-        best_sample=guided.sample,
-        best_reward=guided.rewards,
-        history=history,
-    )
-
-
-def _record(iteration: int, rewards: torch.Tensor, sample: torch.Tensor, judge, **extra) -> dict:
-    record = {"iter": iteration, "reward": float(rewards.mean()), "rewards": rewards.tolist(), **extra}
-    if judge is not None:
-        record["judge_success"] = float(judge(sample).float().mean())
-    return record
+    return METHODS[config.method].optimize(problem, config.method_options(), config.iters, progress)
