@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -243,18 +242,21 @@ def _check_up_front(args: argparse.Namespace):
 
 
 def _run_locked(args: argparse.Namespace, config) -> int:
-    """Run a command holding ``--out``'s lock, its settings recorded in ``config.json`` (fine-tuning locks and
-    records inside ``finetune``, shared by all its processes)."""
-    from sdo.app.runs import RunLock, check_command, clean_leftovers, write_config
+    """Run a command holding ``--out`` (``sdo.app.runs.open_output``: its lock, its command checked, leftovers
+    cleaned), its settings recorded in ``config.json`` (fine-tuning locks and records inside ``finetune``, shared
+    by all its processes). A run of many items first joins ``accelerate launch``'s process group, if any: only its
+    secondary processes share the main process's lock."""
+    from sdo.app.runs import is_secondary_process, open_output, write_config
 
     if args.command == "finetune":
         return args.run(args)
-    if int(os.environ.get("RANK", "0")) > 0:  # under `accelerate launch`, the other processes share rank 0's lock
-        return args.run(args)
-    with RunLock(args.out, args.command, args.break_lock):
-        check_command(args.out, args.command)
-        clean_leftovers(args.out)
-        write_config(args.out, args.command, {**dataclasses.asdict(config), "out": args.out})
+    if args.command == "optimize" and (config.conditions or config.prompts):
+        from sdo.app.sharded import process_state
+
+        process_state(config.device)
+    with open_output(args.out, args.command, args.break_lock):
+        if not is_secondary_process():
+            write_config(args.out, args.command, {**dataclasses.asdict(config), "out": args.out})
         return args.run(args)
 
 

@@ -5,6 +5,10 @@ The lock is ``OUT/.sdo.lock``: an exclusive ``flock`` on it is held for the run 
 the process ends, however it ends. The file names the holder (process id, host, command). A lock file whose lock
 nobody holds was left by a run that was killed: it is reported and taken over. A lock file written by another
 host (a shared filesystem, where the holder's process cannot be checked) is refused unless ``--break-lock``.
+
+Only one kind of process runs without taking the lock: a process of an initialized ``torch.distributed`` group
+(``accelerate launch``) that is not its main process; it waits for the main process to open the folder and stops
+with it if that fails (``open_output``). Environment variables alone (``RANK``, ``WORLD_SIZE``) change nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sdo.errors import ConfigError, OutputLockedError, ResumeMismatchError
+from sdo.errors import ConfigError, OutputLockedError, ResumeMismatchError, SdoError
 from sdo.io import FILE_MODE, load_json, make_dir, save_json
 
 try:
@@ -33,6 +39,8 @@ __all__ = [
     "check_writable",
     "clean_leftovers",
     "differing_flags",
+    "is_secondary_process",
+    "open_output",
     "write_config",
 ]
 
@@ -150,7 +158,7 @@ class RunLock:
         if fcntl is None:  # pragma: no cover
             return self._acquire_by_pid()
         for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            fd = self._open(os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -175,6 +183,18 @@ class RunLock:
             return self
         raise OutputLockedError(f"{self.out}: could not take the lock {self.path}; try again.")
 
+    def _open(self, flags: int) -> int:
+        """Open the lock file; one that cannot be opened (a folder in its place, no permission) is one line."""
+        try:
+            return os.open(self.path, flags, FILE_MODE)
+        except FileExistsError:
+            raise
+        except OSError as error:
+            raise OutputLockedError(
+                f"{self.out}: the lock file {self.path} cannot be opened ({error.strerror or error}); if no run uses "
+                "the folder, remove it, or choose another --out."
+            ) from None
+
     def release(self) -> None:
         """Give the lock up and remove the lock file."""
         if self._fd is None:
@@ -196,8 +216,8 @@ class RunLock:
                 f"{self.out} is locked by {_describe(holder)} (lock file {self.path}); the process cannot be "
                 "checked from this host. If no run is using the folder, rerun with --break-lock."
             )
-        print(
-            f"sdo: cleared a stale lock on {self.out} left by {_describe(holder)}, which is no longer running.",
+        print(  # the lock was free, so that run has ended (its process id may since belong to another process)
+            f"sdo: cleared a stale lock on {self.out} left by {_describe(holder)}; that run has ended.",
             file=sys.stderr,
         )
 
@@ -211,7 +231,7 @@ class RunLock:
     def _acquire_by_pid(self) -> RunLock:  # pragma: no cover (filesystems without flock)
         for _ in range(20):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                fd = self._open(os.O_RDWR | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
                 with open(self.path, "rb") as handle:
                     holder = _parse(handle.read())
@@ -226,6 +246,54 @@ class RunLock:
             self._write(fd)
             return self
         raise OutputLockedError(f"{self.out}: could not take the lock {self.path}; try again.")
+
+
+def is_secondary_process() -> bool:
+    """True only in a process of an initialized ``torch.distributed`` process group that is not its rank 0 (the
+    other processes of ``accelerate launch``): such a process shares the main process's lock. ``RANK`` or
+    ``WORLD_SIZE`` in the environment without an initialized group change nothing."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def _agree(error: SdoError | None) -> None:
+    """In a process group, every process learns whether the main process opened the output folder: the main
+    process sends its error's message (or None), and a secondary process raises it. Outside a group: nothing."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    message = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None and dist.get_rank() != 0:
+        raise OutputLockedError(f"the main process could not open the output folder ({message[0]}).")
+
+
+@contextmanager
+def open_output(out: str | os.PathLike, command: str, break_lock: bool = False) -> Iterator[dict | None]:
+    """Hold ``out`` for a run: take its lock, check it holds no other command's run and clean a killed run's
+    leftovers; yields the settings recorded in ``config.json`` (None if none). A secondary process of a process
+    group (``is_secondary_process``) takes no lock: it waits for the main process's outcome and raises if that
+    failed, so no process writes into a folder its main process could not take."""
+    if is_secondary_process():
+        _agree(None)
+        yield check_command(out, command)
+        return
+    lock = RunLock(out, command, break_lock)
+    try:
+        lock.acquire()
+        recorded = check_command(out, command)
+        clean_leftovers(out)
+    except SdoError as error:
+        lock.release()
+        _agree(error)
+        raise
+    _agree(None)
+    try:
+        yield recorded
+    finally:
+        lock.release()
 
 
 def _read(fd: int) -> dict | None:

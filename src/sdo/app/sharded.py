@@ -46,7 +46,7 @@ from sdo.errors import ConfigError, CorruptFileError
 from sdo.io import atomic_path, load_json, save_json, save_tensors
 from sdo.latent import save_latent
 
-__all__ = ["Item", "item_seed", "items_of", "read_prompts", "run_items"]
+__all__ = ["Item", "item_seed", "items_of", "process_state", "read_prompts", "run_items"]
 
 # Config fields that change no item's result: a rerun may change them and still reuse finished items.
 _FREE_FIELDS = ("out", "device", "conditions", "prompts", "threads", "compile", "prompt", "source", "target")
@@ -157,12 +157,23 @@ def _thread_count(config: LatentTaskConfig, processes: int) -> int:
     return torch.get_num_threads() if processes == 1 else max(1, cores // processes)
 
 
-def _process_state(device: str):
-    """Accelerate's view of the launch (index and count of processes); one process without a launcher."""
+def process_state(device: str):
+    """Accelerate's view of the launch (index and count of processes); one process without a launcher. The first
+    call joins ``accelerate launch``'s process group; launcher variables without a launcher (``WORLD_SIZE=2``
+    alone) are a ``ConfigError``."""
     from accelerate import PartialState
 
-    # The final barrier waits for the slowest shard, which may take hours: a day before a process gives up on it.
-    return PartialState(cpu=torch.device(device).type == "cpu", timeout=timedelta(hours=24))
+    try:  # The final barrier waits for the slowest shard, which may take hours: a day before a process gives up.
+        return PartialState(cpu=torch.device(device).type == "cpu", timeout=timedelta(hours=24))
+    except (ValueError, RuntimeError) as error:
+        launch = ", ".join(f"{name}={os.environ[name]}" for name in _LAUNCH_VARIABLES if name in os.environ)
+        raise ConfigError(
+            f"could not join the process group that the environment describes ({launch}): {error}. Start several "
+            "processes with `accelerate launch`, or unset these variables."
+        ) from None
+
+
+_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def run_items(config: LatentTaskConfig, progress: bool = True) -> dict | None:
@@ -172,7 +183,7 @@ def run_items(config: LatentTaskConfig, progress: bool = True) -> dict | None:
     ``skipped_as_finished`` counts the items already finished when the run started.
     """
     items = items_of(config)
-    state = _process_state(config.device)
+    state = process_state(config.device)
     rank, processes = state.process_index, state.num_processes
     if processes > 1 and torch.device(config.device).type == "cuda":
         config = dataclasses.replace(config, device=str(state.device))  # one GPU per process
