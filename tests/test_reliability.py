@@ -422,7 +422,7 @@ def test_unknown_device_is_one_line(tmp_path, capsys, monkeypatch):
 def test_missing_prompts_file(tmp_path, monkeypatch):
     no_models(monkeypatch)
     config = FinetuneConfig(pipeline=str(tmp_path / "sd"), prompts=str(tmp_path / "nope.txt"), task="aesthetic")
-    with pytest.raises(ConfigError, match=r"`prompts` file .*nope\.txt not found"):
+    with pytest.raises(ConfigError, match=r"--prompts .*nope\.txt: no such file"):
         finetune(replace(config, out=str(tmp_path / "o")), progress=False)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from sdo.app.cli import main
 from sdo.app.runs import LOCK_NAME, RunLock, is_secondary_process
-from sdo.errors import OutputLockedError
+from sdo.errors import ConfigError, OutputLockedError
 
 OPTIMIZE = ["optimize", "--steps", "2", "--iters", "1", "--batch", "1", "--views", "0"]
 
@@ -181,3 +181,35 @@ def test_accepted_edge_values_run_end_to_end(tmp_path, capsys):
     assert main([*tune, "--out", str(tmp_path / "f")]) == 0
     assert (tmp_path / "f" / "adapter.safetensors").is_file()
     capsys.readouterr()
+
+
+# Deliver 5: one prompt-file reader.
+
+
+def test_prompt_file_format(tmp_path):
+    from sdo.app.prompts import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeff# header\n a cat \n\n   # indented comment\nun café\r\n\t\nlast".encode())
+    assert read_prompts(path) == ["a cat", "un café", "last"]
+    path.write_bytes(b"ok\nfine\n\xff\xfe bad\n")
+    with pytest.raises(ConfigError, match=rf"--prompts {path}, line 3: not UTF-8 text"):
+        read_prompts(path)
+    for empty in ("", "\n\n", "# only\n  # comments\n"):
+        path.write_text(empty)
+        with pytest.raises(ConfigError, match=rf"--prompts {path}: no prompts"):
+            read_prompts(path)
+    with pytest.raises(ConfigError, match="no such file"):
+        read_prompts(tmp_path)  # a folder
+
+
+@pytest.mark.parametrize("content", [b"# comment\n\n", b"a cat\n\xc3\x28\n"])
+def test_both_commands_refuse_the_same_prompt_files_in_one_line(content, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(content)
+    pipeline = ["--pipeline", str(tmp_path / "no-such-pipeline"), "--prompts", str(prompts)]
+    expected = "no prompts" if content.startswith(b"#") else "line 2: not UTF-8"
+    err = one_line_error(capsys, ["optimize", *pipeline, "--out", str(tmp_path / "o")])
+    assert f"--prompts {prompts}" in err and expected in err
+    err = one_line_error(capsys, ["finetune", "--task", "clip", *pipeline, "--out", str(tmp_path / "f")])
+    assert f"--prompts {prompts}" in err and expected in err

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sdo.app.checkpoints import Checkpoint, latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from sdo.app.options import check_options, option
+from sdo.app.prompts import read_prompts
 from sdo.app.runs import RunLock, check_command, check_writable, clean_leftovers, differing_flags, flag, write_config
 from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
 from sdo.checks import SEED_MAX, check_device
@@ -371,8 +372,8 @@ def finetune(
         raise ConfigError(
             "`mixed_precision` fp16 needs a CUDA GPU (and --device cuda); on the CPU use --mixed-precision bf16 or no."
         )
-    if config.pipeline and not Path(config.prompts).is_file():
-        raise ConfigError(f"`prompts` file {config.prompts} not found (a text file with one prompt per line).")
+    if config.pipeline:
+        read_prompts(config.prompts)  # a missing, non-UTF-8 or empty file is refused before any work
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise missing_extra("tensorboard", "tensorboard", "--tensorboard (Accelerate's TensorBoard tracker)")
     tracker = "tensorboard" if config.tensorboard else None

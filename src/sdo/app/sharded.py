@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdo import zoo
+from sdo.app.prompts import read_prompts
 from sdo.app.report import machine_info, markdown_table
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task, load_resources, run_task
 from sdo.errors import ConfigError, CorruptFileError
@@ -76,18 +77,6 @@ class Item:
 def item_seed(seed: int, index: int) -> int:
     """The noise seed of item ``index`` in a run seeded ``seed``: a 32-bit word of ``SeedSequence([seed, index])``."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """The prompts of a prompts file: one per line; blank lines and lines starting with ``#`` are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--prompts {path}: no such file.")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
-    prompts = [line for line in prompts if line and not line.startswith("#")]
-    if not prompts:
-        raise ConfigError(f"--prompts {path}: no prompts (one per line; '#' starts a comment).")
-    return prompts
 
 
 def items_of(config: LatentTaskConfig) -> list[Item]:
