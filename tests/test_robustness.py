@@ -213,3 +213,122 @@ def test_both_commands_refuse_the_same_prompt_files_in_one_line(content, tmp_pat
     assert f"--prompts {prompts}" in err and expected in err
     err = one_line_error(capsys, ["finetune", "--task", "clip", *pipeline, "--out", str(tmp_path / "f")])
     assert f"--prompts {prompts}" in err and expected in err
+
+
+# Deliver 1 and 9: an item is done only when all its files are whole; linear bookkeeping.
+
+TINY = ["--steps", "3", "--iters", "2", "--batch", "2", "--views", "0", "--threads", "1"]
+
+
+def tiny_items(out, conditions: int = 4, **changes):
+    from sdo.app.tasks.latent import LatentTaskConfig
+
+    fields = dict(steps=3, iters=2, batch=2, views=0, threads=1, conditions=conditions, out=str(out))
+    return LatentTaskConfig(**{**fields, **changes})
+
+
+def latent_of(out, index: int):
+    from sdo.io import load_tensors
+
+    return load_tensors(out / "items" / str(index) / "latent.safetensors")["latent"].clone()
+
+
+def test_damaged_item_files_are_redone_and_the_summary_follows_the_check(tmp_path, capsys):
+    import torch
+
+    from sdo.app.sharded import run_items
+
+    out = tmp_path / "run"
+    run_items(tiny_items(out), progress=False)
+    reference = [latent_of(out, i) for i in range(4)]
+    items = out / "items"
+    assert set(json.loads((items / "0" / "metrics.json").read_text())["files"]) == {
+        "latent.safetensors",
+        "samples.safetensors",
+        "image.png",
+    }
+    (items / "0" / "latent.safetensors").unlink()
+    samples = items / "1" / "samples.safetensors"
+    samples.write_bytes(samples.read_bytes()[: samples.stat().st_size // 2])
+    (items / "2" / "image.png").unlink()
+    (items / "3" / "metrics.json").write_text("[]")
+    leftover = items / "3" / ".latent.safetensors.ab12cd34.tmp"
+    leftover.write_bytes(b"half")
+    summary = run_items(tiny_items(out), progress=False)
+    assert summary["skipped_as_finished"] == 0 and summary["finished"] == 4
+    assert not leftover.exists()
+    err = capsys.readouterr().err
+    assert "item 0 is redone" in err and "item 1 is redone" in err and "item 2 is redone" in err
+    for index in range(4):
+        torch.testing.assert_close(latent_of(out, index), reference[index], rtol=0, atol=0)
+    assert run_items(tiny_items(out), progress=False)["skipped_as_finished"] == 4
+
+
+def test_verify_also_checks_the_hashes(tmp_path, capsys):
+    from sdo.app.sharded import run_items
+
+    out = tmp_path / "run"
+    run_items(tiny_items(out, conditions=2), progress=False)
+    image = out / "items" / "1" / "image.png"
+    data = bytearray(image.read_bytes())
+    data[-20] ^= 0xFF  # same size: only the hash tells
+    image.write_bytes(bytes(data))
+    assert run_items(tiny_items(out, conditions=2), progress=False)["skipped_as_finished"] == 2
+    summary = run_items(tiny_items(out, conditions=2), progress=False, verify=True)
+    assert summary["skipped_as_finished"] == 1
+    assert "item 1 is redone" in capsys.readouterr().err and image.read_bytes() != bytes(data)
+    assert main(["optimize", "--conditions", "2", *TINY, "--verify", "--out", str(out)]) == 0
+    assert "2 of 2 items finished" in capsys.readouterr().out
+
+
+def test_truncated_samples_are_redone_before_the_summary_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["optimize", "--conditions", "2", *TINY, "--out", str(out)]
+    assert main(argv) == 0
+    samples = out / "items" / "0" / "samples.safetensors"
+    samples.write_bytes(samples.read_bytes()[:4000] if samples.stat().st_size > 4000 else samples.read_bytes()[:-8])
+    assert main(argv) == 0
+    assert "item 0 is redone" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["skipped_as_finished"] == 1
+
+
+class _FirstItem(Exception):
+    pass
+
+
+def test_a_huge_run_starts_its_first_item_quickly(tmp_path, monkeypatch):
+    import time
+
+    from sdo.app import sharded
+
+    def first_item(config, item, *args):
+        assert item.index == 0 and item.seed == sharded.item_seed(0, 0)
+        raise _FirstItem
+
+    monkeypatch.setattr(sharded, "_run_item", first_item)
+    monkeypatch.setattr(sharded, "load_resources", lambda config: None)
+    started = time.perf_counter()
+    with pytest.raises(_FirstItem):
+        sharded.run_items(tiny_items(tmp_path / "huge", conditions=200_000), progress=False)
+    assert time.perf_counter() - started < 15
+
+
+def test_checkpoint_with_an_altered_file_is_skipped(tmp_path):
+    import torch
+
+    from sdo.app.checkpoints import latest_checkpoint, save_checkpoint
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([weight])
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    save_checkpoint(tmp_path, 1, {"w": weight.detach()}, optimizer, {})
+    save_checkpoint(tmp_path, 2, {"w": weight.detach() * 2}, optimizer, {})
+    state = json.loads((tmp_path / "step-000002" / "state.json").read_text())
+    assert set(state["files"]) == {"weights.safetensors", "optimizer.safetensors"}
+    weights = tmp_path / "step-000002" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # a flipped bit in the last tensor: loads fine, the hash tells
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="does not match its recorded SHA-256"):
+        assert latest_checkpoint(tmp_path).step == 1

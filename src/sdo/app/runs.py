@@ -13,11 +13,13 @@ with it if that fails (``open_output``). Environment variables alone (``RANK``, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -38,9 +40,13 @@ __all__ = [
     "check_command",
     "check_writable",
     "clean_leftovers",
+    "clean_temporary_files",
+    "damaged_file",
     "differing_flags",
+    "file_records",
     "is_secondary_process",
     "open_output",
+    "remove_unused_folders",
     "write_config",
 ]
 
@@ -79,19 +85,99 @@ def check_writable(out: str | os.PathLike) -> Path:
 
 def clean_leftovers(out: str | os.PathLike) -> list[Path]:
     """Remove temporary files and half-built checkpoint folders that a killed run left in ``out`` and
-    ``out/checkpoints``; returns what was removed. Call it only while holding the folder's lock."""
-    removed = []
-    for folder in (Path(out), Path(out) / "checkpoints"):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if path.is_dir() and not path.is_symlink() and _TEMP_FOLDER.match(path.name):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-            elif path.is_file() and _TEMP_FILE.match(path.name):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    ``out/checkpoints``; returns what was removed. Call it only while holding the folder's lock. (Item folders,
+    ``out/items/<i>/``, are cleaned as their items are checked: ``clean_temporary_files``.)"""
+    return [*clean_temporary_files(out), *clean_temporary_files(Path(out) / "checkpoints")]
+
+
+def clean_temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and half-built checkpoint folders a killed run left directly in ``folder``
+    (``atomic_path`` files, ``.step-*`` folders, writability probes); returns what was removed."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if path.is_dir() and not path.is_symlink() and _TEMP_FOLDER.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif path.is_file() and _TEMP_FILE.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
+
+
+def remove_unused_folders(created: list[Path]) -> None:
+    """After a refused run: remove each folder of ``created`` (the folders the run made, deepest first) that holds
+    nothing but the run's own record (``config.json``, lock, temporary files) and empty folders."""
+    for folder in created:
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        kept = [
+            path
+            for path in folder.rglob("*")
+            if not path.is_dir() and path.name not in (CONFIG_NAME, LOCK_NAME) and not _TEMP_FILE.match(path.name)
+        ]
+        if not kept:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def file_records(folder: str | os.PathLike, names: list[str]) -> dict[str, dict]:
+    """``{name: {"bytes": size, "sha256": hex digest}}`` for the files ``names`` in ``folder``: what a done marker
+    records so that a rerun can tell a whole file from a missing, short or altered one (``damaged_file``)."""
+    records = {}
+    for name in names:
+        path = Path(folder) / name
+        records[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return records
+
+
+def damaged_file(folder: str | os.PathLike, records: object, verify: bool = False) -> str | None:
+    """The first problem with the files ``records`` (from ``file_records``) lists in ``folder``, or None when all
+    are whole. Always checked (cheap): each file is there with its recorded size, and a safetensors file's header
+    fits its size; with ``verify`` also each file's SHA-256."""
+    if not isinstance(records, dict) or not records:
+        return "no record of its files"
+    for name, record in records.items():
+        path = Path(folder) / name
+        if not isinstance(record, dict) or "/" in name or name.startswith("."):
+            return f"a damaged record of {name!r}"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{path} is missing"
+        if size != record.get("bytes"):
+            return f"{path} has {size} bytes, not the {record.get('bytes')} recorded"
+        problem = _safetensors_problem(path, size) if name.endswith(".safetensors") else None
+        if problem is None and verify and _sha256(path) != record.get("sha256"):
+            problem = f"{path} does not match its recorded SHA-256"
+        if problem:
+            return problem
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """Whether a safetensors file's header parses and its tensors end exactly at the end of the file (reads the
+    header only)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                return f"{path}: its safetensors header runs past the end of the file"
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"{path}: not a readable safetensors file"
+    if 8 + length + end != size:
+        return f"{path}: its tensors do not fill the file (truncated or padded)"
+    return None
 
 
 def check_command(out: str | os.PathLike, command: str) -> dict | None:
