@@ -332,3 +332,64 @@ def test_checkpoint_with_an_altered_file_is_skipped(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="does not match its recorded SHA-256"):
         assert latest_checkpoint(tmp_path).step == 1
+
+
+# Deliver 2: a refused run changes nothing on disk.
+
+
+def snapshot(folder) -> dict:
+    """Every path under ``folder`` with its bytes (None for a folder)."""
+    return {
+        str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def refuse_unchanged(capsys, argv, folder) -> str:
+    before = snapshot(folder)
+    capsys.readouterr()
+    err = one_line_error(capsys, argv)
+    assert snapshot(folder) == before, err
+    return err
+
+
+def test_refused_reruns_change_nothing(tmp_path, capsys):
+    items = tmp_path / "items"
+    assert main(["optimize", "--conditions", "2", *TINY, "--out", str(items)]) == 0
+    err = refuse_unchanged(capsys, ["optimize", "--conditions", "2", *TINY, "--lr", "0.3", "--out", str(items)], items)
+    assert "other settings" in err
+    assert json.loads((items / "config.json").read_text())["config"]["lr"] == 0.05
+    missing = ["--pipeline", str(tmp_path / "nowhere"), "--prompt", "a cat"]
+    single = tmp_path / "single"
+    assert main([*OPTIMIZE, "--out", str(single)]) == 0
+    err = refuse_unchanged(capsys, [*OPTIMIZE, *missing, "--out", str(single)], single)
+    assert "is not a diffusers pipeline folder" in err
+    tune = ["finetune", "--steps", "1", "--sample-steps", "2", "--batch-size", "1", "--eval-every", "0"]
+    tune += ["--eval-per-class", "1", "--task", "bold"]
+    tuned = tmp_path / "tuned"
+    assert main([*tune, "--out", str(tuned)]) == 0
+    assert "--seed 0 -> 3" in refuse_unchanged(capsys, [*tune, "--seed", "3", "--out", str(tuned)], tuned)
+    bench = tmp_path / "bench"
+    bench_argv = ["bench", "--methods", "sdo", "--steps", "2", "--iters", "1", "--batch", "1", "--out", str(bench)]
+    assert main(bench_argv) == 0
+    with RunLock(bench, "bench"):
+        assert "is in use by" in refuse_unchanged(capsys, bench_argv, bench)
+        assert "is in use by" in refuse_unchanged(capsys, [*OPTIMIZE, "--out", str(bench)], bench)
+    err = refuse_unchanged(capsys, [*OPTIMIZE, "--out", str(tuned)], tuned)
+    assert "holds a `sdo finetune` run" in err
+
+
+def test_a_folder_made_by_a_refused_run_is_removed(tmp_path, capsys):
+    missing = ["--pipeline", str(tmp_path / "nowhere"), "--prompt", "a cat"]
+    fresh = tmp_path / "new" / "deeper"
+    one_line_error(capsys, [*OPTIMIZE, *missing, "--out", str(fresh)])
+    assert not (tmp_path / "new").exists()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    tune = ["finetune", "--task", "clip", "--pipeline", str(tmp_path / "nowhere"), "--prompts", str(prompts)]
+    one_line_error(capsys, [*tune, "--out", str(fresh)])
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    one_line_error(capsys, [*OPTIMIZE, *missing, "--out", str(kept)])
+    assert kept.is_dir() and snapshot(kept) == {}  # a folder that was there stays
