@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -393,3 +394,99 @@ def test_a_folder_made_by_a_refused_run_is_removed(tmp_path, capsys):
     kept.mkdir()
     one_line_error(capsys, [*OPTIMIZE, *missing, "--out", str(kept)])
     assert kept.is_dir() and snapshot(kept) == {}  # a folder that was there stays
+
+
+# Deliver 7: disk full and signals.
+
+
+def disk_full_after(monkeypatch, writes: int, match: str = "") -> list[str]:
+    """Make the safetensors writer fail with ENOSPC after ``writes`` writes (of files whose path contains
+    ``match``); returns the paths it was asked to write."""
+    import errno
+
+    import sdo.io
+
+    real, seen = sdo.io.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        if match in path:
+            seen.append(path)
+            if len(seen) > writes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(sdo.io, "save_file", save_file)
+    return seen
+
+
+def test_a_failed_write_names_the_file_and_the_free_space(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from sdo.errors import SdoError, WriteFailedError
+    from sdo.io import save_json, save_tensors
+
+    disk_full_after(monkeypatch, 0)
+    target = tmp_path / "t.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(WriteFailedError, match=rf"could not write {target}: No space left on device \(.* MiB free"):
+        save_tensors({"x": torch.ones(2)}, target)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(SdoError, match=r"could not write .*j\.json: No space left on device"):
+        save_json({"a": 1}, tmp_path / "j.json")
+    assert not (tmp_path / "j.json").exists()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, monkeypatch, capsys):
+    from sdo.io import load_tensors
+
+    tune = ["finetune", "--steps", "2", "--sample-steps", "2", "--batch-size", "1", "--eval-every", "0"]
+    tune += ["--eval-per-class", "1", "--task", "bold", "--checkpoint-every", "1", "--lora-rank", "2"]
+    assert main([*tune, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "full"
+    disk_full_after(monkeypatch, 1, match="weights.safetensors")  # step 1's checkpoint is written, step 2's is not
+    capsys.readouterr()
+    assert main([*tune, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("sdo finetune: error: could not write") and "No space left on device" in err
+    assert "MiB free on its disk" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+    assert not (out / LOCK_NAME).exists()
+    monkeypatch.undo()
+    assert main([*tune, "--out", str(out)]) == 0
+    assert "Resuming from" in capsys.readouterr().out
+    resumed, whole = (
+        load_tensors(out / "adapter.safetensors"),
+        load_tensors(tmp_path / "whole" / "adapter.safetensors"),
+    )
+    assert resumed.keys() == whole.keys() and all(resumed[k].equal(whole[k]) for k in whole)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_like_sigterm_and_the_run_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "sdo", "optimize", "--conditions", "40", *TINY, "--out", str(out)]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "items" / "0" / "metrics.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "sdo optimize: interrupted; rerun the same command to resume.\n" in err
+    assert not (out / LOCK_NAME).exists()
+    done = subprocess.run([*argv[:5], "3", *argv[6:]], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "3 of 3 items finished" in done.stdout, done.stderr[-2000:]

@@ -269,6 +269,20 @@ class RunLock:
             return self
         raise OutputLockedError(f"{self.out}: could not take the lock {self.path}; try again.")
 
+    def _write(self, fd: int) -> None:
+        """Name this process as the holder in the lock file; a failed write (a full disk) is one line."""
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(record).encode())
+            os.fsync(fd)
+        except OSError as error:
+            self.release()
+            raise OutputLockedError(
+                f"{self.out}: could not write the lock file {self.path} ({error.strerror})."
+            ) from None
+
     def _open(self, flags: int) -> int:
         """Open the lock file; one that cannot be opened (a folder in its place, no permission) is one line."""
         try:
@@ -306,13 +320,6 @@ class RunLock:
             f"sdo: cleared a stale lock on {self.out} left by {_describe(holder)}; that run has ended.",
             file=sys.stderr,
         )
-
-    def _write(self, fd: int) -> None:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps(record).encode())
-        os.fsync(fd)
 
     def _acquire_by_pid(self) -> RunLock:  # pragma: no cover (filesystems without flock)
         for _ in range(20):
