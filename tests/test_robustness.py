@@ -490,3 +490,61 @@ def test_ctrl_c_exits_like_sigterm_and_the_run_resumes(tmp_path):
     assert not (out / LOCK_NAME).exists()
     done = subprocess.run([*argv[:5], "3", *argv[6:]], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "3 of 3 items finished" in done.stdout, done.stderr[-2000:]
+
+
+# The remaining tracebacks of issue item 9, and the small points under "Also seen".
+
+
+@pytest.mark.parametrize("index", ["[]", "null", '{"_class_name": ["StableDiffusionPipeline"]}', '"text"'])
+def test_a_malformed_model_index_is_one_line(index, tmp_path, capsys):
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(index)
+    err = one_line_error(
+        capsys, ["optimize", "--pipeline", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "o")]
+    )
+    assert "model_index.json: expected a JSON object" in err or "is not supported" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["optimize", "--reward", "bogus"], "unknown reward 'bogus'"),
+        (["optimize", "--reward", "aesthetic"], "scores a --pipeline's images; add --pipeline"),
+        (["optimize", "--pipeline", "p", "--prompt", "x", "--reward", "clip=0"], "weighs every term 0"),
+        (["optimize", "--pipeline", "p", "--prompt", "x", "--reward", "clip=0,aesthetic=0"], "weighs every term 0"),
+        (["finetune", "--pipeline", "p", "--prompts", "x", "--reward", "clip=0"], "weighs every term 0"),
+    ],
+)
+def test_rewards_that_would_be_ignored_or_optimize_nothing_are_refused(argv, match, tmp_path, capsys):
+    assert match in one_line_error(capsys, [*argv, "--out", str(tmp_path / "o")])
+
+
+def test_an_items_metrics_that_is_not_an_object_is_redone(tmp_path, monkeypatch):
+    from sdo.app import sharded
+
+    out = tmp_path / "run"
+    (out / "items" / "0").mkdir(parents=True)
+    (out / "items" / "0" / "metrics.json").write_text("[]")
+    ran = []
+    monkeypatch.setattr(sharded, "load_resources", lambda config: None)
+    monkeypatch.setattr(sharded, "_run_item", lambda config, item, *args: ran.append(item.index) or {"reward_best": 0})
+    monkeypatch.setattr(sharded, "write_summary", lambda *args, **kwargs: {"ran": ran})
+    assert sharded.run_items(tiny_items(out, conditions=2), progress=False) == {"ran": [0, 1]}
+
+
+def test_workers_stop_when_their_launcher_is_gone(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sdo.app import sharded
+    from sdo.errors import SdoError
+
+    state = SimpleNamespace(process_index=0, num_processes=2, is_main_process=True, wait_for_everyone=lambda: None)
+    monkeypatch.setattr(sharded, "process_state", lambda device: state)
+    monkeypatch.setattr(sharded, "load_resources", lambda config: None)
+    ran, parents = [], iter([100, 100, 1])  # the launcher dies after the first item
+    monkeypatch.setattr(os, "getppid", lambda: next(parents))
+    monkeypatch.setattr(sharded, "_run_item", lambda config, item, *args: ran.append(item.index) or {"reward_best": 0})
+    with pytest.raises(SdoError, match="the launcher of this run has ended"):
+        sharded.run_items(tiny_items(tmp_path / "run", conditions=6), progress=False)
+    assert ran == [0]

@@ -128,7 +128,10 @@ class LatentTaskConfig:
             raise ConfigError("`conditions` steers the embedded model's classes; with --pipeline use --prompts FILE.")
         if self.prompts and not self.pipeline:
             raise ConfigError("`prompts` needs --pipeline (the embedded model takes --conditions N).")
-        if self.pipeline and "style" in parse_reward_spec(self.reward) and not self.style_image:
+        terms = parse_reward_spec(self.reward)  # a bad --reward is refused with or without --pipeline
+        if not self.pipeline and self.reward != LatentTaskConfig.__dataclass_fields__["reward"].default:
+            raise ConfigError(f"`reward` ({self.reward!r}) scores a --pipeline's images; add --pipeline DIR.")
+        if self.pipeline and "style" in terms and not self.style_image:
             raise ConfigError("`style_image` (a PNG) is required with the style reward.")
 
 
