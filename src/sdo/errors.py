@@ -21,6 +21,7 @@ __all__ = [
     "OutputLockedError",
     "ResumeMismatchError",
     "SdoError",
+    "WriteFailedError",
     "missing_extra",
 ]
 
@@ -52,6 +53,11 @@ class ResumeMismatchError(ConfigError):
 
 class OutputLockedError(SdoError, RuntimeError):
     """Another process is writing into the same output folder (it holds the folder's lock file)."""
+
+
+class WriteFailedError(SdoError, OSError):
+    """A file could not be written (a full disk, a quota, a read-only filesystem); the message names the file and
+    the free space left on its disk. Nothing half-written is left in its place."""
 
 
 class NonFiniteRewardError(SdoError, ValueError):

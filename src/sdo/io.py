@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -15,12 +16,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CorruptFileError
+from .errors import CorruptFileError, WriteFailedError
 
 __all__ = [
     "DIR_MODE",
     "FILE_MODE",
     "CorruptFileError",
+    "WriteFailedError",
     "atomic_path",
     "convert_hint",
     "has_pickled_weights",
@@ -54,18 +56,43 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, else it is removed.
 
     The file ends with ``FILE_MODE`` (0644) whatever the writer did (``mkstemp`` and safetensors create 0600).
+    A write that fails with an ``OSError`` (a full disk, ...) raises ``WriteFailedError`` naming ``path`` and the
+    free space on its disk; ``path`` is left as it was.
     """
     path = Path(path)
-    make_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        make_dir(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as error:
+        raise _write_failed(path, error) from error
     try:
         yield Path(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except WriteFailedError:
+        raise
+    except OSError as error:
+        raise _write_failed(path, error) from error
+    except SafetensorError as error:
+        if "os error" not in str(error).lower() and "Os {" not in str(error):
+            raise
+        raise _write_failed(path, error) from error
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write_failed(path: str | os.PathLike, error: Exception) -> WriteFailedError:
+    """The one-line error for a failed write of ``path``: the system's reason and the free space on its disk."""
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free on its disk"
+    except OSError:
+        free = "free space unknown"
+    reason = getattr(error, "strerror", None) or str(error)
+    return WriteFailedError(f"could not write {path}: {reason} ({free}); free some space or choose another --out.")
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):

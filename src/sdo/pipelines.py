@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, MissingWeightsError
+from .errors import ConfigError, CorruptFileError, MissingWeightsError
 from .io import convert_hint, has_pickled_weights, load_json
 from .models import Denoiser
 from .sampling import Sampler
@@ -193,6 +193,8 @@ def _load(pipe_or_path, device, dtype):
         )
     # Components saved as absent (e.g. SD3 without its T5 encoder, SD without a safety checker) are passed as None.
     index = load_json(path / "model_index.json")
+    if not isinstance(index, dict):
+        raise CorruptFileError(f"{path / 'model_index.json'}: expected a JSON object, got {type(index).__name__}.")
     _check_family(index.get("_class_name"), path)
     absent = {name: None for name, value in index.items() if value == [None, None] or name == "safety_checker"}
     options = {"torch_dtype": dtype} if dtype is not None else {}
@@ -208,7 +210,7 @@ def _load(pipe_or_path, device, dtype):
 
 def _check_family(class_name: str | None, where: object) -> str:
     """The family of pipeline class ``class_name``; ``ConfigError`` naming the supported ones otherwise."""
-    if class_name not in FAMILIES:
+    if not isinstance(class_name, str) or class_name not in FAMILIES:
         raise ConfigError(f"{where}: {class_name} is not supported; sdo.from_pipeline supports {SUPPORTED}.")
     return FAMILIES[class_name]
 

@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from sdo.app.options import option
+from sdo.app.options import check_options, option
 from sdo.app.report import MEMORY_HEADER, machine_info, markdown_table, mebibytes
 from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
-from sdo.checks import check_positive, check_seed
+from sdo.checks import SEED_MAX
 from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
 from sdo.memory import PeakMemory
@@ -40,36 +40,39 @@ class BenchConfig:
     model: Literal["mnist", "sd15"] = option("mnist", "workload", choices=("mnist", "sd15"))
     variable: Literal["latent", "weights"] = option("latent", "what is optimized", choices=("latent", "weights"))
     steps: str = option("50", "comma-separated numbers of DDIM steps, e.g. 10,25,50,100")
-    iters: int = option(5, "iterations per method")
-    batch: int = option(4, "samples per iteration")
-    lr: float = option(0.05, "Adam learning rate (use ~1e-4 for weights)")
-    draft_k: int = option(1, "k of draft-k")
-    alignprop_high: int = option(10, "alignprop draws k uniformly in [1, this]")
+    iters: int = option(5, "iterations per method", at_least=1, at_most=10**6)
+    batch: int = option(4, "samples per iteration", at_least=1, at_most=4096)
+    lr: float = option(0.05, "Adam learning rate (use ~1e-4 for weights)", above=0)
+    draft_k: int = option(1, "k of draft-k", at_least=1, at_most=1000)
+    alignprop_high: int = option(10, "alignprop draws k uniformly in [1, this]", at_least=1, at_most=1000)
     cosine_sweep: bool = option(False, "also measure the gradient cosine of the shortcut for each kept step")
     checkpoint_kept: bool = option(False, "sdo: recompute the kept step in backward (less memory)")
     checkpoint_decoder: bool = option(False, "sd15: recompute the VAE decoder in backward (less memory)")
     vae_slicing: bool = option(False, "sd15: decode one image at a time")
-    width: float = option(1.0, "sd15: channel width multiplier (<1 only for smoke tests)")
-    resolution: int = option(512, "sd15: image resolution")
+    width: float = option(
+        1.0,
+        "sd15: channel width multiplier (<1 only for smoke tests; below 0.1 the 32-channel group norm would clamp "
+        "the architecture)",
+        at_least=0.1,
+        at_most=4.0,
+    )
+    resolution: int = option(512, "sd15: image resolution", at_least=64, at_most=4096, multiple_of=8)
     compile: bool = option(
         False, "also run every method with its no-grad network calls compiled (torch.compile; rows 'NAME+compile')"
     )
     plan: bool = option(False, "predict activation memory and relative time per iteration, without running")
-    seed: int = option(0, "seed of the latent, the batch and every random draw")
+    seed: int = option(0, "seed of the latent, the batch and every random draw", at_least=0, at_most=SEED_MAX)
     device: str = option("cpu", "torch device")
     out: str = option("sdo-bench", "output folder for bench.json, bench.md and bench.png")
 
     def __post_init__(self) -> None:
+        check_options(self)
         if not self.method_names:
             raise ConfigError(f"`methods` must name at least one method of {BENCH_METHODS}, got {self.methods!r}.")
         for name in self.method_names:
             find_method(name, self.method_options())  # unknown names, or no gradient to the variable
-        if not self.step_counts or min(self.step_counts) < 1:
-            raise ConfigError(f"`steps` must be comma-separated positive integers, got {self.steps!r}.")
-        if self.iters < 1 or self.batch < 1:
-            raise ConfigError(f"`iters` and `batch` must be >= 1, got {self.iters} and {self.batch}.")
-        check_positive(self.lr, "lr")
-        check_seed(self.seed)
+        if not self.step_counts or min(self.step_counts) < 1 or max(self.step_counts) > 1000:
+            raise ConfigError(f"`steps` must be comma-separated integers in [1, 1000], got {self.steps!r}.")
 
     def method_options(self, generator: torch.Generator | None = None) -> MethodOptions:
         """What the registry's gradient modes take from this config."""

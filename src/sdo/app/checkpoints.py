@@ -1,5 +1,9 @@
 """Training checkpoints: written atomically as a folder (temporary name, then one rename), read back with the
-previous one as a fallback when the newest is damaged. Only safetensors and JSON, never pickle."""
+previous one as a fallback when the newest is damaged. Only safetensors and JSON, never pickle.
+
+A checkpoint is whole only when its files are: ``state.json`` records each tensor file's size and SHA-256, and a
+checkpoint whose files are missing, of another size or another hash is skipped like any damaged one. A write that
+fails (a full disk) removes the half-built folder and leaves the previous checkpoints as they were."""
 
 from __future__ import annotations
 
@@ -13,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from sdo.app.runs import damaged_file, file_records
 from sdo.io import DIR_MODE, CorruptFileError, load_json, load_tensors, make_dir, save_json, save_tensors
 
 __all__ = ["Checkpoint", "latest_checkpoint", "optimizer_from_tensors", "optimizer_to_tensors", "save_checkpoint"]
 
 _PREFIX = "step-"
+_TENSOR_FILES = ("weights.safetensors", "optimizer.safetensors")
 
 
 @dataclass
@@ -60,15 +66,21 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write ``folder/step-NNNNNN/`` atomically (built under a temporary name, then renamed); keep the newest
-    ``keep`` checkpoints. A process killed at any moment leaves either the previous set or the new one."""
+    ``keep`` checkpoints. A process killed at any moment leaves either the previous set or the new one; a write
+    that fails removes the half-built folder and raises (the previous checkpoints are untouched)."""
     make_dir(folder)
     final = folder / f"{_PREFIX}{step:06d}"
     building = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
-    os.chmod(building, DIR_MODE)  # mkdtemp creates 0700
-    optimizer_tensors, groups = optimizer_to_tensors(optimizer)
-    save_tensors(weights, building / "weights.safetensors")
-    save_tensors(optimizer_tensors, building / "optimizer.safetensors")
-    save_json({"step": step, **groups, **extra}, building / "state.json")
+    try:
+        os.chmod(building, DIR_MODE)  # mkdtemp creates 0700
+        optimizer_tensors, groups = optimizer_to_tensors(optimizer)
+        save_tensors(weights, building / "weights.safetensors")
+        save_tensors(optimizer_tensors, building / "optimizer.safetensors")
+        files = file_records(building, list(_TENSOR_FILES))
+        save_json({"step": step, **groups, **extra, "files": files}, building / "state.json")
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(building, final)
@@ -90,6 +102,10 @@ def latest_checkpoint(folder: Path) -> Checkpoint | None:
     for path in _checkpoint_folders(folder):
         try:
             state = _check_state(path / "state.json", load_json(path / "state.json"))
+            if "files" in state:  # checkpoints written before the record was kept are checked by loading only
+                problem = damaged_file(path, state["files"], verify=True)
+                if problem:
+                    raise CorruptFileError(problem)
             optimizer_tensors = load_tensors(path / "optimizer.safetensors")
             for name in optimizer_tensors:
                 if not re.fullmatch(r"state\.\d+\..+", name):

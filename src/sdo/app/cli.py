@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sdo import __version__
+from sdo.app.runs import remove_unused_folders
 from sdo.errors import DISTRIBUTION, SdoError
 
 
@@ -58,6 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = demo_config(**_fields_of(args, LatentTaskConfig))
     print(f"sdo demo: {config.steps} DDIM steps, batch {config.batch}, {config.iters} Adam iterations per method")
     metrics = run_demo(config)
+    args.record_config()
     print(f"\nTask: {metrics['task']}\n")
     print(format_table(metrics["methods"]))
     if "s_per_iter_sdo_over_full" in metrics:
@@ -84,12 +85,13 @@ def _optimize(args: argparse.Namespace) -> int:
 
     config = _config_from(args, LatentTaskConfig)
     if config.conditions or config.prompts:
-        return _optimize_items(config)
+        return _optimize_items(config, args)
     if config.threads:
         torch.set_num_threads(config.threads)
     task = build_task(config)
     print(f"Task: {task.description} ({config.method}, {config.steps} steps)")
     result = run_task(config, task)
+    args.record_config()
     out = Path(config.out)
     save_latent(out / "latent.safetensors", result.latent, **dataclasses.asdict(config))
     with torch.no_grad():
@@ -105,10 +107,10 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optimize_items(config) -> int:
+def _optimize_items(config, args: argparse.Namespace) -> int:
     from sdo.app.sharded import run_items
 
-    summary = run_items(config)
+    summary = run_items(config, verify=args.verify, on_start=args.record_config)
     if summary is not None:  # the main process
         print(summary["table"])
         print(f"Wrote {Path(config.out)}/items/<index>/, summary.md, summary.json, grid.png")
@@ -122,8 +124,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     config = _config_from(args, BenchConfig)
     if config.plan:
-        return _plan(config)
+        return _plan(config, args)
     result = run_bench(config)
+    args.record_config()
     table = format_rows(result["rows"])
     out = Path(config.out)
     save_json(result, out / "bench.json")
@@ -140,11 +143,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(config) -> int:
+def _plan(config, args: argparse.Namespace) -> int:
     from sdo.app.plan import format_plan, plan_bench
     from sdo.io import save_json
 
     plan = plan_bench(config)
+    args.record_config()
     save_json(plan, Path(config.out) / "plan.json")
     print(f"Plan (predicted, nothing run): {config.model}, batch {config.batch}, {config.variable}\n")
     print(format_plan(plan))
@@ -165,6 +169,7 @@ def _train_zoo(args: argparse.Namespace) -> int:
     from sdo.zoo.train import ZooTrainingConfig, train_zoo
 
     config = _config_from(args, ZooTrainingConfig)
+    args.record_config()
     metrics = train_zoo(args.out, config)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -197,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     optimize = commands.add_parser("optimize", help="optimize latents of the embedded model for a task")
     add_config_flags(optimize, LatentTaskConfig)
+    optimize.add_argument(
+        "--verify",
+        action="store_true",
+        help="runs of many items: also check each finished item's files against their recorded SHA-256 (reads them)",
+    )
     optimize.set_defaults(run=_optimize, config=lambda args: _config_from(args, LatentTaskConfig))
 
     tune = commands.add_parser("finetune", help="reward fine-tuning (LoRA or full), resumable; works under accelerate")
@@ -244,18 +254,24 @@ def _check_up_front(args: argparse.Namespace):
 
 
 def _run_locked(args: argparse.Namespace, config) -> int:
-    """Run a command holding ``--out``'s lock, its settings recorded in ``config.json`` (fine-tuning locks and
-    records inside ``finetune``, shared by all its processes)."""
-    from sdo.app.runs import RunLock, check_command, clean_leftovers, write_config
+    """Run a command holding ``--out`` (``sdo.app.runs.open_output``: its lock, its command checked, leftovers
+    cleaned). Its settings are recorded in ``config.json`` by ``args.record_config()``, which each command calls
+    when its checks are done and it starts writing results, so a refused run leaves the folder as it was
+    (fine-tuning locks and records inside ``finetune``, shared by all its processes). A run of many items first
+    joins ``accelerate launch``'s process group, if any: only its secondary processes share the main process's
+    lock."""
+    from sdo.app.runs import is_secondary_process, open_output, write_config
 
     if args.command == "finetune":
         return args.run(args)
-    if int(os.environ.get("RANK", "0")) > 0:  # under `accelerate launch`, the other processes share rank 0's lock
-        return args.run(args)
-    with RunLock(args.out, args.command, args.break_lock):
-        check_command(args.out, args.command)
-        clean_leftovers(args.out)
-        write_config(args.out, args.command, {**dataclasses.asdict(config), "out": args.out})
+    if args.command == "optimize" and (config.conditions or config.prompts):
+        from sdo.app.sharded import process_state
+
+        process_state(config.device)
+    with open_output(args.out, args.command, args.break_lock):
+        record = {**dataclasses.asdict(config), "out": args.out}
+        secondary = is_secondary_process()
+        args.record_config = lambda: None if secondary else write_config(args.out, args.command, record)
         return args.run(args)
 
 
@@ -267,11 +283,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(describe_methods())
         return 0
+    created = _missing_folders(args)
     try:
         return _run_locked(args, _check_up_front(args))
     except SdoError as error:  # bad input, missing weights or extras, corrupt files: one clear line, no traceback
+        remove_unused_folders(created)
         print(f"sdo {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C ends a run like SIGTERM: no traceback, the lock released, resumable
+        print(f"sdo {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+def _missing_folders(args: argparse.Namespace) -> list[Path]:
+    """The output folders (and their parents) that do not exist yet, deepest first: what this run would create."""
+    folders = [Path(args.out)] + ([Path(args.json).parent] if getattr(args, "json", "") else [])
+    return [folder for top in folders for folder in (top, *top.parents) if not folder.exists()]
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sdo.app.checkpoints import Checkpoint, latest_checkpoint, optimizer_from_tensors, save_checkpoint
-from sdo.app.options import option
+from sdo.app.options import check_options, option
+from sdo.app.prompts import read_prompts
 from sdo.app.runs import RunLock, check_command, check_writable, clean_leftovers, differing_flags, flag, write_config
 from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
-from sdo.checks import check_device, check_positive, check_seed
+from sdo.checks import SEED_MAX, check_device
 from sdo.errors import (
     ConfigError,
     NonFiniteRewardError,
@@ -58,30 +59,37 @@ class FinetuneConfig:
         "reward: embedded model: confidence or bold; --pipeline: aesthetic, clip, style or pickscore",
         choices=FINETUNE_TASKS,
     )
-    steps: int = option(100, "total optimizer updates")
-    sample_steps: int = option(20, "DDIM steps per sample")
-    batch_size: int = option(8, "global batch (all processes, all accumulation micro-batches)")
-    grad_accum: int = option(1, "gradient accumulation micro-batches per update")
-    lr: float = option(1e-3, "AdamW learning rate")
-    max_grad_norm: float = option(1.0, "clip the global gradient norm to this before each update (0: off)")
+    steps: int = option(100, "total optimizer updates", at_least=1, at_most=10**7)
+    sample_steps: int = option(20, "DDIM steps per sample", at_least=1, at_most=1000)
+    batch_size: int = option(
+        8, "global batch (all processes, all accumulation micro-batches)", at_least=1, at_most=4096
+    )
+    grad_accum: int = option(1, "gradient accumulation micro-batches per update", at_least=1, at_most=4096)
+    lr: float = option(1e-3, "AdamW learning rate", above=0)
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this before each update (0: off)", at_least=0)
     kl_weight: float = option(
         0.0,
         "weight of the base-model regularizer: mean squared difference between the fine-tuned and the frozen "
         "base model's predictions at the trained steps (the KL between their Gaussian steps up to a constant)",
+        at_least=0,
     )
-    lora_rank: int = option(4, "LoRA rank; 0 trains the full weights")
+    lora_rank: int = option(4, "LoRA rank; 0 trains the full weights", at_least=0, at_most=4096)
     lora_targets: str = option(
         "",
         "comma-separated module names LoRA adapts (default: attention and, for the "
         "embedded model, resnet convolutions)",
     )
-    draft_k: int = option(2, "k of draft-k")
-    alignprop_high: int = option(10, "alignprop: depth drawn uniformly in [1, this] per trajectory batch")
+    draft_k: int = option(2, "k of draft-k", at_least=1, at_most=1000)
+    alignprop_high: int = option(
+        10, "alignprop: depth drawn uniformly in [1, this] per trajectory batch", at_least=1, at_most=1000
+    )
     guidance: float = option(3.0, "classifier-free guidance scale")
-    eval_every: int = option(10, "held-out evaluation every this many updates (0: only at the end)")
-    eval_per_class: int = option(5, "held-out samples per class")
-    checkpoint_every: int = option(10, "checkpoint every this many updates")
-    seed: int = option(0, "seeds every random draw")
+    eval_every: int = option(
+        10, "held-out evaluation every this many updates (0: only at the end)", at_least=0, at_most=10**7
+    )
+    eval_per_class: int = option(5, "held-out samples per class", at_least=1, at_most=1000)
+    checkpoint_every: int = option(10, "checkpoint every this many updates", at_least=1, at_most=10**7)
+    seed: int = option(0, "seeds every random draw", at_least=0, at_most=SEED_MAX)
     device: str = option("cpu", "cpu or cuda (under `accelerate launch`, Accelerate picks the device)")
     mixed_precision: str = option("no", "no, bf16 or fp16 (GPU)", choices=("no", "bf16", "fp16"))
     compile: bool = option(False, "run the no-grad network calls through torch.compile (CUDA: CUDA graphs)")
@@ -102,22 +110,11 @@ class FinetuneConfig:
     width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "sample_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_per_class"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        check_options(self)
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"`batch_size` ({self.batch_size}) must be divisible by `grad_accum` ({self.grad_accum})."
             )
-        if self.lora_rank < 0:
-            raise ConfigError(f"`lora_rank` must be >= 0, got {self.lora_rank}.")
-        check_positive(self.lr, "lr")
-        check_positive(self.max_grad_norm, "max_grad_norm", allow_zero=True)
-        check_seed(self.seed)
-        if self.eval_every < 0:
-            raise ConfigError(f"`eval_every` must be >= 0 (0: only at the end), got {self.eval_every}.")
-        if self.kl_weight < 0:
-            raise ConfigError(f"`kl_weight` must be >= 0, got {self.kl_weight}.")
         if self.method not in FINETUNE_METHODS:
             raise ConfigError(f"`method` must be one of {FINETUNE_METHODS} for fine-tuning, got {self.method!r}.")
         if self.method == "draft-k" and not 1 <= self.draft_k <= self.sample_steps:
@@ -375,8 +372,8 @@ def finetune(
         raise ConfigError(
             "`mixed_precision` fp16 needs a CUDA GPU (and --device cuda); on the CPU use --mixed-precision bf16 or no."
         )
-    if config.pipeline and not Path(config.prompts).is_file():
-        raise ConfigError(f"`prompts` file {config.prompts} not found (a text file with one prompt per line).")
+    if config.pipeline:
+        read_prompts(config.prompts)  # a missing, non-UTF-8 or empty file is refused before any work
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise missing_extra("tensorboard", "tensorboard", "--tensorboard (Accelerate's TensorBoard tracker)")
     tracker = "tensorboard" if config.tensorboard else None

@@ -24,7 +24,7 @@ def parse_reward_spec(spec: str, names: tuple[str, ...] = CLIP_REWARDS) -> dict[
 
     Raises:
         ConfigError: empty or malformed terms, an unknown or repeated name, a weight that is not a finite
-            number >= 0.
+            number >= 0, or every weight 0 (nothing would be optimized).
     """
     terms: dict[str, float] = {}
     for term in spec.split(","):
@@ -42,6 +42,10 @@ def parse_reward_spec(spec: str, names: tuple[str, ...] = CLIP_REWARDS) -> dict[
         if not math.isfinite(weight) or weight < 0:
             raise ConfigError(f"the weight of reward {name!r} must be a finite number >= 0, got {weight_text}.")
         terms[name] = weight
+    if not any(terms.values()):
+        raise ConfigError(
+            f"the reward {spec!r} weighs every term 0, so nothing would be optimized; give a term a weight > 0."
+        )
     return terms
 
 

@@ -5,20 +5,28 @@ The lock is ``OUT/.sdo.lock``: an exclusive ``flock`` on it is held for the run 
 the process ends, however it ends. The file names the holder (process id, host, command). A lock file whose lock
 nobody holds was left by a run that was killed: it is reported and taken over. A lock file written by another
 host (a shared filesystem, where the holder's process cannot be checked) is refused unless ``--break-lock``.
+
+Only one kind of process runs without taking the lock: a process of an initialized ``torch.distributed`` group
+(``accelerate launch``) that is not its main process; it waits for the main process to open the folder and stops
+with it if that fails (``open_output``). Environment variables alone (``RANK``, ``WORLD_SIZE``) change nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import struct
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sdo.errors import ConfigError, OutputLockedError, ResumeMismatchError
+from sdo.errors import ConfigError, OutputLockedError, ResumeMismatchError, SdoError
 from sdo.io import FILE_MODE, load_json, make_dir, save_json
 
 try:
@@ -32,7 +40,13 @@ __all__ = [
     "check_command",
     "check_writable",
     "clean_leftovers",
+    "clean_temporary_files",
+    "damaged_file",
     "differing_flags",
+    "file_records",
+    "is_secondary_process",
+    "open_output",
+    "remove_unused_folders",
     "write_config",
 ]
 
@@ -71,19 +85,99 @@ def check_writable(out: str | os.PathLike) -> Path:
 
 def clean_leftovers(out: str | os.PathLike) -> list[Path]:
     """Remove temporary files and half-built checkpoint folders that a killed run left in ``out`` and
-    ``out/checkpoints``; returns what was removed. Call it only while holding the folder's lock."""
-    removed = []
-    for folder in (Path(out), Path(out) / "checkpoints"):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if path.is_dir() and not path.is_symlink() and _TEMP_FOLDER.match(path.name):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-            elif path.is_file() and _TEMP_FILE.match(path.name):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    ``out/checkpoints``; returns what was removed. Call it only while holding the folder's lock. (Item folders,
+    ``out/items/<i>/``, are cleaned as their items are checked: ``clean_temporary_files``.)"""
+    return [*clean_temporary_files(out), *clean_temporary_files(Path(out) / "checkpoints")]
+
+
+def clean_temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and half-built checkpoint folders a killed run left directly in ``folder``
+    (``atomic_path`` files, ``.step-*`` folders, writability probes); returns what was removed."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if path.is_dir() and not path.is_symlink() and _TEMP_FOLDER.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif path.is_file() and _TEMP_FILE.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
+
+
+def remove_unused_folders(created: list[Path]) -> None:
+    """After a refused run: remove each folder of ``created`` (the folders the run made, deepest first) that holds
+    nothing but the run's own record (``config.json``, lock, temporary files) and empty folders."""
+    for folder in created:
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        kept = [
+            path
+            for path in folder.rglob("*")
+            if not path.is_dir() and path.name not in (CONFIG_NAME, LOCK_NAME) and not _TEMP_FILE.match(path.name)
+        ]
+        if not kept:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def file_records(folder: str | os.PathLike, names: list[str]) -> dict[str, dict]:
+    """``{name: {"bytes": size, "sha256": hex digest}}`` for the files ``names`` in ``folder``: what a done marker
+    records so that a rerun can tell a whole file from a missing, short or altered one (``damaged_file``)."""
+    records = {}
+    for name in names:
+        path = Path(folder) / name
+        records[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return records
+
+
+def damaged_file(folder: str | os.PathLike, records: object, verify: bool = False) -> str | None:
+    """The first problem with the files ``records`` (from ``file_records``) lists in ``folder``, or None when all
+    are whole. Always checked (cheap): each file is there with its recorded size, and a safetensors file's header
+    fits its size; with ``verify`` also each file's SHA-256."""
+    if not isinstance(records, dict) or not records:
+        return "no record of its files"
+    for name, record in records.items():
+        path = Path(folder) / name
+        if not isinstance(record, dict) or "/" in name or name.startswith("."):
+            return f"a damaged record of {name!r}"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{path} is missing"
+        if size != record.get("bytes"):
+            return f"{path} has {size} bytes, not the {record.get('bytes')} recorded"
+        problem = _safetensors_problem(path, size) if name.endswith(".safetensors") else None
+        if problem is None and verify and _sha256(path) != record.get("sha256"):
+            problem = f"{path} does not match its recorded SHA-256"
+        if problem:
+            return problem
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """Whether a safetensors file's header parses and its tensors end exactly at the end of the file (reads the
+    header only)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                return f"{path}: its safetensors header runs past the end of the file"
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"{path}: not a readable safetensors file"
+    if 8 + length + end != size:
+        return f"{path}: its tensors do not fill the file (truncated or padded)"
+    return None
 
 
 def check_command(out: str | os.PathLike, command: str) -> dict | None:
@@ -150,7 +244,7 @@ class RunLock:
         if fcntl is None:  # pragma: no cover
             return self._acquire_by_pid()
         for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            fd = self._open(os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -175,6 +269,32 @@ class RunLock:
             return self
         raise OutputLockedError(f"{self.out}: could not take the lock {self.path}; try again.")
 
+    def _write(self, fd: int) -> None:
+        """Name this process as the holder in the lock file; a failed write (a full disk) is one line."""
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(record).encode())
+            os.fsync(fd)
+        except OSError as error:
+            self.release()
+            raise OutputLockedError(
+                f"{self.out}: could not write the lock file {self.path} ({error.strerror})."
+            ) from None
+
+    def _open(self, flags: int) -> int:
+        """Open the lock file; one that cannot be opened (a folder in its place, no permission) is one line."""
+        try:
+            return os.open(self.path, flags, FILE_MODE)
+        except FileExistsError:
+            raise
+        except OSError as error:
+            raise OutputLockedError(
+                f"{self.out}: the lock file {self.path} cannot be opened ({error.strerror or error}); if no run uses "
+                "the folder, remove it, or choose another --out."
+            ) from None
+
     def release(self) -> None:
         """Give the lock up and remove the lock file."""
         if self._fd is None:
@@ -196,22 +316,15 @@ class RunLock:
                 f"{self.out} is locked by {_describe(holder)} (lock file {self.path}); the process cannot be "
                 "checked from this host. If no run is using the folder, rerun with --break-lock."
             )
-        print(
-            f"sdo: cleared a stale lock on {self.out} left by {_describe(holder)}, which is no longer running.",
+        print(  # the lock was free, so that run has ended (its process id may since belong to another process)
+            f"sdo: cleared a stale lock on {self.out} left by {_describe(holder)}; that run has ended.",
             file=sys.stderr,
         )
-
-    def _write(self, fd: int) -> None:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps(record).encode())
-        os.fsync(fd)
 
     def _acquire_by_pid(self) -> RunLock:  # pragma: no cover (filesystems without flock)
         for _ in range(20):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                fd = self._open(os.O_RDWR | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
                 with open(self.path, "rb") as handle:
                     holder = _parse(handle.read())
@@ -226,6 +339,54 @@ class RunLock:
             self._write(fd)
             return self
         raise OutputLockedError(f"{self.out}: could not take the lock {self.path}; try again.")
+
+
+def is_secondary_process() -> bool:
+    """True only in a process of an initialized ``torch.distributed`` process group that is not its rank 0 (the
+    other processes of ``accelerate launch``): such a process shares the main process's lock. ``RANK`` or
+    ``WORLD_SIZE`` in the environment without an initialized group change nothing."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def _agree(error: SdoError | None) -> None:
+    """In a process group, every process learns whether the main process opened the output folder: the main
+    process sends its error's message (or None), and a secondary process raises it. Outside a group: nothing."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    message = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None and dist.get_rank() != 0:
+        raise OutputLockedError(f"the main process could not open the output folder ({message[0]}).")
+
+
+@contextmanager
+def open_output(out: str | os.PathLike, command: str, break_lock: bool = False) -> Iterator[dict | None]:
+    """Hold ``out`` for a run: take its lock, check it holds no other command's run and clean a killed run's
+    leftovers; yields the settings recorded in ``config.json`` (None if none). A secondary process of a process
+    group (``is_secondary_process``) takes no lock: it waits for the main process's outcome and raises if that
+    failed, so no process writes into a folder its main process could not take."""
+    if is_secondary_process():
+        _agree(None)
+        yield check_command(out, command)
+        return
+    lock = RunLock(out, command, break_lock)
+    try:
+        lock.acquire()
+        recorded = check_command(out, command)
+        clean_leftovers(out)
+    except SdoError as error:
+        lock.release()
+        _agree(error)
+        raise
+    _agree(None)
+    try:
+        yield recorded
+    finally:
+        lock.release()
 
 
 def _read(fd: int) -> dict | None:

@@ -15,9 +15,13 @@ gives it (bit for bit at equal thread counts; within float round-off otherwise).
 Process ``r`` of ``P`` (``accelerate launch``) runs the items ``i`` with ``i mod P == r``. Each finished item leaves
 ``OUT/items/<i>/``: ``latent.safetensors`` (the optimized latent, with the item in its metadata),
 ``samples.safetensors`` (before/after images in [0, 1]), ``image.png`` (before row over after row) and, written last,
-``metrics.json`` - the item's "done" marker. Every file is written atomically, so a killed run loses at most the
-items in flight, and a rerun with the same ``--out`` skips every item whose ``metrics.json`` matches it and redoes
-the rest. When all processes are done, the main process writes ``summary.md``, ``summary.json`` and ``grid.png``.
+``metrics.json`` - the item's "done" marker, which records each file's size and SHA-256. Every file is written
+atomically, so a killed run loses at most the items in flight. A rerun with the same ``--out`` checks each item
+once: it skips an item whose marker matches it and whose files are all there with their recorded sizes (and
+whole safetensors headers; ``--verify`` also compares the hashes), and redoes the rest; settings that differ
+from the finished items' are refused before anything is written. When all processes are done, the main process
+writes ``summary.md``, ``summary.json`` and ``grid.png``. Under ``accelerate launch``, a process whose launcher
+has died stops before its next item.
 
 Threads: with ``P > 1`` processes each sets ``torch.set_num_threads(max(1, cores // P))`` (cores available to the
 process, ``os.sched_getaffinity``), so ``P`` processes do not oversubscribe the machine; ``--threads`` overrides.
@@ -28,8 +32,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,13 +45,15 @@ import torch
 from tqdm.auto import tqdm
 
 from sdo import zoo
+from sdo.app.prompts import read_prompts
 from sdo.app.report import machine_info, markdown_table
+from sdo.app.runs import clean_temporary_files, damaged_file, file_records
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task, load_resources, run_task
-from sdo.errors import ConfigError, CorruptFileError
+from sdo.errors import ConfigError, CorruptFileError, SdoError
 from sdo.io import atomic_path, load_json, save_json, save_tensors
 from sdo.latent import save_latent
 
-__all__ = ["Item", "item_seed", "items_of", "read_prompts", "run_items"]
+__all__ = ["Item", "item_seed", "items_of", "process_state", "read_prompts", "run_items"]
 
 # Config fields that change no item's result: a rerun may change them and still reuse finished items.
 _FREE_FIELDS = ("out", "device", "conditions", "prompts", "threads", "compile", "prompt", "source", "target")
@@ -78,30 +85,29 @@ def item_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """The prompts of a prompts file: one per line; blank lines and lines starting with ``#`` are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--prompts {path}: no such file.")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
-    prompts = [line for line in prompts if line and not line.startswith("#")]
-    if not prompts:
-        raise ConfigError(f"--prompts {path}: no prompts (one per line; '#' starts a comment).")
-    return prompts
+def item_at(config: LatentTaskConfig, index: int, prompts: list[str] | None = None) -> Item:
+    """Item ``index`` of the run ``config`` describes (``prompts``: the ``--prompts`` file's lines, read once by
+    the caller); only this item's seed is computed."""
+    seed = item_seed(config.seed, index)
+    if prompts is not None:
+        return Item(index, seed, prompt=prompts[index])
+    source = index % zoo.NUM_CLASSES
+    target = (source + 1 + (index // zoo.NUM_CLASSES + config.seed) % (zoo.NUM_CLASSES - 1)) % zoo.NUM_CLASSES
+    return Item(index, seed, source=source, target=target)
+
+
+def _item_count(config: LatentTaskConfig, prompts: list[str] | None) -> int:
+    if prompts is not None:
+        return len(prompts)
+    if config.conditions < 1:
+        raise ConfigError("A run of many items needs --conditions N (N >= 1) or --pipeline with --prompts FILE.")
+    return config.conditions
 
 
 def items_of(config: LatentTaskConfig) -> list[Item]:
     """Every item of the run ``config`` describes, in index order (see the module docstring for the mapping)."""
-    if config.prompts:
-        return [Item(i, item_seed(config.seed, i), prompt=p) for i, p in enumerate(read_prompts(config.prompts))]
-    if config.conditions < 1:
-        raise ConfigError("A run of many items needs --conditions N (N >= 1) or --pipeline with --prompts FILE.")
-    items = []
-    for i in range(config.conditions):
-        source = i % zoo.NUM_CLASSES
-        target = (source + 1 + (i // zoo.NUM_CLASSES + config.seed) % (zoo.NUM_CLASSES - 1)) % zoo.NUM_CLASSES
-        items.append(Item(i, item_seed(config.seed, i), source=source, target=target))
-    return items
+    prompts = read_prompts(config.prompts) if config.prompts else None
+    return [item_at(config, index, prompts) for index in range(_item_count(config, prompts))]
 
 
 def _spec(config: LatentTaskConfig) -> dict:
@@ -113,25 +119,39 @@ def _item_dir(out: Path, item: Item) -> Path:
     return out / "items" / str(item.index)
 
 
-def _finished(out: Path, item: Item, spec: dict) -> dict | None:
-    """The item's metrics if it finished, else None (unfinished, corrupt, or another prompt at that index).
+def _marker(folder: Path) -> dict | None:
+    """An item folder's done marker (``metrics.json``) if it is there and a JSON object, else None."""
+    try:
+        metrics = load_json(folder / "metrics.json")
+    except CorruptFileError:
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def _finished(out: Path, item: Item, spec: dict, verify: bool = False) -> dict | None:
+    """The item's metrics if it finished and its files are whole, else None (unfinished, a damaged marker or
+    file, or another prompt at that index). Removes temporary files a killed run left in the item's folder.
 
     Raises:
         ConfigError: the item finished under other settings (method, steps, lr, ...): resuming would mix runs.
     """
-    path = _item_dir(out, item) / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        metrics = load_json(path)
-    except CorruptFileError:
+    folder = _item_dir(out, item)
+    clean_temporary_files(folder)
+    metrics = _marker(folder)
+    if metrics is None:
         return None
     if metrics.get("spec") != spec:
         raise ConfigError(
             f"{out} holds results of other settings (item {item.index}: {_difference(metrics.get('spec'), spec)}); "
             "rerun with the same settings to resume, or choose another --out."
         )
-    return metrics if metrics.get("item") == dataclasses.asdict(item) else None  # another prompt: redo it
+    if metrics.get("item") != dataclasses.asdict(item):
+        return None  # another prompt at this index: redo it
+    problem = damaged_file(folder, metrics.get("files"), verify)
+    if problem:
+        print(f"sdo: item {item.index} is redone: {problem}.", file=sys.stderr)
+        return None
+    return metrics
 
 
 def _difference(old: dict | None, new: dict) -> str:
@@ -157,52 +177,106 @@ def _thread_count(config: LatentTaskConfig, processes: int) -> int:
     return torch.get_num_threads() if processes == 1 else max(1, cores // processes)
 
 
-def _process_state(device: str):
-    """Accelerate's view of the launch (index and count of processes); one process without a launcher."""
+def process_state(device: str):
+    """Accelerate's view of the launch (index and count of processes); one process without a launcher. The first
+    call joins ``accelerate launch``'s process group; launcher variables without a launcher (``WORLD_SIZE=2``
+    alone) are a ``ConfigError``."""
     from accelerate import PartialState
 
-    # The final barrier waits for the slowest shard, which may take hours: a day before a process gives up on it.
-    return PartialState(cpu=torch.device(device).type == "cpu", timeout=timedelta(hours=24))
+    try:  # The final barrier waits for the slowest shard, which may take hours: a day before a process gives up.
+        return PartialState(cpu=torch.device(device).type == "cpu", timeout=timedelta(hours=24))
+    except (ValueError, RuntimeError) as error:
+        launch = ", ".join(f"{name}={os.environ[name]}" for name in _LAUNCH_VARIABLES if name in os.environ)
+        raise ConfigError(
+            f"could not join the process group that the environment describes ({launch}): {error}. Start several "
+            "processes with `accelerate launch`, or unset these variables."
+        ) from None
 
 
-def run_items(config: LatentTaskConfig, progress: bool = True) -> dict | None:
+_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_items(
+    config: LatentTaskConfig,
+    progress: bool = True,
+    *,
+    verify: bool = False,
+    on_start: Callable[[], None] | None = None,
+) -> dict | None:
     """Optimize every item of ``config`` (``--conditions`` or ``--prompts``) on this process's shard.
 
-    Returns the summary (on the main process; None on the others). Reruns skip finished items; the summary's
-    ``skipped_as_finished`` counts the items already finished when the run started.
+    Each process first checks the items of its shard once (``verify``: also each file's SHA-256) and the processes
+    agree on the outcome: settings that differ from the finished items' are refused on every process before
+    anything is written. Then the main process calls ``on_start`` (the CLI records ``config.json`` there) and
+    the items left are run. Returns the summary (on the main process; None on the others), written after every
+    process is done; its ``skipped_as_finished`` counts the items already finished when the run started.
     """
-    items = items_of(config)
-    state = _process_state(config.device)
+    state = process_state(config.device)
     rank, processes = state.process_index, state.num_processes
     if processes > 1 and torch.device(config.device).type == "cuda":
         config = dataclasses.replace(config, device=str(state.device))  # one GPU per process
     out, spec = Path(config.out), _spec(config)
-    mine = [item for item in items if item.index % processes == rank]
+    prompts = read_prompts(config.prompts) if config.prompts else None
+    count = _item_count(config, prompts)
+    launcher = os.getppid()
+    main = state.is_main_process
     with _threads(_thread_count(config, processes)):
-        todo = [item for item in mine if _finished(out, item, spec) is None]
-        finished_before = sum(_finished(out, item, spec) is not None for item in items) if state.is_main_process else 0
-        bar = tqdm(
-            total=len(items),
-            initial=_count_done(out, items),
-            desc="items done",
-            disable=not (progress and state.is_main_process),
-        )
+        todo, done, problem = _check_shard(out, config, spec, prompts, range(rank, count, processes), verify)
+        finished_before = _agree_on_shards(done, problem)
+        if main and on_start is not None:
+            on_start()
+        shard = " (the main process's shard)" if processes > 1 else ""
+        bar = tqdm(total=count, initial=finished_before, desc=f"items done{shard}", disable=not (progress and main))
         resources = load_resources(config) if todo else None
-        for item in todo:
-            metrics = _run_item(config, item, spec, out, resources, progress and state.is_main_process)
-            bar.n = _count_done(out, items)  # every process's finished items
-            bar.set_postfix(item=metrics["item"]["index"], reward=f"{metrics['reward_best']:.3f}")
-            bar.refresh()
+        for index in todo:
+            if processes > 1 and os.getppid() != launcher:
+                raise SdoError("the launcher of this run has ended; stopping (rerun the command to resume).")
+            metrics = _run_item(config, item_at(config, index, prompts), spec, out, resources, progress and main)
+            bar.update(1)
+            bar.set_postfix(item=index, reward=f"{metrics['reward_best']:.3f}")
         bar.close()
         state.wait_for_everyone()
-    if not state.is_main_process:
+    if not main:
         return None
-    return write_summary(config, items, spec, skipped=finished_before, processes=processes)
+    return write_summary(config, spec, count, prompts, skipped=finished_before, processes=processes)
 
 
-def _count_done(out: Path, items: list[Item]) -> int:
-    """Items with a done marker (a file check only: cheap enough to run after every item)."""
-    return sum((_item_dir(out, item) / "metrics.json").is_file() for item in items)
+def _check_shard(
+    out: Path, config: LatentTaskConfig, spec: dict, prompts: list[str] | None, indices: range, verify: bool
+) -> tuple[list[int], int, str | None]:
+    """Check each item of the shard ``indices`` once: the indices left to run, the count finished, and the
+    refusal (other settings) if any. An item without a folder is not looked at further (its seed is not drawn)."""
+    items = out / "items"
+    existing = {int(name) for name in os.listdir(items) if name.isdigit()} if items.is_dir() else set()
+    todo, done = [], 0
+    for index in indices:
+        if index not in existing:
+            todo.append(index)
+            continue
+        try:
+            finished = _finished(out, item_at(config, index, prompts), spec, verify)
+        except ConfigError as error:
+            return todo, done, str(error)
+        if finished is None:
+            todo.append(index)
+        else:
+            done += 1
+    return todo, done, None
+
+
+def _agree_on_shards(done: int, problem: str | None) -> int:
+    """All processes' finished counts summed, and a refusal on any shard raised on every process (so no process
+    writes when one refuses). One process: ``done``, or the refusal."""
+    import torch.distributed as dist
+
+    results = [(done, problem)]
+    if dist.is_available() and dist.is_initialized():
+        results = [None] * dist.get_world_size()
+        dist.all_gather_object(results, (done, problem))
+    refusals = [refusal for _, refusal in results if refusal]
+    if refusals:
+        raise ConfigError(refusals[0])
+    return sum(count for count, _ in results)
 
 
 def _run_item(
@@ -238,9 +312,13 @@ def _run_item(
         "s_per_iter": statistics.median(r["seconds"] for r in history[:-1]) if len(history) > 1 else 0.0,
         "seconds": time.perf_counter() - started,
         "history": history,
+        "files": file_records(folder, list(_ITEM_FILES)),
     }
-    save_json(metrics, folder / "metrics.json")  # the done marker: written last
+    save_json(metrics, folder / "metrics.json")  # the done marker: written last, with every file's size and hash
     return metrics
+
+
+_ITEM_FILES = ("latent.safetensors", "samples.safetensors", "image.png")
 
 
 def _save_rows(rows: list[torch.Tensor], path: Path) -> None:
@@ -256,9 +334,15 @@ def _save_rows(rows: list[torch.Tensor], path: Path) -> None:
 
 
 def write_summary(
-    config: LatentTaskConfig, items: list[Item], spec: dict, skipped: int = 0, processes: int = 1
+    config: LatentTaskConfig,
+    spec: dict,
+    count: int,
+    prompts: list[str] | None = None,
+    skipped: int = 0,
+    processes: int = 1,
 ) -> dict:
-    """Read every finished item and write ``summary.json``, ``summary.md`` and ``grid.png`` under ``config.out``.
+    """Read every finished item's marker and write ``summary.json``, ``summary.md`` and ``grid.png`` under
+    ``config.out``, all after the reading (the items' files were checked when the run started).
 
     The table has one row per method: ``before`` (the no-grad samples of the initial latents) and the optimized
     method, each with the mean and median over items of the batch-mean reward (and judge success where the
@@ -268,9 +352,14 @@ def write_summary(
     from sdo.io import load_tensors
 
     out = Path(config.out)
-    finished = [(item, _finished(out, item, spec)) for item in items]
-    done = [(item, metrics) for item, metrics in finished if metrics is not None]
-    missing = [item.index for item, metrics in finished if metrics is None]
+    done, missing = [], []
+    for index in range(count):
+        item = item_at(config, index, prompts)
+        metrics = _marker(_item_dir(out, item))
+        whole = metrics is not None and metrics.get("spec") == spec and metrics.get("item") == dataclasses.asdict(item)
+        (done.append((item, metrics)) if whole else missing.append(index))
+    shown = done[:16]
+    samples = [load_tensors(_item_dir(out, item) / "samples.safetensors") for item, _ in shown]
     per_method = {
         "before": _stats([m["reward_initial"] for _, m in done], [m["judge_success_initial"] for _, m in done]),
         config.method: _stats([m["reward_final"] for _, m in done], [m["judge_success_final"] for _, m in done]),
@@ -278,7 +367,7 @@ def write_summary(
     }
     summary = {
         "config": dataclasses.asdict(config),
-        "items": len(items),
+        "items": count,
         "finished": len(done),
         "missing": missing,
         "skipped_as_finished": skipped,
@@ -308,7 +397,7 @@ def write_summary(
         for r in summary["per_item"]
     ]
     text = (
-        f"{len(done)} of {len(items)} items finished ({processes} processes)\n\n"
+        f"{len(done)} of {count} items finished ({processes} processes)\n\n"
         + markdown_table(headers, rows)
         + "\n\n"
         + markdown_table(("item", "condition", "reward before", "reward after", "seconds"), item_rows)
@@ -317,8 +406,6 @@ def write_summary(
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(text)
     if done:
-        shown = done[:16]
-        samples = [load_tensors(_item_dir(out, item) / "samples.safetensors") for item, _ in shown]
         captions = [item.label if item.prompt is None else str(item.index) for item, _ in shown]
         save_image_grid(
             {

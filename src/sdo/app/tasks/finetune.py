@@ -7,13 +7,12 @@ conditions, scores samples with its reward, and evaluates held-out conditions (t
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from sdo import zoo
+from sdo.app.prompts import read_prompts
 from sdo.app.quality import frechet_distance
-from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
 from sdo.rewards import ClassifierReward
 from sdo.sampling import Sampler
@@ -84,9 +83,7 @@ class PipelineTarget:
     def __init__(self, config, device: torch.device) -> None:
         from sdo.pipelines import from_pipeline
 
-        prompts = [line.strip() for line in Path(config.prompts).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ConfigError(f"`prompts` file {config.prompts} holds no prompt (one per line).")
+        prompts = read_prompts(config.prompts)
         self.config, self.device, self.prompts = config, device, prompts
         self.parts = from_pipeline(
             config.pipeline,

@@ -12,9 +12,9 @@ from typing import Literal
 import torch
 
 from sdo import zoo
-from sdo.app.options import option
+from sdo.app.options import check_options, option
 from sdo.app.reward_spec import parse_reward_spec
-from sdo.checks import check_positive, check_seed
+from sdo.checks import SEED_MAX
 from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
@@ -43,24 +43,36 @@ class LatentTaskConfig:
 
     task: Literal["class", "style", "adversarial"] = option("class", "what to optimize for", choices=TASKS)
     method: str = option("sdo", "gradient estimator (sdo bench --list-methods)", choices=LATENT_METHODS)
-    source: int = option(3, "class of the generated digits (-1: unconditional samples, no guidance)")
-    target: int = option(8, "class to steer to (class, adversarial) or of the style reference (style)")
-    steps: int = option(50, "DDIM steps")
-    iters: int = option(30, "Adam iterations")
-    lr: float = option(0.05, "Adam learning rate")
-    batch: int = option(8, "latents optimized at once")
-    seed: int = option(0, "seed of the initial noise")
-    start_step: int = option(0, "optimize the latent at this step (after a no-grad warm-up)")
+    source: int = option(
+        3, "class of the generated digits (-1: unconditional samples, no guidance)", at_least=-1, at_most=9
+    )
+    target: int = option(
+        8, "class to steer to (class, adversarial) or of the style reference (style)", at_least=0, at_most=9
+    )
+    steps: int = option(50, "DDIM steps", at_least=1, at_most=1000)
+    iters: int = option(30, "Adam iterations", at_least=1, at_most=10**6)
+    lr: float = option(0.05, "Adam learning rate", above=0)
+    batch: int = option(8, "latents optimized at once", at_least=1, at_most=4096)
+    seed: int = option(0, "seed of the initial noise", at_least=0, at_most=SEED_MAX)
+    start_step: int = option(0, "optimize the latent at this step (after a no-grad warm-up)", at_least=0, at_most=999)
     guidance: float = option(3.0, "classifier-free guidance scale")
-    prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer")
+    prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer", at_least=0)
     project: bool = option(True, "rescale latents to their initial norm after each step (the hard shell prior)")
-    views: int = option(4, "class/adversarial: average the classifier over this many random 2-pixel shifts")
-    proximity: float = option(20.0, "adversarial task: weight keeping the image near the original")
-    adjoint_iters: int = option(2, "adjoint: fixed-point refinements of each reconstructed state")
+    views: int = option(
+        4, "class/adversarial: average the classifier over this many random 2-pixel shifts", at_least=0, at_most=64
+    )
+    proximity: float = option(20.0, "adversarial task: weight keeping the image near the original", at_least=0)
+    adjoint_iters: int = option(
+        2, "adjoint: fixed-point refinements of each reconstructed state", at_least=0, at_most=100
+    )
     kept_steps: str = option("", "sdo-multi: comma-separated kept step indices (default: 4 spread over the run)")
-    doodl_lr: float = option(1.0, "doodl: gradient scale before element-wise clipping at 1e-3 (the authors' rule)")
-    freedom_scale: float = option(0.2, "freedom: guidance step as a fraction of the solver update")
-    freedom_repeats: int = option(1, "freedom: time-travel passes per step in the first half of the window")
+    doodl_lr: float = option(
+        1.0, "doodl: gradient scale before element-wise clipping at 1e-3 (the authors' rule)", above=0
+    )
+    freedom_scale: float = option(0.2, "freedom: guidance step as a fraction of the solver update", at_least=0)
+    freedom_repeats: int = option(
+        1, "freedom: time-travel passes per step in the first half of the window", at_least=1, at_most=100
+    )
     device: str = option("cpu", "torch device")
     out: str = option("sdo-optimize", "output folder")
     pipeline: str = option("", "optimize a local Stable Diffusion folder's latents instead of the embedded model")
@@ -95,48 +107,38 @@ class LatentTaskConfig:
         0,
         "optimize N class-steering items (source, target and seed from the item index and --seed), sharded over "
         "the processes of `accelerate launch`; results under OUT/items/<index>/ (0: one run of --source/--target)",
+        at_least=0,
+        at_most=10**7,
     )
     prompts: str = option(
         "", "--pipeline: a file of prompts, one item per line, sharded over processes like --conditions"
     )
     compile: bool = option(False, "run the no-grad network calls through torch.compile (CUDA: CUDA graphs)")
-    threads: int = option(0, "torch threads per process (0: the machine's cores divided among the processes)")
+    threads: int = option(
+        0, "torch threads per process (0: the machine's cores divided among the processes)", at_least=0, at_most=1024
+    )
 
     def __post_init__(self) -> None:
+        check_options(self)
         if self.task not in TASKS:
             raise ConfigError(f"`task` must be one of {TASKS}, got {self.task!r}.")
         if self.method not in LATENT_METHODS:
             raise ConfigError(f"`method` must be one of {LATENT_METHODS} for a latent, got {self.method!r}.")
-        if not -1 <= self.source < zoo.NUM_CLASSES:
-            raise ConfigError(f"`source` must be a digit class in [0, 9] or -1 (unconditional), got {self.source}.")
         if self.task == "adversarial" and self.source == -1:
             raise ConfigError("The adversarial task needs a source class (`source` in [0, 9]), not -1.")
-        if not 0 <= self.target < zoo.NUM_CLASSES:
-            raise ConfigError(f"`target` must be a digit class in [0, 9], got {self.target}.")
-        for name in ("steps", "batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.iters < 0 or self.lr <= 0:
-            raise ConfigError(f"`iters` must be >= 0 and `lr` > 0, got iters={self.iters}, lr={self.lr}.")
-        check_positive(self.lr, "lr")
-        check_seed(self.seed)
         if not 0 <= self.start_step < self.steps:
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
-        if self.adjoint_iters < 0 or self.freedom_repeats < 1 or self.freedom_scale < 0 or not self.doodl_lr > 0:
-            raise ConfigError(
-                "`adjoint_iters` must be >= 0, `freedom_repeats` >= 1, `freedom_scale` >= 0 and `doodl_lr` > 0; got "
-                f"{self.adjoint_iters}, {self.freedom_repeats}, {self.freedom_scale}, {self.doodl_lr}."
-            )
         find_method(self.method, self.method_options())  # a bad --kept-steps fails here, before any work
         if self.pipeline and not (self.prompt or self.prompts):
             raise ConfigError("`prompt` (or `prompts`, a file of prompts) is required with --pipeline.")
-        if self.conditions < 0 or self.threads < 0:
-            raise ConfigError(f"`conditions` and `threads` must be >= 0, got {self.conditions} and {self.threads}.")
         if self.conditions and self.pipeline:
             raise ConfigError("`conditions` steers the embedded model's classes; with --pipeline use --prompts FILE.")
         if self.prompts and not self.pipeline:
             raise ConfigError("`prompts` needs --pipeline (the embedded model takes --conditions N).")
-        if self.pipeline and "style" in parse_reward_spec(self.reward) and not self.style_image:
+        terms = parse_reward_spec(self.reward)  # a bad --reward is refused with or without --pipeline
+        if not self.pipeline and self.reward != LatentTaskConfig.__dataclass_fields__["reward"].default:
+            raise ConfigError(f"`reward` ({self.reward!r}) scores a --pipeline's images; add --pipeline DIR.")
+        if self.pipeline and "style" in terms and not self.style_image:
             raise ConfigError("`style_image` (a PNG) is required with the style reward.")
 
 
