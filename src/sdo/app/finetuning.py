@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sdo.app.checkpoints import Checkpoint, latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from sdo.app.options import option
+from sdo.app.pipeline_options import PipelineOptions
 from sdo.app.runs import RunLock, check_command, check_writable, clean_leftovers, differing_flags, flag, write_config
 from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
 from sdo.checks import check_device, check_positive, check_seed
@@ -49,8 +50,9 @@ FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """One fine-tuning run (every field is a ``sdo finetune`` flag)."""
+class FinetuneConfig(PipelineOptions):
+    """One fine-tuning run (every field is a ``sdo finetune`` flag; the pipeline and reward fields are the shared
+    ``PipelineOptions`` block, whose ``reward`` here defaults to the ``task`` reward)."""
 
     method: str = option("sdo", "gradient estimator", choices=FINETUNE_METHODS)
     task: str = option(
@@ -77,7 +79,6 @@ class FinetuneConfig:
     )
     draft_k: int = option(2, "k of draft-k")
     alignprop_high: int = option(10, "alignprop: depth drawn uniformly in [1, this] per trajectory batch")
-    guidance: float = option(3.0, "classifier-free guidance scale")
     eval_every: int = option(10, "held-out evaluation every this many updates (0: only at the end)")
     eval_per_class: int = option(5, "held-out samples per class")
     checkpoint_every: int = option(10, "checkpoint every this many updates")
@@ -89,17 +90,10 @@ class FinetuneConfig:
         False, "log through Accelerate's TensorBoard tracker (needs shortcut-diffusion[tensorboard])"
     )
     out: str = option("sdo-finetune", "output folder (a rerun with the same folder resumes)")
-    pipeline: str = option("", "fine-tune a local Stable Diffusion folder instead of the embedded model")
     prompts: str = option("", "--pipeline: text file with one training prompt per line")
     reward: str = option(
         "", "--pipeline: rewards as a weighted sum, e.g. clip=1.0,aesthetic=0.5 (default: the --task reward alone)"
     )
-    clip_path: str = option("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
-    pickscore_path: str = option("", "--pipeline, pickscore: local PickScore CLIP folder (or $SDO_PICKSCORE_PATH)")
-    aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
-    style_image: str = option("", "--pipeline, style: reference image (PNG)")
-    height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
-    width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "sample_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_per_class"):
@@ -132,14 +126,11 @@ class FinetuneConfig:
             raise ConfigError("`prompts` (a file with one prompt per line) is required with --pipeline.")
         if self.reward and not self.pipeline:
             raise ConfigError("`reward` (a weighted sum of image rewards) is for --pipeline runs.")
-        if self.pipeline and "style" in self.reward_terms() and not self.style_image:
-            raise ConfigError("`style_image` (a PNG) is required with the style reward.")
+        super().__post_init__()
 
-    def reward_terms(self) -> dict[str, float]:
-        """The ``--pipeline`` reward terms and weights: ``reward`` parsed, or ``{task: 1.0}``."""
-        from sdo.app.reward_spec import parse_reward_spec
-
-        return parse_reward_spec(self.reward or self.task)
+    def reward_spec(self) -> str:
+        """The ``--pipeline`` reward spec: ``reward``, or the ``task`` reward alone."""
+        return self.reward or self.task
 
     def mode(self, generator: torch.Generator) -> GradientMode:
         """The gradient mode of ``method`` from the registry (``sdo.methods``); its random draws come from

@@ -93,26 +93,11 @@ class PipelineTarget:
             prompts,
             guidance_scale=config.guidance,
             device=device,
-            height=config.height or None,
-            width=config.width or None,
+            **config.size(),
         )
         self.unet = self.parts.unet
         self.lora_targets = self.parts.lora_targets
-        self.reward = self._reward(config)
-
-    def _reward(self, config):
-        from sdo.app.reward_spec import image_reward
-
-        score = image_reward(
-            config.reward or config.task,
-            self.prompts,
-            device=self.device,
-            clip_path=config.clip_path,
-            pickscore_path=config.pickscore_path,
-            aesthetic_head=config.aesthetic_head,
-            style_image=config.style_image,
-        )
-        return self.parts.latent_reward(score)
+        self.reward = self.parts.latent_reward(config.image_reward(prompts, device))
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt indices ``[B]`` and initial latents ``[B, C, h, w]``."""
