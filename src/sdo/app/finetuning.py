@@ -31,6 +31,7 @@ from sdo.app.lora import (
     add_lora,
     load_adapter,
     merge_lora,
+    remove_lora,
     save_adapter,
     save_for_diffusers,
     trainable_state,
@@ -39,7 +40,7 @@ from sdo.app.options import option
 from sdo.app.pipeline_options import PipelineOptions
 from sdo.app.resume import MetricsLog, open_output, prompt_digest, restore
 from sdo.app.runs import check_writable
-from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward, read_prompt_file
+from sdo.app.tasks.finetune import EVALUATION_MEASURES, PipelineTarget, ZooTarget, ink_reward, read_prompt_file
 from sdo.checks import check_device, check_positive, check_seed
 from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError, MissingExtraError, NonFiniteRewardError, missing_extra
@@ -225,6 +226,7 @@ class Trainer:
         self.network = target.unet
         self.lora = config.lora_rank > 0
         self.lora_targets = config.lora_targets or target.lora_targets
+        remove_lora(self.network)  # a pipeline object trained before: start again from its base weights
         if self.lora:
             add_lora(self.network, config.lora_rank, self.lora_targets)
         else:
@@ -337,7 +339,9 @@ def finetune(
     image reward on the decoded samples (float ``[B, 3, H, W]`` in ``[0, 1]``, ``sdo.ImageReward``), which must be
     differentiable in ``images``; nothing else is loaded for scoring then. ``prompts`` (a list) replaces
     ``config.prompts``; evaluation scores the same reward on ``eval_prompts`` (default: ``config.eval_prompts``,
-    else the training prompts, and the metrics say ``eval_on_training_prompts: true``).
+    else the training prompts, and the metrics say ``eval_on_training_prompts: true``). A loaded ``pipeline`` is
+    trained in place: afterwards its network holds the fine-tuned weights (LoRA as peft layers; sdo's adapter from
+    an earlier run is removed first, so a rerun starts from the base weights or its checkpoint).
 
     Example::
 
@@ -554,7 +558,8 @@ def _write_outputs(out: Path, trainer: Trainer, target, config: FinetuneConfig, 
         save_for_diffusers(target.pipe, trainer.network, out, trainer.lora)
         if config.save_pipeline:
             _save_fused_pipeline(target.pipe, trainer.network, Path(config.save_pipeline))
-    save_finetune_curves(records, out / "reward_curve.png", f"{config.method} on {config.reward_spec()}")
+    title = f"{config.method} on {config.reward_spec()}"
+    save_finetune_curves(records, out / "reward_curve.png", title, EVALUATION_MEASURES)
 
 
 def _save_fused_pipeline(pipe, network: torch.nn.Module, folder: Path) -> None:

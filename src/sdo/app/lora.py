@@ -19,17 +19,20 @@ from pathlib import Path
 
 import torch
 
+from sdo.errors import ConfigError
 from sdo.io import DIR_MODE, CorruptFileError, load_tensors, make_dir, save_tensors
 
 __all__ = [
     "ADAPTER_NAME",
     "DIFFUSERS_LORA_NAME",
+    "ZOO_LORA_TARGETS",
     "add_lora",
     "fuse_lora",
     "load_adapter",
     "load_trainable",
     "merge_lora",
     "network_of",
+    "remove_lora",
     "save_adapter",
     "save_for_diffusers",
     "trainable_state",
@@ -135,7 +138,8 @@ def save_for_diffusers(pipe, network: torch.nn.Module, out: str | Path, lora: bo
     """Write ``network`` (``pipe``'s fine-tuned denoising network) where plain diffusers loads it, atomically.
 
     LoRA: ``out/pytorch_lora_weights.safetensors`` through the pipeline class's own ``save_lora_weights`` (peft's
-    state dict converted with ``convert_state_dict_to_diffusers``; the adapter's rank, alpha and targets as
+    state dict, converted with ``convert_state_dict_to_diffusers`` for a UNet as diffusers' SD/SDXL training scripts
+    do, as it is for an SD3/Flux transformer as theirs do; the adapter's rank, alpha and targets as
     ``*_lora_adapter_metadata``), loaded by ``pipe.load_lora_weights(out)``. Full weights:
     ``out/unet/`` or ``out/transformer/`` by ``save_pretrained``, loaded by ``UNet2DConditionModel.from_pretrained``
     (or the transformer's class). Both are written into a temporary folder next to the result, then renamed.
@@ -164,7 +168,9 @@ def _save_lora_layers(pipe, network: torch.nn.Module, name: str, folder: Path) -
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
+    layers = get_peft_model_state_dict(network)
+    if name == "unet":  # as diffusers' own UNet training scripts save; the transformers' loaders take peft keys
+        layers = convert_state_dict_to_diffusers(layers)
     options = {f"{name}_lora_layers": layers}
     peft_config = getattr(network, "peft_config", {}).get("default")
     if peft_config is not None:
@@ -175,11 +181,32 @@ def _save_lora_layers(pipe, network: torch.nn.Module, name: str, folder: Path) -
 def merge_lora(network: torch.nn.Module) -> torch.nn.Module:
     """Merge every peft LoRA layer of ``network`` into its base weight and put the plain base module back, so the
     state dict has the base model's keys again (no ``base_layer`` or ``lora_A``); no-op on a plain network."""
+    return _unwrap(network, merge=True)
+
+
+def remove_lora(network: torch.nn.Module) -> torch.nn.Module:
+    """Take sdo's LoRA (peft adapter ``default``) out of ``network`` unmerged: the base weights as they were.
+
+    Raises:
+        ConfigError: ``network`` holds other adapters (e.g. from ``pipe.load_lora_weights``), which sdo would
+            otherwise train on top of or drop; fuse or unload them first.
+    """
+    names = sorted(getattr(network, "peft_config", {}))
+    if names and names != ["default"]:
+        raise ConfigError(
+            f"The pipeline's network holds LoRA adapters {names}; fuse them into its weights (`pipe.fuse_lora()` "
+            "then `pipe.unload_lora_weights()`) or unload them before fine-tuning it."
+        )
+    return _unwrap(network, merge=False)
+
+
+def _unwrap(network: torch.nn.Module, merge: bool) -> torch.nn.Module:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     wrapped = [(name, module) for name, module in network.named_modules() if isinstance(module, BaseTunerLayer)]
     for name, module in wrapped:
-        module.merge()
+        if merge:
+            module.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(network.get_submodule(parent_name) if parent_name else network, child, module.get_base_layer())
     if hasattr(network, "peft_config"):

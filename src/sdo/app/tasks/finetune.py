@@ -21,7 +21,10 @@ from sdo.gradients import NoGrad
 from sdo.rewards import ClassifierReward
 from sdo.sampling import Sampler
 
-__all__ = ["PipelineTarget", "ZooTarget", "ink_reward", "read_prompt_file"]
+__all__ = ["EVALUATION_MEASURES", "PipelineTarget", "ZooTarget", "ink_reward", "read_prompt_file"]
+
+EVALUATION_MEASURES = ("judge_accuracy", "frechet_judge", "eval_reward")
+"""What the targets' evaluators measure (every other metric of a record comes from the training batch)."""
 
 
 def ink_reward(x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
