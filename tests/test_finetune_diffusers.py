@@ -157,4 +157,6 @@ def test_python_api_refuses_what_it_cannot_use(pipeline_dir, tmp_path):
         finetune(config, pipeline=object(), prompts=["a cat"], progress=False)
     with pytest.raises(sdo.ConfigError, match="are for pipelines"):
         finetune(config, prompts=["a cat"], progress=False)
+    with pytest.raises(sdo.ConfigError, match=r"`task` 'clip' scores a pipeline's images"):
+        finetune(FinetuneConfig(**SMALL, task="clip", out=str(tmp_path / "ft")), progress=False)
     assert not (tmp_path / "ft").exists()  # refused before anything was written

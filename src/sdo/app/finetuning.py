@@ -161,10 +161,10 @@ class FinetuneConfig(PipelineOptions):
             raise ConfigError(f"`draft_k` must be in [1, {self.sample_steps}], got {self.draft_k}.")
         if self.method == "alignprop" and not 1 <= self.alignprop_high <= self.sample_steps:
             raise ConfigError(f"`alignprop_high` must be in [1, {self.sample_steps}], got {self.alignprop_high}.")
-        tasks = PIPELINE_TASKS if self.pipeline else ZOO_TASKS
-        if self.task not in tasks and not (self.pipeline and self.reward):  # --reward replaces --task
-            where = "with --pipeline" if self.pipeline else "for the embedded model"
-            raise ConfigError(f"`task` must be one of {tasks} {where}, got {self.task!r}.")
+        if self.task not in FINETUNE_TASKS:
+            raise ConfigError(f"`task` must be one of {FINETUNE_TASKS}, got {self.task!r}.")
+        if self.pipeline and self.task not in PIPELINE_TASKS and not self.reward:  # --reward replaces --task
+            raise ConfigError(f"`task` must be one of {PIPELINE_TASKS} with --pipeline, got {self.task!r}.")
         if self.pipeline and not self.prompts:
             raise ConfigError("`prompts` (a file with one prompt per line) is required with --pipeline.")
         if self.reward and not self.pipeline:
@@ -429,6 +429,11 @@ class _TrainingData:
                 raise ConfigError("`prompts` and `eval_prompts` are for pipelines (pass `pipeline=` or --pipeline).")
             if config.save_pipeline:
                 raise ConfigError("`save_pipeline` writes a fine-tuned pipeline; pass `pipeline=` or --pipeline.")
+            if reward is None and config.task not in ZOO_TASKS:
+                raise ConfigError(
+                    f"`task` {config.task!r} scores a pipeline's images; the embedded model's are {ZOO_TASKS} "
+                    "(or pass `pipeline=` or --pipeline)."
+                )
             return cls(reward, None, None, None)
         if isinstance(prompts, str) or isinstance(eval_prompts, str):
             raise ConfigError("`prompts` and `eval_prompts` must be lists of strings (a file goes in the config).")
