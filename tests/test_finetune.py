@@ -59,6 +59,13 @@ def test_single_process_run_writes_everything(tmp_path):
     assert last == records[-1]
     assert (tmp_path / "run" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert len(adapter(config)) > 0 and all("lora" in name for name in adapter(config))
+    samples = sorted(path.name for path in (tmp_path / "run" / "samples").iterdir())
+    assert samples == ["step-000002.png", "step-000004.png"]  # each evaluation, the last one at the end
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "run" / "samples" / "step-000004.png")
+    assert grid.size == (4 * 32, 3 * 32)  # 10 held-out digits (1 per class) in a 4-column grid, full resolution
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()  # the zoo keeps sdo's file only
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
@@ -126,6 +133,72 @@ def test_bad_configuration_is_refused(tmp_path):
         small_config(tmp_path, method="draft-k", draft_k=9)
 
 
+def test_report_to_names_accelerate_trackers_and_tensorboard_stays_an_alias(tmp_path, monkeypatch):
+    from accelerate.utils import LoggerType
+
+    from sdo.app.finetuning import TRACKERS
+
+    assert set(TRACKERS) == {kind.value for kind in LoggerType} - {"all"}
+    assert small_config(tmp_path, tensorboard=True).trackers() == ["tensorboard"]
+    assert small_config(tmp_path, report_to="wandb, tensorboard", tensorboard=True).trackers() == [
+        "wandb",
+        "tensorboard",
+    ]
+    with pytest.raises(sdo.ConfigError, match=r"`report_to`: unknown tracker 'tensorbored'"):
+        small_config(tmp_path, report_to="tensorbored")
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # no tracker package installed
+    with pytest.raises(sdo.errors.MissingExtraError, match=r"--report-to wandb needs .*pip install wandb"):
+        finetune(small_config(tmp_path, report_to="wandb"), progress=False)
+    with pytest.raises(sdo.errors.MissingExtraError, match=r"shortcut-diffusion\[tensorboard\]"):
+        finetune(small_config(tmp_path, tensorboard=True), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the output folder was touched
+
+
+def test_evaluation_samples_go_to_every_tracker(tmp_path):
+    from sdo.app.finetuning import _evaluate
+
+    class Tracker:
+        def __init__(self, name):
+            self.name, self.logged = name, []
+
+        def log_images(self, values, step, **options):
+            self.logged.append((values, step, options))
+
+    class Accelerator:
+        def __init__(self):
+            self.trackers = [Tracker("tensorboard"), Tracker("wandb")]
+
+    accelerator, images = Accelerator(), torch.rand(3, 1, 4, 4)
+    measures = _evaluate(lambda network: ({"eval_reward": 0.5}, images), None, accelerator, tmp_path, 7)
+    assert measures == {"eval_reward": 0.5} and (tmp_path / "samples" / "step-000007.png").is_file()
+    (board_values, board_step, board_options), (wandb_values, wandb_step, _) = [
+        tracker.logged[0] for tracker in accelerator.trackers
+    ]
+    assert board_step == wandb_step == 7 and board_options == {"dataformats": "NHWC"}
+    assert board_values["samples"].shape == (3, 4, 4, 3) and len(wandb_values["samples"]) == 3
+    expected = (images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    assert (torch.from_numpy(board_values["samples"]) == expected).all()
+
+
+def test_reward_curve_panels_say_where_each_measure_comes_from(tmp_path):
+    from sdo.app.plots import save_finetune_curves
+    from sdo.app.tasks.finetune import EVALUATION_MEASURES
+
+    records = [
+        {"step": 1, "reward": 0.1, "reward_clip": 0.2, "kl": 0.0, "seconds": 1.0},
+        {"step": 2, "reward": 0.2, "reward_clip": 0.3, "kl": 0.1, "seconds": 1.0, "eval_reward": 0.4},
+    ]
+    held_out = [{**r, "eval_on_training_prompts": False} if "eval_reward" in r else r for r in records]
+    titles = save_finetune_curves(held_out, tmp_path / "a.png", "t", EVALUATION_MEASURES)
+    assert titles == ["held-out eval reward", "training batch: kl", "training batch: reward clip"]
+    on_training = [{**r, "eval_on_training_prompts": True} if "eval_reward" in r else r for r in records]
+    titles = save_finetune_curves(on_training, tmp_path / "b.png", "t", EVALUATION_MEASURES)
+    assert titles[0] == "evaluation on the training prompts: eval reward"
+    assert not any("held-out" in title for title in titles)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,6 +252,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Weights identical on all 2 processes." in done.stdout
+    assert done.stdout.count("Wrote ") == 1 and done.stdout.count('"step": 2') == 1  # only the main process reports
     for name, value in adapter(single).items():
         # Float32 sums in another order; Adam's per-element normalization can magnify that to ~1e-5 of a 5e-3 step.
         torch.testing.assert_close(adapter(double)[name], value, rtol=1e-3, atol=1e-4)

@@ -218,7 +218,7 @@ def test_two_finetuning_steps_for_each_method(family_dir, clip_dir, tmp_path, me
         out=str(tmp_path / "ft"),
     )
     record = finetune(config, progress=False)
-    assert record["step"] == 2 and "held_out_reward" in record and record["kl"] >= 0
+    assert record["step"] == 2 and "eval_reward" in record and record["kl"] >= 0
     first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["kl"] == 0.0  # LoRA's B starts at zero
     weights = sdo.io.load_tensors(tmp_path / "ft" / "adapter.safetensors")

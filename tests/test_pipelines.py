@@ -265,7 +265,7 @@ def test_two_finetuning_steps_on_a_pipeline_reach_the_lora_weights(pipeline_dir,
         out=str(tmp_path / "ft"),
     )
     record = finetune(config, progress=False)
-    assert record["step"] == 2 and "held_out_reward" in record
+    assert record["step"] == 2 and "eval_reward" in record and record["eval_on_training_prompts"] is True
     weights = sdo.io.load_tensors(tmp_path / "ft" / "adapter.safetensors")
     lora_b = [value for name, value in weights.items() if "lora_B" in name]
     assert lora_b and any(value.abs().sum() > 0 for value in lora_b)  # B starts at zero: only gradients move it
@@ -400,7 +400,8 @@ def test_pipeline_evaluation_runs_in_batches_of_batch_size(pipeline_dir, clip_di
     batches = []
     target.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     record = target.evaluator()(target.unet)
-    assert torch.isfinite(torch.tensor(record["held_out_reward"]))
+    measures, images = record
+    assert torch.isfinite(torch.tensor(measures["eval_reward"])) and images.shape[0] == 5 and images.min() >= 0
     assert batches and max(batches) <= 2 * config.batch_size  # x2: the guided and unguided halves
     assert len(batches) == 2 * 3  # 2 sampling steps for each of the 3 batches (2 + 2 + 1 prompts)
 

@@ -159,9 +159,16 @@ def _plan(config, args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from sdo.app.finetuning import FinetuneConfig, finetune
 
-    record = finetune(_config_from(args, FinetuneConfig), break_lock=args.break_lock)
+    config = _config_from(args, FinetuneConfig)
+    record = finetune(config, break_lock=args.break_lock)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, the main process reports
+        return 0
     print(json.dumps(record, indent=2))
-    print(f"Wrote {Path(args.out) / 'adapter.safetensors'}, metrics.jsonl, reward_curve.png")
+    diffusers_files = ", pytorch_lora_weights.safetensors" if config.lora_rank else ", unet/ or transformer/"
+    written = "adapter.safetensors" + (diffusers_files if config.pipeline else "")
+    print(f"Wrote {Path(args.out)}/{written}, metrics.jsonl, samples/, reward_curve.png")
     return 0
 
 

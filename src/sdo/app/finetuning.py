@@ -1,18 +1,22 @@
-"""Reward fine-tuning of the embedded model (LoRA via peft, or full weights), data-parallel with Accelerate.
+"""Reward fine-tuning of the embedded model or a text-to-image pipeline (LoRA via peft, or full weights),
+data-parallel with Accelerate: the config, the ``finetune`` entry point and the ``Trainer`` that takes one update.
 
-Each update draws a global batch of class labels and initial noises from a generator seeded by ``(seed, step)``,
+Each update draws a global batch of conditions and initial noises from a generator seeded by ``(seed, step)``,
 samples them with the method's gradient mode, and takes one AdamW step on ``-mean(reward)`` (DRaFT, Clark et al.
 2024; AlignProp, Prabhudesai et al. 2023; SDO, Dou et al. 2025). With ``P`` processes each takes its slice of the
 global batch and the gradients are summed across processes (``accelerator.reduce``), so a 2-process run gives the
 weights of a 1-process run with the same global batch. Everything random is a function of ``(seed, step)``, so a
-run resumed from a checkpoint continues exactly as an uninterrupted one.
+run resumed from a checkpoint continues exactly as an uninterrupted one (``sdo.app.resume``). LoRA and the files
+that leave sdo are in ``sdo.app.lora``.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -21,37 +25,65 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdo.app.checkpoints import Checkpoint, latest_checkpoint, optimizer_from_tensors, save_checkpoint
-from sdo.app.options import check_options, option
-from sdo.app.prompts import read_prompts
-from sdo.app.runs import RunLock, check_command, check_writable, clean_leftovers, differing_flags, flag, write_config
-from sdo.app.tasks.finetune import PipelineTarget, ZooTarget, ink_reward
-from sdo.checks import SEED_MAX, check_device
-from sdo.errors import (
-    ConfigError,
-    NonFiniteRewardError,
-    OutputLockedError,
-    ResumeMismatchError,
-    SdoError,
-    missing_extra,
+from sdo.app.checkpoints import latest_checkpoint, save_checkpoint
+from sdo.app.lora import (
+    ADAPTER_NAME,
+    add_lora,
+    load_adapter,
+    merge_lora,
+    remove_lora,
+    save_adapter,
+    save_for_diffusers,
+    trainable_state,
 )
+from sdo.app.options import check_options, option
+from sdo.app.pipeline_options import PipelineOptions
+from sdo.app.prompts import read_prompts
+from sdo.app.resume import MetricsLog, open_output, prompt_digest, restore
+from sdo.app.runs import check_writable
+from sdo.app.tasks.finetune import EVALUATION_MEASURES, PipelineTarget, ZooTarget, ink_reward
+from sdo.checks import SEED_MAX, check_device
+from sdo.clip_rewards import CLIP_REWARDS
+from sdo.errors import ConfigError, MissingExtraError, NonFiniteRewardError, missing_extra
 from sdo.gradients import GradientMode
-from sdo.io import CorruptFileError, atomic_path, load_tensors, save_tensors
+from sdo.io import DIR_MODE
 from sdo.kl import TrajectoryKL, adapters_disabled
 from sdo.methods import MethodOptions, gradient_mode, method_names
 from sdo.sampling import Sampler
 
-__all__ = ["FINETUNE_METHODS", "FINETUNE_TASKS", "FinetuneConfig", "finetune", "ink_reward", "load_adapter"]
+__all__ = [
+    "FINETUNE_METHODS",
+    "FINETUNE_TASKS",
+    "TRACKERS",
+    "FinetuneConfig",
+    "Trainer",
+    "add_lora",
+    "finetune",
+    "ink_reward",
+    "load_adapter",
+]
 
 FINETUNE_METHODS = method_names("weights")
 ZOO_TASKS = ("confidence", "bold")
 PIPELINE_TASKS = ("aesthetic", "clip", "style", "pickscore")
 FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
+TRACKERS = {  # Accelerate's trackers (accelerate.utils.LoggerType) -> the package each one imports
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "comet_ml": "comet_ml",
+    "mlflow": "mlflow",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "trackio": "trackio",
+    "swanlab": "swanlab",
+}
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """One fine-tuning run (every field is a ``sdo finetune`` flag)."""
+class FinetuneConfig(PipelineOptions):
+    """One fine-tuning run (every field is a ``sdo finetune`` flag; the pipeline and reward fields are the shared
+    ``PipelineOptions`` block, whose ``reward`` here defaults to the ``task`` reward)."""
 
     method: str = option("sdo", "gradient estimator", choices=FINETUNE_METHODS)
     task: str = option(
@@ -83,31 +115,39 @@ class FinetuneConfig:
     alignprop_high: int = option(
         10, "alignprop: depth drawn uniformly in [1, this] per trajectory batch", at_least=1, at_most=1000
     )
-    guidance: float = option(3.0, "classifier-free guidance scale")
     eval_every: int = option(
-        10, "held-out evaluation every this many updates (0: only at the end)", at_least=0, at_most=10**7
+        10,
+        "evaluation (and a grid of samples in OUT/samples/) every this many updates (0: only at the end)",
+        at_least=0,
+        at_most=10**7,
     )
-    eval_per_class: int = option(5, "held-out samples per class", at_least=1, at_most=1000)
+    eval_per_class: int = option(
+        5, "embedded model: held-out samples per class at each evaluation", at_least=1, at_most=1000
+    )
     checkpoint_every: int = option(10, "checkpoint every this many updates", at_least=1, at_most=10**7)
     seed: int = option(0, "seeds every random draw", at_least=0, at_most=SEED_MAX)
     device: str = option("cpu", "cpu or cuda (under `accelerate launch`, Accelerate picks the device)")
     mixed_precision: str = option("no", "no, bf16 or fp16 (GPU)", choices=("no", "bf16", "fp16"))
     compile: bool = option(False, "run the no-grad network calls through torch.compile (CUDA: CUDA graphs)")
-    tensorboard: bool = option(
-        False, "log through Accelerate's TensorBoard tracker (needs shortcut-diffusion[tensorboard])"
+    tensorboard: bool = option(False, "alias of --report-to tensorboard (needs shortcut-diffusion[tensorboard])")
+    report_to: str = option(
+        "",
+        f"comma-separated Accelerate trackers to log metrics and sample grids to ({', '.join(TRACKERS)}); each "
+        "needs its package",
     )
     out: str = option("sdo-finetune", "output folder (a rerun with the same folder resumes)")
-    pipeline: str = option("", "fine-tune a local Stable Diffusion folder instead of the embedded model")
     prompts: str = option("", "--pipeline: text file with one training prompt per line")
+    eval_prompts: str = option(
+        "",
+        "--pipeline: text file of evaluation prompts (default: the training prompts, recorded in the metrics as "
+        "eval_on_training_prompts)",
+    )
+    save_pipeline: str = option(
+        "", "--pipeline: also write the fine-tuned pipeline here, LoRA fused into plain weights (save_pretrained)"
+    )
     reward: str = option(
         "", "--pipeline: rewards as a weighted sum, e.g. clip=1.0,aesthetic=0.5 (default: the --task reward alone)"
     )
-    clip_path: str = option("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
-    pickscore_path: str = option("", "--pipeline, pickscore: local PickScore CLIP folder (or $SDO_PICKSCORE_PATH)")
-    aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
-    style_image: str = option("", "--pipeline, style: reference image (PNG)")
-    height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
-    width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -121,22 +161,29 @@ class FinetuneConfig:
             raise ConfigError(f"`draft_k` must be in [1, {self.sample_steps}], got {self.draft_k}.")
         if self.method == "alignprop" and not 1 <= self.alignprop_high <= self.sample_steps:
             raise ConfigError(f"`alignprop_high` must be in [1, {self.sample_steps}], got {self.alignprop_high}.")
-        tasks = PIPELINE_TASKS if self.pipeline else ZOO_TASKS
-        if self.task not in tasks and not (self.pipeline and self.reward):  # --reward replaces --task
-            where = "with --pipeline" if self.pipeline else "for the embedded model"
-            raise ConfigError(f"`task` must be one of {tasks} {where}, got {self.task!r}.")
+        if self.task not in FINETUNE_TASKS:
+            raise ConfigError(f"`task` must be one of {FINETUNE_TASKS}, got {self.task!r}.")
+        if self.pipeline and self.task not in PIPELINE_TASKS and not self.reward:  # --reward replaces --task
+            raise ConfigError(f"`task` must be one of {PIPELINE_TASKS} with --pipeline, got {self.task!r}.")
         if self.pipeline and not self.prompts:
             raise ConfigError("`prompts` (a file with one prompt per line) is required with --pipeline.")
         if self.reward and not self.pipeline:
             raise ConfigError("`reward` (a weighted sum of image rewards) is for --pipeline runs.")
-        if self.pipeline and "style" in self.reward_terms() and not self.style_image:
-            raise ConfigError("`style_image` (a PNG) is required with the style reward.")
+        unknown = sorted(set(self.trackers()) - set(TRACKERS))
+        if unknown:
+            raise ConfigError(f"`report_to`: unknown tracker {unknown[0]!r}; Accelerate's are {', '.join(TRACKERS)}.")
+        super().__post_init__()
 
-    def reward_terms(self) -> dict[str, float]:
-        """The ``--pipeline`` reward terms and weights: ``reward`` parsed, or ``{task: 1.0}``."""
-        from sdo.app.reward_spec import parse_reward_spec
+    def trackers(self) -> list[str]:
+        """The trackers of ``report_to``, with ``tensorboard`` added by the ``tensorboard`` alias."""
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if self.tensorboard and "tensorboard" not in names:
+            names.append("tensorboard")
+        return names
 
-        return parse_reward_spec(self.reward or self.task)
+    def reward_spec(self) -> str:
+        """The ``--pipeline`` reward spec: ``reward``, or the ``task`` reward alone."""
+        return self.reward or self.task
 
     def mode(self, generator: torch.Generator) -> GradientMode:
         """The gradient mode of ``method`` from the registry (``sdo.methods``); its random draws come from
@@ -145,137 +192,8 @@ class FinetuneConfig:
         return gradient_mode(self.method, options)
 
 
-def add_lora(unet: torch.nn.Module, rank: int, targets: str) -> torch.nn.Module:
-    """Inject LoRA adapters (peft) of ``rank`` into ``targets``; only they stay trainable."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(
-        r=rank, lora_alpha=rank, target_modules=[t.strip() for t in targets.split(",")], init_lora_weights="gaussian"
-    )
-    unet.requires_grad_(False)
-    return inject_adapter_in_model(config, unet)
-
-
-def make_target(config: FinetuneConfig, device: torch.device):
-    """The model and reward being fine-tuned: a local pipeline when ``config.pipeline`` is set, else the zoo."""
-    return PipelineTarget(config, device) if config.pipeline else ZooTarget(config, device)
-
-
-def trainable_state(unet: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint holds: the LoRA tensors (peft naming), or every weight."""
-    if lora:
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(unet)
-    return unet.state_dict()
-
-
-def _load_trainable(unet: torch.nn.Module, weights: dict[str, torch.Tensor], lora: bool, source: object) -> None:
-    """Load exactly the trainable tensors into ``unet``: a missing, unexpected or mis-shaped tensor is a
-    ``CorruptFileError`` naming ``source`` (the file) and the first offending tensor; nothing is loaded then."""
-    expected = {name: tuple(value.shape) for name, value in trainable_state(unet, lora).items()}
-    if not weights:
-        raise CorruptFileError(f"{source}: holds no tensors; expected the {len(expected)} trainable tensors.")
-    problems = [f"unexpected tensor {name!r}" for name in sorted(set(weights) - set(expected))]
-    problems += [f"missing tensor {name!r}" for name in sorted(set(expected) - set(weights))]
-    problems += [
-        f"tensor {name!r} has shape {tuple(weights[name].shape)}, the model's is {expected[name]}"
-        for name in sorted(set(expected) & set(weights))
-        if tuple(weights[name].shape) != expected[name]
-    ]
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise CorruptFileError(f"{source}: does not fit the model: {problems[0]}{more}.")
-    if lora:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(unet, weights)
-    else:
-        unet.load_state_dict(weights)
-
-
-def load_adapter(unet: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load ``DIR/adapter.safetensors`` written by ``finetune`` into ``unet`` (injecting LoRA when it is one).
-
-    Raises:
-        CorruptFileError: the file is damaged, its ``lora_rank`` metadata is missing or not an integer >= 0, its
-            LoRA targets are not in ``unet``, or its tensors are not exactly the trainable ones (a tensor missing,
-            unexpected or of another shape); the message names the file and the first offending key.
-    """
-    from safetensors import safe_open
-
-    tensors = load_tensors(path)
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata() or {}
-    if "lora_rank" not in metadata:
-        raise CorruptFileError(f"{path}: no 'lora_rank' metadata; not an adapter written by `sdo finetune`.")
-    try:
-        rank = int(metadata["lora_rank"])
-    except ValueError:
-        rank = -1
-    if rank < 0:
-        raise CorruptFileError(f"{path}: metadata 'lora_rank' is {metadata['lora_rank']!r}, not an integer >= 0.")
-    if rank:
-        try:
-            add_lora(unet, rank, metadata.get("lora_targets", ZooTarget.lora_targets))
-        except ValueError as error:
-            raise CorruptFileError(f"{path}: metadata 'lora_targets' do not fit the model: {error}") from None
-    _load_trainable(unet, tensors, lora=bool(rank), source=path)
-    return unet
-
-
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**64)  # every seed in [0, 2**63 - 1]
-
-
-def _global_batch(config: FinetuneConfig, target, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Conditions ``[B]``, noises ``[B, ...]`` and the mode seed of update ``step`` (the same on every process)."""
-    generator = _step_generator(config.seed, step)
-    conditions, noise = target.draw(generator, config.batch_size)
-    return conditions, noise, int(torch.randint(0, 2**62, (1,), generator=generator))
-
-
-def _reduce_gradients(accelerator, parameters: list[torch.Tensor]) -> None:
-    """Sum the gradients of all processes (one flat all-reduce)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="sum")
-    for parameter, chunk in zip(parameters, flat.split([g.numel() for g in grads]), strict=True):
-        parameter.grad = chunk.view_as(parameter).clone()
-
-
-class _MetricsLog:
-    """``metrics.jsonl``, rewritten atomically at each update; on resume, entries after the checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
-        self.records: list[dict] = []
-        if path.is_file() and resume_step:
-            self.records = [record for record in self._read() if record["step"] <= resume_step]
-
-    def _read(self) -> list[dict]:
-        records = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CorruptFileError(f"{self.path}, line {number}: not valid JSON ({error.msg}).") from None
-            if (
-                not isinstance(record, dict)
-                or isinstance(record.get("step"), bool)
-                or not isinstance(record.get("step"), int)
-            ):
-                raise CorruptFileError(f"{self.path}, line {number}: not a metrics record with an integer 'step'.")
-            records.append(record)
-        return records
-
-    def append(self, record: dict) -> None:
-        self.records.append(record)
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
 
 def _regularized(sampler: Sampler, base: torch.nn.Module | None) -> tuple[Sampler, TrajectoryKL]:
@@ -295,73 +213,168 @@ def _regularized(sampler: Sampler, base: torch.nn.Module | None) -> tuple[Sample
     return regularized, kl
 
 
-def _update(config, target, parameters, optimizer, reward_fn, accelerator, step: int, base=None) -> dict:
-    """One optimizer update on this process's slice of the global batch; returns the global means of the reward,
-    of each term of a weighted reward (``reward_NAME``) and, with ``kl_weight``, of the KL penalty (``kl``)."""
-    labels, noise, mode_seed = _global_batch(config, target, step)
-    per_process = config.batch_size // accelerator.num_processes
-    rank_slice = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
-    labels, noise = labels[rank_slice].to(accelerator.device), noise[rank_slice].to(accelerator.device)
-    optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, torch.Tensor] = {}
+class Trainer:
+    """The training state of one run and its update rule: ``update(step)`` takes optimizer update ``step``.
 
-    def add(name: str, values: torch.Tensor) -> None:
-        sums[name] = sums.get(name, torch.zeros((), device=accelerator.device)) + values.detach().float().sum()
+    It holds what never changes between updates: the config, the target (model, sampler, reward), the Accelerate
+    accelerator, the trainable parameters (LoRA injected, or every weight), the AdamW optimizer and, with
+    ``kl_weight`` on full weights, the frozen base copy of the KL regularizer.
+    """
 
-    for micro in range(config.grad_accum):
-        part = slice(micro * len(labels) // config.grad_accum, (micro + 1) * len(labels) // config.grad_accum)
-        sampler = target.sampler(target.unet, labels[part])
+    def __init__(self, config: FinetuneConfig, target, accelerator) -> None:
+        self.config, self.target, self.accelerator = config, target, accelerator
+        self.network = target.unet
+        self.lora = config.lora_rank > 0
+        self.lora_targets = config.lora_targets or target.lora_targets
+        remove_lora(self.network)  # a pipeline object trained before: start again from its base weights
+        if self.lora:
+            add_lora(self.network, config.lora_rank, self.lora_targets)
+        else:
+            self.network.requires_grad_(True)
+        self.network.to(accelerator.device)
+        # The base model of the KL regularizer: the adapters switched off (LoRA), or a frozen copy (full weights).
+        needs_copy = config.kl_weight > 0 and not self.lora
+        self.base = copy.deepcopy(self.network).requires_grad_(False) if needs_copy else None
+        self.parameters = [p for p in self.network.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=0.0)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the LoRA tensors, or every weight."""
+        return trainable_state(self.network, self.lora)
+
+    def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Conditions ``[B]``, noises ``[B, ...]`` and the mode seed of update ``step`` (the same on every
+        process)."""
+        generator = _step_generator(self.config.seed, step)
+        conditions, noise = self.target.draw(generator, self.config.batch_size)
+        return conditions, noise, int(torch.randint(0, 2**62, (1,), generator=generator))
+
+    def update(self, step: int) -> dict[str, float]:
+        """One optimizer update on this process's slice of the global batch; returns the global means of the
+        reward, of each term of a weighted reward (``reward_NAME``) and, with ``kl_weight``, of the KL penalty
+        (``kl``)."""
+        accelerator, config = self.accelerator, self.config
+        conditions, noise, mode_seed = self.global_batch(step)
+        per_process = config.batch_size // accelerator.num_processes
+        mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+        conditions, noise = conditions[mine].to(accelerator.device), noise[mine].to(accelerator.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(config.grad_accum):
+            part = slice(micro * len(noise) // config.grad_accum, (micro + 1) * len(noise) // config.grad_accum)
+            for name, values in self._micro_batch(conditions[part], noise[part], mode_seed).items():
+                sums[name] = sums.get(name, torch.zeros((), device=accelerator.device)) + values.sum()
+        self._reduce_gradients()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
+        self.optimizer.step()
+        return {
+            name: float(accelerator.reduce(total, reduction="sum")) / config.batch_size for name, total in sums.items()
+        }
+
+    def _micro_batch(self, conditions: torch.Tensor, noise: torch.Tensor, mode_seed: int) -> dict[str, torch.Tensor]:
+        """Sample, score and backpropagate one micro-batch; returns its per-sample values to log (detached)."""
+        config, reward_fn = self.config, self.target.reward
+        sampler = self.target.sampler(self.network, conditions)
         if config.kl_weight > 0:
-            sampler, kl = _regularized(sampler, base)
+            sampler, kl = _regularized(sampler, self.base)
         mode = config.mode(torch.Generator().manual_seed(mode_seed))  # one draw per trajectory batch, every rank
-        with accelerator.autocast():
-            x0 = sampler.sample(noise[part], grad=mode)
-            rewards = reward_fn(x0, labels[part]).float()
+        with self.accelerator.autocast():
+            x0 = sampler.sample(noise, grad=mode)
+            rewards = reward_fn(x0, conditions).float()
         if x0.requires_grad and not rewards.requires_grad:
             raise ConfigError(
-                "The reward has no gradient path to the sample: `reward(x0, conditions)` returned a tensor that "
-                "does not depend on x0 through differentiable operations (computed under torch.no_grad(), "
+                "The reward has no gradient path to the sample: the reward returned a tensor that does not depend "
+                "on the sample (images, or x0) through differentiable operations (computed under torch.no_grad(), "
                 "detached, or converted to numbers?)."
             )
         loss = -rewards.sum()
-        add("reward", rewards)
+        logged = {"reward": rewards}
         for name, values in (getattr(reward_fn, "last_terms", None) or {}).items():
-            add(f"reward_{name}", values)
+            logged[f"reward_{name}"] = values
         if config.kl_weight > 0:
             penalty = kl.penalty()
             penalty = torch.zeros_like(rewards) if penalty is None else penalty.float()
             loss = loss + config.kl_weight * penalty.sum()
-            add("kl", penalty)
+            logged["kl"] = penalty
         (loss / config.batch_size).backward()
-    _reduce_gradients(accelerator, parameters)
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-    optimizer.step()
-    scale = config.batch_size
-    return {name: float(accelerator.reduce(total, reduction="sum")) / scale for name, total in sums.items()}
+        return {name: values.detach().float() for name, values in logged.items()}
+
+    def _reduce_gradients(self) -> None:
+        """Sum the gradients of all processes (one flat all-reduce)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="sum")
+        for parameter, chunk in zip(self.parameters, flat.split([g.numel() for g in grads]), strict=True):
+            parameter.grad = chunk.view_as(parameter).clone()
+
+    def check_replicas_agree(self) -> None:
+        """Data parallelism must leave every process with the same weights; gather them and compare exactly."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return
+        flat = torch.cat([p.detach().flatten() for p in self.parameters])
+        gathered = accelerator.gather(flat[None])
+        if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
+            raise RuntimeError("The processes ended with different weights; data-parallel updates went out of sync.")
+        if accelerator.is_main_process:
+            print(f"Weights identical on all {accelerator.num_processes} processes.")
 
 
 def finetune(
-    config: FinetuneConfig, reward: Callable | None = None, progress: bool = True, *, break_lock: bool = False
+    config: FinetuneConfig,
+    reward: Callable | None = None,
+    progress: bool = True,
+    *,
+    pipeline=None,
+    prompts: list[str] | None = None,
+    eval_prompts: list[str] | None = None,
+    break_lock: bool = False,
 ) -> dict:
-    """Fine-tune the embedded model (or ``config.pipeline``) on ``config.task``, or on ``reward(x0, conditions)``.
+    """Fine-tune the embedded model, ``config.pipeline``, or the loaded ``pipeline``, on a reward.
+
+    The reward: the embedded model's ``config.task``, or ``reward(x0, labels) -> [B]`` on its samples in [-1, 1];
+    on a pipeline, the config's ``--reward``/``--task`` image reward, or ``reward(images, prompts) -> [B]``, an
+    image reward on the decoded samples (float ``[B, 3, H, W]`` in ``[0, 1]``, ``sdo.ImageReward``), which must be
+    differentiable in ``images``; nothing else is loaded for scoring then. ``prompts`` (a list) replaces
+    ``config.prompts``; evaluation scores the same reward on ``eval_prompts`` (default: ``config.eval_prompts``,
+    else the training prompts, and the metrics say ``eval_on_training_prompts: true``). A loaded ``pipeline`` is
+    trained in place: afterwards its network holds the fine-tuned weights (LoRA as peft layers; sdo's adapter from
+    an earlier run is removed first, so a rerun starts from the base weights or its checkpoint).
+
+    Example::
+
+        import sdo
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained("my-sd-folder")
+        brightness = lambda images, prompts: images.mean(dim=(1, 2, 3))  # [B, 3, H, W] in [0, 1] -> [B]
+        config = sdo.FinetuneConfig(steps=20, batch_size=2, sample_steps=10, out="bright")
+        sdo.finetune(config, reward=brightness, pipeline=pipe, prompts=["a cat", "a dog"], eval_prompts=["a fox"])
+        pipe.load_lora_weights("bright")  # on a plain pipeline: the fine-tuned model
 
     Writes into ``config.out``: ``checkpoints/step-NNNNNN/`` every ``checkpoint_every`` updates (resumed from by a
     rerun), ``metrics.jsonl`` (``step``, ``reward``, ``seconds`` and, at evaluations, ``judge_accuracy`` and
-    ``frechet_judge``), ``adapter.safetensors`` (final trainable weights; ``load_adapter`` puts them back) and
-    ``reward_curve.png``. With ``kl_weight`` the loss adds ``kl_weight * mean_b penalty_b``, the base-model
-    regularizer of ``sdo.kl.TrajectoryKL`` (logged as ``kl``); a weighted ``--reward`` logs each term as
-    ``reward_NAME``. Returns the last metrics record.
+    ``frechet_judge``, or ``eval_reward`` and ``eval_on_training_prompts``), ``samples/step-NNNNNN.png`` (a grid of
+    the model's images at each evaluation, also logged to the ``report_to`` trackers), ``adapter.safetensors``
+    (final trainable weights; ``load_adapter`` puts them back), for a pipeline ``pytorch_lora_weights.safetensors``
+    (``pipe.load_lora_weights(out)``) or, with ``lora_rank`` 0, ``unet/``/``transformer/`` (``save_pretrained``),
+    and ``reward_curve.png``; with ``save_pipeline`` the whole pipeline, LoRA fused. With ``kl_weight`` the loss
+    adds ``kl_weight * mean_b penalty_b``, the base-model regularizer of ``sdo.kl.TrajectoryKL`` (logged as
+    ``kl``); a weighted ``--reward`` logs each term as ``reward_NAME``. Returns the last metrics record.
 
-    The folder records the run's settings in ``config.json`` and is locked (``.sdo.lock``) for the run; a rerun
-    resumes only with the same result-changing settings (``RESUME_FREE`` may change, ``steps`` may grow).
-    ``break_lock`` takes over a lock written from another host (see ``sdo.app.runs.RunLock``).
+    The folder records the run's settings in ``config.json`` (with the pipeline's ``name_or_path`` and the sha256
+    of the prompt list when they were given as objects) and is locked (``.sdo.lock``) for the run; a rerun resumes
+    only with the same result-changing settings and prompts (``sdo.app.resume.RESUME_FREE`` may change, ``steps``
+    may grow). ``break_lock`` takes over a lock written from another host (see ``sdo.app.runs.RunLock``).
 
     Raises:
         ConfigError: bad configuration (checked before any model loads).
+        MissingExtraError: a ``report_to`` tracker's package is not installed.
         NonFiniteRewardError: a non-finite reward; the message names the step, ``result`` holds ``step`` and
             ``last_checkpoint`` (the last good checkpoint, kept on disk).
-        ResumeMismatchError: ``config.out`` holds a run with other settings; the message names the flags.
+        ResumeMismatchError: ``config.out`` holds a run with other settings or prompts; the message names them.
         OutputLockedError: another process is writing into ``config.out``.
     """
     from accelerate import Accelerator
@@ -372,47 +385,117 @@ def finetune(
         raise ConfigError(
             "`mixed_precision` fp16 needs a CUDA GPU (and --device cuda); on the CPU use --mixed-precision bf16 or no."
         )
-    if config.pipeline:
-        read_prompts(config.prompts)  # a missing, non-UTF-8 or empty file is refused before any work
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise missing_extra("tensorboard", "tensorboard", "--tensorboard (Accelerate's TensorBoard tracker)")
-    tracker = "tensorboard" if config.tensorboard else None
+    data = _TrainingData.resolve(config, reward, pipeline, prompts, eval_prompts)
+    trackers = _check_trackers(config)
     accelerator = Accelerator(
-        cpu=config.device == "cpu", mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(out)
+        cpu=config.device == "cpu",
+        mixed_precision=config.mixed_precision,
+        log_with=trackers or None,
+        project_dir=str(out),
     )
     if config.batch_size % (accelerator.num_processes * config.grad_accum):
         raise ConfigError(
             f"`batch_size` ({config.batch_size}) must be divisible by processes x grad_accum "
             f"({accelerator.num_processes} x {config.grad_accum})."
         )
-    lock, checkpoint = _open_output(accelerator, out, config, break_lock)
+    defaults = {item.name: item.default for item in fields(FinetuneConfig)}
+    lock, checkpoint = open_output(accelerator, out, data.settings(config), defaults, break_lock)
     try:
-        return _train(config, reward, progress, accelerator, out, checkpoint)
+        return _train(config, data, progress, accelerator, out, checkpoint)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config: FinetuneConfig, reward, progress: bool, accelerator, out: Path, checkpoint) -> dict:
+@dataclass
+class _TrainingData:
+    """What a run trains on besides its config: a reward, a loaded pipeline and prompt lists given as objects."""
+
+    reward: Callable | None
+    pipeline: object
+    prompts: list[str] | None
+    eval_prompts: list[str] | None
+
+    @property
+    def on_pipeline(self) -> bool:
+        return self.pipeline is not None
+
+    @classmethod
+    def resolve(cls, config: FinetuneConfig, reward, pipeline, prompts, eval_prompts) -> _TrainingData:
+        """Check what ``finetune`` was given against ``config`` (before any model loads) and read the prompt
+        files of a ``--pipeline`` run, so that their digests are recorded."""
+        if pipeline is None and not config.pipeline:
+            if prompts is not None or eval_prompts is not None:
+                raise ConfigError("`prompts` and `eval_prompts` are for pipelines (pass `pipeline=` or --pipeline).")
+            if config.save_pipeline:
+                raise ConfigError("`save_pipeline` writes a fine-tuned pipeline; pass `pipeline=` or --pipeline.")
+            if reward is None and config.task not in ZOO_TASKS:
+                raise ConfigError(
+                    f"`task` {config.task!r} scores a pipeline's images; the embedded model's are {ZOO_TASKS} "
+                    "(or pass `pipeline=` or --pipeline)."
+                )
+            return cls(reward, None, None, None)
+        if isinstance(prompts, str) or isinstance(eval_prompts, str):
+            raise ConfigError("`prompts` and `eval_prompts` must be lists of strings (a file goes in the config).")
+        if prompts is None:
+            if not config.prompts:
+                raise ConfigError("`prompts` (a list, or a file in the config) is required to fine-tune a pipeline.")
+            prompts = read_prompts(config.prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"`prompts` must be a non-empty list of strings, got {prompts!r}.")
+        if eval_prompts is None and config.eval_prompts:
+            eval_prompts = read_prompts(config.eval_prompts)
+        if reward is None and config.reward_spec() not in CLIP_REWARDS and not config.reward:
+            raise ConfigError(
+                f"`task` {config.task!r} is a task of the embedded model; on a pipeline pass `reward=` (an image "
+                f"reward) or one of {PIPELINE_TASKS}."
+            )
+        if config.save_pipeline:
+            check_writable(Path(config.save_pipeline).parent)
+        return cls(reward, pipeline if pipeline is not None else config.pipeline, list(prompts), eval_prompts)
+
+    def settings(self, config: FinetuneConfig) -> dict:
+        """What ``config.json`` and each checkpoint record: the config's fields, the pipeline's ``name_or_path``
+        for a loaded pipeline, and the sha256 of the training prompts (``sdo.app.resume.prompt_digest``)."""
+        settings = asdict(config)
+        if self.on_pipeline and not isinstance(self.pipeline, (str, Path)):
+            settings["pipeline"] = str(getattr(self.pipeline, "name_or_path", "") or type(self.pipeline).__name__)
+        if self.prompts is not None:
+            settings["prompts_sha256"] = prompt_digest(self.prompts)
+        return settings
+
+    def target(self, config: FinetuneConfig, device: torch.device):
+        """The model and reward being fine-tuned."""
+        if not self.on_pipeline:
+            return ZooTarget(config, device, reward=self.reward)
+        pipeline = None if isinstance(self.pipeline, (str, Path)) else self.pipeline
+        return PipelineTarget(config, device, pipeline, self.prompts, self.eval_prompts, image_reward=self.reward)
+
+
+def _check_trackers(config: FinetuneConfig) -> list[str]:
+    """``config``'s trackers, each one's package importable (else a one-line ``MissingExtraError``)."""
+    for name in config.trackers():
+        package = TRACKERS[name]
+        if importlib.util.find_spec(package) is not None:
+            continue
+        if name == "tensorboard":
+            raise missing_extra("tensorboard", "tensorboard", "--report-to tensorboard (Accelerate's tracker)")
+        raise MissingExtraError(
+            f"--report-to {name} needs the optional dependency `{package}`; install it with: pip install {package}."
+        )
+    return config.trackers()
+
+
+def _train(config: FinetuneConfig, data: _TrainingData, progress: bool, accelerator, out: Path, checkpoint) -> dict:
     """The body of ``finetune``, run while the main process holds the output folder's lock."""
     torch.manual_seed(config.seed)
-    target = make_target(config, accelerator.device)
-    unet, lora_targets = target.unet, config.lora_targets or target.lora_targets
-    lora = config.lora_rank > 0
-    if lora:
-        add_lora(unet, config.lora_rank, lora_targets)
-    else:
-        unet.requires_grad_(True)
-    unet.to(accelerator.device)
-    # The base model of the KL regularizer: the adapters switched off (LoRA), or a frozen copy (full weights).
-    base = copy.deepcopy(unet).requires_grad_(False) if config.kl_weight > 0 and not lora else None
-    parameters = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    start = _resume(checkpoint, unet, optimizer, lora, accelerator)
-    metrics = _MetricsLog(out / "metrics.jsonl", start)
-    reward_fn = reward or target.reward
+    target = data.target(config, accelerator.device)
+    trainer = Trainer(config, target, accelerator)
+    start = restore(checkpoint, trainer.network, trainer.optimizer, trainer.lora, accelerator)
+    metrics = MetricsLog(out / "metrics.jsonl", start)
     evaluator = target.evaluator() if accelerator.is_main_process else None
-    if config.tensorboard:
+    settings = data.settings(config)
+    if config.trackers():
         accelerator.init_trackers("sdo-finetune", config=asdict(config))
     bar = tqdm(
         range(start + 1, config.steps + 1),
@@ -424,7 +507,7 @@ def _train(config: FinetuneConfig, reward, progress: bool, accelerator, out: Pat
     record = metrics.records[-1] if metrics.records else {}
     for step in bar:
         started = time.perf_counter()
-        means = _update(config, target, parameters, optimizer, reward_fn, accelerator, step, base)
+        means = trainer.update(step)
         mean_reward = means.pop("reward")
         if not torch.isfinite(torch.tensor(mean_reward)):
             last = latest_checkpoint(out / "checkpoints")
@@ -436,106 +519,65 @@ def _train(config: FinetuneConfig, reward, progress: bool, accelerator, out: Pat
         record = {"step": step, "reward": mean_reward, **means, "seconds": time.perf_counter() - started}
         if accelerator.is_main_process:
             if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                record.update(evaluator(unet))
+                record.update(_evaluate(evaluator, trainer.network, accelerator, out, step))
             metrics.append(record)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(
-                    out / "checkpoints", step, trainable_state(unet, lora), optimizer, {"config": asdict(config)}
+                    out / "checkpoints", step, trainer.trainable_state(), trainer.optimizer, {"config": settings}
                 )
         accelerator.log(record, step=step)
         accelerator.wait_for_everyone()
         bar.set_postfix(reward=f"{mean_reward:.3f}", s=f"{record['seconds']:.2f}")
-    _check_replicas_agree(accelerator, parameters)
+    trainer.check_replicas_agree()
     if accelerator.is_main_process:
-        _write_outputs(out, unet, lora, config, metrics.records, lora_targets)
+        _write_outputs(out, trainer, target, config, metrics.records)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
 
 
-def _check_replicas_agree(accelerator, parameters: list[torch.Tensor]) -> None:
-    """Data parallelism must leave every process with the same weights; gather them and compare exactly."""
-    if accelerator.num_processes == 1:
-        return
-    flat = torch.cat([p.detach().flatten() for p in parameters])
-    gathered = accelerator.gather(flat[None])
-    if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
-        raise RuntimeError("The processes ended with different weights; data-parallel updates went out of sync.")
-    if accelerator.is_main_process:
-        print(f"Weights identical on all {accelerator.num_processes} processes.")
+def _evaluate(evaluator, network: torch.nn.Module, accelerator, out: Path, step: int) -> dict:
+    """Evaluate ``network``; write its images as ``out/samples/step-NNNNNN.png`` and log them to the trackers.
+    Returns the measures."""
+    from sdo.app.images import save_grid, to_uint8
+
+    measures, images = evaluator(network)
+    save_grid(images, out / "samples" / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        pixels = to_uint8(images).numpy()
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": pixels}, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images({"samples": list(pixels)}, step=step)
+    return measures
 
 
-RESUME_FREE = frozenset({"out", "eval_every", "checkpoint_every", "device", "tensorboard"})
-"""Settings a rerun may change without changing the trained weights: where the folder is, how often it
-evaluates and checkpoints, the device (same computation, other hardware) and logging. ``steps`` may grow; every
-other setting must match the run the folder holds."""
-
-
-def _open_output(accelerator, out: Path, config: FinetuneConfig, break_lock: bool):
-    """Before any model loads: on the main process, check ``out`` is writable, lock it, check that a run it
-    holds has the same settings, clean a killed run's leftovers and record ``config.json``. Every process then
-    gets the outcome (the lock is shared through the main process). Returns the lock (None on other processes)
-    and the checkpoint to resume from (None if there is none)."""
-    lock, error, checkpoint = None, None, None
-    if accelerator.is_main_process:
-        try:
-            check_writable(out)
-            lock = RunLock(out, "finetune", break_lock).acquire()
-            checkpoint = _check_resume(out, config)
-            clean_leftovers(out)
-            write_config(out, "finetune", asdict(config))
-        except SdoError as caught:
-            error = caught
-            if lock is not None:
-                lock.release()
-    if accelerator.num_processes > 1:
-        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
-        if float(failed) and error is None:
-            raise OutputLockedError(f"{out}: the main process could not open the output folder (see its error).")
-    if error is not None:
-        raise error
-    if not accelerator.is_main_process:
-        checkpoint = latest_checkpoint(out / "checkpoints")
-    return lock, checkpoint
-
-
-def _check_resume(out: Path, config: FinetuneConfig) -> Checkpoint | None:
-    """The checkpoint to resume from in ``out``, if any. Its run (the checkpoint's settings, else ``config.json``)
-    must have the same result-changing settings as ``config``; ``steps`` may not drop below the updates done."""
-    recorded = check_command(out, "finetune")
-    checkpoint = latest_checkpoint(out / "checkpoints")
-    if checkpoint is None:
-        return None  # nothing to resume: the run starts over
-    saved = checkpoint.state.get("config") if isinstance(checkpoint.state.get("config"), dict) else recorded
-    if saved is None:
-        return checkpoint
-    defaults = {item.name: item.default for item in fields(FinetuneConfig)}
-    changes = differing_flags(saved, asdict(config), defaults, RESUME_FREE | {"steps"})
-    if config.steps < checkpoint.step:
-        changes.insert(0, f"--steps {config.steps} is below the {checkpoint.step} updates already done")
-    if changes:
-        free = ", ".join(flag(name) for name in sorted(RESUME_FREE - {"out"}))
-        raise ResumeMismatchError(
-            f"{out} holds a run with other settings: {'; '.join(changes)}. To resume it, rerun with its settings "
-            f"(only --steps may grow; {free} may change), or choose another --out."
-        )
-    return checkpoint
-
-
-def _resume(checkpoint: Checkpoint | None, unet, optimizer, lora: bool, accelerator) -> int:
-    if checkpoint is None:
-        return 0
-    weights = {k: v.to(accelerator.device) for k, v in checkpoint.weights.items()}
-    _load_trainable(unet, weights, lora, source=checkpoint.path / "weights.safetensors")
-    optimizer_from_tensors(optimizer, checkpoint.optimizer_tensors, checkpoint.state)
-    if accelerator.is_main_process:
-        print(f"Resuming from {checkpoint.path} (step {checkpoint.step}).")
-    return checkpoint.step
-
-
-def _write_outputs(out: Path, unet, lora: bool, config: FinetuneConfig, records: list[dict], targets: str) -> None:
+def _write_outputs(out: Path, trainer: Trainer, target, config: FinetuneConfig, records: list[dict]) -> None:
+    """The final weights (sdo's adapter and, for a pipeline, diffusers' files; the fused pipeline when asked)
+    and the reward curves."""
     from sdo.app.plots import save_finetune_curves
 
-    metadata = {"lora_rank": str(config.lora_rank if lora else 0), "lora_targets": targets}
-    save_tensors(trainable_state(unet, lora), out / "adapter.safetensors", metadata=metadata)
-    save_finetune_curves(records, out / "reward_curve.png", f"{config.method} on {config.task}")
+    rank = config.lora_rank if trainer.lora else 0
+    save_adapter(trainer.network, out / ADAPTER_NAME, rank, trainer.lora_targets)
+    if isinstance(target, PipelineTarget):
+        save_for_diffusers(target.pipe, trainer.network, out, trainer.lora)
+        if config.save_pipeline:
+            _save_fused_pipeline(target.pipe, trainer.network, Path(config.save_pipeline))
+    title = f"{config.method} on {config.reward_spec()}"
+    save_finetune_curves(records, out / "reward_curve.png", title, EVALUATION_MEASURES)
+
+
+def _save_fused_pipeline(pipe, network: torch.nn.Module, folder: Path) -> None:
+    """``pipe`` with LoRA merged into ``network``'s weights, written by ``save_pretrained`` into a temporary
+    folder next to ``folder``, then renamed to it (a previous pipeline there is replaced)."""
+    merge_lora(network)
+    network.requires_grad_(False)
+    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(building, DIR_MODE)
+    try:
+        pipe.save_pretrained(str(building), safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(building, folder)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)

@@ -7,13 +7,14 @@ a plain pipeline returns for the same latent, up to that rounding.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from sdo.io import atomic_path, make_dir
 
-__all__ = ["save_images", "to_uint8"]
+__all__ = ["save_grid", "save_images", "to_uint8"]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -29,13 +30,32 @@ def save_images(images: torch.Tensor, folder: str | Path, stem: str) -> list[Pat
 
     Returns the paths written, in batch order.
     """
-    from PIL import Image
-
     folder = make_dir(folder)
     paths = []
     for index, pixels in enumerate(to_uint8(images)):
-        path = folder / f"{stem}-{index}.png"
-        with atomic_path(path) as tmp:
-            Image.fromarray(pixels.numpy()).save(tmp, format="PNG")
-        paths.append(path)
+        paths.append(_write_png(pixels, folder / f"{stem}-{index}.png"))
     return paths
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
+    """Write ``images`` (``[B, C, H, W]`` in [0, 1]) as one PNG at ``path``, atomically: a grid of ``columns``
+    images per row (default: ceil(sqrt(B))), full resolution, empty cells black."""
+    pixels = to_uint8(images)
+    count, height, width, _ = pixels.shape
+    columns = columns or max(1, math.ceil(math.sqrt(count)))
+    rows = math.ceil(count / columns)
+    grid = torch.zeros(rows * height, columns * width, 3, dtype=torch.uint8)
+    for index, image in enumerate(pixels):
+        row, column = divmod(index, columns)
+        grid[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
+    make_dir(Path(path).parent)
+    return _write_png(grid, Path(path))
+
+
+def _write_png(pixels: torch.Tensor, path: Path) -> Path:
+    """``[H, W, 3]`` uint8 pixels as a PNG at ``path``, atomically."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels.numpy()).save(tmp, format="PNG")
+    return path

@@ -105,19 +105,32 @@ def save_bench_plot(result: dict, path: str | Path) -> None:
     _save(figure, path)
 
 
-def save_finetune_curves(records: list[dict], path: str | Path, title: str = "") -> None:
-    """Reward per update, and every held-out measure (judge accuracy, Frechet distance, ...) where measured."""
-    measures = sorted({key for r in records for key in r} - {"step", "reward", "seconds"})
+def save_finetune_curves(
+    records: list[dict], path: str | Path, title: str = "", evaluation: tuple[str, ...] = ()
+) -> list[str]:
+    """Reward per update, and one panel per other measure: the ``evaluation`` measures (judge accuracy, Frechet
+    distance, evaluation reward, ...) where evaluated, titled "held-out" only when they were measured on held-out
+    conditions (not on the training prompts, ``eval_on_training_prompts``), and the training-batch values (reward
+    terms, KL penalty) titled as such. Returns the titles of the measure panels."""
+    skip = {"step", "reward", "seconds", "eval_on_training_prompts"}
+    measures = sorted({key for r in records for key in r} - skip)
+    on_training = any(r.get("eval_on_training_prompts") for r in records)
     figure, axes = plt.subplots(1, 1 + len(measures), figsize=(5 * (1 + len(measures)), 3.6), squeeze=False)
     axes[0][0].plot([r["step"] for r in records], [r["reward"] for r in records], marker=".")
     axes[0][0].set(xlabel="update", ylabel="mean reward (training batch)", title=title)
     for axis, key in zip(axes[0][1:], measures, strict=True):
-        evaluated = [r for r in records if key in r]
-        axis.plot([r["step"] for r in evaluated], [r[key] for r in evaluated], marker="o", color="tab:green")
-        axis.set(xlabel="update", ylabel=key.replace("_", " "), title=f"held-out {key.replace('_', ' ')}")
+        measured = [r for r in records if key in r]
+        label = key.replace("_", " ")
+        if key not in evaluation:
+            heading = f"training batch: {label}"
+        else:
+            heading = f"evaluation on the training prompts: {label}" if on_training else f"held-out {label}"
+        axis.plot([r["step"] for r in measured], [r[key] for r in measured], marker="o", color="tab:green")
+        axis.set(xlabel="update", ylabel=label, title=heading)
     for axis in axes[0]:
         axis.grid(alpha=0.3)
     _save(figure, path)
+    return [axis.get_title() for axis in axes[0][1:]]
 
 
 def save_comparison_plot(cases: dict[str, dict], path: str | Path) -> None:

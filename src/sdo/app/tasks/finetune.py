@@ -1,23 +1,29 @@
-"""What fine-tuning trains: the embedded model with class labels, or a local Stable Diffusion with prompts.
+"""What fine-tuning trains: the embedded model with class labels, or a text-to-image pipeline with prompts.
 
 A target draws a global batch of conditions and noises from a generator, builds a sampler for a batch of
-conditions, scores samples with its reward, and evaluates held-out conditions (to make reward hacking visible).
+conditions, scores samples with its reward, and evaluates the model on fixed conditions and noise (held-out
+conditions for the embedded model; the evaluation prompts for a pipeline), returning the measures and the images.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from sdo import zoo
+from sdo.app.lora import ZOO_LORA_TARGETS
 from sdo.app.prompts import read_prompts
 from sdo.app.quality import frechet_distance
 from sdo.gradients import NoGrad
 from sdo.rewards import ClassifierReward
 from sdo.sampling import Sampler
 
-__all__ = ["PipelineTarget", "ZooTarget", "ink_reward"]
+__all__ = ["EVALUATION_MEASURES", "PipelineTarget", "ZooTarget", "ink_reward"]
+
+EVALUATION_MEASURES = ("judge_accuracy", "frechet_judge", "eval_reward")
+"""What the targets' evaluators measure (every other metric of a record comes from the training batch)."""
 
 
 def ink_reward(x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,13 +36,15 @@ class ZooTarget:
     """The embedded MNIST model; conditions are class labels; tasks "confidence" (reward classifier
     log-probability of the conditioned class) and "bold" (stroke mass)."""
 
-    lora_targets = "to_q,to_k,to_v,to_out.0,conv1,conv2"
+    lora_targets = ZOO_LORA_TARGETS
 
-    def __init__(self, config, device: torch.device) -> None:
+    def __init__(self, config, device: torch.device, reward: Callable | None = None) -> None:
         self.config = config
         self.device = device
         self.unet = zoo.load_unet(device)
-        if config.task == "bold":
+        if reward is not None:  # the caller's latent reward(x0 in [-1, 1], labels) -> [B]
+            self.reward = reward
+        elif config.task == "bold":
             self.reward = ink_reward
         else:
             classifier = zoo.load_reward_classifier(device)
@@ -54,7 +62,8 @@ class ZooTarget:
         return Sampler(sampler.model_fn, sampler.scheduler, self.config.sample_steps, compile=True)
 
     def evaluator(self):
-        """Held-out labels with fixed noise: judge accuracy, and Frechet distance to real digits in judge space."""
+        """Held-out labels with fixed noise: judge accuracy, and Frechet distance to real digits in judge space;
+        ``evaluate(unet) -> (measures, images [B, 1, 32, 32] in [0, 1])``."""
         judge = zoo.load_judge(self.device)
         real, _ = zoo.load_digits(self.device)
         with torch.no_grad():
@@ -66,75 +75,91 @@ class ZooTarget:
         def evaluate(unet: torch.nn.Module) -> dict[str, float]:
             samples = self.sampler(unet, labels).sample(noise, grad=NoGrad()).clamp(-1, 1)
             accuracy = (judge(samples).argmax(1) == labels).float().mean()
-            return {
+            measures = {
                 "judge_accuracy": float(accuracy),
                 "frechet_judge": frechet_distance(judge.embed(samples), real_features),
             }
+            return measures, zoo.to_images(samples)
 
         return evaluate
 
 
 class PipelineTarget:
-    """A text-to-image pipeline (SD, SDXL, SD3, Flux) from a local folder; conditions are prompt indices into the
-    prompt file; rewards "aesthetic", "clip" (CLIP similarity to the sample's own prompt), "style" (CLIP Gram
-    matrices against a reference image), "pickscore", or a weighted sum of them (``--reward``), on the decoded
-    image. LoRA adapts the network's attention projections (``sdo.pipelines.lora_targets``)."""
+    """A text-to-image pipeline (SD, SDXL, SD3, Flux); conditions are indices into the training prompts.
 
-    def __init__(self, config, device: torch.device) -> None:
-        from sdo.pipelines import from_pipeline
+    The reward is an image reward ``reward(images [B, 3, H, W] in [0, 1], prompts) -> [B]`` on the decoded sample
+    (``PipelineParts.latent_reward``): the caller's, or the config's ``--reward``/``--task`` (``aesthetic``,
+    ``clip``, ``style``, ``pickscore`` or a weighted sum). Evaluation scores the same reward on ``eval_prompts``
+    with fixed noise. LoRA adapts the network's attention projections (``sdo.pipelines.lora_targets``).
 
-        prompts = read_prompts(config.prompts)
+    Args:
+        config: the ``FinetuneConfig``.
+        device: where the pipeline runs.
+        pipeline: a loaded diffusers pipeline (defaults to loading ``config.pipeline``).
+        prompts: the training prompts (defaults to ``config.prompts``' lines).
+        eval_prompts: the evaluation prompts (defaults to ``config.eval_prompts``' lines, else ``prompts``;
+            ``eval_on_training_prompts`` says which).
+        image_reward: the caller's image reward; nothing else is loaded for scoring then.
+    """
+
+    def __init__(
+        self,
+        config,
+        device: torch.device,
+        pipeline=None,
+        prompts: list[str] | None = None,
+        eval_prompts: list[str] | None = None,
+        image_reward: Callable | None = None,
+    ) -> None:
+        from sdo.pipelines import from_pipeline, load_pipeline
+
+        prompts = list(prompts) if prompts is not None else read_prompts(config.prompts)
+        if eval_prompts is None and getattr(config, "eval_prompts", ""):
+            eval_prompts = read_prompts(config.eval_prompts)
+        self.eval_on_training_prompts = eval_prompts is None
+        self.eval_prompts = prompts if eval_prompts is None else list(eval_prompts)
         self.config, self.device, self.prompts = config, device, prompts
-        self.parts = from_pipeline(
-            config.pipeline,
-            prompts,
-            guidance_scale=config.guidance,
-            device=device,
-            height=config.height or None,
-            width=config.width or None,
-        )
+        self.pipe = load_pipeline(config.pipeline) if pipeline is None else pipeline
+        options = dict(guidance_scale=config.guidance, device=device, **config.size())
+        self.parts = from_pipeline(self.pipe, prompts, **options)
+        self.eval_parts = from_pipeline(self.pipe, self.eval_prompts, **options)
         self.unet = self.parts.unet
         self.lora_targets = self.parts.lora_targets
-        self.reward = self._reward(config)
-
-    def _reward(self, config):
-        from sdo.app.reward_spec import image_reward
-
-        score = image_reward(
-            config.reward or config.task,
-            self.prompts,
-            device=self.device,
-            clip_path=config.clip_path,
-            pickscore_path=config.pickscore_path,
-            aesthetic_head=config.aesthetic_head,
-            style_image=config.style_image,
-        )
-        return self.parts.latent_reward(score)
+        self.image_reward = image_reward if image_reward is not None else config.image_reward(prompts, device)
+        self.reward = self.parts.latent_reward(self.image_reward)
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt indices ``[B]`` and initial latents ``[B, C, h, w]``."""
         index = torch.randint(0, len(self.prompts), (batch,), generator=generator)
         return index, torch.randn(batch, *self.parts.latent_shape[1:], generator=generator)
 
-    def sampler(self, unet: torch.nn.Module, index: torch.Tensor) -> Sampler:
-        """The pipeline's sampler over ``unet`` conditioned on prompts ``index`` ``[B]``."""
-        model_fn = replace(self.parts.model_fn.rows(index.to(self.device)), model=unet)
-        return self.parts.sampler(self.config.sample_steps, model_fn, compile=self.config.compile)
+    def sampler(self, unet: torch.nn.Module, index: torch.Tensor, parts=None) -> Sampler:
+        """The pipeline's sampler over ``unet`` conditioned on prompts ``index`` ``[B]`` (of ``parts``' prompts,
+        the training ones by default)."""
+        parts = parts or self.parts
+        model_fn = replace(parts.model_fn.rows(index.to(self.device)), model=unet)
+        return parts.sampler(self.config.sample_steps, model_fn, compile=self.config.compile)
 
     def evaluator(self):
-        """Mean reward on every prompt with fixed noise, in batches of ``batch_size`` prompts (memory does not grow
-        with the number of prompts)."""
-        size = self.config.batch_size
+        """Mean reward on every evaluation prompt with fixed noise, in batches of ``batch_size`` prompts (memory
+        does not grow with the number of prompts); ``evaluate(unet) -> (measures, images [P, 3, H, W] in [0, 1])``
+        with ``eval_reward`` and ``eval_on_training_prompts``."""
+        size, parts = self.config.batch_size, self.eval_parts
 
         @torch.no_grad()
-        def evaluate(unet: torch.nn.Module) -> dict[str, float]:
+        def evaluate(unet: torch.nn.Module) -> tuple[dict, torch.Tensor]:
             generator = torch.Generator().manual_seed(10_000 + self.config.seed)
-            total = 0.0
-            for first in range(0, len(self.prompts), size):
-                index = torch.arange(first, min(first + size, len(self.prompts)))
-                noise = torch.randn(len(index), *self.parts.latent_shape[1:], generator=generator).to(self.device)
-                samples = self.sampler(unet, index).sample(noise, grad=NoGrad())
-                total += float(self.reward(samples, index).sum())
-            return {"held_out_reward": total / len(self.prompts)}
+            total, images = 0.0, []
+            for first in range(0, len(self.eval_prompts), size):
+                index = torch.arange(first, min(first + size, len(self.eval_prompts)))
+                noise = torch.randn(len(index), *parts.latent_shape[1:], generator=generator).to(self.device)
+                decoded = parts.decode(self.sampler(unet, index, parts).sample(noise, grad=NoGrad()))
+                total += float(self.image_reward(decoded, [self.eval_prompts[i] for i in index.tolist()]).sum())
+                images.append(decoded.float().cpu())
+            measures = {
+                "eval_reward": total / len(self.eval_prompts),
+                "eval_on_training_prompts": self.eval_on_training_prompts,
+            }
+            return measures, torch.cat(images)
 
         return evaluate

@@ -13,9 +13,9 @@ import torch
 
 from sdo import zoo
 from sdo.app.options import check_options, option
+from sdo.app.pipeline_options import PipelineOptions
 from sdo.app.reward_spec import parse_reward_spec
 from sdo.checks import SEED_MAX
-from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
 from sdo.latent import OptimizationResult
@@ -38,8 +38,9 @@ TASKS = ("class", "style", "adversarial")
 
 
 @dataclass(frozen=True)
-class LatentTaskConfig:
-    """One latent-optimization run on the embedded model (every field is a ``sdo optimize`` flag)."""
+class LatentTaskConfig(PipelineOptions):
+    """One latent-optimization run on the embedded model or a pipeline (every field is a ``sdo optimize`` flag;
+    the pipeline and reward fields are the shared ``PipelineOptions`` block)."""
 
     task: Literal["class", "style", "adversarial"] = option("class", "what to optimize for", choices=TASKS)
     method: str = option("sdo", "gradient estimator (sdo bench --list-methods)", choices=LATENT_METHODS)
@@ -55,7 +56,6 @@ class LatentTaskConfig:
     batch: int = option(8, "latents optimized at once", at_least=1, at_most=4096)
     seed: int = option(0, "seed of the initial noise", at_least=0, at_most=SEED_MAX)
     start_step: int = option(0, "optimize the latent at this step (after a no-grad warm-up)", at_least=0, at_most=999)
-    guidance: float = option(3.0, "classifier-free guidance scale")
     prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer", at_least=0)
     project: bool = option(True, "rescale latents to their initial norm after each step (the hard shell prior)")
     views: int = option(
@@ -75,18 +75,7 @@ class LatentTaskConfig:
     )
     device: str = option("cpu", "torch device")
     out: str = option("sdo-optimize", "output folder")
-    pipeline: str = option("", "optimize a local Stable Diffusion folder's latents instead of the embedded model")
     prompt: str = option("", "--pipeline: the prompt")
-    reward: str = option(
-        "clip",
-        f"--pipeline: one of {', '.join(CLIP_REWARDS)}, or a weighted sum such as clip=1.0,aesthetic=0.5",
-    )
-    clip_path: str = option("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
-    pickscore_path: str = option("", "--pipeline, pickscore: local PickScore CLIP folder (or $SDO_PICKSCORE_PATH)")
-    aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
-    style_image: str = option("", "--pipeline, style: reference image (PNG)")
-    height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
-    width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
 
     def method_options(self) -> MethodOptions:
         """What the registry's entry for ``method`` takes from this config (a latent is optimized)."""
@@ -135,11 +124,10 @@ class LatentTaskConfig:
             raise ConfigError("`conditions` steers the embedded model's classes; with --pipeline use --prompts FILE.")
         if self.prompts and not self.pipeline:
             raise ConfigError("`prompts` needs --pipeline (the embedded model takes --conditions N).")
-        terms = parse_reward_spec(self.reward)  # a bad --reward is refused with or without --pipeline
+        parse_reward_spec(self.reward)  # a bad --reward is refused with or without --pipeline
         if not self.pipeline and self.reward != LatentTaskConfig.__dataclass_fields__["reward"].default:
             raise ConfigError(f"`reward` ({self.reward!r}) scores a --pipeline's images; add --pipeline DIR.")
-        if self.pipeline and "style" in terms and not self.style_image:
-            raise ConfigError("`style_image` (a PNG) is required with the style reward.")
+        super().__post_init__()
 
 
 @dataclass
@@ -185,7 +173,6 @@ def _sampler(sampler: Sampler, config: LatentTaskConfig) -> Sampler:
 
 def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
     """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
-    from sdo.app.reward_spec import image_reward
     from sdo.pipelines import from_pipeline
 
     resources = resources or load_resources(config)
@@ -194,19 +181,10 @@ def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | Non
         [config.prompt] * config.batch,
         guidance_scale=config.guidance,
         device=config.device,
-        height=config.height or None,
-        width=config.width or None,
+        **config.size(),
     )
     sampler = parts.sampler(config.steps, compile=config.compile)
-    score = image_reward(
-        config.reward,
-        [config.prompt],
-        device=config.device,
-        clip_path=config.clip_path,
-        pickscore_path=config.pickscore_path,
-        aesthetic_head=config.aesthetic_head,
-        style_image=config.style_image,
-    )
+    score = config.image_reward([config.prompt], config.device)
     with torch.no_grad():
         noise = parts.initial_latent(config.seed)
         latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)

@@ -1,0 +1,85 @@
+"""The one block of pipeline and reward options that ``sdo optimize`` and ``sdo finetune`` share.
+
+``PipelineOptions`` is a frozen dataclass base of ``LatentTaskConfig`` and ``FinetuneConfig``: its fields (the
+pipeline folder, the image reward and the files it reads, the image size and the guidance scale) are written once,
+validated once (``__post_init__``, which each config's own ``__post_init__`` calls first) and turned into an image
+reward by one method. The CLI still generates one flat flag per field (``--pipeline``, ``--reward``,
+``--clip-path``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sdo.app.options import option
+from sdo.clip_rewards import CLIP_REWARDS
+from sdo.errors import ConfigError
+
+__all__ = ["PipelineOptions"]
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Where a run's images come from and how they are scored (every field is a flag of the commands that use it).
+
+    ``reward`` is a spec of ``sdo.app.reward_spec``: one name of ``sdo.clip_rewards.CLIP_REWARDS`` or a weighted sum
+    such as ``clip=1.0,aesthetic=0.5``. A config whose default reward depends on another of its fields (fine-tuning's
+    ``task``) overrides ``reward_spec``.
+    """
+
+    pipeline: str = option(
+        "", "a local diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, Flux) to use instead of the embedded model"
+    )
+    reward: str = option(
+        "clip",
+        f"--pipeline: one of {', '.join(CLIP_REWARDS)}, or a weighted sum such as clip=1.0,aesthetic=0.5",
+    )
+    clip_path: str = option("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
+    pickscore_path: str = option("", "--pipeline, pickscore: local PickScore CLIP folder (or $SDO_PICKSCORE_PATH)")
+    aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
+    style_image: str = option("", "--pipeline, style: reference image (PNG)")
+    height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
+    width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
+    guidance: float = option(3.0, "classifier-free guidance scale")
+
+    def __post_init__(self) -> None:
+        if self.height < 0 or self.width < 0:
+            raise ConfigError(
+                f"`height` and `width` must be >= 0 (0: the pipeline's default), got {self.height}x{self.width}."
+            )
+        if not self.pipeline:
+            return
+        if "style" in self.reward_terms() and not self.style_image:
+            raise ConfigError("`style_image` (a PNG) is required with the style reward.")
+
+    def reward_spec(self) -> str:
+        """The reward spec of a ``--pipeline`` run: ``reward``."""
+        return self.reward
+
+    def reward_terms(self) -> dict[str, float]:
+        """The ``--pipeline`` reward terms and their weights (``reward_spec`` parsed)."""
+        from sdo.app.reward_spec import parse_reward_spec
+
+        return parse_reward_spec(self.reward_spec())
+
+    def image_reward(self, prompts: list[str], device: torch.device | str):
+        """The image reward ``reward(images, prompts) -> [B]`` of ``reward_spec`` (``sdo.app.reward_spec``), with
+        the CLIP, PickScore, aesthetic-head and style-image files of these options; only the weights its terms
+        need are loaded."""
+        from sdo.app.reward_spec import image_reward
+
+        return image_reward(
+            self.reward_spec(),
+            prompts,
+            device=device,
+            clip_path=self.clip_path,
+            pickscore_path=self.pickscore_path,
+            aesthetic_head=self.aesthetic_head,
+            style_image=self.style_image,
+        )
+
+    def size(self) -> dict[str, int | None]:
+        """``height`` and ``width`` as ``from_pipeline`` takes them (None: the pipeline's default)."""
+        return {"height": self.height or None, "width": self.width or None}

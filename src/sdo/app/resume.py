@@ -1,0 +1,143 @@
+"""The resume protocol of ``sdo finetune``: open the output folder, decide whether a rerun resumes, restore it.
+
+A fine-tuning folder records its run's settings (``config.json``, and each checkpoint's ``state.json``). A rerun
+with the same result-changing settings resumes from the newest checkpoint; one with other settings is refused with
+the flags that differ (``ResumeMismatchError``). The settings are the config's fields plus what describes data
+given as Python objects: the pipeline's ``name_or_path`` and the sha256 of the prompt lists (``prompt_digest``).
+The folder's lock and leftovers are handled by ``sdo.app.runs``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from sdo.app.checkpoints import Checkpoint, latest_checkpoint, optimizer_from_tensors
+from sdo.app.lora import load_trainable
+from sdo.app.runs import RunLock, check_command, check_writable, clean_leftovers, differing_flags, flag, write_config
+from sdo.errors import OutputLockedError, ResumeMismatchError, SdoError
+from sdo.io import CorruptFileError, atomic_path
+
+__all__ = ["PROMPT_DIGESTS", "RESUME_FREE", "MetricsLog", "check_resume", "open_output", "prompt_digest", "restore"]
+
+RESUME_FREE = frozenset(
+    {"out", "eval_every", "checkpoint_every", "device", "tensorboard", "report_to", "save_pipeline", "eval_prompts"}
+)
+"""Settings a rerun may change without changing the trained weights: where the folder is, how often it
+evaluates and checkpoints, what it evaluates on, the device (same computation, other hardware), logging, and
+where the fused pipeline goes. ``steps`` may grow; every other setting must match the run the folder holds."""
+
+PROMPT_DIGESTS = {"prompts_sha256": "training prompt list"}
+"""Recorded digests that must match on resume, and what each describes in the refusal message."""
+
+
+def prompt_digest(prompts: list[str]) -> str:
+    """The sha256 of a prompt list (its JSON form: order and every character count), as ``config.json`` records
+    it in place of the list."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+
+
+def open_output(accelerator, out: Path, settings: dict, defaults: dict, break_lock: bool):
+    """Before any model loads: on the main process, check ``out`` is writable, lock it, check that a run it
+    holds has the same ``settings`` (``check_resume``), clean a killed run's leftovers and record ``config.json``.
+    Every process then gets the outcome (the lock is shared through the main process). Returns the lock (None on
+    other processes) and the checkpoint to resume from (None if there is none)."""
+    lock, error, checkpoint = None, None, None
+    if accelerator.is_main_process:
+        try:
+            check_writable(out)
+            lock = RunLock(out, "finetune", break_lock).acquire()
+            checkpoint = check_resume(out, settings, defaults)
+            clean_leftovers(out)
+            write_config(out, "finetune", settings)
+        except SdoError as caught:
+            error = caught
+            if lock is not None:
+                lock.release()
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+        if float(failed) and error is None:
+            raise OutputLockedError(f"{out}: the main process could not open the output folder (see its error).")
+    if error is not None:
+        raise error
+    if not accelerator.is_main_process:
+        checkpoint = latest_checkpoint(out / "checkpoints")
+    return lock, checkpoint
+
+
+def check_resume(out: Path, settings: dict, defaults: dict) -> Checkpoint | None:
+    """The checkpoint to resume from in ``out``, if any. Its run (the checkpoint's settings, else ``config.json``)
+    must have the same result-changing ``settings`` (a field it lacks counts as its entry in ``defaults``; a
+    digest it lacks is not compared); ``steps`` may not drop below the updates done."""
+    recorded = check_command(out, "finetune")
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    if checkpoint is None:
+        return None  # nothing to resume: the run starts over
+    saved = checkpoint.state.get("config") if isinstance(checkpoint.state.get("config"), dict) else recorded
+    if saved is None:
+        return checkpoint
+    changes = [
+        f"a different {what} (sha256 {settings.get(key)}; the folder's run used {saved[key]})"
+        for key, what in PROMPT_DIGESTS.items()
+        if key in saved and saved[key] != settings.get(key)
+    ]
+    changes += differing_flags(saved, settings, defaults, RESUME_FREE | {"steps"} | set(PROMPT_DIGESTS))
+    if settings["steps"] < checkpoint.step:
+        changes.insert(0, f"--steps {settings['steps']} is below the {checkpoint.step} updates already done")
+    if changes:
+        free = ", ".join(flag(name) for name in sorted(RESUME_FREE - {"out"}))
+        raise ResumeMismatchError(
+            f"{out} holds a run with other settings: {'; '.join(changes)}. To resume it, rerun with its settings "
+            f"(only --steps may grow; {free} may change), or choose another --out."
+        )
+    return checkpoint
+
+
+def restore(checkpoint: Checkpoint | None, network, optimizer, lora: bool, accelerator) -> int:
+    """Put ``checkpoint``'s trainable weights into ``network`` and its state into ``optimizer``; returns the
+    update it was taken after (0 without a checkpoint)."""
+    if checkpoint is None:
+        return 0
+    weights = {k: v.to(accelerator.device) for k, v in checkpoint.weights.items()}
+    load_trainable(network, weights, lora, source=checkpoint.path / "weights.safetensors")
+    optimizer_from_tensors(optimizer, checkpoint.optimizer_tensors, checkpoint.state)
+    if accelerator.is_main_process:
+        print(f"Resuming from {checkpoint.path} (step {checkpoint.step}).")
+    return checkpoint.step
+
+
+class MetricsLog:
+    """``metrics.jsonl``, rewritten atomically at each update; on resume, entries after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        self.records: list[dict] = []
+        if path.is_file() and resume_step:
+            self.records = [record for record in self._read() if record["step"] <= resume_step]
+
+    def _read(self) -> list[dict]:
+        records = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CorruptFileError(f"{self.path}, line {number}: not valid JSON ({error.msg}).") from None
+            if (
+                not isinstance(record, dict)
+                or isinstance(record.get("step"), bool)
+                or not isinstance(record.get("step"), int)
+            ):
+                raise CorruptFileError(f"{self.path}, line {number}: not a metrics record with an integer 'step'.")
+            records.append(record)
+        return records
+
+    def append(self, record: dict) -> None:
+        """Add ``record`` and rewrite the file atomically."""
+        self.records.append(record)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
