@@ -1,4 +1,4 @@
-"""Text-to-image pipelines from a local folder: Stable Diffusion 1.x/2.x and SDXL (UNet), SD3 and Flux
+"""Text-to-image pipelines from a folder or a Hub id: Stable Diffusion 1.x/2.x and SDXL (UNet), SD3 and Flux
 (transformers with FlowMatch); what the sampler and tasks need.
 
 ``from_pipeline`` takes a pipeline object or a folder written by ``save_pretrained`` and returns the model function
@@ -8,7 +8,8 @@ differentiable decoder. One contract holds for every family: with ``parts = from
 width=w)``, the pipeline's own ``pipe(prompt, latents=parts.initial_latent(s), num_inference_steps=n,
 guidance_scale=g, height=h, width=w)`` and ``parts.decode(parts.sampler(n).sample(parts.initial_latent(s)))`` give
 the same image (``from_pipeline(..., guidance_scale=g)``; ``pipe.scheduler = parts.scheduler`` when the pipeline's
-own scheduler is not one ``sdo`` supports). Nothing is downloaded: folders load with ``local_files_only=True``.
+own scheduler is not one ``sdo`` supports). A pipeline is a folder or a Hub id ``org/name`` (``sdo.hub``): only the
+Hub ids given are downloaded, through diffusers' own ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, MissingWeightsError
+from .errors import ConfigError, CorruptFileError, MissingWeightsError
+from .hub import ModelSource, hub_error, model_source
 from .io import load_json
 from .models import Denoiser
 from .sampling import Sampler
@@ -175,8 +177,10 @@ def lora_targets(network: torch.nn.Module) -> str:
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype | None = None):
-    """Load a diffusers pipeline saved with ``save_pretrained`` in a local folder (no download), once, for several
-    ``from_pipeline`` calls (one per prompt); raises ``MissingWeightsError`` for a folder that is not one."""
+    """Load a diffusers pipeline once, for several ``from_pipeline`` calls (one per prompt): a folder written by
+    ``save_pretrained``, or a Hub id ``org/name`` (the user's Hugging Face cache, downloaded into it when missing,
+    see ``sdo.hub``); safetensors only, never remote code. Raises ``MissingWeightsError`` (one line) for anything
+    else, or for a Hub id that is offline and not cached."""
     return _load(path, None, dtype)
 
 
@@ -185,25 +189,45 @@ def _load(pipe_or_path, device, dtype):
         return pipe_or_path
     from diffusers import DiffusionPipeline
 
-    path = Path(pipe_or_path)
-    if not (path / "model_index.json").is_file():
-        raise MissingWeightsError(
-            f"{path} is not a diffusers pipeline folder (no model_index.json). Save one with "
-            "`pipeline.save_pretrained(DIR)` on a machine that has the weights, and pass DIR."
-        )
+    source = model_source(pipe_or_path, "diffusers pipeline")
     # Components saved as absent (e.g. SD3 without its T5 encoder, SD without a safety checker) are passed as None.
-    index = load_json(path / "model_index.json")
-    _check_family(index.get("_class_name"), path)
+    index = _pipeline_index(source)
+    _check_family(index.get("_class_name"), source.name)
     absent = {name: None for name, value in index.items() if value == [None, None] or name == "safety_checker"}
     options = {"torch_dtype": dtype} if dtype is not None else {}
     try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
         return DiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, use_safetensors=True, **absent, **options
+            source.name, use_safetensors=True, trust_remote_code=False, **source.options(), **absent, **options
         )
     except (OSError, ValueError) as error:
+        if source.hub:
+            raise hub_error(source, "pipeline", error) from None
+        path = Path(source.name)
         if not _has_pickled_weights(path):
             raise MissingWeightsError(f"{path}: the pipeline could not be loaded: {error}".splitlines()[0]) from error
         raise MissingWeightsError(_convert_hint(path, "DiffusionPipeline", error)) from None
+
+
+def _pipeline_index(source: ModelSource) -> dict:
+    """The pipeline's ``model_index.json`` (from the folder, or from the Hub id's cache or download)."""
+    if source.hub:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(source.name, "model_index.json", **source.options()))
+        except Exception as error:  # any Hub failure (offline, not found, gated, network) is one line
+            raise hub_error(source, "pipeline", error) from None
+    else:
+        path = Path(source.name) / "model_index.json"
+        if not path.is_file():
+            raise MissingWeightsError(
+                f"{source.name} is not a diffusers pipeline folder (no model_index.json). Save one with "
+                "`pipeline.save_pretrained(DIR)` on a machine that has the weights, and pass DIR."
+            )
+    index = load_json(path)
+    if not isinstance(index, dict):
+        raise CorruptFileError(f"{path}: expected a JSON object (a model index), not {type(index).__name__}.")
+    return index
 
 
 def _has_pickled_weights(path: Path) -> bool:
@@ -219,9 +243,9 @@ def _convert_hint(path: Path, loader: str, error: Exception) -> str:
     )
 
 
-def _check_family(class_name: str | None, where: object) -> str:
+def _check_family(class_name: object, where: object) -> str:
     """The family of pipeline class ``class_name``; ``ConfigError`` naming the supported ones otherwise."""
-    if class_name not in FAMILIES:
+    if not isinstance(class_name, str) or class_name not in FAMILIES:
         raise ConfigError(f"{where}: {class_name} is not supported; sdo.from_pipeline supports {SUPPORTED}.")
     return FAMILIES[class_name]
 
@@ -274,7 +298,8 @@ def from_pipeline(
       Decoding unpacks the latent and undoes the VAE's scaling and shift.
 
     Args:
-        pipe_or_path: a diffusers pipeline, or a local folder saved with ``save_pretrained``.
+        pipe_or_path: a diffusers pipeline, a folder saved with ``save_pretrained``, or a Hub id ``org/name``
+            (loaded by ``load_pipeline``).
         prompt: one prompt or a list (the batch).
         negative_prompt: the unconditional prompt of classifier-free guidance (defaults to the pipeline's own
             default: "" for SD and SD3, zeros for SDXL with ``force_zeros_for_empty_prompt``, none for Flux).
@@ -298,7 +323,8 @@ def from_pipeline(
     Raises:
         ConfigError: an unsupported pipeline class or size, or a missing component (the message names the
             supported families).
-        MissingWeightsError: the folder is not a pipeline folder, or a component could not be loaded.
+        MissingWeightsError: neither a pipeline folder nor a Hub id that loads (offline and not cached: the message
+            names ``HF_HUB_OFFLINE``), or a component could not be loaded.
 
     Memory: with ``dtype=torch.bfloat16`` the modules run in bf16 while latents, solver and gradients stay float32
     (``sdo.Denoiser`` and ``decode`` cast at the boundary); add ``sdo.Shortcut(checkpoint=True)`` to recompute the

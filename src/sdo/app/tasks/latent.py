@@ -67,14 +67,19 @@ class LatentTaskConfig:
     freedom_repeats: int = option(1, "freedom: time-travel passes per step in the first half of the window")
     device: str = option("cpu", "torch device")
     out: str = option("sdo-optimize", "output folder")
-    pipeline: str = option("", "optimize a local Stable Diffusion folder's latents instead of the embedded model")
+    pipeline: str = option(
+        "",
+        "optimize a diffusers pipeline's latents: a save_pretrained folder or a Hub id org/name (SD, SDXL, SD3, Flux)",
+    )
     prompt: str = option("", "--pipeline: the prompt")
     reward: str = option(
         "clip",
         f"--pipeline: one of {', '.join(CLIP_REWARDS)}, or a weighted sum such as clip=1.0,aesthetic=0.5",
     )
-    clip_path: str = option("", "--pipeline: local CLIP folder (or $SDO_CLIP_PATH)")
-    pickscore_path: str = option("", "--pipeline, pickscore: local PickScore CLIP folder (or $SDO_PICKSCORE_PATH)")
+    clip_path: str = option("", "--pipeline: CLIP model, a folder or a Hub id (or $SDO_CLIP_PATH)")
+    pickscore_path: str = option(
+        "", "--pipeline, pickscore: PickScore model, folder or Hub id (or $SDO_PICKSCORE_PATH)"
+    )
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
     height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
