@@ -14,6 +14,7 @@ Hub ids given are downloaded, through diffusers' own ``from_pretrained``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,17 @@ from .models import Denoiser
 from .sampling import Sampler
 from .schedulers import SUPPORTED_SCHEDULERS, prediction_type, scheduler_by_name
 
-__all__ = ["FAMILIES", "DecodedReward", "PipelineParts", "from_pipeline", "load_pipeline", "lora_targets"]
+__all__ = [
+    "DEFAULT_GUIDANCE",
+    "FAMILIES",
+    "DecodedReward",
+    "PipelineParts",
+    "from_pipeline",
+    "load_pipeline",
+    "lora_targets",
+]
+
+logger = logging.getLogger(__name__)
 
 # Pipeline class -> family, and the components each family needs.
 FAMILIES = {
@@ -46,7 +57,8 @@ SUPPORTED = (
     "StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3) "
     "and FluxPipeline (Flux)"
 )
-_DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
+# Each family's own default guidance scale (its pipeline's ``__call__`` default), what ``from_pipeline`` uses.
+DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
 _UNET_LORA_TARGETS = "to_q,to_k,to_v,to_out.0"
 _TRANSFORMER_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
 
@@ -90,6 +102,12 @@ class PipelineParts:
     image_latent_shape: tuple[int, int, int, int] | None = None
     lora_targets: str = field(default=_UNET_LORA_TARGETS)
     prompts: list[str] = field(default_factory=list)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the images ``decode`` returns (the pipeline's ``height=``, ``width=``)."""
+        factor = _vae_factor(self.vae)
+        return self.image_latent_shape[2] * factor, self.image_latent_shape[3] * factor
 
     def latent_reward(self, image_reward: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> DecodedReward:
         """The latent reward ``r(x0, cond) = image_reward(decode(x0), prompts)`` of an image reward (``sdo``'s image
@@ -251,11 +269,20 @@ def _check_family(class_name: object, where: object) -> str:
 
 
 def _scheduler(pipe, name: str | None):
+    """The scheduler ``name``, else the pipeline's own when supported, else DDIM from its config; a replaced
+    scheduler is named in one warning line (``logging``, stderr by default)."""
     config = pipe.scheduler.config
     if name is None:
         if type(pipe.scheduler) in SUPPORTED_SCHEDULERS:
             return type(pipe.scheduler).from_config(config)
-        name = "ddim"
+        replaced = scheduler_by_name("ddim", config)
+        logger.warning(
+            "sdo replaces the pipeline's scheduler: %s -> %s (sdo supports %s; pass scheduler= to choose one).",
+            type(pipe.scheduler).__name__,
+            type(replaced).__name__,
+            ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS),
+        )
+        return replaced
     return scheduler_by_name(name, config)
 
 
@@ -308,8 +335,9 @@ def from_pipeline(
         height, width: image size (defaults to the pipeline's); must be a multiple of what the model can take (8
             for SD and SDXL, VAE factor x patch size for SD3, 2 x VAE factor for Flux), else ``ConfigError``.
         scheduler: a name from ``sdo.schedulers.SCHEDULER_NAMES`` ("ddim", "ddpm", "dpm++", "euler",
-            "flowmatch"); defaults to the pipeline's own when supported, else DDIM (built from the pipeline's
-            scheduler config).
+            "flowmatch"); defaults to the pipeline's own when supported, else DDIM built from the pipeline's
+            scheduler config (that replacement is one warning line on the ``sdo.pipelines`` logger, stderr by
+            default: e.g. "EulerAncestralDiscreteScheduler -> DDIMScheduler").
         device, dtype: where the modules go, and their precision.
         embeds_require_grad: make the prompt embeddings (and pooled embeddings) leaves that require grad.
         vae_slicing, vae_tiling: decode one image, or one tile, at a time (diffusers' ``enable_slicing`` /
@@ -346,7 +374,7 @@ def from_pipeline(
         pipe.vae.to(torch.float32)  # as the pipeline does before decoding: the fp16 SDXL VAE overflows
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     height, width, factor = _size(pipe, family, network, height, width)
-    guidance = _DEFAULT_GUIDANCE[family] if guidance_scale is None else guidance_scale
+    guidance = DEFAULT_GUIDANCE[family] if guidance_scale is None else guidance_scale
     build = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]
     with torch.no_grad():
         parts = build(
@@ -387,7 +415,7 @@ def from_pipeline(
 def _size(pipe, family: str, network, height: int | None, width: int | None) -> tuple[int, int, int]:
     """Height, width (the pipeline's defaults when None) and the VAE factor; ``ConfigError`` unless both are
     multiples of what the family takes."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = _vae_factor(pipe.vae)
     default = getattr(pipe, "default_sample_size", None) or network.config.sample_size
     height, width = height or default * factor, width or default * factor
     multiples = {"sd": 8, "sdxl": 8, "flux": factor * 2}
@@ -399,6 +427,11 @@ def _size(pipe, family: str, network, height: int | None, width: int | None) -> 
             f"{width - width % multiple or multiple}."
         )
     return height, width, factor
+
+
+def _vae_factor(vae) -> int:
+    """The VAE's downsampling factor: pixels per latent position (8 for SD's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _text_encoders(pipe) -> list[torch.nn.Module]:

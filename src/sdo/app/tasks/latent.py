@@ -1,12 +1,15 @@
-"""Latent-optimization tasks on the embedded model: class steering, style transfer, adversarial samples.
+"""Latent-optimization tasks: on the embedded model class steering, style transfer, adversarial samples; on a
+diffusers pipeline (``--pipeline``) a CLIP-based image reward of the prompt.
 
 One config dataclass (``LatentTaskConfig``) describes a run; the ``sdo optimize`` flags are generated from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -39,23 +42,42 @@ __all__ = [
 
 LATENT_METHODS = method_names("latent")
 TASKS = ("class", "style", "adversarial")
+ZOO_GUIDANCE = 3.0  # the embedded model's default guidance scale
+# Fields that mean something only for the embedded model, and only for a pipeline (``LatentTaskConfig.recorded``).
+ZOO_FIELDS = ("task", "source", "target", "views", "proximity", "conditions")
+PIPELINE_FIELDS = (
+    "pipeline",
+    "prompt",
+    "prompts",
+    "reward",
+    "clip_path",
+    "pickscore_path",
+    "aesthetic_head",
+    "style_image",
+    "height",
+    "width",
+)
 
 
 @dataclass(frozen=True)
 class LatentTaskConfig:
-    """One latent-optimization run on the embedded model (every field is a ``sdo optimize`` flag)."""
+    """One latent-optimization run, on the embedded model or a pipeline (every field is a ``sdo optimize`` flag)."""
 
     task: Literal["class", "style", "adversarial"] = option("class", "what to optimize for", choices=TASKS)
     method: str = option("sdo", "gradient estimator (sdo bench --list-methods)", choices=LATENT_METHODS)
     source: int = option(3, "class of the generated digits (-1: unconditional samples, no guidance)")
     target: int = option(8, "class to steer to (class, adversarial) or of the style reference (style)")
-    steps: int = option(50, "DDIM steps")
+    steps: int = option(50, "sampling steps (the embedded model's DDIM, or the pipeline's scheduler)")
     iters: int = option(30, "Adam iterations")
     lr: float = option(0.05, "Adam learning rate")
     batch: int = option(8, "latents optimized at once")
     seed: int = option(0, "seed of the initial noise")
     start_step: int = option(0, "optimize the latent at this step (after a no-grad warm-up)")
-    guidance: float = option(3.0, "classifier-free guidance scale")
+    guidance: float = option(
+        0.0,
+        f"classifier-free guidance scale (0: the model's default: {ZOO_GUIDANCE} for the embedded model, the family's "
+        "own for --pipeline: 7.5 SD, 5.0 SDXL, 7.0 SD3, 3.5 Flux)",
+    )
     prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer")
     project: bool = option(True, "rescale latents to their initial norm after each step (the hard shell prior)")
     views: int = option(4, "class/adversarial: average the classifier over this many random 2-pixel shifts")
@@ -84,6 +106,12 @@ class LatentTaskConfig:
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
     height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
     width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
+
+    def recorded(self) -> dict:
+        """The settings as ``metrics.json`` and ``summary.json`` record them: only the fields that mean something for
+        this run (a pipeline run has no digit classes; an embedded-model run no prompt or reward)."""
+        dropped = ZOO_FIELDS if self.pipeline else PIPELINE_FIELDS
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in dropped}
 
     def method_options(self) -> MethodOptions:
         """What the registry's gradient mode for ``method`` takes from this config (a latent is optimized)."""
@@ -141,7 +169,11 @@ class LatentTaskConfig:
 
 @dataclass
 class LatentTask:
-    """A built task: the sampler, the latent to optimize, the reward and the judge's acceptance test."""
+    """A built task: the sampler, the latent to optimize, the reward and the judge's acceptance test.
+
+    ``settings``: what replays a latent of this task, as ``latent.safetensors`` records it (``sdo.app.results``).
+    ``notes``: facts about the run for ``metrics.json`` (e.g. ``scheduler_replaced``).
+    """
 
     sampler: Sampler
     latent: torch.Tensor
@@ -150,6 +182,8 @@ class LatentTask:
     original: torch.Tensor
     description: str
     decode: Callable[[torch.Tensor], torch.Tensor] = zoo.to_images  # samples -> images [B, C, H, W] in [0, 1]
+    settings: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -183,15 +217,17 @@ def _sampler(sampler: Sampler, config: LatentTaskConfig) -> Sampler:
 
 
 def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
-    """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
+    """A diffusers pipeline (folder or Hub id): latents of ``config.prompt`` scored by a CLIP-based reward, with the
+    family's own guidance unless ``config.guidance`` is given, and the settings that replay them in the pipeline."""
     from sdo.app.reward_spec import image_reward
-    from sdo.pipelines import from_pipeline
+    from sdo.pipelines import DEFAULT_GUIDANCE, from_pipeline
 
     resources = resources or load_resources(config)
+    pipe = resources.pipeline
     parts = from_pipeline(
-        resources.pipeline,
+        pipe,
         [config.prompt] * config.batch,
-        guidance_scale=config.guidance,
+        guidance_scale=config.guidance or None,
         device=config.device,
         height=config.height or None,
         width=config.width or None,
@@ -210,6 +246,20 @@ def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | Non
         noise = parts.initial_latent(config.seed)
         latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
         original = sampler.sample(latent, NoGrad(), start_step=config.start_step)
+    height, width = parts.image_size
+    settings = {
+        "pipeline": str(Path(config.pipeline).resolve()) if Path(config.pipeline).is_dir() else config.pipeline,
+        "prompt": config.prompt,
+        "guidance_scale": config.guidance or DEFAULT_GUIDANCE[parts.family],
+        "num_inference_steps": config.steps,
+        "height": height,
+        "width": width,
+        "scheduler": type(parts.scheduler).__name__,
+        "scheduler_config": parts.scheduler.to_json_string(),
+        "start_step": config.start_step,
+    }
+    own = type(pipe.scheduler).__name__
+    notes = {"scheduler_replaced": f"{own} -> {settings['scheduler']}"} if own != settings["scheduler"] else {}
     return LatentTask(
         sampler=sampler,
         latent=latent,
@@ -218,6 +268,8 @@ def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | Non
         original=original,
         description=f"{config.reward} reward for {config.prompt!r}",
         decode=parts.decode,
+        settings=settings,
+        notes=notes,
     )
 
 
@@ -229,8 +281,9 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
     device = torch.device(config.device)
     unet, reward_net, judge = resources.unet, resources.reward_net, resources.judge
     unconditional = config.source == -1
-    classes = torch.full((config.batch,), zoo.NULL_CLASS if unconditional else config.source, device=device)
-    guidance = 1.0 if unconditional else config.guidance
+    label = zoo.NULL_CLASS if unconditional else config.source
+    classes = torch.full((config.batch,), label, device=device)
+    guidance = 1.0 if unconditional else config.guidance or ZOO_GUIDANCE
     sampler = _sampler(zoo.ddim_sampler(unet, classes, config.steps, guidance), config)
     source = "digits" if unconditional else f"{config.source}s"
     noise = zoo.noise(config.batch, config.seed, device)
@@ -258,8 +311,22 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
             f"make the reward classifier see {config.target}s in {config.source}s "
             f"that the judge still calls {config.source}s"
         )
+    settings = {
+        "model": "sdo.zoo",
+        "class": label,
+        "guidance_scale": guidance,
+        "num_inference_steps": config.steps,
+        "scheduler": type(sampler.scheduler).__name__,
+        "start_step": config.start_step,
+    }
     return LatentTask(
-        sampler=sampler, latent=latent, reward=reward, judge_accepts=accepts, original=original, description=text
+        sampler=sampler,
+        latent=latent,
+        reward=reward,
+        judge_accepts=accepts,
+        original=original,
+        description=text,
+        settings=settings,
     )
 
 
