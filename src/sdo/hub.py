@@ -92,9 +92,12 @@ def hub_error(source: ModelSource, what: str, error: BaseException) -> MissingWe
     cached = (Path(cache) / ("models--" + source.name.replace("/", "--"))).is_dir()
     if offline() and not cached:
         return MissingWeightsError(
-            f"{what} {source.name!r} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set, so it "
+            f"{what} {source.name!r} (no such folder, so a Hub id) is not in the Hugging Face cache ({cache}) and "
+            "HF_HUB_OFFLINE is set, so it "
             f"cannot be downloaded: unset HF_HUB_OFFLINE, or download it once where the Hub is reachable "
             f"(`hf download {source.name}`) and copy the cache here."
         )
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return MissingWeightsError(f"{what} {source.name!r} could not be loaded from the Hugging Face Hub: {detail}")
+    return MissingWeightsError(
+        f"{what} {source.name!r} (no such folder, so a Hub id) could not be loaded from the Hugging Face Hub: {detail}"
+    )

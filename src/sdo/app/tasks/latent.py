@@ -67,7 +67,7 @@ class LatentTaskConfig:
     method: str = option("sdo", "gradient estimator (sdo bench --list-methods)", choices=LATENT_METHODS)
     source: int = option(3, "class of the generated digits (-1: unconditional samples, no guidance)")
     target: int = option(8, "class to steer to (class, adversarial) or of the style reference (style)")
-    steps: int = option(50, "sampling steps (the embedded model's DDIM, or the pipeline's scheduler)")
+    steps: int = option(50, "sampling steps (of the scheduler the model samples with)")
     iters: int = option(30, "Adam iterations")
     lr: float = option(0.05, "Adam learning rate")
     batch: int = option(8, "latents optimized at once")
