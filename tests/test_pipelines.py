@@ -206,7 +206,7 @@ def test_clip_rewards_with_tiny_models(clip_dir):
 
 def test_missing_weights_give_the_documented_error(tmp_path, monkeypatch):
     monkeypatch.delenv("SDO_CLIP_PATH", raising=False)
-    with pytest.raises(FileNotFoundError, match=r"CLIP model folder not found at .*nowhere.*never downloads"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere is not a CLIP model folder .*not a Hugging Face Hub id"):
         ClipImageEncoder(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"No CLIP model folder given: pass its path, or set \$SDO_CLIP_PATH"):
         ClipImageEncoder()

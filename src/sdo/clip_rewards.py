@@ -1,13 +1,15 @@
-"""CLIP-based rewards for images in [0, 1] (the paper's three image rewards), from weights already on disk.
+"""CLIP-based rewards for images in [0, 1] (the paper's three image rewards), from a folder or a Hub id.
 
 - ``ClipScoreReward``: CLIP text-image cosine similarity (text-guided manipulation).
 - ``AestheticReward``: LAION aesthetic predictor, a linear head on normalized CLIP ViT-L/14 image embeddings.
 - ``ClipStyleReward``: Gram matrices of intermediate CLIP vision features against a reference image (style).
 - ``PickScoreReward``: PickScore, the human-preference fine-tune of CLIP-H (its own folder, ``$SDO_PICKSCORE_PATH``).
 
-Weights come from local folders or files, given as arguments or by ``$SDO_CLIP_PATH`` (a CLIP folder saved with
-``save_pretrained``) and ``$SDO_AESTHETIC_HEAD`` (the head as safetensors with ``weight [1, D]`` and ``bias [1]``).
-Nothing is downloaded. ``transformers`` is imported lazily (``pip install 'shortcut-diffusion[clip]'``).
+The CLIP and PickScore models are folders saved with ``save_pretrained`` or Hub ids ``org/name`` (``sdo.hub``: the
+user's Hugging Face cache, downloaded through transformers' ``from_pretrained`` when missing; safetensors only, never
+remote code), given as arguments or by ``$SDO_CLIP_PATH`` / ``$SDO_PICKSCORE_PATH``. The aesthetic head is a local
+file, ``$SDO_AESTHETIC_HEAD`` (safetensors with ``weight [1, D]`` and ``bias [1]``). ``transformers`` is imported
+lazily (``pip install 'shortcut-diffusion[clip]'``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, MissingWeightsError, missing_extra
+from .hub import ModelSource, hub_error, model_source
 from .io import convert_hint, has_pickled_weights, load_image, load_tensors
 from .rewards import gram_matrix, style_distance
 
@@ -48,18 +51,28 @@ def _transformers():
     return transformers
 
 
-def _local(path: str | os.PathLike | None, variable: str, what: str) -> Path:
+def _chosen(path: str | os.PathLike | None, variable: str, what: str) -> str | os.PathLike:
+    """``path``, else ``$variable``; ``MissingWeightsError`` when neither is given."""
     chosen = path or os.environ.get(variable)
     if not chosen:
         raise MissingWeightsError(f"No {what} given: pass its path, or set ${variable}.")
-    chosen = Path(chosen)
+    return chosen
+
+
+def _local(path: str | os.PathLike | None, variable: str, what: str) -> Path:
+    """A local file (the aesthetic head): ``path`` or ``$variable``, which must exist."""
+    chosen = Path(_chosen(path, variable, what))
     if not chosen.exists():
         raise MissingWeightsError(
-            f"{what} not found at {chosen}. sdo never downloads weights: on a machine with access, save it with "
-            f"`save_pretrained(DIR)` (or convert it to safetensors), copy it here, and pass the path or set "
-            f"${variable}."
+            f"{what} not found at {chosen}: convert it to safetensors (see `sdo.clip_rewards.AestheticReward`), "
+            f"copy it here, and pass the path or set ${variable}."
         )
     return chosen
+
+
+def _model(path: str | os.PathLike | None, variable: str, what: str) -> ModelSource:
+    """A CLIP-style model: ``path`` or ``$variable``, a folder or a Hub id (``sdo.hub.model_source``)."""
+    return model_source(_chosen(path, variable, f"{what} folder"), what)
 
 
 def random_cutouts(
@@ -82,24 +95,29 @@ class ClipImageEncoder:
     """A local CLIP model with differentiable preprocessing of ``[0, 1]`` images (resize, CLIP normalization).
 
     Args:
-        path: folder of a ``transformers`` CLIP model (and tokenizer) saved with ``save_pretrained``
-            (defaults to ``$SDO_CLIP_PATH``).
+        path: folder of a ``transformers`` CLIP model (and tokenizer) saved with ``save_pretrained``, or its Hub id
+            ``org/name`` (defaults to ``$SDO_CLIP_PATH``); or a ``sdo.hub.ModelSource``.
         cutouts: random crops per image averaged in ``image_embeds`` (0: the whole image; the paper's scripts use
             random cut-outs); seeded by ``seed``.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, device="cpu", cutouts: int = 0, seed: int = 0) -> None:
         transformers = _transformers()
-        folder = _local(path, "SDO_CLIP_PATH", "CLIP model folder")
+        source = path if isinstance(path, ModelSource) else _model(path, "SDO_CLIP_PATH", "CLIP model")
         try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
-            model = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+            model = transformers.CLIPModel.from_pretrained(
+                source.name, use_safetensors=True, trust_remote_code=False, **source.options()
+            )
         except (OSError, ValueError) as error:
-            if not has_pickled_weights(Path(folder)):
+            if source.hub:
+                raise hub_error(source, "CLIP model", error) from None
+            if not has_pickled_weights(Path(source.name)):
                 raise
-            raise MissingWeightsError(convert_hint(Path(folder), "transformers.CLIPModel", error)) from None
+            raise MissingWeightsError(convert_hint(Path(source.name), "transformers.CLIPModel", error)) from None
         self.model = model.to(device).eval()
         self.model.requires_grad_(False)
-        self.folder = folder
+        self.source = source
+        self.tokenizer = None  # loaded on the first text embedding (image-only rewards need none)
         self.size = self.model.config.vision_config.image_size
         self.cutouts = cutouts
         self.generator = torch.Generator().manual_seed(seed)
@@ -123,8 +141,9 @@ class ClipImageEncoder:
 
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         """Unit-norm text embeddings ``[len(prompts), D]``."""
-        tokenizer = _transformers().CLIPTokenizer.from_pretrained(str(self.folder), local_files_only=True)
-        tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
+        if self.tokenizer is None:
+            self.tokenizer = _transformers().CLIPTokenizer.from_pretrained(self.source.name, **self.source.options())
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
         with torch.no_grad():
             features = self.model.get_text_features(**tokens)
         return F.normalize(getattr(features, "pooler_output", features).float(), dim=-1)
@@ -238,16 +257,16 @@ class PickScoreReward:
     the logit of the CLIP-H model fine-tuned on human preferences (``s``: its learned ``logit_scale``).
 
     Prompts are handled as by ``ClipScoreReward`` (one for all, one per image, or indexed by ``cond``). The model is
-    a ``transformers`` CLIP folder (e.g. ``yuvalkirstain/PickScore_v1`` saved with ``save_pretrained``, tokenizer
-    included), read from ``path`` or ``$SDO_PICKSCORE_PATH``; the image preprocessing is the differentiable one of
-    ``ClipImageEncoder`` (resize to the vision size, CLIP normalization).
+    a ``transformers`` CLIP model with its tokenizer: a folder saved with ``save_pretrained`` or a Hub id (e.g.
+    ``yuvalkirstain/PickScore_v1``), from ``path`` or ``$SDO_PICKSCORE_PATH``; the image preprocessing is the
+    differentiable one of ``ClipImageEncoder`` (resize to the vision size, CLIP normalization).
     """
 
     def __init__(
         self, prompt: str | list[str], path: str | os.PathLike | None = None, device="cpu", cutouts: int = 0
     ) -> None:
-        folder = _local(path, "SDO_PICKSCORE_PATH", "PickScore model folder")
-        self.encoder = ClipImageEncoder(folder, device=device, cutouts=cutouts)
+        source = _model(path, "SDO_PICKSCORE_PATH", "PickScore model")
+        self.encoder = ClipImageEncoder(source, device=device, cutouts=cutouts)
         self.text = PromptTexts(self.encoder, prompt)
         self.scale = float(self.encoder.model.logit_scale.exp())
 

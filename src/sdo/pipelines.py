@@ -1,4 +1,4 @@
-"""Text-to-image pipelines from a local folder: Stable Diffusion 1.x/2.x and SDXL (UNet), SD3 and Flux
+"""Text-to-image pipelines from a folder or a Hub id: Stable Diffusion 1.x/2.x and SDXL (UNet), SD3 and Flux
 (transformers with FlowMatch); what the sampler and tasks need.
 
 ``from_pipeline`` takes a pipeline object or a folder written by ``save_pretrained`` and returns the model function
@@ -8,11 +8,13 @@ differentiable decoder. One contract holds for every family: with ``parts = from
 width=w)``, the pipeline's own ``pipe(prompt, latents=parts.initial_latent(s), num_inference_steps=n,
 guidance_scale=g, height=h, width=w)`` and ``parts.decode(parts.sampler(n).sample(parts.initial_latent(s)))`` give
 the same image (``from_pipeline(..., guidance_scale=g)``; ``pipe.scheduler = parts.scheduler`` when the pipeline's
-own scheduler is not one ``sdo`` supports). Nothing is downloaded: folders load with ``local_files_only=True``.
+own scheduler is not one ``sdo`` supports). A pipeline is a folder or a Hub id ``org/name`` (``sdo.hub``): only the
+Hub ids given are downloaded, through diffusers' own ``from_pretrained``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,12 +22,23 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, CorruptFileError, MissingWeightsError
+from .hub import ModelSource, hub_error, model_source
 from .io import convert_hint, has_pickled_weights, load_json
 from .models import Denoiser
 from .sampling import Sampler
 from .schedulers import SUPPORTED_SCHEDULERS, prediction_type, scheduler_by_name
 
-__all__ = ["FAMILIES", "DecodedReward", "PipelineParts", "from_pipeline", "load_pipeline", "lora_targets"]
+__all__ = [
+    "DEFAULT_GUIDANCE",
+    "FAMILIES",
+    "DecodedReward",
+    "PipelineParts",
+    "from_pipeline",
+    "load_pipeline",
+    "lora_targets",
+]
+
+logger = logging.getLogger(__name__)
 
 # Pipeline class -> family, and the components each family needs.
 FAMILIES = {
@@ -44,7 +57,8 @@ SUPPORTED = (
     "StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3) "
     "and FluxPipeline (Flux)"
 )
-_DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
+# Each family's own default guidance scale (its pipeline's ``__call__`` default), what ``from_pipeline`` uses.
+DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
 _UNET_LORA_TARGETS = "to_q,to_k,to_v,to_out.0"
 _TRANSFORMER_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
 
@@ -88,6 +102,12 @@ class PipelineParts:
     image_latent_shape: tuple[int, int, int, int] | None = None
     lora_targets: str = field(default=_UNET_LORA_TARGETS)
     prompts: list[str] = field(default_factory=list)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the images ``decode`` returns (the pipeline's ``height=``, ``width=``)."""
+        factor = _vae_factor(self.vae)
+        return self.image_latent_shape[2] * factor, self.image_latent_shape[3] * factor
 
     def latent_reward(self, image_reward: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> DecodedReward:
         """The latent reward ``r(x0, cond) = image_reward(decode(x0), prompts)`` of an image reward (``sdo``'s image
@@ -175,8 +195,10 @@ def lora_targets(network: torch.nn.Module) -> str:
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype | None = None):
-    """Load a diffusers pipeline saved with ``save_pretrained`` in a local folder (no download), once, for several
-    ``from_pipeline`` calls (one per prompt); raises ``MissingWeightsError`` for a folder that is not one."""
+    """Load a diffusers pipeline once, for several ``from_pipeline`` calls (one per prompt): a folder written by
+    ``save_pretrained``, or a Hub id ``org/name`` (the user's Hugging Face cache, downloaded into it when missing,
+    see ``sdo.hub``); safetensors only, never remote code. Raises ``MissingWeightsError`` (one line) for anything
+    else, or for a Hub id that is offline and not cached."""
     return _load(path, None, dtype)
 
 
@@ -185,30 +207,48 @@ def _load(pipe_or_path, device, dtype):
         return pipe_or_path
     from diffusers import DiffusionPipeline
 
-    path = Path(pipe_or_path)
-    if not (path / "model_index.json").is_file():
-        raise MissingWeightsError(
-            f"{path} is not a diffusers pipeline folder (no model_index.json). Save one with "
-            "`pipeline.save_pretrained(DIR)` on a machine that has the weights, and pass DIR."
-        )
+    source = model_source(pipe_or_path, "diffusers pipeline")
     # Components saved as absent (e.g. SD3 without its T5 encoder, SD without a safety checker) are passed as None.
-    index = load_json(path / "model_index.json")
-    if not isinstance(index, dict):
-        raise CorruptFileError(f"{path / 'model_index.json'}: expected a JSON object, got {type(index).__name__}.")
-    _check_family(index.get("_class_name"), path)
+    index = _pipeline_index(source)
+    _check_family(index.get("_class_name"), source.name)
     absent = {name: None for name, value in index.items() if value == [None, None] or name == "safety_checker"}
     options = {"torch_dtype": dtype} if dtype is not None else {}
     try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
         return DiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, use_safetensors=True, **absent, **options
+            source.name, use_safetensors=True, trust_remote_code=False, **source.options(), **absent, **options
         )
     except (OSError, ValueError) as error:
+        if source.hub:
+            raise hub_error(source, "pipeline", error) from None
+        path = Path(source.name)
         if not has_pickled_weights(path):
             raise MissingWeightsError(f"{path}: the pipeline could not be loaded: {error}".splitlines()[0]) from error
         raise MissingWeightsError(convert_hint(path, "DiffusionPipeline", error)) from None
 
 
-def _check_family(class_name: str | None, where: object) -> str:
+def _pipeline_index(source: ModelSource) -> dict:
+    """The pipeline's ``model_index.json`` (from the folder, or from the Hub id's cache or download)."""
+    if source.hub:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(source.name, "model_index.json", **source.options()))
+        except Exception as error:  # any Hub failure (offline, not found, gated, network) is one line
+            raise hub_error(source, "pipeline", error) from None
+    else:
+        path = Path(source.name) / "model_index.json"
+        if not path.is_file():
+            raise MissingWeightsError(
+                f"{source.name} is not a diffusers pipeline folder (no model_index.json). Save one with "
+                "`pipeline.save_pretrained(DIR)` on a machine that has the weights, and pass DIR."
+            )
+    index = load_json(path)
+    if not isinstance(index, dict):
+        raise CorruptFileError(f"{path}: expected a JSON object (a model index), not {type(index).__name__}.")
+    return index
+
+
+def _check_family(class_name: object, where: object) -> str:
     """The family of pipeline class ``class_name``; ``ConfigError`` naming the supported ones otherwise."""
     if not isinstance(class_name, str) or class_name not in FAMILIES:
         raise ConfigError(f"{where}: {class_name} is not supported; sdo.from_pipeline supports {SUPPORTED}.")
@@ -216,11 +256,20 @@ def _check_family(class_name: str | None, where: object) -> str:
 
 
 def _scheduler(pipe, name: str | None):
+    """The scheduler ``name``, else the pipeline's own when supported, else DDIM from its config; a replaced
+    scheduler is named in one warning line (``logging``, stderr by default)."""
     config = pipe.scheduler.config
     if name is None:
         if type(pipe.scheduler) in SUPPORTED_SCHEDULERS:
             return type(pipe.scheduler).from_config(config)
-        name = "ddim"
+        replaced = scheduler_by_name("ddim", config)
+        logger.warning(
+            "sdo replaces the pipeline's scheduler: %s -> %s (sdo supports %s; pass scheduler= to choose one).",
+            type(pipe.scheduler).__name__,
+            type(replaced).__name__,
+            ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS),
+        )
+        return replaced
     return scheduler_by_name(name, config)
 
 
@@ -263,7 +312,8 @@ def from_pipeline(
       Decoding unpacks the latent and undoes the VAE's scaling and shift.
 
     Args:
-        pipe_or_path: a diffusers pipeline, or a local folder saved with ``save_pretrained``.
+        pipe_or_path: a diffusers pipeline, a folder saved with ``save_pretrained``, or a Hub id ``org/name``
+            (loaded by ``load_pipeline``).
         prompt: one prompt or a list (the batch).
         negative_prompt: the unconditional prompt of classifier-free guidance (defaults to the pipeline's own
             default: "" for SD and SD3, zeros for SDXL with ``force_zeros_for_empty_prompt``, none for Flux).
@@ -272,8 +322,9 @@ def from_pipeline(
         height, width: image size (defaults to the pipeline's); must be a multiple of what the model can take (8
             for SD and SDXL, VAE factor x patch size for SD3, 2 x VAE factor for Flux), else ``ConfigError``.
         scheduler: a name from ``sdo.schedulers.SCHEDULER_NAMES`` ("ddim", "ddpm", "dpm++", "euler",
-            "flowmatch"); defaults to the pipeline's own when supported, else DDIM (built from the pipeline's
-            scheduler config).
+            "flowmatch"); defaults to the pipeline's own when supported, else DDIM built from the pipeline's
+            scheduler config (that replacement is one warning line on the ``sdo.pipelines`` logger, stderr by
+            default: e.g. "EulerAncestralDiscreteScheduler -> DDIMScheduler").
         device, dtype: where the modules go, and their precision.
         embeds_require_grad: make the prompt embeddings (and pooled embeddings) leaves that require grad.
         vae_slicing, vae_tiling: decode one image, or one tile, at a time (diffusers' ``enable_slicing`` /
@@ -287,7 +338,8 @@ def from_pipeline(
     Raises:
         ConfigError: an unsupported pipeline class or size, or a missing component (the message names the
             supported families).
-        MissingWeightsError: the folder is not a pipeline folder, or a component could not be loaded.
+        MissingWeightsError: neither a pipeline folder nor a Hub id that loads (offline and not cached: the message
+            names ``HF_HUB_OFFLINE``), or a component could not be loaded.
 
     Memory: with ``dtype=torch.bfloat16`` the modules run in bf16 while latents, solver and gradients stay float32
     (``sdo.Denoiser`` and ``decode`` cast at the boundary); add ``sdo.Shortcut(checkpoint=True)`` to recompute the
@@ -309,7 +361,7 @@ def from_pipeline(
         pipe.vae.to(torch.float32)  # as the pipeline does before decoding: the fp16 SDXL VAE overflows
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     height, width, factor = _size(pipe, family, network, height, width)
-    guidance = _DEFAULT_GUIDANCE[family] if guidance_scale is None else guidance_scale
+    guidance = DEFAULT_GUIDANCE[family] if guidance_scale is None else guidance_scale
     build = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]
     with torch.no_grad():
         parts = build(
@@ -350,7 +402,7 @@ def from_pipeline(
 def _size(pipe, family: str, network, height: int | None, width: int | None) -> tuple[int, int, int]:
     """Height, width (the pipeline's defaults when None) and the VAE factor; ``ConfigError`` unless both are
     multiples of what the family takes."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = _vae_factor(pipe.vae)
     default = getattr(pipe, "default_sample_size", None) or network.config.sample_size
     height, width = height or default * factor, width or default * factor
     multiples = {"sd": 8, "sdxl": 8, "flux": factor * 2}
@@ -362,6 +414,11 @@ def _size(pipe, family: str, network, height: int | None, width: int | None) -> 
             f"{width - width % multiple or multiple}."
         )
     return height, width, factor
+
+
+def _vae_factor(vae) -> int:
+    """The VAE's downsampling factor: pixels per latent position (8 for SD's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _text_encoders(pipe) -> list[torch.nn.Module]:

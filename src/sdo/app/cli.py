@@ -79,9 +79,8 @@ def _optimize(args: argparse.Namespace) -> int:
 
     from sdo.app.demo import format_table, summarize
     from sdo.app.plots import save_curves, save_image_grid
+    from sdo.app.results import replays, save_result
     from sdo.app.tasks.latent import LatentTaskConfig, build_task, run_task
-    from sdo.io import save_json
-    from sdo.latent import save_latent
 
     config = _config_from(args, LatentTaskConfig)
     if config.conditions or config.prompts:
@@ -93,17 +92,16 @@ def _optimize(args: argparse.Namespace) -> int:
     result = run_task(config, task)
     args.record_config()
     out = Path(config.out)
-    save_latent(out / "latent.safetensors", result.latent, **dataclasses.asdict(config))
     with torch.no_grad():
         before, after = task.decode(task.original), task.decode(result.sample)
     save_image_grid({"before": before, f"after {config.method}": after}, out / "grid.png")
     save_curves({config.method: result.history}, out / "curves.png", task.description)
     summary = summarize(result.history)
-    save_json(
-        {"config": dataclasses.asdict(config), "summary": summary, "history": result.history}, out / "metrics.json"
-    )
+    metrics = {"config": config.recorded(), "summary": summary, "history": result.history}
+    save_result(out, config.method, task, result, metrics)
     print(format_table({config.method: summary}))
-    print(f"Wrote {out}/latent.safetensors, grid.png, curves.png, metrics.json")
+    latent = "latent.safetensors, " if replays(config.method) else ""
+    print(f"Wrote {out}/{latent}images/before-<i>.png, images/after-<i>.png, grid.png, curves.png, metrics.json")
     return 0
 
 
@@ -207,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_demo, config=lambda args: demo_config(**_fields_of(args, LatentTaskConfig)))
 
-    optimize = commands.add_parser("optimize", help="optimize latents of the embedded model for a task")
+    optimize = commands.add_parser(
+        "optimize", help="optimize the latents of a sampling run for a reward (embedded model, or --pipeline)"
+    )
     add_config_flags(optimize, LatentTaskConfig)
     optimize.add_argument(
         "--verify",

@@ -55,9 +55,12 @@ def _ratios(methods: dict[str, dict]) -> dict:
 
 
 def format_table(methods: dict[str, dict]) -> str:
-    """A markdown table of the per-method summary."""
+    """A markdown table of the per-method summary (the judge column only where a judge scored the samples)."""
     headers = ("method", "reward start -> final", "judge success start -> final", "s / iter", MEMORY_HEADER)
-    return markdown_table(headers, [_summary_cells(name, m) for name, m in methods.items()])
+    rows = [_summary_cells(name, m) for name, m in methods.items()]
+    if all(m["judge_success"] is None for m in methods.values()):  # no judge (a pipeline): no empty column
+        headers, rows = headers[:2] + headers[3:], [row[:2] + row[3:] for row in rows]
+    return markdown_table(headers, rows)
 
 
 def _summary_cells(name: str, m: dict) -> list[str]:

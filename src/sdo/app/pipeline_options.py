@@ -13,11 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from sdo.app.options import option
+from sdo.app.options import check_options, option
 from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError
 
-__all__ = ["PipelineOptions"]
+__all__ = ["ZOO_GUIDANCE", "PipelineOptions"]
+
+ZOO_GUIDANCE = 3.0
+"""The embedded model's classifier-free guidance scale, what ``guidance`` 0 means without ``--pipeline``."""
 
 
 @dataclass(frozen=True)
@@ -30,25 +33,32 @@ class PipelineOptions:
     """
 
     pipeline: str = option(
-        "", "a local diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, Flux) to use instead of the embedded model"
+        "",
+        "use a diffusers pipeline instead of the embedded model: a save_pretrained folder or a Hub id org/name "
+        "(SD 1.x/2.x, SDXL, SD3, Flux)",
     )
     reward: str = option(
         "clip",
         f"--pipeline: one of {', '.join(CLIP_REWARDS)}, or a weighted sum such as clip=1.0,aesthetic=0.5",
     )
-    clip_path: str = option("", "--pipeline: local CLIP folder for the rewards (or $SDO_CLIP_PATH)")
-    pickscore_path: str = option("", "--pipeline, pickscore: local PickScore CLIP folder (or $SDO_PICKSCORE_PATH)")
+    clip_path: str = option("", "--pipeline: CLIP model for the rewards, a folder or a Hub id (or $SDO_CLIP_PATH)")
+    pickscore_path: str = option(
+        "", "--pipeline, pickscore: PickScore model, a folder or a Hub id (or $SDO_PICKSCORE_PATH)"
+    )
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
     style_image: str = option("", "--pipeline, style: reference image (PNG)")
-    height: int = option(0, "--pipeline: image height (0: the pipeline's default)")
-    width: int = option(0, "--pipeline: image width (0: the pipeline's default)")
-    guidance: float = option(3.0, "classifier-free guidance scale")
+    height: int = option(0, "--pipeline: image height (0: the pipeline's default)", at_least=0, at_most=16384)
+    width: int = option(0, "--pipeline: image width (0: the pipeline's default)", at_least=0, at_most=16384)
+    guidance: float = option(
+        0.0,
+        f"classifier-free guidance scale (0: the model's default: {ZOO_GUIDANCE} for the embedded model, the "
+        "family's own for --pipeline: 7.5 SD, 5.0 SDXL, 7.0 SD3, 3.5 Flux)",
+        at_least=0,
+        at_most=1000,
+    )
 
     def __post_init__(self) -> None:
-        if self.height < 0 or self.width < 0:
-            raise ConfigError(
-                f"`height` and `width` must be >= 0 (0: the pipeline's default), got {self.height}x{self.width}."
-            )
+        check_options(self)
         if not self.pipeline:
             return
         if "style" in self.reward_terms() and not self.style_image:

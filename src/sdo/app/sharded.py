@@ -13,15 +13,16 @@ the process that runs it or of the order, so a run on ``P`` processes gives each
 gives it (bit for bit at equal thread counts; within float round-off otherwise).
 
 Process ``r`` of ``P`` (``accelerate launch``) runs the items ``i`` with ``i mod P == r``. Each finished item leaves
-``OUT/items/<i>/``: ``latent.safetensors`` (the optimized latent, with the item in its metadata),
-``samples.safetensors`` (before/after images in [0, 1]), ``image.png`` (before row over after row) and, written last,
-``metrics.json`` - the item's "done" marker, which records each file's size and SHA-256. Every file is written
-atomically, so a killed run loses at most the items in flight. A rerun with the same ``--out`` checks each item
-once: it skips an item whose marker matches it and whose files are all there with their recorded sizes (and
-whole safetensors headers; ``--verify`` also compares the hashes), and redoes the rest; settings that differ
-from the finished items' are refused before anything is written. When all processes are done, the main process
-writes ``summary.md``, ``summary.json`` and ``grid.png``. Under ``accelerate launch``, a process whose launcher
-has died stops before its next item.
+``OUT/items/<i>/``: ``samples.safetensors`` (before/after images in [0, 1]), ``image.png`` (before row over after
+row), then what ``sdo.app.results.save_result`` writes for any optimization: ``latent.safetensors`` (the optimized
+latent, with the settings that replay it and the item in its metadata; not for FreeDoM and DOODL),
+``images/before-<i>.png`` and ``images/after-<i>.png`` at full resolution and, last, ``metrics.json`` - the item's
+"done" marker, which records each file's size and SHA-256. Every file is written atomically, so a killed run loses
+at most the items in flight. A rerun with the same ``--out`` checks each item once: it skips an item whose marker
+matches it and whose files are all there with their recorded sizes (and whole safetensors headers; ``--verify``
+also compares the hashes), and redoes the rest; settings that differ from the finished items' are refused before
+anything is written. When all processes are done, the main process writes ``summary.md``, ``summary.json`` and
+``grid.png``. Under ``accelerate launch``, a process whose launcher has died stops before its next item.
 
 Threads: with ``P > 1`` processes each sets ``torch.set_num_threads(max(1, cores // P))`` (cores available to the
 process, ``os.sched_getaffinity``), so ``P`` processes do not oversubscribe the machine; ``--threads`` overrides.
@@ -47,11 +48,11 @@ from tqdm.auto import tqdm
 from sdo import zoo
 from sdo.app.prompts import read_prompts
 from sdo.app.report import machine_info, markdown_table
-from sdo.app.runs import clean_temporary_files, damaged_file, file_records
+from sdo.app.results import replays, save_result
+from sdo.app.runs import clean_temporary_files, damaged_file
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task, load_resources, run_task
 from sdo.errors import ConfigError, CorruptFileError, SdoError
 from sdo.io import atomic_path, load_json, save_json, save_tensors
-from sdo.latent import save_latent
 
 __all__ = ["Item", "item_seed", "items_of", "process_state", "read_prompts", "run_items"]
 
@@ -290,12 +291,12 @@ def _run_item(
     with torch.no_grad():
         before, after, best = (task.decode(x0) for x0 in (task.original, result.sample, result.best_sample))
     folder = _item_dir(out, item)
-    metadata = {**dataclasses.asdict(item), "method": config.method, "steps": config.steps}
-    save_latent(folder / "latent.safetensors", result.latent, **metadata)
+    metadata = {f"item_{key}": value for key, value in dataclasses.asdict(item).items() if value is not None}
+    samples = {"before": before, "after": after, "best": best}
+    if replays(config.method):  # FreeDoM's and DOODL's latents do not replay (sdo.app.results)
+        samples["best_latent"] = result.best_latent
     save_tensors(
-        {"before": before, "after": after, "best": best, "best_latent": result.best_latent},
-        folder / "samples.safetensors",
-        metadata={key: str(value) for key, value in metadata.items()},
+        samples, folder / "samples.safetensors", metadata={key: str(value) for key, value in metadata.items()}
     )
     _save_rows([before, after], folder / "image.png")
     history = result.history
@@ -312,13 +313,11 @@ def _run_item(
         "s_per_iter": statistics.median(r["seconds"] for r in history[:-1]) if len(history) > 1 else 0.0,
         "seconds": time.perf_counter() - started,
         "history": history,
-        "files": file_records(folder, list(_ITEM_FILES)),
     }
-    save_json(metrics, folder / "metrics.json")  # the done marker: written last, with every file's size and hash
-    return metrics
+    return save_result(folder, config.method, task, result, metrics, metadata, files=_ITEM_FILES)
 
 
-_ITEM_FILES = ("latent.safetensors", "samples.safetensors", "image.png")
+_ITEM_FILES = ("samples.safetensors", "image.png")  # and what save_result writes
 
 
 def _save_rows(rows: list[torch.Tensor], path: Path) -> None:
@@ -346,7 +345,7 @@ def write_summary(
 
     The table has one row per method: ``before`` (the no-grad samples of the initial latents) and the optimized
     method, each with the mean and median over items of the batch-mean reward (and judge success where the
-    task has a judge).
+    task has a judge; no judge column otherwise).
     """
     from sdo.app.plots import save_image_grid
     from sdo.io import load_tensors
@@ -366,7 +365,7 @@ def write_summary(
         f"{config.method} (best iterate)": _stats([m["reward_best"] for _, m in done], []),
     }
     summary = {
-        "config": dataclasses.asdict(config),
+        "config": config.recorded(),
         "items": count,
         "finished": len(done),
         "missing": missing,
@@ -392,6 +391,8 @@ def write_summary(
         [name, s["items"], _fmt(s["reward_mean"]), _fmt(s["reward_median"]), _fmt(s["judge_success_mean"])]
         for name, s in per_method.items()
     ]
+    if all(s["judge_success_mean"] is None for s in per_method.values()):  # no judge (a pipeline): no empty column
+        headers, rows = headers[:-1], [row[:-1] for row in rows]
     item_rows = [
         [r["index"], r["condition"], _fmt(r["reward_initial"]), _fmt(r["reward_final"]), _fmt(r["seconds"], 1)]
         for r in summary["per_item"]

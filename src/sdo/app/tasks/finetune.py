@@ -14,6 +14,7 @@ import torch
 
 from sdo import zoo
 from sdo.app.lora import ZOO_LORA_TARGETS
+from sdo.app.pipeline_options import ZOO_GUIDANCE
 from sdo.app.prompts import read_prompts
 from sdo.app.quality import frechet_distance
 from sdo.gradients import NoGrad
@@ -56,7 +57,7 @@ class ZooTarget:
         return labels, zoo.noise(batch, generator)
 
     def sampler(self, unet: torch.nn.Module, labels: torch.Tensor) -> Sampler:
-        sampler = zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance)
+        sampler = zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance or ZOO_GUIDANCE)
         if not self.config.compile:
             return sampler
         return Sampler(sampler.model_fn, sampler.scheduler, self.config.sample_steps, compile=True)
@@ -120,7 +121,7 @@ class PipelineTarget:
         self.eval_prompts = prompts if eval_prompts is None else list(eval_prompts)
         self.config, self.device, self.prompts = config, device, prompts
         self.pipe = load_pipeline(config.pipeline) if pipeline is None else pipeline
-        options = dict(guidance_scale=config.guidance, device=device, **config.size())
+        options = dict(guidance_scale=config.guidance or None, device=device, **config.size())
         self.parts = from_pipeline(self.pipe, prompts, **options)
         self.eval_parts = from_pipeline(self.pipe, self.eval_prompts, **options)
         self.unet = self.parts.unet

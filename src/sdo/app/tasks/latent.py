@@ -1,19 +1,22 @@
-"""Latent-optimization tasks on the embedded model: class steering, style transfer, adversarial samples.
+"""Latent-optimization tasks: on the embedded model class steering, style transfer, adversarial samples; on a
+diffusers pipeline (``--pipeline``) a CLIP-based image reward of the prompt.
 
 One config dataclass (``LatentTaskConfig``) describes a run; the ``sdo optimize`` flags are generated from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from sdo import zoo
 from sdo.app.options import check_options, option
-from sdo.app.pipeline_options import PipelineOptions
+from sdo.app.pipeline_options import ZOO_GUIDANCE, PipelineOptions
 from sdo.app.reward_spec import parse_reward_spec
 from sdo.checks import SEED_MAX
 from sdo.errors import ConfigError
@@ -35,6 +38,20 @@ __all__ = [
 
 LATENT_METHODS = method_names("latent")
 TASKS = ("class", "style", "adversarial")
+# Fields that mean something only for the embedded model, and only for a pipeline (``LatentTaskConfig.recorded``).
+ZOO_FIELDS = ("task", "source", "target", "views", "proximity", "conditions")
+PIPELINE_FIELDS = (
+    "pipeline",
+    "prompt",
+    "prompts",
+    "reward",
+    "clip_path",
+    "pickscore_path",
+    "aesthetic_head",
+    "style_image",
+    "height",
+    "width",
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +67,7 @@ class LatentTaskConfig(PipelineOptions):
     target: int = option(
         8, "class to steer to (class, adversarial) or of the style reference (style)", at_least=0, at_most=9
     )
-    steps: int = option(50, "DDIM steps", at_least=1, at_most=1000)
+    steps: int = option(50, "sampling steps (of the scheduler the model samples with)", at_least=1, at_most=1000)
     iters: int = option(30, "Adam iterations", at_least=1, at_most=10**6)
     lr: float = option(0.05, "Adam learning rate", above=0)
     batch: int = option(8, "latents optimized at once", at_least=1, at_most=4096)
@@ -76,6 +93,12 @@ class LatentTaskConfig(PipelineOptions):
     device: str = option("cpu", "torch device")
     out: str = option("sdo-optimize", "output folder")
     prompt: str = option("", "--pipeline: the prompt")
+
+    def recorded(self) -> dict:
+        """The settings as ``metrics.json`` and ``summary.json`` record them: only the fields that mean something for
+        this run (a pipeline run has no digit classes; an embedded-model run no prompt or reward)."""
+        dropped = ZOO_FIELDS if self.pipeline else PIPELINE_FIELDS
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in dropped}
 
     def method_options(self) -> MethodOptions:
         """What the registry's entry for ``method`` takes from this config (a latent is optimized)."""
@@ -132,7 +155,11 @@ class LatentTaskConfig(PipelineOptions):
 
 @dataclass
 class LatentTask:
-    """A built task: the sampler, the latent to optimize, the reward and the judge's acceptance test."""
+    """A built task: the sampler, the latent to optimize, the reward and the judge's acceptance test.
+
+    ``settings``: what replays a latent of this task, as ``latent.safetensors`` records it (``sdo.app.results``).
+    ``notes``: facts about the run for ``metrics.json`` (e.g. ``scheduler_replaced``).
+    """
 
     sampler: Sampler
     latent: torch.Tensor
@@ -141,6 +168,8 @@ class LatentTask:
     original: torch.Tensor
     description: str
     decode: Callable[[torch.Tensor], torch.Tensor] = zoo.to_images  # samples -> images [B, C, H, W] in [0, 1]
+    settings: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -172,14 +201,16 @@ def _sampler(sampler: Sampler, config: LatentTaskConfig) -> Sampler:
 
 
 def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
-    """A local Stable Diffusion pipeline: latents of ``config.prompt`` scored by a CLIP-based reward."""
-    from sdo.pipelines import from_pipeline
+    """A diffusers pipeline (folder or Hub id): latents of ``config.prompt`` scored by a CLIP-based reward, with the
+    family's own guidance unless ``config.guidance`` is given, and the settings that replay them in the pipeline."""
+    from sdo.pipelines import DEFAULT_GUIDANCE, from_pipeline
 
     resources = resources or load_resources(config)
+    pipe = resources.pipeline
     parts = from_pipeline(
-        resources.pipeline,
+        pipe,
         [config.prompt] * config.batch,
-        guidance_scale=config.guidance,
+        guidance_scale=config.guidance or None,
         device=config.device,
         **config.size(),
     )
@@ -189,6 +220,20 @@ def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | Non
         noise = parts.initial_latent(config.seed)
         latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
         original = sampler.sample(latent, NoGrad(), start_step=config.start_step)
+    height, width = parts.image_size
+    settings = {
+        "pipeline": str(Path(config.pipeline).resolve()) if Path(config.pipeline).is_dir() else config.pipeline,
+        "prompt": config.prompt,
+        "guidance_scale": config.guidance or DEFAULT_GUIDANCE[parts.family],
+        "num_inference_steps": config.steps,
+        "height": height,
+        "width": width,
+        "scheduler": type(parts.scheduler).__name__,
+        "scheduler_config": parts.scheduler.to_json_string(),
+        "start_step": config.start_step,
+    }
+    own = type(pipe.scheduler).__name__
+    notes = {"scheduler_replaced": f"{own} -> {settings['scheduler']}"} if own != settings["scheduler"] else {}
     return LatentTask(
         sampler=sampler,
         latent=latent,
@@ -197,6 +242,8 @@ def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | Non
         original=original,
         description=f"{config.reward} reward for {config.prompt!r}",
         decode=parts.decode,
+        settings=settings,
+        notes=notes,
     )
 
 
@@ -208,8 +255,9 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
     device = torch.device(config.device)
     unet, reward_net, judge = resources.unet, resources.reward_net, resources.judge
     unconditional = config.source == -1
-    classes = torch.full((config.batch,), zoo.NULL_CLASS if unconditional else config.source, device=device)
-    guidance = 1.0 if unconditional else config.guidance
+    label = zoo.NULL_CLASS if unconditional else config.source
+    classes = torch.full((config.batch,), label, device=device)
+    guidance = 1.0 if unconditional else config.guidance or ZOO_GUIDANCE
     sampler = _sampler(zoo.ddim_sampler(unet, classes, config.steps, guidance), config)
     source = "digits" if unconditional else f"{config.source}s"
     noise = zoo.noise(config.batch, config.seed, device)
@@ -237,8 +285,22 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
             f"make the reward classifier see {config.target}s in {config.source}s "
             f"that the judge still calls {config.source}s"
         )
+    settings = {
+        "model": "sdo.zoo",
+        "class": label,
+        "guidance_scale": guidance,
+        "num_inference_steps": config.steps,
+        "scheduler": type(sampler.scheduler).__name__,
+        "start_step": config.start_step,
+    }
     return LatentTask(
-        sampler=sampler, latent=latent, reward=reward, judge_accepts=accepts, original=original, description=text
+        sampler=sampler,
+        latent=latent,
+        reward=reward,
+        judge_accepts=accepts,
+        original=original,
+        description=text,
+        settings=settings,
     )
 
 

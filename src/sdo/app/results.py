@@ -1,0 +1,117 @@
+"""What one latent optimization leaves in its folder (``sdo optimize``, and each item ``OUT/items/<i>/`` of a run of
+many), every file written atomically:
+
+- ``latent.safetensors``: the final iterate (``result.latent``) with, as metadata, the settings that replay it
+  (``LatentTask.settings``). For a pipeline: ``pipeline``, ``prompt``, ``guidance_scale``, ``num_inference_steps``,
+  ``height``, ``width``, ``scheduler`` (class name), ``scheduler_config`` (JSON) and ``start_step``; for the embedded
+  model: ``class``, ``guidance_scale``, ``num_inference_steps``, ``scheduler`` and ``start_step``. At
+  ``start_step`` 0 the plain pipeline replays it: ``pipe([prompt] * B, latents=latent, ...)`` with those settings
+  gives ``images/after-<i>.png``. Written only when the method's result is such a latent: FreeDoM guides one
+  sampling pass from the unchanged noise and DOODL optimizes an EDICT latent, neither of which the plain pipeline
+  replays, so for them no latent file is written (an earlier one in the folder is removed) and ``metrics.json``
+  says how to reproduce the images.
+- ``images/before-<i>.png`` (the samples of the initial latent) and ``images/after-<i>.png`` (the samples of the
+  result: the image of the saved latent), one per batch element at full resolution (``sdo.app.images``).
+- ``metrics.json``, written last (an item's "done" marker): the caller's metrics with ``settings``, ``replay`` (how
+  to reproduce the images), ``images`` (the files) and the task's notes (e.g. ``scheduler_replaced``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdo.app.images import save_images
+from sdo.app.runs import file_records
+from sdo.io import save_json
+from sdo.latent import OptimizationResult, save_latent
+from sdo.methods import METHODS
+
+__all__ = ["replays", "save_result"]
+
+# Methods whose result is not a latent that the plain sampler replays: how to reproduce their images instead.
+NOT_A_LATENT = {
+    "guidance": (
+        "not a latent: FreeDoM guides one sampling pass (a reward gradient at every step) from the initial noise, "
+        "which alone gives images/before-<i>.png; rerun `sdo optimize` with this folder's config.json settings "
+        "(same --seed) to reproduce images/after-<i>.png"
+    ),
+    "doodl": (
+        "not a latent: DOODL optimizes the latent of an EDICT sampler (sdo.EDICTSampler, coupled exact-inversion "
+        "steps), which the plain pipeline does not replay; rerun `sdo optimize` with this folder's config.json "
+        "settings (same --seed) to reproduce images/after-<i>.png"
+    ),
+}
+
+
+def replays(method: str) -> bool:
+    """Whether ``method``'s result is a latent that the plain sampler (or pipeline) replays."""
+    return METHODS[method].kind not in NOT_A_LATENT
+
+
+def _replay_note(method: str, settings: dict) -> str:
+    """How to reproduce the images of a run of ``method`` (``metrics.json``'s ``replay``)."""
+    kind = METHODS[method].kind
+    if kind in NOT_A_LATENT:
+        return NOT_A_LATENT[kind]
+    if int(settings.get("start_step", 0)):
+        return (
+            "latent.safetensors holds the latent at step start_step, not initial noise: replay the remaining steps "
+            "with sdo (`sdo.from_pipeline(...).sampler(num_inference_steps).sample(latent, start_step=start_step)`, "
+            "or `sdo.zoo.ddim_sampler` for the embedded model) and decode"
+        )
+    if "pipeline" in settings:
+        return (
+            "latent.safetensors replays in the plain pipeline: pipe([prompt] * B, latents=latent, ...) with its "
+            "metadata (guidance_scale, num_inference_steps, height, width, scheduler) gives images/after-<i>.png"
+        )
+    return (
+        "latent.safetensors replays with sdo.zoo.ddim_sampler(zoo.load_unet(), torch.full((B,), class), "
+        "num_inference_steps, guidance_scale).sample(latent), which gives images/after-<i>.png"
+    )
+
+
+def save_result(
+    folder: str | Path,
+    method: str,
+    task,
+    result: OptimizationResult,
+    metrics: dict,
+    metadata: dict | None = None,
+    files: tuple[str, ...] = (),
+) -> dict:
+    """Write one optimization's outputs into ``folder`` (see the module docstring), ``metrics.json`` last.
+
+    Args:
+        folder: the run's (or the item's) folder.
+        method: the method name (``sdo.methods.METHODS``) that produced ``result``.
+        task: the ``LatentTask`` optimized (``decode``, ``original``, ``settings``, ``notes``).
+        result: what the method returned; ``result.sample`` is the sample of ``result.latent``.
+        metrics: what the caller records (config, summary, history, ...).
+        metadata: extra ``latent.safetensors`` metadata (e.g. the item), besides ``task.settings``.
+        files: the caller's own files in ``folder`` (names), recorded with every file written here.
+
+    Returns:
+        The metrics written.
+    """
+    folder = Path(folder)
+    with torch.no_grad():
+        before, after = task.decode(task.original), task.decode(result.sample)
+    latent_path = folder / "latent.safetensors"
+    if replays(method):
+        save_latent(latent_path, result.latent, **task.settings, method=method, **(metadata or {}))
+    else:
+        latent_path.unlink(missing_ok=True)  # an earlier run's latent would pretend to be this run's
+    paths = [*save_images(before, folder / "images", "before"), *save_images(after, folder / "images", "after")]
+    record = {
+        **metrics,
+        "settings": task.settings,
+        **task.notes,
+        "replay": _replay_note(method, task.settings),
+        "images": [str(path.relative_to(folder)) for path in paths],
+    }
+    written = [*files, *([latent_path.name] if replays(method) else []), *record["images"]]
+    record["files"] = file_records(folder, written)  # sizes and hashes: a rerun tells a whole file from a damaged one
+    save_json(record, folder / "metrics.json")
+    return record
