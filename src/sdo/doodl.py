@@ -105,7 +105,7 @@ def optimize_latent_doodl(
     latent: torch.Tensor,
     reward: Reward,
     *,
-    grad: GradientMode = Invertible(),  # noqa: B008 (a frozen, immutable value)
+    grad: GradientMode | None = None,
     start_step: int = 0,
     iters: int = 20,
     lr: float = 1.0,
@@ -122,7 +122,7 @@ def optimize_latent_doodl(
     """DOODL's optimizer, as the authors run it (``doodl.py``), over a latent tied to both EDICT chains.
 
     The objective is ``PairObjective``'s ``r(z) = (reward(x_0(z, z)) + reward(y_0(z, z))) / 2`` per sample. Each
-    iteration, with ``g = d r / d z`` (through ``grad``, ``sdo.Invertible()`` by default: exact, flat memory):
+    iteration, with ``g = d r / d z`` (through ``grad``, a new ``sdo.Invertible()`` when None: exact, flat memory):
 
         d = clip(lr * g, -clip, clip)        (element-wise gradient clipping)
         m = momentum * m + d                 (SGD momentum, no dampening; m = d at the first iteration)
@@ -178,7 +178,7 @@ def doodl_stepper(
     latent: torch.Tensor,
     reward: Reward,
     *,
-    grad: GradientMode = Invertible(),  # noqa: B008 (a frozen, immutable value)
+    grad: GradientMode | None = None,
     start_step: int = 0,
     lr: float = 1.0,
     momentum: float = 0.9,
@@ -192,6 +192,7 @@ def doodl_stepper(
 ) -> LatentStepper:
     """The ``sdo.latent.LatentStepper`` of ``optimize_latent_doodl`` (same arguments, checked here):
     ``PairObjective`` with ``DoodlUpdate``. ``sdo bench`` steps it one iteration at a time."""
+    grad = Invertible() if grad is None else grad  # a fresh mode (and its stats) per run, never a shared default
     _check(sampler, latent, lr, momentum, clip, perturbation, grad, seed)
     objective = PairObjective(sampler, reward, start_step, cond)
 
