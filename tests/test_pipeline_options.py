@@ -68,7 +68,7 @@ def test_the_block_validates_once_for_both_configs():
             make(pipeline="p", reward="style")
         with pytest.raises(ConfigError, match="unknown reward 'nope'"):
             make(pipeline="p", reward="nope")
-        with pytest.raises(ConfigError, match="`height` and `width` must be >= 0"):
+        with pytest.raises(ConfigError, match="`height` must be an integer in \\[0, 16384\\]"):
             make(height=-8)
 
 

@@ -11,7 +11,8 @@ from .checks import check_int, check_latent, check_latent_fits, check_positive, 
 from .edict import EDICTSampler, Invertible
 from .errors import ConfigError
 from .gradients import GradientMode, NoGrad
-from .latent import LatentStepper, OptimizationResult, Reward, Shell
+from .latent import LatentStepper, OptimizationResult, Shell
+from .protocols import LatentReward
 from .sampling import Sampler
 
 __all__ = ["DoodlUpdate", "PairObjective", "doodl_stepper", "edict_sampler", "optimize_latent_doodl"]
@@ -44,7 +45,7 @@ class PairObjective:
     """
 
     sampler: EDICTSampler
-    reward: Reward
+    reward: LatentReward
     start_step: int = 0
     cond: object = None
 
@@ -103,7 +104,7 @@ class DoodlUpdate:
 def optimize_latent_doodl(
     sampler: EDICTSampler,
     latent: torch.Tensor,
-    reward: Reward,
+    reward: LatentReward,
     *,
     grad: GradientMode | None = None,
     start_step: int = 0,
@@ -176,7 +177,7 @@ def optimize_latent_doodl(
 def doodl_stepper(
     sampler: EDICTSampler,
     latent: torch.Tensor,
-    reward: Reward,
+    reward: LatentReward,
     *,
     grad: GradientMode | None = None,
     start_step: int = 0,

@@ -136,7 +136,7 @@ class EDICTSampler:
     ) -> Pair:
         """Both coupled latents ``(x, y)`` after the steps, from ``(x, y)`` (``y`` defaults to ``x``; ``grad`` as
         for ``sample``)."""
-        stop = self.sampler._check_range(start_step, stop_step)
+        stop = self.sampler.check_steps(start_step, stop_step)
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise ConfigError(f"`x` must be a floating-point tensor, got {type(x).__name__}.")
         y = x if y is None else y

@@ -35,8 +35,9 @@ from . import schedulers as sched
 from .checks import check_int, check_latent, check_latent_fits, check_positive, check_rewards
 from .errors import ConfigError, NonFiniteRewardError
 from .gradients import NoGrad
-from .latent import OptimizationResult, Reward, history_record
+from .latent import OptimizationResult, history_record
 from .memory import PeakMemory
+from .protocols import LatentReward
 from .sampling import Sampler, default_generator
 
 __all__ = ["GuidanceResult", "GuidanceStepper", "freedom_sample"]
@@ -67,7 +68,7 @@ class GuidanceResult:
 def freedom_sample(
     sampler: Sampler,
     x: torch.Tensor,
-    reward: Reward,
+    reward: LatentReward,
     *,
     cond: object = None,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -237,7 +238,7 @@ class GuidanceStepper:
         self,
         sampler: Sampler,
         latent: torch.Tensor,
-        reward: Reward,
+        reward: LatentReward,
         *,
         cond: object = None,
         start_step: int = 0,

@@ -26,6 +26,7 @@ from .errors import ConfigError, CorruptFileError, NonFiniteRewardError
 from .gradients import GradientMode, NoGrad, Shortcut
 from .io import load_tensors, save_tensors
 from .memory import PeakMemory
+from .protocols import LatentReward
 from .rewards import latent_prior
 from .sampling import Sampler
 
@@ -45,8 +46,6 @@ __all__ = [
     "optimize_latent",
     "save_latent",
 ]
-
-Reward = Callable[[torch.Tensor, object], torch.Tensor]
 
 
 @dataclass
@@ -125,7 +124,7 @@ class SampleObjective:
     """
 
     sampler: Sampler
-    reward: Reward
+    reward: LatentReward
     start_step: int = 0
     seed: int = 0
     cond: object = None
@@ -277,7 +276,7 @@ class LatentStepper:
 def optimize_latent(
     sampler: Sampler,
     latent: torch.Tensor,
-    reward: Reward,
+    reward: LatentReward,
     *,
     grad: GradientMode = Shortcut(),  # noqa: B008 (a frozen, immutable value)
     start_step: int = 0,
@@ -345,7 +344,7 @@ def optimize_latent(
 def latent_stepper(
     sampler: Sampler,
     latent: torch.Tensor,
-    reward: Reward,
+    reward: LatentReward,
     *,
     grad: GradientMode,
     start_step: int = 0,

@@ -20,7 +20,8 @@ from .doodl import doodl_stepper, edict_sampler
 from .errors import ConfigError
 from .freedom import GuidanceStepper
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, SpreadShortcut, Truncated
-from .latent import OptimizationResult, Reward, latent_stepper
+from .latent import OptimizationResult, latent_stepper
+from .protocols import LatentReward
 from .sampling import Sampler
 
 __all__ = [
@@ -88,7 +89,7 @@ class LatentProblem:
 
     sampler: Sampler
     latent: torch.Tensor
-    reward: Reward
+    reward: LatentReward
     start_step: int = 0
     seed: int = 0
     cond: object = None

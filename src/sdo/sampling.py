@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -16,10 +15,9 @@ from .checks import check_latent, check_latent_fits, check_schedule_start, check
 from .compiled import CompiledModelFn, CompileOptions, compile_options
 from .errors import ConfigError
 from .gradients import GradientMode, LoopMode, Shortcut, StepRole
+from .protocols import ModelFn
 
-__all__ = ["ModelFn", "Sampler", "default_generator"]
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["Sampler", "default_generator"]
 
 
 class _StepNoise:
@@ -224,8 +222,6 @@ class Sampler:
         stop = check_step_range(start_step, stop_step, self.num_inference_steps)
         check_schedule_start(self.first_timestep, int(self.scheduler.config.num_train_timesteps), start_step)
         return stop
-
-    _check_range = check_steps  # the old private name, until every caller uses check_steps
 
     def _step(self, scheduler, x: torch.Tensor, t: torch.Tensor, role: StepRole, noise: _StepNoise | None):
         if role is StepRole.NOGRAD:
