@@ -126,7 +126,7 @@ class PipelineTarget:
         from sdo.pipelines import from_pipeline, load_pipeline
 
         prompts = list(prompts) if prompts is not None else read_prompt_file(config.prompts)
-        if eval_prompts is None and getattr(config, "eval_prompts", ""):
+        if eval_prompts is None and config.eval_prompts:
             eval_prompts = read_prompt_file(config.eval_prompts)
         self.eval_on_training_prompts = eval_prompts is None
         self.eval_prompts = prompts if eval_prompts is None else list(eval_prompts)
@@ -134,7 +134,8 @@ class PipelineTarget:
         self.pipe = load_pipeline(config.pipeline) if pipeline is None else pipeline
         options = dict(guidance_scale=config.guidance, device=device, **config.size())
         self.parts = from_pipeline(self.pipe, prompts, **options)
-        self.eval_parts = from_pipeline(self.pipe, self.eval_prompts, **options)
+        same = self.eval_prompts == prompts
+        self.eval_parts = self.parts if same else from_pipeline(self.pipe, self.eval_prompts, **options)
         self.unet = self.parts.unet
         self.lora_targets = self.parts.lora_targets
         self.image_reward = image_reward if image_reward is not None else config.image_reward(prompts, device)
