@@ -58,9 +58,7 @@ class ZooTarget:
 
     def sampler(self, unet: torch.nn.Module, labels: torch.Tensor) -> Sampler:
         sampler = zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance or ZOO_GUIDANCE)
-        if not self.config.compile:
-            return sampler
-        return Sampler(sampler.model_fn, sampler.scheduler, self.config.sample_steps, compile=True)
+        return sampler.with_options(compile=True) if self.config.compile else sampler
 
     def evaluator(self):
         """Held-out labels with fixed noise: judge accuracy, and Frechet distance to real digits in judge space;
@@ -115,7 +113,7 @@ class PipelineTarget:
         from sdo.pipelines import from_pipeline, load_pipeline
 
         prompts = list(prompts) if prompts is not None else read_prompts(config.prompts)
-        if eval_prompts is None and getattr(config, "eval_prompts", ""):
+        if eval_prompts is None and config.eval_prompts:
             eval_prompts = read_prompts(config.eval_prompts)
         self.eval_on_training_prompts = eval_prompts is None
         self.eval_prompts = prompts if eval_prompts is None else list(eval_prompts)
@@ -123,7 +121,8 @@ class PipelineTarget:
         self.pipe = load_pipeline(config.pipeline) if pipeline is None else pipeline
         options = dict(guidance_scale=config.guidance or None, device=device, **config.size())
         self.parts = from_pipeline(self.pipe, prompts, **options)
-        self.eval_parts = from_pipeline(self.pipe, self.eval_prompts, **options)
+        same = self.eval_prompts == prompts
+        self.eval_parts = self.parts if same else from_pipeline(self.pipe, self.eval_prompts, **options)
         self.unet = self.parts.unet
         self.lora_targets = self.parts.lora_targets
         self.image_reward = image_reward if image_reward is not None else config.image_reward(prompts, device)
