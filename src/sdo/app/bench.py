@@ -39,7 +39,7 @@ class BenchConfig:
     methods: str = option("sdo,full,checkpointed,nograd", f"comma-separated, from {','.join(BENCH_METHODS)}")
     model: Literal["mnist", "sd15"] = option("mnist", "workload", choices=("mnist", "sd15"))
     variable: Literal["latent", "weights"] = option("latent", "what is optimized", choices=("latent", "weights"))
-    steps: str = option("50", "comma-separated numbers of DDIM steps, e.g. 10,25,50,100")
+    steps: str = option("50", "comma-separated numbers of sampling steps, e.g. 10,25,50,100")
     iters: int = option(5, "iterations per method", at_least=1, at_most=10**6)
     batch: int = option(4, "samples per iteration", at_least=1, at_most=4096)
     lr: float = option(0.05, "Adam learning rate (use ~1e-4 for weights)", above=0)

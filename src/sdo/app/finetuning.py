@@ -91,8 +91,10 @@ class FinetuneConfig(PipelineOptions):
         "reward: embedded model: confidence or bold; --pipeline: aesthetic, clip, style or pickscore",
         choices=FINETUNE_TASKS,
     )
-    steps: int = option(100, "total optimizer updates", at_least=1, at_most=10**7)
-    sample_steps: int = option(20, "DDIM steps per sample", at_least=1, at_most=1000)
+    steps: int = option(
+        100, "optimizer updates (iterations; sampling steps are --sample-steps)", at_least=1, at_most=10**7
+    )
+    sample_steps: int = option(20, "sampling steps per sample", at_least=1, at_most=1000)
     batch_size: int = option(
         8, "global batch (all processes, all accumulation micro-batches)", at_least=1, at_most=4096
     )

@@ -1,7 +1,7 @@
 """Config dataclass fields that carry their CLI help and their range: one definition serves the Python API, the
 flags and the checks.
 
-A numeric field declares its range next to its definition (``option(50, "DDIM steps", at_least=1,
+A numeric field declares its range next to its definition (``option(50, "sampling steps", at_least=1,
 at_most=1000)``); every config's ``__post_init__`` calls ``check_options``, which refuses a value out of range, a
 non-finite float or a value of the wrong type with one ``ConfigError`` naming the field and its flag.
 """

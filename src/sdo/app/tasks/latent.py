@@ -74,7 +74,7 @@ class LatentTaskConfig(PipelineOptions):
     seed: int = option(0, "seed of the initial noise", at_least=0, at_most=SEED_MAX)
     start_step: int = option(0, "optimize the latent at this step (after a no-grad warm-up)", at_least=0, at_most=999)
     prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer", at_least=0)
-    project: bool = option(True, "rescale latents to their initial norm after each step (the hard shell prior)")
+    project: bool = option(True, "rescale latents to their initial norm after each iteration (the hard shell prior)")
     views: int = option(
         4, "class/adversarial: average the classifier over this many random 2-pixel shifts", at_least=0, at_most=64
     )
