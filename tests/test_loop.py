@@ -15,8 +15,8 @@ from sdo.checks import check_schedule_start
 from sdo.doodl import DoodlUpdate, edict_sampler
 from sdo.freedom import GuidanceStepper
 from sdo.gradients import SpreadShortcut, StepRole
-from sdo.latent import LatentStepper
-from sdo.methods import METHODS, LatentProblem, MethodOptions
+from sdo.latent import LatentProblem, LatentStepper
+from sdo.methods import METHODS, MethodOptions
 from sdo.rewards import ClassifierReward
 
 

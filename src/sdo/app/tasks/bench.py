@@ -19,7 +19,7 @@ from sdo.models import Denoiser
 from sdo.rewards import ClassifierReward
 from sdo.sampling import Sampler
 
-__all__ = ["SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "Workload", "mnist_workload", "sd15_workload"]
+__all__ = ["SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "Workload", "mnist_workload", "scaled_config", "sd15_workload"]
 
 # Published Stable Diffusion v1.5 configs (unet/config.json and vae/config.json of the v1.5 release).
 SD15_UNET_CONFIG = {
@@ -112,7 +112,7 @@ def sd15_workload(
 
     device = torch.device(device)
     torch.manual_seed(seed)
-    unet_config, vae_config = _scaled(SD15_UNET_CONFIG, width), _scaled(SD15_VAE_CONFIG, width)
+    unet_config, vae_config = scaled_config(SD15_UNET_CONFIG, width), scaled_config(SD15_VAE_CONFIG, width)
     unet = UNet2DConditionModel(**unet_config).to(device, dtype).eval().requires_grad_(False)
     vae = AutoencoderKL(**vae_config).to(device, dtype).eval().requires_grad_(False)
     if vae_slicing:
@@ -155,7 +155,7 @@ def sd15_workload(
     )
 
 
-def _scaled(config: dict, width: float) -> dict:
+def scaled_config(config: dict, width: float) -> dict:
     """``config`` with channel counts multiplied by ``width`` (rounded to multiples of 32, the group-norm size)."""
     if width == 1.0:
         return dict(config)
@@ -164,3 +164,6 @@ def _scaled(config: dict, width: float) -> dict:
     if "cross_attention_dim" in config:
         scaled["cross_attention_dim"] = max(32, int(config["cross_attention_dim"] * width) // 32 * 32)
     return scaled
+
+
+_scaled = scaled_config  # the old private name, until app/plan.py imports scaled_config

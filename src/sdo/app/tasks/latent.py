@@ -17,8 +17,8 @@ from sdo.checks import check_positive, check_seed
 from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
-from sdo.latent import OptimizationResult
-from sdo.methods import METHODS, LatentProblem, MethodOptions, find_method, method_names
+from sdo.latent import LatentProblem, OptimizationResult
+from sdo.methods import METHODS, MethodOptions, find_method, method_names
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
 from sdo.sampling import Sampler
 
