@@ -139,7 +139,10 @@ def test_sd15_architecture_on_gpu():
 def test_latent_only_methods_run_in_the_bench():
     config = BenchConfig(methods="sdo,adjoint,doodl,freedom", steps="3", iters=2, batch=1)
     rows = {row["method"]: row for row in run_bench(config, progress=False)["rows"]}
-    assert rows["adjoint"]["grad_cosine"] > 0.5  # exact up to the reconstruction error
+    # Adjoint is exact up to its reconstruction error, which 3 DDIM steps make large: on this seeded case its
+    # cosine with the exact gradient is 0.670 (SDO's 0.677), pinned here with a margin for thread-count rounding.
+    assert rows["adjoint"]["grad_cosine"] == pytest.approx(0.670, abs=0.03)
+    assert rows["sdo"]["grad_cosine"] == pytest.approx(0.677, abs=0.03)
     assert rows["doodl"]["grad_cosine"] is None and rows["freedom"]["grad_cosine"] is None  # other chain / no grad
     assert rows["doodl"]["reward_final"] != rows["doodl"]["reward_initial"]  # DOODL moved the latent
     assert rows["freedom"]["reward_final"] > rows["sdo"]["reward_initial"]  # guidance beats the unguided sample

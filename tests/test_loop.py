@@ -15,8 +15,8 @@ from sdo.checks import check_schedule_start
 from sdo.doodl import DoodlUpdate, edict_sampler
 from sdo.freedom import GuidanceStepper
 from sdo.gradients import SpreadShortcut, StepRole
-from sdo.latent import LatentStepper
-from sdo.methods import METHODS, LatentProblem, MethodOptions
+from sdo.latent import LatentProblem, LatentStepper
+from sdo.methods import METHODS, MethodOptions
 from sdo.rewards import ClassifierReward
 
 
@@ -122,10 +122,10 @@ def test_a_one_step_schedule_that_starts_clean_is_refused(unet):
     check_schedule_start(500.0, 1000, start_step=0)
 
 
-def test_optimize_cli_refuses_a_one_step_schedule(capsys):
+def test_optimize_cli_refuses_a_one_step_schedule(tmp_path, capsys):
     from sdo.app.cli import main
 
-    assert main(["optimize", "--steps", "1", "--iters", "1", "--batch", "1", "--out", "unused"]) == 2
+    assert main(["optimize", "--steps", "1", "--iters", "1", "--batch", "1", "--out", str(tmp_path / "out")]) == 2
     assert "first timestep is 0" in capsys.readouterr().err
 
 

@@ -6,9 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
+import sdo
 from sdo import zoo
 from sdo.app.cli import main
+from sdo.app.tasks.latent import LatentTaskConfig, build_task
 from sdo.io import load_tensors
 from sdo.zoo.train import ZooTrainingConfig, train_zoo
 
@@ -76,9 +79,21 @@ def test_optimize_cli_writes_a_replayable_latent(tmp_path, task):
         str(out),
     ]
     assert main(args) == 0
-    assert load_tensors(out / "latent.safetensors")["latent"].shape == (2, 1, 32, 32)
+    latent = load_tensors(out / "latent.safetensors")["latent"]
+    assert latent.shape == (2, 1, 32, 32)
+    with safe_open(out / "latent.safetensors", "pt") as saved:
+        metadata = saved.metadata()
+    assert (metadata["task"], metadata["steps"], metadata["start_step"], metadata["seed"]) == (task, "4", "1", "0")
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert len(history) == 3 and all("judge_success" in record for record in history)
+    # Replay: the saved latent, sampled from its recorded start step with the recorded settings, gives the sample
+    # whose reward and judge verdict the run recorded last.
+    built = build_task(LatentTaskConfig(task=task, steps=4, iters=2, batch=2, start_step=int(metadata["start_step"])))
+    with torch.no_grad():
+        replay = built.sampler.sample(latent, grad=sdo.NoGrad(), start_step=1)
+        rewards = built.reward(replay, None)
+    assert rewards.tolist() == pytest.approx(history[-1]["rewards"], abs=1e-4)
+    assert float(built.judge_accepts(replay).float().mean()) == history[-1]["judge_success"]
 
 
 def test_cli_bad_input_is_one_clear_line(capsys):

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_int, check_latent, check_latent_fits, check_positive, check_rewards, check_seed
+from .checks import check_int, check_positive, check_rewards
 from .edict import EDICTSampler, Invertible
 from .errors import ConfigError
 from .gradients import GradientMode, NoGrad
-from .latent import LatentStepper, OptimizationResult, Shell
+from .latent import LatentProblem, LatentStepper, OptimizationResult, Shell
 from .protocols import LatentReward
 from .sampling import Sampler
 
@@ -155,59 +155,39 @@ def optimize_latent_doodl(
             ``sdo.optimize_latent``, its ``result`` holds the last iterate whose reward was finite.
     """
     check_int(iters, "iters")
-    stepper = doodl_stepper(
-        sampler,
-        latent,
-        reward,
-        grad=grad,
-        start_step=start_step,
-        lr=lr,
-        momentum=momentum,
-        clip=clip,
-        perturbation=perturbation,
-        renormalize=renormalize,
-        seed=seed,
-        cond=cond,
-        judge=judge,
-        measure=measure,
-    )
+    problem = LatentProblem(sampler, latent, reward, start_step, seed, cond, judge, measure)
+    stepper = doodl_stepper(problem, grad, lr, momentum, clip, perturbation, renormalize)
     return stepper.run(iters, "optimize (DOODL)", progress)
 
 
 def doodl_stepper(
-    sampler: EDICTSampler,
-    latent: torch.Tensor,
-    reward: LatentReward,
-    *,
+    problem: LatentProblem,
     grad: GradientMode | None = None,
-    start_step: int = 0,
     lr: float = 1.0,
     momentum: float = 0.9,
     clip: float | None = 1e-3,
     perturbation: float = 1e-4,
     renormalize: bool = True,
-    seed: int = 0,
-    cond: object = None,
-    judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    measure: bool = False,
 ) -> LatentStepper:
-    """The ``sdo.latent.LatentStepper`` of ``optimize_latent_doodl`` (same arguments, checked here):
-    ``PairObjective`` with ``DoodlUpdate``. ``sdo bench`` steps it one iteration at a time."""
+    """The ``sdo.latent.LatentStepper`` of ``optimize_latent_doodl`` (its arguments, checked here; the problem's
+    sampler is an ``sdo.EDICTSampler``): ``PairObjective`` with ``DoodlUpdate``. ``sdo bench`` steps it one
+    iteration at a time."""
     grad = Invertible() if grad is None else grad  # a fresh mode (and its stats) per run, never a shared default
-    _check(sampler, latent, lr, momentum, clip, perturbation, grad, seed)
-    objective = PairObjective(sampler, reward, start_step, cond)
-
-    def doodl(z: torch.Tensor) -> DoodlUpdate:
-        return DoodlUpdate(z, lr, momentum, clip, perturbation, renormalize, seed)
-
-    return LatentStepper(objective, latent, doodl, grad=grad, reward=reward, judge=judge, measure=measure)
-
-
-def _check(sampler, latent, lr, momentum, clip, perturbation, grad, seed) -> None:
+    sampler = problem.sampler
     if not isinstance(sampler, EDICTSampler):
         raise ConfigError(f"DOODL optimizes through sdo.EDICTSampler, got {type(sampler).__name__}.")
+    _check(lr, momentum, clip, perturbation, grad)
+    problem.check(sampler.sampler.network)
+    objective = PairObjective(sampler, problem.reward, problem.start_step, problem.cond)
+
+    def doodl(z: torch.Tensor) -> DoodlUpdate:
+        return DoodlUpdate(z, lr, momentum, clip, perturbation, renormalize, problem.seed)
+
+    return problem.stepper(objective, doodl, grad)
+
+
+def _check(lr, momentum, clip, perturbation, grad) -> None:
     check_positive(lr, "lr")
-    check_seed(seed)
     if isinstance(momentum, bool) or not 0 <= check_positive(momentum, "momentum", allow_zero=True) < 1:
         raise ConfigError(f"`momentum` must be in [0, 1), got {momentum}.")
     if clip is not None:
@@ -215,5 +195,3 @@ def _check(sampler, latent, lr, momentum, clip, perturbation, grad, seed) -> Non
     check_positive(perturbation, "perturbation", allow_zero=True)
     if isinstance(grad, NoGrad) or not isinstance(grad, GradientMode):
         raise ConfigError(f"`grad` must be sdo.Invertible() or sdo.Full(), got {grad!r}.")
-    check_latent(latent, "latent")
-    check_latent_fits(latent, sampler.sampler.network, "latent")

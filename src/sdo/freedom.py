@@ -35,7 +35,7 @@ from . import schedulers as sched
 from .checks import check_int, check_latent, check_latent_fits, check_positive, check_rewards
 from .errors import ConfigError, NonFiniteRewardError
 from .gradients import NoGrad
-from .latent import OptimizationResult, history_record
+from .latent import LatentProblem, OptimizationResult, history_record
 from .memory import PeakMemory
 from .protocols import LatentReward
 from .sampling import Sampler, default_generator
@@ -229,43 +229,31 @@ class GuidanceStepper:
     record 1 the guided sample.
 
     Args:
-        sampler, latent, reward, cond, start_step: as for ``freedom_sample`` (``latent`` is its ``x``).
-        seed: seeds the noise generator of every pass (one latent, one seed: one guided sample).
-        scale, repeats: as for ``freedom_sample``. judge, measure: as for ``sdo.optimize_latent``.
+        problem: an ``sdo.latent.LatentProblem``: its sampler, latent (``freedom_sample``'s ``x``), reward, cond and
+            start_step go to ``freedom_sample``; its seed seeds the noise generator of every pass (one latent, one
+            seed: one guided sample); judge and measure as for ``sdo.optimize_latent``.
+        scale, repeats: as for ``freedom_sample``.
     """
 
-    def __init__(
-        self,
-        sampler: Sampler,
-        latent: torch.Tensor,
-        reward: LatentReward,
-        *,
-        cond: object = None,
-        start_step: int = 0,
-        seed: int = 0,
-        scale: float = 0.2,
-        repeats: int = 1,
-        judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        measure: bool = False,
-    ) -> None:
-        self.sampler, self.latent, self.reward, self.cond = sampler, latent.detach(), reward, cond
-        self.start_step, self.seed, self.scale, self.repeats = start_step, seed, scale, repeats
-        self.judge, self.measure = judge, measure
+    def __init__(self, problem: LatentProblem, scale: float = 0.2, repeats: int = 1) -> None:
+        self.problem, self.scale, self.repeats = problem, scale, repeats
+        self.latent = problem.latent.detach()
         self.history: list[dict] = []
         self.last: GuidanceResult | None = None
         self.gradient = None  # FreeDoM gives the latent no gradient
 
     def step(self) -> dict:
         """One guided pass; returns (and appends to ``history``) its record (the guided sample's reward)."""
-        with PeakMemory(self.latent.device) if self.measure else nullcontext() as memory:
+        problem = self.problem
+        with PeakMemory(self.latent.device) if problem.measure else nullcontext() as memory:
             self.last = freedom_sample(
-                self.sampler,
+                problem.sampler,
                 self.latent,
-                self.reward,
-                cond=self.cond,
+                problem.reward,
+                cond=problem.cond,
                 scale=self.scale,
                 repeats=self.repeats,
-                start_step=self.start_step,
+                start_step=problem.start_step,
                 generator=self._generator(),
             )
         elapsed = (self.history[-1]["elapsed"] if self.history else 0.0) + self.last.seconds
@@ -285,12 +273,12 @@ class GuidanceStepper:
     def run(self, iters: int = 1, description: str = "", progress: bool = True) -> OptimizationResult:
         """One guided pass (``iters``, ``description`` and ``progress`` are unused: nothing iterates), reported as
         the two-record history of the class docstring."""
-        guided = self.step()
+        guided, problem = self.step(), self.problem
         with torch.no_grad():
-            unguided = self.sampler.sample(
-                self.latent, NoGrad(), start_step=self.start_step, generator=self._generator()
+            unguided = problem.sampler.sample(
+                self.latent, NoGrad(), start_step=problem.start_step, generator=self._generator()
             )
-            before = check_rewards(self.reward(unguided, self.cond), self.latent.shape[0])
+            before = check_rewards(problem.reward(unguided, problem.cond), self.latent.shape[0])
         cost = {key: guided[key] for key in ("seconds", "elapsed", "peak_mem_bytes", "mem_kind") if key in guided}
         first = {**self._record(0, before, unguided, 0.0, 0.0), **cost}
         final = self._record(1, self.last.rewards, self.last.sample, 0.0, guided["elapsed"])
@@ -298,10 +286,10 @@ class GuidanceStepper:
         return self.finish()
 
     def _generator(self) -> torch.Generator:
-        return torch.Generator(device=self.latent.device).manual_seed(self.seed)
+        return torch.Generator(device=self.latent.device).manual_seed(self.problem.seed)
 
     def _record(self, iteration: int, rewards, sample, seconds: float, elapsed: float) -> dict:
         record = history_record(iteration, rewards, None, seconds, elapsed)
-        if self.judge is not None:
-            record["judge_success"] = float(self.judge(sample).float().mean())
+        if self.problem.judge is not None:
+            record["judge_success"] = float(self.problem.judge(sample).float().mean())
         return record

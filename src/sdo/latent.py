@@ -32,6 +32,7 @@ from .sampling import Sampler
 
 __all__ = [
     "AdamUpdate",
+    "LatentProblem",
     "LatentStepper",
     "NonFiniteRewardError",
     "Objective",
@@ -169,6 +170,42 @@ class AdamUpdate:
         self.optimizer.step()
         if self.shell is not None:
             self.shell.project(z)
+
+
+@dataclass(frozen=True)
+class LatentProblem:
+    """What a latent-optimization run works on, whatever its update rule: the sampler, the starting latent, the
+    reward, and what every run records.
+
+    Attributes:
+        sampler: an ``sdo.Sampler`` (or an ``sdo.EDICTSampler`` for DOODL).
+        latent: ``[B, ...]`` the latent at ``start_step`` (initial noise when 0). reward: ``reward(x0, cond) -> [B]``.
+        start_step, seed, cond, judge, measure: as for ``optimize_latent``.
+    """
+
+    sampler: object
+    latent: torch.Tensor
+    reward: LatentReward
+    start_step: int = 0
+    seed: int = 0
+    cond: object = None
+    judge: Callable[[torch.Tensor], torch.Tensor] | None = None
+    measure: bool = False
+
+    def check(self, network: torch.nn.Module | None) -> None:
+        """Refuse a bad seed, or a latent that is not a finite float tensor ``network`` can take
+        (``sdo.checks.check_latent_fits``)."""
+        check_seed(self.seed)
+        check_latent(self.latent, "latent")
+        check_latent_fits(self.latent, network, "latent")
+
+    def stepper(
+        self, objective: Objective, update: Callable[[torch.Tensor], UpdateRule], grad: GradientMode
+    ) -> LatentStepper:
+        """The ``LatentStepper`` of ``objective`` and ``update`` from this problem's latent."""
+        return LatentStepper(
+            objective, self.latent, update, grad=grad, reward=self.reward, judge=self.judge, measure=self.measure
+        )
 
 
 class LatentStepper:
@@ -323,53 +360,34 @@ def optimize_latent(
     check_int(iters, "iters")
     if isinstance(grad, NoGrad):
         raise ConfigError(f"{grad!r} gives no gradient to the latent; use sdo.Shortcut() or sdo.Full().")
-    stepper = latent_stepper(
-        sampler,
-        latent,
-        reward,
-        grad=grad,
-        start_step=start_step,
-        lr=lr,
-        betas=betas,
-        prior_weight=prior_weight,
-        project_to_shell=project_to_shell,
-        seed=seed,
-        cond=cond,
-        judge=judge,
-        measure=measure,
-    )
+    problem = LatentProblem(sampler, latent, reward, start_step, seed, cond, judge, measure)
+    stepper = latent_stepper(problem, grad, lr=lr, betas=betas, prior_weight=prior_weight, shell=project_to_shell)
     return stepper.run(iters, f"optimize ({type(grad).__name__})", progress)
 
 
 def latent_stepper(
-    sampler: Sampler,
-    latent: torch.Tensor,
-    reward: LatentReward,
-    *,
+    problem: LatentProblem,
     grad: GradientMode,
-    start_step: int = 0,
+    *,
     lr: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.9),
     prior_weight: float = 0.0,
-    project_to_shell: bool = False,
-    seed: int = 0,
-    cond: object = None,
-    judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    measure: bool = False,
+    shell: bool = False,
 ) -> LatentStepper:
-    """The ``LatentStepper`` of ``optimize_latent`` (same arguments, checked here): ``SampleObjective`` with
-    ``AdamUpdate``. ``sdo bench`` steps it one iteration at a time; ``grad=sdo.NoGrad()`` only evaluates."""
+    """The ``LatentStepper`` of ``optimize_latent`` (its arguments, checked here; ``shell`` is its
+    ``project_to_shell``): ``SampleObjective`` with ``AdamUpdate``. ``sdo bench`` steps it one iteration at a time;
+    ``grad=sdo.NoGrad()`` only evaluates."""
     check_positive(lr, "lr")
     betas = check_betas(betas)
-    check_seed(seed)
-    check_latent(latent, "latent")
-    check_latent_fits(latent, sampler.network, "latent")
-    objective = SampleObjective(sampler, reward, start_step, seed, cond, prior_weight)
+    problem.check(problem.sampler.network)
+    objective = SampleObjective(
+        problem.sampler, problem.reward, problem.start_step, problem.seed, problem.cond, prior_weight
+    )
 
     def adam(z: torch.Tensor) -> AdamUpdate:
-        return AdamUpdate(z, lr, betas, Shell(z) if project_to_shell else None)
+        return AdamUpdate(z, lr, betas, Shell(z) if shell else None)
 
-    return LatentStepper(objective, latent, adam, grad=grad, reward=reward, judge=judge, measure=measure)
+    return problem.stepper(objective, adam, grad)
 
 
 def history_record(

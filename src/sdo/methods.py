@@ -10,7 +10,7 @@ run (``sdo optimize``). The gradient modes themselves are in ``sdo.gradients``; 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -20,16 +20,13 @@ from .doodl import doodl_stepper, edict_sampler
 from .errors import ConfigError
 from .freedom import GuidanceStepper
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, SpreadShortcut, Truncated
-from .latent import OptimizationResult, latent_stepper
-from .protocols import LatentReward
-from .sampling import Sampler
+from .latent import LatentProblem, OptimizationResult, latent_stepper
 
 __all__ = [
     "DOODL",
     "GUIDANCE",
     "METHODS",
     "MODE",
-    "LatentProblem",
     "Method",
     "MethodOptions",
     "Runner",
@@ -77,26 +74,6 @@ class MethodOptions:
     freedom_repeats: int = 1
 
 
-@dataclass(frozen=True)
-class LatentProblem:
-    """What a latent method works on: the sampler, the starting latent, the reward, and what every run records.
-
-    Attributes:
-        sampler: an ``sdo.Sampler`` (DOODL runs the EDICT chain over its model and schedule).
-        latent: ``[B, ...]`` the latent at ``start_step`` (initial noise when 0). reward: ``reward(x0, cond) -> [B]``.
-        start_step, seed, cond, judge, measure: as for ``sdo.optimize_latent``.
-    """
-
-    sampler: Sampler
-    latent: torch.Tensor
-    reward: LatentReward
-    start_step: int = 0
-    seed: int = 0
-    cond: object = None
-    judge: Callable[[torch.Tensor], torch.Tensor] | None = None
-    measure: bool = False
-
-
 class Stepper(Protocol):
     """One run of a latent method, one iteration per ``step()``: ``sdo.latent.LatentStepper`` (gradient modes and
     DOODL) or ``sdo.freedom.GuidanceStepper``. ``gradient`` is the last iteration's loss gradient (None if none)."""
@@ -132,50 +109,19 @@ class Runner:
 
 
 def _start_mode(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
+    mode = method.mode(options)
     return latent_stepper(
-        problem.sampler,
-        problem.latent,
-        problem.reward,
-        grad=method.mode(options),
-        start_step=problem.start_step,
-        lr=options.lr,
-        prior_weight=options.prior_weight,
-        project_to_shell=options.project_to_shell,
-        seed=problem.seed,
-        cond=problem.cond,
-        judge=problem.judge,
-        measure=problem.measure,
+        problem, mode, lr=options.lr, prior_weight=options.prior_weight, shell=options.project_to_shell
     )
 
 
 def _start_doodl(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
-    return doodl_stepper(
-        edict_sampler(problem.sampler),
-        problem.latent,
-        problem.reward,
-        start_step=problem.start_step,
-        lr=options.doodl_lr,
-        renormalize=options.doodl_renormalize,
-        seed=problem.seed,
-        cond=problem.cond,
-        judge=problem.judge,
-        measure=problem.measure,
-    )
+    edict = replace(problem, sampler=edict_sampler(problem.sampler))
+    return doodl_stepper(edict, lr=options.doodl_lr, renormalize=options.doodl_renormalize)
 
 
 def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
-    return GuidanceStepper(
-        problem.sampler,
-        problem.latent,
-        problem.reward,
-        cond=problem.cond,
-        start_step=problem.start_step,
-        seed=problem.seed,
-        scale=options.freedom_scale,
-        repeats=options.freedom_repeats,
-        judge=problem.judge,
-        measure=problem.measure,
-    )
+    return GuidanceStepper(problem, scale=options.freedom_scale, repeats=options.freedom_repeats)
 
 
 MODE = Runner("mode", "sdo.optimize_latent (Adam)", _start_mode, exact_gradient=True)

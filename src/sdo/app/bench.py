@@ -24,8 +24,9 @@ from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
 from sdo.checks import SEED_MAX
 from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
+from sdo.latent import LatentProblem
 from sdo.memory import PeakMemory
-from sdo.methods import METHODS, LatentProblem, Method, MethodOptions, Stepper, find_method, method_names
+from sdo.methods import METHODS, Method, MethodOptions, Stepper, find_method, method_names
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "run_bench"]
 

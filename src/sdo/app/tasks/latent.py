@@ -21,8 +21,8 @@ from sdo.app.reward_spec import parse_reward_spec
 from sdo.checks import SEED_MAX
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
-from sdo.latent import OptimizationResult
-from sdo.methods import METHODS, LatentProblem, MethodOptions, find_method, method_names
+from sdo.latent import LatentProblem, OptimizationResult
+from sdo.methods import METHODS, MethodOptions, find_method, method_names
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
 from sdo.sampling import Sampler
 
