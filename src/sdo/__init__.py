@@ -29,6 +29,7 @@ from .errors import (
     OutputLockedError,
     ResumeMismatchError,
     SdoError,
+    WriteFailedError,
 )
 from .freedom import GuidanceResult, freedom_sample
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
@@ -69,6 +70,7 @@ __all__ = [
     "SdoError",
     "Shortcut",
     "Truncated",
+    "WriteFailedError",
     "finetune",
     "freedom_sample",
     "from_pipeline",
