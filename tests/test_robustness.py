@@ -424,9 +424,11 @@ def test_a_failed_write_names_the_file_and_the_free_space(tmp_path, monkeypatch)
 
     import torch
 
+    import sdo
     from sdo.errors import SdoError, WriteFailedError
     from sdo.io import save_json, save_tensors
 
+    assert sdo.WriteFailedError is WriteFailedError and issubclass(WriteFailedError, OSError)
     disk_full_after(monkeypatch, 0)
     target = tmp_path / "t.safetensors"
     target.write_bytes(b"old")

@@ -28,6 +28,7 @@ from .errors import (
     MissingWeightsError,
     NonFiniteRewardError,
     SdoError,
+    WriteFailedError,
 )
 from .freedom import GuidanceResult, freedom_sample
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
@@ -77,6 +78,7 @@ __all__ = [
     "SdoError",
     "Shortcut",
     "Truncated",
+    "WriteFailedError",
     "finetune",
     "freedom_sample",
     "from_pipeline",
