@@ -101,7 +101,9 @@ class ClipImageEncoder:
             random cut-outs); seeded by ``seed``.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, device="cpu", cutouts: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, path: str | os.PathLike | ModelSource | None = None, device="cpu", cutouts: int = 0, seed: int = 0
+    ) -> None:
         transformers = _transformers()
         source = path if isinstance(path, ModelSource) else _model(path, "SDO_CLIP_PATH", "CLIP model")
         try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
