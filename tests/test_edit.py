@@ -58,7 +58,7 @@ def test_encode_exactly_inverts_the_latent_arithmetic_of_decode(family_pipe, mon
     latents = 0.02 * parts.initial_latent(3, batch=2)  # small enough that no pixel is clamped
     images = parts.decode(latents)
     assert images.shape == (2, 3, *parts.image_size)
-    assert 0 < images.min() and images.max() < 1  # no clamping: decode is invertible here
+    assert images.min() > 0 and images.max() < 1  # no clamping: decode is invertible here
     encoded = parts.encode(images)
     assert encoded.shape == latents.shape and encoded.dtype == torch.float32
     torch.testing.assert_close(encoded, latents, atol=1e-5, rtol=1e-5)
@@ -69,7 +69,7 @@ def test_encode_exactly_inverts_the_latent_arithmetic_of_decode(family_pipe, mon
 
 
 def test_encode_then_decode_keeps_shape_and_range_with_the_real_vae(family_pipe):
-    family, pipe = family_pipe
+    _, pipe = family_pipe
     parts = from_pipeline(pipe, PROMPT)
     images = torch.rand(2, 3, *parts.image_size, generator=torch.Generator().manual_seed(0))
     latents = parts.encode(images)
@@ -158,7 +158,7 @@ class ConstantNetwork(torch.nn.Module):
 def test_pipeline_inversion_is_exact_for_a_network_that_ignores_its_input(family_pipe):
     from dataclasses import replace
 
-    family, pipe = family_pipe
+    _, pipe = family_pipe
     parts = from_pipeline(pipe, PROMPT, guidance_scale=1.0)
     parts = replace(parts, model_fn=replace(parts.model_fn, model=ConstantNetwork()))
     images = torch.rand(2, 3, *parts.image_size, generator=torch.Generator().manual_seed(2))
