@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,3 +195,136 @@ def test_pipeline_inversion_then_sampling_reconstructs_the_encoded_latent(family
     unrelated = error(parts.initial_latent(0), start_step=0)
     assert plain < RATIO[family] * unrelated, (plain, unrelated)
     assert refined < 0.5 * plain, (refined, plain)
+
+
+# --- images on disk and the command ------------------------------------------------------------------------------
+
+
+def write_image(path, height=16, width=16, mode="RGB", seed=0):
+    """A random image file in ``mode``, in the format of ``path``'s suffix."""
+    from PIL import Image
+
+    pixels = (torch.rand(height, width, 4, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+    image = Image.fromarray(pixels.numpy(), "RGBA").convert(mode)
+    image.save(path)
+    return path
+
+
+def read_png(path):
+    return sdo.io.load_image(path)
+
+
+@pytest.mark.parametrize(("suffix", "mode"), [(".png", "RGBA"), (".png", "L"), (".jpg", "RGB"), (".webp", "RGB")])
+def test_load_image_reads_common_formats_and_modes_as_rgb_in_0_1(tmp_path, suffix, mode):
+    from PIL import Image
+
+    path = write_image(tmp_path / f"x{suffix}", 12, 20, mode)
+    image = sdo.io.load_image(path)
+    assert image.shape == (1, 3, 12, 20) and image.dtype == torch.float32
+    with Image.open(path) as opened:
+        expected = torch.from_numpy(np.asarray(opened.convert("RGB"))).float() / 255
+    torch.testing.assert_close(image[0].permute(1, 2, 0), expected)  # alpha dropped, grey repeated, in [0, 1]
+    if mode == "L":
+        assert torch.equal(image[:, 0], image[:, 1]) and torch.equal(image[:, 1], image[:, 2])
+    resized = sdo.io.load_image(path, size=(8, 16))
+    assert resized.shape == (1, 3, 8, 16) and resized.min() >= 0 and resized.max() <= 1
+    assert abs(float(resized.mean() - image.mean())) < 0.05
+
+
+def test_load_image_names_a_file_that_is_missing_or_not_an_image(tmp_path):
+    with pytest.raises(sdo.CorruptFileError, match=r"nothing\.png: file not found"):
+        sdo.io.load_image(tmp_path / "nothing.png")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(sdo.CorruptFileError, match=r"notes\.jpg: not a valid JPG file"):
+        sdo.io.load_image(tmp_path / "notes.jpg")
+
+
+def edit_args(pipeline_dir, clip_dir, out, *more):
+    return [
+        "optimize",
+        "--pipeline",
+        str(pipeline_dir),
+        "--prompt",
+        PROMPT,
+        "--start-step",
+        "2",
+        "--steps",
+        "4",
+        "--iters",
+        "2",
+        "--reward",
+        "clip",
+        "--clip-path",
+        str(clip_dir / "clip"),
+        "--out",
+        str(out),
+        *more,
+    ]
+
+
+def test_optimize_edits_an_image_and_writes_input_before_after_and_psnr(pipeline_dir, clip_dir, tmp_path):
+    from sdo.app.cli import main
+
+    png, out = write_image(tmp_path / "x.png"), tmp_path / "out"
+    assert main(edit_args(pipeline_dir, clip_dir, out, "--image", str(png))) == 0
+    files = {stem: read_png(out / "images" / f"{stem}-0.png") for stem in ("input", "before", "after")}
+    assert all(image.shape == (1, 3, 16, 16) for image in files.values())  # the pipeline's size
+    torch.testing.assert_close(files["input"], sdo.io.load_image(png))  # already at the size: written as read
+    metrics = sdo.io.load_json(out / "metrics.json")
+    (value,) = metrics["reconstruction_psnr"]
+    mse = float((files["before"] - files["input"]).square().mean())
+    assert abs(value - 10 * torch.log10(torch.tensor(1 / mse)).item()) < 0.5  # up to the PNG's rounding
+    assert metrics["reconstruction_psnr_mean"] == value and metrics["inversion_guidance"] == 1.0
+    # the latent file records what continuing from it needs, and after-0.png is its image
+    latent_file = out / "latent.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(latent_file), "pt") as handle:
+        meta = handle.metadata()
+    assert meta["start_step"] == "2" and meta["inversion_guidance"] == "1.0" and meta["scheduler"] == "DDIMScheduler"
+    assert (meta["num_inference_steps"], meta["height"], meta["width"], meta["prompt"]) == ("4", "16", "16", PROMPT)
+    parts = from_pipeline(pipeline_dir, PROMPT, guidance_scale=float(meta["guidance_scale"]))
+    latent = sdo.load_latent(latent_file, parts.latent_shape)
+    replay = parts.decode(parts.sampler(4).sample(latent, sdo.NoGrad(), start_step=2))
+    assert (replay - files["after"]).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_optimize_edits_a_folder_as_one_batch_with_the_pixel_term(pipeline_dir, clip_dir, tmp_path, capsys):
+    from sdo.app.cli import main
+
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    folder.mkdir()
+    write_image(folder / "a.jpg", 20, 12, "L", seed=1)  # grey, not the pipeline's size
+    write_image(folder / "b.webp", 16, 16, "RGB", seed=2)
+    (folder / "readme.txt").write_text("not an image: skipped")
+    assert main(edit_args(pipeline_dir, clip_dir, out, "--images", str(folder), "--proximity", "5")) == 0
+    assert "a.jpg is 12x20: resized to the pipeline's 16x16" in capsys.readouterr().out
+    metrics = sdo.io.load_json(out / "metrics.json")
+    assert len(metrics["reconstruction_psnr"]) == 2 and metrics["notes"] and len(metrics["images"]) == 2
+    first = metrics["history"][0]
+    assert {"reward_clip", "reward_proximity"} <= set(first) and first["reward_proximity"] < 0
+    assert abs(first["reward"] - (first["reward_clip"] + 5 * first["reward_proximity"])) < 1e-4
+    assert sdo.io.load_tensors(out / "latent.safetensors")["latent"].shape == (2, 4, 8, 8)
+    assert all((out / "images" / f"{stem}-1.png").is_file() for stem in ("input", "before", "after"))
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-an-image"])
+def test_a_bad_image_is_one_line_and_exit_2(pipeline_dir, clip_dir, tmp_path, capsys, kind):
+    from sdo.app.cli import main
+
+    path = tmp_path / "x.png"
+    if kind == "not-an-image":
+        path.write_text("hello")
+    assert main(edit_args(pipeline_dir, clip_dir, tmp_path / "out", "--image", str(path))) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "x.png" in error and error.startswith("sdo optimize: error:")
+
+
+def test_proximity_defaults_to_the_tasks_own_weight():
+    from sdo.app.tasks.latent import LatentTaskConfig, build_task
+
+    assert LatentTaskConfig().proximity is None
+    assert build_task(LatentTaskConfig(task="adversarial", steps=2, batch=1)).reward.proximity == 20.0
+    assert build_task(LatentTaskConfig(task="adversarial", steps=2, batch=1, proximity=3.0)).reward.proximity == 3.0
+    with pytest.raises(ConfigError, match="add --pipeline"):
+        LatentTaskConfig(image=("x.png",))

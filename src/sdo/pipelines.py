@@ -26,7 +26,15 @@ from .models import Denoiser
 from .sampling import Sampler
 from .schedulers import SUPPORTED_SCHEDULERS, prediction_type, scheduler_by_name
 
-__all__ = ["FAMILIES", "DecodedReward", "PipelineParts", "from_pipeline", "load_pipeline", "lora_targets"]
+__all__ = [
+    "FAMILIES",
+    "DecodedReward",
+    "PipelineParts",
+    "from_pipeline",
+    "load_pipeline",
+    "lora_targets",
+    "size_multiple",
+]
 
 # Pipeline class -> family, and the components each family needs.
 FAMILIES = {
@@ -429,11 +437,10 @@ def from_pipeline(
 def _size(pipe, family: str, network, height: int | None, width: int | None) -> tuple[int, int, int]:
     """Height, width (the pipeline's defaults when None) and the VAE factor; ``ConfigError`` unless both are
     multiples of what the family takes."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = _vae_factor(pipe.vae)
     default = getattr(pipe, "default_sample_size", None) or network.config.sample_size
     height, width = height or default * factor, width or default * factor
-    multiples = {"sd": 8, "sdxl": 8, "flux": factor * 2}
-    multiple = multiples[family] if family in multiples else factor * network.config.patch_size
+    multiple = size_multiple(pipe)
     if height % multiple or width % multiple:
         raise ConfigError(
             f"height and width must be multiples of {multiple} for this {family} pipeline (VAE factor {factor}), "
@@ -441,6 +448,15 @@ def _size(pipe, family: str, network, height: int | None, width: int | None) -> 
             f"{width - width % multiple or multiple}."
         )
     return height, width, factor
+
+
+def size_multiple(pipe) -> int:
+    """What the image height and width of pipeline ``pipe`` must be multiples of: 8 for SD and SDXL, the VAE factor
+    times the patch size for SD3, twice the VAE factor for Flux (its 2x2 packing)."""
+    family = _check_family(type(pipe).__name__, type(pipe).__name__)
+    factor = _vae_factor(pipe.vae)
+    multiples = {"sd": 8, "sdxl": 8, "flux": factor * 2}
+    return multiples[family] if family in multiples else factor * pipe.transformer.config.patch_size
 
 
 def _text_encoders(pipe) -> list[torch.nn.Module]:

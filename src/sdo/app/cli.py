@@ -21,6 +21,15 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
         if item.name in exclude:
             continue
         default = defaults.get(item.name, item.default)
+        if item.metadata.get("action") == "append":  # a repeatable flag: a tuple field, one value per use
+            parser.add_argument(
+                f"--{item.name.replace('_', '-')}",
+                dest=item.name,
+                action="append",
+                default=list(default),
+                help=item.metadata.get("help", ""),
+            )
+            continue
         if isinstance(default, bool):
             parser.add_argument(
                 f"--{item.name.replace('_', '-')}",
@@ -33,7 +42,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
         parser.add_argument(
             f"--{item.name.replace('_', '-')}",
             dest=item.name,
-            type=type(default),
+            type=item.metadata.get("type", type(default)),
             default=default,
             choices=item.metadata.get("choices"),
             help=f"{item.metadata.get('help', '')} (default: {default})",
@@ -88,16 +97,25 @@ def _optimize(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.threads)
     task = build_task(config)
     print(f"Task: {task.description} ({config.method}, {config.steps} steps)")
+    for note in task.record.get("notes", []):
+        print(f"Note: {note}")
     result = run_task(config, task)
     out = Path(config.out)
-    save_latent(out / "latent.safetensors", result.latent, **dataclasses.asdict(config))
+    save_latent(out / "latent.safetensors", result.latent, **{**dataclasses.asdict(config), **task.record})
     with torch.no_grad():
         before, after = task.decode(task.original), task.decode(result.sample)
     save_image_grid({"before": before, f"after {config.method}": after}, out / "grid.png")
     save_curves({config.method: result.history}, out / "curves.png", task.description)
     summary = summarize(result.history)
+    edit = {}
+    if task.inputs is not None:  # image editing: OUT/images/input-, before-, after-<i>.png and the PSNR
+        from sdo.app.tasks.edit import save_edit_images
+
+        edit = {**task.record, **save_edit_images(task.inputs, before, after, out / "images")}
+        print(f"Reconstruction PSNR of before vs input: {edit['reconstruction_psnr_mean']:.2f} dB")
     save_json(
-        {"config": dataclasses.asdict(config), "summary": summary, "history": result.history}, out / "metrics.json"
+        {"config": dataclasses.asdict(config), **edit, "summary": summary, "history": result.history},
+        out / "metrics.json",
     )
     print(format_table({config.method: summary}))
     print(f"Wrote {out}/latent.safetensors, grid.png, curves.png, metrics.json")
@@ -187,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
     pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image", "height", "width"}
-    pipeline_only.add("pickscore_path")
+    pipeline_only.update({"pickscore_path", "image", "images", "inversion_guidance"})
     many_items = {"conditions", "prompts", "threads"}
     add_config_flags(
         demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only, *many_items}

@@ -5,8 +5,10 @@ One config dataclass (``LatentTaskConfig``) describes a run; the ``sdo optimize`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -21,6 +23,7 @@ from sdo.edict import EDICTSampler
 from sdo.errors import ConfigError
 from sdo.freedom import freedom_sample
 from sdo.gradients import NoGrad
+from sdo.io import load_image
 from sdo.latent import OptimizationResult, optimize_latent
 from sdo.memory import PeakMemory
 from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
@@ -59,7 +62,12 @@ class LatentTaskConfig:
     prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer")
     project: bool = option(True, "rescale latents to their initial norm after each step (the hard shell prior)")
     views: int = option(4, "class/adversarial: average the classifier over this many random 2-pixel shifts")
-    proximity: float = option(20.0, "adversarial task: weight keeping the image near the original")
+    proximity: float | None = option(
+        None,
+        "weight of the pixel term keeping the image near the original (default: 20 for the adversarial task, "
+        "0 with --image)",
+        type=float,
+    )
     adjoint_iters: int = option(2, "adjoint: fixed-point refinements of each reconstructed state")
     kept_steps: str = option("", "sdo-multi: comma-separated kept step indices (default: 4 spread over the run)")
     doodl_lr: float = option(1.0, "doodl: gradient scale before element-wise clipping at 1e-3 (the authors' rule)")
@@ -94,8 +102,17 @@ class LatentTaskConfig:
     )
     compile: bool = option(False, "run the no-grad network calls through torch.compile (CUDA: CUDA graphs)")
     threads: int = option(0, "torch threads per process (0: the machine's cores divided among the processes)")
+    image: tuple[str, ...] = option(
+        (),
+        "--pipeline: edit this image (PNG, JPEG, WebP): invert it to --start-step under --prompt, then optimize; "
+        "repeat the flag for a batch",
+        action="append",
+    )
+    images: str = option("", "--pipeline: edit every PNG/JPEG/WebP image of this folder, as one batch")
+    inversion_guidance: float = option(1.0, "--image: classifier-free guidance scale of the inversion")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "image", (self.image,) if isinstance(self.image, str) else tuple(self.image))
         if self.task not in TASKS:
             raise ConfigError(f"`task` must be one of {TASKS}, got {self.task!r}.")
         if self.method not in LATENT_METHODS:
@@ -132,6 +149,24 @@ class LatentTaskConfig:
             raise ConfigError("`prompts` needs --pipeline (the embedded model takes --conditions N).")
         if self.pipeline and "style" in parse_reward_spec(self.reward) and not self.style_image:
             raise ConfigError("`style_image` (a PNG) is required with the style reward.")
+        self._check_images()
+
+    def _check_images(self) -> None:
+        """``image`` / ``images``: with a pipeline, one batch (not items), files and a folder that exist."""
+        if not (self.image or self.images):
+            return
+        if not self.pipeline:
+            raise ConfigError("`image` / `images` edit a real image on a pipeline: add --pipeline DIR.")
+        if self.prompts or self.conditions:
+            raise ConfigError("`image` / `images` are optimized as one batch; they do not combine with --prompts.")
+        if self.proximity is not None and (not math.isfinite(self.proximity) or self.proximity < 0):
+            raise ConfigError(f"`proximity` must be a finite number >= 0, got {self.proximity}.")
+        if self.images and not Path(self.images).is_dir():
+            raise ConfigError(f"`images`: {self.images}: no such folder.")
+        from sdo.app.tasks.edit import image_paths
+
+        for path in image_paths(self):
+            load_image(path)  # a missing or non-image file is one line here, before any model loads
 
 
 @dataclass
@@ -145,6 +180,8 @@ class LatentTask:
     original: torch.Tensor
     description: str
     decode: Callable[[torch.Tensor], torch.Tensor] = zoo.to_images  # samples -> images [B, C, H, W] in [0, 1]
+    inputs: torch.Tensor | None = None  # image editing: the input images [B, 3, H, W] in [0, 1]
+    record: dict = field(default_factory=dict)  # settings the latent file and metrics.json record besides the config
 
 
 @dataclass
@@ -219,6 +256,10 @@ def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | Non
 def build_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
     """Build the sampler, initial latent, reward and judge for ``config``, from ``resources`` (loaded if None)."""
     resources = resources or load_resources(config)
+    if config.image or config.images:
+        from sdo.app.tasks.edit import build_image_task
+
+        return build_image_task(config, resources)
     if config.pipeline:
         return build_pipeline_task(config, resources)
     device = torch.device(config.device)
@@ -246,7 +287,8 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
         accepts = judge_says(config.source) if not unconditional else (lambda x0: judge(x0).argmax(1) >= 0)
         text = f"give generated {source} the stroke style of a real {config.target}, keeping their class"
     else:
-        reward = AdversarialReward(reward_net, config.target, original, proximity=config.proximity)
+        weight = {} if config.proximity is None else {"proximity": config.proximity}  # None: the reward's default
+        reward = AdversarialReward(reward_net, config.target, original, **weight)
         reward_says = lambda x0: reward_net(x0).argmax(dim=1) == config.target  # noqa: E731
         accepts = lambda x0: reward_says(x0) & judge_says(config.source)(x0)  # noqa: E731
         text = (
