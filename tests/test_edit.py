@@ -222,7 +222,7 @@ def test_load_image_reads_common_formats_and_modes_as_rgb_in_0_1(tmp_path, suffi
     image = sdo.io.load_image(path)
     assert image.shape == (1, 3, 12, 20) and image.dtype == torch.float32
     with Image.open(path) as opened:
-        expected = torch.from_numpy(np.asarray(opened.convert("RGB"))).float() / 255
+        expected = torch.from_numpy(np.array(opened.convert("RGB"))).float() / 255
     torch.testing.assert_close(image[0].permute(1, 2, 0), expected)  # alpha dropped, grey repeated, in [0, 1]
     if mode == "L":
         assert torch.equal(image[:, 0], image[:, 1]) and torch.equal(image[:, 1], image[:, 2])
