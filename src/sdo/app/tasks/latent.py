@@ -102,7 +102,7 @@ class LatentTaskConfig:
     )
     compile: bool = option(False, "run the no-grad network calls through torch.compile (CUDA: CUDA graphs)")
     threads: int = option(0, "torch threads per process (0: the machine's cores divided among the processes)")
-    image: tuple[str, ...] = option(
+    image: list[str] = option(  # noqa: RUF009 (the default is an immutable (); __post_init__ stores a list)
         (),
         "--pipeline: edit this image (PNG, JPEG, WebP): invert it to --start-step under --prompt, then optimize; "
         "repeat the flag for a batch",
@@ -112,7 +112,8 @@ class LatentTaskConfig:
     inversion_guidance: float = option(1.0, "--image: classifier-free guidance scale of the inversion")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "image", (self.image,) if isinstance(self.image, str) else tuple(self.image))
+        # a list, as the flag and config.json give it back (a recorded config compares equal to the current one)
+        object.__setattr__(self, "image", [self.image] if isinstance(self.image, str) else list(self.image))
         if self.task not in TASKS:
             raise ConfigError(f"`task` must be one of {TASKS}, got {self.task!r}.")
         if self.method not in LATENT_METHODS:
