@@ -45,7 +45,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
             type=item.metadata.get("type", type(default)),
             default=default,
             choices=item.metadata.get("choices"),
-            help=f"{item.metadata.get('help', '')} (default: {default})",
+            help=item.metadata.get("help", "") + ("" if default is None else f" (default: {default})"),
         )
 
 
