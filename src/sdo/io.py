@@ -21,6 +21,7 @@ from .errors import CorruptFileError, WriteFailedError
 __all__ = [
     "DIR_MODE",
     "FILE_MODE",
+    "IMAGE_SUFFIXES",
     "CorruptFileError",
     "WriteFailedError",
     "atomic_path",
@@ -117,16 +118,36 @@ def load_json(path: str | os.PathLike, hint: str = "") -> Any:
     return _read(path, lambda p: json.loads(Path(p).read_text()), "JSON", hint)
 
 
-def load_image(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A PNG image as ``[1, 3, H, W]`` in [0, 1] (read with matplotlib; alpha dropped, grey expanded to RGB)."""
-    import matplotlib.image
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+"""The image files ``load_image`` reads (through Pillow), and a folder of images is taken to hold."""
+
+
+def load_image(
+    path: str | os.PathLike, device: torch.device | str = "cpu", *, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """An image file (PNG, JPEG, WebP, ...) as ``[1, 3, H, W]`` float32 in [0, 1], read with Pillow.
+
+    As diffusers' ``load_image``: the EXIF orientation is applied, and any mode is converted to RGB (an alpha channel
+    dropped, grey repeated). With ``size = (height, width)`` the image is resized to it (Lanczos, as diffusers'
+    ``VaeImageProcessor``), else kept at its size.
+
+    Raises:
+        CorruptFileError: the file does not exist or is not an image Pillow can read; the message names it.
+    """
+    from PIL import Image, ImageOps
 
     def read(p: Path) -> torch.Tensor:
-        pixels = torch.as_tensor(matplotlib.image.imread(str(p), format="png")).float()
-        pixels = pixels[..., None].expand(*pixels.shape, 3) if pixels.ndim == 2 else pixels[..., :3]
-        return pixels.permute(2, 0, 1)[None].contiguous()
+        with Image.open(p) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+        if size is not None and image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+        return (pixels.permute(2, 0, 1)[None].float() / 255).contiguous()
 
-    return _read(path, read, "PNG", "").to(device)
+    suffix = Path(path).suffix.lower()
+    kind = suffix[1:].upper() if suffix in IMAGE_SUFFIXES else "image"
+    return _read(path, read, kind, "").to(device)
 
 
 def _read(path: str | os.PathLike, reader: Callable[[Path], Any], kind: str, hint: str) -> Any:

@@ -1,4 +1,4 @@
-"""Inference-time latent optimization (the paper's editing tasks) and DDIM inversion of real samples."""
+"""Inference-time latent optimization (the paper's editing tasks); ``invert`` (``sdo.inversion``) is re-exported."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from .checks import (
@@ -24,6 +23,7 @@ from .checks import (
 )
 from .errors import ConfigError, CorruptFileError, NonFiniteRewardError
 from .gradients import GradientMode, NoGrad, Shortcut
+from .inversion import invert
 from .io import load_tensors, save_tensors
 from .memory import PeakMemory
 from .protocols import LatentReward
@@ -430,34 +430,6 @@ def _check_gradient_reached(z: torch.Tensor, x0: torch.Tensor, grad: GradientMod
 
 
 @torch.no_grad()
-def invert(sampler: Sampler, x0: torch.Tensor, step: int) -> torch.Tensor:
-    """DDIM inversion (Song et al. 2021, Sec. 4.3; Dhariwal & Nichol 2021, Eq. 13): the latent at ``step``.
-
-    Runs the deterministic DDIM update backwards from the clean sample, for steps ``n - 1, ..., step``:
-
-        eps = model(x_{t'}, t),  x_t = sqrt(ab_t) (x_{t'} - sqrt(1 - ab_{t'}) eps) / sqrt(ab_{t'}) + sqrt(1 - ab_t) eps
-
-    with ``t'`` the timestep after ``t`` in the sampling order. Sampling from the result with
-    ``start_step=step`` approximately reconstructs ``x0``. Needs a DDIM sampler with ``eta=0``.
-    """
-    if not isinstance(sampler.scheduler, DDIMScheduler) or sampler.eta != 0:
-        raise ConfigError("`invert` needs a Sampler with DDIMScheduler and eta=0 (DDIM inversion is deterministic).")
-    n = sampler.num_inference_steps
-    if not 0 <= step < n:
-        raise ConfigError(f"`step` must be in [0, {n - 1}], got {step}.")
-    scheduler = sampler.fresh_scheduler(x0.device)
-    alphas_bar = scheduler.alphas_cumprod.to(x0.device)
-    x = x0
-    for index in reversed(range(step, n)):
-        t = scheduler.timesteps[index]
-        t_next = t - scheduler.config.num_train_timesteps // n
-        ab_next = alphas_bar[t_next] if t_next >= 0 else scheduler.final_alpha_cumprod.to(x0.device)
-        eps = sampler.model_fn(x, t)
-        x0_pred = (x - (1 - ab_next).sqrt() * eps) / ab_next.sqrt()
-        x = alphas_bar[t].sqrt() * x0_pred + (1 - alphas_bar[t]).sqrt() * eps
-    return x
-
-
 def save_latent(path: str | Path, latent: torch.Tensor, **metadata: object) -> None:
     """Write a latent as safetensors (atomically), with string metadata (e.g. start_step, steps, classes)."""
     save_tensors({"latent": latent}, path, metadata={key: str(value) for key, value in metadata.items()})

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import inversion
 from .errors import ConfigError, CorruptFileError, MissingWeightsError
 from .hub import ModelSource, hub_error, model_source
 from .io import convert_hint, has_pickled_weights, load_json
@@ -36,6 +37,7 @@ __all__ = [
     "from_pipeline",
     "load_pipeline",
     "lora_targets",
+    "size_multiple",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,12 +105,6 @@ class PipelineParts:
     lora_targets: str = field(default=_UNET_LORA_TARGETS)
     prompts: list[str] = field(default_factory=list)
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """``(height, width)`` of the images ``decode`` returns (the pipeline's ``height=``, ``width=``)."""
-        factor = _vae_factor(self.vae)
-        return self.image_latent_shape[2] * factor, self.image_latent_shape[3] * factor
-
     def latent_reward(self, image_reward: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> DecodedReward:
         """The latent reward ``r(x0, cond) = image_reward(decode(x0), prompts)`` of an image reward (``sdo``'s image
         convention: ``image_reward(images [B, 3, H, W] in [0, 1], prompts) -> [B]``, differentiable in
@@ -139,6 +135,73 @@ class PipelineParts:
         if self.family == "flux":
             noise = pack_latents(noise)
         return noise.to(self.prompt_embeds.device)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of this pipeline's images (what ``decode`` returns and ``encode`` takes)."""
+        shape = self.image_latent_shape or self.latent_shape
+        factor = _vae_factor(self.vae)
+        return shape[2] * factor, shape[3] * factor
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` at ``image_size`` -> latents ``[B, ...]`` in the layout of
+        ``initial_latent`` and the sampler (``latent_shape`` with batch ``B``), the inverse of ``decode``.
+
+        ``vae.encode(2 images - 1).latent_dist.mean`` (the posterior mean: deterministic, no sampling), then the
+        latent scaling as the pipelines' image-to-image variants do it: ``(z - shift_factor) * scaling_factor``
+        (SD3, Flux; shift 0 for SD), or ``(z - latents_mean) * scaling_factor / latents_std`` when the VAE has
+        per-channel statistics (SDXL variants), then Flux's 2x2 packing. Float32 out, whatever the VAE's dtype.
+        ``decode(encode(x))`` is ``x`` up to the VAE's own reconstruction error; ``encode`` undoes ``decode``'s
+        arithmetic exactly. Differentiable.
+
+        Raises:
+            ConfigError: ``images`` is not ``[B, 3, H, W]`` at this pipeline's size, or holds values outside [0, 1].
+        """
+        _check_images(images, self.image_size)
+        return _encoder(self.vae, self.family)(images)
+
+    def invert(
+        self,
+        images: torch.Tensor,
+        step: int,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        *,
+        fixed_point_iters: int = 0,
+    ) -> torch.Tensor:
+        """The latent at schedule index ``step`` of ``num_inference_steps`` whose sampling gives ``images``:
+        ``encode``, then deterministic inversion under the prompts' conditioning (``sdo.inversion.invert``: DDIM
+        inversion for DDIM with epsilon or v-prediction; for Euler and FlowMatch the ODE run backwards).
+
+        ``self.sampler(num_inference_steps).sample(latent, sdo.NoGrad(), start_step=step)`` then reconstructs
+        the encoded latent (exactly when the network's output does not depend on its input; otherwise up to the
+        inversion error, smallest with the inversion's and the sampler's guidance equal). Image ``b`` is inverted
+        under prompt ``b`` (or the one prompt, for any batch).
+
+        Args:
+            images: ``[B, 3, H, W]`` in ``[0, 1]`` at ``image_size``.
+            step: the schedule index to invert to, in ``[0, num_inference_steps - 1]`` (the ``start_step`` of
+                the sampling or optimization that continues from it).
+            num_inference_steps: length of the schedule.
+            guidance_scale: classifier-free guidance of the inversion (1.0: the conditional prediction alone, the
+                usual choice); for a guidance-distilled Flux, the embedded guidance. Record it with the latent.
+            fixed_point_iters: refinements of each inverted state (``sdo.inversion.invert``).
+        """
+        latents = self.encode(images)
+        model_fn = self.model_fn
+        if latents.shape[0] != model_fn.encoder_hidden_states.shape[0]:
+            if model_fn.encoder_hidden_states.shape[0] != 1:
+                raise ConfigError(
+                    f"{latents.shape[0]} images but {model_fn.encoder_hidden_states.shape[0]} prompts; pass one "
+                    "prompt, or one per image."
+                )
+            model_fn = model_fn.rows(torch.zeros(latents.shape[0], dtype=torch.long))
+        if model_fn.guidance_embedding is not None:  # guidance-distilled Flux: the guidance is an input
+            model_fn = replace(model_fn, guidance_embedding=guidance_scale)
+        else:
+            model_fn = replace(model_fn, guidance_scale=guidance_scale)
+        sampler = self.sampler(num_inference_steps, model_fn=model_fn)
+        return inversion.invert(sampler, latents, step, fixed_point_iters=fixed_point_iters)
 
 
 class DecodedReward:
@@ -405,8 +468,7 @@ def _size(pipe, family: str, network, height: int | None, width: int | None) -> 
     factor = _vae_factor(pipe.vae)
     default = getattr(pipe, "default_sample_size", None) or network.config.sample_size
     height, width = height or default * factor, width or default * factor
-    multiples = {"sd": 8, "sdxl": 8, "flux": factor * 2}
-    multiple = multiples[family] if family in multiples else factor * network.config.patch_size
+    multiple = size_multiple(pipe)
     if height % multiple or width % multiple:
         raise ConfigError(
             f"height and width must be multiples of {multiple} for this {family} pipeline (VAE factor {factor}), "
@@ -416,9 +478,13 @@ def _size(pipe, family: str, network, height: int | None, width: int | None) -> 
     return height, width, factor
 
 
-def _vae_factor(vae) -> int:
-    """The VAE's downsampling factor: pixels per latent position (8 for SD's VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def size_multiple(pipe) -> int:
+    """What the image height and width of pipeline ``pipe`` must be multiples of: 8 for SD and SDXL, the VAE factor
+    times the patch size for SD3, twice the VAE factor for Flux (its 2x2 packing)."""
+    family = _check_family(type(pipe).__name__, type(pipe).__name__)
+    factor = _vae_factor(pipe.vae)
+    multiples = {"sd": 8, "sdxl": 8, "flux": factor * 2}
+    return multiples[family] if family in multiples else factor * pipe.transformer.config.patch_size
 
 
 def _text_encoders(pipe) -> list[torch.nn.Module]:
@@ -566,6 +632,53 @@ def _pooled(model_fn: Denoiser) -> torch.Tensor | None:
     return model_fn.pooled_projections
 
 
+def _vae_factor(vae) -> int:
+    """The VAE's spatial down-sampling factor (8 for Stable Diffusion's)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _check_images(images: torch.Tensor, size: tuple[int, int]) -> None:
+    """``ConfigError`` unless ``images`` is a float ``[B, 3, H, W]`` batch in [0, 1] of ``size == (H, W)``."""
+    if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ConfigError(f"`images` must be a float [B, 3, H, W] tensor in [0, 1], got {shape}.")
+    if tuple(images.shape[2:]) != tuple(size):
+        raise ConfigError(
+            f"`images` are {images.shape[2]}x{images.shape[3]} but this pipeline makes {size[0]}x{size[1]} images; "
+            "resize them (sdo.io.load_image(path, size=...)) or build the parts with that height and width."
+        )
+    if images.numel() and not bool(((images >= 0) & (images <= 1)).all()):
+        raise ConfigError(
+            "`images` must hold values in [0, 1] (sdo's image convention), not e.g. [-1, 1] or [0, 255]."
+        )
+
+
+def _latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float, float]:
+    """``(mean, std, scaling)`` with ``latents = (z - mean) * scaling / std``: SDXL's per-channel
+    ``latents_mean``/``latents_std`` as ``[1, C, 1, 1]`` tensors, else ``(shift_factor or 0, 1)``."""
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        view = (1, len(mean), 1, 1)
+        as_tensor = lambda values: torch.tensor(values, device=like.device, dtype=like.dtype).view(view)  # noqa: E731
+        return as_tensor(mean), as_tensor(std), config.scaling_factor
+    return getattr(config, "shift_factor", None) or 0.0, 1.0, config.scaling_factor
+
+
+def _encoder(vae, family: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images in [0, 1] -> latents``: the exact inverse of ``_decoder``'s arithmetic around the VAE (map to
+    ``[-1, 1]``, ``vae.encode(...).latent_dist.mean``, scale and shift, pack for Flux)."""
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        dtype = images.dtype
+        latents = vae.encode((2 * images - 1).to(vae.dtype)).latent_dist.mean.to(dtype)
+        mean, std, scaling = _latent_statistics(vae, latents)
+        latents = (latents - mean) * scaling / std
+        return pack_latents(latents) if family == "flux" else latents
+
+    return encode
+
+
 def _decoder(
     vae, slicing: bool, tiling: bool, checkpointed: bool, image_shape: tuple[int, ...], family: str
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -576,20 +689,12 @@ def _decoder(
         vae.enable_slicing()
     if tiling:
         vae.enable_tiling()
-    config = vae.config
-    shift = getattr(config, "shift_factor", None) or 0.0
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
 
     def decode_now(latents: torch.Tensor) -> torch.Tensor:
         if family == "flux":
             latents = unpack_latents(latents, *image_shape[2:])
-        if mean is not None and std is not None:
-            view = (1, len(mean), 1, 1)
-            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(view)
-            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(view)
-            latents = latents * std_t / config.scaling_factor + mean_t
-        else:
-            latents = latents / config.scaling_factor + shift
+        mean, std, scaling = _latent_statistics(vae, latents)
+        latents = latents * std / scaling + mean
         image = vae.decode(latents.to(vae.dtype)).sample
         return (image.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 

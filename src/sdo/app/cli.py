@@ -22,6 +22,15 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
         if item.name in exclude:
             continue
         default = defaults.get(item.name, item.default)
+        if item.metadata.get("action") == "append":  # a repeatable flag: a tuple field, one value per use
+            parser.add_argument(
+                f"--{item.name.replace('_', '-')}",
+                dest=item.name,
+                action="append",
+                default=list(default),
+                help=item.metadata.get("help", ""),
+            )
+            continue
         if isinstance(default, bool):
             parser.add_argument(
                 f"--{item.name.replace('_', '-')}",
@@ -34,10 +43,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
         parser.add_argument(
             f"--{item.name.replace('_', '-')}",
             dest=item.name,
-            type=type(default),
+            type=item.metadata.get("type", type(default)),
             default=default,
             choices=item.metadata.get("choices"),
-            help=f"{item.metadata.get('help', '')} (default: {default})",
+            help=item.metadata.get("help", "") + ("" if default is None else f" (default: {default})"),
         )
 
 
@@ -89,6 +98,8 @@ def _optimize(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.threads)
     task = build_task(config)
     print(f"Task: {task.description} ({config.method}, {config.steps} steps)")
+    for note in task.notes.get("notes", []):
+        print(f"Note: {note}")
     result = run_task(config, task)
     args.record_config()
     out = Path(config.out)
@@ -98,7 +109,9 @@ def _optimize(args: argparse.Namespace) -> int:
     save_curves({config.method: result.history}, out / "curves.png", task.description)
     summary = summarize(result.history)
     metrics = {"config": config.recorded(), "summary": summary, "history": result.history}
-    save_result(out, config.method, task, result, metrics)
+    record = save_result(out, config.method, task, result, metrics)
+    if "reconstruction_psnr_mean" in record:
+        print(f"Reconstruction PSNR of before vs input: {record['reconstruction_psnr_mean']:.2f} dB")
     print(format_table({config.method: summary}))
     latent = "latent.safetensors, " if replays(config.method) else ""
     print(f"Wrote {out}/{latent}images/before-<i>.png, images/after-<i>.png, grid.png, curves.png, metrics.json")
@@ -198,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
     pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image", "height", "width"}
-    pipeline_only.add("pickscore_path")
+    pipeline_only.update({"pickscore_path", "image", "images", "inversion_guidance"})
     many_items = {"conditions", "prompts", "threads"}
     add_config_flags(
         demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only, *many_items}

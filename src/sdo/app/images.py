@@ -59,3 +59,9 @@ def _write_png(pixels: torch.Tensor, path: Path) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray(pixels.numpy()).save(tmp, format="PNG")
     return path
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> list[float]:
+    """Peak signal-to-noise ratio per image, ``10 log10(1 / mean((images - reference)^2))`` in dB (peak 1)."""
+    error = (images.detach().float() - reference.detach().float().to(images.device)).square().flatten(1).mean(dim=1)
+    return [math.inf if value == 0 else 10 * math.log10(1 / value) for value in error.tolist()]

@@ -41,8 +41,11 @@ def option(
 
 
 def is_numeric(item: Field) -> bool:
-    """Whether a config field is a number (an ``int`` or ``float`` default; flags, ``bool``, are not)."""
-    return isinstance(item.default, int | float) and not isinstance(item.default, bool)
+    """Whether a config field is a number: an ``int`` or ``float`` default, or an optional number (default None,
+    ``type=int`` or ``float`` in its metadata); flags (``bool``) are not."""
+    if isinstance(item.default, bool):
+        return False
+    return isinstance(item.default, int | float) or item.metadata.get("type") in (int, float)
 
 
 def check_options(config: object) -> None:
@@ -58,8 +61,10 @@ def check_options(config: object) -> None:
 
 
 def _check_number(item: Field, value: object) -> None:
+    if value is None and item.default is None:
+        return  # an optional number left to its default (e.g. the task's own)
     bounds = item.metadata
-    integer = isinstance(item.default, int)
+    integer = isinstance(item.default, int) or bounds.get("type") is int
     if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
         ok = False
     else:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sdo.app.images import save_images
+from sdo.app.images import psnr, save_images
 from sdo.app.runs import file_records
 from sdo.io import save_json
 from sdo.latent import OptimizationResult, save_latent
@@ -104,10 +104,16 @@ def save_result(
     else:
         latent_path.unlink(missing_ok=True)  # an earlier run's latent would pretend to be this run's
     paths = [*save_images(before, folder / "images", "before"), *save_images(after, folder / "images", "after")]
+    edit = {}
+    if task.inputs is not None:  # image editing: the input, and how well `before` reconstructs it
+        paths += save_images(task.inputs, folder / "images", "input")
+        values = psnr(before, task.inputs)
+        edit = {"reconstruction_psnr": values, "reconstruction_psnr_mean": sum(values) / len(values)}
     record = {
         **metrics,
         "settings": task.settings,
         **task.notes,
+        **edit,
         "replay": _replay_note(method, task.settings),
         "images": [str(path.relative_to(folder)) for path in paths],
     }

@@ -21,6 +21,7 @@ from sdo.app.reward_spec import parse_reward_spec
 from sdo.checks import SEED_MAX
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
+from sdo.io import load_image
 from sdo.latent import LatentProblem, OptimizationResult
 from sdo.methods import METHODS, MethodOptions, find_method, method_names
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
@@ -39,8 +40,11 @@ __all__ = [
 LATENT_METHODS = method_names("latent")
 TASKS = ("class", "style", "adversarial")
 # Fields that mean something only for the embedded model, and only for a pipeline (``LatentTaskConfig.recorded``).
-ZOO_FIELDS = ("task", "source", "target", "views", "proximity", "conditions")
+ZOO_FIELDS = ("task", "source", "target", "views", "conditions")
 PIPELINE_FIELDS = (
+    "image",
+    "images",
+    "inversion_guidance",
     "pipeline",
     "prompt",
     "prompts",
@@ -78,7 +82,13 @@ class LatentTaskConfig(PipelineOptions):
     views: int = option(
         4, "class/adversarial: average the classifier over this many random 2-pixel shifts", at_least=0, at_most=64
     )
-    proximity: float = option(20.0, "adversarial task: weight keeping the image near the original", at_least=0)
+    proximity: float | None = option(
+        None,
+        "weight of the pixel term keeping the image near the original (default: 20 for the adversarial task, "
+        "0 with --image)",
+        type=float,
+        at_least=0,
+    )
     adjoint_iters: int = option(
         2, "adjoint: fixed-point refinements of each reconstructed state", at_least=0, at_most=100
     )
@@ -130,7 +140,20 @@ class LatentTaskConfig(PipelineOptions):
         0, "torch threads per process (0: the machine's cores divided among the processes)", at_least=0, at_most=1024
     )
 
+    image: list[str] = option(  # noqa: RUF009 (the default is an immutable (); __post_init__ stores a list)
+        (),
+        "--pipeline: edit this image (PNG, JPEG, WebP): invert it to --start-step under --prompt, then optimize; "
+        "repeat the flag for a batch",
+        action="append",
+    )
+    images: str = option("", "--pipeline: edit every PNG/JPEG/WebP image of this folder, as one batch")
+    inversion_guidance: float = option(
+        1.0, "--image: classifier-free guidance scale of the inversion", at_least=0, at_most=1000
+    )
+
     def __post_init__(self) -> None:
+        # a list, as the flag and config.json give it back (a recorded config compares equal to the current one)
+        object.__setattr__(self, "image", [self.image] if isinstance(self.image, str) else list(self.image))
         check_options(self)
         if self.task not in TASKS:
             raise ConfigError(f"`task` must be one of {TASKS}, got {self.task!r}.")
@@ -151,6 +174,22 @@ class LatentTaskConfig(PipelineOptions):
         if not self.pipeline and self.reward != LatentTaskConfig.__dataclass_fields__["reward"].default:
             raise ConfigError(f"`reward` ({self.reward!r}) scores a --pipeline's images; add --pipeline DIR.")
         super().__post_init__()
+        self._check_images()
+
+    def _check_images(self) -> None:
+        """``image`` / ``images``: with a pipeline, one batch (not items), files and a folder that exist."""
+        if not (self.image or self.images):
+            return
+        if not self.pipeline:
+            raise ConfigError("`image` / `images` edit a real image on a pipeline: add --pipeline DIR.")
+        if self.prompts or self.conditions:
+            raise ConfigError("`image` / `images` are optimized as one batch; they do not combine with --prompts.")
+        if self.images and not Path(self.images).is_dir():
+            raise ConfigError(f"`images`: {self.images}: no such folder.")
+        from sdo.app.tasks.edit import image_paths
+
+        for path in image_paths(self):
+            load_image(path)  # a missing or non-image file is one line here, before any model loads
 
 
 @dataclass
@@ -170,6 +209,7 @@ class LatentTask:
     decode: Callable[[torch.Tensor], torch.Tensor] = zoo.to_images  # samples -> images [B, C, H, W] in [0, 1]
     settings: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
+    inputs: torch.Tensor | None = None  # image editing: the input images [B, 3, H, W] in [0, 1]
 
 
 @dataclass
@@ -200,25 +240,26 @@ def _sampler(sampler: Sampler, config: LatentTaskConfig) -> Sampler:
     return sampler.with_options(compile=True) if config.compile else sampler
 
 
-def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
-    """A diffusers pipeline (folder or Hub id): latents of ``config.prompt`` scored by a CLIP-based reward, with the
-    family's own guidance unless ``config.guidance`` is given, and the settings that replay them in the pipeline."""
-    from sdo.pipelines import DEFAULT_GUIDANCE, from_pipeline
+def pipeline_parts(config: LatentTaskConfig, pipe, batch: int, size: dict | None = None):
+    """``from_pipeline`` over ``batch`` copies of ``config.prompt``, with the family's own guidance unless
+    ``config.guidance`` is given, at ``size`` (``height``/``width``; defaults to ``config.size()``)."""
+    from sdo.pipelines import from_pipeline
 
-    resources = resources or load_resources(config)
-    pipe = resources.pipeline
-    parts = from_pipeline(
-        pipe,
-        [config.prompt] * config.batch,
-        guidance_scale=config.guidance or None,
-        device=config.device,
-        **config.size(),
+    size = config.size() if size is None else size
+    return from_pipeline(
+        pipe, [config.prompt] * batch, guidance_scale=config.guidance or None, device=config.device, **size
     )
-    sampler = parts.sampler(config.steps, compile=config.compile)
-    score = config.image_reward([config.prompt], config.device)
+
+
+def pipeline_task(
+    config: LatentTaskConfig, pipe, parts, sampler: Sampler, latent: torch.Tensor, score, description: str, **extra
+) -> LatentTask:
+    """The task of a pipeline run whose latent at ``config.start_step`` is ``latent``: its no-grad sample (the
+    "before"), the image reward ``score`` on decoded images, the settings that replay it in the pipeline and the
+    notes for ``metrics.json`` (a replaced scheduler). ``extra`` goes to ``LatentTask`` (e.g. ``inputs``)."""
+    from sdo.pipelines import DEFAULT_GUIDANCE
+
     with torch.no_grad():
-        noise = parts.initial_latent(config.seed)
-        latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
         original = sampler.sample(latent, NoGrad(), start_step=config.start_step)
     height, width = parts.image_size
     settings = {
@@ -240,16 +281,35 @@ def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | Non
         reward=parts.latent_reward(score),
         judge_accepts=None,
         original=original,
-        description=f"{config.reward} reward for {config.prompt!r}",
+        description=description,
         decode=parts.decode,
         settings=settings,
         notes=notes,
+        **extra,
     )
+
+
+def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
+    """A diffusers pipeline (folder or Hub id): latents of ``config.prompt`` scored by a CLIP-based reward, with the
+    family's own guidance unless ``config.guidance`` is given, and the settings that replay them in the pipeline."""
+    resources = resources or load_resources(config)
+    parts = pipeline_parts(config, resources.pipeline, config.batch)
+    sampler = parts.sampler(config.steps, compile=config.compile)
+    score = config.image_reward([config.prompt], config.device)
+    with torch.no_grad():
+        noise = parts.initial_latent(config.seed)
+        latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
+    description = f"{config.reward} reward for {config.prompt!r}"
+    return pipeline_task(config, resources.pipeline, parts, sampler, latent, score, description)
 
 
 def build_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
     """Build the sampler, initial latent, reward and judge for ``config``, from ``resources`` (loaded if None)."""
     resources = resources or load_resources(config)
+    if config.image or config.images:
+        from sdo.app.tasks.edit import build_image_task
+
+        return build_image_task(config, resources)
     if config.pipeline:
         return build_pipeline_task(config, resources)
     device = torch.device(config.device)
@@ -278,7 +338,8 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
         accepts = judge_says(config.source) if not unconditional else (lambda x0: judge(x0).argmax(1) >= 0)
         text = f"give generated {source} the stroke style of a real {config.target}, keeping their class"
     else:
-        reward = AdversarialReward(reward_net, config.target, original, proximity=config.proximity)
+        weight = {} if config.proximity is None else {"proximity": config.proximity}  # None: the reward's default
+        reward = AdversarialReward(reward_net, config.target, original, **weight)
         reward_says = lambda x0: reward_net(x0).argmax(dim=1) == config.target  # noqa: E731
         accepts = lambda x0: reward_says(x0) & judge_says(config.source)(x0)  # noqa: E731
         text = (
