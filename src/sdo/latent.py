@@ -318,10 +318,10 @@ def optimize_latent(
     grad: GradientMode = Shortcut(),  # noqa: B008 (a frozen, immutable value)
     start_step: int = 0,
     iters: int = 20,
-    lr: float = 0.01,
+    lr: float = 0.05,
     betas: tuple[float, float] = (0.9, 0.9),
     prior_weight: float = 0.0,
-    project_to_shell: bool = False,
+    project_to_shell: bool = True,
     seed: int = 0,
     cond: object = None,
     judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -332,8 +332,9 @@ def optimize_latent(
 
     Each iteration samples ``x0`` from ``z`` with the gradient mode ``grad`` (``Shortcut()``: the SDO one-step
     gradient of Dou et al. 2025; ``Full()``: exact backpropagation), and takes one Adam step on
-    ``loss = -sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``. The defaults follow the authors'
-    reference scripts (Adam, lr 0.01, betas (0.9, 0.9)). The loop is ``LatentStepper``'s.
+    ``loss = -sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``. Adam with betas (0.9, 0.9) as in the authors'
+    reference scripts; lr 0.05 and the shell projection are ``sdo optimize``'s defaults too (one set of defaults for
+    the command and the library). The loop is ``LatentStepper``'s.
 
     Args:
         sampler: the sampler (model, scheduler, steps).
@@ -369,10 +370,10 @@ def latent_stepper(
     problem: LatentProblem,
     grad: GradientMode,
     *,
-    lr: float = 0.01,
+    lr: float = 0.05,
     betas: tuple[float, float] = (0.9, 0.9),
     prior_weight: float = 0.0,
-    shell: bool = False,
+    shell: bool = True,
 ) -> LatentStepper:
     """The ``LatentStepper`` of ``optimize_latent`` (its arguments, checked here; ``shell`` is its
     ``project_to_shell``): ``SampleObjective`` with ``AdamUpdate``. ``sdo bench`` steps it one iteration at a time;

@@ -65,9 +65,9 @@ class MethodOptions:
     checkpoint_kept: bool = False
     adjoint_iters: int = 2
     kept_steps: tuple[int, ...] | None = None
-    lr: float = 0.01
+    lr: float = 0.05
     prior_weight: float = 0.0
-    project_to_shell: bool = False
+    project_to_shell: bool = True
     doodl_lr: float = 1.0
     doodl_renormalize: bool = True
     freedom_scale: float = 0.2
