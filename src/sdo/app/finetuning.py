@@ -39,7 +39,7 @@ from sdo.app.lora import (
 from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import PipelineOptions
 from sdo.app.prompts import read_prompts
-from sdo.app.resume import MetricsLog, open_output, prompt_digest, restore
+from sdo.app.resume import MetricsLog, open_finetune_output, prompt_digest, restore
 from sdo.app.runs import check_writable
 from sdo.app.tasks.finetune import EVALUATION_MEASURES, PipelineTarget, ZooTarget, ink_reward
 from sdo.checks import SEED_MAX, check_device
@@ -401,7 +401,7 @@ def finetune(
             f"({accelerator.num_processes} x {config.grad_accum})."
         )
     defaults = {item.name: item.default for item in fields(FinetuneConfig)}
-    lock, checkpoint = open_output(accelerator, out, data.settings(config), defaults, break_lock)
+    lock, checkpoint = open_finetune_output(accelerator, out, data.settings(config), defaults, break_lock)
     try:
         return _train(config, data, progress, accelerator, out, checkpoint)
     finally:

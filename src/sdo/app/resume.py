@@ -21,7 +21,15 @@ from sdo.app.runs import RunLock, check_command, check_writable, clean_leftovers
 from sdo.errors import OutputLockedError, ResumeMismatchError, SdoError
 from sdo.io import CorruptFileError, atomic_path
 
-__all__ = ["PROMPT_DIGESTS", "RESUME_FREE", "MetricsLog", "check_resume", "open_output", "prompt_digest", "restore"]
+__all__ = [
+    "PROMPT_DIGESTS",
+    "RESUME_FREE",
+    "MetricsLog",
+    "check_resume",
+    "open_finetune_output",
+    "prompt_digest",
+    "restore",
+]
 
 RESUME_FREE = frozenset(
     {"out", "eval_every", "checkpoint_every", "device", "tensorboard", "report_to", "save_pipeline", "eval_prompts"}
@@ -40,7 +48,7 @@ def prompt_digest(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
 
 
-def open_output(accelerator, out: Path, settings: dict, defaults: dict, break_lock: bool):
+def open_finetune_output(accelerator, out: Path, settings: dict, defaults: dict, break_lock: bool):
     """Before any model loads: on the main process, check ``out`` is writable, lock it, check that a run it
     holds has the same ``settings`` (``check_resume``), clean a killed run's leftovers and record ``config.json``.
     Every process then gets the outcome (the lock is shared through the main process). Returns the lock (None on
