@@ -166,4 +166,3 @@ def scaled_config(config: dict, width: float) -> dict:
     return scaled
 
 
-_scaled = scaled_config  # the old private name, until app/plan.py imports scaled_config
