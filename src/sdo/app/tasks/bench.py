@@ -164,5 +164,3 @@ def scaled_config(config: dict, width: float) -> dict:
     if "cross_attention_dim" in config:
         scaled["cross_attention_dim"] = max(32, int(config["cross_attention_dim"] * width) // 32 * 32)
     return scaled
-
-
