@@ -274,7 +274,7 @@ def test_optimize_edits_an_image_and_writes_input_before_after_and_psnr(pipeline
     (value,) = metrics["reconstruction_psnr"]
     mse = float((files["before"] - files["input"]).square().mean())
     assert abs(value - 10 * torch.log10(torch.tensor(1 / mse)).item()) < 0.5  # up to the PNG's rounding
-    assert metrics["reconstruction_psnr_mean"] == value and metrics["inversion_guidance"] == 1.0
+    assert metrics["reconstruction_psnr_mean"] == value and metrics["settings"]["inversion_guidance"] == 1.0
     # the latent file records what continuing from it needs, and after-0.png is its image
     latent_file = out / "latent.safetensors"
     from safetensors import safe_open
@@ -300,7 +300,7 @@ def test_optimize_edits_a_folder_as_one_batch_with_the_pixel_term(pipeline_dir, 
     assert main(edit_args(pipeline_dir, clip_dir, out, "--images", str(folder), "--proximity", "5")) == 0
     assert "a.jpg is 12x20: resized to the pipeline's 16x16" in capsys.readouterr().out
     metrics = sdo.io.load_json(out / "metrics.json")
-    assert len(metrics["reconstruction_psnr"]) == 2 and metrics["notes"] and len(metrics["images"]) == 2
+    assert len(metrics["reconstruction_psnr"]) == 2 and metrics["notes"] and len(metrics["settings"]["images"]) == 2
     first = metrics["history"][0]
     assert {"reward_clip", "reward_proximity"} <= set(first) and first["reward_proximity"] < 0
     assert abs(first["reward"] - (first["reward_clip"] + 5 * first["reward_proximity"])) < 1e-4
