@@ -83,6 +83,22 @@ def test_readme_replay_snippet_reproduces_the_cli_after_images(pipeline_dir, cli
     assert "judge" not in printed and "| sdo |" in printed  # no empty judge column
 
 
+def test_readme_image_reward_snippet_runs_on_a_pipeline(pipeline_dir):  # noqa: F811
+    """The README's own-reward snippet, as written but with fewer steps: ``fn`` sees images in [0, 1] and the
+    prompts, and the optimization raises its reward."""
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "redness" in b]
+    code = (
+        block.replace('"DIR"', repr(str(pipeline_dir)))
+        .replace("sampler(50)", "sampler(3)")
+        .replace("iters=20", "iters=3")
+    )
+    namespace = {}
+    exec(code, namespace)
+    images, result = namespace["images"], namespace["result"]
+    assert images.shape[:2] == (2, 3) and images.min() >= 0 and images.max() <= 1
+    assert result.history[-1]["reward"] > result.history[0]["reward"]
+
+
 def test_guidance_given_is_recorded_and_used(pipeline_dir, clip_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     assert main(optimize_pipeline(pipeline_dir, clip_dir, out, "--batch", "1", "--guidance", "2.5")) == 0
