@@ -146,7 +146,7 @@ def damaged_file(folder: str | os.PathLike, records: object, verify: bool = Fals
         except OSError:
             return f"{path} is missing"
         if size != record.get("bytes"):
-            return f"{path} has {size} bytes, not the {record.get('bytes')} recorded"
+            return f"{path} has {size} bytes, not the {record.get('bytes')} recorded (truncated or corrupt)"
         problem = _safetensors_problem(path, size) if name.endswith(".safetensors") else None
         if problem is None and verify and _sha256(path) != record.get("sha256"):
             problem = f"{path} does not match its recorded SHA-256"
