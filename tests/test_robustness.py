@@ -91,6 +91,7 @@ def test_stale_lock_message_does_not_call_a_live_pid_gone(tmp_path, capsys):
 
 # Deliver 4: every numeric flag bounded in one place.
 
+
 def numeric_flags() -> list[tuple[str, str, type]]:
     """(command, flag, type) for every int or float flag of every ``sdo`` command."""
     from sdo.app.cli import build_parser
