@@ -40,6 +40,7 @@ PUBLIC = {
     "SdoError",
     "Shortcut",
     "Truncated",
+    "WriteFailedError",
     "finetune",
     "freedom_sample",
     "from_pipeline",

@@ -244,6 +244,7 @@ def test_damaged_item_files_are_redone_and_the_summary_follows_the_check(tmp_pat
         "latent.safetensors",
         "samples.safetensors",
         "image.png",
+        *(f"images/{stem}-{index}.png" for stem in ("before", "after") for index in range(2)),
     }
     (items / "0" / "latent.safetensors").unlink()
     samples = items / "1" / "samples.safetensors"

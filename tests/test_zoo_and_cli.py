@@ -83,7 +83,8 @@ def test_optimize_cli_writes_a_replayable_latent(tmp_path, task):
     assert latent.shape == (2, 1, 32, 32)
     with safe_open(out / "latent.safetensors", "pt") as saved:
         metadata = saved.metadata()
-    assert (metadata["task"], metadata["steps"], metadata["start_step"], metadata["seed"]) == (task, "4", "1", "0")
+    recorded = (metadata["num_inference_steps"], metadata["start_step"], metadata["class"], metadata["guidance_scale"])
+    assert recorded == ("4", "1", "3", "3.0") and metadata["method"] == "sdo"
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert len(history) == 3 and all("judge_success" in record for record in history)
     # Replay: the saved latent, sampled from its recorded start step with the recorded settings, gives the sample

@@ -139,7 +139,8 @@ def damaged_file(folder: str | os.PathLike, records: object, verify: bool = Fals
         return "no record of its files"
     for name, record in records.items():
         path = Path(folder) / name
-        if not isinstance(record, dict) or "/" in name or name.startswith("."):
+        parts = name.split("/")
+        if not isinstance(record, dict) or any(not part or part.startswith(".") for part in parts):
             return f"a damaged record of {name!r}"
         try:
             size = path.stat().st_size
