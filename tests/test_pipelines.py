@@ -423,13 +423,13 @@ def test_pickled_weights_are_refused_with_a_conversion_hint(pipeline_dir, clip_d
         ClipImageEncoder(tmp_path / "clipbin")
 
 
-def test_optimize_prompts_file_runs_one_item_per_prompt(pipeline_dir, clip_dir, tmp_path):
-    from sdo.app.sharded import run_items
+def prompt_items_config(pipeline_dir, clip_dir, tmp_path, lines: str):
+    """A minimal ``sdo optimize --pipeline --prompts FILE`` config: one item per prompt line of ``lines``."""
     from sdo.app.tasks.latent import LatentTaskConfig
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"{PROMPT}\n# skipped\nlower\n")
-    config = LatentTaskConfig(
+    prompts.write_text(lines)
+    return LatentTaskConfig(
         pipeline=str(pipeline_dir),
         prompts=str(prompts),
         clip_path=str(clip_dir / "clip"),
@@ -438,6 +438,12 @@ def test_optimize_prompts_file_runs_one_item_per_prompt(pipeline_dir, clip_dir, 
         batch=1,
         out=str(tmp_path / "items"),
     )
+
+
+def test_optimize_prompts_file_runs_one_item_per_prompt(pipeline_dir, clip_dir, tmp_path):
+    from sdo.app.sharded import run_items
+
+    config = prompt_items_config(pipeline_dir, clip_dir, tmp_path, f"{PROMPT}\n# skipped\nlower\n")
     summary = run_items(config, progress=False)
     assert summary["finished"] == 2 and [row["condition"] for row in summary["per_item"]] == [repr(PROMPT), "'lower'"]
     metrics = sdo.io.load_json(tmp_path / "items" / "items" / "1" / "metrics.json")

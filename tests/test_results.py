@@ -23,7 +23,7 @@ from sdo.pipelines import DEFAULT_GUIDANCE
 
 pytest.importorskip("transformers")
 
-from test_pipelines import PROMPT, clip_dir, pipeline_dir  # noqa: F401  (module fixtures, shared)
+from test_pipelines import PROMPT, clip_dir, pipeline_dir, prompt_items_config  # noqa: F401  (module fixtures, shared)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -151,17 +151,7 @@ def test_zoo_latent_replays_with_its_recorded_steps_guidance_and_class(tmp_path)
 def test_items_write_images_and_latents_that_replay(pipeline_dir, clip_dir, tmp_path):  # noqa: F811
     from sdo.app.sharded import run_items
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"{PROMPT}\nlower\n")
-    config = LatentTaskConfig(
-        pipeline=str(pipeline_dir),
-        prompts=str(prompts),
-        clip_path=str(clip_dir / "clip"),
-        steps=2,
-        iters=1,
-        batch=1,
-        out=str(tmp_path / "items"),
-    )
+    config = prompt_items_config(pipeline_dir, clip_dir, tmp_path, f"{PROMPT}\nlower\n")
     summary = run_items(config, progress=False)
     assert "judge" not in summary["table"] and "source" not in summary["config"]
     folder = tmp_path / "items" / "items" / "1"

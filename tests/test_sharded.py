@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdo.app.sharded import item_seed, items_of, read_prompts, run_items
+from sdo.app.prompts import read_prompts
+from sdo.app.sharded import item_seed, items_of, run_items
 from sdo.app.tasks.latent import LatentTaskConfig
 from sdo.errors import ConfigError
 from sdo.io import load_json, load_tensors

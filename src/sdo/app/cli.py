@@ -109,7 +109,7 @@ def _optimize(args: argparse.Namespace) -> int:
     save_curves({config.method: result.history}, out / "curves.png", task.description)
     summary = summarize(result.history)
     metrics = {"config": config.recorded(), "summary": summary, "history": result.history}
-    record = save_result(out, config.method, task, result, metrics)
+    record = save_result(out, config.method, task, result, (before, after), metrics)
     if "reconstruction_psnr_mean" in record:
         print(f"Reconstruction PSNR of before vs input: {record['reconstruction_psnr_mean']:.2f} dB")
     print(format_table({config.method: summary}))

@@ -2,9 +2,9 @@
 
 ``PipelineOptions`` is a frozen dataclass base of ``LatentTaskConfig`` and ``FinetuneConfig``: its fields (the
 pipeline folder, the image reward and the files it reads, the image size and the guidance scale) are written once,
-validated once (``__post_init__``, which each config's own ``__post_init__`` calls first) and turned into an image
-reward by one method. The CLI still generates one flat flag per field (``--pipeline``, ``--reward``,
-``--clip-path``, ...).
+validated once (their ranges by ``check_options``, which each config's ``__post_init__`` runs first; the rest by
+this block's ``__post_init__``, which each config's own calls) and turned into an image reward by one method.
+The CLI still generates one flat flag per field (``--pipeline``, ``--reward``, ``--clip-path``, ...).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdo.app.options import check_options, option
+from sdo.app.options import option
 from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError
 
@@ -58,7 +58,8 @@ class PipelineOptions:
     )
 
     def __post_init__(self) -> None:
-        check_options(self)
+        """The checks across fields; the ranges are ``check_options``', which each config runs over all its fields
+        (this block's included) before anything else."""
         if not self.pipeline:
             return
         if "style" in self.reward_terms() and not self.style_image:

@@ -77,6 +77,7 @@ def save_result(
     method: str,
     task,
     result: OptimizationResult,
+    images: tuple[torch.Tensor, torch.Tensor],
     metrics: dict,
     metadata: dict | None = None,
     files: tuple[str, ...] = (),
@@ -88,6 +89,8 @@ def save_result(
         method: the method name (``sdo.methods.METHODS``) that produced ``result``.
         task: the ``LatentTask`` optimized (``decode``, ``original``, ``settings``, ``notes``).
         result: what the method returned; ``result.sample`` is the sample of ``result.latent``.
+        images: ``(before, after)``, ``task.decode`` of ``task.original`` and of ``result.sample`` (the caller has
+            decoded them for its own pictures; a pipeline's VAE runs once per image).
         metrics: what the caller records (config, summary, history, ...).
         metadata: extra ``latent.safetensors`` metadata (e.g. the item), besides ``task.settings``.
         files: the caller's own files in ``folder`` (names), recorded with every file written here.
@@ -96,8 +99,7 @@ def save_result(
         The metrics written.
     """
     folder = Path(folder)
-    with torch.no_grad():
-        before, after = task.decode(task.original), task.decode(result.sample)
+    before, after = images
     latent_path = folder / "latent.safetensors"
     if replays(method):
         save_latent(latent_path, result.latent, **task.settings, method=method, **(metadata or {}))

@@ -54,7 +54,7 @@ from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task, lo
 from sdo.errors import ConfigError, CorruptFileError, SdoError
 from sdo.io import atomic_path, load_json, save_json, save_tensors
 
-__all__ = ["Item", "item_seed", "items_of", "process_state", "read_prompts", "run_items"]
+__all__ = ["Item", "item_seed", "items_of", "process_state", "run_items"]
 
 # Config fields that change no item's result: a rerun may change them and still reuse finished items.
 _FREE_FIELDS = ("out", "device", "conditions", "prompts", "threads", "compile", "prompt", "source", "target")
@@ -314,7 +314,7 @@ def _run_item(
         "seconds": time.perf_counter() - started,
         "history": history,
     }
-    return save_result(folder, config.method, task, result, metrics, metadata, files=_ITEM_FILES)
+    return save_result(folder, config.method, task, result, (before, after), metrics, metadata, files=_ITEM_FILES)
 
 
 _ITEM_FILES = ("samples.safetensors", "image.png")  # and what save_result writes

@@ -41,20 +41,14 @@ LATENT_METHODS = method_names("latent")
 TASKS = ("class", "style", "adversarial")
 # Fields that mean something only for the embedded model, and only for a pipeline (``LatentTaskConfig.recorded``).
 ZOO_FIELDS = ("task", "source", "target", "views", "conditions")
+# The shared block's fields but ``guidance`` (the zoo has a guidance scale too), and optimize's own pipeline fields.
 PIPELINE_FIELDS = (
+    *(item.name for item in dataclasses.fields(PipelineOptions) if item.name != "guidance"),
+    "prompt",
+    "prompts",
     "image",
     "images",
     "inversion_guidance",
-    "pipeline",
-    "prompt",
-    "prompts",
-    "reward",
-    "clip_path",
-    "pickscore_path",
-    "aesthetic_head",
-    "style_image",
-    "height",
-    "width",
 )
 
 
