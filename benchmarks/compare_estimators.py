@@ -1,151 +1,376 @@
-"""The paper's comparison on the embedded model: every estimator on the three tasks, both protocols.
+"""The paper's comparison on the embedded model, done fairly: every estimator at its best, honest time accounting.
 
-For each task (class, style, adversarial) and protocol (initial noise at step 0; the paper's editing protocol,
-latent at step 40 of 50 after a no-grad warm-up), every method starts from the same latent and runs the same
-number of iterations (FreeDoM: one guided pass). Per method: final reward, judge success, seconds per iteration
-(per pass for FreeDoM) and in total, extra memory (CPU: saved activations alive at once), and the cosine of its
-first latent gradient with the exact one (``Checkpointed``), where defined.
+Stages (each result is stored as soon as it exists; a rerun skips what is stored, so a run may span sessions):
 
-Usage: python benchmarks/compare_estimators.py OUT [--steps 50] [--iters 8] [--batch 4] [--runs 1]
-Writes OUT/compare.json, OUT/compare.md and OUT/compare.png (reward against wall-clock, one panel per task and
-protocol).
+1. **Tuning** (``OUT/sweep/``): every variant's one knob (Adam's lr; DOODL's lr; FreeDoM's scale) is swept over 3
+   values on the class task, initial-noise protocol, seed 0, ``--sweep-iters`` iterations; the value with the highest
+   final reward is kept. Untimed: only rewards are compared, so the sweep may run on a loaded machine.
+2. **Cases** (``OUT/cases/<task>-<protocol>-s<seed>/<variant>.json`` and ``.safetensors``): for each task, protocol
+   (``noise``: the initial noise; ``edit``: the latent at ``--late-step`` after a no-grad warm-up) and seed, every
+   variant starts from the same latent and the variants take turns iteration by iteration in one process, so that
+   machine drift hits them alike. Timed: run nothing else on the machine (the run refuses to start above a load
+   average of ``--max-load``).
+
+Time accounting: iterate k (the latent after k updates; iterate 0 is the start) is credited at t_k, the training
+time through update k (t_0 = 0). Its reward is the one the next iteration's forward pass measured (that pass samples
+iterate k), and the final iterate's comes from one untimed evaluation; evaluation (the judge) is never timed. A
+FreeDoM variant is one guided pass: its guided sample is credited at the pass's time (the median of
+``FREEDOM_PASSES`` identical passes, interleaved with the other variants' first iterations).
+
+Usage: python benchmarks/compare_estimators.py OUT [--steps 50] [--iters 20] [--batch 2] [--late-step 40]
+       [--class-seeds 0,1,2] [--other-seeds 0] [--variants a,b,...] [--sweep-only]
+The tables and plots: python benchmarks/compare_report.py OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-from dataclasses import replace
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from sdo.app.demo import summarize
-from sdo.app.plots import save_comparison_plot
-from sdo.app.report import machine_info, markdown_table, mebibytes
-from sdo.app.tasks.latent import LatentTaskConfig, build_task, run_task
-from sdo.io import atomic_path, save_json
-from sdo.methods import METHODS, gradient_mode
+from sdo.app.report import machine_info
+from sdo.app.tasks.latent import LatentTask, LatentTaskConfig, build_task, load_resources
+from sdo.io import load_json, load_tensors, save_json, save_tensors
+from sdo.latent import LatentProblem
+from sdo.methods import METHODS, MethodOptions
 
-METHODS_COMPARED = (
-    "sdo",
-    "sdo-last",
-    "sdo-random",
-    "sdo-multi",
-    "full",
-    "checkpointed",
-    "adjoint",
-    "doodl",
-    "freedom",
-)
+ADAM_LRS = (0.025, 0.05, 0.1)
+"""Adam learning rates swept for every gradient-mode variant (the CLI's default, 0.05, in the middle)."""
+DOODL_LRS = (0.1, 1.0, 10.0)
+"""DOODL's gradient scale before its element-wise clip (the clip bounds each move, so the scale is swept wide)."""
+FREEDOM_SCALES = (0.1, 0.3, 1.0)
+"""FreeDoM's guidance step as a fraction of the solver update."""
+FREEDOM_PASSES = 3
+"""Identical guided passes per FreeDoM variant; the median of their times is the variant's time."""
 TASKS = ("class", "style", "adversarial")
+PROTOCOLS = ("noise", "edit")
 
 
-def first_gradient(config: LatentTaskConfig, task, name: str) -> torch.Tensor:
-    """d reward / d latent at the task's latent, with method ``name``'s gradient mode."""
-    z = task.latent.detach().clone().requires_grad_(True)
-    generator = torch.Generator().manual_seed(config.seed)
-    x0 = task.sampler.sample(
-        z, grad=gradient_mode(name, config.method_options()), start_step=config.start_step, generator=generator
-    )
-    (gradient,) = torch.autograd.grad(task.reward(x0, None).sum(), z)
-    return gradient.double().flatten()
+@dataclass(frozen=True)
+class Variant:
+    """One row of the comparison: a registry method, its fixed options, and the one knob tuned by the sweep.
+
+    ``tuned_as``: take the tuned value of that variant instead of sweeping (``checkpointed`` computes the same
+    gradient as ``full``, so the same iterates; ``freedom-tt`` is ``freedom`` with time travel).
+    """
+
+    method: str
+    knob: str
+    grid: tuple[float, ...]
+    fixed: dict = field(default_factory=dict)
+    tuned_as: str | None = None
 
 
-def cosines(config: LatentTaskConfig, task) -> dict[str, float]:
-    exact = first_gradient(config, task, "checkpointed")
-    return {
-        name: float(torch.nn.functional.cosine_similarity(first_gradient(config, task, name), exact, dim=0))
-        for name in METHODS_COMPARED
-        if METHODS[name].kind == "mode"
-    }
+VARIANTS: dict[str, Variant] = {
+    "sdo": Variant("sdo", "lr", ADAM_LRS),
+    "sdo-last": Variant("sdo-last", "lr", ADAM_LRS),
+    "sdo-multi": Variant("sdo-multi", "lr", ADAM_LRS),
+    "full": Variant("full", "lr", ADAM_LRS),
+    "checkpointed": Variant("checkpointed", "lr", ADAM_LRS, tuned_as="full"),
+    "adjoint-0": Variant("adjoint", "lr", ADAM_LRS, {"adjoint_iters": 0}),
+    "adjoint-2": Variant("adjoint", "lr", ADAM_LRS, {"adjoint_iters": 2}),
+    "doodl": Variant("doodl", "doodl_lr", DOODL_LRS),
+    "doodl-adam": Variant("doodl-adam", "lr", ADAM_LRS),
+    "freedom": Variant("freedom", "freedom_scale", FREEDOM_SCALES),
+    "freedom-tt": Variant("freedom", "freedom_scale", FREEDOM_SCALES, {"freedom_repeats": 3}, tuned_as="freedom"),
+}
 
 
-def run_case(base: LatentTaskConfig, runs: int) -> dict:
-    task = build_task(base)
-    rows, histories = {}, {}
-    for name in METHODS_COMPARED:
-        summaries = []
-        for _ in range(runs):
-            result = run_task(replace(base, method=name), task, progress=False)
-            summaries.append(summarize(result.history))
-        row = dict(summaries[0])
-        row["s_per_iter"] = statistics.median(s["s_per_iter"] for s in summaries)
-        row["total_s"] = row["s_per_iter"] * max(row["iters"], 1)
-        rows[name] = row
-        histories[name] = [{k: r[k] for k in ("iter", "reward", "elapsed")} for r in result.history]
-        print(f"  {name}: {row['reward_initial']:.3f} -> {row['reward_final']:.3f}, {row['s_per_iter']:.2f} s/iter")
-    for name, cosine in cosines(base, task).items():
-        rows[name]["grad_cosine"] = cosine
-    return {"task": task.description, "rows": rows, "histories": histories}
+@dataclass(frozen=True)
+class Case:
+    """One (task, protocol, seed) of the comparison."""
+
+    task: str
+    protocol: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}-{self.protocol}-s{self.seed}"
 
 
-def table(cases: dict) -> str:
-    headers = (
-        "task",
-        "protocol",
-        "method",
-        "reward start -> final",
-        "judge success start -> final",
-        "s / iter (FreeDoM: per pass)",
-        "total s",
-        "extra memory (CPU: saved activations)",
-        "grad cosine",
-    )
-    lines = []
-    for key, case in cases.items():
-        task, protocol = key.split("/")
-        for name, r in case["rows"].items():
-            judge = f"{r['judge_success_initial']:.0%} -> {r['judge_success']:.0%}"
-            cosine = f"{r['grad_cosine']:.3f}" if "grad_cosine" in r else ""
-            lines.append(
-                [
-                    task,
-                    protocol,
-                    name,
-                    f"{r['reward_initial']:.3f} -> {r['reward_final']:.3f}",
-                    judge,
-                    f"{r['s_per_iter']:.2f}",
-                    f"{r['total_s']:.1f}",
-                    mebibytes(r["peak_mem_bytes"], 0),
-                    cosine,
-                ]
+@dataclass(frozen=True)
+class Settings:
+    """What every case shares (recorded beside each result; a stored result made with other settings is refused)."""
+
+    steps: int = 50
+    iters: int = 20
+    batch: int = 2
+    late_step: int = 40
+    sweep_iters: int = 10
+
+    def task_config(self, case: Case, method: str, iters: int | None = None) -> LatentTaskConfig:
+        start = 0 if case.protocol == "noise" else self.late_step
+        return LatentTaskConfig(
+            task=case.task,
+            method=method,
+            source=3,
+            target=8,
+            steps=self.steps,
+            iters=iters or self.iters,
+            batch=self.batch,
+            seed=case.seed,
+            start_step=start,
+            out="unused",
+        )
+
+
+def method_options(variant: Variant, value: float, iters: int) -> MethodOptions:
+    """The registry options of ``variant`` with its knob at ``value``, for a run of ``iters`` iterations (DOODL's
+    per-element clip scaled so that clip x iterations is the authors' 1e-3 x 50, ``sdo.doodl.scaled_clip``)."""
+    options = MethodOptions("latent", **variant.fixed, **{variant.knob: value})
+    if variant.method != "doodl":
+        return options
+    from sdo.doodl import scaled_clip  # TEMP until the edict branch lands
+
+    return replace(options, doodl_clip=scaled_clip(iters))
+
+
+class VariantRun:
+    """One variant's run on one case: the registry's stepper, with iterates credited at their training time."""
+
+    def __init__(self, name: str, task: LatentTask, case: Case, options: MethodOptions, config: LatentTaskConfig):
+        self.name, self.case, self.options = name, case, options
+        self.method = METHODS[VARIANTS[name].method]
+        problem = LatentProblem(
+            task.sampler,
+            task.latent,
+            task.reward,
+            start_step=config.start_step,
+            seed=config.seed,
+            judge=task.judge_accepts,
+            measure=True,
+        )
+        self.task, self.problem = task, problem
+        self.stepper = self.method.stepper(problem, options)
+        self.guided = self.method.kind == "guidance"
+        self.first_gradient: torch.Tensor | None = None
+        self.iters = config.iters
+
+    def wants_step(self, round_index: int) -> bool:
+        return round_index < (FREEDOM_PASSES if self.guided else self.iters)
+
+    def step(self) -> dict:
+        record = self.stepper.step()
+        if self.first_gradient is None and self.stepper.gradient is not None:
+            self.first_gradient = self.stepper.gradient.detach().flatten().double().clone()
+        return record
+
+    def finish(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The stored record (iterates with t_k, reward_k, judge_k; memory; step seconds) and tensors."""
+        history = self.stepper.history
+        seconds = [r["seconds"] for r in history]
+        result = self.stepper.finish()
+        if self.guided:
+            iterates = self._guided_iterates(seconds)
+        else:
+            final = result.history[-1]
+            times = [0.0]
+            for s in seconds:
+                times.append(times[-1] + s)
+            evaluated = [*history[: len(seconds)], final]
+            iterates = [_iterate(k, times[k], r) for k, r in enumerate(evaluated)]
+        record = {
+            "variant": self.name,
+            "method": self.method.name,
+            "runs": self.method.runner.runs,
+            "options": {k: v for k, v in asdict(self.options).items() if k != "generator"},
+            "iterates": iterates,
+            "step_seconds": seconds,
+            "peak_mem_bytes": max(r.get("peak_mem_bytes", 0) for r in history),
+            "original_chain": self.task.notes.get("original_chain", "ddim"),
+        }
+        tensors = {"final_sample": result.sample.detach().float()}
+        if self.first_gradient is not None and self.method.runner.exact_gradient:
+            tensors["first_gradient"] = self.first_gradient
+        return record, tensors
+
+    def _guided_iterates(self, seconds: list[float]) -> list[dict]:
+        """Iterate 0: the unguided sample (untimed evaluation); iterate 1: the guided one, at the median pass time."""
+        with torch.no_grad():
+            before = self.task.reward(self.task.original, None)
+            judged = self.task.judge_accepts(self.task.original) if self.task.judge_accepts else None
+        start = {"k": 0, "t": 0.0, "reward": float(before.mean())}
+        if judged is not None:
+            start["judge_success"] = float(judged.float().mean())
+        rewards = {round(r["reward"], 6) for r in self.stepper.history}
+        if len(rewards) != 1:
+            raise RuntimeError(f"{self.name}: identical guided passes gave different rewards {sorted(rewards)}")
+        return [start, _iterate(1, statistics.median(seconds), self.stepper.history[-1])]
+
+
+def _iterate(k: int, t: float, record: dict) -> dict:
+    entry = {"k": k, "t": t, "reward": record["reward"]}
+    if "judge_success" in record:
+        entry["judge_success"] = record["judge_success"]
+    return entry
+
+
+def chosen_value(out: Path, name: str) -> float:
+    """The tuned knob value of variant ``name`` (from its stored sweep)."""
+    variant = VARIANTS[name]
+    if variant.tuned_as:
+        return chosen_value(out, variant.tuned_as)
+    finals = {value: sweep_result(out, name, value)["final_reward"] for value in variant.grid}
+    return max(variant.grid, key=lambda value: finals[value])
+
+
+def sweep_path(out: Path, name: str, value: float) -> Path:
+    return out / "sweep" / f"{name}@{value:g}.json"
+
+
+def sweep_result(out: Path, name: str, value: float) -> dict:
+    path = sweep_path(out, name, value)
+    if not path.exists():
+        raise FileNotFoundError(f"no sweep result {path}; run the sweep first (without --skip-sweep).")
+    return load_json(path)
+
+
+def run_sweep(out: Path, settings: Settings, names: list[str], resources) -> None:
+    """Stage 1: each variant's knob at each grid value on class/noise/seed 0 (stored per value, skipped if stored)."""
+    case = Case("class", "noise", 0)
+    todo = [(n, v) for n in names if not VARIANTS[n].tuned_as for v in VARIANTS[n].grid]
+    for name, value in tqdm(todo, desc="sweep"):
+        path = sweep_path(out, name, value)
+        swept = {k: v for k, v in asdict(settings).items() if k in ("steps", "batch", "sweep_iters")}
+        record = {"settings": swept, "case": asdict(case), "variant": name, "value": value}
+        if path.exists():
+            _check_same(load_json(path), record, path)
+            continue
+        variant = VARIANTS[name]
+        config = settings.task_config(case, variant.method, settings.sweep_iters)
+        task = build_task(config, resources)
+        run = VariantRun(name, task, case, method_options(variant, value, settings.sweep_iters), config)
+        rounds = 1 if run.guided else settings.sweep_iters  # a guided pass is deterministic: one suffices
+        for _ in range(rounds):
+            run.step()
+        stored, _ = run.finish()
+        record.update(final_reward=stored["iterates"][-1]["reward"], iterates=stored["iterates"])
+        save_json(record, path)
+        print(f"  sweep {name} {variant.knob}={value:g}: final reward {record['final_reward']:.3f}")
+
+
+def _check_same(stored: dict, expected: dict, path: Path) -> None:
+    for key in ("settings", "case", "variant", "value", "options"):
+        if key in expected and stored.get(key) != expected[key]:
+            raise SystemExit(
+                f"{path} was made with {key}={stored.get(key)!r}, this run has {expected[key]!r}; "
+                "use another OUT or remove the stale result."
             )
-    return markdown_table(headers, lines)
 
 
-def main() -> None:
+def case_list(class_seeds: list[int], other_seeds: list[int]) -> list[Case]:
+    """Seed 0 of every task first (both protocols), then the class task's other seeds."""
+    first = [Case(t, p, s) for s in sorted(set(class_seeds) & set(other_seeds)) for t in TASKS for p in PROTOCOLS]
+    rest = [
+        Case(t, p, s)
+        for t in TASKS
+        for s in (class_seeds if t == "class" else other_seeds)
+        for p in PROTOCOLS
+        if Case(t, p, s) not in first
+    ]
+    return first + rest
+
+
+def run_case(out: Path, settings: Settings, case: Case, names: list[str], resources) -> None:
+    """Stage 2 for one case: the variants not yet stored, interleaved iteration by iteration, then stored."""
+    folder = out / "cases" / case.key
+    runs = []
+    for name in names:
+        variant = VARIANTS[name]
+        options = method_options(variant, chosen_value(out, name), settings.iters)
+        expected = {"settings": asdict(settings), "case": asdict(case), "options": _recorded(options)}
+        if (folder / f"{name}.json").exists():
+            _check_same(load_json(folder / f"{name}.json"), expected, folder / f"{name}.json")
+            continue
+        config = settings.task_config(case, variant.method)
+        runs.append(VariantRun(name, build_task(config, resources), case, options, config))
+    if not runs:
+        return
+    rounds = max(settings.iters, FREEDOM_PASSES)
+    with tqdm(total=sum(rounds if not r.guided else FREEDOM_PASSES for r in runs), desc=case.key) as bar:
+        for round_index in range(rounds):
+            for run in runs:
+                if run.wants_step(round_index):
+                    run.step()
+                    bar.set_postfix(variant=run.name)
+                    bar.update()
+    for run in runs:
+        record, tensors = run.finish()
+        record.update(settings=asdict(settings), case=asdict(case), machine=MACHINE, commit=COMMIT)
+        record["options"] = _recorded(run.options)
+        save_tensors(tensors, folder / f"{run.name}.safetensors")
+        save_json(record, folder / f"{run.name}.json")  # written last: its presence means the case is stored
+        finals = record["iterates"][-1]
+        print(f"  {case.key} {run.name}: {record['iterates'][0]['reward']:.3f} -> {finals['reward']:.3f}")
+
+
+def _recorded(options: MethodOptions) -> dict:
+    return {k: v for k, v in asdict(options).items() if k != "generator"}
+
+
+def stored_case(out: Path, case: Case, name: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The stored record and tensors of ``name`` on ``case``, or None."""
+    path = out / "cases" / case.key / f"{name}.json"
+    if not path.exists():
+        return None
+    return load_json(path), load_tensors(path.with_suffix(".safetensors"))
+
+
+def _load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+MACHINE = machine_info(torch.device("cpu"))
+COMMIT = _commit()
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--iters", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--late-step", type=int, default=40)
-    args = parser.parse_args()
+    parser.add_argument("--sweep-iters", type=int, default=10)
+    parser.add_argument("--class-seeds", default="0,1,2")
+    parser.add_argument("--other-seeds", default="0")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--sweep-only", action="store_true", help="stage 1 only (untimed; any machine load)")
+    parser.add_argument("--max-load", type=float, default=0.5, help="refuse the timed cases above this load average")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    settings = Settings(args.steps, args.iters, args.batch, args.late_step, args.sweep_iters)
     out = Path(args.out)
-    cases = {}
-    for task in TASKS:
-        for protocol, start in (("noise", 0), ("edit", args.late_step)):
-            print(f"{task} / {protocol}")
-            base = LatentTaskConfig(
-                task=task,
-                source=3,
-                steps=args.steps,
-                iters=args.iters,
-                batch=args.batch,
-                start_step=start,
-                out=str(out),
-            )
-            cases[f"{task}/{protocol}"] = run_case(base, args.runs)
-            save_json(
-                {"machine": machine_info(torch.device("cpu")), "args": vars(args), "cases": cases},
-                out / "compare.json",
-            )
-    with atomic_path(out / "compare.md") as tmp:
-        tmp.write_text(table(cases) + "\n")
-    save_comparison_plot(cases, out / "compare.png")
-    print(table(cases))
+    resources = load_resources(settings.task_config(Case("class", "noise", 0), "sdo"))
+    sweep_names = sorted({VARIANTS[n].tuned_as or n for n in names}, key=list(VARIANTS).index)
+    run_sweep(out, settings, sweep_names, resources)
+    if args.sweep_only:
+        return
+    load = _load_average()
+    if load > args.max_load:
+        sys.exit(f"load average {load:.2f} > {args.max_load}: the cases are timed; stop other jobs first.")
+    seeds = [[int(s) for s in text.split(",")] for text in (args.class_seeds, args.other_seeds)]
+    for case in case_list(*seeds):
+        run_case(out, settings, case, names, resources)
+    print(f"done: {out} (tables: python benchmarks/compare_report.py {out})")
 
 
 if __name__ == "__main__":
