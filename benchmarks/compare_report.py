@@ -25,16 +25,16 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_estimators import PROTOCOLS, TASKS, VARIANTS, Case, sweep_path  # noqa: E402
+from compare_estimators import PROTOCOLS, TASKS, VARIANTS, sweep_path
 
-from sdo import zoo  # noqa: E402
-from sdo.app.quality import frechet_distance  # noqa: E402
-from sdo.app.report import markdown_table, mebibytes  # noqa: E402
-from sdo.io import atomic_path, load_json, load_tensors, save_json  # noqa: E402
+from sdo import zoo
+from sdo.app.quality import frechet_distance
+from sdo.app.report import markdown_table, mebibytes
+from sdo.io import atomic_path, load_json, load_tensors, save_json
 
 FRACTIONS = (0.25, 0.5, 1.0)
 REFERENCE = "full"
@@ -112,7 +112,8 @@ def summarize(by_seed: dict[int, dict[str, dict]], name: str, task: str) -> dict
     }
     for fraction in FRACTIONS:
         budgets = [fraction * total_time(by_seed[s][REFERENCE]) for s in seeds]
-        row[f"reward_at_{fraction:g}"] = statistics.mean(reward_at(r, b) for r, b in zip(records, budgets))
+        rewards = [reward_at(r, b) for r, b in zip(records, budgets, strict=True)]
+        row[f"reward_at_{fraction:g}"] = statistics.mean(rewards)
     cosines = [c for s in seeds if (c := cosine(by_seed[s][name], by_seed[s])) is not None]
     row["grad_cosine"] = statistics.mean(cosines) if cosines else None
     return row
@@ -126,7 +127,8 @@ def mark_noise(rows: list[dict]) -> None:
         if spread is None or row["reward_final_std"] is None:
             row["within_noise_of_best"] = None
         else:
-            row["within_noise_of_best"] = row["reward_final"] + row["reward_final_std"] >= best["reward_final"] - spread
+            top = row["reward_final"] + row["reward_final_std"]
+            row["within_noise_of_best"] = top >= best["reward_final"] - spread
     best["best"] = True
 
 
@@ -211,7 +213,7 @@ def sweep_table(out: Path) -> str:
         paths = [sweep_path(out, name, value) for value in variant.grid]
         if not all(p.exists() for p in paths):
             continue
-        finals = {value: load_json(p)["final_reward"] for value, p in zip(variant.grid, paths)}
+        finals = {value: load_json(p)["final_reward"] for value, p in zip(variant.grid, paths, strict=True)}
         best = max(variant.grid, key=lambda v: finals[v])
         cells = ", ".join(f"{v:g}: {finals[v]:.3f}" for v in variant.grid)
         lines.append([name, variant.knob, cells, f"{best:g}"])
@@ -222,8 +224,8 @@ def save_plot(cases: dict, path: Path) -> None:
     """Reward against iterations and against seconds, mean over seeds with a min-max band, per task/protocol."""
     keys = [(t, p) for t in TASKS for p in PROTOCOLS if (t, p) in cases]
     figure, axes = plt.subplots(len(keys), 2, figsize=(11, 3.2 * len(keys)), squeeze=False)
-    colors = dict(zip(VARIANTS, plt.cm.tab20.colors))
-    for (task, protocol), (by_iter, by_time) in zip(keys, axes):
+    colors = dict(zip(VARIANTS, plt.cm.tab20.colors, strict=False))
+    for (task, protocol), (by_iter, by_time) in zip(keys, axes, strict=True):
         for name in VARIANTS:
             records = [v[name] for v in cases[(task, protocol)].values() if name in v]
             if not records:
