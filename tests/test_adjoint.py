@@ -186,3 +186,108 @@ def test_adjoint_and_invertible_share_one_reverse_walk():
         weight = torch.zeros(2, requires_grad=True)
         assert make(params=[weight]).params == (weight,)  # a sequence, kept as a tuple
     assert sdo.Adjoint().stats is not sdo.Adjoint().stats  # every instance records its own walk
+
+
+SOLVERS = {
+    "ddim-eps": lambda: DDIMScheduler(clip_sample=False),
+    "ddim-v": lambda: DDIMScheduler(clip_sample=False, prediction_type="v_prediction"),
+    "euler": lambda: EulerDiscreteScheduler(num_train_timesteps=1000),
+    "flowmatch": lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
+}
+
+
+def scaled(sampler, x):
+    """The start latent at the scheduler's noise scale (Euler starts at sigma_max), as a new leaf."""
+    return (x * sampler.init_noise_sigma).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_checkpoint_every_step_is_full_on_the_toy(toy, solver):
+    model, cond, x = toy
+    sampler = sdo.Sampler(lambda v, t: model(v, t, cond), SOLVERS[solver](), 6)
+    x = scaled(sampler, x)
+    inputs = [x, cond, *model.parameters()]
+    _, full = gradients(sampler, x, inputs, sdo.Full(), start_step=1)
+    mode = sdo.Adjoint(checkpoint_every=1)
+    _, adjoint = gradients(sampler, x, inputs, mode, start_step=1)
+    for a, e in zip(adjoint, full, strict=True):  # nothing rebuilt: the VJPs of Full, at the same states
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
+    assert mode.stats.reconstruction_error == 0 and mode.stats.segment_errors == ()
+    assert mode.stats.stored_states == 6 and mode.stats.max_residual == 0
+    assert mode.stats.network_calls == 2 * 5 - 1  # a forward and a VJP call per step (the first forward's: the probe)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_checkpoint_every_step_is_full_on_a_unet(solver):
+    unet, scheduler = tiny_unet(), SOLVERS[solver]()
+    kind = sdo.schedulers.prediction_type(scheduler)
+    sampler = sdo.Sampler(sdo.Denoiser(unet, class_labels=torch.tensor([3]), prediction_type=kind), scheduler, 4)
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = scaled(sampler, x)
+    inputs = [x, *unet.parameters()]
+    _, full = gradients(sampler, x, inputs, sdo.Full())
+    _, adjoint = gradients(sampler, x, inputs, sdo.Adjoint(checkpoint_every=1))
+    for a, e in zip(adjoint, full, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_checkpoint_every_n_steps_keeps_the_plain_walk(solver):
+    """k = n stores what the plain walk keeps (input and output) and rebuilds the same states; it differs only in
+    running the first step's VJP at the stored start latent instead of the rebuilt one, which can only help."""
+    sampler, x, inputs = linear_problem(10, SOLVERS[solver]())
+    x = inputs[0] = scaled(sampler, x)
+    _, full = gradients(sampler, x, inputs, sdo.Full())
+    plain, every_n = sdo.Adjoint(), sdo.Adjoint(checkpoint_every=10)
+    _, plain_grads = gradients(sampler, x, inputs, plain)
+    _, n_grads = gradients(sampler, x, inputs, every_n)
+    assert every_n.stats.stored_states == plain.stats.stored_states == 2
+    assert every_n.stats.segment_errors == plain.stats.segment_errors  # the same reconstruction, bit for bit
+    assert every_n.stats.reconstruction_error == plain.stats.reconstruction_error > 1e-3
+    assert every_n.stats.network_calls == plain.stats.network_calls
+    # the model is linear, so the step Jacobians do not depend on the state: the latent gradients agree exactly
+    torch.testing.assert_close(n_grads[0], plain_grads[0], rtol=1e-12, atol=1e-14)
+    assert relative(n_grads, full) <= relative(plain_grads, full)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_intermediate_checkpoints_bound_the_drift(solver):
+    sampler, x, inputs = linear_problem(10, SOLVERS[solver]())
+    x = inputs[0] = scaled(sampler, x)
+    _, full = gradients(sampler, x, inputs, sdo.Full())
+    plain, every_3 = sdo.Adjoint(), sdo.Adjoint(checkpoint_every=3)  # 3 does not divide 10: segments 3, 3, 3, 1
+    _, plain_grads = gradients(sampler, x, inputs, plain)
+    _, grads = gradients(sampler, x, inputs, every_3)
+    assert plain.stats.reconstruction_error > 1e-2  # the plain walk drifts...
+    assert every_3.stats.reconstruction_error < plain.stats.reconstruction_error  # ...less within 3 steps
+    assert relative(grads, full) < 0.5 * relative(plain_grads, full)
+    assert every_3.stats.stored_states == 5  # x_0, x_3, x_6, x_9 and the final latent
+    assert len(every_3.stats.segment_errors) == 3  # the last segment (one step) rebuilds nothing
+    assert every_3.stats.reconstruction_error == max(every_3.stats.segment_errors)
+    assert every_3.stats.network_calls <= plain.stats.network_calls
+
+
+def test_stored_states_cost_one_latent_each(toy):
+    model, cond, x = toy
+    latent_bytes = x.numel() * x.element_size()
+
+    def measure(n_steps):
+        sampler = sdo.Sampler(lambda v, t: model(v, t, cond), DDIMScheduler(clip_sample=False), n_steps)
+        mode = sdo.Adjoint(checkpoint_every=4)
+        return peak_saved_bytes(lambda: sampler.sample(x, grad=mode).square().sum().backward())
+
+    assert measure(16) - measure(4) <= 3 * latent_bytes  # 4 stored latents more (one of them the saved input)
+
+
+def test_backward_twice_with_stored_states(toy):
+    model, cond, x = toy
+    sampler = sdo.Sampler(lambda v, t: model(v, t, cond), DDIMScheduler(clip_sample=False), 5)
+    out = sampler.sample(x, grad=sdo.Adjoint(checkpoint_every=2)).square().sum()
+    first = torch.autograd.grad(out, x, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(out, x)[0], first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("every", [0, -2, 1.5, True, "3"])
+def test_bad_checkpoint_every(every):
+    with pytest.raises(sdo.ConfigError, match="checkpoint_every"):
+        sdo.Adjoint(checkpoint_every=every)

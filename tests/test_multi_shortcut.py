@@ -73,6 +73,12 @@ def test_step_list_outside_the_run():
 def test_registry_entries():
     assert gradient_mode("adjoint") == sdo.Adjoint(fixed_point_iters=2)
     assert gradient_mode("adjoint", MethodOptions(adjoint_iters=0)) == sdo.Adjoint()
+    stored = gradient_mode("adjoint", MethodOptions(adjoint_checkpoint_every=3))
+    assert stored == sdo.Adjoint(fixed_point_iters=2, checkpoint_every=3)
+    from sdo.app.tasks.latent import LatentTaskConfig
+
+    assert LatentTaskConfig().method_options().adjoint_checkpoint_every is None  # the flag's 0 is off
+    assert LatentTaskConfig(adjoint_checkpoint_every=4).method_options().adjoint_checkpoint_every == 4
     spread = gradient_mode("sdo-multi").roles(10, 20)
     assert [i for i, role in enumerate(spread, start=10) if role is sdo.gradients.StepRole.FULL] == [10, 12, 15, 17]
     assert gradient_mode("sdo-multi", MethodOptions(kept_steps=(1, 5))).kept_steps(0, 8) == (1, 5)

@@ -148,6 +148,10 @@ def test_every_numeric_flag_takes_hostile_values_without_a_traceback(command, fl
         (["optimize", "--iters", "0"], r"`iters` must be an integer in \[1, 1000000\]"),
         (["optimize", "--views", "-1"], r"`views` must be an integer in \[0, 64\]"),
         (["optimize", "--adjoint-iters", "100000000"], r"`adjoint_iters` must be an integer in \[0, 100\]"),
+        (
+            ["optimize", "--adjoint-checkpoint-every", "-1"],
+            r"`adjoint_checkpoint_every` must be an integer in \[0, 1000\]",
+        ),
         (["optimize", "--conditions", "20000000"], r"`conditions` must be an integer in \[0, 10000000\]"),
         (["bench", "--plan", "--model", "sd15", "--width", "0"], r"`width` must be a finite number >= 0.1"),
         (["bench", "--plan", "--model", "sd15", "--width", "-1"], r"`width` must be a finite number >= 0.1"),
@@ -167,10 +171,24 @@ def test_reported_values_are_one_line(argv, match, tmp_path, capsys):
 
 def test_accepted_edge_values_run_end_to_end(tmp_path, capsys):
     edges = ["--iters", "1", "--batch", "1", "--steps", "2", "--start-step", "1", "--views", "0"]
-    edges += ["--adjoint-iters", "0", "--prior-weight", "0", "--threads", "1", "--source", "-1", "--target", "0"]
+    edges += [
+        "--adjoint-iters",
+        "0",
+        "--adjoint-checkpoint-every",
+        "1",
+        "--prior-weight",
+        "0",
+        "--threads",
+        "1",
+        "--source",
+        "-1",
+        "--target",
+        "0",
+    ]
     assert main(["optimize", *edges, "--method", "adjoint", "--out", str(tmp_path / "a")]) == 0
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and metrics["config"]["adjoint_iters"] == 0
+    assert metrics["config"]["adjoint_checkpoint_every"] == 1
     plan = ["bench", "--plan", "--model", "sd15", "--width", "0.1", "--resolution", "64", "--batch", "1"]
     assert main([*plan, "--steps", "1", "--out", str(tmp_path / "p")]) == 0
     assert json.loads((tmp_path / "p" / "plan.json").read_text())

@@ -15,6 +15,13 @@ and output states. The backward pass walks the steps in reverse; at step i it
 With an exact rebuild this equals plain backpropagation through the chain (``sdo.Full()``); the only error is the
 rebuild error, which the walk measures and records in an ``AdjointStats``. Memory holds one step's activations at a
 time, whatever the number of steps.
+
+Stored states (``checkpoint_every=k``): the forward pass also keeps the states entering steps ``start, start + k,
+start + 2k, ...``. In backward, step i then starts from the stored states when it has them (the *reset*) and rebuilds
+them otherwise, so a rebuilt state is always derived from the next stored one by at most ``k - 1`` inversions, never
+from a rebuilt state of another segment: ``ceil(n / k) + 1`` stored states for ``n`` steps, drift bounded to ``k``
+steps. At a reset that ends a segment of rebuilt states the walk also rebuilds the stored states once more and
+compares (the segment's drift over its ``k`` inversions, recorded; no rebuild at all where ``k = 1``).
 """
 
 from __future__ import annotations
@@ -29,7 +36,15 @@ from torch.autograd.function import once_differentiable
 from .errors import ConfigError
 from .gradients import LoopMode
 
-__all__ = ["AdjointStats", "Chain", "ReverseWalkMode", "graph_leaves", "relative_error", "run_chain"]
+__all__ = [
+    "AdjointStats",
+    "Chain",
+    "ReverseWalkMode",
+    "checkpoint_indices",
+    "graph_leaves",
+    "relative_error",
+    "run_chain",
+]
 
 States = tuple[torch.Tensor, ...]
 
@@ -42,10 +57,16 @@ class AdjointStats:
         reconstruction_error: ``max_b ||x_hat_start - x_start|| / ||x_start||``, the relative error of the start
             latent reconstructed at the end of the backward walk (every step's reconstruction error, accumulated;
             the worst of the coupled latents for ``Invertible``).
-        max_residual: ``max_{i, b} ||S_i(x_hat_i) - x_{i+1}|| / ||x_{i+1}||``, the worst per-step residual of the
-            reconstruction (0 for an exact inverse).
+        max_residual: ``max_{i, b} ||S_i(x_hat_i) - x_{i+1}|| / ||x_{i+1}||`` over the rebuilt states ``x_hat_i``,
+            the worst per-step residual of the reconstruction (0 for an exact inverse or when nothing is rebuilt).
         steps: number of steps walked; network_calls: network evaluations of the last forward + backward;
         tensors: number of tensors differentiated besides the latent (parameters, conditioning).
+        segment_errors: with stored states (``Adjoint(checkpoint_every=k)``), the relative error of each segment's
+            first states rebuilt from its end (``k`` inversions) against the stored ones, latest segment first;
+            ``reconstruction_error`` is their maximum (0 when nothing is rebuilt, e.g. ``k = 1``). Without stored
+            states, the one value ``(reconstruction_error,)``.
+        stored_states: number of states kept from forward for backward (each a tuple of latents): 2 (input and
+            output) without stored states, ``ceil(n / k) + 1`` with ``checkpoint_every=k``.
     """
 
     reconstruction_error: float = math.nan
@@ -53,6 +74,8 @@ class AdjointStats:
     steps: int = 0
     network_calls: int = 0
     tensors: int = 0
+    segment_errors: tuple[float, ...] = ()
+    stored_states: int = 0
 
 
 class Chain(Protocol):
@@ -122,9 +145,10 @@ class ReverseWalkMode(LoopMode):
                 )
             object.__setattr__(self, "params", params)
 
-    def walk(self, chain: Chain, states: States, start: int, stop: int) -> States:
+    def walk(self, chain: Chain, states: States, start: int, stop: int, checkpoint_every: int | None = None) -> States:
         """The states after steps ``start, ..., stop - 1``: plain no-grad sampling when nothing is differentiated,
-        otherwise one autograd node over ``(*states, *params)`` whose backward is the reverse walk."""
+        otherwise one autograd node over ``(*states, *params)`` whose backward is the reverse walk (with the states
+        entering steps ``start, start + k, ...`` stored and reset to when ``checkpoint_every`` is ``k``)."""
         if not torch.is_grad_enabled():
             return run_chain(chain, states, start, stop)
         first = None
@@ -139,7 +163,14 @@ class ReverseWalkMode(LoopMode):
             with torch.no_grad():
                 return run_chain(chain, states, start, stop, first)
         walk = _Walk(chain, start, stop, params, self.stats, first)
+        walk.checkpoints = checkpoint_indices(start, stop, checkpoint_every)
         return _ReverseFunction.apply(walk, len(states), *states, *params)
+
+
+def checkpoint_indices(start: int, stop: int, every: int | None) -> frozenset[int]:
+    """The steps whose entering states the walk stores: ``start, start + every, ...`` below ``stop`` (none if
+    ``every`` is None)."""
+    return frozenset() if every is None else frozenset(range(start, stop, every))
 
 
 class _Walk:
@@ -148,29 +179,50 @@ class _Walk:
     def __init__(self, chain: Chain, start: int, stop: int, params: States, stats: AdjointStats, first) -> None:
         self.chain, self.start, self.stop = chain, start, stop
         self.params, self.stats, self.first = params, stats, first
+        self.checkpoints: frozenset[int] = frozenset()  # the steps whose entering states are stored
+        self.stored: dict[int, States] = {}
+        self.errors: list[float] = []
 
     def forward(self, states: States) -> States:
-        self.chain.network_calls = 0
-        out = run_chain(self.chain, states, self.start, self.stop, self.first)
+        """Steps ``start, ..., stop - 1`` without a graph, storing the states entering the checkpoint steps."""
+        self.chain.network_calls, self.stored = 0, {}
+        for index in range(self.start, self.stop):
+            if index in self.checkpoints:
+                self.stored[index] = tuple(s.detach() for s in states)
+            states = self.chain.step(index, states, self.first if index == self.start else None)
         self.first = None
-        return out
+        return states
+
+    def entering(self, index: int, states: States) -> tuple[States, bool]:
+        """The states entering step ``index`` and whether they were rebuilt: the stored ones (the reset) or ones
+        rebuilt from ``states``, those leaving it. A reset after rebuilt states also records the segment's drift
+        (module docstring)."""
+        stored = self.stored.get(index)
+        if stored is None:
+            return self.chain.invert(index, states), True
+        if index + 1 < self.stop and index + 1 not in self.stored:  # ``states`` were rebuilt
+            rebuilt = self.chain.invert(index, states)
+            self.errors.append(max(relative_error(r - s, s) for r, s in zip(rebuilt, stored, strict=True)))
+        return stored, False
 
     def backward(self, start_states: States, final_states: States, grads: States) -> tuple[States, list]:
         """The gradients with respect to the start states and to every tensor in ``params``; fills ``stats``."""
         n = len(start_states)
         param_grads: list[torch.Tensor | None] = [None] * len(self.params)
-        states, residual = final_states, 0.0
+        states, residual, self.errors = final_states, 0.0, []
         for index in reversed(range(self.start, self.stop)):
             with torch.no_grad():
-                inputs = tuple(s.detach().requires_grad_(True) for s in self.chain.invert(index, states))
+                entering, rebuilt = self.entering(index, states)
+                inputs = tuple(s.detach().requires_grad_(True) for s in entering)
             with torch.enable_grad():
                 outputs = self.chain.step(index, inputs)
                 found = torch.autograd.grad(
                     outputs, (*inputs, *self.params), grads, allow_unused=True, retain_graph=bool(self.params)
                 )
-            residual = max(
-                residual, *(relative_error(o.detach() - s, s) for o, s in zip(outputs, states, strict=True))
-            )
+            if rebuilt:
+                residual = max(
+                    residual, *(relative_error(o.detach() - s, s) for o, s in zip(outputs, states, strict=True))
+                )
             del outputs
             grads = tuple(torch.zeros_like(s) if g is None else g for g, s in zip(found[:n], inputs, strict=True))
             for k, g in enumerate(found[n:]):
@@ -181,9 +233,11 @@ class _Walk:
         return grads, param_grads
 
     def _record(self, start_states: States, rebuilt: States, residual: float) -> None:
-        self.stats.reconstruction_error = max(
-            relative_error(r - s, s) for r, s in zip(rebuilt, start_states, strict=True)
-        )
+        if not self.checkpoints:  # one segment: the start states, rebuilt through every step
+            self.errors = [max(relative_error(r - s, s) for r, s in zip(rebuilt, start_states, strict=True))]
+        self.stats.segment_errors = tuple(self.errors)
+        self.stats.reconstruction_error = max(self.errors, default=0.0)
+        self.stats.stored_states = 1 + max(len(self.checkpoints), 1)
         self.stats.max_residual = residual
         self.stats.steps = self.stop - self.start
         self.stats.network_calls = self.chain.network_calls
@@ -197,16 +251,20 @@ class _ReverseFunction(torch.autograd.Function):
     def forward(ctx, walk: _Walk, n: int, *tensors: torch.Tensor) -> States:
         states = tensors[:n]
         final = walk.forward(states)
-        ctx.walk, ctx.n = walk, n
-        ctx.save_for_backward(*states, *final)
+        ctx.walk, ctx.n, ctx.stored_at = walk, n, sorted(walk.stored)
+        stored = [s for index in ctx.stored_at for s in walk.stored[index]]
+        walk.stored = {}  # saved with the graph, so that it is freed with it
+        ctx.save_for_backward(*states, *final, *stored)
         return final
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: torch.Tensor | None):
         n, saved = ctx.n, ctx.saved_tensors
-        start, final = saved[:n], saved[n:]
+        start, final, stored = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        ctx.walk.stored = {index: stored[k * n : (k + 1) * n] for k, index in enumerate(ctx.stored_at)}
         grads = tuple(torch.zeros_like(f) if g is None else g for g, f in zip(grads, final, strict=True))
         state_grads, param_grads = ctx.walk.backward(start, final, grads)
+        ctx.walk.stored = {}
         state_grads = tuple(g if ctx.needs_input_grad[2 + k] else None for k, g in enumerate(state_grads))
         return None, None, *state_grads, *param_grads

@@ -1,4 +1,4 @@
-"""Adjoint backpropagation through a deterministic sampler (AdjointDPM; Pan et al., ICLR 2024, arXiv 2307.10711).
+"""Discrete adjoint of a deterministic sampler (AdjointDPM; Pan et al., ICLR 2024, arXiv 2307.10711).
 
 Notation (``sdo.gradients``): a deterministic solver step is affine in the state and the network output,
 
@@ -15,10 +15,21 @@ only the final latent. The backward pass walks the steps in reverse. At step i i
 2. recomputes ``S_i`` at the reconstructed state with a graph and takes one vector-Jacobian product:
    ``g_i = (dS_i/dx_i)^T g_{i+1}`` and ``dL/dtheta += (dS_i/dtheta)^T g_{i+1}`` for every differentiated tensor.
 
-This is the discrete adjoint of the solver: with exact reconstruction it equals ``sdo.Full()``'s gradient; the
-gradient error is the reconstruction error (reported on ``Adjoint.stats``). Memory is flat in the number of steps
-(one step's activations, plus the input and output latents); compute is about ``3 + fixed_point_iters`` network
-calls per step (one forward, ``1 + fixed_point_iters`` reconstruction calls, one call with its backward).
+This is the discrete adjoint of the solver (the adjoint of its discrete steps, not of the continuous ODE): with exact
+reconstruction it equals ``sdo.Full()``'s gradient; the gradient error is the reconstruction error (reported on
+``Adjoint.stats``). Memory is flat in the number of steps (one step's activations, plus the input and output
+latents); compute is about ``3 + fixed_point_iters`` network calls per step (one forward, ``1 + fixed_point_iters``
+reconstruction calls, one call with its backward).
+
+The reconstruction errors of the steps accumulate along the walk (the drift): the state rebuilt at step i carries
+the error of ``stop - 1 - i`` inversions. ``checkpoint_every=k`` bounds it: the forward pass stores ``x_start,
+x_{start+k}, x_{start+2k}, ...`` and the backward pass uses a stored state where it has one and rebuilds the states
+between two stored ones from the later one only, so that each rebuilt state carries the drift of at most ``k - 1``
+inversions. Memory: ``ceil(n / k) + 1`` latents for ``n`` steps plus one step's activations, i.e. O(n / k); compute:
+per segment of ``L >= 2`` steps, ``L - 1`` reconstructions and one more of the segment's stored start, compared with
+it to measure the segment's drift (``AdjointStats.segment_errors``), so at most ``3 + fixed_point_iters`` calls per
+step as without stored states, and 2 per step for ``k = 1``, which rebuilds nothing and is ``sdo.Full()``'s gradient
+(the VJPs of ``sdo.Checkpointed()`` with one segment per step).
 """
 
 from __future__ import annotations
@@ -38,14 +49,17 @@ __all__ = ["Adjoint", "AdjointStats", "SolverSteps", "check_deterministic_solver
 
 @dataclass(frozen=True)
 class Adjoint(ReverseWalkMode):
-    """AdjointDPM (Pan et al., ICLR 2024, arXiv 2307.10711): backward by solving the sampler backward in time.
+    """The discrete adjoint of the sampler (AdjointDPM; Pan et al., ICLR 2024, arXiv 2307.10711): backward by
+    solving the sampler backward in time.
 
-    Forward: plain no-grad sampling; only the final latent is kept. Backward: for ``i = stop - 1, ..., start``,
-    reconstruct ``x_i`` by the inverse solver step refined by ``fixed_point_iters`` fixed-point iterations, then one
-    VJP through the recomputed step (see the module docstring for the formulas). Detached: nothing is detached in
-    the math; nothing is stored but the input and output latents. Randomness: none (deterministic solvers only:
-    ``DDIMScheduler`` with eta 0 and without sample clipping or thresholding, ``EulerDiscreteScheduler``,
-    ``FlowMatchEulerDiscreteScheduler`` without stochastic sampling; anything else is a ``ConfigError``).
+    Forward: plain no-grad sampling; only the final latent is kept (and every ``checkpoint_every``-th state).
+    Backward: for ``i = stop - 1, ..., start``, take the stored ``x_i`` or reconstruct it from ``x_{i+1}`` by the
+    inverse solver step refined by ``fixed_point_iters`` fixed-point iterations, then one VJP through the
+    recomputed step (see the module docstring for the formulas). Detached: nothing is detached in the math; nothing
+    is stored but the input and output latents and the ``checkpoint_every``-th states. Randomness: none
+    (deterministic solvers only: ``DDIMScheduler`` with eta 0 and without sample clipping or thresholding,
+    ``EulerDiscreteScheduler``, ``FlowMatchEulerDiscreteScheduler`` without stochastic sampling; anything else is a
+    ``ConfigError``).
 
     The gradient reaches the latent and every tensor in ``params``. When ``params`` is None (the default), they are
     discovered from the autograd graph of one network call at the first step: every leaf tensor that requires grad
@@ -59,12 +73,17 @@ class Adjoint(ReverseWalkMode):
         fixed_point_iters (`int`, defaults to 0): refinements of each reconstruction; 0 is the plain DDIM-inversion
             (or backward-Euler) reconstruction. The reconstruction error, and with it the gradient error, shrinks
             geometrically with it; each one costs a network call per step.
+        checkpoint_every (`int`, *optional*): store the states entering steps ``start, start + k, ...`` in forward
+            and rebuild only the states between two stored ones, from the later one: memory O(n / k) latents, the
+            drift of each rebuilt state that of at most ``k - 1`` inversions. None (default) stores no state and
+            rebuilds every one from the final latent; 1 rebuilds none (``sdo.Full()``'s gradient).
         params: the tensors (besides the latent) to differentiate, or None to discover them.
         stats: filled by every backward pass (``AdjointStats``); read ``mode.stats`` after ``loss.backward()``.
             An instance holds its own record, so an ``Adjoint`` is never a default argument value.
     """
 
     fixed_point_iters: int = 0
+    checkpoint_every: int | None = None
     params: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
     stats: AdjointStats = field(default_factory=AdjointStats, compare=False, repr=False)
 
@@ -72,11 +91,15 @@ class Adjoint(ReverseWalkMode):
         iters = self.fixed_point_iters
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise ConfigError(f"`fixed_point_iters` must be an integer >= 0, got {iters!r}.")
+        every = self.checkpoint_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ConfigError(f"`checkpoint_every` must be None or an integer >= 1 (steps), got {every!r}.")
         super().__post_init__()
 
     def run(self, sampler, x: torch.Tensor, start: int, stop: int, generator: torch.Generator | None) -> torch.Tensor:
         check_deterministic_solver(sampler, "sdo.Adjoint")
-        return self.walk(_FixedPointSteps(sampler, x, self.fixed_point_iters), (x,), start, stop)[0]
+        steps = _FixedPointSteps(sampler, x, self.fixed_point_iters)
+        return self.walk(steps, (x,), start, stop, self.checkpoint_every)[0]
 
 
 def check_deterministic_solver(sampler, who: str) -> None:

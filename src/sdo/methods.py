@@ -51,6 +51,9 @@ class MethodOptions:
         draft_k: k of ``draft-k``. alignprop_high: ``alignprop`` draws its depth in ``[1, alignprop_high]``.
         checkpoint_kept: the ``sdo*`` methods recompute their kept step in backward (less memory).
         adjoint_iters: fixed-point refinements of ``adjoint``'s reconstructions (``sdo.Adjoint(fixed_point_iters)``).
+        adjoint_checkpoint_every: ``adjoint`` stores every k-th state in forward and rebuilds only the states between
+            two stored ones (``sdo.Adjoint(checkpoint_every)``: O(n / k) latents, drift bounded to k steps); None
+            stores none.
         kept_steps: the kept steps of ``sdo-multi`` (``sdo.Shortcut(step=[...])``); None spreads 4 over the run
             (``sdo.gradients.SpreadShortcut``).
         lr, prior_weight, project_to_shell: the Adam run of a gradient mode (``sdo.optimize_latent``'s arguments).
@@ -64,6 +67,7 @@ class MethodOptions:
     alignprop_high: int = 10
     checkpoint_kept: bool = False
     adjoint_iters: int = 2
+    adjoint_checkpoint_every: int | None = None
     kept_steps: tuple[int, ...] | None = None
     lr: float = 0.05
     prior_weight: float = 0.0
@@ -234,8 +238,9 @@ METHODS: dict[str, Method] = {
         Method("nograd", "plain sampling, no gradient (the cost floor)", lambda o: NoGrad(), latent=False),
         Method(
             "adjoint",
-            "AdjointDPM: no-grad forward, backward by running the solver backward (--adjoint-iters refinements)",
-            lambda o: Adjoint(fixed_point_iters=o.adjoint_iters),
+            "AdjointDPM, the solver's discrete adjoint: no-grad forward, backward by running the solver backward "
+            "(--adjoint-iters refinements, --adjoint-checkpoint-every stored states)",
+            lambda o: Adjoint(fixed_point_iters=o.adjoint_iters, checkpoint_every=o.adjoint_checkpoint_every),
         ),
         Method("sdo-multi", "SDO keeping several steps spread over the run (graphs only there)", _multi),
         Method(

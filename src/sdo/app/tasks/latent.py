@@ -86,6 +86,12 @@ class LatentTaskConfig(PipelineOptions):
     adjoint_iters: int = option(
         2, "adjoint: fixed-point refinements of each reconstructed state", at_least=0, at_most=100
     )
+    adjoint_checkpoint_every: int = option(
+        0,
+        "adjoint: store every k-th state in forward, rebuild only between stored ones (drift <= k steps; 0: off)",
+        at_least=0,
+        at_most=1000,
+    )
     kept_steps: str = option("", "sdo-multi: comma-separated kept step indices (default: 4 spread over the run)")
     doodl_lr: float = option(
         1.0, "doodl: gradient scale before element-wise clipping at 1e-3 (the authors' rule)", above=0
@@ -109,6 +115,7 @@ class LatentTaskConfig(PipelineOptions):
         return MethodOptions(
             "latent",
             adjoint_iters=self.adjoint_iters,
+            adjoint_checkpoint_every=self.adjoint_checkpoint_every or None,
             kept_steps=_index_list(self.kept_steps),
             lr=self.lr,
             prior_weight=self.prior_weight,
