@@ -16,12 +16,13 @@ def toy_edict(toy, n_steps=6, mix=0.93):
     return sdo.EDICTSampler(lambda v, t: model(v, t, cond), DDIMScheduler(clip_sample=False), n_steps, mix=mix)
 
 
-def reference_edict(model_fn, n_steps, mix, x):
-    """EDICT written from the paper (Eqs. 10-13) with the authors' alternating order, on a plain diffusers DDIM."""
+def reference_edict(model_fn, n_steps, mix, x, start=0):
+    """EDICT written from the paper (Eqs. 10-13) with the authors' alternating order, on a plain diffusers DDIM; the
+    parity counts from ``start`` (both official codes enumerate ``timesteps[start:]``)."""
     scheduler = DDIMScheduler(clip_sample=False)
     scheduler.set_timesteps(n_steps)
     a_, y_ = x, x
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(scheduler.timesteps[start:]):
         first, second = (a_, y_) if i % 2 == 0 else (y_, a_)
         first = scheduler.step(model_fn(second, t), t, first).prev_sample
         second = scheduler.step(model_fn(first, t), t, second).prev_sample
@@ -38,6 +39,18 @@ def test_full_matches_an_independent_edict_loop(toy):
     for actual, wanted in zip(sampler.sample_pair(x, grad=sdo.Full()), expected, strict=True):
         torch.testing.assert_close(actual, wanted, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(sampler.sample(x, grad=sdo.NoGrad()), expected[0], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("start", [1, 3])
+def test_sampling_from_an_odd_step_counts_the_parity_from_it(toy, start):
+    model, cond, x = toy
+    sampler = toy_edict(toy)
+    expected = reference_edict(lambda v, t: model(v, t, cond), 6, 0.93, x, start)
+    for actual, wanted in zip(sampler.sample_pair(x, grad=sdo.NoGrad(), start_step=start), expected, strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-13, atol=1e-13)
+    x_back, y_back = sampler.invert(*expected, step=start)  # exactly invertible from the odd start
+    torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y_back, x, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("start", [0, 3])
