@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -9,6 +11,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 import sdo
 from conftest import tiny_unet
 from memory_meter import peak_saved_bytes
+from sdo.doodl import PairObjective, doodl_adam_stepper, doodl_stepper
+from sdo.latent import AdamUpdate, LatentProblem
+from sdo.methods import METHODS, MethodOptions
 
 
 def toy_edict(toy, n_steps=6, mix=0.93):
@@ -16,12 +21,13 @@ def toy_edict(toy, n_steps=6, mix=0.93):
     return sdo.EDICTSampler(lambda v, t: model(v, t, cond), DDIMScheduler(clip_sample=False), n_steps, mix=mix)
 
 
-def reference_edict(model_fn, n_steps, mix, x):
-    """EDICT written from the paper (Eqs. 10-13) with the authors' alternating order, on a plain diffusers DDIM."""
+def reference_edict(model_fn, n_steps, mix, x, start=0):
+    """EDICT written from the paper (Eqs. 10-13) with the authors' alternating order, on a plain diffusers DDIM; the
+    parity counts from ``start`` (both official codes enumerate ``timesteps[start:]``)."""
     scheduler = DDIMScheduler(clip_sample=False)
     scheduler.set_timesteps(n_steps)
     a_, y_ = x, x
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(scheduler.timesteps[start:]):
         first, second = (a_, y_) if i % 2 == 0 else (y_, a_)
         first = scheduler.step(model_fn(second, t), t, first).prev_sample
         second = scheduler.step(model_fn(first, t), t, second).prev_sample
@@ -38,6 +44,18 @@ def test_full_matches_an_independent_edict_loop(toy):
     for actual, wanted in zip(sampler.sample_pair(x, grad=sdo.Full()), expected, strict=True):
         torch.testing.assert_close(actual, wanted, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(sampler.sample(x, grad=sdo.NoGrad()), expected[0], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("start", [1, 3])
+def test_sampling_from_an_odd_step_counts_the_parity_from_it(toy, start):
+    model, cond, x = toy
+    sampler = toy_edict(toy)
+    expected = reference_edict(lambda v, t: model(v, t, cond), 6, 0.93, x, start)
+    for actual, wanted in zip(sampler.sample_pair(x, grad=sdo.NoGrad(), start_step=start), expected, strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-13, atol=1e-13)
+    x_back, y_back = sampler.invert(*expected, step=start)  # exactly invertible from the odd start
+    torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y_back, x, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("start", [0, 3])
@@ -133,6 +151,27 @@ def test_doodl_raises_the_reward_with_a_consistent_history(toy):
     again = sdo.optimize_latent_doodl(sampler, x, reward, iters=6, lr=10.0, clip=0.05, progress=False)
     torch.testing.assert_close(again.latent, result.latent, rtol=0, atol=0)  # seeded perturbation
     assert not any("peak_mem_bytes" in r for r in again.history)  # measuring is opt-in, as in optimize_latent
+
+
+def test_doodl_adam_has_doodls_first_gradient_and_raises_the_reward(toy):
+    sampler = toy_edict(toy, 4)
+    x = toy[2].detach()
+    target = torch.full_like(x[0], 0.5)
+
+    def reward(x0, cond):
+        return -(x0 - target).square().flatten(1).mean(dim=1)
+
+    problem = LatentProblem(sampler, x, reward, seed=1)
+    doodl, adam = doodl_stepper(problem), METHODS["doodl-adam"].stepper(problem, MethodOptions(lr=0.05))
+    first = [doodl.step(), adam.step()]
+    assert isinstance(adam.update, AdamUpdate) and isinstance(adam.objective, PairObjective)
+    torch.testing.assert_close(adam.gradient, doodl.gradient, rtol=1e-12, atol=1e-14)
+    assert first[0]["rewards"] == first[1]["rewards"]
+    result = METHODS["doodl-adam"].optimize(problem, MethodOptions(lr=0.05), iters=8, progress=False)
+    assert result.history[-1]["reward"] > result.history[0]["reward"]
+    torch.testing.assert_close(result.latent.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))  # on the shell
+    with pytest.raises(sdo.ConfigError, match="EDICTSampler"):
+        doodl_adam_stepper(replace(problem, sampler=sampler.sampler))
 
 
 @pytest.mark.parametrize(

@@ -50,8 +50,8 @@ def test_every_entry_carries_its_runner(unet, reward):
     sampler = zoo.ddim_sampler(unet, torch.tensor([3]), 4)
     problem = LatentProblem(sampler, zoo.noise(1, 2), reward, seed=2)
     kinds = {name: method.runner.kind for name, method in METHODS.items()}
-    assert kinds["doodl"] == "doodl" and kinds["freedom"] == "guidance"
-    assert {kind for name, kind in kinds.items() if name not in ("doodl", "freedom")} == {"mode"}
+    assert kinds["doodl"] == kinds["doodl-adam"] == "doodl" and kinds["freedom"] == "guidance"
+    assert {kind for name, kind in kinds.items() if name not in ("doodl", "doodl-adam", "freedom")} == {"mode"}
     doodl = METHODS["doodl"].stepper(problem)
     assert isinstance(doodl, LatentStepper) and isinstance(doodl.update, DoodlUpdate)
     assert isinstance(doodl.objective.sampler, sdo.EDICTSampler)  # built from the plain sampler, in one place

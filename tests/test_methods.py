@@ -11,7 +11,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 import sdo
 from sdo.app.bench import BenchConfig
 from sdo.app.finetuning import FINETUNE_METHODS, FinetuneConfig
-from sdo.app.tasks.latent import LATENT_METHODS, LatentTaskConfig
+from sdo.app.tasks.latent import LATENT_METHODS, LatentTaskConfig, build_task
+from sdo.doodl import edict_sampler, scaled_clip
 from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
 
 
@@ -32,10 +33,10 @@ def test_names_resolve_to_the_documented_modes():
 
 
 def test_every_command_accepts_exactly_the_registry_names():
-    latent = ("sdo", "sdo-first", "sdo-random", "sdo-last", "full", "checkpointed", "adjoint", "sdo-multi", "doodl")
-    assert LATENT_METHODS == method_names("latent") == (*latent, "freedom")
+    latent = ("sdo", "sdo-first", "sdo-random", "sdo-last", "full", "checkpointed", "adjoint", "sdo-multi")
+    assert LATENT_METHODS == method_names("latent") == (*latent, "doodl", "doodl-adam", "freedom")
     modes = tuple(name for name, method in METHODS.items() if method.kind == "mode" and name != "nograd")
-    assert FINETUNE_METHODS == method_names("weights") == modes and "doodl" not in modes
+    assert FINETUNE_METHODS == method_names("weights") == modes and not {"doodl", "doodl-adam"} & set(modes)
     weights = (*modes, "nograd")
     assert BenchConfig(methods=",".join(weights), variable="weights").method_names == list(weights)
     flags = {field.name: field.metadata for field in dataclasses.fields(LatentTaskConfig)}
@@ -67,3 +68,27 @@ def test_sampler_schedule_properties():
     reference = EulerDiscreteScheduler()
     reference.set_timesteps(4)
     assert euler.init_noise_sigma == pytest.approx(float(reference.init_noise_sigma)) and euler.init_noise_sigma > 10
+
+
+def test_doodl_clip_flag_defaults_to_the_clip_scaled_to_the_run():
+    assert scaled_clip(50) == pytest.approx(1e-3) and scaled_clip(10) == pytest.approx(5e-3)
+    assert scaled_clip(1) == pytest.approx(0.05)  # the authors' total movement, 50 x 1e-3, in one iteration
+    with pytest.raises(sdo.ConfigError, match="iters"):
+        scaled_clip(0)
+    assert MethodOptions().doodl_clip == 1e-3  # the library keeps the authors' value
+    assert LatentTaskConfig(iters=10).method_options().doodl_clip == pytest.approx(5e-3)
+    assert LatentTaskConfig(iters=10, doodl_clip=2e-3).method_options().doodl_clip == 2e-3
+    with pytest.raises(sdo.ConfigError, match="doodl_clip"):
+        LatentTaskConfig(doodl_clip=-1.0)
+
+
+@pytest.mark.parametrize(("method", "chain"), [("sdo", "ddim"), ("doodl", "edict"), ("doodl-adam", "edict")])
+def test_adversarial_original_is_the_sample_of_the_chain_the_method_optimizes(method, chain):
+    task = build_task(LatentTaskConfig(task="adversarial", method=method, steps=4, batch=2))
+    assert task.notes["original_chain"] == chain
+    with torch.no_grad():
+        ddim = task.sampler.sample(task.latent, sdo.NoGrad())
+        edict = edict_sampler(task.sampler).sample(task.latent, sdo.NoGrad())
+    expected = edict if chain == "edict" else ddim
+    assert torch.equal(task.original, expected) and not torch.allclose(ddim, edict)
+    assert torch.equal(task.reward.original, expected)  # the proximity term keeps the image near it

@@ -1,4 +1,11 @@
-"""DOODL: latent optimization through invertible EDICT sampling (Wallace et al., ICCV 2023, arXiv 2303.13703)."""
+"""DOODL: latent optimization through invertible EDICT sampling (Wallace et al., "End-to-End Diffusion Latent
+Optimization Improves Classifier Guidance", ICCV 2023, arXiv 2303.13703), over EDICT (Wallace et al., CVPR 2023).
+
+``optimize_latent_doodl`` / ``doodl_stepper`` run the authors' update (``DoodlUpdate``: SGD with momentum,
+element-wise clipping, a noise perturbation, renormalization); ``doodl_adam_stepper`` the same exact-inversion
+gradient of the same objective (``PairObjective``) with ``sdo.optimize_latent``'s Adam update instead.
+``scaled_clip`` sizes the element-wise clip to a run's length.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,42 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_int, check_positive, check_rewards
+from .checks import check_betas, check_int, check_positive, check_rewards
 from .edict import EDICTSampler, Invertible
 from .errors import ConfigError
 from .gradients import GradientMode, NoGrad
-from .latent import LatentProblem, LatentStepper, OptimizationResult, Shell
+from .latent import AdamUpdate, LatentProblem, LatentStepper, OptimizationResult, Shell
 from .protocols import LatentReward
 from .sampling import Sampler
 
-__all__ = ["DoodlUpdate", "PairObjective", "doodl_stepper", "edict_sampler", "optimize_latent_doodl"]
+__all__ = [
+    "DoodlUpdate",
+    "PairObjective",
+    "doodl_adam_stepper",
+    "doodl_stepper",
+    "edict_sampler",
+    "optimize_latent_doodl",
+    "scaled_clip",
+]
+
+DOODL_CLIP = 1e-3
+"""The authors' element-wise clip of ``lr * g`` per iteration (``doodl.py``)."""
+DOODL_ITERS = 50
+"""The run length the authors' clip is sized for (their runs take 50 or more iterations)."""
+
+
+def scaled_clip(iters: int) -> float:
+    """The element-wise clip that lets a run of ``iters`` iterations move each latent element as far as the authors'
+    run: ``DOODL_CLIP * DOODL_ITERS / iters = 1e-3 * 50 / iters``.
+
+    DOODL clips each element of ``lr * g`` at ``c = 1e-3`` per iteration, so ``n = 50`` iterations move an element by
+    at most ``n c = 0.05`` (before momentum, which scales every run alike). A shorter run keeps that total by
+    spreading it over its ``iters``: ``c(iters) = 0.05 / iters`` (1e-3 at 50, 5e-3 at 10, 0.05 at 1).
+
+    Raises:
+        ConfigError: ``iters`` is not an integer >= 1.
+    """
+    return DOODL_CLIP * DOODL_ITERS / check_int(iters, "iters", low=1)
 
 
 def edict_sampler(sampler: Sampler | EDICTSampler) -> EDICTSampler:
@@ -139,7 +173,8 @@ def optimize_latent_doodl(
         reward: ``reward(x0, cond) -> [B]``, higher is better.
         grad: ``sdo.Invertible()`` or ``sdo.Full()`` (same gradient, memory growing with the steps).
         start_step: first step run. iters: updates (>= 0). lr: the authors' ``grad_scale`` (scales the gradient
-            before clipping). momentum: in [0, 1). clip: the element-wise bound (None: no clipping).
+            before clipping). momentum: in [0, 1). clip: the element-wise bound (None: no clipping); the authors'
+            1e-3 is sized for their 50+ iterations, ``scaled_clip(iters)`` keeps their total movement in a shorter run.
         perturbation: standard deviation of the added noise (0: none), drawn from a generator seeded by ``seed``.
         renormalize: rescale each latent to its initial norm after every update (for initial noise).
         seed, cond, judge, measure, progress: as for ``sdo.optimize_latent``.
@@ -173,9 +208,7 @@ def doodl_stepper(
     sampler is an ``sdo.EDICTSampler``): ``PairObjective`` with ``DoodlUpdate``. ``sdo bench`` steps it one
     iteration at a time."""
     grad = Invertible() if grad is None else grad  # a fresh mode (and its stats) per run, never a shared default
-    sampler = problem.sampler
-    if not isinstance(sampler, EDICTSampler):
-        raise ConfigError(f"DOODL optimizes through sdo.EDICTSampler, got {type(sampler).__name__}.")
+    sampler = _edict_of(problem)
     _check(lr, momentum, clip, perturbation, grad)
     problem.check(sampler.sampler.network)
     objective = PairObjective(sampler, problem.reward, problem.start_step, problem.cond)
@@ -186,6 +219,53 @@ def doodl_stepper(
     return problem.stepper(objective, doodl, grad)
 
 
+def doodl_adam_stepper(
+    problem: LatentProblem,
+    grad: GradientMode | None = None,
+    *,
+    lr: float = 0.05,
+    betas: tuple[float, float] = (0.9, 0.9),
+    shell: bool = True,
+) -> LatentStepper:
+    """DOODL's gradient with ``sdo.optimize_latent``'s update (the ``doodl-adam`` method): the
+    ``sdo.latent.LatentStepper`` of ``PairObjective`` (``r(z) = (reward(x_0) + reward(y_0)) / 2`` on the EDICT pair,
+    gradient by exact inversion, ``sdo.Invertible()`` when ``grad`` is None) with ``sdo.latent.AdamUpdate``:
+
+        z = Adam(z, -d r / d z; lr, betas);   z = z * ||z_init|| / ||z||  (per sample, with ``shell``)
+
+    It separates DOODL's gradient (Wallace et al., ICCV 2023) from its SGD + momentum + clipping update: same
+    chain and objective as ``doodl_stepper``, so the first gradient is the same. The problem's sampler is an
+    ``sdo.EDICTSampler``.
+
+    Raises:
+        ConfigError: a sampler that is not an ``sdo.EDICTSampler``, a bad ``lr``, ``betas``, ``grad`` or latent.
+    """
+    grad = Invertible() if grad is None else grad  # a fresh mode (and its stats) per run
+    sampler = _edict_of(problem)
+    check_positive(lr, "lr")
+    betas = check_betas(betas)
+    _check_grad(grad)
+    problem.check(sampler.sampler.network)
+    objective = PairObjective(sampler, problem.reward, problem.start_step, problem.cond)
+
+    def adam(z: torch.Tensor) -> AdamUpdate:
+        return AdamUpdate(z, lr, betas, Shell(z) if shell else None)
+
+    return problem.stepper(objective, adam, grad)
+
+
+def _edict_of(problem: LatentProblem) -> EDICTSampler:
+    """The problem's sampler, which DOODL's chain needs to be an ``sdo.EDICTSampler``."""
+    if not isinstance(problem.sampler, EDICTSampler):
+        raise ConfigError(f"DOODL optimizes through sdo.EDICTSampler, got {type(problem.sampler).__name__}.")
+    return problem.sampler
+
+
+def _check_grad(grad: object) -> None:
+    if isinstance(grad, NoGrad) or not isinstance(grad, GradientMode):
+        raise ConfigError(f"`grad` must be sdo.Invertible() or sdo.Full(), got {grad!r}.")
+
+
 def _check(lr, momentum, clip, perturbation, grad) -> None:
     check_positive(lr, "lr")
     if isinstance(momentum, bool) or not 0 <= check_positive(momentum, "momentum", allow_zero=True) < 1:
@@ -193,5 +273,4 @@ def _check(lr, momentum, clip, perturbation, grad) -> None:
     if clip is not None:
         check_positive(clip, "clip")
     check_positive(perturbation, "perturbation", allow_zero=True)
-    if isinstance(grad, NoGrad) or not isinstance(grad, GradientMode):
-        raise ConfigError(f"`grad` must be sdo.Invertible() or sdo.Full(), got {grad!r}.")
+    _check_grad(grad)

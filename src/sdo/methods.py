@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 import torch
 
 from .adjoint import Adjoint
-from .doodl import doodl_stepper, edict_sampler
+from .doodl import doodl_adam_stepper, doodl_stepper, edict_sampler
 from .errors import ConfigError
 from .freedom import GuidanceStepper
 from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, SpreadShortcut, Truncated
@@ -24,6 +24,7 @@ from .latent import LatentProblem, OptimizationResult, latent_stepper
 
 __all__ = [
     "DOODL",
+    "DOODL_ADAM",
     "GUIDANCE",
     "METHODS",
     "MODE",
@@ -58,6 +59,9 @@ class MethodOptions:
             (``sdo.gradients.SpreadShortcut``).
         lr, prior_weight, project_to_shell: the Adam run of a gradient mode (``sdo.optimize_latent``'s arguments).
         doodl_lr, doodl_renormalize: DOODL's ``lr`` and ``renormalize`` (``sdo.optimize_latent_doodl``).
+        doodl_clip: DOODL's element-wise clip of ``lr * g`` per iteration (its ``clip``); the authors' 1e-3 is sized
+            for 50+ iterations, ``sdo.doodl.scaled_clip(iters)`` keeps their total movement in a shorter run.
+        (``doodl-adam`` takes ``lr`` and ``project_to_shell``, the Adam run's.)
         freedom_scale, freedom_repeats: FreeDoM's ``scale`` and ``repeats`` (``sdo.freedom_sample``).
     """
 
@@ -73,6 +77,7 @@ class MethodOptions:
     prior_weight: float = 0.0
     project_to_shell: bool = True
     doodl_lr: float = 1.0
+    doodl_clip: float = 1e-3
     doodl_renormalize: bool = True
     freedom_scale: float = 0.2
     freedom_repeats: int = 1
@@ -99,7 +104,8 @@ class Runner:
     """How a method runs on a latent: ``start(method, problem, options)`` gives its ``Stepper``.
 
     Attributes:
-        kind: ``"mode"`` (a gradient mode through ``sdo.optimize_latent``'s loop), ``"doodl"`` or ``"guidance"``.
+        kind: ``"mode"`` (a gradient mode through ``sdo.optimize_latent``'s loop), ``"doodl"`` (on the EDICT chain:
+            ``doodl`` and ``doodl-adam``; its samples are EDICT's, not the plain sampler's) or ``"guidance"``.
         runs: what it runs, in words (for messages).
         start: builds the ``Stepper``.
         exact_gradient: its gradient is that of the sampler's own chain, so comparable with ``Full()``'s (DOODL's
@@ -121,7 +127,12 @@ def _start_mode(method: Method, problem: LatentProblem, options: MethodOptions) 
 
 def _start_doodl(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
     edict = replace(problem, sampler=edict_sampler(problem.sampler))
-    return doodl_stepper(edict, lr=options.doodl_lr, renormalize=options.doodl_renormalize)
+    return doodl_stepper(edict, lr=options.doodl_lr, clip=options.doodl_clip, renormalize=options.doodl_renormalize)
+
+
+def _start_doodl_adam(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
+    edict = replace(problem, sampler=edict_sampler(problem.sampler))
+    return doodl_adam_stepper(edict, lr=options.lr, shell=options.project_to_shell)
 
 
 def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
@@ -130,6 +141,7 @@ def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptio
 
 MODE = Runner("mode", "sdo.optimize_latent (Adam)", _start_mode, exact_gradient=True)
 DOODL = Runner("doodl", "sdo.optimize_latent_doodl on an sdo.EDICTSampler", _start_doodl)
+DOODL_ADAM = Runner("doodl", "sdo.doodl.doodl_adam_stepper (Adam) on an sdo.EDICTSampler", _start_doodl_adam)
 GUIDANCE = Runner("guidance", "sdo.freedom_sample", _start_guidance)
 
 
@@ -248,6 +260,12 @@ METHODS: dict[str, Method] = {
             "DOODL: EDICT sampling with exact-inversion backprop, SGD+momentum, clipping, renormalization",
             None,
             runner=DOODL,
+        ),
+        Method(
+            "doodl-adam",
+            "DOODL's exact-inversion gradient on the EDICT pair, with sdo's Adam update (--lr, --project)",
+            None,
+            runner=DOODL_ADAM,
         ),
         Method(
             "freedom",

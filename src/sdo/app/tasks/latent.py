@@ -19,6 +19,7 @@ from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import ZOO_GUIDANCE, PipelineOptions
 from sdo.app.reward_spec import parse_reward_spec
 from sdo.checks import SEED_MAX
+from sdo.doodl import edict_sampler, scaled_clip
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
 from sdo.io import load_image
@@ -34,6 +35,7 @@ __all__ = [
     "TaskResources",
     "build_task",
     "load_resources",
+    "original_sample",
     "run_task",
 ]
 
@@ -94,7 +96,13 @@ class LatentTaskConfig(PipelineOptions):
     )
     kept_steps: str = option("", "sdo-multi: comma-separated kept step indices (default: 4 spread over the run)")
     doodl_lr: float = option(
-        1.0, "doodl: gradient scale before element-wise clipping at 1e-3 (the authors' rule)", above=0
+        1.0, "doodl: gradient scale before element-wise clipping at --doodl-clip (the authors' rule)", above=0
+    )
+    doodl_clip: float = option(
+        0.0,
+        "doodl: element-wise clip per iteration (0: scaled, 1e-3 x 50 / --iters, the authors' 1e-3 over their 50 "
+        "iterations)",
+        at_least=0,
     )
     freedom_scale: float = option(0.2, "freedom: guidance step as a fraction of the solver update", at_least=0)
     freedom_repeats: int = option(
@@ -121,6 +129,7 @@ class LatentTaskConfig(PipelineOptions):
             prior_weight=self.prior_weight,
             project_to_shell=self.project,
             doodl_lr=self.doodl_lr,
+            doodl_clip=self.doodl_clip or scaled_clip(self.iters),
             doodl_renormalize=self.project,
             freedom_scale=self.freedom_scale,
             freedom_repeats=self.freedom_repeats,
@@ -198,7 +207,9 @@ class LatentTask:
     """A built task: the sampler, the latent to optimize, the reward and the judge's acceptance test.
 
     ``settings``: what replays a latent of this task, as ``latent.safetensors`` records it (``sdo.app.results``).
-    ``notes``: facts about the run for ``metrics.json`` (e.g. ``scheduler_replaced``).
+    ``notes``: facts about the run for ``metrics.json`` (e.g. ``scheduler_replaced``; on the embedded model
+    ``original_chain``, the chain that sampled ``original``: ``"edict"`` for the methods on the EDICT chain, else
+    ``"ddim"``).
     """
 
     sampler: Sampler
@@ -324,7 +335,7 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
     noise = zoo.noise(config.batch, config.seed, device)
     with torch.no_grad():
         latent = noise if config.start_step == 0 else sampler.sample(noise, NoGrad(), stop_step=config.start_step)
-        original = sampler.sample(latent, NoGrad(), start_step=config.start_step)
+    chain, original = original_sample(config, sampler, latent)
 
     def judge_says(digit: int):
         return lambda x0: judge(x0).argmax(dim=1) == digit
@@ -363,7 +374,20 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
         original=original,
         description=text,
         settings=settings,
+        notes={"original_chain": chain},
     )
+
+
+def original_sample(config: LatentTaskConfig, sampler: Sampler, latent: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """``(chain, sample)``: the unoptimized sample of ``latent`` (at ``config.start_step``) on the chain
+    ``config.method`` optimizes through, which the adversarial reward keeps the image near and the results show as
+    "before". The methods on the EDICT chain (runner kind ``"doodl"``: ``doodl``, ``doodl-adam``) start from EDICT's
+    sample of the latent (``sdo.doodl.edict_sampler``; Wallace et al., ICCV 2023), the others from ``sampler``'s
+    (DDIM)."""
+    with torch.no_grad():
+        if METHODS[config.method].kind == "doodl":
+            return "edict", edict_sampler(sampler).sample(latent, NoGrad(), start_step=config.start_step)
+        return "ddim", sampler.sample(latent, NoGrad(), start_step=config.start_step)
 
 
 def _index_list(text: str) -> tuple[int, ...] | None:
@@ -379,7 +403,8 @@ def _index_list(text: str) -> tuple[int, ...] | None:
 def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress: bool = True) -> OptimizationResult:
     """Optimize ``config``'s task with ``config.method`` (building the task unless one is given), through the
     registry's runner of that method (``sdo.methods.Method.optimize``): gradient modes run ``sdo.optimize_latent``'s
-    loop (Adam), ``doodl`` DOODL's on an ``sdo.EDICTSampler`` over the same model and schedule, ``freedom`` one
+    loop (Adam), ``doodl`` DOODL's on an ``sdo.EDICTSampler`` over the same model and schedule (``doodl-adam`` the
+    same chain with Adam), ``freedom`` one
     ``sdo.freedom_sample`` pass reported as a two-record history (the unguided sample, then the guided one).
     """
     task = task or build_task(config)
