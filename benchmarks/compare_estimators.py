@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from sdo.app.report import machine_info
 from sdo.app.tasks.latent import LatentTask, LatentTaskConfig, build_task, load_resources
+from sdo.doodl import scaled_clip
 from sdo.io import load_json, load_tensors, save_json, save_tensors
 from sdo.latent import LatentProblem
 from sdo.methods import METHODS, MethodOptions
@@ -126,11 +127,7 @@ def method_options(variant: Variant, value: float, iters: int) -> MethodOptions:
     """The registry options of ``variant`` with its knob at ``value``, for a run of ``iters`` iterations (DOODL's
     per-element clip scaled so that clip x iterations is the authors' 1e-3 x 50, ``sdo.doodl.scaled_clip``)."""
     options = MethodOptions("latent", **variant.fixed, **{variant.knob: value})
-    if variant.method != "doodl":
-        return options
-    from sdo.doodl import scaled_clip  # TEMP until the edict branch lands
-
-    return replace(options, doodl_clip=scaled_clip(iters))
+    return replace(options, doodl_clip=scaled_clip(iters)) if variant.method == "doodl" else options
 
 
 class VariantRun:
