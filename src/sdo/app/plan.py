@@ -21,11 +21,12 @@ The gradient mode's roles (``sdo.gradients``) for ``n`` steps then compose them.
     relative time                       = FLOPs / FLOPs(nograd)
 
 so ``sdo`` costs one step's activations whatever ``n`` is, ``full`` grows as ``n A``, and ``checkpointed`` costs
-``n X + A`` at about ``(2F + B) / F`` times the no-grad compute. ``alignprop``'s peak uses its largest depth and
-its time the mean depth. The solver update saves only scalars (DDIM) and is neglected; so are the FLOPs of
-elementwise operations, which is why the time ratios are a floor on small models, where per-call overhead
-dominates (the embedded model on CPU). On CUDA the allocator's peak adds the transient workspace of one call and
-the weights' gradients and optimizer state (``--variable weights``, given separately).
+``n X + A`` at about ``(2F + B) / F`` times the no-grad compute. ``alignprop`` (its steps checkpointed, as in the
+official code) has its peak at its largest depth and its time at the mean depth. The solver update saves only
+scalars (DDIM) and is neglected; so are the FLOPs of elementwise operations, which is why the time ratios are a
+floor on small models, where per-call overhead dominates (the embedded model on CPU). On CUDA the allocator's peak
+adds the transient workspace of one call and the weights' gradients and optimizer state (``--variable weights``,
+given separately).
 """
 
 from __future__ import annotations
@@ -123,11 +124,14 @@ def plan_method(
     name: str, mode: GradientMode, steps: int, network: CallProfile, reward: CallProfile, nograd_flops: int
 ) -> MethodPlan:
     """Compose one network call's and one reward's profiles along ``mode``'s step roles (module docstring)."""
-    peak_mode = Truncated(mode.high) if isinstance(mode, RandomTruncation) else mode
+    random_depth = isinstance(mode, RandomTruncation)
+    peak_mode = Truncated(mode.high, checkpoint=mode.checkpoint) if random_depth else mode
     roles = peak_mode.roles(0, steps)
     full, checkpoint = roles.count(StepRole.FULL), roles.count(StepRole.CHECKPOINT)
     learns = full + checkpoint > 0 or StepRole.SHORTCUT in roles
-    time_full = (mode.low + mode.high) / 2 if isinstance(mode, RandomTruncation) else full
+    mean_depth = (mode.low + mode.high) / 2 if random_depth else None
+    time_full = mean_depth if mean_depth is not None and full else full
+    time_checkpoint = mean_depth if mean_depth is not None and checkpoint else checkpoint
     saved = full * network.saved_bytes + (reward.saved_bytes if learns else 0)
     # Rematerialized activations (a checkpointed step, a checkpointed decoder) are alive one at a time, in backward.
     rematerialized = max(reward.peak, network.saved_bytes if checkpoint else 0) if learns else 0
@@ -135,7 +139,7 @@ def plan_method(
     flops = steps * network.forward_flops + reward.forward_flops
     if learns:
         flops += time_full * network.backward_flops + reward.backward_flops
-        flops += checkpoint * (network.forward_flops + network.backward_flops)
+        flops += time_checkpoint * (network.forward_flops + network.backward_flops)
     return MethodPlan(name, steps, saved, peak, int(flops), flops / nograd_flops if nograd_flops else 0.0, 0, 0)
 
 
