@@ -44,7 +44,7 @@ from sdo.app.report import markdown_table, mebibytes
 from sdo.gradients import GradientMode, RandomTruncation, StepRole, Truncated
 from sdo.memory import is_parameter
 
-__all__ = ["CallProfile", "MethodPlan", "format_plan", "plan_bench", "plan_method", "profile_call"]
+__all__ = ["CallProfile", "MethodPlan", "format_plan", "plan_bench", "plan_dtype", "plan_method", "profile_call"]
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,15 @@ class _MetaWorkload:
     model: torch.nn.Module
 
 
-def _meta_workload(config: BenchConfig) -> _MetaWorkload:
-    """The benchmark's workload (``sdo.app.tasks.bench``), built on the meta device from its configs."""
+def plan_dtype(config: BenchConfig) -> torch.dtype:
+    """The dtype ``sdo bench`` runs ``config``'s SD-1.5 workload in on its device (bfloat16 on CUDA, else float32);
+    read from the device's name only, so a plan for CUDA needs no CUDA."""
+    return torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+
+
+def _meta_workload(config: BenchConfig, dtype: torch.dtype | None = None) -> _MetaWorkload:
+    """The benchmark's workload (``sdo.app.tasks.bench``), built on the meta device from its configs (SD-1.5 in
+    ``dtype``, default ``plan_dtype(config)``); nothing touches ``config.device``."""
     from sdo.models import Denoiser
 
     meta = torch.device("meta")
@@ -176,7 +183,7 @@ def _meta_workload(config: BenchConfig) -> _MetaWorkload:
 
     from sdo.app.tasks.bench import SD15_UNET_CONFIG, SD15_VAE_CONFIG, scaled_config
 
-    dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+    dtype = plan_dtype(config) if dtype is None else dtype
     unet_config = scaled_config(SD15_UNET_CONFIG, config.width)
     vae_config = scaled_config(SD15_VAE_CONFIG, config.width)
     with meta:
@@ -199,12 +206,14 @@ def _meta_workload(config: BenchConfig) -> _MetaWorkload:
     return _MetaWorkload(denoiser, reward, as_run, latent, torch.tensor(500, device=meta), unet)
 
 
-def plan_bench(config: BenchConfig) -> dict:
+def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:
     """Predict, for every method and number of steps of ``config``, the activation memory and relative time of
-    one iteration (nothing runs: see the module docstring). Returns ``{"config", "profiles", "rows"}``."""
+    one iteration (nothing runs: see the module docstring). Everything is traced on the meta device, so
+    ``config.device`` need not exist on this machine (a CUDA plan on a CPU-only one); it only sets the SD-1.5
+    dtype (``plan_dtype``) unless ``dtype`` is given. Returns ``{"config", "profiles", "rows"}``."""
     from sdo.methods import gradient_mode
 
-    workload = _meta_workload(config)
+    workload = _meta_workload(config, dtype)
     weights = config.variable == "weights"
     if weights:
         workload.model.requires_grad_(True)
@@ -225,7 +234,7 @@ def plan_bench(config: BenchConfig) -> dict:
     for steps in config.step_counts:
         nograd_flops = steps * network.forward_flops + reward.forward_flops
         for name in config.method_names:
-            mode = gradient_mode(name, config.method_options(torch.Generator().manual_seed(config.seed)))
+            mode = gradient_mode(name, config.method_options(generator=torch.Generator().manual_seed(config.seed)))
             try:
                 plan = plan_method(name, mode, steps, network, reward, nograd_flops)
             except NotImplementedError:  # a mode without step roles (e.g. reversible solvers): not modelled
