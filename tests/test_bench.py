@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sdo.app.bench import BenchConfig, run_bench
+from sdo.app import bench
+from sdo.app.bench import BenchConfig, reward_at, run_bench
 from sdo.app.cli import main
+from sdo.errors import ConfigError
 from sdo.methods import method_names
 
 WEIGHT_METHODS = (*method_names("weights"), "nograd")
@@ -24,8 +27,12 @@ ROW_KEYS = {
     "peak_mem_bytes",
     "reward_initial",
     "reward_final",
-    "reward_at_equal_time",
-    "equal_time_budget_s",
+    "reward_at_25pct_time",
+    "reward_at_50pct_time",
+    "reward_at_100pct_time",
+    "time_reference",
+    "time_reference_s",
+    "iterates",
     "grad_cosine",
     "harness_overhead",
     "history",
@@ -149,3 +156,76 @@ def test_latent_only_methods_run_in_the_bench():
     assert all(row["peak_mem_bytes"] > 0 for row in rows.values())
     with pytest.raises(ValueError, match="method 'doodl' optimizes a latent only"):
         BenchConfig(methods="doodl", variable="weights")
+
+
+def test_equal_time_columns_are_fractions_of_full_and_weights_bench_records_iterates(weights_bench):
+    rows = {row["method"]: row for row in weights_bench["rows"]}
+    full = rows["full"]
+    assert full["time_reference"] == "full" and full["time_reference_s"] == full["history"][-1]["elapsed"]
+    assert full["reward_at_100pct_time"] == full["reward_final"]  # full's last iterate is within its own time
+    for row in rows.values():
+        times = [seconds for seconds, _ in row["iterates"]]
+        assert times == [0.0] + [record["elapsed"] for record in row["history"]]
+        assert row["iterates"][0][1] == row["reward_initial"] and row["iterates"][-1][1] == row["reward_final"]
+
+
+def _fake_run(name: str, seconds: list[float], rewards: list[float], kind: str = "mode") -> SimpleNamespace:
+    elapsed = [sum(seconds[: i + 1]) for i in range(len(seconds))]
+    records = [{"seconds": s, "elapsed": e, "reward": r} for s, e, r in zip(seconds, elapsed, rewards, strict=True)]
+    return SimpleNamespace(name=name, records=records, learns=True, method=SimpleNamespace(kind=kind))
+
+
+def test_an_iterate_is_credited_exactly_at_the_training_time_through_its_update():
+    """Iterate k (after k updates) counts from t_k, the time through update k: a method whose 4 updates take
+    exactly 25% of full's 8 s shows its 4th iterate (the final evaluation) in the 25% column."""
+    runs = {
+        "full": _fake_run("full", [1.0] * 8, [0.0] * 8),
+        "sdo": _fake_run("sdo", [0.5] * 4, [0.1, 0.2, 0.3, 0.4]),  # rewards of iterates 0..3, measured by updates 1..4
+    }
+    reference = bench._time_reference(runs)
+    assert reference == ("full", 8.0)
+    iterates = bench._iterates(runs["sdo"], final_reward=0.5)
+    assert iterates == [(0.0, 0.1), (0.5, 0.2), (1.0, 0.3), (1.5, 0.4), (2.0, 0.5)]
+    columns = bench._equal_time(iterates, reference)
+    assert columns["reward_at_25pct_time"] == 0.5  # t_4 = 2.0 s = 25% of 8 s: the 4th iterate
+    assert reward_at(iterates, 1.99) == 0.4 and reward_at(iterates, 0.0) == 0.1
+    freedom = _fake_run("freedom", [3.0, 3.0], [0.7, 0.7], kind="guidance")  # one pass: credited at its own time
+    assert bench._iterates(freedom, 0.7) == [(3.0, 0.7), (3.0, 0.7)]
+    assert reward_at(bench._iterates(freedom, 0.7), 2.0) is None and reward_at(bench._iterates(freedom, 0.7), 4.0)
+    no_full = {"sdo": runs["sdo"], "slow": _fake_run("slow", [5.0], [0.0]), "freedom": freedom}
+    assert bench._time_reference(no_full) == ("slowest learner (slow)", 5.0)
+
+
+def test_bench_takes_the_method_flags_of_optimize(tmp_path):
+    rows_file = tmp_path / "rows.json"
+    args = ["bench", "--methods", "sdo-multi,adjoint", "--kept-steps", "0,10", "--adjoint-iters", "0", "--lr", "0.1"]
+    args += ["--adjoint-checkpoint-every", "4"]
+    args += ["--steps", "12", "--iters", "1", "--batch", "1", "--out", str(tmp_path / "b"), "--json", str(rows_file)]
+    assert main(args) == 0
+    modes = {row["method"]: row["mode"] for row in json.loads(rows_file.read_text())}
+    assert (
+        modes["sdo-multi"].startswith("Shortcut(step=(0, 10),")
+        and modes["adjoint"] == "Adjoint(fixed_point_iters=0, checkpoint_every=4)"
+    )
+    config = BenchConfig(methods="sdo", lr=0.1, prior_weight=0.5, project=False, freedom_scale=0.3)
+    options = config.method_options()
+    assert (options.lr, options.prior_weight, options.project_to_shell, options.freedom_scale) == (
+        0.1,
+        0.5,
+        False,
+        0.3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (dict(methods="sdo-multi", kept_steps="0,10", steps="5"), r"`step` indices must lie in \[0, 4\]"),
+        (dict(methods="sdo-multi", kept_steps="0,x"), "`kept_steps` must be comma-separated"),
+        (dict(methods="alignprop", variable="weights", steps="4"), r"`high`=10 is larger than the 4 remaining"),
+        (dict(methods="adjoint", adjoint_iters=101), r"`adjoint_iters` must be an integer in \[0, 100\]"),
+    ],
+)
+def test_bench_refuses_method_flags_before_any_work(flags, match):
+    with pytest.raises(ConfigError, match=match):
+        BenchConfig(**flags)

@@ -135,3 +135,26 @@ def test_saved_memory_versus_number_of_steps(toy, mode):
     else:
         # Checkpointed keeps each step's input latent for the recomputation, and no activations.
         assert large - small <= 12 * latent_bytes
+
+
+@pytest.mark.parametrize("random_depth", [False, True], ids=["Truncated", "RandomTruncation"])
+def test_checkpointed_truncation_saves_step_inputs_not_activations(toy, random_depth):
+    """``Truncated(k, checkpoint=True)`` (and AlignProp's ``RandomTruncation(..., checkpoint=True)``) keep each
+    graphed step's input latent for the recomputation, and no activations: memory does not grow with k as the
+    unchecked mode's does (which keeps k steps' activations)."""
+    model, cond, x = toy
+    latent_bytes = x.numel() * x.element_size()
+    sampler = sdo.Sampler(lambda v, t: model(v, t, cond), DDIMScheduler(clip_sample=False), 16)
+
+    def measure(k: int, checkpoint: bool) -> int:
+        mode = (
+            sdo.RandomTruncation(k, k, generator=torch.Generator().manual_seed(0), checkpoint=checkpoint)
+            if random_depth
+            else sdo.Truncated(k, checkpoint=checkpoint)
+        )
+        return saved_bytes(lambda: sampler.sample(x, grad=mode))
+
+    per_step = (measure(8, False) - measure(4, False)) / 4
+    assert per_step > 4 * latent_bytes  # unchecked: every graphed step's activations are kept
+    assert measure(8, True) - measure(4, True) <= 4 * 3 * latent_bytes  # checkpointed: a few latents per step
+    assert measure(8, True) < measure(1, False)  # less than one unchecked step's activations

@@ -63,7 +63,7 @@ def test_saved_latent_replays_bit_identically(unet, tmp_path):
 
 
 def test_truncated_modes_cannot_optimize_a_latent(unet):
-    with pytest.raises(ValueError, match=r"Truncated\(k=2\) gives no gradient to the latent"):
+    with pytest.raises(ValueError, match=r"Truncated\(k=2, checkpoint=False\) gives no gradient to the latent"):
         optimize_latent(
             make_sampler(unet, [0]),
             noise(1),

@@ -26,7 +26,9 @@ def test_names_resolve_to_the_documented_modes():
     assert gradient_mode("sdo-last", latent) == sdo.Shortcut(step="last")
     assert gradient_mode("draft-k", weights) == sdo.Truncated(3)
     assert gradient_mode("draft-1", weights) == sdo.Truncated(1)
-    assert gradient_mode("alignprop", weights) == sdo.RandomTruncation(1, 7)
+    assert gradient_mode("alignprop", weights) == sdo.RandomTruncation(1, 7, checkpoint=True)  # as the official code
+    checkpointed_draft = gradient_mode("draft-k", dataclasses.replace(weights, checkpoint_kept=True))
+    assert checkpointed_draft == sdo.Truncated(3, checkpoint=True)
     assert gradient_mode("nograd", latent) == sdo.NoGrad()
     checkpointed = gradient_mode("sdo", MethodOptions("latent", checkpoint_kept=True))
     assert checkpointed == sdo.Shortcut(step="first", checkpoint=True)

@@ -52,6 +52,7 @@ MODES = [
     sdo.NoGrad(),
     sdo.Truncated(1),
     sdo.Truncated(3),
+    sdo.Truncated(3, checkpoint=True),  # the graphed steps recomputed in backward: the same numbers
     sdo.Shortcut(),
     sdo.Shortcut(step="last"),
     sdo.Shortcut(step=3),
@@ -99,7 +100,11 @@ def test_mode_matches_reference_loop(scheduler_case, toy, mode, start):
 
 @pytest.mark.parametrize(
     "mode_factory",
-    [lambda g: sdo.RandomTruncation(1, 4, generator=g), lambda g: sdo.Shortcut(step="random", k=2, generator=g)],
+    [
+        lambda g: sdo.RandomTruncation(1, 4, generator=g),
+        lambda g: sdo.RandomTruncation(1, 4, generator=g, checkpoint=True),  # compared with the unchecked Truncated
+        lambda g: sdo.Shortcut(step="random", k=2, generator=g),
+    ],
 )
 def test_random_modes_draw_once_per_trajectory(scheduler_case, toy, mode_factory):
     _, scheduler, eta = scheduler_case

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from sdo.app.bench import BenchConfig, run_bench
 from sdo.app.cli import main
-from sdo.app.plan import plan_bench
+from sdo.app.plan import plan_bench, plan_dtype
 
 FACTOR = 1.25  # stated accuracy of the memory prediction against the measured CPU figure (saved activations)
 WORKLOADS = {
@@ -49,3 +50,19 @@ def test_plan_cli_for_full_size_sd15_runs_nothing(tmp_path, capsys):
     assert main([*args, "--methods", "sdo,checkpointed,nograd", "--variable", "weights"]) == 0
     text = capsys.readouterr().out
     assert "predicted peak activations" in text and (tmp_path / "plan.json").is_file()
+
+
+def test_plan_for_cuda_needs_no_cuda(tmp_path, capsys, monkeypatch):
+    """A CUDA plan is traced on the meta device: it runs on a machine without CUDA, and its figures are those of
+    the CPU-device plan in the same dtype (CUDA runs SD-1.5 in bfloat16)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["bench", "--plan", "--model", "sd15", "--device", "cuda", "--steps", "4", "--batch", "1"]
+    assert main([*args, "--width", "0.1", "--resolution", "64", "--out", str(tmp_path)]) == 0
+    assert "predicted peak activations" in capsys.readouterr().out
+    tiny = dict(model="sd15", methods="sdo,full,checkpointed,alignprop", variable="weights", steps="4", batch=1)
+    tiny.update(width=0.1, resolution=64, alignprop_high=3)
+    cuda, cpu = BenchConfig(device="cuda", **tiny), BenchConfig(device="cpu", **tiny)
+    assert plan_dtype(cuda) == torch.bfloat16 and plan_dtype(cpu) == torch.float32
+    planned, reference = plan_bench(cuda), plan_bench(cpu, dtype=torch.bfloat16)
+    assert planned["rows"] == reference["rows"] and planned["profiles"] == reference["profiles"]
+    assert planned["rows"] != plan_bench(cpu)["rows"]  # the dtype is what the device changes

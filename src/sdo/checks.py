@@ -48,15 +48,20 @@ def check_positive(value: object, name: str, *, allow_zero: bool = False) -> flo
     return number
 
 
-def check_device(device: object, name: str = "device") -> torch.device:
+def check_device(device: object, name: str = "device", present: bool = True) -> torch.device:
     """``device`` as a ``torch.device`` if this machine has it; ``--device cuda`` without CUDA is a ``ConfigError``
-    (nothing silently falls back to the CPU)."""
+    (nothing silently falls back to the CPU). With ``present=False`` only the name is checked (a device planned
+    for, not used: ``sdo bench --plan``)."""
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         parsed = None
     if parsed is None:
         raise ConfigError(f"`{name}` must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}.")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"`{name}` must be 'cpu', 'cuda' (or 'cuda:N') or 'mps', got {device!r}.")
+    if not present:
+        return parsed
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -69,8 +74,6 @@ def check_device(device: object, name: str = "device") -> torch.device:
             )
     elif parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"`{name}` is {device!r}, but MPS is not available on this machine; use --device cpu.")
-    elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"`{name}` must be 'cpu', 'cuda' (or 'cuda:N') or 'mps', got {device!r}.")
     return parsed
 
 

@@ -124,21 +124,31 @@ class NoGrad(GradientMode):
 
 @dataclass(frozen=True)
 class Truncated(GradientMode):
-    """Truncated backpropagation through the last ``k`` steps (DRaFT-K, Clark et al. 2024, arXiv 2309.17400).
+    """Truncated backpropagation through the last ``k`` steps (DRaFT-K; Clark et al., "Directly Fine-Tuning
+    Diffusion Models on Differentiable Rewards", ICLR 2024, arXiv 2309.17400).
 
     Steps before the last ``k`` run entirely under ``torch.no_grad()`` (network and solver), so the state entering
     the last ``k`` steps is detached: no gradient reaches the initial latent. The last ``k`` steps keep their full
     graph: ``d x_0 / d theta = sum_{i >= stop-k} (prod_{j>i} J_j) b_i d eps/d theta |_i``. Randomness: none.
+
+    Args:
+        k: the number of graphed steps at the end of the run (>= 1).
+        checkpoint: the graphed steps are ``CHECKPOINT`` instead of ``FULL``: their activations are dropped in
+            forward and recomputed in backward (same scheduler state, same noise), so the gradient is the same to
+            float precision while memory is one step's activations plus the ``k`` stored step inputs, at one more
+            network forward per graphed step (as ``Shortcut(checkpoint=True)``).
     """
 
     k: int = 1
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("k", self.k)
 
     def roles(self, start: int, stop: int) -> list[StepRole]:
         _check_fits("k", self.k, start, stop)
-        return [StepRole.NOGRAD] * (stop - start - self.k) + [StepRole.FULL] * self.k
+        graphed = StepRole.CHECKPOINT if self.checkpoint else StepRole.FULL
+        return [StepRole.NOGRAD] * (stop - start - self.k) + [graphed] * self.k
 
 
 @dataclass(frozen=True)
@@ -146,12 +156,20 @@ class RandomTruncation(GradientMode):
     """Truncation at a random depth (AlignProp, Prabhudesai et al. 2023, arXiv 2310.03739).
 
     ``k`` is drawn once per trajectory (per ``sample`` call, not per step), uniformly in ``[low, high]``, from
-    ``generator`` (the global RNG when None); then the call behaves exactly as ``Truncated(k)``.
+    ``generator`` (the global RNG when None); then the call behaves exactly as ``Truncated(k, checkpoint)``.
+
+    Args:
+        low, high: the range of the depth ``k`` (both inclusive, ``1 <= low <= high``).
+        generator: source of the depth (the global RNG when None).
+        checkpoint: recompute the ``k`` graphed steps in backward (``Truncated``'s ``checkpoint``): the official
+            AlignProp code checkpoints the UNet in its truncated steps by default, so its memory is one step's
+            activations plus the stored step inputs, not ``k`` steps' activations.
     """
 
     low: int = 1
     high: int = 1
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("low", self.low)
@@ -161,7 +179,7 @@ class RandomTruncation(GradientMode):
 
     def roles(self, start: int, stop: int) -> list[StepRole]:
         _check_fits("high", self.high, start, stop)
-        return Truncated(_draw_int(self.low, self.high, self.generator)).roles(start, stop)
+        return Truncated(_draw_int(self.low, self.high, self.generator), self.checkpoint).roles(start, stop)
 
 
 StepChoice = Literal["first", "last", "random"] | int | tuple[int, ...]

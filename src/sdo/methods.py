@@ -50,7 +50,9 @@ class MethodOptions:
             paper does).
         generator: source of the mode's random draws (``sdo`` for weights, ``sdo-random``, ``alignprop``).
         draft_k: k of ``draft-k``. alignprop_high: ``alignprop`` draws its depth in ``[1, alignprop_high]``.
-        checkpoint_kept: the ``sdo*`` methods recompute their kept step in backward (less memory).
+        checkpoint_kept: the ``sdo*`` methods recompute their kept step in backward, ``draft-k``/``draft-1`` their
+            graphed steps (less memory, same gradient). ``alignprop`` always does (AlignProp, Prabhudesai et al.
+            2023, arXiv 2310.03739: the official code checkpoints the UNet in its truncated steps).
         adjoint_iters: fixed-point refinements of ``adjoint``'s reconstructions (``sdo.Adjoint(fixed_point_iters)``).
         adjoint_checkpoint_every: ``adjoint`` stores every k-th state in forward and rebuilds only the states between
             two stored ones (``sdo.Adjoint(checkpoint_every)``: O(n / k) latents, drift bounded to k steps); None
@@ -236,15 +238,21 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "draft-k",
-            "DRaFT-K: backpropagation through the last k steps only (--draft-k)",
-            lambda o: Truncated(o.draft_k),
+            "DRaFT-K: backpropagation through the last k steps only (--draft-k; --checkpoint-kept recomputes them)",
+            lambda o: Truncated(o.draft_k, checkpoint=o.checkpoint_kept),
             latent=False,
         ),
-        Method("draft-1", "DRaFT-1: backpropagation through the last step only", lambda o: Truncated(1), latent=False),
+        Method(
+            "draft-1",
+            "DRaFT-1: backpropagation through the last step only (--checkpoint-kept recomputes it)",
+            lambda o: Truncated(1, checkpoint=o.checkpoint_kept),
+            latent=False,
+        ),
         Method(
             "alignprop",
-            "AlignProp: the last k steps, k drawn per trajectory in [1, --alignprop-high]",
-            lambda o: RandomTruncation(1, o.alignprop_high, generator=o.generator),
+            "AlignProp: the last k steps, k drawn per trajectory in [1, --alignprop-high], each step checkpointed "
+            "as the official code does (memory: one step's activations plus the stored step inputs)",
+            lambda o: RandomTruncation(1, o.alignprop_high, generator=o.generator, checkpoint=True),
             latent=False,
         ),
         Method("nograd", "plain sampling, no gradient (the cost floor)", lambda o: NoGrad(), latent=False),

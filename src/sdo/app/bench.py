@@ -3,8 +3,9 @@
 For each number of steps, every method starts from the same variable (the latent, or the network's weights), the
 same batch and the same seeds, and the methods take turns iteration by iteration, so that machine drift hits them
 alike. Per method: median seconds per iteration, peak extra memory (``sdo.memory.PeakMemory``), reward after N
-iterations, reward reached at equal wall-clock, and the cosine similarity of its first gradient with the exact
-one (computed by ``Checkpointed()``, which equals ``Full()``'s, as the tests check).
+iterations, reward reached at 25%, 50% and 100% of a reference training time (``full``'s, else the slowest
+learner's; iterate k is credited at the training time through its k-th update), and the cosine similarity of its
+first gradient with the exact one (computed by ``Checkpointed()``, which equals ``Full()``'s, as the tests check).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from sdo.app.method_flags import MethodFlags, learning_rate
 from sdo.app.options import check_options, option
 from sdo.app.report import MEMORY_HEADER, machine_info, markdown_table, mebibytes
 from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
@@ -26,16 +28,22 @@ from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
 from sdo.latent import LatentProblem
 from sdo.memory import PeakMemory
-from sdo.methods import METHODS, Method, MethodOptions, Stepper, find_method, method_names
+from sdo.methods import METHODS, Method, MethodOptions, Stepper, Variable, method_names
 
-__all__ = ["BENCH_METHODS", "BenchConfig", "format_rows", "run_bench"]
+__all__ = ["BENCH_METHODS", "TIME_FRACTIONS", "BenchConfig", "format_rows", "reward_at", "run_bench"]
 
 BENCH_METHODS = method_names()
+TIME_FRACTIONS = (0.25, 0.5, 1.0)
+"""The equal-time columns: fractions of the reference training time (``full``'s, else the slowest learner's)."""
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """One benchmark run (every field is a ``sdo bench`` flag)."""
+class BenchConfig(MethodFlags):
+    """One benchmark run (every field is a ``sdo bench`` flag; the methods' settings are ``sdo optimize``'s, the
+    shared ``MethodFlags`` block, plus the weight-only methods' ``draft_k``, ``alignprop_high`` and the
+    ``checkpoint_kept`` switch)."""
+
+    lr: float = learning_rate("Adam learning rate (use ~1e-4 for weights)")
 
     methods: str = option("sdo,full,checkpointed,nograd", f"comma-separated, from {','.join(BENCH_METHODS)}")
     model: Literal["mnist", "sd15"] = option("mnist", "workload", choices=("mnist", "sd15"))
@@ -43,11 +51,12 @@ class BenchConfig:
     steps: str = option("50", "comma-separated numbers of sampling steps, e.g. 10,25,50,100")
     iters: int = option(5, "iterations per method", at_least=1, at_most=10**6)
     batch: int = option(4, "samples per iteration", at_least=1, at_most=4096)
-    lr: float = option(0.05, "Adam learning rate (use ~1e-4 for weights)", above=0)
     draft_k: int = option(1, "k of draft-k", at_least=1, at_most=1000)
     alignprop_high: int = option(10, "alignprop draws k uniformly in [1, this]", at_least=1, at_most=1000)
     cosine_sweep: bool = option(False, "also measure the gradient cosine of the shortcut for each kept step")
-    checkpoint_kept: bool = option(False, "sdo: recompute the kept step in backward (less memory)")
+    checkpoint_kept: bool = option(
+        False, "sdo*, draft-k, draft-1: recompute the graphed steps in backward (less memory, same gradient)"
+    )
     checkpoint_decoder: bool = option(False, "sd15: recompute the VAE decoder in backward (less memory)")
     vae_slicing: bool = option(False, "sd15: decode one image at a time")
     width: float = option(
@@ -70,21 +79,19 @@ class BenchConfig:
         check_options(self)
         if not self.method_names:
             raise ConfigError(f"`methods` must name at least one method of {BENCH_METHODS}, got {self.methods!r}.")
-        for name in self.method_names:
-            find_method(name, self.method_options())  # unknown names, or no gradient to the variable
         if not self.step_counts or min(self.step_counts) < 1 or max(self.step_counts) > 1000:
             raise ConfigError(f"`steps` must be comma-separated integers in [1, 1000], got {self.steps!r}.")
+        for name in self.method_names:  # unknown names, no gradient to the variable, steps that do not fit
+            for steps in self.step_counts:
+                self.check_method(name, self.variable, steps)
 
-    def method_options(self, generator: torch.Generator | None = None) -> MethodOptions:
-        """What the registry's gradient modes take from this config."""
-        return MethodOptions(
-            variable=self.variable,
-            generator=generator,
-            draft_k=self.draft_k,
-            alignprop_high=self.alignprop_high,
-            checkpoint_kept=self.checkpoint_kept,
-            lr=self.lr,
-        )
+    def method_options(
+        self, variable: Variable | None = None, generator: torch.Generator | None = None, **extra: Any
+    ) -> MethodOptions:
+        """``MethodFlags.method_options`` for ``variable`` (default: this config's ``variable``), with the
+        weight-only methods' ``draft_k``, ``alignprop_high`` and ``checkpoint_kept`` of this config."""
+        own = dict(draft_k=self.draft_k, alignprop_high=self.alignprop_high, checkpoint_kept=self.checkpoint_kept)
+        return super().method_options(variable or self.variable, generator, **own, **extra)
 
     @property
     def method_names(self) -> list[str]:
@@ -116,7 +123,7 @@ class _MethodRun:
     ) -> None:
         self.name = f"{name}+compile" if compiled else name
         self.compiled = compiled
-        options = config.method_options(torch.Generator().manual_seed(config.seed))
+        options = config.method_options(generator=torch.Generator().manual_seed(config.seed))
         # a probe's mode (exact gradient, cosine sweep) runs as an unregistered gradient-mode method
         self.method = METHODS[name] if mode is None else Method(name, "bench probe", lambda _: mode)
         self.mode = self.method.mode(options) if self.method.build is not None else None
@@ -239,12 +246,54 @@ def _cosine(a: torch.Tensor | None, b: torch.Tensor) -> float | None:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
+def _iterates(run: _MethodRun, final_reward: float) -> list[tuple[float, float]]:
+    """``(t_k, reward_k)`` for every iterate of ``run``, in order.
+
+    Iterate k is the variable after k updates (iterate 0 is the start); ``t_k`` is the training time through update
+    k (``t_0 = 0``; evaluation untimed) and ``reward_k`` the reward the next iteration's forward measured
+    (``final_reward``, the untimed evaluation, for the last iterate). A FreeDoM run learns nothing across its
+    passes: each pass's reward is credited at that pass's own time.
+    """
+    if run.method.kind == "guidance":
+        return [(record["seconds"], record["reward"]) for record in run.records]
+    times = [0.0] + [record["elapsed"] for record in run.records]
+    rewards = [record["reward"] for record in run.records] + [final_reward]
+    return list(zip(times, rewards, strict=True))
+
+
+def _time_reference(runs: dict[str, _MethodRun]) -> tuple[str, float]:
+    """The time the equal-time columns are fractions of: ``full``'s total training time when ``full`` ran, else
+    the slowest learner's (FreeDoM, which learns nothing, and ``nograd`` count only when nothing else ran)."""
+    if "full" in runs:
+        return "full", runs["full"].records[-1]["elapsed"]
+    learners = [run for run in runs.values() if run.learns and run.method.kind != "guidance"] or list(runs.values())
+    slowest = max(learners, key=lambda run: run.records[-1]["elapsed"])
+    return f"slowest learner ({slowest.name})", slowest.records[-1]["elapsed"]
+
+
+def reward_at(iterates: list[tuple[float, float]], budget: float) -> float | None:
+    """The reward of the last iterate whose time ``t_k`` is within ``budget`` seconds (None if none is)."""
+    within = [reward for seconds, reward in iterates if seconds <= budget * (1 + 1e-9)]
+    return within[-1] if within else None
+
+
+def _equal_time(iterates: list[tuple[float, float]], reference: tuple[str, float]) -> dict:
+    """The equal-time fields of a row: the reference, and the reward at each of ``TIME_FRACTIONS`` of it."""
+    name, seconds = reference
+    rewards = {_fraction_key(f): reward_at(iterates, f * seconds) for f in TIME_FRACTIONS}
+    return {"time_reference": name, "time_reference_s": seconds, **rewards, "iterates": iterates}
+
+
+def _fraction_key(fraction: float) -> str:
+    """``0.25`` -> ``"reward_at_25pct_time"``."""
+    return f"reward_at_{round(100 * fraction)}pct_time"
+
+
 def _rows(runs: dict[str, _MethodRun], exact: torch.Tensor, workload: Workload, config: BenchConfig, steps: int):
-    learners = [run for run in runs.values() if run.learns]
-    budget = min((run.records[-1]["elapsed"] for run in learners), default=0.0)
+    reference = _time_reference(runs)
     rows = []
     for run in runs.values():
-        within = [r for r in run.records if r["elapsed"] <= budget + 1e-12] or run.records[:1]
+        final = run.final_reward(workload, config.seed)
         rows.append(
             {
                 "method": run.name,
@@ -258,9 +307,8 @@ def _rows(runs: dict[str, _MethodRun], exact: torch.Tensor, workload: Workload, 
                 "compiled": run.compiled,
                 "peak_mem_bytes": max(r["peak_mem_bytes"] for r in run.records),
                 "reward_initial": run.records[0]["reward"],
-                "reward_final": run.final_reward(workload, config.seed),
-                "reward_at_equal_time": within[-1]["reward"],
-                "equal_time_budget_s": budget,
+                "reward_final": final,
+                **_equal_time(_iterates(run, final), reference),
                 "grad_cosine": _cosine(run.first_gradient, exact),
                 "harness_overhead": run.harness_seconds / sum(r["seconds"] for r in run.records),
                 "history": run.records,
@@ -328,10 +376,14 @@ def format_rows(rows: list[dict]) -> str:
         "first iter s (compiles)",
         MEMORY_HEADER,
         "reward start -> final",
-        "reward at equal time",
+        *(f"reward at {round(100 * f)}% time" for f in TIME_FRACTIONS),
         "grad cosine",
     )
-    return markdown_table(headers, [_row_cells(r) for r in rows])
+    table = markdown_table(headers, [_row_cells(r) for r in rows])
+    references = dict.fromkeys(
+        f"{r['steps']} steps: {r['time_reference']}, {r['time_reference_s']:.2f} s" for r in rows
+    )
+    return f"{table}\n\nReward at X% time: of the training time of {'; '.join(references)}."
 
 
 def _row_cells(r: dict) -> list[str]:
@@ -344,6 +396,6 @@ def _row_cells(r: dict) -> list[str]:
         f"{r.get('first_iter_s', float('nan')):.2f}",
         mebibytes(r["peak_mem_bytes"]),
         rewards,
-        f"{r['reward_at_equal_time']:.3f}",
+        *("" if r[_fraction_key(f)] is None else f"{r[_fraction_key(f)]:.3f}" for f in TIME_FRACTIONS),
         cosine,
     ]

@@ -265,8 +265,8 @@ def _check_up_front(args: argparse.Namespace):
     config = args.config(args)
     if hasattr(args, "seed"):
         check_seed(args.seed)
-    if hasattr(args, "device"):
-        check_device(args.device)
+    if hasattr(args, "device"):  # a plan traces on the meta device: the device it plans for need not be here
+        check_device(args.device, present=not getattr(args, "plan", False))
     check_writable(args.out)
     if getattr(args, "json", ""):
         check_writable(Path(args.json).parent)

@@ -21,11 +21,12 @@ The gradient mode's roles (``sdo.gradients``) for ``n`` steps then compose them.
     relative time                       = FLOPs / FLOPs(nograd)
 
 so ``sdo`` costs one step's activations whatever ``n`` is, ``full`` grows as ``n A``, and ``checkpointed`` costs
-``n X + A`` at about ``(2F + B) / F`` times the no-grad compute. ``alignprop``'s peak uses its largest depth and
-its time the mean depth. The solver update saves only scalars (DDIM) and is neglected; so are the FLOPs of
-elementwise operations, which is why the time ratios are a floor on small models, where per-call overhead
-dominates (the embedded model on CPU). On CUDA the allocator's peak adds the transient workspace of one call and
-the weights' gradients and optimizer state (``--variable weights``, given separately).
+``n X + A`` at about ``(2F + B) / F`` times the no-grad compute. ``alignprop`` (its steps checkpointed, as in the
+official code) has its peak at its largest depth and its time at the mean depth. The solver update saves only
+scalars (DDIM) and is neglected; so are the FLOPs of elementwise operations, which is why the time ratios are a
+floor on small models, where per-call overhead dominates (the embedded model on CPU). On CUDA the allocator's peak
+adds the transient workspace of one call and the weights' gradients and optimizer state (``--variable weights``,
+given separately).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from sdo.app.report import markdown_table, mebibytes
 from sdo.gradients import GradientMode, RandomTruncation, StepRole, Truncated
 from sdo.memory import is_parameter
 
-__all__ = ["CallProfile", "MethodPlan", "format_plan", "plan_bench", "plan_method", "profile_call"]
+__all__ = ["CallProfile", "MethodPlan", "format_plan", "plan_bench", "plan_dtype", "plan_method", "profile_call"]
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,14 @@ def plan_method(
     name: str, mode: GradientMode, steps: int, network: CallProfile, reward: CallProfile, nograd_flops: int
 ) -> MethodPlan:
     """Compose one network call's and one reward's profiles along ``mode``'s step roles (module docstring)."""
-    peak_mode = Truncated(mode.high) if isinstance(mode, RandomTruncation) else mode
+    random_depth = isinstance(mode, RandomTruncation)
+    peak_mode = Truncated(mode.high, checkpoint=mode.checkpoint) if random_depth else mode
     roles = peak_mode.roles(0, steps)
     full, checkpoint = roles.count(StepRole.FULL), roles.count(StepRole.CHECKPOINT)
     learns = full + checkpoint > 0 or StepRole.SHORTCUT in roles
-    time_full = (mode.low + mode.high) / 2 if isinstance(mode, RandomTruncation) else full
+    mean_depth = (mode.low + mode.high) / 2 if random_depth else None
+    time_full = mean_depth if mean_depth is not None and full else full
+    time_checkpoint = mean_depth if mean_depth is not None and checkpoint else checkpoint
     saved = full * network.saved_bytes + (reward.saved_bytes if learns else 0)
     # Rematerialized activations (a checkpointed step, a checkpointed decoder) are alive one at a time, in backward.
     rematerialized = max(reward.peak, network.saved_bytes if checkpoint else 0) if learns else 0
@@ -135,7 +139,7 @@ def plan_method(
     flops = steps * network.forward_flops + reward.forward_flops
     if learns:
         flops += time_full * network.backward_flops + reward.backward_flops
-        flops += checkpoint * (network.forward_flops + network.backward_flops)
+        flops += time_checkpoint * (network.forward_flops + network.backward_flops)
     return MethodPlan(name, steps, saved, peak, int(flops), flops / nograd_flops if nograd_flops else 0.0, 0, 0)
 
 
@@ -151,8 +155,15 @@ class _MetaWorkload:
     model: torch.nn.Module
 
 
-def _meta_workload(config: BenchConfig) -> _MetaWorkload:
-    """The benchmark's workload (``sdo.app.tasks.bench``), built on the meta device from its configs."""
+def plan_dtype(config: BenchConfig) -> torch.dtype:
+    """The dtype ``sdo bench`` runs ``config``'s SD-1.5 workload in on its device (bfloat16 on CUDA, else float32);
+    read from the device's name only, so a plan for CUDA needs no CUDA."""
+    return torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+
+
+def _meta_workload(config: BenchConfig, dtype: torch.dtype | None = None) -> _MetaWorkload:
+    """The benchmark's workload (``sdo.app.tasks.bench``), built on the meta device from its configs (SD-1.5 in
+    ``dtype``, default ``plan_dtype(config)``); nothing touches ``config.device``."""
     from sdo.models import Denoiser
 
     meta = torch.device("meta")
@@ -172,7 +183,7 @@ def _meta_workload(config: BenchConfig) -> _MetaWorkload:
 
     from sdo.app.tasks.bench import SD15_UNET_CONFIG, SD15_VAE_CONFIG, scaled_config
 
-    dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+    dtype = plan_dtype(config) if dtype is None else dtype
     unet_config = scaled_config(SD15_UNET_CONFIG, config.width)
     vae_config = scaled_config(SD15_VAE_CONFIG, config.width)
     with meta:
@@ -195,12 +206,14 @@ def _meta_workload(config: BenchConfig) -> _MetaWorkload:
     return _MetaWorkload(denoiser, reward, as_run, latent, torch.tensor(500, device=meta), unet)
 
 
-def plan_bench(config: BenchConfig) -> dict:
+def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:
     """Predict, for every method and number of steps of ``config``, the activation memory and relative time of
-    one iteration (nothing runs: see the module docstring). Returns ``{"config", "profiles", "rows"}``."""
+    one iteration (nothing runs: see the module docstring). Everything is traced on the meta device, so
+    ``config.device`` need not exist on this machine (a CUDA plan on a CPU-only one); it only sets the SD-1.5
+    dtype (``plan_dtype``) unless ``dtype`` is given. Returns ``{"config", "profiles", "rows"}``."""
     from sdo.methods import gradient_mode
 
-    workload = _meta_workload(config)
+    workload = _meta_workload(config, dtype)
     weights = config.variable == "weights"
     if weights:
         workload.model.requires_grad_(True)
@@ -221,7 +234,7 @@ def plan_bench(config: BenchConfig) -> dict:
     for steps in config.step_counts:
         nograd_flops = steps * network.forward_flops + reward.forward_flops
         for name in config.method_names:
-            mode = gradient_mode(name, config.method_options(torch.Generator().manual_seed(config.seed)))
+            mode = gradient_mode(name, config.method_options(generator=torch.Generator().manual_seed(config.seed)))
             try:
                 plan = plan_method(name, mode, steps, network, reward, nograd_flops)
             except NotImplementedError:  # a mode without step roles (e.g. reversible solvers): not modelled

@@ -72,15 +72,16 @@ def save_curves(histories: dict[str, list[dict]], path: str | Path, title: str =
 
 
 def save_bench_plot(result: dict, path: str | Path) -> None:
-    """Benchmark picture: reward vs seconds (most steps), seconds per iteration vs steps, cosine per kept step."""
+    """Benchmark picture: each iterate's reward vs the training time through its update (most steps), seconds per
+    iteration vs steps, cosine per kept step."""
     rows = result["rows"]
     most = max(row["steps"] for row in rows)
     panels = 3 if result.get("cosine_sweep") else 2
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
     for row in (r for r in rows if r["steps"] == most):
         axes[0].plot(
-            [h["elapsed"] for h in row["history"]],
-            [h["reward"] for h in row["history"]],
+            [seconds for seconds, _ in row["iterates"]],
+            [reward for _, reward in row["iterates"]],
             marker=".",
             label=row["method"],
         )

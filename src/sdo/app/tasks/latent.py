@@ -15,16 +15,17 @@ from typing import Literal
 import torch
 
 from sdo import zoo
+from sdo.app.method_flags import MethodFlags
 from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import ZOO_GUIDANCE, PipelineOptions
 from sdo.app.reward_spec import parse_reward_spec
 from sdo.checks import SEED_MAX
-from sdo.doodl import edict_sampler, scaled_clip
+from sdo.doodl import edict_sampler
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
 from sdo.io import load_image
 from sdo.latent import LatentProblem, OptimizationResult
-from sdo.methods import METHODS, MethodOptions, find_method, method_names
+from sdo.methods import METHODS, method_names
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
 from sdo.sampling import Sampler
 
@@ -55,9 +56,10 @@ PIPELINE_FIELDS = (
 
 
 @dataclass(frozen=True)
-class LatentTaskConfig(PipelineOptions):
+class LatentTaskConfig(MethodFlags, PipelineOptions):
     """One latent-optimization run on the embedded model or a pipeline (every field is a ``sdo optimize`` flag;
-    the pipeline and reward fields are the shared ``PipelineOptions`` block)."""
+    the pipeline and reward fields are the shared ``PipelineOptions`` block, the method's settings the shared
+    ``MethodFlags`` block, whose ``method_options()`` gives the registry's options for a latent)."""
 
     task: Literal["class", "style", "adversarial"] = option("class", "what to optimize for", choices=TASKS)
     method: str = option("sdo", "gradient estimator (sdo bench --list-methods)", choices=LATENT_METHODS)
@@ -69,12 +71,9 @@ class LatentTaskConfig(PipelineOptions):
     )
     steps: int = option(50, "sampling steps (of the scheduler the model samples with)", at_least=1, at_most=1000)
     iters: int = option(30, "Adam iterations", at_least=1, at_most=10**6)
-    lr: float = option(0.05, "Adam learning rate", above=0)
     batch: int = option(8, "latents optimized at once", at_least=1, at_most=4096)
     seed: int = option(0, "seed of the initial noise", at_least=0, at_most=SEED_MAX)
     start_step: int = option(0, "optimize the latent at this step (after a no-grad warm-up)", at_least=0, at_most=999)
-    prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer", at_least=0)
-    project: bool = option(True, "rescale latents to their initial norm after each iteration (the hard shell prior)")
     views: int = option(
         4, "class/adversarial: average the classifier over this many random 2-pixel shifts", at_least=0, at_most=64
     )
@@ -85,29 +84,6 @@ class LatentTaskConfig(PipelineOptions):
         type=float,
         at_least=0,
     )
-    adjoint_iters: int = option(
-        2, "adjoint: fixed-point refinements of each reconstructed state", at_least=0, at_most=100
-    )
-    adjoint_checkpoint_every: int = option(
-        0,
-        "adjoint: store every k-th state in forward, rebuild only between stored ones (drift <= k steps; 0: off)",
-        at_least=0,
-        at_most=1000,
-    )
-    kept_steps: str = option("", "sdo-multi: comma-separated kept step indices (default: 4 spread over the run)")
-    doodl_lr: float = option(
-        1.0, "doodl: gradient scale before element-wise clipping at --doodl-clip (the authors' rule)", above=0
-    )
-    doodl_clip: float = option(
-        0.0,
-        "doodl: element-wise clip per iteration (0: scaled, 1e-3 x 50 / --iters, the authors' 1e-3 over their 50 "
-        "iterations)",
-        at_least=0,
-    )
-    freedom_scale: float = option(0.2, "freedom: guidance step as a fraction of the solver update", at_least=0)
-    freedom_repeats: int = option(
-        1, "freedom: time-travel passes per step in the first half of the window", at_least=1, at_most=100
-    )
     device: str = option("cpu", "torch device")
     out: str = option("sdo-optimize", "output folder")
     prompt: str = option("", "--pipeline: the prompt")
@@ -117,23 +93,6 @@ class LatentTaskConfig(PipelineOptions):
         this run (a pipeline run has no digit classes; an embedded-model run no prompt or reward)."""
         dropped = ZOO_FIELDS if self.pipeline else PIPELINE_FIELDS
         return {key: value for key, value in dataclasses.asdict(self).items() if key not in dropped}
-
-    def method_options(self) -> MethodOptions:
-        """What the registry's entry for ``method`` takes from this config (a latent is optimized)."""
-        return MethodOptions(
-            "latent",
-            adjoint_iters=self.adjoint_iters,
-            adjoint_checkpoint_every=self.adjoint_checkpoint_every or None,
-            kept_steps=_index_list(self.kept_steps),
-            lr=self.lr,
-            prior_weight=self.prior_weight,
-            project_to_shell=self.project,
-            doodl_lr=self.doodl_lr,
-            doodl_clip=self.doodl_clip or scaled_clip(self.iters),
-            doodl_renormalize=self.project,
-            freedom_scale=self.freedom_scale,
-            freedom_repeats=self.freedom_repeats,
-        )
 
     conditions: int = option(
         0,
@@ -173,7 +132,7 @@ class LatentTaskConfig(PipelineOptions):
             raise ConfigError("The adversarial task needs a source class (`source` in [0, 9]), not -1.")
         if not 0 <= self.start_step < self.steps:
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
-        find_method(self.method, self.method_options())  # a bad --kept-steps fails here, before any work
+        self.check_method(self.method, "latent", self.steps, self.start_step)  # a bad --kept-steps fails here
         if self.pipeline and not (self.prompt or self.prompts):
             raise ConfigError("`prompt` (or `prompts`, a file of prompts) is required with --pipeline.")
         if self.conditions and self.pipeline:
@@ -388,16 +347,6 @@ def original_sample(config: LatentTaskConfig, sampler: Sampler, latent: torch.Te
         if METHODS[config.method].kind == "doodl":
             return "edict", edict_sampler(sampler).sample(latent, NoGrad(), start_step=config.start_step)
         return "ddim", sampler.sample(latent, NoGrad(), start_step=config.start_step)
-
-
-def _index_list(text: str) -> tuple[int, ...] | None:
-    """``"3,10,20"`` -> ``(3, 10, 20)``; ``""`` -> None."""
-    if not text.strip():
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError as error:
-        raise ConfigError(f"`kept_steps` must be comma-separated step indices, got {text!r}.") from error
 
 
 def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress: bool = True) -> OptimizationResult:

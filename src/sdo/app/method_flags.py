@@ -1,0 +1,128 @@
+"""The one block of method flags that ``sdo optimize`` (and ``sdo demo``) and ``sdo bench`` share.
+
+``MethodFlags`` is a frozen dataclass base of ``LatentTaskConfig`` and ``BenchConfig``: its fields feed only the
+registry's ``sdo.methods.MethodOptions`` (the Adam run of a gradient mode, ``adjoint``'s refinements,
+``sdo-multi``'s kept steps, DOODL's and FreeDoM's settings). They are written once, with their help, bounds and
+defaults (``check_options`` checks them with the rest of each config), and turned into ``MethodOptions`` by one
+builder, ``method_options``. The CLI still generates one flat flag per field (``--lr``, ``--kept-steps``, ...).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdo.app.options import option
+from sdo.doodl import scaled_clip
+from sdo.errors import ConfigError
+from sdo.gradients import LoopMode
+from sdo.methods import MethodOptions, Variable, find_method
+
+__all__ = ["MethodFlags", "learning_rate", "parse_kept_steps"]
+
+
+def learning_rate(help: str = "Adam learning rate") -> Any:
+    """The ``lr`` field (default 0.05, > 0) with ``help``: a config whose ``lr`` also serves weights (``sdo bench
+    --variable weights``) says so in its own help, with the same default and bound."""
+    return option(0.05, help, above=0)
+
+
+@dataclass(frozen=True)
+class MethodFlags:
+    """The settings of the method a run uses (every field is a flag of the commands that use it).
+
+    ``lr``, ``prior_weight`` and ``project`` configure the Adam run of a gradient mode (``sdo.optimize_latent``:
+    loss ``-sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``, latents rescaled to their initial norm after
+    each step with ``project``); ``adjoint_iters`` and ``adjoint_checkpoint_every`` are ``sdo.Adjoint``'s
+    ``fixed_point_iters`` and ``checkpoint_every`` (0: None); ``kept_steps`` the kept steps of ``sdo-multi``
+    (``sdo.Shortcut(step=[...])``); ``doodl_lr`` and ``doodl_clip`` DOODL's gradient scale and per-element clip (0:
+    ``sdo.doodl.scaled_clip`` of the config's ``iters``, the authors' total movement spread over the run; its
+    renormalization follows ``project``); ``freedom_scale`` and ``freedom_repeats`` FreeDoM's guidance step and
+    time-travel passes (``sdo.freedom_sample``). Every config built on this block has an ``iters`` field.
+    """
+
+    lr: float = learning_rate()
+    prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer", at_least=0)
+    project: bool = option(True, "rescale latents to their initial norm after each iteration (the hard shell prior)")
+    adjoint_iters: int = option(
+        2, "adjoint: fixed-point refinements of each reconstructed state", at_least=0, at_most=100
+    )
+    adjoint_checkpoint_every: int = option(
+        0,
+        "adjoint: store every k-th state in forward, rebuild only between stored ones (drift <= k steps; 0: off)",
+        at_least=0,
+        at_most=1000,
+    )
+    kept_steps: str = option("", "sdo-multi: comma-separated kept step indices (default: 4 spread over the run)")
+    doodl_lr: float = option(
+        1.0, "doodl: gradient scale before element-wise clipping at --doodl-clip (the authors' rule)", above=0
+    )
+    doodl_clip: float = option(
+        0.0,
+        "doodl: element-wise clip per iteration (0: scaled, 1e-3 x 50 / --iters, the authors' 1e-3 over their 50 "
+        "iterations)",
+        at_least=0,
+    )
+    freedom_scale: float = option(0.2, "freedom: guidance step as a fraction of the solver update", at_least=0)
+    freedom_repeats: int = option(
+        1, "freedom: time-travel passes per step in the first half of the window", at_least=1, at_most=100
+    )
+
+    def method_options(
+        self, variable: Variable = "latent", generator: torch.Generator | None = None, **extra: Any
+    ) -> MethodOptions:
+        """The ``MethodOptions`` of these flags for optimizing ``variable``, with the random draws of the gradient
+        mode from ``generator`` and ``extra`` fields of ``MethodOptions`` a config adds (e.g. ``draft_k``).
+
+        Raises:
+            ConfigError: ``kept_steps`` is not a comma-separated list of integers.
+        """
+        return MethodOptions(
+            variable,
+            generator,
+            adjoint_iters=self.adjoint_iters,
+            adjoint_checkpoint_every=self.adjoint_checkpoint_every or None,
+            kept_steps=parse_kept_steps(self.kept_steps),
+            lr=self.lr,
+            prior_weight=self.prior_weight,
+            project_to_shell=self.project,
+            doodl_lr=self.doodl_lr,
+            doodl_clip=self.doodl_clip or scaled_clip(self.iters),
+            doodl_renormalize=self.project,
+            freedom_scale=self.freedom_scale,
+            freedom_repeats=self.freedom_repeats,
+            **extra,
+        )
+
+    def check_method(self, name: str, variable: Variable, steps: int, start_step: int = 0) -> None:
+        """Refuse, before any work, method ``name`` on ``variable`` with these flags, for a run of sampling steps
+        ``start_step, ..., steps - 1``: an unknown name, no gradient to ``variable``, or a gradient mode whose steps do
+        not fit the run (``--kept-steps`` past the last step, a ``draft-k`` or ``alignprop`` depth above the steps).
+
+        Raises:
+            ConfigError: as ``sdo.methods.find_method``, or the mode's roles for the run.
+        """
+        options = self.method_options(variable, generator=torch.Generator())
+        method = find_method(name, options)
+        if method.build is None or isinstance(mode := method.mode(options), LoopMode):
+            return  # DOODL, FreeDoM and loop modes (adjoint) take any run
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SpreadShortcut covering every step warns when it runs, not here
+            mode.roles(start_step, steps)
+
+
+def parse_kept_steps(text: str) -> tuple[int, ...] | None:
+    """``"3,10,20"`` -> ``(3, 10, 20)``; ``""`` -> None (``sdo-multi`` then spreads 4 kept steps over the run).
+
+    Raises:
+        ConfigError: ``text`` is not a comma-separated list of integers.
+    """
+    if not text.strip():
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as error:
+        raise ConfigError(f"`kept_steps` must be comma-separated step indices, got {text!r}.") from error
