@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every CPU figure in BENCHMARKS.md and the README, in one sequential run (nothing else should load the machine).
+# The CPU figures of BENCHMARKS.md and the README, in one sequential run (nothing else should load the machine);
+# the regularizer section comes from benchmarks/bold_kl.sh, the Scale section from benchmarks/run_scale.sh.
 # Usage: bash benchmarks/run_cpu.sh [OUT]   (default OUT=benchmarks/results/cpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/cpu}
 SDO=${SDO:-.venv/bin/sdo}
+PYTHON=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 
 if [ "${SKIP_DEMO:-0}" != 1 ]; then
@@ -39,4 +41,18 @@ for method in sdo draft-1 alignprop; do
   $SDO finetune --method "$method" --task bold --lr 3e-4 --steps 40 --sample-steps 20 --batch-size 8 \
     --eval-every 20 --eval-per-class 10 --out "$OUT/finetune-bold-$method" > "$OUT/finetune-bold-$method.log" 2>&1
 done
+
+# 6. The sampler's overhead over a plain diffusers loop (the "Sampler overhead" line).
+$PYTHON benchmarks/sampler_overhead.py > "$OUT/sampler-overhead.txt" 2> "$OUT/sampler-overhead.log"
+
+# 7. AdjointDPM and DOODL on the SD-1.5-sized workload at reduced width.
+$SDO bench --model sd15 --width 0.125 --resolution 64 --methods sdo,checkpointed,full,adjoint,doodl,nograd --steps 10 \
+  --iters 2 --batch 1 --out "$OUT/sd15-small-estimators" > "$OUT/sd15-small-estimators.log" 2>&1
+
+# The generated blocks of BENCHMARKS.md (the regularizer section: benchmarks/bold_kl.sh; Scale: run_scale.sh).
+if [ "$OUT" = benchmarks/results/cpu ]; then
+  $PYTHON benchmarks/report.py --write BENCHMARKS.md
+else
+  $PYTHON benchmarks/report.py "$OUT"
+fi
 echo "done: $OUT"
