@@ -265,4 +265,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/cpu/compare-estimators"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/cpu/comparison"))

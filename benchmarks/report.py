@@ -566,6 +566,46 @@ def scale_plan_full_size_block(out: Path) -> str:
     return "\n".join(_fill(b, bullet=True).replace("\n  ", "\n    ") if b.startswith("  ") else b for b in bullets)
 
 
+# --- compare_estimators.py, adjoint_drift.py, edict_vs_ddim.py: the fair comparison -----------------------------
+
+
+def _benchmark_module(name: str):
+    """A sibling script of this file, imported as a module (``compare_report``, ``adjoint_drift``)."""
+    folder = str(Path(__file__).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return __import__(name)
+
+
+def _comparison_folder(out: Path) -> Path:
+    folder = out / "comparison"
+    if not (folder / "cases").is_dir():
+        raise FileNotFoundError(f"no stored cases in {folder}; run benchmarks/compare_estimators.py {folder}")
+    return folder
+
+
+@block("comparison-sweep")
+def comparison_sweep_block(out: Path) -> str:
+    return _benchmark_module("compare_report").sweep_table(_comparison_folder(out))
+
+
+@block("comparison")
+def comparison_block(out: Path) -> str:
+    report = _benchmark_module("compare_report")
+    return report.comparison_table(report.summaries(report.load_cases(_comparison_folder(out))))
+
+
+@block("adjoint-drift")
+def adjoint_drift_block(out: Path) -> str:
+    return _benchmark_module("adjoint_drift").drift_table(out / "adjoint-drift")
+
+
+@block("edict-vs-ddim")
+def edict_vs_ddim_block(out: Path) -> str:
+    text = (out / "edict-vs-ddim" / "edict-vs-ddim.md").read_text()
+    return text[text.index("| chain") :].strip()
+
+
 # --- the markers ----------------------------------------------------------------------------------------------
 
 OPEN = re.compile(r"^<!-- generated: (?P<name>[A-Za-z0-9_.-]+) -->$", re.M)

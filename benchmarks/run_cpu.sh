@@ -49,6 +49,13 @@ $PYTHON benchmarks/sampler_overhead.py > "$OUT/sampler-overhead.txt" 2> "$OUT/sa
 $SDO bench --model sd15 --width 0.125 --resolution 64 --methods sdo,checkpointed,full,adjoint,doodl,nograd --steps 10 \
   --iters 2 --batch 1 --out "$OUT/sd15-small-estimators" > "$OUT/sd15-small-estimators.log" 2>&1
 
+# 8. The fair comparison (issue 20): tuning sweep, then every estimator interleaved on 3 tasks x 2 protocols
+# (about 2 hours on an idle 2-core machine; resumable: a rerun skips stored cases). Then its untimed companions.
+$PYTHON benchmarks/compare_estimators.py "$OUT/comparison" > "$OUT/comparison.log" 2>&1
+$PYTHON benchmarks/compare_report.py "$OUT/comparison" > /dev/null
+$PYTHON benchmarks/adjoint_drift.py "$OUT/adjoint-drift" > "$OUT/adjoint-drift.log" 2>&1
+$PYTHON benchmarks/edict_vs_ddim.py "$OUT/edict-vs-ddim" > "$OUT/edict-vs-ddim.log" 2>&1
+
 # The generated blocks of BENCHMARKS.md (the regularizer section: benchmarks/bold_kl.sh; Scale: run_scale.sh).
 if [ "$OUT" = benchmarks/results/cpu ]; then
   $PYTHON benchmarks/report.py --write BENCHMARKS.md

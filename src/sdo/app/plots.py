@@ -12,7 +12,7 @@ import torch
 
 from sdo.io import atomic_path
 
-__all__ = ["save_bench_plot", "save_comparison_plot", "save_curves", "save_finetune_curves", "save_image_grid"]
+__all__ = ["save_bench_plot", "save_curves", "save_finetune_curves", "save_image_grid"]
 
 
 def _save(figure, path: str | Path) -> None:
@@ -132,26 +132,3 @@ def save_finetune_curves(
         axis.grid(alpha=0.3)
     _save(figure, path)
     return [axis.get_title() for axis in axes[0][1:]]
-
-
-def save_comparison_plot(cases: dict[str, dict], path: str | Path) -> None:
-    """Reward against wall-clock, one panel per case (``"task/protocol"``) and one curve per method (``histories``
-    of ``iter``/``reward``/``elapsed`` records; a one-pass method such as FreeDoM is a point at its pass time)."""
-    figure, axes = plt.subplots(2, (len(cases) + 1) // 2, figsize=(4.2 * ((len(cases) + 1) // 2), 7), squeeze=False)
-    for axis, (key, case) in zip(axes.T.flatten(), cases.items(), strict=False):
-        for name, history in case["histories"].items():
-            times, rewards = [r["elapsed"] for r in history], [r["reward"] for r in history]
-            style = {"marker": "*", "markersize": 10, "linestyle": "none"} if len(history) == 2 else {"marker": "."}
-            axis.plot(
-                times[-1:] if len(history) == 2 else times,
-                rewards[-1:] if len(history) == 2 else rewards,
-                label=name,
-                **style,
-            )
-        axis.set_title(key, fontsize=9)
-        axis.set_xlabel("seconds")
-        axis.set_ylabel("mean reward")
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    _save(figure, path)
