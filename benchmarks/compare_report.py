@@ -216,7 +216,8 @@ def sweep_table(out: Path) -> str:
         finals = {value: load_json(p)["final_reward"] for value, p in zip(variant.grid, paths, strict=True)}
         best = max(variant.grid, key=lambda v: finals[v])
         cells = ", ".join(f"{v:g}: {finals[v]:.3f}" for v in variant.grid)
-        lines.append([name, variant.knob, cells, f"{best:g}"])
+        edge = " (edge of the grid)" if best in (variant.grid[0], variant.grid[-1]) else ""
+        lines.append([name, variant.knob, cells, f"{best:g}{edge}"])
     return markdown_table(("variant", "knob", "final reward per value", "chosen"), lines)
 
 
