@@ -40,6 +40,7 @@ try:
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from sdo.app.report import markdown_table, mebibytes
+from sdo.errors import CorruptFileError
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 MEMORY = "extra memory (CPU: saved activations)"
@@ -644,6 +645,8 @@ def render(name: str, results: Path) -> str:
         return BLOCKS[name](results).strip("\n") + "\n"
     except FileNotFoundError as error:
         raise BlockError(f"block {name!r}: missing output {error.filename}") from error
+    except CorruptFileError as error:  # a stored output that sdo.io cannot read (missing or damaged)
+        raise BlockError(f"block {name!r}: unreadable output: {error}") from error
 
 
 def regenerate(text: str, results: Path) -> tuple[str, list[str], list[str]]:
