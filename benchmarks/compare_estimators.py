@@ -36,10 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sdo.app.report import machine_info
-from sdo.app.tasks.latent import LatentTask, LatentTaskConfig, build_task, load_resources
+from sdo.app.tasks.latent import LatentTask, LatentTaskConfig, build_task, load_resources, task_problem
 from sdo.doodl import scaled_clip
 from sdo.io import load_json, load_tensors, save_json, save_tensors
-from sdo.latent import LatentProblem
 from sdo.methods import METHODS, MethodOptions
 
 ADAM_LRS = (0.025, 0.05, 0.1)
@@ -136,15 +135,7 @@ class VariantRun:
     def __init__(self, name: str, task: LatentTask, case: Case, options: MethodOptions, config: LatentTaskConfig):
         self.name, self.case, self.options = name, case, options
         self.method = METHODS[VARIANTS[name].method]
-        problem = LatentProblem(
-            task.sampler,
-            task.latent,
-            task.reward,
-            start_step=config.start_step,
-            seed=config.seed,
-            judge=task.judge_accepts,
-            measure=True,
-        )
+        problem = task_problem(config, task)
         self.task, self.problem = task, problem
         self.stepper = self.method.stepper(problem, options)
         self.guided = self.method.kind == "guidance"

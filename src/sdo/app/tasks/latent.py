@@ -38,6 +38,7 @@ __all__ = [
     "load_resources",
     "original_sample",
     "run_task",
+    "task_problem",
 ]
 
 LATENT_METHODS = method_names("latent")
@@ -357,7 +358,13 @@ def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress:
     ``sdo.freedom_sample`` pass reported as a two-record history (the unguided sample, then the guided one).
     """
     task = task or build_task(config)
-    problem = LatentProblem(
+    return METHODS[config.method].optimize(task_problem(config, task), config.method_options(), config.iters, progress)
+
+
+def task_problem(config: LatentTaskConfig, task: LatentTask) -> LatentProblem:
+    """The ``sdo.latent.LatentProblem`` of ``task`` (its sampler, latent, reward and judge) from
+    ``config.start_step`` with ``config.seed``, measuring each iteration's extra memory."""
+    return LatentProblem(
         task.sampler,
         task.latent,
         task.reward,
@@ -366,4 +373,3 @@ def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress:
         judge=task.judge_accepts,
         measure=True,
     )
-    return METHODS[config.method].optimize(problem, config.method_options(), config.iters, progress)
