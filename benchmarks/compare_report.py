@@ -225,7 +225,8 @@ def save_plot(cases: dict, path: Path) -> None:
     """Reward against iterations and against seconds, mean over seeds with a min-max band, per task/protocol."""
     keys = [(t, p) for t in TASKS for p in PROTOCOLS if (t, p) in cases]
     figure, axes = plt.subplots(len(keys), 2, figsize=(11, 3.2 * len(keys)), squeeze=False)
-    colors = dict(zip(VARIANTS, plt.cm.tab20.colors, strict=False))
+    palette = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # the 10 strong colours first
+    colors = dict(zip(VARIANTS, palette, strict=False))
     for (task, protocol), (by_iter, by_time) in zip(keys, axes, strict=True):
         for name in VARIANTS:
             records = [v[name] for v in cases[(task, protocol)].values() if name in v]
