@@ -25,11 +25,13 @@ The tables and plots: python benchmarks/compare_report.py OUT
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 from sdo.app.report import machine_info
 from sdo.app.tasks.latent import LatentTask, LatentTaskConfig, build_task, load_resources, task_problem
 from sdo.doodl import scaled_clip
-from sdo.io import load_json, load_tensors, save_json, save_tensors
+from sdo.io import load_json, save_json, save_tensors
 from sdo.methods import METHODS, MethodOptions
 
 ADAM_LRS = (0.025, 0.05, 0.1)
@@ -132,18 +134,13 @@ def method_options(variant: Variant, value: float, iters: int) -> MethodOptions:
 class VariantRun:
     """One variant's run on one case: the registry's stepper, with iterates credited at their training time."""
 
-    def __init__(self, name: str, task: LatentTask, case: Case, options: MethodOptions, config: LatentTaskConfig):
-        self.name, self.case, self.options = name, case, options
+    def __init__(self, name: str, task: LatentTask, options: MethodOptions, config: LatentTaskConfig):
+        self.name, self.task, self.options = name, task, options
         self.method = METHODS[VARIANTS[name].method]
-        problem = task_problem(config, task)
-        self.task, self.problem = task, problem
-        self.stepper = self.method.stepper(problem, options)
+        self.stepper = self.method.stepper(task_problem(config, task), options)
         self.guided = self.method.kind == "guidance"
+        self.rounds = FREEDOM_PASSES if self.guided else config.iters  # steps this run takes in a case
         self.first_gradient: torch.Tensor | None = None
-        self.iters = config.iters
-
-    def wants_step(self, round_index: int) -> bool:
-        return round_index < (FREEDOM_PASSES if self.guided else self.iters)
 
     def step(self) -> dict:
         record = self.stepper.step()
@@ -159,17 +156,14 @@ class VariantRun:
         if self.guided:
             iterates = self._guided_iterates(seconds)
         else:
-            final = result.history[-1]
-            times = [0.0]
-            for s in seconds:
-                times.append(times[-1] + s)
-            evaluated = [*history[: len(seconds)], final]
+            times = list(itertools.accumulate(seconds, initial=0.0))  # t_k: training time through update k
+            evaluated = [*history[: len(seconds)], result.history[-1]]
             iterates = [_iterate(k, times[k], r) for k, r in enumerate(evaluated)]
         record = {
             "variant": self.name,
             "method": self.method.name,
             "runs": self.method.runner.runs,
-            "options": {k: v for k, v in asdict(self.options).items() if k != "generator"},
+            "options": _recorded(self.options),
             "iterates": iterates,
             "step_seconds": seconds,
             "peak_mem_bytes": max(r.get("peak_mem_bytes", 0) for r in history),
@@ -217,7 +211,7 @@ def sweep_path(out: Path, name: str, value: float) -> Path:
 def sweep_result(out: Path, name: str, value: float) -> dict:
     path = sweep_path(out, name, value)
     if not path.exists():
-        raise FileNotFoundError(f"no sweep result {path}; run the sweep first (without --skip-sweep).")
+        raise FileNotFoundError(f"no sweep result {path}; run this script on OUT first (the sweep is its stage 1).")
     return load_json(path)
 
 
@@ -235,9 +229,8 @@ def run_sweep(out: Path, settings: Settings, names: list[str], resources) -> Non
         variant = VARIANTS[name]
         config = settings.task_config(case, variant.method, settings.sweep_iters)
         task = build_task(config, resources)
-        run = VariantRun(name, task, case, method_options(variant, value, settings.sweep_iters), config)
-        rounds = 1 if run.guided else settings.sweep_iters  # a guided pass is deterministic: one suffices
-        for _ in range(rounds):
+        run = VariantRun(name, task, method_options(variant, value, settings.sweep_iters), config)
+        for _ in range(1 if run.guided else run.rounds):  # a guided pass is deterministic: one suffices
             run.step()
         stored, _ = run.finish()
         record.update(final_reward=stored["iterates"][-1]["reward"], iterates=stored["iterates"])
@@ -279,21 +272,19 @@ def run_case(out: Path, settings: Settings, case: Case, names: list[str], resour
             _check_same(load_json(folder / f"{name}.json"), expected, folder / f"{name}.json")
             continue
         config = settings.task_config(case, variant.method)
-        runs.append(VariantRun(name, build_task(config, resources), case, options, config))
+        runs.append(VariantRun(name, build_task(config, resources), options, config))
     if not runs:
         return
-    rounds = max(settings.iters, FREEDOM_PASSES)
-    with tqdm(total=sum(rounds if not r.guided else FREEDOM_PASSES for r in runs), desc=case.key) as bar:
-        for round_index in range(rounds):
+    with tqdm(total=sum(run.rounds for run in runs), desc=case.key) as bar:
+        for round_index in range(max(run.rounds for run in runs)):
             for run in runs:
-                if run.wants_step(round_index):
+                if round_index < run.rounds:
                     run.step()
                     bar.set_postfix(variant=run.name)
                     bar.update()
     for run in runs:
         record, tensors = run.finish()
-        record.update(settings=asdict(settings), case=asdict(case), machine=MACHINE, commit=COMMIT)
-        record["options"] = _recorded(run.options)
+        record.update(settings=asdict(settings), case=asdict(case), machine=_machine(), commit=_commit())
         save_tensors(tensors, folder / f"{run.name}.safetensors")
         save_json(record, folder / f"{run.name}.json")  # written last: its presence means the case is stored
         finals = record["iterates"][-1]
@@ -304,27 +295,21 @@ def _recorded(options: MethodOptions) -> dict:
     return {k: v for k, v in asdict(options).items() if k != "generator"}
 
 
-def stored_case(out: Path, case: Case, name: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """The stored record and tensors of ``name`` on ``case``, or None."""
-    path = out / "cases" / case.key / f"{name}.json"
-    if not path.exists():
-        return None
-    return load_json(path), load_tensors(path.with_suffix(".safetensors"))
-
-
 def _load_average() -> float:
     return os.getloadavg()[0]
 
 
+@cache
+def _machine() -> dict:
+    return machine_info(torch.device("cpu"))
+
+
+@cache
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-MACHINE = machine_info(torch.device("cpu"))
-COMMIT = _commit()
 
 
 def main(argv: list[str] | None = None) -> None:
