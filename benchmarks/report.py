@@ -129,21 +129,31 @@ def optimize_table(out: Path, prefix: str = "compare") -> str:
     return markdown_table(headers, rows)
 
 
+def _reward(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def bench_table(out: Path, name: str) -> str:
+    """``sdo bench``'s table: cost, memory, reward, and the reward at 25/50/100% of its time reference (iterate k
+    credited at t_k), by steps and method."""
     result = _load(out / name / "bench.json")
+    if {r["time_reference"] for r in result["rows"]} != {"full"}:
+        raise ValueError(f"{name}: the equal-time columns need `full` among the methods")
     headers = (
         "steps",
         "method",
         "s / iter",
         MEMORY,
         "reward start -> final",
+        "reward at 25% / 50% / 100% of full's time",
         "grad cosine",
         "harness overhead",
     )
     rows = []
-    for r in result["rows"]:  # (no equal-time column: these runs predate crediting iterate k at t_k)
+    for r in result["rows"]:
         cosine = "" if r["grad_cosine"] is None else f"{r['grad_cosine']:.3f}"
         rewards = f"{r['reward_initial']:.3f} -> {r['reward_final']:.3f}"
+        at_time = " / ".join(_reward(r[f"reward_at_{pct}pct_time"]) for pct in (25, 50, 100))
         rows.append(
             [
                 r["steps"],
@@ -151,6 +161,7 @@ def bench_table(out: Path, name: str) -> str:
                 f"{r['s_per_iter']:.3f}",
                 mebibytes(r["peak_mem_bytes"]),
                 rewards,
+                at_time,
                 cosine,
                 f"{r['harness_overhead']:.2%}",
             ]
