@@ -81,6 +81,19 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(adapter(resumed)[name], value, rtol=0, atol=0)
 
 
+def test_checkpoint_kept_recomputes_the_graphed_steps_trains_the_same_weights_and_may_change_on_resume(tmp_path):
+    plain = small_config(tmp_path, "plain", method="draft-k", draft_k=2)
+    kept = small_config(tmp_path, "kept", method="draft-k", draft_k=2, checkpoint_kept=True)
+    assert kept.mode(torch.Generator()).checkpoint and not plain.mode(torch.Generator()).checkpoint
+    finetune(plain, reward=ink_reward, progress=False)
+    with pytest.raises(Interrupt):
+        finetune(replace(kept, checkpoint_kept=False), reward=interrupted_at(3), progress=False)
+    finetune(kept, reward=ink_reward, progress=False)  # resumes at step 2, now recomputing the graphed steps
+    assert [r["step"] for r in read_metrics(kept)] == [1, 2, 3, 4]
+    for name, value in adapter(plain).items():
+        torch.testing.assert_close(adapter(kept)[name], value, rtol=0, atol=0)
+
+
 def test_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
     config = small_config(tmp_path, steps=3, checkpoint_every=1, task="bold")
     finetune(config, progress=False)

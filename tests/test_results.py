@@ -194,3 +194,18 @@ def test_a_replaced_scheduler_is_one_warning_line_and_in_metrics(pipeline_dir, c
     assert metrics["scheduler_replaced"] == "EulerAncestralDiscreteScheduler -> DDIMScheduler"
     assert latent_settings(out / "latent.safetensors")[1]["scheduler"] == "DDIMScheduler"
     assert json.loads(latent_settings(out / "latent.safetensors")[1]["scheduler_config"])["clip_sample"] is False
+
+
+@pytest.mark.parametrize(("method", "chain"), [("sdo", "ddim"), ("doodl", "edict")])
+def test_a_pipeline_before_is_sampled_on_the_chain_the_method_optimizes(pipeline_dir, clip_dir, method, chain):  # noqa: F811
+    from sdo.doodl import edict_sampler
+
+    config = LatentTaskConfig(
+        pipeline=str(pipeline_dir), prompt=PROMPT, clip_path=str(clip_dir / "clip"), method=method, steps=3, batch=1
+    )
+    task = build_task(config)
+    assert task.notes["original_chain"] == chain
+    with torch.no_grad():
+        ddim = task.sampler.sample(task.latent, sdo.NoGrad())
+        edict = edict_sampler(task.sampler).sample(task.latent, sdo.NoGrad())
+    assert torch.equal(task.original, edict if chain == "edict" else ddim) and not torch.allclose(ddim, edict)

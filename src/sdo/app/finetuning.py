@@ -117,6 +117,11 @@ class FinetuneConfig(PipelineOptions):
     alignprop_high: int = option(
         10, "alignprop: depth drawn uniformly in [1, this] per trajectory batch", at_least=1, at_most=1000
     )
+    checkpoint_kept: bool = option(
+        False,
+        "sdo, draft-k, draft-1: recompute the graphed steps in backward (less memory, same gradient; alignprop "
+        "always does)",
+    )
     eval_every: int = option(
         10,
         "evaluation (and a grid of samples in OUT/samples/) every this many updates (0: only at the end)",
@@ -190,7 +195,13 @@ class FinetuneConfig(PipelineOptions):
     def mode(self, generator: torch.Generator) -> GradientMode:
         """The gradient mode of ``method`` from the registry (``sdo.methods``); its random draws come from
         ``generator``."""
-        options = MethodOptions("weights", generator, draft_k=self.draft_k, alignprop_high=self.alignprop_high)
+        options = MethodOptions(
+            "weights",
+            generator,
+            draft_k=self.draft_k,
+            alignprop_high=self.alignprop_high,
+            checkpoint_kept=self.checkpoint_kept,
+        )
         return gradient_mode(self.method, options)
 
 

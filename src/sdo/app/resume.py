@@ -32,11 +32,22 @@ __all__ = [
 ]
 
 RESUME_FREE = frozenset(
-    {"out", "eval_every", "checkpoint_every", "device", "tensorboard", "report_to", "save_pipeline", "eval_prompts"}
+    {
+        "out",
+        "eval_every",
+        "checkpoint_every",
+        "checkpoint_kept",
+        "device",
+        "tensorboard",
+        "report_to",
+        "save_pipeline",
+        "eval_prompts",
+    }
 )
 """Settings a rerun may change without changing the trained weights: where the folder is, how often it
-evaluates and checkpoints, what it evaluates on, the device (same computation, other hardware), logging, and
-where the fused pipeline goes. ``steps`` may grow; every other setting must match the run the folder holds."""
+evaluates and checkpoints, what it evaluates on, whether the graphed steps are recomputed in backward (same
+gradient, less memory), the device (same computation, other hardware), logging, and where the fused pipeline
+goes. ``steps`` may grow; every other setting must match the run the folder holds."""
 
 PROMPT_DIGESTS = {"prompts_sha256": "training prompt list"}
 """Recorded digests that must match on resume, and what each describes in the refusal message."""

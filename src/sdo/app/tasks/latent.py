@@ -71,7 +71,12 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
         8, "class to steer to (class, adversarial) or of the style reference (style)", at_least=0, at_most=9
     )
     steps: int = option(50, "sampling steps (of the scheduler the model samples with)", at_least=1, at_most=1000)
-    iters: int = option(30, "Adam iterations", at_least=1, at_most=10**6)
+    iters: int = option(
+        30,
+        "optimizer updates (Adam; doodl: its clipped momentum SGD; freedom: unused, one guided pass)",
+        at_least=1,
+        at_most=10**6,
+    )
     batch: int = option(8, "latents optimized at once", at_least=1, at_most=4096)
     seed: int = option(0, "seed of the initial noise", at_least=0, at_most=SEED_MAX)
     start_step: int = option(0, "optimize the latent at this step (after a no-grad warm-up)", at_least=0, at_most=999)
@@ -226,13 +231,13 @@ def pipeline_parts(config: LatentTaskConfig, pipe, batch: int, size: dict | None
 def pipeline_task(
     config: LatentTaskConfig, pipe, parts, sampler: Sampler, latent: torch.Tensor, score, description: str, **extra
 ) -> LatentTask:
-    """The task of a pipeline run whose latent at ``config.start_step`` is ``latent``: its no-grad sample (the
-    "before"), the image reward ``score`` on decoded images, the settings that replay it in the pipeline and the
-    notes for ``metrics.json`` (a replaced scheduler). ``extra`` goes to ``LatentTask`` (e.g. ``inputs``)."""
+    """The task of a pipeline run whose latent at ``config.start_step`` is ``latent``: its no-grad sample on the
+    chain the method optimizes through (the "before", ``original_sample``), the image reward ``score`` on decoded
+    images, the settings that replay it in the pipeline and the notes for ``metrics.json`` (that chain, a replaced
+    scheduler). ``extra`` goes to ``LatentTask`` (e.g. ``inputs``)."""
     from sdo.pipelines import DEFAULT_GUIDANCE
 
-    with torch.no_grad():
-        original = sampler.sample(latent, NoGrad(), start_step=config.start_step)
+    chain, original = original_sample(config, sampler, latent)
     height, width = parts.image_size
     settings = {
         "pipeline": str(Path(config.pipeline).resolve()) if Path(config.pipeline).is_dir() else config.pipeline,
@@ -246,7 +251,9 @@ def pipeline_task(
         "start_step": config.start_step,
     }
     own = type(pipe.scheduler).__name__
-    notes = {"scheduler_replaced": f"{own} -> {settings['scheduler']}"} if own != settings["scheduler"] else {}
+    notes = {"original_chain": chain}
+    if own != settings["scheduler"]:
+        notes["scheduler_replaced"] = f"{own} -> {settings['scheduler']}"
     return LatentTask(
         sampler=sampler,
         latent=latent,
