@@ -20,8 +20,10 @@ To add a block: write ``@block("my-name") def my_block(out: Path) -> str`` below
 
 Which command regenerates which outputs: ``benchmarks/run_cpu.sh`` (demo, latent optimization, estimators,
 fine-tuning), ``benchmarks/bold_kl.sh`` (the regularizer section, ``bold-kl/``), ``benchmarks/run_scale.sh``
-(``scale/``), ``python benchmarks/sampler_overhead.py > benchmarks/results/cpu/sampler-overhead.txt``, and the
-``sdo bench`` command quoted in BENCHMARKS.md for ``sd15-small-estimators/``.
+(``scale/``), ``benchmarks/reproduce_comparison.sh`` (``comparison-repro/``; ``run_cpu.sh`` makes ``comparison/``,
+``adjoint-drift/`` and ``edict-vs-ddim/``), ``python benchmarks/sampler_overhead.py >
+benchmarks/results/cpu/sampler-overhead.txt``, and the ``sdo bench`` command quoted in BENCHMARKS.md for
+``sd15-small-estimators/``.
 """
 
 from __future__ import annotations
@@ -605,6 +607,48 @@ def comparison_sweep_block(out: Path) -> str:
 def comparison_block(out: Path) -> str:
     report = _benchmark_module("compare_report")
     return report.comparison_table(report.summaries(report.load_cases(_comparison_folder(out))))
+
+
+REPRO_VARIANTS = ("sdo", "full")
+
+
+@block("comparison-repro")
+def comparison_repro_block(out: Path) -> str:
+    """The stored cases against a rerun of ``sdo`` and ``full`` alone (``benchmarks/reproduce_comparison.sh``):
+    the largest reward difference over all iterates, and SDO's median seconds per iteration over full's in each."""
+    load_cases = _benchmark_module("compare_report").load_cases
+    folder = out / "comparison-repro"
+    stored, rerun = load_cases(_comparison_folder(out)), load_cases(folder)
+    if not rerun:
+        raise FileNotFoundError(f"no stored cases in {folder}; run benchmarks/reproduce_comparison.sh")
+    headers = ("case", "seed", "largest reward difference, every iterate (sdo, full)", "sdo / full s per iter")
+    rows = []
+    for (task, protocol), seeds in sorted(rerun.items()):
+        for seed, records in sorted(seeds.items()):
+            before = stored[(task, protocol)][seed]
+            differences = [_largest_reward_difference(before[v], records[v]) for v in REPRO_VARIANTS]
+            ratios = [_time_ratio(cases) for cases in (before, records)]
+            rows.append(
+                [
+                    f"{task}/{protocol}",
+                    seed,
+                    ", ".join(f"{d:.1e}" for d in differences),
+                    f"stored {ratios[0]:.2f}, rerun {ratios[1]:.2f}",
+                ]
+            )
+    return markdown_table(headers, rows)
+
+
+def _largest_reward_difference(a: dict, b: dict) -> float:
+    rewards = [[it["reward"] for it in record["iterates"]] for record in (a, b)]
+    if len(rewards[0]) != len(rewards[1]):
+        raise ValueError("the rerun and the stored case have different numbers of iterates")
+    return max(abs(x - y) for x, y in zip(*rewards, strict=True))
+
+
+def _time_ratio(records: dict[str, dict]) -> float:
+    sdo, full = (statistics.median(records[v]["step_seconds"]) for v in REPRO_VARIANTS)
+    return sdo / full
 
 
 @block("adjoint-drift")
