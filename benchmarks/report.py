@@ -21,7 +21,7 @@ To add a block: write ``@block("my-name") def my_block(out: Path) -> str`` below
 Which command regenerates which outputs: ``benchmarks/run_cpu.sh`` (demo, latent optimization, estimators,
 fine-tuning), ``benchmarks/bold_kl.sh`` (the regularizer section, ``bold-kl/``), ``benchmarks/run_scale.sh``
 (``scale/``), ``benchmarks/reproduce_comparison.sh`` (``comparison-repro/``; ``run_cpu.sh`` makes ``comparison/``,
-``adjoint-drift/`` and ``edict-vs-ddim/``), ``python benchmarks/sampler_overhead.py >
+``beyond-grid/``, ``adjoint-drift/`` and ``edict-vs-ddim/``), ``python benchmarks/sampler_overhead.py >
 benchmarks/results/cpu/sampler-overhead.txt``, and the ``sdo bench`` command quoted in BENCHMARKS.md for
 ``sd15-small-estimators/``.
 """
@@ -649,6 +649,50 @@ def _largest_reward_difference(a: dict, b: dict) -> float:
 def _time_ratio(records: dict[str, dict]) -> float:
     sdo, full = (statistics.median(records[v]["step_seconds"]) for v in REPRO_VARIANTS)
     return sdo / full
+
+
+@block("comparison-beyond-grid")
+def comparison_beyond_grid_block(out: Path) -> str:
+    """``benchmarks/beyond_grid.py``'s runs against the stored sweep and cases: each edge-of-grid variant one value
+    further, and ``full`` at that lr on the class task's editing protocol."""
+    folder, comparison = out / "beyond-grid", _comparison_folder(out)
+    edge = [_load(path) for path in sorted((folder / "edge").glob("*.json"))]
+    edit = [_load(path) for path in sorted((folder / "edit").glob("*.json"))]
+    if not edge or not edit:
+        raise FileNotFoundError(f"no results in {folder}; run python benchmarks/beyond_grid.py {folder}")
+    order = list(_benchmark_module("compare_estimators").VARIANTS)
+    rows = [_past_the_edge_row(comparison, r) for r in sorted(edge, key=lambda r: order.index(r["variant"]))]
+    headers = ("variant", "knob", "chosen: final reward", "one step past the edge: final reward", "difference")
+    return markdown_table(headers, rows) + "\n\n" + _edit_past_the_edge_table(comparison, edit)
+
+
+def _past_the_edge_row(comparison: Path, record: dict) -> list:
+    swept = {
+        path.stem.split("@")[1]: _load(path)["final_reward"]
+        for path in (comparison / "sweep").glob(f"{record['variant']}@*.json")
+    }
+    chosen = max(swept, key=swept.get)
+    past = f"{record['value']:g}: {record['final_reward']:.3f}"
+    gain = f"{record['final_reward'] - swept[chosen]:+.3f}"
+    return [record["variant"], record["knob"], f"{chosen}: {swept[chosen]:.3f}", past, gain]
+
+
+def _edit_past_the_edge_table(comparison: Path, edit: list[dict]) -> str:
+    """Per class/edit seed: the stored sdo and full finals beside full's at the lr past its grid."""
+    rows, lrs = [], {}
+    for record in sorted(edit, key=lambda r: r["case"]["seed"]):
+        case = comparison / "cases" / f"class-edit-s{record['case']['seed']}"
+        stored = {v: _load(case / f"{v}.json") for v in ("sdo", "full")}
+        lrs = {v: r["options"]["lr"] for v, r in stored.items()} | {"past": record["value"]}
+        finals = [stored["sdo"], stored["full"], record]
+        rows.append([record["case"]["seed"], *(f"{r['iterates'][-1]['reward']:.4f}" for r in finals)])
+    headers = (
+        "class/edit seed",
+        f"sdo (lr {lrs['sdo']:g})",
+        f"full (lr {lrs['full']:g}, chosen)",
+        f"full (lr {lrs['past']:g})",
+    )
+    return markdown_table(headers, rows)
 
 
 @block("adjoint-drift")

@@ -53,6 +53,7 @@ $SDO bench --model sd15 --width 0.125 --resolution 64 --methods sdo,checkpointed
 # (about 2 hours on an idle 2-core machine; resumable: a rerun skips stored cases). Then its untimed companions.
 $PYTHON benchmarks/compare_estimators.py "$OUT/comparison" > "$OUT/comparison.log" 2>&1
 $PYTHON benchmarks/compare_report.py "$OUT/comparison" > /dev/null
+$PYTHON benchmarks/beyond_grid.py "$OUT/beyond-grid" --comparison "$OUT/comparison" > "$OUT/beyond-grid.log" 2>&1
 $PYTHON benchmarks/adjoint_drift.py "$OUT/adjoint-drift" > "$OUT/adjoint-drift.log" 2>&1
 $PYTHON benchmarks/edict_vs_ddim.py "$OUT/edict-vs-ddim" > "$OUT/edict-vs-ddim.log" 2>&1
 
