@@ -24,10 +24,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from compare_estimators import VARIANTS, Case, Settings, VariantRun, chosen_value, method_options  # this folder
+from compare_estimators import VARIANTS, Case, Settings, chosen_value, run_alone  # this folder
 from tqdm.auto import tqdm
 
-from sdo.app.tasks.latent import build_task, load_resources
+from sdo.app.tasks.latent import load_resources
 from sdo.io import load_json, save_json
 
 BEYOND = {"lr": 0.2, "doodl_lr": 100.0, "freedom_scale": 3.0}
@@ -56,16 +56,10 @@ def class_seeds(comparison: Path) -> list[int]:
 
 def run_variant(name: str, value: float, case: Case, iters: int, settings: Settings, resources) -> dict:
     """``name`` with its knob at ``value`` on ``case`` for ``iters`` iterations: the stored record."""
-    variant = VARIANTS[name]
-    config = settings.task_config(case, variant.method, iters)
-    run = VariantRun(name, build_task(config, resources), method_options(variant, value, iters), config)
-    for _ in range(1 if run.guided else run.rounds):  # a guided pass is deterministic: one suffices
-        run.step()
-    record, _ = run.finish()
-    iterates = record["iterates"]
+    iterates = run_alone(name, value, case, iters, settings, resources)["iterates"]
     return {
         "variant": name,
-        "knob": variant.knob,
+        "knob": VARIANTS[name].knob,
         "value": value,
         "case": asdict(case),
         "iters": iters,

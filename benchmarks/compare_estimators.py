@@ -226,16 +226,21 @@ def run_sweep(out: Path, settings: Settings, names: list[str], resources) -> Non
         if path.exists():
             _check_same(load_json(path), record, path)
             continue
-        variant = VARIANTS[name]
-        config = settings.task_config(case, variant.method, settings.sweep_iters)
-        task = build_task(config, resources)
-        run = VariantRun(name, task, method_options(variant, value, settings.sweep_iters), config)
-        for _ in range(1 if run.guided else run.rounds):  # a guided pass is deterministic: one suffices
-            run.step()
-        stored, _ = run.finish()
-        record.update(final_reward=stored["iterates"][-1]["reward"], iterates=stored["iterates"])
+        iterates = run_alone(name, value, case, settings.sweep_iters, settings, resources)["iterates"]
+        record.update(final_reward=iterates[-1]["reward"], iterates=iterates)
         save_json(record, path)
-        print(f"  sweep {name} {variant.knob}={value:g}: final reward {record['final_reward']:.3f}")
+        print(f"  sweep {name} {VARIANTS[name].knob}={value:g}: final reward {record['final_reward']:.3f}")
+
+
+def run_alone(name: str, value: float, case: Case, iters: int, settings: Settings, resources) -> dict:
+    """Variant ``name`` with its knob at ``value`` on ``case`` for ``iters`` iterations, not interleaved with others
+    (untimed uses: the sweep, ``beyond_grid.py``): its record (``VariantRun.finish``)."""
+    variant = VARIANTS[name]
+    config = settings.task_config(case, variant.method, iters)
+    run = VariantRun(name, build_task(config, resources), method_options(variant, value, iters), config)
+    for _ in range(1 if run.guided else run.rounds):  # a guided pass is deterministic: one suffices
+        run.step()
+    return run.finish()[0]
 
 
 def _check_same(stored: dict, expected: dict, path: Path) -> None:

@@ -131,7 +131,7 @@ def optimize_table(out: Path, prefix: str = "compare") -> str:
     return markdown_table(headers, rows)
 
 
-def _reward(value: float | None) -> str:
+def _optional(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
@@ -153,9 +153,8 @@ def bench_table(out: Path, name: str) -> str:
     )
     rows = []
     for r in result["rows"]:
-        cosine = "" if r["grad_cosine"] is None else f"{r['grad_cosine']:.3f}"
         rewards = f"{r['reward_initial']:.3f} -> {r['reward_final']:.3f}"
-        at_time = " / ".join(_reward(r[f"reward_at_{pct}pct_time"]) for pct in (25, 50, 100))
+        at_time = " / ".join(_optional(r[f"reward_at_{pct}pct_time"]) for pct in (25, 50, 100))
         rows.append(
             [
                 r["steps"],
@@ -164,7 +163,7 @@ def bench_table(out: Path, name: str) -> str:
                 mebibytes(r["peak_mem_bytes"]),
                 rewards,
                 at_time,
-                cosine,
+                _optional(r["grad_cosine"]),
                 f"{r['harness_overhead']:.2%}",
             ]
         )
@@ -667,14 +666,17 @@ def comparison_beyond_grid_block(out: Path) -> str:
 
 
 def _past_the_edge_row(comparison: Path, record: dict) -> list:
-    swept = {
-        path.stem.split("@")[1]: _load(path)["final_reward"]
-        for path in (comparison / "sweep").glob(f"{record['variant']}@*.json")
-    }
-    chosen = max(swept, key=swept.get)
+    estimators = _benchmark_module("compare_estimators")
+    chosen = estimators.chosen_value(comparison, record["variant"])
+    reached = estimators.sweep_result(comparison, record["variant"], chosen)["final_reward"]
     past = f"{record['value']:g}: {record['final_reward']:.3f}"
-    gain = f"{record['final_reward'] - swept[chosen]:+.3f}"
-    return [record["variant"], record["knob"], f"{chosen}: {swept[chosen]:.3f}", past, gain]
+    return [
+        record["variant"],
+        record["knob"],
+        f"{chosen:g}: {reached:.3f}",
+        past,
+        f"{record['final_reward'] - reached:+.3f}",
+    ]
 
 
 def _edit_past_the_edge_table(comparison: Path, edit: list[dict]) -> str:
