@@ -37,8 +37,10 @@ FreeDoM's)."""
 
 def stored_settings(comparison: Path) -> Settings:
     """The settings the stored cases were made with (all cases share them)."""
-    record = load_json(next((comparison / "cases").glob("*/full.json")))
-    return Settings(**record["settings"])
+    path = next((comparison / "cases").glob("*/full.json"), None)
+    if path is None:
+        raise SystemExit(f"no stored cases in {comparison}; run benchmarks/compare_estimators.py {comparison} first.")
+    return Settings(**load_json(path)["settings"])
 
 
 def edge_variants(comparison: Path) -> list[str]:
