@@ -30,7 +30,7 @@ def read_metrics(config):
 
 
 def adapter(config):
-    return load_tensors(os.path.join(config.out, "adapter.safetensors"))
+    return load_tensors(os.path.join(config.out, "sdo", "adapter.safetensors"))
 
 
 class Interrupt(Exception):
@@ -126,7 +126,7 @@ def test_saved_adapter_loads_in_one_call_and_changes_the_samples(tmp_path):
     finetune(config, progress=False)
     labels = torch.arange(4)
     base = zoo.sample_digits(zoo.load_unet(), labels, steps=5)
-    tuned_unet = load_adapter(zoo.load_unet(), tmp_path / "run" / "adapter.safetensors")
+    tuned_unet = load_adapter(zoo.load_unet(), tmp_path / "run" / "sdo" / "adapter.safetensors")
     tuned = zoo.sample_digits(tuned_unet, labels, steps=5)
     assert (tuned - base).abs().max() > 1e-3
     assert ink_reward(tuned).mean() > ink_reward(base).mean()  # the bold task made the strokes heavier

@@ -84,7 +84,7 @@ def test_load_lora_weights_in_plain_diffusers_gives_sdos_images(family, tmp_path
     plain.load_lora_weights(tmp_path / "ft")
     theirs = images(plain, name)
     ours_pipe = load(folder, name)
-    load_adapter(network_of(ours_pipe)[1], tmp_path / "ft" / "adapter.safetensors")
+    load_adapter(network_of(ours_pipe)[1], tmp_path / "ft" / "sdo" / "adapter.safetensors")
     ours = images(ours_pipe, name)
     assert (theirs - ours).abs().max() <= 1e-5
     assert (theirs - base).abs().max() > 1e-4  # the adapter changed the model
@@ -130,7 +130,7 @@ def test_full_weights_and_fused_pipelines_load_in_plain_diffusers(pipeline_dir, 
     full = FinetuneConfig(**{**SMALL, "lora_rank": 0, "lr": 1e-3}, out=str(tmp_path / "full"))
     finetune(full, reward=SeenImages(), pipeline=load(pipeline_dir), prompts=[PROMPT], progress=False)
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "full" / "unet")
-    tuned = load_adapter(load(pipeline_dir).unet, tmp_path / "full" / "adapter.safetensors")
+    tuned = load_adapter(load(pipeline_dir).unet, tmp_path / "full" / "sdo" / "adapter.safetensors")
     for key, value in tuned.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[key], value, rtol=0, atol=0)
 

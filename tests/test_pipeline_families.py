@@ -221,7 +221,7 @@ def test_two_finetuning_steps_for_each_method(family_dir, clip_dir, tmp_path, me
     assert record["step"] == 2 and "eval_reward" in record and record["kl"] >= 0
     first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["kl"] == 0.0  # LoRA's B starts at zero
-    weights = sdo.io.load_tensors(tmp_path / "ft" / "adapter.safetensors")
+    weights = sdo.io.load_tensors(tmp_path / "ft" / "sdo" / "adapter.safetensors")
     assert any(value.abs().sum() > 0 for name, value in weights.items() if "lora_B" in name)
 
 
@@ -238,7 +238,7 @@ def test_optimize_and_finetune_commands_on_a_pipeline(family_dir, clip_dir, tmp_
     finetune = ["finetune", "--pipeline", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--task", "clip"]
     small = ["--steps", "1", "--sample-steps", "2", "--batch-size", "1", "--lora-rank", "2"]
     assert main([*finetune, *small, *clip, *size, "--out", str(tmp_path / "ft")]) == 0
-    assert (tmp_path / "ft" / "adapter.safetensors").is_file()
+    assert (tmp_path / "ft" / "sdo" / "adapter.safetensors").is_file()
 
 
 def test_a_size_the_model_cannot_take_names_the_multiple(family_dir):

@@ -266,7 +266,7 @@ def test_two_finetuning_steps_on_a_pipeline_reach_the_lora_weights(pipeline_dir,
     )
     record = finetune(config, progress=False)
     assert record["step"] == 2 and "eval_reward" in record and record["eval_on_training_prompts"] is True
-    weights = sdo.io.load_tensors(tmp_path / "ft" / "adapter.safetensors")
+    weights = sdo.io.load_tensors(tmp_path / "ft" / "sdo" / "adapter.safetensors")
     lora_b = [value for name, value in weights.items() if "lora_B" in name]
     assert lora_b and any(value.abs().sum() > 0 for value in lora_b)  # B starts at zero: only gradients move it
 

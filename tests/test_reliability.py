@@ -118,8 +118,8 @@ def test_resume_may_grow_steps_and_change_cadence_flags(finished, tmp_path):
     straight = small(tmp_path, "straight", steps=3)
     finetune(straight, progress=False)
     resumed, fresh = (
-        load_tensors(tmp_path / "copy" / "adapter.safetensors"),
-        load_tensors(tmp_path / "straight" / "adapter.safetensors"),
+        load_tensors(tmp_path / "copy" / "sdo" / "adapter.safetensors"),
+        load_tensors(tmp_path / "straight" / "sdo" / "adapter.safetensors"),
     )
     assert all(torch.equal(resumed[name], fresh[name]) for name in fresh)
 

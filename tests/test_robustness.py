@@ -195,7 +195,7 @@ def test_accepted_edge_values_run_end_to_end(tmp_path, capsys):
     tune = ["finetune", "--steps", "1", "--sample-steps", "2", "--batch-size", "1", "--eval-every", "0"]
     tune += ["--eval-per-class", "1", "--max-grad-norm", "0", "--kl-weight", "0", "--task", "bold"]
     assert main([*tune, "--out", str(tmp_path / "f")]) == 0
-    assert (tmp_path / "f" / "adapter.safetensors").is_file()
+    assert (tmp_path / "f" / "sdo" / "adapter.safetensors").is_file()
     capsys.readouterr()
 
 
@@ -480,8 +480,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, 
     assert main([*tune, "--out", str(out)]) == 0
     assert "Resuming from" in capsys.readouterr().out
     resumed, whole = (
-        load_tensors(out / "adapter.safetensors"),
-        load_tensors(tmp_path / "whole" / "adapter.safetensors"),
+        load_tensors(out / "sdo" / "adapter.safetensors"),
+        load_tensors(tmp_path / "whole" / "sdo" / "adapter.safetensors"),
     )
     assert resumed.keys() == whole.keys() and all(resumed[k].equal(whole[k]) for k in whole)
 

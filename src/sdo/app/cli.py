@@ -178,7 +178,7 @@ def _finetune(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(record, indent=2))
     diffusers_files = ", pytorch_lora_weights.safetensors" if config.lora_rank else ", unet/ or transformer/"
-    written = "adapter.safetensors" + (diffusers_files if config.pipeline else "")
+    written = "sdo/adapter.safetensors" + (diffusers_files if config.pipeline else "")
     print(f"Wrote {Path(args.out)}/{written}, metrics.jsonl, samples/, reward_curve.png")
     return 0
 

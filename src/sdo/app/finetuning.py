@@ -27,11 +27,14 @@ from tqdm.auto import tqdm
 
 from sdo.app.checkpoints import latest_checkpoint, save_checkpoint
 from sdo.app.lora import (
-    ADAPTER_NAME,
+    adapter_file,
     add_lora,
+    check_not_fused,
     load_adapter,
+    mark_fused,
     merge_lora,
     remove_lora,
+    remove_old_adapter,
     save_adapter,
     save_for_diffusers,
     trainable_state,
@@ -239,6 +242,7 @@ class Trainer:
         self.network = target.unet
         self.lora = config.lora_rank > 0
         self.lora_targets = config.lora_targets or target.lora_targets
+        check_not_fused(self.network, "finetune(pipeline=pipe)")  # its LoRA, merged, would be applied again
         remove_lora(self.network)  # a pipeline object trained before: start again from its base weights
         if self.lora:
             add_lora(self.network, config.lora_rank, self.lora_targets)
@@ -370,10 +374,12 @@ def finetune(
     Writes into ``config.out``: ``checkpoints/step-NNNNNN/`` every ``checkpoint_every`` updates (resumed from by a
     rerun), ``metrics.jsonl`` (``step``, ``reward``, ``seconds`` and, at evaluations, ``judge_accuracy`` and
     ``frechet_judge``, or ``eval_reward`` and ``eval_on_training_prompts``), ``samples/step-NNNNNN.png`` (a grid of
-    the model's images at each evaluation, also logged to the ``report_to`` trackers), ``adapter.safetensors``
-    (final trainable weights; ``load_adapter`` puts them back), for a pipeline ``pytorch_lora_weights.safetensors``
-    (``pipe.load_lora_weights(out)``) or, with ``lora_rank`` 0, ``unet/``/``transformer/`` (``save_pretrained``),
-    and ``reward_curve.png``; with ``save_pipeline`` the whole pipeline, LoRA fused. With ``kl_weight`` the loss
+    the model's images at each evaluation, also logged to the ``report_to`` trackers), for a pipeline first
+    ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``) or, with ``lora_rank`` 0,
+    ``unet/``/``transformer/`` (``save_pretrained``), then ``sdo/adapter.safetensors`` (sdo's file of the final
+    trainable weights, out of diffusers' sight; ``load_adapter(network, out)`` puts them back) and
+    ``reward_curve.png``; with ``save_pipeline`` the whole pipeline, LoRA fused (``pipeline`` then holds the fused
+    weights and is marked: it is refused as the base of another run). With ``kl_weight`` the loss
     adds ``kl_weight * mean_b penalty_b``, the base-model regularizer of ``sdo.kl.TrajectoryKL`` (logged as
     ``kl``); a weighted ``--reward`` logs each term as ``reward_NAME``. Returns the last metrics record.
 
@@ -571,19 +577,25 @@ def _write_outputs(out: Path, trainer: Trainer, target, config: FinetuneConfig, 
     from sdo.app.plots import save_finetune_curves
 
     rank = config.lora_rank if trainer.lora else 0
-    save_adapter(trainer.network, out / ADAPTER_NAME, rank, trainer.lora_targets)
-    if isinstance(target, PipelineTarget):
+    if isinstance(target, PipelineTarget):  # first, so that an OUT without it has no file diffusers would load
         save_for_diffusers(target.pipe, trainer.network, out, trainer.lora)
-        if config.save_pipeline:
-            _save_fused_pipeline(target.pipe, trainer.network, Path(config.save_pipeline))
+    adapter = adapter_file(out)
+    save_adapter(trainer.network, adapter, rank, trainer.lora_targets)
+    remove_old_adapter(out)
+    if isinstance(target, PipelineTarget) and config.save_pipeline:
+        fused = adapter if trainer.lora else None
+        _save_fused_pipeline(target.pipe, trainer.network, Path(config.save_pipeline), fused)
     title = f"{config.method} on {config.reward_spec()}"
     save_finetune_curves(records, out / "reward_curve.png", title, EVALUATION_MEASURES)
 
 
-def _save_fused_pipeline(pipe, network: torch.nn.Module, folder: Path) -> None:
-    """``pipe`` with LoRA merged into ``network``'s weights, written by ``save_pretrained`` into a temporary
-    folder next to ``folder``, then renamed to it (a previous pipeline there is replaced)."""
+def _save_fused_pipeline(pipe, network: torch.nn.Module, folder: Path, adapter: Path | None = None) -> None:
+    """``pipe`` with LoRA merged into ``network``'s weights (then marked as holding the fused ``adapter`` file,
+    ``sdo.app.lora.mark_fused``), written by ``save_pretrained`` into a temporary folder next to ``folder``, then
+    renamed to it (a previous pipeline there is replaced)."""
     merge_lora(network)
+    if adapter is not None:
+        mark_fused(network, adapter)
     network.requires_grad_(False)
     building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     os.chmod(building, DIR_MODE)
