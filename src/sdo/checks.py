@@ -5,25 +5,35 @@ fails up front with one ``ConfigError`` naming it instead of deep inside a run."
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .errors import ConfigError
 
 __all__ = [
+    "FLOAT32_MAX",
+    "GUIDANCE_MAX",
     "SEED_MAX",
     "check_betas",
     "check_device",
+    "check_guidance",
     "check_int",
     "check_latent",
     "check_latent_fits",
+    "check_learning_rate",
     "check_positive",
     "check_rewards",
     "check_schedule_start",
     "check_seed",
     "check_step_range",
+    "check_text",
 ]
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""The largest float32, what a step size or guidance scale applied in float32 may reach."""
+GUIDANCE_MAX = 1000
+"""The largest classifier-free guidance scale the library and the commands take (``check_guidance``)."""
 SEED_MAX = 2**63 - 1
 """The largest seed: seeds are integers in ``[0, 2**63 - 1]`` (what ``torch.Generator.manual_seed`` takes
 without wrapping negative values around)."""
@@ -46,6 +56,41 @@ def check_positive(value: object, name: str, *, allow_zero: bool = False) -> flo
     if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
         raise ConfigError(f"`{name}` must be a finite number {bound}, got {value!r}.")
     return number
+
+
+def check_learning_rate(value: object, name: str = "lr", largest: float = FLOAT32_MAX) -> float:
+    """``value`` if it is a finite number in ``(0, largest]``, else a ``ConfigError`` naming ``name``. An optimizer
+    steps in float32, so its step size must fit in one: ``largest`` is ``FLOAT32_MAX`` over what the optimizer
+    multiplies the rate by (Adam's first step: ``1 / (1 - beta1)``, so ``FLOAT32_MAX * (1 - beta1)``)."""
+    number = check_positive(value, name)
+    if number > largest:
+        raise ConfigError(f"`{name}` must be a finite number in (0, {largest:.4g}], got {value!r}.")
+    return number
+
+
+def check_guidance(value: object, name: str = "guidance_scale") -> float:
+    """``value`` if it is a finite number in ``[0, GUIDANCE_MAX]`` (a classifier-free guidance scale: the range of
+    the commands' ``--guidance`` and ``--inversion-guidance``), else a ``ConfigError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= GUIDANCE_MAX:
+        raise ConfigError(f"`{name}` must be a finite number in [0, {GUIDANCE_MAX}], got {value!r}.")
+    return float(value)
+
+
+def check_text(value: object, name: str, flag: str | None = None) -> str:
+    """``value`` if it is a string of UTF-8 text, else a ``ConfigError`` naming ``name`` (and the command's
+    ``flag``). Python keeps the bytes of a command-line argument that are not UTF-8 as lone surrogates
+    (``'\\udcff'``), which no tokenizer or file takes."""
+    where = f" (flag {flag})" if flag else ""
+    if not isinstance(value, str):
+        raise ConfigError(f"`{name}` must be a string, got {type(value).__name__}{where}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"`{name}` must be UTF-8 text, got {value!r}{where}: it holds bytes that are not UTF-8 (is the "
+            "terminal or the file in another encoding?)."
+        ) from None
+    return value
 
 
 def check_device(device: object, name: str = "device", present: bool = True) -> torch.device:
@@ -162,9 +207,10 @@ def check_rewards(rewards: object, batch: int) -> torch.Tensor:
     else a ``ConfigError`` naming ``reward``: a Python float or a tensor of another shape is not broadcast."""
     if not torch.is_tensor(rewards) or not rewards.is_floating_point():
         kind = f"a tensor of {rewards.dtype}" if torch.is_tensor(rewards) else type(rewards).__name__
+        number = isinstance(rewards, int | float) and not isinstance(rewards, bool)
+        hint = " (a Python number carries no gradient)" if number else ""
         raise ConfigError(
-            f"`reward` must return a floating-point [batch] tensor of shape ({batch},), got {kind} "
-            "(a Python number carries no gradient)."
+            f"`reward` must return a floating-point [batch] tensor of shape ({batch},), got {kind}{hint}."
         )
     if rewards.shape != (batch,):
         raise ConfigError(f"`reward` must return a [batch] tensor of shape ({batch},), got {tuple(rewards.shape)}.")

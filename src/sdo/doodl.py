@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_betas, check_int, check_positive, check_rewards
+from .checks import FLOAT32_MAX, check_betas, check_int, check_learning_rate, check_positive, check_rewards
 from .edict import EDICTSampler, Invertible
 from .errors import ConfigError
 from .gradients import GradientMode, NoGrad
@@ -242,8 +242,8 @@ def doodl_adam_stepper(
     """
     grad = Invertible() if grad is None else grad  # a fresh mode (and its stats) per run
     sampler = _edict_of(problem)
-    check_positive(lr, "lr")
     betas = check_betas(betas)
+    check_learning_rate(lr, largest=FLOAT32_MAX * (1 - betas[0]))  # Adam's first step is lr / (1 - beta1)
     _check_grad(grad)
     problem.check(sampler.sampler.network)
     objective = PairObjective(sampler, problem.reward, problem.start_step, problem.cond)
@@ -267,7 +267,7 @@ def _check_grad(grad: object) -> None:
 
 
 def _check(lr, momentum, clip, perturbation, grad) -> None:
-    check_positive(lr, "lr")
+    check_learning_rate(lr)
     if isinstance(momentum, bool) or not 0 <= check_positive(momentum, "momentum", allow_zero=True) < 1:
         raise ConfigError(f"`momentum` must be in [0, 1), got {momentum}.")
     if clip is not None:

@@ -13,11 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import (
+    FLOAT32_MAX,
     check_betas,
     check_int,
     check_latent,
     check_latent_fits,
-    check_positive,
+    check_learning_rate,
     check_rewards,
     check_seed,
 )
@@ -213,7 +214,8 @@ class LatentStepper:
 
     Each iteration evaluates ``objective(z, grad)``, refuses a non-finite reward, updates the per-sample best
     iterate (before the update moves ``z``, so that ``best_latent`` is the latent of ``best_sample``), backpropagates
-    the loss to ``z``, refuses a non-finite gradient, and applies ``update(z, d loss / d z)``. ``finish()`` evaluates
+    the loss to ``z``, refuses a non-finite gradient, and applies ``update(z, d loss / d z)`` unless the moved latent
+    would not be finite (then ``z`` keeps its value and the run stops). ``finish()`` evaluates
     the final latent once more (no gradient) and returns the ``OptimizationResult``. ``sdo.optimize_latent`` (Adam),
     ``sdo.optimize_latent_doodl`` (DOODL's update on the EDICT pair) and ``sdo bench`` (interleaved runs) all drive
     this loop. Under ``sdo.NoGrad()`` an iteration only evaluates (``sdo bench``'s cost floor).
@@ -227,8 +229,9 @@ class LatentStepper:
         measure: record each iteration's extra memory (``sdo.memory.PeakMemory``).
 
     Raises (from ``step`` and ``finish``):
-        NonFiniteRewardError: the reward or its gradient is NaN or infinite; ``result`` holds the run so far with
-            the last iterate whose reward was finite as its ``latent`` and ``sample``, and the best iterate.
+        NonFiniteRewardError: the reward or its gradient is NaN or infinite, or the update would make the latent
+            so; ``result`` holds the run so far with the last iterate whose reward was finite as its ``latent`` and
+            ``sample``, and the best iterate.
         ConfigError: the reward has no gradient path to the sample, or ``grad`` gives none to the latent.
     """
 
@@ -282,15 +285,31 @@ class LatentStepper:
             self.last_finite = (z.detach().clone(), x0.detach())
             if learns:
                 self.gradient = self._backward(z, x0, loss, iteration)
-        if learns:
-            self.update(z, self.gradient)
+        refused = self._apply_update(z, iteration) if learns else None
         seconds = 0.0 if final else time.perf_counter() - started
         elapsed = (self.history[-1]["elapsed"] if self.history else 0.0) + seconds
         record = history_record(iteration, rewards, loss, seconds, elapsed, reward=self.reward, memory=memory)
         if self.judge is not None:
             record["judge_success"] = float(self.judge(x0.detach()).float().mean())
         self.history.append(record)
+        if refused is not None:
+            raise refused
         return record
+
+    def _apply_update(self, z: torch.Tensor, iteration: int) -> NonFiniteRewardError | None:
+        """Move ``z`` by the update rule, unless the moved latent would hold NaN or infinite values: then ``z``
+        keeps its value and the error to raise (once this iteration is recorded) is returned."""
+        before = z.detach().clone()
+        self.update(z, self.gradient)
+        if bool(torch.isfinite(z.detach()).all()):
+            return None
+        with torch.no_grad():
+            z.copy_(before)
+        return NonFiniteRewardError(
+            f"The update at iteration {iteration} would make the latent NaN or infinite (is `lr` too large, or the "
+            "latent zero?); stopped without applying it. The error's `result` holds the last finite iterate.",
+            self.best.result(*self.last_finite, self.history),
+        )
 
     def _backward(self, z: torch.Tensor, x0: torch.Tensor, loss: torch.Tensor, iteration: int) -> torch.Tensor:
         """``d loss / d z``, after checking that the gradient reached the sample and the latent and is finite."""
@@ -378,8 +397,8 @@ def latent_stepper(
     """The ``LatentStepper`` of ``optimize_latent`` (its arguments, checked here; ``shell`` is its
     ``project_to_shell``): ``SampleObjective`` with ``AdamUpdate``. ``sdo bench`` steps it one iteration at a time;
     ``grad=sdo.NoGrad()`` only evaluates."""
-    check_positive(lr, "lr")
     betas = check_betas(betas)
+    check_learning_rate(lr, largest=FLOAT32_MAX * (1 - betas[0]))  # Adam's first step is lr / (1 - beta1)
     problem.check(problem.sampler.network)
     objective = SampleObjective(
         problem.sampler, problem.reward, problem.start_step, problem.seed, problem.cond, prior_weight

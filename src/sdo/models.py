@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .checks import check_guidance
 from .errors import ConfigError
 from .schedulers import PREDICTION_TYPES
 
@@ -67,6 +68,9 @@ class Denoiser:
     timestep_divisor: float = 1.0
 
     def __post_init__(self) -> None:
+        check_guidance(self.guidance_scale, "guidance_scale")
+        if self.guidance_embedding is not None:
+            check_guidance(self.guidance_embedding, "guidance_embedding")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
         if self.class_labels is not None and self.encoder_hidden_states is not None:

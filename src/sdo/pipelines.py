@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import inversion
+from .checks import check_guidance, check_text
 from .errors import ConfigError, CorruptFileError, MissingWeightsError
 from .hub import ModelSource, hub_error, model_source
 from .io import convert_hint, has_pickled_weights, load_json
@@ -155,7 +156,8 @@ class PipelineParts:
         arithmetic exactly. Differentiable.
 
         Raises:
-            ConfigError: ``images`` is not ``[B, 3, H, W]`` at this pipeline's size, or holds values outside [0, 1].
+            ConfigError: ``images`` is not ``[B, 3, H, W]`` (``B >= 1``) at this pipeline's size, or holds values
+                outside [0, 1].
         """
         _check_images(images, self.image_size)
         return _encoder(self.vae, self.family)(images)
@@ -186,7 +188,12 @@ class PipelineParts:
             guidance_scale: classifier-free guidance of the inversion (1.0: the conditional prediction alone, the
                 usual choice); for a guidance-distilled Flux, the embedded guidance. Record it with the latent.
             fixed_point_iters: refinements of each inverted state (``sdo.inversion.invert``).
+
+        Raises:
+            ConfigError: bad ``images`` (as ``encode``), ``step`` or ``num_inference_steps`` out of range, or a
+                ``guidance_scale`` that is not a finite number in [0, 1000].
         """
+        check_guidance(guidance_scale, "guidance_scale")
         latents = self.encode(images)
         model_fn = self.model_fn
         if latents.shape[0] != model_fn.encoder_hidden_states.shape[0]:
@@ -400,7 +407,8 @@ def from_pipeline(
 
     Raises:
         ConfigError: an unsupported pipeline class or size, or a missing component (the message names the
-            supported families).
+            supported families); an empty prompt list, a prompt that is not UTF-8 text, or a ``guidance_scale``
+            or ``true_cfg_scale`` that is not a finite number in [0, 1000] (checked before anything loads).
         MissingWeightsError: neither a pipeline folder nor a Hub id that loads (offline and not cached: the message
             names ``HF_HUB_OFFLINE``), or a component could not be loaded.
 
@@ -408,6 +416,12 @@ def from_pipeline(
     (``sdo.Denoiser`` and ``decode`` cast at the boundary); add ``sdo.Shortcut(checkpoint=True)`` to recompute the
     kept step. See BENCHMARKS.md for the SD-1.5 memory budget.
     """
+    prompts = _check_prompts(prompt)
+    if negative_prompt is not None:
+        check_text(negative_prompt, "negative_prompt")
+    if guidance_scale is not None:
+        check_guidance(guidance_scale, "guidance_scale")
+    check_guidance(true_cfg_scale, "true_cfg_scale")
     pipe = _load(pipe_or_path, device, dtype)
     family = _check_family(type(pipe).__name__, type(pipe).__name__)
     for name in _REQUIRED[family]:
@@ -422,7 +436,6 @@ def from_pipeline(
         module.requires_grad_(False).eval()
     if family == "sdxl" and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # as the pipeline does before decoding: the fp16 SDXL VAE overflows
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     height, width, factor = _size(pipe, family, network, height, width)
     guidance = DEFAULT_GUIDANCE[family] if guidance_scale is None else guidance_scale
     build = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]
@@ -460,6 +473,21 @@ def from_pipeline(
         lora_targets=lora_targets(network),
         prompts=prompts,
     )
+
+
+def _check_prompts(prompt: object) -> list[str]:
+    """``prompt`` as the prompt batch: one string, or a non-empty list (or tuple) of strings, all UTF-8 text;
+    anything else a ``ConfigError`` naming ``prompt``."""
+    if isinstance(prompt, str):
+        return [check_text(prompt, "prompt")]
+    if not isinstance(prompt, list | tuple) or not prompt:
+        shown = repr(prompt) if isinstance(prompt, list | tuple) else type(prompt).__name__
+        raise ConfigError(f"`prompt` must be a string or a non-empty list of strings, got {shown}.")
+    for item in prompt:
+        if not isinstance(item, str):
+            raise ConfigError(f"`prompt` must be a string or a list of strings, got an item {item!r}.")
+        check_text(item, "prompt")
+    return list(prompt)
 
 
 def _size(pipe, family: str, network, height: int | None, width: int | None) -> tuple[int, int, int]:
@@ -638,10 +666,13 @@ def _vae_factor(vae) -> int:
 
 
 def _check_images(images: torch.Tensor, size: tuple[int, int]) -> None:
-    """``ConfigError`` unless ``images`` is a float ``[B, 3, H, W]`` batch in [0, 1] of ``size == (H, W)``."""
+    """``ConfigError`` unless ``images`` is a float ``[B, 3, H, W]`` batch (``B >= 1``) in [0, 1] of
+    ``size == (H, W)``."""
     if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ConfigError(f"`images` must be a float [B, 3, H, W] tensor in [0, 1], got {shape}.")
+    if images.shape[0] == 0:
+        raise ConfigError(f"`images` is an empty batch (shape {tuple(images.shape)}); pass at least one image.")
     if tuple(images.shape[2:]) != tuple(size):
         raise ConfigError(
             f"`images` are {images.shape[2]}x{images.shape[3]} but this pipeline makes {size[0]}x{size[1]} images; "

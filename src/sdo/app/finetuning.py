@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -45,7 +46,7 @@ from sdo.app.prompts import read_prompts
 from sdo.app.resume import MetricsLog, open_finetune_output, prompt_digest, restore
 from sdo.app.runs import check_writable
 from sdo.app.tasks.finetune import EVALUATION_MEASURES, PipelineTarget, ZooTarget, ink_reward
-from sdo.checks import SEED_MAX, check_device
+from sdo.checks import SEED_MAX, check_device, check_rewards, check_text
 from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError, MissingExtraError, NonFiniteRewardError, missing_extra
 from sdo.gradients import GradientMode
@@ -208,6 +209,22 @@ class FinetuneConfig(PipelineOptions):
         return gradient_mode(self.method, options)
 
 
+_ADAM_BETAS = (0.9, 0.999)
+"""AdamW's betas in fine-tuning (its defaults)."""
+_ADAM_MOVE = 10.0
+"""A bound on how far one AdamW step with ``_ADAM_BETAS`` moves a weight element, in units of ``lr``: ``|m_hat| /
+(sqrt(v_hat) + eps)`` is at most 7.27 with betas (0.9, 0.999) (Cauchy-Schwarz over the moments' weighted sums of
+the same gradients, bias corrections included); 10 with a margin. It also bounds Adam's step size ``lr / (1 -
+beta1^t)``, which torch refuses to compute when it overflows."""
+
+
+def _largest_magnitude(tensors: list[torch.Tensor]) -> float:
+    """The largest absolute value over ``tensors`` (0 for none), with one device synchronization."""
+    if not tensors:
+        return 0.0
+    return float(torch.stack([torch.linalg.vector_norm(t, math.inf).float() for t in tensors]).max())
+
+
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**64)  # every seed in [0, 2**63 - 1]
 
@@ -253,7 +270,7 @@ class Trainer:
         needs_copy = config.kl_weight > 0 and not self.lora
         self.base = copy.deepcopy(self.network).requires_grad_(False) if needs_copy else None
         self.parameters = [p for p in self.network.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, betas=_ADAM_BETAS, weight_decay=0.0)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: the LoRA tensors, or every weight."""
@@ -269,7 +286,14 @@ class Trainer:
     def update(self, step: int) -> dict[str, float]:
         """One optimizer update on this process's slice of the global batch; returns the global means of the
         reward, of each term of a weighted reward (``reward_NAME``) and, with ``kl_weight``, of the KL penalty
-        (``kl``)."""
+        (``kl``).
+
+        Raises:
+            ConfigError: the reward returned anything but a floating-point ``[B]`` tensor (``B`` the micro-batch)
+                with a gradient path to the sample (``sdo.checks.check_rewards``).
+            NonFiniteRewardError: the reward or a gradient is NaN or infinite, or the step might make a weight so;
+                raised before the update, so the network keeps the weights of step ``step - 1``.
+        """
         accelerator, config = self.accelerator, self.config
         conditions, noise, mode_seed = self.global_batch(step)
         per_process = config.batch_size // accelerator.num_processes
@@ -282,12 +306,16 @@ class Trainer:
             for name, values in self._micro_batch(conditions[part], noise[part], mode_seed).items():
                 sums[name] = sums.get(name, torch.zeros((), device=accelerator.device)) + values.sum()
         self._reduce_gradients()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
-        self.optimizer.step()
-        return {
+        means = {
             name: float(accelerator.reduce(total, reduction="sum")) / config.batch_size for name, total in sums.items()
         }
+        if not math.isfinite(means["reward"]):
+            raise self._non_finite(step, f"The reward is not finite at step {step} ({means['reward']})")
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)  # a non-finite gradient stays so
+        self._check_update(step)
+        self.optimizer.step()
+        return means
 
     def _micro_batch(self, conditions: torch.Tensor, noise: torch.Tensor, mode_seed: int) -> dict[str, torch.Tensor]:
         """Sample, score and backpropagate one micro-batch; returns its per-sample values to log (detached)."""
@@ -298,7 +326,7 @@ class Trainer:
         mode = config.mode(torch.Generator().manual_seed(mode_seed))  # one draw per trajectory batch, every rank
         with self.accelerator.autocast():
             x0 = sampler.sample(noise, grad=mode)
-            rewards = reward_fn(x0, conditions).float()
+            rewards = check_rewards(reward_fn(x0, conditions), len(noise)).float()
         if x0.requires_grad and not rewards.requires_grad:
             raise ConfigError(
                 "The reward has no gradient path to the sample: the reward returned a tensor that does not depend "
@@ -316,6 +344,35 @@ class Trainer:
             logged["kl"] = penalty
         (loss / config.batch_size).backward()
         return {name: values.detach().float() for name, values in logged.items()}
+
+    def _check_update(self, step: int) -> None:
+        """Refuse the update of ``step`` before it is applied (the weights stay as they are) when a gradient holds
+        NaN or infinite values, or when AdamW's step might not leave every weight finite: it moves each element by
+        at most ``lr * _ADAM_MOVE`` (after the weight decay's scaling), so a weight further than that below half its
+        dtype's largest value stays finite, and a gradient below that half keeps Adam's moments finite."""
+        weights = [p.detach() for p in self.parameters]
+        weight = _largest_magnitude(weights)
+        gradient = _largest_magnitude([p.grad.detach() for p in self.parameters if p.grad is not None])
+        if not math.isfinite(gradient):  # NaN propagates through the maximum
+            raise self._non_finite(step, f"The gradient of the reward is not finite at step {step} (the reward is)")
+        largest = min((torch.finfo(w.dtype).max for w in weights), default=math.inf) / 2
+        for group in self.optimizer.param_groups:
+            lr, decay = group["lr"], group["weight_decay"]
+            if weight * abs(1 - lr * decay) + lr * _ADAM_MOVE >= largest or gradient >= largest:
+                raise self._non_finite(
+                    step,
+                    f"The update at step {step} could make a weight infinite (largest weight {weight:.3g}, largest "
+                    f"gradient {gradient:.3g}, lr {lr:g}); lower `lr` (--lr)",
+                )
+
+    def _non_finite(self, step: int, what: str) -> NonFiniteRewardError:
+        """The error that stops the run at ``step`` before its update: ``what``, and the last good checkpoint."""
+        last = latest_checkpoint(Path(self.config.out) / "checkpoints")
+        return NonFiniteRewardError(
+            f"{what}; stopped before the update, the weights are those of step {step - 1}. Last good checkpoint: "
+            f"{last.path if last else 'none'}.",
+            {"step": step, "last_checkpoint": str(last.path) if last else None},
+        )
 
     def _reduce_gradients(self) -> None:
         """Sum the gradients of all processes (one flat all-reduce)."""
@@ -389,10 +446,12 @@ def finetune(
     may grow). ``break_lock`` takes over a lock written from another host (see ``sdo.app.runs.RunLock``).
 
     Raises:
-        ConfigError: bad configuration (checked before any model loads).
+        ConfigError: bad configuration or prompt lists (checked before any model loads); a reward that returns
+            anything but a floating-point ``[B]`` tensor with a gradient path to the sample (at its first call).
         MissingExtraError: a ``report_to`` tracker's package is not installed.
-        NonFiniteRewardError: a non-finite reward; the message names the step, ``result`` holds ``step`` and
-            ``last_checkpoint`` (the last good checkpoint, kept on disk).
+        NonFiniteRewardError: a non-finite reward or gradient, or a step that might overflow a weight, found before
+            that update (a loaded ``pipeline`` keeps the weights of the step before); the message names the step,
+            ``result`` holds ``step`` and ``last_checkpoint`` (the last good checkpoint, kept on disk).
         ResumeMismatchError: ``config.out`` holds a run with other settings or prompts; the message names them.
         OutputLockedError: another process is writing into ``config.out``.
     """
@@ -460,10 +519,11 @@ class _TrainingData:
             if not config.prompts:
                 raise ConfigError("`prompts` (a list, or a file in the config) is required to fine-tune a pipeline.")
             prompts = read_prompts(config.prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ConfigError(f"`prompts` must be a non-empty list of strings, got {prompts!r}.")
+        prompts = _prompt_list(prompts, "prompts")
         if eval_prompts is None and config.eval_prompts:
-            eval_prompts = read_prompts(config.eval_prompts)
+            eval_prompts = read_prompts(config.eval_prompts, "--eval-prompts")
+        if eval_prompts is not None:
+            eval_prompts = _prompt_list(eval_prompts, "eval_prompts")
         if reward is None and config.reward_spec() not in CLIP_REWARDS and not config.reward:
             raise ConfigError(
                 f"`task` {config.task!r} is a task of the embedded model; on a pipeline pass `reward=` (an image "
@@ -471,7 +531,7 @@ class _TrainingData:
             )
         if config.save_pipeline:
             check_writable(Path(config.save_pipeline).parent)
-        return cls(reward, pipeline if pipeline is not None else config.pipeline, list(prompts), eval_prompts)
+        return cls(reward, pipeline if pipeline is not None else config.pipeline, prompts, eval_prompts)
 
     def settings(self, config: FinetuneConfig) -> dict:
         """What ``config.json`` and each checkpoint record: the config's fields, the pipeline's ``name_or_path``
@@ -489,6 +549,20 @@ class _TrainingData:
             return ZooTarget(config, device, reward=self.reward)
         pipeline = None if isinstance(self.pipeline, (str, Path)) else self.pipeline
         return PipelineTarget(config, device, pipeline, self.prompts, self.eval_prompts, image_reward=self.reward)
+
+
+def _prompt_list(prompts: object, name: str) -> list[str]:
+    """``prompts`` as a new list if it is a non-empty list or tuple of UTF-8 strings, else a ``ConfigError`` naming
+    the argument ``name`` (a generator is refused: it would be used up by the first pass over it)."""
+    if not isinstance(prompts, list | tuple):
+        raise ConfigError(f"`{name}` must be a list of strings, got {type(prompts).__name__}; pass list(...).")
+    if not prompts:
+        raise ConfigError(f"`{name}` must be a non-empty list of strings, got an empty {type(prompts).__name__}.")
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"`{name}` must be a list of strings, got an item {prompt!r}.")
+        check_text(prompt, name)
+    return list(prompts)
 
 
 def _check_trackers(config: FinetuneConfig) -> list[str]:

@@ -17,6 +17,7 @@ from sdo.app.lora import ZOO_LORA_TARGETS
 from sdo.app.pipeline_options import ZOO_GUIDANCE
 from sdo.app.prompts import read_prompts
 from sdo.app.quality import frechet_distance
+from sdo.checks import check_rewards
 from sdo.gradients import NoGrad
 from sdo.rewards import ClassifierReward
 from sdo.sampling import Sampler
@@ -114,7 +115,7 @@ class PipelineTarget:
 
         prompts = list(prompts) if prompts is not None else read_prompts(config.prompts)
         if eval_prompts is None and config.eval_prompts:
-            eval_prompts = read_prompts(config.eval_prompts)
+            eval_prompts = read_prompts(config.eval_prompts, "--eval-prompts")
         self.eval_on_training_prompts = eval_prompts is None
         self.eval_prompts = prompts if eval_prompts is None else list(eval_prompts)
         self.config, self.device, self.prompts = config, device, prompts
@@ -154,7 +155,8 @@ class PipelineTarget:
                 index = torch.arange(first, min(first + size, len(self.eval_prompts)))
                 noise = torch.randn(len(index), *parts.latent_shape[1:], generator=generator).to(self.device)
                 decoded = parts.decode(self.sampler(unet, index, parts).sample(noise, grad=NoGrad()))
-                total += float(self.image_reward(decoded, [self.eval_prompts[i] for i in index.tolist()]).sum())
+                rewards = self.image_reward(decoded, [self.eval_prompts[i] for i in index.tolist()])
+                total += float(check_rewards(rewards, len(index)).sum())
                 images.append(decoded.float().cpu())
             measures = {
                 "eval_reward": total / len(self.eval_prompts),

@@ -19,7 +19,7 @@ from sdo.app.method_flags import MethodFlags
 from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import ZOO_GUIDANCE, PipelineOptions
 from sdo.app.reward_spec import parse_reward_spec
-from sdo.checks import SEED_MAX
+from sdo.checks import SEED_MAX, check_text
 from sdo.doodl import edict_sampler
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
@@ -139,6 +139,7 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
         if not 0 <= self.start_step < self.steps:
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
         self.check_method(self.method, "latent", self.steps, self.start_step)  # a bad --kept-steps fails here
+        check_text(self.prompt, "prompt", "--prompt")  # bytes that are not UTF-8 reach no tokenizer
         if self.pipeline and not (self.prompt or self.prompts):
             raise ConfigError("`prompt` (or `prompts`, a file of prompts) is required with --pipeline.")
         if self.conditions and self.pipeline:
