@@ -20,13 +20,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from sdo.app.checkpoints import latest_checkpoint, save_checkpoint
+from sdo.app.fingerprints import callable_fingerprint, fingerprint_inputs, pipeline_fingerprint
 from sdo.app.lora import (
     adapter_file,
     add_lora,
@@ -43,8 +44,8 @@ from sdo.app.lora import (
 from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import PipelineOptions
 from sdo.app.prompts import read_prompts
-from sdo.app.resume import MetricsLog, open_finetune_output, prompt_digest, restore
-from sdo.app.runs import check_writable
+from sdo.app.resume import INPUTS_KEY, MetricsLog, open_finetune_output, prompt_digest, recorded_inputs, restore
+from sdo.app.runs import check_writable, is_secondary_process
 from sdo.app.tasks.finetune import EVALUATION_MEASURES, PipelineTarget, ZooTarget, ink_reward
 from sdo.checks import SEED_MAX, check_device, check_rewards, check_text
 from sdo.clip_rewards import CLIP_REWARDS
@@ -158,6 +159,12 @@ class FinetuneConfig(PipelineOptions):
     )
     reward: str = option(
         "", "--pipeline: rewards as a weighted sum, e.g. clip=1.0,aesthetic=0.5 (default: the --task reward alone)"
+    )
+    verify: bool = option(
+        False,
+        "on resume, rehash every input (pipeline, CLIP and PickScore folders, aesthetic head, style image) even where "
+        "its size and modification time are unchanged (reads them; checkpoints are always checked against their "
+        "recorded SHA-256)",
     )
 
     def __post_init__(self) -> None:
@@ -441,9 +448,11 @@ def finetune(
     ``kl``); a weighted ``--reward`` logs each term as ``reward_NAME``. Returns the last metrics record.
 
     The folder records the run's settings in ``config.json`` (with the pipeline's ``name_or_path`` and the sha256
-    of the prompt list when they were given as objects) and is locked (``.sdo.lock``) for the run; a rerun resumes
-    only with the same result-changing settings and prompts (``sdo.app.resume.RESUME_FREE`` may change, ``steps``
-    may grow). ``break_lock`` takes over a lock written from another host (see ``sdo.app.runs.RunLock``).
+    of the prompt list when they were given as objects, a ``reward`` function's ``reward_function``
+    (``module.qualname``) and hashes, and a fingerprint of each input: files and folders, a Hub id's revision, a
+    loaded pipeline's weights) and is locked (``.sdo.lock``) for the run; a rerun resumes only with the same
+    result-changing settings, prompts, reward function and inputs (``sdo.app.resume.RESUME_FREE`` may change,
+    ``steps`` may grow). ``break_lock`` takes over a lock written from another host (see ``sdo.app.runs.RunLock``).
 
     Raises:
         ConfigError: bad configuration or prompt lists (checked before any model loads); a reward that returns
@@ -493,6 +502,7 @@ class _TrainingData:
     pipeline: object
     prompts: list[str] | None
     eval_prompts: list[str] | None
+    inputs: dict | None = field(default=None, repr=False)  # the inputs' fingerprints, taken once by ``settings``
 
     @property
     def on_pipeline(self) -> bool:
@@ -535,13 +545,38 @@ class _TrainingData:
 
     def settings(self, config: FinetuneConfig) -> dict:
         """What ``config.json`` and each checkpoint record: the config's fields, the pipeline's ``name_or_path``
-        for a loaded pipeline, and the sha256 of the training prompts (``sdo.app.resume.prompt_digest``)."""
+        for a loaded pipeline, the sha256 of the training prompts (``sdo.app.resume.prompt_digest``), a Python
+        reward's name and hashes (``reward_function``, ``reward_source_sha256``, ``reward_values_sha256``; then
+        ``task`` and ``reward``, which it replaces, are None) and the fingerprints of the inputs (``inputs``)."""
         settings = asdict(config)
         if self.on_pipeline and not isinstance(self.pipeline, (str, Path)):
             settings["pipeline"] = str(getattr(self.pipeline, "name_or_path", "") or type(self.pipeline).__name__)
         if self.prompts is not None:
             settings["prompts_sha256"] = prompt_digest(self.prompts)
+        if self.reward is not None:
+            fingerprint = callable_fingerprint(self.reward)
+            settings.update(task=None, reward=None, **{f"reward_{key}": value for key, value in fingerprint.items()})
+        settings[INPUTS_KEY] = self._fingerprints(config)
         return settings
+
+    def _fingerprints(self, config: FinetuneConfig) -> dict:
+        """The inputs' fingerprints (``sdo.app.fingerprints``), taken at the first call on the main process (the
+        others record nothing): the pipeline (a folder, a Hub id or a loaded pipeline's weights) and, without a
+        Python reward, the files its reward reads. Unchanged files take their hashes from the folder's
+        ``config.json`` unless ``config.verify``."""
+        if self.inputs is None:
+            if is_secondary_process():
+                self.inputs = {}
+                return self.inputs
+            paths = config.reward_inputs() if self.on_pipeline and self.reward is None else {}
+            inputs = {}
+            if isinstance(self.pipeline, (str, Path)):
+                paths = {"pipeline": str(self.pipeline), **paths}
+            elif self.pipeline is not None:
+                inputs["pipeline"] = pipeline_fingerprint(self.pipeline)
+            inputs.update(fingerprint_inputs(paths, recorded_inputs(config.out), config.verify))
+            self.inputs = inputs
+        return self.inputs
 
     def target(self, config: FinetuneConfig, device: torch.device):
         """The model and reward being fine-tuned."""
@@ -623,7 +658,7 @@ def _train(config: FinetuneConfig, data: _TrainingData, progress: bool, accelera
         bar.set_postfix(reward=f"{mean_reward:.3f}", s=f"{record['seconds']:.2f}")
     trainer.check_replicas_agree()
     if accelerator.is_main_process:
-        _write_outputs(out, trainer, target, config, metrics.records)
+        _write_outputs(out, trainer, target, config, metrics.records, settings.get("reward_function"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
@@ -645,9 +680,12 @@ def _evaluate(evaluator, network: torch.nn.Module, accelerator, out: Path, step:
     return measures
 
 
-def _write_outputs(out: Path, trainer: Trainer, target, config: FinetuneConfig, records: list[dict]) -> None:
+def _write_outputs(
+    out: Path, trainer: Trainer, target, config: FinetuneConfig, records: list[dict], reward_name: str | None = None
+) -> None:
     """The final weights (sdo's adapter and, for a pipeline, diffusers' files; the fused pipeline when asked)
-    and the reward curves."""
+    and the reward curves, titled with ``reward_name`` (a Python reward's ``module.qualname``) or the config's
+    reward."""
     from sdo.app.plots import save_finetune_curves
 
     rank = config.lora_rank if trainer.lora else 0
@@ -659,7 +697,7 @@ def _write_outputs(out: Path, trainer: Trainer, target, config: FinetuneConfig, 
     if isinstance(target, PipelineTarget) and config.save_pipeline:
         fused = adapter if trainer.lora else None
         _save_fused_pipeline(target.pipe, trainer.network, Path(config.save_pipeline), fused)
-    title = f"{config.method} on {config.reward_spec()}"
+    title = f"{config.method} on {reward_name or config.reward_spec()}"
     save_finetune_curves(records, out / "reward_curve.png", title, EVALUATION_MEASURES)
 
 

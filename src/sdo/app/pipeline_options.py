@@ -9,6 +9,7 @@ The CLI still generates one flat flag per field (``--pipeline``, ``--reward``, `
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,22 @@ class PipelineOptions:
             aesthetic_head=self.aesthetic_head,
             style_image=self.style_image,
         )
+
+    def reward_inputs(self) -> dict[str, str]:
+        """The files and folders the ``reward_spec`` image reward reads, by field (``clip_path``,
+        ``pickscore_path``, ``aesthetic_head``, ``style_image``), each as given or from its environment variable
+        (``$SDO_CLIP_PATH``, ...); only those its terms load, and only those that are named."""
+        terms = self.reward_terms()
+        chosen = {}
+        if set(terms) - {"pickscore"}:
+            chosen["clip_path"] = self.clip_path or os.environ.get("SDO_CLIP_PATH", "")
+        if "pickscore" in terms:
+            chosen["pickscore_path"] = self.pickscore_path or os.environ.get("SDO_PICKSCORE_PATH", "")
+        if "aesthetic" in terms:
+            chosen["aesthetic_head"] = self.aesthetic_head or os.environ.get("SDO_AESTHETIC_HEAD", "")
+        if "style" in terms:
+            chosen["style_image"] = self.style_image
+        return {name: path for name, path in chosen.items() if path}
 
     def size(self) -> dict[str, int | None]:
         """``height`` and ``width`` as ``from_pipeline`` takes them (None: the pipeline's default)."""

@@ -3,7 +3,10 @@
 A fine-tuning folder records its run's settings (``config.json``, and each checkpoint's ``state.json``). A rerun
 with the same result-changing settings resumes from the newest checkpoint; one with other settings is refused with
 the flags that differ (``ResumeMismatchError``). The settings are the config's fields plus what describes data
-given as Python objects: the pipeline's ``name_or_path`` and the sha256 of the prompt lists (``prompt_digest``).
+given as Python objects: the pipeline's ``name_or_path`` and the sha256 of the prompt lists (``prompt_digest``), a
+reward function's name and hashes (``REWARD_KEYS``), and the fingerprint of every input file, folder, Hub id or
+loaded pipeline (``inputs``, ``sdo.app.fingerprints``), compared by content: a changed input is refused like a
+changed flag, naming it. A folder recorded before inputs were fingerprinted resumes with a warning.
 The folder's lock and leftovers are handled by ``sdo.app.runs``.
 """
 
@@ -11,23 +14,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from sdo.app.checkpoints import Checkpoint, latest_checkpoint, optimizer_from_tensors
+from sdo.app.fingerprints import input_changes
 from sdo.app.lora import load_trainable
 from sdo.app.runs import RunLock, check_command, check_writable, clean_leftovers, differing_flags, flag, write_config
 from sdo.errors import OutputLockedError, ResumeMismatchError, SdoError
 from sdo.io import CorruptFileError, atomic_path
 
 __all__ = [
+    "INPUTS_KEY",
     "PROMPT_DIGESTS",
     "RESUME_FREE",
+    "REWARD_KEYS",
     "MetricsLog",
     "check_resume",
     "open_finetune_output",
     "prompt_digest",
+    "recorded_inputs",
     "restore",
 ]
 
@@ -42,15 +50,28 @@ RESUME_FREE = frozenset(
         "report_to",
         "save_pipeline",
         "eval_prompts",
+        "verify",
     }
 )
 """Settings a rerun may change without changing the trained weights: where the folder is, how often it
 evaluates and checkpoints, what it evaluates on, whether the graphed steps are recomputed in backward (same
-gradient, less memory), the device (same computation, other hardware), logging, and where the fused pipeline
-goes. ``steps`` may grow; every other setting must match the run the folder holds."""
+gradient, less memory), the device (same computation, other hardware), logging, where the fused pipeline
+goes, and whether the inputs are rehashed. ``steps`` may grow; every other setting must match the run the folder
+holds."""
 
 PROMPT_DIGESTS = {"prompts_sha256": "training prompt list"}
 """Recorded digests that must match on resume, and what each describes in the refusal message."""
+
+REWARD_KEYS = {
+    "reward_function": "reward function",
+    "reward_source_sha256": "source of the reward function (sha256)",
+    "reward_values_sha256": "reward function's closure values, defaults or attributes (sha256)",
+}
+"""What a run trained on a Python reward function records (``sdo.app.fingerprints.callable_fingerprint``), and
+what each describes in the refusal message."""
+
+INPUTS_KEY = "inputs"
+"""The recorded fingerprints of the run's inputs: ``{name: fingerprint}`` (``sdo.app.fingerprints``)."""
 
 
 def prompt_digest(prompts: list[str]) -> str:
@@ -103,7 +124,11 @@ def check_resume(out: Path, settings: dict, defaults: dict) -> Checkpoint | None
         for key, what in PROMPT_DIGESTS.items()
         if key in saved and saved[key] != settings.get(key)
     ]
-    changes += differing_flags(saved, settings, defaults, RESUME_FREE | {"steps"} | set(PROMPT_DIGESTS))
+    changes += _input_changes(out, saved, settings)
+    free = RESUME_FREE | {"steps", INPUTS_KEY} | set(PROMPT_DIGESTS) | set(REWARD_KEYS)
+    if INPUTS_KEY not in saved and settings.get("reward_function"):
+        free |= {"task", "reward"}  # recorded before a Python reward left them unset: they named no reward then
+    changes += differing_flags(saved, settings, defaults, free)
     if settings["steps"] < checkpoint.step:
         changes.insert(0, f"--steps {settings['steps']} is below the {checkpoint.step} updates already done")
     if changes:
@@ -113,6 +138,36 @@ def check_resume(out: Path, settings: dict, defaults: dict) -> Checkpoint | None
             f"(only --steps may grow; {free} may change), or choose another --out."
         )
     return checkpoint
+
+
+def _input_changes(out: Path, saved: dict, settings: dict) -> list[str]:
+    """The refusal lines for inputs and a reward function that differ from the folder's run. A run recorded before
+    they were (no ``inputs`` key) is not checked: a one-line warning on stderr says so."""
+    if not isinstance(saved.get(INPUTS_KEY), dict):
+        if settings.get(INPUTS_KEY) or settings.get("reward_function"):
+            print(
+                f"sdo: {out} was recorded before sdo fingerprinted its inputs; resuming without checking that the "
+                "pipeline, reward models, images and reward function are the ones it was trained on.",
+                file=sys.stderr,
+            )
+        return []
+    changes = [
+        f"a different {what} ({json.dumps(settings.get(key))}; the folder's run used {json.dumps(saved.get(key))})"
+        for key, what in REWARD_KEYS.items()
+        if saved.get(key) != settings.get(key)
+    ]
+    return changes[:1] + input_changes(saved[INPUTS_KEY], settings.get(INPUTS_KEY) or {})  # the reward: its first
+
+
+def recorded_inputs(out: str | Path) -> dict:
+    """The input fingerprints ``out/config.json`` records (an empty dict when there are none or it is unreadable):
+    what a new run of the folder may take its unchanged files' hashes from."""
+    try:
+        recorded = check_command(out, "finetune")
+    except SdoError:
+        return {}
+    inputs = (recorded or {}).get(INPUTS_KEY)
+    return inputs if isinstance(inputs, dict) else {}
 
 
 def restore(checkpoint: Checkpoint | None, network, optimizer, lora: bool, accelerator) -> int:

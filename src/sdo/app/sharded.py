@@ -46,12 +46,13 @@ import torch
 from tqdm.auto import tqdm
 
 from sdo import zoo
+from sdo.app.fingerprints import fingerprint_inputs, input_changes
 from sdo.app.prompts import read_prompts
 from sdo.app.report import machine_info, markdown_table
 from sdo.app.results import replays, save_result
 from sdo.app.runs import clean_temporary_files, damaged_file
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task, load_resources, run_task
-from sdo.errors import ConfigError, CorruptFileError, SdoError
+from sdo.errors import ConfigError, CorruptFileError, ResumeMismatchError, SdoError
 from sdo.io import atomic_path, load_json, save_json, save_tensors
 
 __all__ = ["Item", "item_seed", "items_of", "process_state", "run_items"]
@@ -111,9 +112,55 @@ def items_of(config: LatentTaskConfig) -> list[Item]:
     return [item_at(config, index, prompts) for index in range(_item_count(config, prompts))]
 
 
-def _spec(config: LatentTaskConfig) -> dict:
-    """The part of the config every item's result depends on (besides the item itself)."""
-    return {key: value for key, value in dataclasses.asdict(config).items() if key not in _FREE_FIELDS}
+def _spec(config: LatentTaskConfig, verify: bool = False) -> dict:
+    """What every item's result depends on (besides the item itself): the config's fields but the free ones, and
+    under ``inputs`` the fingerprints of the files and folders a pipeline run reads (the pipeline, the reward's
+    models and images; ``sdo.app.fingerprints``), taken once per run: unchanged files take their hashes from the
+    newest finished item's record unless ``verify``."""
+    spec = {key: value for key, value in dataclasses.asdict(config).items() if key not in _FREE_FIELDS}
+    paths = {"pipeline": config.pipeline, **config.reward_inputs()} if config.pipeline else {}
+    spec[_INPUTS] = fingerprint_inputs(paths, _newest_inputs(Path(config.out)), verify) if paths else {}
+    return spec
+
+
+_INPUTS = "inputs"
+
+
+def _newest_inputs(out: Path) -> dict:
+    """The input fingerprints recorded by the newest finished item of ``out`` (empty when there is none)."""
+    markers = []
+    for marker in (out / "items").glob("*/metrics.json"):
+        try:
+            markers.append((marker.stat().st_mtime_ns, marker))
+        except OSError:
+            continue
+    if not markers:
+        return {}
+    newest = _marker(max(markers)[1].parent) or {}
+    inputs = newest.get("spec", {}).get(_INPUTS) if isinstance(newest.get("spec"), dict) else None
+    return inputs if isinstance(inputs, dict) else {}
+
+
+def _spec_problem(out: Path, index: int, recorded: object, spec: dict) -> SdoError | None:
+    """Why a finished item of ``recorded`` settings may not be reused under ``spec``, or None: other settings
+    (a ``ConfigError`` naming them) or other inputs by content (a ``ResumeMismatchError`` naming the input; a
+    copy with new modification times is the same input). Items recorded before inputs were fingerprinted are
+    compared on their settings alone."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    settings = {key: value for key, value in recorded.items() if key != _INPUTS}
+    if not recorded or settings != {key: value for key, value in spec.items() if key != _INPUTS}:
+        return ConfigError(
+            f"{out} holds results of other settings (item {index}: {_difference(settings, spec)}); "
+            "rerun with the same settings to resume, or choose another --out."
+        )
+    changes = input_changes(recorded[_INPUTS], spec[_INPUTS]) if isinstance(recorded.get(_INPUTS), dict) else []
+    if changes:
+        more = f" (and {len(changes) - 1} more inputs)" if len(changes) > 1 else ""
+        return ResumeMismatchError(
+            f"{out} holds results of other inputs (item {index}): {changes[0]}{more}; rerun with the same inputs "
+            "to resume, or choose another --out."
+        )
+    return None
 
 
 def _item_dir(out: Path, item: Item) -> Path:
@@ -134,18 +181,17 @@ def _finished(out: Path, item: Item, spec: dict, verify: bool = False) -> dict |
     file, or another prompt at that index). Removes temporary files a killed run left in the item's folder.
 
     Raises:
-        ConfigError: the item finished under other settings (method, steps, lr, ...): resuming would mix runs.
+        ConfigError: the item finished under other settings (method, steps, lr, ...) or inputs (a changed style
+            image, pipeline or CLIP folder: ``ResumeMismatchError``): resuming would mix runs.
     """
     folder = _item_dir(out, item)
     clean_temporary_files(folder)
     metrics = _marker(folder)
     if metrics is None:
         return None
-    if metrics.get("spec") != spec:
-        raise ConfigError(
-            f"{out} holds results of other settings (item {item.index}: {_difference(metrics.get('spec'), spec)}); "
-            "rerun with the same settings to resume, or choose another --out."
-        )
+    problem = _spec_problem(out, item.index, metrics.get("spec"), spec)
+    if problem is not None:
+        raise problem
     if metrics.get("item") != dataclasses.asdict(item):
         return None  # another prompt at this index: redo it
     problem = damaged_file(folder, metrics.get("files"), verify)
@@ -157,7 +203,8 @@ def _finished(out: Path, item: Item, spec: dict, verify: bool = False) -> dict |
 
 def _difference(old: dict | None, new: dict) -> str:
     old = old or {}
-    changed = [f"{key}={old.get(key)!r}, now {value!r}" for key, value in new.items() if old.get(key) != value]
+    settings = {key: value for key, value in new.items() if key != _INPUTS}
+    changed = [f"{key}={old.get(key)!r}, now {value!r}" for key, value in settings.items() if old.get(key) != value]
     return "; ".join(changed) or "unreadable settings"
 
 
@@ -216,7 +263,7 @@ def run_items(
     rank, processes = state.process_index, state.num_processes
     if processes > 1 and torch.device(config.device).type == "cuda":
         config = dataclasses.replace(config, device=str(state.device))  # one GPU per process
-    out, spec = Path(config.out), _spec(config)
+    out, spec = Path(config.out), _spec(config, verify)
     prompts = read_prompts(config.prompts) if config.prompts else None
     count = _item_count(config, prompts)
     launcher = os.getppid()
@@ -249,7 +296,7 @@ def _check_shard(
     refusal (other settings) if any. An item without a folder is not looked at further (its seed is not drawn)."""
     items = out / "items"
     existing = {int(name) for name in os.listdir(items) if name.isdigit()} if items.is_dir() else set()
-    todo, done = [], 0
+    todo, done, unchecked = [], 0, 0
     for index in indices:
         if index not in existing:
             todo.append(index)
@@ -262,6 +309,13 @@ def _check_shard(
             todo.append(index)
         else:
             done += 1
+            unchecked += _INPUTS not in finished["spec"]
+    if unchecked and spec[_INPUTS]:
+        print(
+            f"sdo: {unchecked} finished items of {out} were recorded before sdo fingerprinted its inputs; they are "
+            "reused without checking that the pipeline, reward models and images are the same.",
+            file=sys.stderr,
+        )
     return todo, done, None
 
 
@@ -355,7 +409,11 @@ def write_summary(
     for index in range(count):
         item = item_at(config, index, prompts)
         metrics = _marker(_item_dir(out, item))
-        whole = metrics is not None and metrics.get("spec") == spec and metrics.get("item") == dataclasses.asdict(item)
+        whole = (
+            metrics is not None
+            and _spec_problem(out, index, metrics.get("spec"), spec) is None
+            and metrics.get("item") == dataclasses.asdict(item)
+        )
         (done.append((item, metrics)) if whole else missing.append(index))
     shown = done[:16]
     samples = [load_tensors(_item_dir(out, item) / "samples.safetensors") for item, _ in shown]
