@@ -42,6 +42,7 @@ RESUME_FREE = frozenset(
         "report_to",
         "save_pipeline",
         "eval_prompts",
+        "max_pixels",
     }
 )
 """Settings a rerun may change without changing the trained weights: where the folder is, how often it
