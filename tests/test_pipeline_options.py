@@ -27,6 +27,7 @@ def test_both_configs_take_the_block_and_define_none_of_its_fields_again():
         "height",
         "width",
         "guidance",
+        "max_pixels",
     ]
     for config_cls in (LatentTaskConfig, FinetuneConfig):
         assert issubclass(config_cls, PipelineOptions)
@@ -81,5 +82,11 @@ def test_image_reward_passes_every_file_option(monkeypatch):
         pipeline="p", prompts="f", task="pickscore", clip_path="c", pickscore_path="k", aesthetic_head="h"
     ).image_reward(["a"], "cpu")
     assert seen == dict(
-        spec="pickscore", device="cpu", clip_path="c", pickscore_path="k", aesthetic_head="h", style_image=""
+        spec="pickscore",
+        device="cpu",
+        clip_path="c",
+        pickscore_path="k",
+        aesthetic_head="h",
+        style_image="",
+        max_pixels=64_000_000,
     )

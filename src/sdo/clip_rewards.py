@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, MissingWeightsError, missing_extra
-from .hub import ModelSource, hub_error, model_source
-from .io import convert_hint, has_pickled_weights, load_image, load_tensors
+from .hub import ModelSource, check_tokenizer, hub_error, load_model, model_source
+from .io import DEFAULT_MAX_PIXELS, load_image, load_json, load_tensors
 from .rewards import gram_matrix, style_distance
 
 __all__ = [
@@ -75,6 +75,22 @@ def _model(path: str | os.PathLike | None, variable: str, what: str) -> ModelSou
     return model_source(_chosen(path, variable, f"{what} folder"), what)
 
 
+def _check_clip_config(source: ModelSource) -> None:
+    """A local folder whose ``config.json`` describes another kind of model (a pipeline's ``text_encoder``: a
+    ``clip_text_model``) is refused before transformers builds a CLIP model of default size around it."""
+    config_path = Path(source.name) / "config.json"
+    if source.hub or not config_path.is_file():
+        return  # a Hub id, or a folder without a config: from_pretrained's own one-line error
+    config = load_json(config_path)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "clip":
+        raise MissingWeightsError(
+            f"{source.name}: not a CLIP model folder: its config.json describes a {model_type!r} model, not a whole "
+            "CLIP model ('clip', a text and a vision tower; a text encoder alone is not one); pass the folder of a "
+            "CLIP model saved with `transformers.CLIPModel.save_pretrained(DIR)`, or its Hub id."
+        )
+
+
 def random_cutouts(
     images: torch.Tensor, count: int, size: int, generator: torch.Generator, min_scale: float = 0.5
 ) -> torch.Tensor:
@@ -106,16 +122,10 @@ class ClipImageEncoder:
     ) -> None:
         transformers = _transformers()
         source = path if isinstance(path, ModelSource) else _model(path, "SDO_CLIP_PATH", "CLIP model")
-        try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
-            model = transformers.CLIPModel.from_pretrained(
-                source.name, use_safetensors=True, trust_remote_code=False, **source.options()
-            )
-        except (OSError, ValueError) as error:
-            if source.hub:
-                raise hub_error(source, "CLIP model", error) from None
-            if not has_pickled_weights(Path(source.name)):
-                raise
-            raise MissingWeightsError(convert_hint(Path(source.name), "transformers.CLIPModel", error)) from None
+        _check_clip_config(source)
+        # safetensors only (pickled .bin files are refused, never unpickled), and every weight present
+        hint = " (a text encoder alone is not a CLIP model)"
+        model = load_model(transformers.CLIPModel, source, "CLIP model", hint=hint, trust_remote_code=False)
         self.model = model.to(device).eval()
         self.model.requires_grad_(False)
         self.source = source
@@ -125,6 +135,20 @@ class ClipImageEncoder:
         self.generator = torch.Generator().manual_seed(seed)
         self.mean = torch.tensor(CLIP_MEAN, device=device)[:, None, None]
         self.std = torch.tensor(CLIP_STD, device=device)[:, None, None]
+
+    def _load_tokenizer(self):
+        """The CLIP tokenizer of this model's folder or Hub id, refused (one line) when its files are missing."""
+        source = self.source
+        try:
+            tokenizer = _transformers().CLIPTokenizer.from_pretrained(source.name, **source.options())
+        except (OSError, ValueError) as error:
+            if source.hub:
+                raise hub_error(source, "CLIP tokenizer", error) from None
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise MissingWeightsError(f"{source.name}: the CLIP tokenizer could not be loaded ({detail}).") from None
+        positions = self.model.config.text_config.max_position_embeddings
+        check_tokenizer(tokenizer, source.name, "CLIP model's tokenizer", max_length=positions)
+        return tokenizer
 
     def preprocess(self, images: torch.Tensor, cutouts: bool = True) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> CLIP pixel values (with ``cutouts``, the encoder's cut-outs, crop-major)."""
@@ -144,7 +168,7 @@ class ClipImageEncoder:
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         """Unit-norm text embeddings ``[len(prompts), D]``."""
         if self.tokenizer is None:
-            self.tokenizer = _transformers().CLIPTokenizer.from_pretrained(self.source.name, **self.source.options())
+            self.tokenizer = self._load_tokenizer()
         tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
         with torch.no_grad():
             features = self.model.get_text_features(**tokens)
@@ -284,13 +308,15 @@ def clip_reward(
     aesthetic_head: str | os.PathLike | None = None,
     style_image: str | os.PathLike | None = None,
     pickscore_path: str | os.PathLike | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ):
     """The CLIP-based image reward ``name`` (one of ``CLIP_REWARDS``) as ``reward(images, cond) -> [B]``.
 
     "clip": ``ClipScoreReward(prompts)`` (``cond`` may index the prompts); "aesthetic": ``AestheticReward``
     (``aesthetic_head`` or ``$SDO_AESTHETIC_HEAD``); "style": ``ClipStyleReward`` against the PNG ``style_image``;
     "pickscore": ``PickScoreReward(prompts)`` from its own model (``pickscore_path`` or ``$SDO_PICKSCORE_PATH``; it
-    does not use ``encoder``, which may then be None).
+    does not use ``encoder``, which may then be None). ``max_pixels`` bounds the style image
+    (``sdo.io.load_image``).
     """
     if name == "pickscore":
         device = encoder.model.device if encoder is not None else "cpu"
@@ -304,5 +330,6 @@ def clip_reward(
     if name == "style":
         if not style_image:
             raise ConfigError("the style reward needs a reference image (`style_image`, a PNG).")
-        return ClipStyleReward(load_image(style_image, encoder.model.device), encoder=encoder)
+        reference = load_image(style_image, encoder.model.device, max_pixels=max_pixels)
+        return ClipStyleReward(reference, encoder=encoder)
     raise ConfigError(f"the CLIP-based reward must be one of {CLIP_REWARDS}, got {name!r}.")

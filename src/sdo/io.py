@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CorruptFileError, WriteFailedError
+from .errors import ConfigError, CorruptFileError, SdoError, WriteFailedError
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "DIR_MODE",
     "FILE_MODE",
     "IMAGE_SUFFIXES",
@@ -27,6 +31,7 @@ __all__ = [
     "atomic_path",
     "convert_hint",
     "has_pickled_weights",
+    "image_size",
     "load_image",
     "load_json",
     "load_tensors",
@@ -118,36 +123,152 @@ def load_json(path: str | os.PathLike, hint: str = "") -> Any:
     return _read(path, lambda p: json.loads(Path(p).read_text()), "JSON", hint)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 """The image files ``load_image`` reads (through Pillow), and a folder of images is taken to hold."""
+
+DEFAULT_MAX_PIXELS = 64_000_000
+"""The most pixels (width x height) ``load_image`` reads by default: 64 megapixels (``--max-pixels`` raises it)."""
+
+_HIGH_BIT_RANGE = {"I;16": 65535.0, "I": 65535.0, "F": 1.0}
+"""Grey modes Pillow cannot convert to RGB without clipping: the value that is white (16-bit integers, 32-bit
+integers holding 16-bit values, floats in [0, 1])."""
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 def load_image(
-    path: str | os.PathLike, device: torch.device | str = "cpu", *, size: tuple[int, int] | None = None
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    *,
+    size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
-    """An image file (PNG, JPEG, WebP, ...) as ``[1, 3, H, W]`` float32 in [0, 1], read with Pillow.
+    """An image file (PNG, JPEG, WebP, TIFF, ...) as ``[1, 3, H, W]`` float32 in [0, 1], read with Pillow.
 
     As diffusers' ``load_image``: the EXIF orientation is applied, and any mode is converted to RGB (an alpha channel
-    dropped, grey repeated). With ``size = (height, width)`` the image is resized to it (Lanczos, as diffusers'
-    ``VaeImageProcessor``), else kept at its size.
+    dropped, grey repeated, a palette looked up, CMYK converted). Grey images of more than 8 bits keep their true
+    values: 16-bit ones (``I;16`` modes) are divided by 65535, 32-bit integer ones (``I``) too when their values fit
+    in [0, 65535], float ones (``F``) are taken as they are, in [0, 1]. With ``size = (height, width)`` the image is
+    resized to it (Lanczos, as diffusers' ``VaeImageProcessor``), else kept at its size.
+
+    Args:
+        max_pixels: the most pixels (width x height) accepted, checked from the file's header before anything is
+            decoded (``--max-pixels``).
+
+    Raises:
+        CorruptFileError: the file does not exist, is not an image Pillow can read, or holds values outside what
+            its mode allows (a 32-bit integer image beyond [0, 65535], a float image beyond [0, 1]); the message
+            names it.
+        ConfigError: the image has more than ``max_pixels`` pixels.
+    """
+    from PIL import ImageOps
+
+    def read(p: Path) -> torch.Tensor:
+        with _open_image(p, max_pixels) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            if _high_bit_mode(image.mode):
+                return _high_bit_pixels(image, p, size)
+            return _rgb_pixels(image.convert("RGB"), size)
+
+    return _read(path, read, _image_kind(path), "").to(device)
+
+
+def image_size(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` of an image file, read from its header alone (nothing decoded): what the commands check
+    before any model loads.
 
     Raises:
         CorruptFileError: the file does not exist or is not an image Pillow can read; the message names it.
+        ConfigError: the image has more than ``max_pixels`` pixels.
     """
-    from PIL import Image, ImageOps
 
-    def read(p: Path) -> torch.Tensor:
-        with Image.open(p) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-        if size is not None and image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
-        return (pixels.permute(2, 0, 1)[None].float() / 255).contiguous()
+    def read(p: Path) -> tuple[int, int]:
+        with _open_image(p, max_pixels) as opened:
+            return opened.size
 
+    return _read(path, read, _image_kind(path), "")
+
+
+def _image_kind(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
-    kind = suffix[1:].upper() if suffix in IMAGE_SUFFIXES else "image"
-    return _read(path, read, kind, "").to(device)
+    return suffix[1:].upper() if suffix in IMAGE_SUFFIXES else "image"
+
+
+def _open_image(path: Path, max_pixels: int):
+    """``PIL.Image.open(path)`` (lazy: the header only), refused with one line beyond ``max_pixels`` pixels.
+
+    Pillow's own decompression-bomb guard (a warning above ``PIL.Image.MAX_IMAGE_PIXELS``, an error above twice
+    that) never surfaces: below it sdo's bound decides; a ``max_pixels`` above it lifts it for this one call."""
+    from PIL import Image
+
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConfigError(f"`max_pixels` (--max-pixels) must be a positive integer, got {max_pixels!r}.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombError as error:
+            pillow_limit = Image.MAX_IMAGE_PIXELS  # Pillow raises above twice it
+            if max_pixels <= 2 * pillow_limit:
+                found = re.search(r"\((\d+) pixels\)", str(error))
+                pixels = f"{int(found[1]):,} pixels" if found else f"more than {2 * pillow_limit:,} pixels"
+                raise _too_large(path, pixels, max_pixels) from None
+            with _PILLOW_LIMIT_LOCK:  # a bound above Pillow's: Pillow's is lifted for this one header read
+                Image.MAX_IMAGE_PIXELS = None
+                try:
+                    opened = Image.open(path)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = pillow_limit
+    width, height = opened.size
+    if width * height > max_pixels:
+        opened.close()
+        raise _too_large(path, f"{width}x{height} ({width * height:,} pixels)", max_pixels)
+    return opened
+
+
+def _too_large(path: Path, pixels: str, max_pixels: int) -> ConfigError:
+    return ConfigError(
+        f"{path}: the image is {pixels}, more than --max-pixels {max_pixels} (`max_pixels`); downscale it, or raise "
+        "--max-pixels if the machine has the memory for it."
+    )
+
+
+def _high_bit_mode(mode: str) -> str | None:
+    """The key of ``_HIGH_BIT_RANGE`` for Pillow ``mode`` (``I;16``, ``I;16B``, ``I;16L``, ... share one), or None."""
+    return "I;16" if mode.startswith("I;16") else mode if mode in _HIGH_BIT_RANGE else None
+
+
+def _rgb_pixels(image, size: tuple[int, int] | None) -> torch.Tensor:
+    """An RGB Pillow image as ``[1, 3, H, W]`` in [0, 1] (resized to ``size`` first, when given)."""
+    from PIL import Image
+
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+    return (pixels.permute(2, 0, 1)[None].float() / 255).contiguous()
+
+
+def _high_bit_pixels(image, path: Path, size: tuple[int, int] | None) -> torch.Tensor:
+    """A grey image of more than 8 bits (``_HIGH_BIT_RANGE``) at its true values, as ``[1, 3, H, W]`` in [0, 1]:
+    divided by its white, refused (``CorruptFileError``) when a value lies outside [0, white]; resized in float."""
+    import numpy as np
+    from PIL import Image
+
+    white = _HIGH_BIT_RANGE[_high_bit_mode(image.mode)]
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(values).all() and low >= 0 and high <= white):
+        kind = "floats" if image.mode == "F" else "integers"
+        raise CorruptFileError(
+            f"{path}: an image of {kind} (mode {image.mode}) with values in [{low:g}, {high:g}], outside [0, "
+            f"{white:g}], the range sdo reads as black to white; save it scaled to that range, or as 8 or 16 bits."
+        )
+    grey = Image.fromarray((values / white).astype(np.float32))  # mode F
+    if size is not None and grey.size != (size[1], size[0]):
+        grey = grey.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.array(grey, dtype=np.float32)).clamp(0, 1)  # clamps Lanczos' ringing alone
+    return pixels[None, None].expand(1, 3, *pixels.shape).contiguous()
 
 
 def _read(path: str | os.PathLike, reader: Callable[[Path], Any], kind: str, hint: str) -> Any:
@@ -157,6 +278,8 @@ def _read(path: str | os.PathLike, reader: Callable[[Path], Any], kind: str, hin
         raise CorruptFileError(f"{path}: file not found.{suffix}")
     try:
         return reader(path)
+    except SdoError:  # already one line naming the file (an image too large, out of range)
+        raise
     except (
         SafetensorError,
         json.JSONDecodeError,

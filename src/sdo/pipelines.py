@@ -24,7 +24,7 @@ import torch
 from . import inversion
 from .checks import check_guidance, check_text
 from .errors import ConfigError, CorruptFileError, MissingWeightsError
-from .hub import ModelSource, hub_error, model_source
+from .hub import ModelSource, check_tokenizer, hub_error, load_model, model_source
 from .io import convert_hint, has_pickled_weights, load_json
 from .models import Denoiser
 from .sampling import Sampler
@@ -273,6 +273,9 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None):
 
 
 def _load(pipe_or_path, device, dtype):
+    """``pipe_or_path`` itself when it is a pipeline; else the pipeline of that folder or Hub id, complete or refused:
+    every component ``model_index.json`` lists is there, every network has all its weights (``sdo.hub.load_model``)
+    and every tokenizer its files (``sdo.hub.check_tokenizer``)."""
     if not isinstance(pipe_or_path, (str, Path)):
         return pipe_or_path
     from diffusers import DiffusionPipeline
@@ -282,18 +285,102 @@ def _load(pipe_or_path, device, dtype):
     index = _pipeline_index(source)
     _check_family(index.get("_class_name"), source.name)
     absent = {name: None for name, value in index.items() if value == [None, None] or name == "safety_checker"}
+    components = {name: value for name, value in _components(index).items() if name not in absent}
+    if not source.hub:
+        _check_component_folders(source, components)
+    networks = _load_networks(source, components, dtype)
     options = {"torch_dtype": dtype} if dtype is not None else {}
     try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
-        return DiffusionPipeline.from_pretrained(
-            source.name, use_safetensors=True, trust_remote_code=False, **source.options(), **absent, **options
+        pipe = DiffusionPipeline.from_pretrained(
+            source.name,
+            use_safetensors=True,
+            trust_remote_code=False,
+            **source.options(),
+            **absent,
+            **networks,
+            **options,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         if source.hub:
             raise hub_error(source, "pipeline", error) from None
         path = Path(source.name)
         if not has_pickled_weights(path):
             raise MissingWeightsError(f"{path}: the pipeline could not be loaded: {error}".splitlines()[0]) from error
         raise MissingWeightsError(convert_hint(path, "DiffusionPipeline", error)) from None
+    _check_tokenizers(pipe, source)
+    return pipe
+
+
+def _components(index: dict) -> dict[str, tuple[str, str]]:
+    """The components ``model_index.json`` lists as ``name -> (library, class name)`` (absent ones left out)."""
+    return {
+        name: (value[0], value[1])
+        for name, value in index.items()
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)
+    }
+
+
+def _check_component_folders(source: ModelSource, components: dict[str, tuple[str, str]]) -> None:
+    """``MissingWeightsError`` naming the first component of a pipeline folder that has no folder of its own
+    (diffusers would otherwise build it from the pipeline's top folder: a tokenizer without a vocabulary)."""
+    for name, (_, class_name) in components.items():
+        if not (Path(source.name) / name).is_dir():
+            raise MissingWeightsError(
+                f"{source.name}: the pipeline could not be loaded: its `{name}` ({class_name}) is missing "
+                f"(model_index.json lists it, but there is no folder {Path(source.name) / name}); copy it back from "
+                "the pipeline this folder came from, or save the whole pipeline again with `save_pretrained(DIR)`."
+            )
+
+
+def _load_networks(source: ModelSource, components: dict[str, tuple[str, str]], dtype) -> dict[str, torch.nn.Module]:
+    """The pipeline's networks (UNet or transformer, VAE, text encoders), each loaded with ``sdo.hub.load_model``:
+    a missing weight is refused in one line naming the component's folder, rather than initialized at random.
+    Tokenizers, schedulers and the rest are left to diffusers."""
+    import diffusers
+
+    networks = {}
+    for name, (library, class_name) in components.items():
+        options = {}
+        if library == "diffusers":
+            model_class = getattr(diffusers, class_name, None)
+            base = diffusers.ModelMixin
+            options = {"torch_dtype": dtype} if dtype is not None else {}
+        elif library == "transformers":
+            import transformers
+
+            model_class = getattr(transformers, class_name, None)
+            base = transformers.PreTrainedModel
+            options = {"trust_remote_code": False, **_transformers_dtype(dtype)}
+        else:
+            continue
+        if isinstance(model_class, type) and issubclass(model_class, base):
+            what = f"pipeline's `{name}` ({class_name})"
+            networks[name] = load_model(model_class, source, what, subfolder=name, **options)
+    return networks
+
+
+def _transformers_dtype(dtype: torch.dtype | None) -> dict:
+    """The dtype argument a transformers ``from_pretrained`` takes (``dtype`` from 4.56, ``torch_dtype`` before),
+    as diffusers passes it; none when ``dtype`` is None."""
+    if dtype is None:
+        return {}
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype": dtype}
+
+
+def _check_tokenizers(pipe, source: ModelSource) -> None:
+    """Each tokenizer of ``pipe`` has its vocabulary and fits its text encoder's positions
+    (``sdo.hub.check_tokenizer``)."""
+    for suffix in ("", "_2", "_3"):
+        tokenizer = getattr(pipe, f"tokenizer{suffix}", None)
+        if tokenizer is None:
+            continue
+        encoder = getattr(pipe, f"text_encoder{suffix}", None)
+        positions = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+        where = f"{source.name}/tokenizer{suffix}"
+        check_tokenizer(tokenizer, where, f"pipeline's `tokenizer{suffix}`", max_length=positions)
 
 
 def _pipeline_index(source: ModelSource) -> dict:

@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
     pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image", "height", "width"}
-    pipeline_only.update({"pickscore_path", "image", "images", "inversion_guidance"})
+    pipeline_only.update({"pickscore_path", "image", "images", "inversion_guidance", "max_pixels"})
     many_items = {"conditions", "prompts", "threads"}
     add_config_flags(
         demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only, *many_items}

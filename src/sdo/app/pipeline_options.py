@@ -16,7 +16,8 @@ import torch
 
 from sdo.app.options import option
 from sdo.clip_rewards import CLIP_REWARDS
-from sdo.errors import ConfigError
+from sdo.errors import ConfigError, CorruptFileError
+from sdo.io import DEFAULT_MAX_PIXELS, image_size
 
 __all__ = ["ZOO_GUIDANCE", "PipelineOptions"]
 
@@ -57,14 +58,31 @@ class PipelineOptions:
         at_least=0,
         at_most=1000,
     )
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        "--pipeline: refuse an input image (--image, --images, --style-image) of more pixels than this, before any "
+        "model loads",
+        at_least=1,
+        at_most=2**31,
+    )
 
     def __post_init__(self) -> None:
         """The checks across fields; the ranges are ``check_options``', which each config runs over all its fields
         (this block's included) before anything else."""
         if not self.pipeline:
             return
-        if "style" in self.reward_terms() and not self.style_image:
+        if "style" in self.reward_terms():
+            self._check_style_image()
+
+    def _check_style_image(self) -> None:
+        """``style_image`` is given, and its header names an image of at most ``max_pixels`` pixels (read before any
+        model loads; ``ConfigError`` or ``CorruptFileError`` naming the flag and the file otherwise)."""
+        if not self.style_image:
             raise ConfigError("`style_image` (a PNG) is required with the style reward.")
+        try:
+            image_size(self.style_image, max_pixels=self.max_pixels)
+        except (ConfigError, CorruptFileError) as error:
+            raise type(error)(f"`style_image` (--style-image): {error}") from None
 
     def reward_spec(self) -> str:
         """The reward spec of a ``--pipeline`` run: ``reward``."""
@@ -90,6 +108,7 @@ class PipelineOptions:
             pickscore_path=self.pickscore_path,
             aesthetic_head=self.aesthetic_head,
             style_image=self.style_image,
+            max_pixels=self.max_pixels,
         )
 
     def reward_inputs(self) -> dict[str, str]:

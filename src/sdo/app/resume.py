@@ -51,6 +51,7 @@ RESUME_FREE = frozenset(
         "save_pipeline",
         "eval_prompts",
         "verify",
+        "max_pixels",
     }
 )
 """Settings a rerun may change without changing the trained weights: where the folder is, how often it

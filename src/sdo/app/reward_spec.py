@@ -14,6 +14,7 @@ import torch
 
 from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError
+from sdo.io import DEFAULT_MAX_PIXELS
 from sdo.rewards import WeightedReward
 
 __all__ = ["image_reward", "parse_reward_spec"]
@@ -58,17 +59,20 @@ def image_reward(
     pickscore_path: str = "",
     aesthetic_head: str = "",
     style_image: str = "",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ):
     """The image reward of ``spec`` as ``reward(images, cond) -> [B]``: one named reward as it is, several as a
     ``WeightedReward`` (a single term with a weight other than 1 too). The CLIP encoder is loaded only when a term
-    needs it (PickScore loads its own model)."""
+    needs it (PickScore loads its own model); ``max_pixels`` bounds the style image (``sdo.io.load_image``)."""
     from sdo.clip_rewards import ClipImageEncoder, clip_reward
 
     terms = parse_reward_spec(spec)
     encoder = None
     if set(terms) - {"pickscore"}:
         encoder = ClipImageEncoder(clip_path or None, device=device)
-    options = dict(aesthetic_head=aesthetic_head, style_image=style_image, pickscore_path=pickscore_path)
+    options = dict(
+        aesthetic_head=aesthetic_head, style_image=style_image, pickscore_path=pickscore_path, max_pixels=max_pixels
+    )
     rewards = {name: clip_reward(name, encoder, prompts, **options) for name in terms}
     if len(terms) == 1 and next(iter(terms.values())) == 1.0:
         return next(iter(rewards.values()))

@@ -58,7 +58,18 @@ from sdo.io import atomic_path, load_json, save_json, save_tensors
 __all__ = ["Item", "item_seed", "items_of", "process_state", "run_items"]
 
 # Config fields that change no item's result: a rerun may change them and still reuse finished items.
-_FREE_FIELDS = ("out", "device", "conditions", "prompts", "threads", "compile", "prompt", "source", "target")
+_FREE_FIELDS = (
+    "out",
+    "device",
+    "conditions",
+    "prompts",
+    "threads",
+    "compile",
+    "prompt",
+    "source",
+    "target",
+    "max_pixels",
+)
 
 
 @dataclass(frozen=True)

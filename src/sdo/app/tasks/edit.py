@@ -71,15 +71,18 @@ def _size(config: LatentTaskConfig, multiple: int) -> tuple[int | None, int | No
     return size[0], size[1], notes
 
 
-def _load_inputs(paths: list[Path], size: tuple[int, int], device: str) -> tuple[torch.Tensor, list[str]]:
-    """The images as one ``[B, 3, H, W]`` batch at ``size``, and a note for each one that had to be resized."""
+def _load_inputs(
+    paths: list[Path], size: tuple[int, int], device: str, max_pixels: int
+) -> tuple[torch.Tensor, list[str]]:
+    """The images as one ``[B, 3, H, W]`` batch at ``size``, and a note for each one that had to be resized; an
+    image of more than ``max_pixels`` pixels is refused (``--max-pixels``)."""
     images, notes = [], []
     for path in paths:
-        image = load_image(path, device)
+        image = load_image(path, device, max_pixels=max_pixels)
         if tuple(image.shape[2:]) != tuple(size):
             height, width = image.shape[2:]
             notes.append(f"{path} is {width}x{height}: resized to the pipeline's {size[1]}x{size[0]}")
-            image = load_image(path, device, size=size)
+            image = load_image(path, device, size=size, max_pixels=max_pixels)
         images.append(image)
     return torch.cat(images), notes
 
@@ -92,7 +95,7 @@ def build_image_task(config: LatentTaskConfig, resources: TaskResources | None =
     paths = image_paths(config)
     height, width, notes = _size(config, size_multiple(resources.pipeline))
     parts = pipeline_parts(config, resources.pipeline, len(paths), dict(height=height, width=width))
-    inputs, resized = _load_inputs(paths, parts.image_size, config.device)
+    inputs, resized = _load_inputs(paths, parts.image_size, config.device, config.max_pixels)
     with torch.no_grad():
         latent = parts.invert(inputs, config.start_step, config.steps, config.inversion_guidance)
     score = config.image_reward([config.prompt], config.device)

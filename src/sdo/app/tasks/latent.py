@@ -117,11 +117,11 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
 
     image: list[str] = option(  # noqa: RUF009 (the default is an immutable (); __post_init__ stores a list)
         (),
-        "--pipeline: edit this image (PNG, JPEG, WebP): invert it to --start-step under --prompt, then optimize; "
-        "repeat the flag for a batch",
+        "--pipeline: edit this image (PNG, JPEG, WebP, TIFF): invert it to --start-step under --prompt, then optimize;"
+        " repeat the flag for a batch",
         action="append",
     )
-    images: str = option("", "--pipeline: edit every PNG/JPEG/WebP image of this folder, as one batch")
+    images: str = option("", "--pipeline: edit every PNG/JPEG/WebP/TIFF image of this folder, as one batch")
     inversion_guidance: float = option(
         1.0, "--image: classifier-free guidance scale of the inversion", at_least=0, at_most=1000
     )
@@ -165,7 +165,7 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
         from sdo.app.tasks.edit import image_paths
 
         for path in image_paths(self):
-            load_image(path)  # a missing or non-image file is one line here, before any model loads
+            load_image(path, max_pixels=self.max_pixels)  # missing, not an image, too large: one line, no model yet
 
 
 @dataclass
