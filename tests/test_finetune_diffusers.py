@@ -140,6 +140,12 @@ def test_full_weights_and_fused_pipelines_load_in_plain_diffusers(pipeline_dir, 
     plain.load_lora_weights(tmp_path / "lora")
     expected = images(plain)
     torch.testing.assert_close(images(load(tmp_path / "fused")), expected, rtol=0, atol=1e-4)
+    finetune(lora, reward=SeenImages(), pipeline=load(pipeline_dir), prompts=[PROMPT], progress=False)
+    torch.testing.assert_close(images(load(tmp_path / "fused")), expected, rtol=0, atol=1e-4)  # its own: replaced
+    other = FinetuneConfig(**SMALL, out=str(tmp_path / "other"), save_pipeline=str(tmp_path / "fused"))
+    with pytest.raises(sdo.ConfigError, match="is not a pipeline sdo saved for --out"):
+        finetune(other, reward=SeenImages(), pipeline=load(pipeline_dir), prompts=[PROMPT], progress=False)
+    assert not (tmp_path / "other").exists()
 
     fused = fuse_lora(load(pipeline_dir), tmp_path / "lora")
     assert not any("lora" in key or "base_layer" in key for key in fused.unet.state_dict())

@@ -17,6 +17,7 @@ import sdo
 from sdo import zoo
 from sdo.app.cli import build_parser, main
 from sdo.app.images import to_uint8
+from sdo.app.runs import describe_run, write_marker
 from sdo.app.tasks.latent import LatentTaskConfig, build_task
 from sdo.io import load_json
 from sdo.pipelines import DEFAULT_GUIDANCE
@@ -112,7 +113,7 @@ def test_guidance_given_is_recorded_and_used(pipeline_dir, clip_dir, tmp_path): 
 
 def test_freedom_writes_images_and_no_latent_that_pretends(tmp_path):
     out = tmp_path / "freedom"
-    (out).mkdir()
+    write_marker(out, describe_run("optimize", {"task": "class"}))  # an earlier sdo run's folder
     (out / "latent.safetensors").write_bytes(b"an earlier run's latent")
     args = ["optimize", "--method", "freedom", "--steps", "3", "--batch", "2", "--out", str(out)]
     assert main(args) == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdo.app.cli import main
-from sdo.app.runs import LOCK_NAME, RunLock, is_secondary_process
+from sdo.app.runs import LOCK_NAME, RunLock, is_secondary_process, write_marker
 from sdo.errors import ConfigError, OutputLockedError
 
 OPTIMIZE = ["optimize", "--steps", "2", "--iters", "1", "--batch", "1", "--views", "0"]
@@ -380,7 +380,7 @@ def test_refused_reruns_change_nothing(tmp_path, capsys):
     single = tmp_path / "single"
     assert main([*OPTIMIZE, "--out", str(single)]) == 0
     err = refuse_unchanged(capsys, [*OPTIMIZE, *missing, "--out", str(single)], single)
-    assert "is not a diffusers pipeline folder" in err
+    assert "holds a `sdo optimize` latent-optimization run of task 'class', not a" in err  # a folder holds one run
     tune = ["finetune", "--steps", "1", "--sample-steps", "2", "--batch-size", "1", "--eval-every", "0"]
     tune += ["--eval-per-class", "1", "--task", "bold"]
     tuned = tmp_path / "tuned"
@@ -544,6 +544,7 @@ def test_an_items_metrics_that_is_not_an_object_is_redone(tmp_path, monkeypatch)
     out = tmp_path / "run"
     (out / "items" / "0").mkdir(parents=True)
     (out / "items" / "0" / "metrics.json").write_text("[]")
+    write_marker(out, {"command": "optimize", "kind": "items", "task": "class"})  # an sdo run's folder
     ran = []
     monkeypatch.setattr(sharded, "load_resources", lambda config: None)
     monkeypatch.setattr(sharded, "_run_item", lambda config, item, *args: ran.append(item.index) or {"reward_best": 0})

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sdo import __version__
-from sdo.app.runs import remove_unused_folders
+from sdo.app.runs import has_record, remove_unused_folders, remove_unused_records
 from sdo.errors import DISTRIBUTION, SdoError
 
 
@@ -257,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_up_front(args: argparse.Namespace):
-    """Before any model loads: the settings (the command's config), the seed's range, the device, and that every
-    output folder is writable. Returns the config."""
-    from sdo.app.runs import check_writable
+    """Before any model loads: the settings (the command's config), the seed's range, the device, that ``--out``
+    is apart from every input folder (``sdo.app.runs.check_apart``) and new, empty or sdo's (``check_owned``), and
+    that every output folder is writable. Returns the config."""
+    from sdo.app.runs import check_apart, check_owned, check_writable, input_folders
     from sdo.checks import check_device, check_seed
 
     config = args.config(args)
@@ -267,6 +268,8 @@ def _check_up_front(args: argparse.Namespace):
         check_seed(args.seed)
     if hasattr(args, "device"):  # a plan traces on the meta device: the device it plans for need not be here
         check_device(args.device, present=not getattr(args, "plan", False))
+    check_apart("--out", args.out, input_folders(config))
+    check_owned(args.out)
     check_writable(args.out)
     if getattr(args, "json", ""):
         check_writable(Path(args.json).parent)
@@ -288,8 +291,8 @@ def _run_locked(args: argparse.Namespace, config) -> int:
         from sdo.app.sharded import process_state
 
         process_state(config.device)
-    with open_output(args.out, args.command, args.break_lock):
-        record = {**dataclasses.asdict(config), "out": args.out}
+    record = {**dataclasses.asdict(config), "out": args.out}
+    with open_output(args.out, args.command, args.break_lock, settings=record):
         secondary = is_secondary_process()
         args.record_config = lambda: None if secondary else write_config(args.out, args.command, record)
         return args.run(args)
@@ -303,22 +306,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(describe_methods())
         return 0
-    created = _missing_folders(args)
+    created, recorded = _missing_folders(args), has_record(args.out)
     try:
         return _run_locked(args, _check_up_front(args))
     except SdoError as error:  # bad input, missing weights or extras, corrupt files: one clear line, no traceback
-        remove_unused_folders(created)
+        _remove_unused(args, created, recorded)
         print(f"sdo {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C ends a run like SIGTERM: no traceback, the lock released, resumable
+        _remove_unused(args, created, recorded)
         print(f"sdo {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
+    except BaseException:  # a bug's traceback: still no empty --out and no record of a run that wrote nothing
+        _remove_unused(args, created, recorded)
+        raise
 
 
 def _missing_folders(args: argparse.Namespace) -> list[Path]:
     """The output folders (and their parents) that do not exist yet, deepest first: what this run would create."""
     folders = [Path(args.out)] + ([Path(args.json).parent] if getattr(args, "json", "") else [])
     return [folder for top in folders for folder in (top, *top.parents) if not folder.exists()]
+
+
+def _remove_unused(args: argparse.Namespace, created: list[Path], recorded: bool) -> None:
+    """After a refused, failed or interrupted run: the folders it made and, in an ``--out`` that recorded no run
+    before (``recorded``), the record it wrote, when nothing else was written (``sdo.app.runs``). A secondary
+    process of ``accelerate launch`` leaves this to the main process, whose folder it is."""
+    if "torch.distributed" in sys.modules:
+        from sdo.app.runs import is_secondary_process
+
+        if is_secondary_process():
+            return
+    if not recorded:
+        remove_unused_records(args.out)
+    remove_unused_folders(created)
 
 
 if __name__ == "__main__":

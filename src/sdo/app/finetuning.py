@@ -44,14 +44,22 @@ from sdo.app.lora import (
 from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import PipelineOptions
 from sdo.app.prompts import read_prompts
-from sdo.app.resume import INPUTS_KEY, MetricsLog, open_finetune_output, prompt_digest, recorded_inputs, restore
-from sdo.app.runs import check_writable, is_secondary_process
+from sdo.app.resume import (
+    INPUTS_KEY,
+    MetricsLog,
+    check_finetune_paths,
+    open_finetune_output,
+    prompt_digest,
+    recorded_inputs,
+    restore,
+)
+from sdo.app.runs import SAVED_PIPELINE, is_secondary_process, replace_saved_folder, write_marker
 from sdo.app.tasks.finetune import EVALUATION_MEASURES, PipelineTarget, ZooTarget, ink_reward
 from sdo.checks import SEED_MAX, check_device, check_rewards, check_text
 from sdo.clip_rewards import CLIP_REWARDS
-from sdo.errors import ConfigError, MissingExtraError, NonFiniteRewardError, missing_extra
+from sdo.errors import ConfigError, MissingExtraError, NonFiniteRewardError, WriteFailedError, missing_extra
 from sdo.gradients import GradientMode
-from sdo.io import DIR_MODE
+from sdo.io import DIR_MODE, make_dir
 from sdo.kl import TrajectoryKL, adapters_disabled
 from sdo.methods import MethodOptions, gradient_mode, method_names
 from sdo.sampling import Sampler
@@ -539,9 +547,9 @@ class _TrainingData:
                 f"`task` {config.task!r} is a task of the embedded model; on a pipeline pass `reward=` (an image "
                 f"reward) or one of {PIPELINE_TASKS}."
             )
-        if config.save_pipeline:
-            check_writable(Path(config.save_pipeline).parent)
-        return cls(reward, pipeline if pipeline is not None else config.pipeline, prompts, eval_prompts)
+        source = pipeline if pipeline is not None else config.pipeline
+        check_finetune_paths(config, source)
+        return cls(reward, source, prompts, eval_prompts)
 
     def settings(self, config: FinetuneConfig) -> dict:
         """What ``config.json`` and each checkpoint record: the config's fields, the pipeline's ``name_or_path``
@@ -696,25 +704,40 @@ def _write_outputs(
     remove_old_adapter(out)
     if isinstance(target, PipelineTarget) and config.save_pipeline:
         fused = adapter if trainer.lora else None
-        _save_fused_pipeline(target.pipe, trainer.network, Path(config.save_pipeline), fused)
+        _save_fused_pipeline(target.pipe, trainer.network, Path(config.save_pipeline), out, fused)
     title = f"{config.method} on {reward_name or config.reward_spec()}"
     save_finetune_curves(records, out / "reward_curve.png", title, EVALUATION_MEASURES)
 
 
-def _save_fused_pipeline(pipe, network: torch.nn.Module, folder: Path, adapter: Path | None = None) -> None:
+def _save_fused_pipeline(pipe, network: torch.nn.Module, folder: Path, out: Path, adapter: Path | None = None) -> None:
     """``pipe`` with LoRA merged into ``network``'s weights (then marked as holding the fused ``adapter`` file,
-    ``sdo.app.lora.mark_fused``), written by ``save_pretrained`` into a temporary folder next to ``folder``, then
-    renamed to it (a previous pipeline there is replaced)."""
+    ``sdo.app.lora.mark_fused``), written by ``save_pretrained`` with a marker naming ``out``
+    (``sdo.app.runs.SAVED_PIPELINE``) into a temporary folder next to ``folder``, then renamed to it. Only a
+    missing or empty ``folder``, or a pipeline saved earlier for ``out``, is replaced
+    (``sdo.app.runs.replace_saved_folder``); a failed write (a full disk, a file in the way) is a
+    ``WriteFailedError`` and leaves ``folder`` as it was."""
+    from safetensors import SafetensorError
+
     merge_lora(network)
     if adapter is not None:
         mark_fused(network, adapter)
     network.requires_grad_(False)
-    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    os.chmod(building, DIR_MODE)
+    building = None
     try:
+        make_dir(folder.parent)
+        building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        os.chmod(building, DIR_MODE)
         pipe.save_pretrained(str(building), safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(building, folder)
+        write_marker(building, {"command": "finetune", "kind": SAVED_PIPELINE, "out": str(out.resolve())})
+        replace_saved_folder(building, folder, out)
+    except WriteFailedError:
+        raise
+    except (OSError, SafetensorError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise WriteFailedError(
+            f"--save-pipeline {folder}: could not write the pipeline ({reason}); the run's results in {out} are "
+            "kept: free some space or choose another --save-pipeline, and rerun to save it."
+        ) from None
     finally:
-        shutil.rmtree(building, ignore_errors=True)
+        if building is not None:
+            shutil.rmtree(building, ignore_errors=True)

@@ -275,12 +275,27 @@ def save_for_diffusers(pipe, network: torch.nn.Module, out: str | Path, lora: bo
         else:
             network.save_pretrained(building / name, safe_serialization=True)
             final, written = out / name, building / name
-            if final.exists():
-                shutil.rmtree(final)
+            _move_aside(final, out, building)
         os.replace(written, final)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return final
+
+
+def _move_aside(final: Path, out: Path, building: Path) -> None:
+    """Before ``final`` (``out/unet`` or ``out/transformer``) is replaced: move an earlier one into ``building``,
+    which is removed afterwards, when ``out`` is an sdo run folder (an earlier run of it wrote it); in any other
+    folder sdo does not replace it (``ConfigError``)."""
+    from sdo.app.runs import is_sdo_folder
+
+    if not final.exists() and not final.is_symlink():
+        return
+    if not is_sdo_folder(out):
+        raise ConfigError(
+            f"{final} exists and {out} is not an sdo run folder; sdo replaces only what it wrote: move it away or "
+            "choose another --out."
+        )
+    os.replace(final, building / f".replaced-{final.name}")
 
 
 def _save_lora_layers(pipe, network: torch.nn.Module, name: str, folder: Path) -> None:

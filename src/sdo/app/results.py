@@ -12,12 +12,16 @@ many), every file written atomically:
   says how to reproduce the images.
 - ``images/before-<i>.png`` (the samples of the initial latent) and ``images/after-<i>.png`` (the samples of the
   result: the image of the saved latent), one per batch element at full resolution (``sdo.app.images``).
+- ``images/input-<i>.png`` (image editing): the input images. An image file of sdo's own names
+  (``before-``, ``after-``, ``input-<i>.png``) that this run did not write (an earlier run's, of a larger batch) is
+  removed before ``metrics.json`` is written, so the folder holds this run's images only.
 - ``metrics.json``, written last (an item's "done" marker): the caller's metrics with ``settings``, ``replay`` (how
   to reproduce the images), ``images`` (the files) and the task's notes (e.g. ``scheduler_replaced``).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -43,6 +47,24 @@ NOT_A_LATENT = {
         "settings (same --seed) to reproduce images/after-<i>.png"
     ),
 }
+
+
+# The image files save_result writes (sdo.app.images.save_images): what it may remove when a rerun did not write them.
+_IMAGE_NAME = re.compile(r"^(before|after|input)-\d+\.png$")
+
+
+def _remove_stale_images(images: Path, written: list[Path]) -> list[Path]:
+    """Remove the files of ``images`` named as sdo names its images (``_IMAGE_NAME``) that are not ``written``: an
+    earlier run's images of indices (or an input) this run does not have. Returns what was removed."""
+    kept = {path.name for path in written}
+    stale = [
+        path
+        for path in images.iterdir()
+        if _IMAGE_NAME.match(path.name) and path.name not in kept and path.is_file() and not path.is_symlink()
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def replays(method: str) -> bool:
@@ -111,6 +133,7 @@ def save_result(
         paths += save_images(task.inputs, folder / "images", "input")
         values = psnr(before, task.inputs)
         edit = {"reconstruction_psnr": values, "reconstruction_psnr_mean": sum(values) / len(values)}
+    _remove_stale_images(folder / "images", paths)
     record = {
         **metrics,
         "settings": task.settings,

@@ -22,7 +22,22 @@ import torch
 from sdo.app.checkpoints import Checkpoint, latest_checkpoint, optimizer_from_tensors
 from sdo.app.fingerprints import input_changes
 from sdo.app.lora import load_trainable
-from sdo.app.runs import RunLock, check_command, check_writable, clean_leftovers, differing_flags, flag, write_config
+from sdo.app.runs import (
+    RunLock,
+    check_apart,
+    check_command,
+    check_owned,
+    check_run,
+    check_save_folder,
+    check_writable,
+    clean_leftovers,
+    describe_run,
+    differing_flags,
+    flag,
+    input_folders,
+    model_bytes,
+    write_config,
+)
 from sdo.errors import OutputLockedError, ResumeMismatchError, SdoError
 from sdo.io import CorruptFileError, atomic_path
 
@@ -32,6 +47,7 @@ __all__ = [
     "RESUME_FREE",
     "REWARD_KEYS",
     "MetricsLog",
+    "check_finetune_paths",
     "check_resume",
     "open_finetune_output",
     "prompt_digest",
@@ -81,16 +97,31 @@ def prompt_digest(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
 
 
+def check_finetune_paths(config, pipeline) -> None:
+    """Before any model loads or training, the paths of a fine-tuning run of ``config`` on ``pipeline`` (a folder,
+    a Hub id or a loaded pipeline): ``--out`` apart from the folders the run reads (``input_folders``: the
+    pipeline, CLIP and PickScore folders), and ``--save-pipeline`` a folder sdo may write (``check_save_folder``:
+    new, empty or this run's earlier save, apart from ``--out``, the inputs and the current directory, with room
+    for the pipeline). Each refusal is a one-line ``ConfigError`` naming the flag."""
+    inputs = input_folders(config, pipeline)
+    check_apart("--out", config.out, inputs)
+    if config.save_pipeline:
+        check_save_folder(config.save_pipeline, config.out, inputs, model_bytes(pipeline))
+
+
 def open_finetune_output(accelerator, out: Path, settings: dict, defaults: dict, break_lock: bool):
-    """Before any model loads: on the main process, check ``out`` is writable, lock it, check that a run it
-    holds has the same ``settings`` (``check_resume``), clean a killed run's leftovers and record ``config.json``.
+    """Before any model loads: on the main process, check ``out`` is new, empty or sdo's (``check_owned``) and
+    writable, lock it, check that it holds a fine-tuning run (``check_run``) with the same ``settings``
+    (``check_resume``), clean a killed run's leftovers and record the marker and ``config.json``.
     Every process then gets the outcome (the lock is shared through the main process). Returns the lock (None on
     other processes) and the checkpoint to resume from (None if there is none)."""
     lock, error, checkpoint = None, None, None
     if accelerator.is_main_process:
         try:
+            check_owned(out)
             check_writable(out)
             lock = RunLock(out, "finetune", break_lock).acquire()
+            check_run(out, describe_run("finetune", settings))
             checkpoint = check_resume(out, settings, defaults)
             clean_leftovers(out)
             write_config(out, "finetune", settings)

@@ -1,5 +1,24 @@
-"""Output folders of ``sdo`` runs: checked writable before any work, locked against a second writer, cleaned of a
-killed run's leftovers, and recording the settings of the run they hold (``config.json``).
+"""Output folders of ``sdo`` runs: checked writable and sdo's own before any work, locked against a second writer,
+cleaned of a killed run's leftovers, and recording the settings of the run they hold (``config.json``).
+
+Ownership: sdo writes into, and removes from, only folders it made. Every output folder a run takes holds the marker
+``OUT/.sdo-run.json``, written atomically (before ``config.json``) when the run starts writing results::
+
+    {"sdo_run": 1, "version": "<sdo version>", "command": "optimize", "kind": "edit", "task": "clip"}
+
+- ``command``: ``demo``, ``optimize``, ``finetune``, ``bench`` or ``train-zoo``;
+- ``kind``: for ``optimize`` ``latent`` (one run), ``edit`` (``--image``/``--images``) or ``items``
+  (``--conditions``/``--prompts``); for ``bench`` ``bench`` or ``plan`` (``--plan``); else the command;
+- ``task``: for ``demo`` and ``optimize`` the embedded model's ``--task`` or a pipeline's ``--reward``; else null.
+
+A folder holds one run: a rerun whose command, kind or task differs from its marker's is refused
+(``check_run``). An existing non-empty ``--out`` is sdo's when it holds the marker or, for folders written before the
+marker existed, a ``config.json`` with a ``"command"`` key (``check_owned``); anything else is refused before any
+model loads, and so is an ``--out`` that is, holds or lies inside an input folder (``check_apart``). A pipeline
+that ``sdo finetune --save-pipeline DIR`` saved holds the marker too, with ``kind`` ``saved-pipeline`` and ``out``
+(the run's ``--out``, an absolute path), so that a rerun of that run may replace it (``check_save_folder``).
+A refused or failed run leaves no folder it made and no record it wrote in a folder that was empty
+(``remove_unused_folders``, ``remove_unused_records``).
 
 The lock is ``OUT/.sdo.lock``: an exclusive ``flock`` on it is held for the run and released by the kernel when
 the process ends, however it ends. The file names the holder (process id, host, command). A lock file whose lock
@@ -21,12 +40,13 @@ import shutil
 import socket
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sdo.errors import ConfigError, OutputLockedError, ResumeMismatchError, SdoError
+from sdo.errors import ConfigError, OutputLockedError, ResumeMismatchError, SdoError, WriteFailedError
 from sdo.io import FILE_MODE, load_json, make_dir, save_json
 
 try:
@@ -36,26 +56,58 @@ except ImportError:  # pragma: no cover (not POSIX): fall back to process-id che
 
 __all__ = [
     "LOCK_NAME",
+    "MARKER_NAME",
+    "SAVED_PIPELINE",
     "RunLock",
+    "check_apart",
     "check_command",
+    "check_owned",
+    "check_run",
+    "check_save_folder",
     "check_writable",
     "clean_leftovers",
     "clean_temporary_files",
     "damaged_file",
+    "describe_run",
     "differing_flags",
     "file_records",
+    "has_record",
+    "input_folders",
+    "is_sdo_folder",
     "is_secondary_process",
+    "model_bytes",
     "open_output",
+    "read_marker",
     "remove_unused_folders",
+    "remove_unused_records",
+    "replace_saved_folder",
+    "saved_for",
     "write_config",
+    "write_marker",
 ]
 
 LOCK_NAME = ".sdo.lock"
 CONFIG_NAME = "config.json"
-# Temporary names: ``atomic_path`` files (``.NAME.XXXXXXXX.tmp``, mkstemp), checkpoint folders being built
-# (``.step-NNNNNN.XXXXXXXX``, mkdtemp) and writability probes (``.sdo-probe-PID.tmp``).
+MARKER_NAME = ".sdo-run.json"
+"""The ownership marker of every folder sdo writes a run into (see the module docstring)."""
+SAVED_PIPELINE = "saved-pipeline"
+"""The marker ``kind`` of a pipeline folder that ``sdo finetune --save-pipeline`` wrote."""
+# Temporary names: ``atomic_path`` files (``.NAME.XXXXXXXX.tmp``, mkstemp), checkpoint and diffusers folders being
+# built (``.step-NNNNNN.XXXXXXXX``, ``.diffusers.XXXXXXXX``, mkdtemp) and writability probes (``.sdo-probe-PID.tmp``).
 _TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\.sdo-probe-\d+\.tmp$")
-_TEMP_FOLDER = re.compile(r"^\.step-\d+\.[a-z0-9_]{8}$")
+_TEMP_FOLDER = re.compile(r"^\.step-\d+\.[a-z0-9_]{8}$|^\.diffusers\.[a-z0-9_]{8}$")
+# What a folder may hold and still count as empty: a killed run's lock file and a writability probe.
+_BOOKKEEPING = re.compile(r"^\.sdo\.lock$|^\.sdo-probe-\d+\.tmp$")
+# A run's own record: what a refused or failed run may leave, and what is removed after it.
+_RECORDS = (CONFIG_NAME, MARKER_NAME, LOCK_NAME)
+_KINDS = {
+    "latent": "latent-optimization run",
+    "edit": "image-edit run (--image/--images)",
+    "items": "run of many items (--conditions/--prompts)",
+    "bench": "benchmark",
+    "plan": "benchmark plan (--plan)",
+    SAVED_PIPELINE: "saved pipeline (--save-pipeline)",
+}
 
 
 def flag(name: str) -> str:
@@ -107,18 +159,272 @@ def clean_temporary_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def remove_unused_folders(created: list[Path]) -> None:
-    """After a refused run: remove each folder of ``created`` (the folders the run made, deepest first) that holds
-    nothing but the run's own record (``config.json``, lock, temporary files) and empty folders."""
+    """After a refused or failed run: remove each folder of ``created`` (the folders the run made, deepest first)
+    that holds nothing but the run's own record (``config.json``, the marker, temporary files) and empty folders. A
+    folder with a lock file is in use by another run (which made it meanwhile) and is kept."""
     for folder in created:
-        if not folder.is_dir() or folder.is_symlink():
-            continue
-        kept = [
-            path
-            for path in folder.rglob("*")
-            if not path.is_dir() and path.name not in (CONFIG_NAME, LOCK_NAME) and not _TEMP_FILE.match(path.name)
-        ]
-        if not kept:
+        if _only_records(folder):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_unused_records(out: str | os.PathLike) -> None:
+    """After a refused or failed run into ``out``, a folder that held no run before it (``has_record`` was false):
+    if ``out`` holds nothing but what the run wrote as its record (``config.json``, the marker, temporary files)
+    and empty folders, remove them, leaving ``out`` as empty as it was. Not while a lock file says a run uses it."""
+    out = Path(out)
+    if not _only_records(out):
+        return
+    for path in out.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _only_records(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder, no run holds its lock file, and it holds nothing but a run's record
+    (``config.json``, the marker), temporary files and empty folders."""
+    if not folder.is_dir() or folder.is_symlink() or (folder / LOCK_NAME).exists():
+        return False
+    for path in folder.rglob("*"):
+        if path.is_symlink() or not (path.is_dir() or path.name in _RECORDS or _TEMP_FILE.match(path.name)):
+            return False
+    return True
+
+
+def has_record(out: str | os.PathLike) -> bool:
+    """Whether ``out`` already records a run (its marker or ``config.json``): what a failed run must leave."""
+    return any((Path(out) / name).exists() for name in (MARKER_NAME, CONFIG_NAME))
+
+
+def describe_run(command: str, config: dict) -> dict:
+    """The ``command``, ``kind`` and ``task`` that the marker records for a run of ``command`` with the settings
+    ``config`` (a config's fields as a dict; see the module docstring)."""
+    kind, task = command, None
+    if command == "optimize":
+        if config.get("conditions") or config.get("prompts"):
+            kind = "items"
+        elif config.get("image") or config.get("images"):
+            kind = "edit"
+        else:
+            kind = "latent"
+    elif command == "bench" and config.get("plan"):
+        kind = "plan"
+    if command in ("demo", "optimize"):
+        task = config.get("reward") if config.get("pipeline") else config.get("task")
+    return {"command": command, "kind": kind, "task": task}
+
+
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    """The marker of ``folder`` (``MARKER_NAME``), or None when there is none or it is not an sdo marker."""
+    try:
+        record = json.loads((Path(folder) / MARKER_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("command"), str) else None
+
+
+def write_marker(folder: str | os.PathLike, run: dict) -> Path:
+    """Write the marker ``{"sdo_run": 1, "version": ..., **run}`` into ``folder``, atomically."""
+    from sdo import __version__
+
+    path = Path(folder) / MARKER_NAME
+    save_json({"sdo_run": 1, "version": __version__, **run}, path)
+    return path
+
+
+def _legacy_config(folder: Path) -> dict | None:
+    """``folder/config.json`` when it is an sdo run's record (a JSON object with a ``"command"``), else None."""
+    try:
+        recorded = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get("command"), str) else None
+
+
+def is_sdo_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds sdo's marker or, written before markers existed, an sdo ``config.json``."""
+    return read_marker(folder) is not None or _legacy_config(Path(folder)) is not None
+
+
+def _recorded_run(folder: Path) -> dict | None:
+    """The run ``folder`` holds, as ``describe_run`` gives it: its marker's, else its ``config.json``'s."""
+    marker = read_marker(folder)
+    if marker is not None:
+        return marker
+    recorded = _legacy_config(folder)
+    if recorded is None:
+        return None
+    if not isinstance(recorded.get("config"), dict):
+        return {"command": recorded["command"]}
+    return describe_run(recorded["command"], recorded["config"])
+
+
+def _foreign(folder: Path) -> list[str]:
+    """The names in ``folder`` that are not a killed run's bookkeeping (its lock file, a probe), sorted."""
+    return sorted(name for name in os.listdir(folder) if not _BOOKKEEPING.match(name))
+
+
+def check_owned(out: str | os.PathLike, flag_name: str = "--out") -> None:
+    """Refuse an existing, non-empty ``out`` that is not sdo's (``is_sdo_folder``) with a ``ConfigError`` naming
+    ``flag_name``: sdo writes only into a new folder, an empty one (a killed run's lock file aside) or its own. A
+    missing ``out`` passes, and so does a file (``check_writable`` names it)."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    try:
+        names = _foreign(out)
+    except OSError as error:
+        reason = error.strerror or error
+        raise ConfigError(f"{flag_name} {out} cannot be read: {reason}; choose another {flag_name}.") from None
+    if not names or is_sdo_folder(out):
+        return
+    shown = repr(names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+    raise ConfigError(
+        f"{flag_name} {out} is not empty and was not written by sdo (no {MARKER_NAME} or sdo config.json; it holds "
+        f"{shown}); sdo writes only into a new or empty folder or one of its own runs: choose another {flag_name}."
+    )
+
+
+def check_run(out: str | os.PathLike, run: dict) -> None:
+    """Refuse (``ResumeMismatchError``) to run ``run`` (``describe_run``) into ``out`` when ``out`` holds a run of
+    another command, kind or task: a folder holds one run."""
+    recorded = _recorded_run(Path(out))
+    if recorded is None:
+        return
+    if recorded["command"] != run["command"]:
+        raise ResumeMismatchError(
+            f"{out} holds a `sdo {recorded['command']}` run, not a `sdo {run['command']}` one; choose another --out."
+        )
+    differs = [key for key in ("kind", "task") if recorded.get(key) is not None and recorded[key] != run.get(key)]
+    if differs:
+        raise ResumeMismatchError(
+            f"{out} holds a `sdo {recorded['command']}` {_describe_kind(recorded)}, not a "
+            f"{_describe_kind(run)}; a folder holds one run: choose another --out."
+        )
+
+
+def _describe_kind(run: dict) -> str:
+    kind = run.get("kind") or run["command"]
+    words = _KINDS.get(kind, f"{kind} run")
+    return words + (f" of task {run['task']!r}" if run.get("task") is not None else "")
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def input_folders(config: object, pipeline: object = None) -> dict[str, Path]:
+    """The local folders a run of ``config`` reads, by flag: ``--pipeline`` (a folder, not a Hub id; or a loaded
+    ``pipeline``'s ``name_or_path`` when that is a folder), ``--clip-path`` and ``--pickscore-path`` (or
+    ``$SDO_CLIP_PATH`` / ``$SDO_PICKSCORE_PATH``) when folders, and ``--images``. Fields ``config`` lacks count as
+    empty."""
+    candidates = {
+        "--pipeline": getattr(config, "pipeline", ""),
+        "--images": getattr(config, "images", ""),
+    }
+    for name, variable in (("clip_path", "SDO_CLIP_PATH"), ("pickscore_path", "SDO_PICKSCORE_PATH")):
+        if hasattr(config, name):
+            candidates[flag(name)] = getattr(config, name) or os.environ.get(variable, "")
+    if isinstance(pipeline, (str, os.PathLike)):
+        candidates["--pipeline"] = pipeline
+    elif pipeline is not None:
+        candidates["`pipeline` (its name_or_path)"] = getattr(pipeline, "name_or_path", "")
+    return {
+        name: Path(value)
+        for name, value in candidates.items()
+        if isinstance(value, (str, os.PathLike)) and str(value) and Path(value).expanduser().is_dir()
+    }
+
+
+def check_apart(flag_name: str, path: str | os.PathLike, inputs: dict[str, Path]) -> None:
+    """Refuse (``ConfigError`` naming ``flag_name``) a ``path`` that is, contains or lies inside one of the folders
+    ``inputs`` (``{flag: folder}``, e.g. ``input_folders``): sdo would write into what the run reads."""
+    mine = _resolved(path)
+    for other_flag, folder in inputs.items():
+        other = _resolved(folder)
+        if mine == other:
+            relation = "is"
+        elif other in mine.parents:
+            relation = "lies inside"
+        elif mine in other.parents:
+            relation = "contains"
+        else:
+            continue
+        raise ConfigError(
+            f"{flag_name} {path} {relation} the {other_flag} folder {folder}; sdo never writes into what a run "
+            f"reads: choose another {flag_name}."
+        )
+
+
+def saved_for(folder: Path, out: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a pipeline that ``--save-pipeline`` wrote for the run of ``out`` (its marker)."""
+    marker = read_marker(folder)
+    return bool(marker) and marker.get("kind") == SAVED_PIPELINE and marker.get("out") == str(_resolved(out))
+
+
+def check_save_folder(folder: str | os.PathLike, out: str | os.PathLike, inputs: dict[str, Path], size: int) -> None:
+    """Before any training, the checks of ``finetune --save-pipeline folder`` (each a one-line ``ConfigError``
+    naming ``--save-pipeline``): ``folder`` is missing, empty, or a pipeline saved earlier for this same ``out``
+    (``saved_for``), not a file or a link; it is not, does not contain and does not lie inside ``out`` or the
+    ``inputs`` folders, nor is or contains the current directory; its nearest existing parent is a writable folder
+    with ``size`` bytes free (the pipeline's estimated size, ``model_bytes``; 0: not checked)."""
+    name, folder = "--save-pipeline", Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        what = "a link" if folder.is_symlink() else "a file"
+        raise ConfigError(f"{name} {folder} is {what}, not a folder; choose a new folder for {name}.")
+    check_apart(name, folder, {"--out": Path(out), **inputs})
+    here = Path.cwd().resolve()
+    if _resolved(folder) == here or _resolved(folder) in here.parents:
+        raise ConfigError(
+            f"{name} {folder} is or contains the current directory ({here}); choose a new folder for {name}."
+        )
+    if folder.is_dir() and any(folder.iterdir()) and not saved_for(folder, out):
+        raise ConfigError(
+            f"{name} {folder} is not empty and is not a pipeline sdo saved for --out {out} (no {MARKER_NAME} naming "
+            f"it); sdo replaces only its own: choose a new or empty folder for {name}."
+        )
+    parent = next((p for p in _resolved(folder).parents if p.exists()), Path("/"))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {folder}: its folder {parent} is not writable; choose another {name}.")
+    free = shutil.disk_usage(parent).free
+    if size > free:
+        raise ConfigError(
+            f"{name} {folder}: the pipeline needs about {size / 2**20:.1f} MiB and its disk has {free / 2**20:.1f} "
+            f"MiB free; free some space or choose another {name}."
+        )
+
+
+def model_bytes(pipeline: object) -> int:
+    """An estimate of the bytes a pipeline takes on disk: a folder's safetensors files, or a loaded pipeline's
+    weights (each ``torch.nn.Module`` component's parameters and buffers); 0 when unknown (a Hub id)."""
+    if isinstance(pipeline, (str, os.PathLike)):
+        folder = Path(pipeline)
+        return sum(path.stat().st_size for path in folder.rglob("*.safetensors")) if folder.is_dir() else 0
+    total = 0
+    for component in (getattr(pipeline, "components", None) or {}).values():
+        if hasattr(component, "parameters") and hasattr(component, "buffers"):
+            tensors = [*component.parameters(), *component.buffers()]
+            total += sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    return total
+
+
+def replace_saved_folder(building: Path, folder: Path, out: str | os.PathLike) -> None:
+    """Put the finished folder ``building`` (beside ``folder``) in place of ``folder`` by renames: ``folder`` may be
+    missing, empty, or a pipeline saved earlier for ``out`` (``saved_for``), which is moved aside and removed only
+    once the new one is in place; anything else is refused (``WriteFailedError``) and left as it is."""
+    if folder.is_dir() and not folder.is_symlink() and any(folder.iterdir()):
+        if not saved_for(folder, out):
+            raise WriteFailedError(
+                f"--save-pipeline {folder} now holds files sdo did not save for --out {out}; nothing replaced. "
+                "Choose a new or empty folder for --save-pipeline."
+            )
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+        os.replace(folder, old / folder.name)
+        os.replace(building, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    os.replace(building, folder)  # a missing folder, or an empty one: rename replaces it
 
 
 def file_records(folder: str | os.PathLike, names: list[str]) -> dict[str, dict]:
@@ -198,7 +504,10 @@ def check_command(out: str | os.PathLike, command: str) -> dict | None:
 
 
 def write_config(out: str | os.PathLike, command: str, config: dict) -> Path:
-    """Record a run's settings as ``out/config.json`` (``{"command": ..., "config": {...}}``), atomically."""
+    """Record a run's settings as ``out/config.json`` (``{"command": ..., "config": {...}}``), atomically, after
+    the folder's marker (``describe_run``; written once, when the folder has none)."""
+    if read_marker(out) is None:
+        write_marker(out, describe_run(command, config))
     path = Path(out) / CONFIG_NAME
     save_json({"command": command, "config": config}, path)
     return path
@@ -365,19 +674,25 @@ def _agree(error: SdoError | None) -> None:
 
 
 @contextmanager
-def open_output(out: str | os.PathLike, command: str, break_lock: bool = False) -> Iterator[dict | None]:
-    """Hold ``out`` for a run: take its lock, check it holds no other command's run and clean a killed run's
-    leftovers; yields the settings recorded in ``config.json`` (None if none). A secondary process of a process
-    group (``is_secondary_process``) takes no lock: it waits for the main process's outcome and raises if that
-    failed, so no process writes into a folder its main process could not take."""
+def open_output(
+    out: str | os.PathLike, command: str, break_lock: bool = False, settings: dict | None = None
+) -> Iterator[dict | None]:
+    """Hold ``out`` for a run: check it is sdo's or empty (``check_owned``), take its lock, check it holds no run
+    of another command, or of another kind or task than ``settings`` describe (``check_run``), and clean a killed
+    run's leftovers; yields the settings recorded in ``config.json`` (None if none). A secondary process of a
+    process group (``is_secondary_process``) takes no lock: it waits for the main process's outcome and raises if
+    that failed, so no process writes into a folder its main process could not take."""
     if is_secondary_process():
         _agree(None)
         yield check_command(out, command)
         return
     lock = RunLock(out, command, break_lock)
     try:
+        check_owned(out)
         lock.acquire()
         recorded = check_command(out, command)
+        if settings is not None:
+            check_run(out, describe_run(command, settings))
         clean_leftovers(out)
     except SdoError as error:
         lock.release()

@@ -50,10 +50,18 @@ from sdo.app.fingerprints import fingerprint_inputs, input_changes
 from sdo.app.prompts import read_prompts
 from sdo.app.report import machine_info, markdown_table
 from sdo.app.results import replays, save_result
-from sdo.app.runs import clean_temporary_files, damaged_file
+from sdo.app.runs import (
+    check_owned,
+    check_run,
+    clean_temporary_files,
+    damaged_file,
+    describe_run,
+    read_marker,
+    write_marker,
+)
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task, load_resources, run_task
 from sdo.errors import ConfigError, CorruptFileError, ResumeMismatchError, SdoError
-from sdo.io import atomic_path, load_json, save_json, save_tensors
+from sdo.io import atomic_path, load_json, make_dir, save_json, save_tensors
 
 __all__ = ["Item", "item_seed", "items_of", "process_state", "run_items"]
 
@@ -264,17 +272,22 @@ def run_items(
 ) -> dict | None:
     """Optimize every item of ``config`` (``--conditions`` or ``--prompts``) on this process's shard.
 
-    Each process first checks the items of its shard once (``verify``: also each file's SHA-256) and the processes
-    agree on the outcome: settings that differ from the finished items' are refused on every process before
-    anything is written. Then the main process calls ``on_start`` (the CLI records ``config.json`` there) and
-    the items left are run. Returns the summary (on the main process; None on the others), written after every
-    process is done; its ``skipped_as_finished`` counts the items already finished when the run started.
+    ``out`` must be new, empty or sdo's, and a folder holding another kind of run (a single optimization, an edit)
+    is refused first (``sdo.app.runs.check_owned``, ``check_run``); the main process marks it as this run's. Each
+    process then checks the items of its shard once (``verify``: also each file's SHA-256) and the processes agree
+    on the outcome: settings that differ from the finished items' are refused on every process before anything is
+    written. Then the main process calls ``on_start`` (the CLI records ``config.json`` there) and the items left
+    are run. Returns the summary (on the main process; None on the others), written after every process is done;
+    its ``skipped_as_finished`` counts the items already finished when the run started.
     """
     state = process_state(config.device)
     rank, processes = state.process_index, state.num_processes
     if processes > 1 and torch.device(config.device).type == "cuda":
         config = dataclasses.replace(config, device=str(state.device))  # one GPU per process
     out, spec = Path(config.out), _spec(config, verify)
+    run = describe_run("optimize", dataclasses.asdict(config))
+    check_owned(out)
+    check_run(out, run)  # not into a single run's folder, nor another command's
     prompts = read_prompts(config.prompts) if config.prompts else None
     count = _item_count(config, prompts)
     launcher = os.getppid()
@@ -282,6 +295,9 @@ def run_items(
     with _threads(_thread_count(config, processes)):
         todo, done, problem = _check_shard(out, config, spec, prompts, range(rank, count, processes), verify)
         finished_before = _agree_on_shards(done, problem)
+        if main and read_marker(out) is None:
+            make_dir(out)
+            write_marker(out, run)
         if main and on_start is not None:
             on_start()
         shard = " (the main process's shard)" if processes > 1 else ""
