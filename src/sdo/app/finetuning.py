@@ -389,7 +389,8 @@ def finetune(
     may grow). ``break_lock`` takes over a lock written from another host (see ``sdo.app.runs.RunLock``).
 
     Raises:
-        ConfigError: bad configuration (checked before any model loads).
+        ConfigError: bad configuration (checked before any model loads), or a ``pipeline`` holding an adapter sdo
+            fused into it (``fuse_lora``, ``save_pipeline``), which training would apply twice.
         MissingExtraError: a ``report_to`` tracker's package is not installed.
         NonFiniteRewardError: a non-finite reward; the message names the step, ``result`` holds ``step`` and
             ``last_checkpoint`` (the last good checkpoint, kept on disk).
