@@ -464,7 +464,9 @@ def finetune(
 
     Raises:
         ConfigError: bad configuration or prompt lists (checked before any model loads); a reward that returns
-            anything but a floating-point ``[B]`` tensor with a gradient path to the sample (at its first call).
+            anything but a floating-point ``[B]`` tensor with a gradient path to the sample (at its first call); a
+            ``pipeline`` holding an adapter sdo fused into it (``fuse_lora``, ``save_pipeline``), which training
+            would apply twice.
         MissingExtraError: a ``report_to`` tracker's package is not installed.
         NonFiniteRewardError: a non-finite reward or gradient, or a step that might overflow a weight, found before
             that update (a loaded ``pipeline`` keeps the weights of the step before); the message names the step,
