@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 import sdo
 from sdo import zoo
 from sdo.app.checkpoints import latest_checkpoint
-from sdo.app.finetuning import FinetuneConfig, finetune, ink_reward, load_adapter
+from sdo.app.finetuning import FinetuneConfig, Trainer, finetune, ink_reward, load_adapter
 from sdo.io import load_tensors
 
 SMALL = dict(steps=4, sample_steps=4, batch_size=4, eval_every=0, eval_per_class=1, checkpoint_every=2, lr=5e-3)
@@ -37,16 +38,22 @@ class Interrupt(Exception):
     pass
 
 
-def interrupted_at(step_call: int):
-    calls = []
+@contextmanager
+def interrupted_at(update: int):
+    """Fine-tuning in this block stops with ``Interrupt`` at optimizer update ``update`` (as a kill would, after the
+    checkpoint before it), the reward unchanged: a rerun resumes only with the same reward function."""
+    original = Trainer.update
 
-    def reward(x0, labels):
-        calls.append(1)
-        if len(calls) == step_call:
+    def update_or_stop(self, step: int) -> dict:
+        if step == update:
             raise Interrupt
-        return ink_reward(x0, labels)
+        return original(self, step)
 
-    return reward
+    Trainer.update = update_or_stop
+    try:
+        yield
+    finally:
+        Trainer.update = original
 
 
 def test_single_process_run_writes_everything(tmp_path):
@@ -72,8 +79,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     straight = small_config(tmp_path, "straight", method="draft-1")
     finetune(straight, reward=ink_reward, progress=False)
     resumed = small_config(tmp_path, "resumed", method="draft-1")
-    with pytest.raises(Interrupt):
-        finetune(resumed, reward=interrupted_at(3), progress=False)  # killed during update 3; checkpoint at 2
+    with pytest.raises(Interrupt), interrupted_at(3):
+        finetune(resumed, reward=ink_reward, progress=False)  # killed during update 3; checkpoint at 2
     assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").step == 2
     finetune(resumed, reward=ink_reward, progress=False)
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
@@ -86,8 +93,8 @@ def test_checkpoint_kept_recomputes_the_graphed_steps_trains_the_same_weights_an
     kept = small_config(tmp_path, "kept", method="draft-k", draft_k=2, checkpoint_kept=True)
     assert kept.mode(torch.Generator()).checkpoint and not plain.mode(torch.Generator()).checkpoint
     finetune(plain, reward=ink_reward, progress=False)
-    with pytest.raises(Interrupt):
-        finetune(replace(kept, checkpoint_kept=False), reward=interrupted_at(3), progress=False)
+    with pytest.raises(Interrupt), interrupted_at(3):
+        finetune(replace(kept, checkpoint_kept=False), reward=ink_reward, progress=False)
     finetune(kept, reward=ink_reward, progress=False)  # resumes at step 2, now recomputing the graphed steps
     assert [r["step"] for r in read_metrics(kept)] == [1, 2, 3, 4]
     for name, value in adapter(plain).items():

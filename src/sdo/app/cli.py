@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument(
         "--verify",
         action="store_true",
-        help="runs of many items: also check each finished item's files against their recorded SHA-256 (reads them)",
+        help="runs of many items: also check each finished item's files against their recorded SHA-256 and rehash "
+        "every input (pipeline, CLIP and PickScore folders, aesthetic head, style image) even where its size and "
+        "modification time are unchanged (reads them)",
     )
     optimize.set_defaults(run=_optimize, config=lambda args: _config_from(args, LatentTaskConfig))
 

@@ -20,8 +20,9 @@ latent, with the settings that replay it and the item in its metadata; not for F
 "done" marker, which records each file's size and SHA-256. Every file is written atomically, so a killed run loses
 at most the items in flight. A rerun with the same ``--out`` checks each item once: it skips an item whose marker
 matches it and whose files are all there with their recorded sizes (and whole safetensors headers; ``--verify``
-also compares the hashes), and redoes the rest; settings that differ from the finished items' are refused before
-anything is written. When all processes are done, the main process writes ``summary.md``, ``summary.json`` and
+also compares the hashes), and redoes the rest; settings that differ from the finished items', or inputs whose
+content changed since (the pipeline, CLIP and PickScore folders, aesthetic head, style image: each item's marker
+records their fingerprints, ``sdo.app.fingerprints``), are refused before anything is written. When all processes are done, the main process writes ``summary.md``, ``summary.json`` and
 ``grid.png``. Under ``accelerate launch``, a process whose launcher has died stops before its next item.
 
 Threads: with ``P > 1`` processes each sets ``torch.set_num_threads(max(1, cores // P))`` (cores available to the
