@@ -4,7 +4,8 @@ A fine-tuning folder records its run's settings (``config.json``, and each check
 with the same result-changing settings resumes from the newest checkpoint; one with other settings is refused with
 the flags that differ (``ResumeMismatchError``). The settings are the config's fields plus what describes data
 given as Python objects: the pipeline's ``name_or_path`` and the sha256 of the prompt lists (``prompt_digest``).
-The folder's lock and leftovers are handled by ``sdo.app.runs``.
+The folder's ownership (its marker), lock and leftovers are handled by ``sdo.app.runs``; ``check_finetune_paths``
+checks ``--out`` and ``--save-pipeline`` against the run's inputs before any model loads.
 """
 
 from __future__ import annotations
