@@ -103,6 +103,17 @@ def test_a_folder_sdo_did_not_write_is_refused_by_every_command(command, tmp_pat
     assert snapshot(out) == before  # no marker, lock or probe written into it
 
 
+@pytest.mark.parametrize("name", ["config.json", ".notes.abcdefgh.tmp"])  # not sdo's: no "command"; a user's draft
+def test_a_refused_run_keeps_a_users_files_with_sdos_record_names(name, tmp_path, capsys, monkeypatch):
+    no_models(monkeypatch)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text('{"mine": true}')
+    before = snapshot(out)
+    assert "was not written by sdo" in one_line_error(capsys, [*COMMANDS["optimize"], "--out", str(out)])
+    assert snapshot(out) == before
+
+
 def test_the_library_refuses_a_folder_sdo_did_not_write(tmp_path):
     out = user_folder(tmp_path / "mine")
     with pytest.raises(ConfigError, match="is not empty and was not written by sdo"):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sdo import __version__
-from sdo.app.runs import has_record, remove_unused_folders, remove_unused_records
+from sdo.app.runs import is_vacant, remove_unused_folders, remove_unused_records
 from sdo.errors import DISTRIBUTION, SdoError
 
 
@@ -308,19 +308,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(describe_methods())
         return 0
-    created, recorded = _missing_folders(args), has_record(args.out)
+    created, vacant = _missing_folders(args), is_vacant(args.out)
     try:
         return _run_locked(args, _check_up_front(args))
     except SdoError as error:  # bad input, missing weights or extras, corrupt files: one clear line, no traceback
-        _remove_unused(args, created, recorded)
+        _remove_unused(args, created, vacant)
         print(f"sdo {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C ends a run like SIGTERM: no traceback, the lock released, resumable
-        _remove_unused(args, created, recorded)
+        _remove_unused(args, created, vacant)
         print(f"sdo {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
     except BaseException:  # a bug's traceback: still no empty --out and no record of a run that wrote nothing
-        _remove_unused(args, created, recorded)
+        _remove_unused(args, created, vacant)
         raise
 
 
@@ -330,16 +330,16 @@ def _missing_folders(args: argparse.Namespace) -> list[Path]:
     return [folder for top in folders for folder in (top, *top.parents) if not folder.exists()]
 
 
-def _remove_unused(args: argparse.Namespace, created: list[Path], recorded: bool) -> None:
-    """After a refused, failed or interrupted run: the folders it made and, in an ``--out`` that recorded no run
-    before (``recorded``), the record it wrote, when nothing else was written (``sdo.app.runs``). A secondary
-    process of ``accelerate launch`` leaves this to the main process, whose folder it is."""
+def _remove_unused(args: argparse.Namespace, created: list[Path], vacant: bool) -> None:
+    """After a refused, failed or interrupted run: the folders it made and, in an ``--out`` that was empty before
+    (``vacant``), the record it wrote, when nothing else was written (``sdo.app.runs``). A secondary process of
+    ``accelerate launch`` leaves this to the main process, whose folder it is."""
     if "torch.distributed" in sys.modules:
         from sdo.app.runs import is_secondary_process
 
         if is_secondary_process():
             return
-    if not recorded:
+    if vacant:
         remove_unused_records(args.out)
     remove_unused_folders(created)
 

@@ -7,7 +7,8 @@ given as Python objects: the pipeline's ``name_or_path`` and the sha256 of the p
 reward function's name and hashes (``REWARD_KEYS``), and the fingerprint of every input file, folder, Hub id or
 loaded pipeline (``inputs``, ``sdo.app.fingerprints``), compared by content: a changed input is refused like a
 changed flag, naming it. A folder recorded before inputs were fingerprinted resumes with a warning.
-The folder's lock and leftovers are handled by ``sdo.app.runs``.
+The folder's ownership (its marker), lock and leftovers are handled by ``sdo.app.runs``; ``check_finetune_paths``
+checks ``--out`` and ``--save-pipeline`` against the run's inputs before any model loads.
 """
 
 from __future__ import annotations

@@ -71,10 +71,10 @@ __all__ = [
     "describe_run",
     "differing_flags",
     "file_records",
-    "has_record",
     "input_folders",
     "is_sdo_folder",
     "is_secondary_process",
+    "is_vacant",
     "model_bytes",
     "open_output",
     "read_marker",
@@ -168,7 +168,7 @@ def remove_unused_folders(created: list[Path]) -> None:
 
 
 def remove_unused_records(out: str | os.PathLike) -> None:
-    """After a refused or failed run into ``out``, a folder that held no run before it (``has_record`` was false):
+    """After a refused or failed run into ``out``, a folder that was vacant before it (``is_vacant``):
     if ``out`` holds nothing but what the run wrote as its record (``config.json``, the marker, temporary files)
     and empty folders, remove them, leaving ``out`` as empty as it was. Not while a lock file says a run uses it."""
     out = Path(out)
@@ -192,9 +192,17 @@ def _only_records(folder: Path) -> bool:
     return True
 
 
-def has_record(out: str | os.PathLike) -> bool:
-    """Whether ``out`` already records a run (its marker or ``config.json``): what a failed run must leave."""
-    return any((Path(out) / name).exists() for name in (MARKER_NAME, CONFIG_NAME))
+def is_vacant(out: str | os.PathLike) -> bool:
+    """Whether ``out`` is missing, or a folder that holds nothing but a killed run's bookkeeping (no record of a
+    run, no file of anyone's): a folder whose records a refused or failed run may remove
+    (``remove_unused_records``)."""
+    out = Path(out)
+    if not out.exists():
+        return True
+    try:
+        return out.is_dir() and not out.is_symlink() and not _foreign(out)
+    except OSError:
+        return False
 
 
 def describe_run(command: str, config: dict) -> dict:
@@ -352,8 +360,8 @@ def check_apart(flag_name: str, path: str | os.PathLike, inputs: dict[str, Path]
         else:
             continue
         raise ConfigError(
-            f"{flag_name} {path} {relation} the {other_flag} folder {folder}; sdo never writes into what a run "
-            f"reads: choose another {flag_name}."
+            f"{flag_name} {path} {relation} the {other_flag} folder {folder}; they must be separate folders: "
+            f"choose another {flag_name}."
         )
 
 
