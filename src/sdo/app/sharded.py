@@ -23,7 +23,8 @@ matches it and whose files are all there with their recorded sizes (and whole sa
 also compares the hashes), and redoes the rest; settings that differ from the finished items', or inputs whose
 content changed since (the pipeline, CLIP and PickScore folders, aesthetic head, style image: each item's marker
 records their fingerprints, ``sdo.app.fingerprints``), are refused before anything is written. When all
-processes are done, the main process writes ``summary.md``, ``summary.json`` and ``grid.png``. Under ``accelerate launch``, a process whose launcher has died stops before its next item.
+processes are done, the main process writes ``summary.md``, ``summary.json`` and ``grid.png``. Under
+``accelerate launch``, a process whose launcher has died stops before its next item.
 
 Threads: with ``P > 1`` processes each sets ``torch.set_num_threads(max(1, cores // P))`` (cores available to the
 process, ``os.sched_getaffinity``), so ``P`` processes do not oversubscribe the machine; ``--threads`` overrides.
