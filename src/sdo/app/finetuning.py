@@ -35,6 +35,7 @@ from sdo.app.lora import (
     load_adapter,
     mark_fused,
     merge_lora,
+    network_of,
     remove_lora,
     remove_old_adapter,
     save_adapter,
@@ -549,6 +550,8 @@ class _TrainingData:
                 f"`task` {config.task!r} is a task of the embedded model; on a pipeline pass `reward=` (an image "
                 f"reward) or one of {PIPELINE_TASKS}."
             )
+        if pipeline is not None:  # before the folder is opened: its LoRA, merged, would be applied again
+            check_not_fused(network_of(pipeline)[1], "finetune(pipeline=pipe)")
         source = pipeline if pipeline is not None else config.pipeline
         check_finetune_paths(config, source)
         return cls(reward, source, prompts, eval_prompts)
