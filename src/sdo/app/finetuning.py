@@ -550,10 +550,10 @@ class _TrainingData:
                 f"`task` {config.task!r} is a task of the embedded model; on a pipeline pass `reward=` (an image "
                 f"reward) or one of {PIPELINE_TASKS}."
             )
-        if pipeline is not None:  # before the folder is opened: its LoRA, merged, would be applied again
-            check_not_fused(network_of(pipeline)[1], "finetune(pipeline=pipe)")
         source = pipeline if pipeline is not None else config.pipeline
         check_finetune_paths(config, source)
+        if any(hasattr(pipeline, name) for name in ("unet", "transformer")):  # before the folder opens: a fused LoRA,
+            check_not_fused(network_of(pipeline)[1], "finetune(pipeline=pipe)")  # trained on again, counts twice
         return cls(reward, source, prompts, eval_prompts)
 
     def settings(self, config: FinetuneConfig) -> dict:
