@@ -3,6 +3,7 @@ safetensors or JSON, and a corrupt or truncated file raises ``CorruptFileError``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ __all__ = [
     "WriteFailedError",
     "atomic_path",
     "convert_hint",
+    "file_sha256",
     "has_pickled_weights",
     "image_size",
     "load_image",
@@ -110,6 +112,15 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
 def load_tensors(path: str | os.PathLike, hint: str = "") -> dict[str, torch.Tensor]:
     """Read a safetensors file; a missing, truncated or corrupt file raises ``CorruptFileError``."""
     return _read(path, lambda p: load_file(str(p)), "safetensors", hint)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_json(data: Any, path: str | os.PathLike) -> None:

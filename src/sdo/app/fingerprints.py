@@ -32,6 +32,7 @@ import torch
 
 from sdo.errors import MissingWeightsError
 from sdo.hub import hub_cache, model_source, offline
+from sdo.io import file_sha256
 
 __all__ = [
     "callable_fingerprint",
@@ -102,16 +103,8 @@ def _file_record(path: Path, earlier: dict | None) -> dict:
         record["header_sha256"] = _header_sha256(path)
     earlier = earlier if isinstance(earlier, dict) else {}
     unchanged = all(earlier.get(key) == value for key, value in record.items())
-    record["sha256"] = earlier["sha256"] if unchanged and isinstance(earlier.get("sha256"), str) else _sha256(path)
+    record["sha256"] = earlier["sha256"] if unchanged and isinstance(earlier.get("sha256"), str) else file_sha256(path)
     return record
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _header_sha256(path: Path) -> str | None:

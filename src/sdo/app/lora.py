@@ -23,7 +23,6 @@ second ``fuse_lora`` on it, and fine-tuning it further, are refused: either woul
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 from sdo.errors import ConfigError, MissingWeightsError
-from sdo.io import DIR_MODE, CorruptFileError, load_tensors, make_dir, save_tensors
+from sdo.io import DIR_MODE, CorruptFileError, file_sha256, load_tensors, make_dir, save_tensors
 
 __all__ = [
     "ADAPTER_FOLDER",
@@ -351,11 +350,7 @@ def _unwrap(network: torch.nn.Module, merge: bool) -> torch.nn.Module:
 def mark_fused(network: torch.nn.Module, adapter: str | Path) -> None:
     """Mark ``network`` as holding the fused adapter file ``adapter``: its ``FUSED_MARK`` attribute
     ``{"adapter": path, "sha256": digest}``, which ``check_not_fused`` refuses."""
-    digest = hashlib.sha256()
-    with open(adapter, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    setattr(network, FUSED_MARK, {"adapter": str(adapter), "sha256": digest.hexdigest()})
+    setattr(network, FUSED_MARK, {"adapter": str(adapter), "sha256": file_sha256(adapter)})
 
 
 def check_not_fused(network: torch.nn.Module, doing: str) -> None:

@@ -32,7 +32,6 @@ with it if that fails (``open_output``). Environment variables alone (``RANK``, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -47,7 +46,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sdo.errors import ConfigError, OutputLockedError, ResumeMismatchError, SdoError, WriteFailedError
-from sdo.io import FILE_MODE, load_json, make_dir, save_json
+from sdo.io import FILE_MODE, file_sha256, load_json, make_dir, save_json
 
 try:
     import fcntl
@@ -441,7 +440,7 @@ def file_records(folder: str | os.PathLike, names: list[str]) -> dict[str, dict]
     records = {}
     for name in names:
         path = Path(folder) / name
-        records[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        records[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return records
 
 
@@ -463,19 +462,11 @@ def damaged_file(folder: str | os.PathLike, records: object, verify: bool = Fals
         if size != record.get("bytes"):
             return f"{path} has {size} bytes, not the {record.get('bytes')} recorded (truncated or corrupt)"
         problem = _safetensors_problem(path, size) if name.endswith(".safetensors") else None
-        if problem is None and verify and _sha256(path) != record.get("sha256"):
+        if problem is None and verify and file_sha256(path) != record.get("sha256"):
             problem = f"{path} does not match its recorded SHA-256"
         if problem:
             return problem
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safetensors_problem(path: Path, size: int) -> str | None:
