@@ -160,8 +160,8 @@ def test_commands_build_compiled_samplers_when_asked(tmp_path):
     for command in ("optimize", "bench", "finetune"):
         assert build_parser().parse_args([command, "--compile"]).compile is True
     target = ZooTarget(FinetuneConfig(compile=True, out=str(tmp_path)), torch.device("cpu"))
-    assert isinstance(target.sampler(target.unet, torch.tensor([1])).detached_model_fn, CompiledModelFn)
-    sampler = zoo.ddim_sampler(target.unet, torch.tensor([1]), 2)
+    assert isinstance(target.sampler(target.network, torch.tensor([1])).detached_model_fn, CompiledModelFn)
+    sampler = zoo.ddim_sampler(target.network, torch.tensor([1]), 2)
     assert isinstance(_sampler(sampler, LatentTaskConfig(compile=True)).detached_model_fn, CompiledModelFn)
     assert _sampler(sampler, LatentTaskConfig()) is sampler
     assert BenchConfig(compile=True).compile

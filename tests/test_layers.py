@@ -45,7 +45,7 @@ def _modules(folder: Path, recursive: bool = False) -> list[Path]:
     return sorted((folder.rglob if recursive else folder.glob)("*.py"))
 
 
-LIBRARY = [path for path in _modules(PACKAGE) if path.name not in SHIMS]
+LIBRARY = [path for path in _modules(PACKAGE) + _modules(PACKAGE / "pipelines") if path.name not in SHIMS]
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=lambda path: path.name)

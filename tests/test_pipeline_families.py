@@ -179,7 +179,7 @@ def test_gradients_reach_the_latent_the_embeddings_and_the_lora_weights(family_d
     grads = torch.autograd.grad(image.square().mean(), [latent, parts.prompt_embeds, parts.pooled_embeds])
     assert all(grad.abs().sum() > 0 for grad in grads)
 
-    network = add_lora(parts.unet, rank=2, targets=parts.lora_targets)
+    network = add_lora(parts.network, rank=2, targets=parts.lora_targets)
     lora = [p for name, p in network.named_parameters() if "lora_A" in name]
     assert lora and all(p.requires_grad for p in lora)
     for name, parameter in network.named_parameters():

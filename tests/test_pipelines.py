@@ -234,12 +234,23 @@ def test_load_image_reads_a_png_in_0_1(tmp_path):
 
 def test_half_precision_pipeline_keeps_latent_and_gradient_in_float32(pipeline_dir):
     parts = from_pipeline(pipeline_dir, PROMPT, dtype=torch.bfloat16, vae_slicing=True, checkpoint_decoder=True)
-    assert parts.unet.dtype == torch.bfloat16
+    assert parts.network.dtype == torch.bfloat16
     latent = parts.initial_latent(0).requires_grad_()
     image = parts.decode(parts.sampler(3).sample(latent, grad=sdo.Shortcut(checkpoint=True)))
     (gradient,) = torch.autograd.grad(image.mean(), latent)
     assert latent.dtype == gradient.dtype == image.dtype == torch.float32
     assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+def test_parts_name_their_network_and_keep_unet_as_a_read_only_alias():
+    from sdo.pipelines import PipelineParts
+
+    network = torch.nn.Linear(1, 1)
+    parts = PipelineParts(None, None, (1, 4, 8, 8), None, network, None, None, None)
+    assert parts.network is network and parts.unet is network
+    with pytest.raises(AttributeError):
+        parts.unet = torch.nn.Linear(1, 1)
+    assert parts.network is network
 
 
 @pytest.mark.parametrize("task", ["aesthetic", "clip", "style"])
@@ -398,8 +409,8 @@ def test_pipeline_evaluation_runs_in_batches_of_batch_size(pipeline_dir, clip_di
     )
     target = PipelineTarget(config, torch.device("cpu"))
     batches = []
-    target.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
-    record = target.evaluator()(target.unet)
+    target.network.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    record = target.evaluator()(target.network)
     measures, images = record
     assert torch.isfinite(torch.tensor(measures["eval_reward"])) and images.shape[0] == 5 and images.min() >= 0
     assert batches and max(batches) <= 2 * config.batch_size  # x2: the guided and unguided halves

@@ -84,3 +84,42 @@ def test_protocols_are_structural_with_positional_arguments(protocol, arguments)
 
 def test_the_library_types_its_callables_with_the_one_protocol():
     assert sdo.kl.ModelFn is sdo.ModelFn and sdo.edict.ModelFn is sdo.ModelFn
+
+
+# Every name sdo.pipelines offered as one module stays importable from the package.
+PIPELINES_NAMES = [
+    "DEFAULT_GUIDANCE",
+    "FAMILIES",
+    "SUPPORTED",
+    "DecodedReward",
+    "PipelineParts",
+    "from_pipeline",
+    "load_pipeline",
+    "lora_targets",
+    "logger",
+    "pack_latents",
+    "size_multiple",
+    "unpack_latents",
+]
+
+
+def test_the_pipelines_package_keeps_its_names_and_each_module_says_its_job():
+    import importlib
+    import pkgutil
+
+    import sdo.pipelines
+
+    assert all(hasattr(sdo.pipelines, name) for name in PIPELINES_NAMES)
+    assert set(sdo.pipelines.__all__) <= set(PIPELINES_NAMES)
+    modules = [info.name for info in pkgutil.iter_modules(sdo.pipelines.__path__)]
+    assert {"loading", "sd", "sdxl", "sd3", "flux", "codec", "inversion", "parts"} <= set(modules)
+    for name in modules:
+        module = importlib.import_module(f"sdo.pipelines.{name}")
+        assert module.__doc__ and module.__doc__.strip(), f"sdo.pipelines.{name} has no docstring"
+    assert sdo.pipelines.FAMILIES == {
+        "StableDiffusionPipeline": "sd",
+        "StableDiffusionXLPipeline": "sdxl",
+        "StableDiffusion3Pipeline": "sd3",
+        "FluxPipeline": "flux",
+    }
+    assert sdo.pipelines.DEFAULT_GUIDANCE == {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}

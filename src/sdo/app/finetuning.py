@@ -272,7 +272,7 @@ class Trainer:
 
     def __init__(self, config: FinetuneConfig, target, accelerator) -> None:
         self.config, self.target, self.accelerator = config, target, accelerator
-        self.network = target.unet
+        self.network = target.network
         self.lora = config.lora_rank > 0
         self.lora_targets = config.lora_targets or target.lora_targets
         check_not_fused(self.network, "finetune(pipeline=pipe)")  # its LoRA, merged, would be applied again

@@ -43,7 +43,7 @@ class ZooTarget:
     def __init__(self, config, device: torch.device, reward: Callable | None = None) -> None:
         self.config = config
         self.device = device
-        self.unet = zoo.load_unet(device)
+        self.network = zoo.load_unet(device)
         if reward is not None:  # the caller's latent reward(x0 in [-1, 1], labels) -> [B]
             self.reward = reward
         elif config.task == "bold":
@@ -57,13 +57,13 @@ class ZooTarget:
         labels = torch.randint(0, zoo.NUM_CLASSES, (batch,), generator=generator)
         return labels, zoo.noise(batch, generator)
 
-    def sampler(self, unet: torch.nn.Module, labels: torch.Tensor) -> Sampler:
-        sampler = zoo.ddim_sampler(unet, labels, self.config.sample_steps, self.config.guidance or ZOO_GUIDANCE)
+    def sampler(self, network: torch.nn.Module, labels: torch.Tensor) -> Sampler:
+        sampler = zoo.ddim_sampler(network, labels, self.config.sample_steps, self.config.guidance or ZOO_GUIDANCE)
         return sampler.with_options(compile=True) if self.config.compile else sampler
 
     def evaluator(self):
         """Held-out labels with fixed noise: judge accuracy, and Frechet distance to real digits in judge space;
-        ``evaluate(unet) -> (measures, images [B, 1, 32, 32] in [0, 1])``."""
+        ``evaluate(network) -> (measures, images [B, 1, 32, 32] in [0, 1])``."""
         judge = zoo.load_judge(self.device)
         real, _ = zoo.load_digits(self.device)
         with torch.no_grad():
@@ -72,8 +72,8 @@ class ZooTarget:
         noise = zoo.noise(len(labels), 10_000 + self.config.seed, self.device)
 
         @torch.no_grad()
-        def evaluate(unet: torch.nn.Module) -> dict[str, float]:
-            samples = self.sampler(unet, labels).sample(noise, grad=NoGrad()).clamp(-1, 1)
+        def evaluate(network: torch.nn.Module) -> dict[str, float]:
+            samples = self.sampler(network, labels).sample(noise, grad=NoGrad()).clamp(-1, 1)
             accuracy = (judge(samples).argmax(1) == labels).float().mean()
             measures = {
                 "judge_accuracy": float(accuracy),
@@ -124,7 +124,7 @@ class PipelineTarget:
         self.parts = from_pipeline(self.pipe, prompts, **options)
         same = self.eval_prompts == prompts
         self.eval_parts = self.parts if same else from_pipeline(self.pipe, self.eval_prompts, **options)
-        self.unet = self.parts.unet
+        self.network = self.parts.network
         self.lora_targets = self.parts.lora_targets
         self.image_reward = image_reward if image_reward is not None else config.image_reward(prompts, device)
         self.reward = self.parts.latent_reward(self.image_reward)
@@ -134,27 +134,27 @@ class PipelineTarget:
         index = torch.randint(0, len(self.prompts), (batch,), generator=generator)
         return index, torch.randn(batch, *self.parts.latent_shape[1:], generator=generator)
 
-    def sampler(self, unet: torch.nn.Module, index: torch.Tensor, parts=None) -> Sampler:
-        """The pipeline's sampler over ``unet`` conditioned on prompts ``index`` ``[B]`` (of ``parts``' prompts,
+    def sampler(self, network: torch.nn.Module, index: torch.Tensor, parts=None) -> Sampler:
+        """The pipeline's sampler over ``network`` conditioned on prompts ``index`` ``[B]`` (of ``parts``' prompts,
         the training ones by default)."""
         parts = parts or self.parts
-        model_fn = replace(parts.model_fn.rows(index.to(self.device)), model=unet)
+        model_fn = replace(parts.model_fn.rows(index.to(self.device)), model=network)
         return parts.sampler(self.config.sample_steps, model_fn, compile=self.config.compile)
 
     def evaluator(self):
         """Mean reward on every evaluation prompt with fixed noise, in batches of ``batch_size`` prompts (memory
-        does not grow with the number of prompts); ``evaluate(unet) -> (measures, images [P, 3, H, W] in [0, 1])``
+        does not grow with the number of prompts); ``evaluate(network) -> (measures, images [P, 3, H, W] in [0, 1])``
         with ``eval_reward`` and ``eval_on_training_prompts``."""
         size, parts = self.config.batch_size, self.eval_parts
 
         @torch.no_grad()
-        def evaluate(unet: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+        def evaluate(network: torch.nn.Module) -> tuple[dict, torch.Tensor]:
             generator = torch.Generator().manual_seed(10_000 + self.config.seed)
             total, images = 0.0, []
             for first in range(0, len(self.eval_prompts), size):
                 index = torch.arange(first, min(first + size, len(self.eval_prompts)))
                 noise = torch.randn(len(index), *parts.latent_shape[1:], generator=generator).to(self.device)
-                decoded = parts.decode(self.sampler(unet, index, parts).sample(noise, grad=NoGrad()))
+                decoded = parts.decode(self.sampler(network, index, parts).sample(noise, grad=NoGrad()))
                 rewards = self.image_reward(decoded, [self.eval_prompts[i] for i in index.tolist()])
                 total += float(check_rewards(rewards, len(index)).sum())
                 images.append(decoded.float().cpu())
