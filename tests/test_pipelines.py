@@ -409,6 +409,7 @@ def test_pipeline_evaluation_runs_in_batches_of_batch_size(pipeline_dir, clip_di
     )
     target = PipelineTarget(config, torch.device("cpu"))
     batches = []
+    assert target.unet is target.network is target.parts.network  # the old name, read-only
     target.network.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     record = target.evaluator()(target.network)
     measures, images = record

@@ -34,11 +34,18 @@ def ink_reward(x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Te
     return ((x0.clamp(-1, 1) + 1) / 2).flatten(1).mean(dim=1)
 
 
+def _unet_alias(target) -> torch.nn.Module:
+    """The target's ``network``: ``unet``, a read-only alias kept for code written before the attribute was named
+    ``network`` (a pipeline's network may be a transformer)."""
+    return target.network
+
+
 class ZooTarget:
     """The embedded MNIST model; conditions are class labels; tasks "confidence" (reward classifier
     log-probability of the conditioned class) and "bold" (stroke mass)."""
 
     lora_targets = ZOO_LORA_TARGETS
+    unet = property(_unet_alias)
 
     def __init__(self, config, device: torch.device, reward: Callable | None = None) -> None:
         self.config = config
@@ -101,6 +108,8 @@ class PipelineTarget:
             ``eval_on_training_prompts`` says which).
         image_reward: the caller's image reward; nothing else is loaded for scoring then.
     """
+
+    unet = property(_unet_alias)
 
     def __init__(
         self,
