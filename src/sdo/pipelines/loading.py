@@ -278,8 +278,6 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None):
     ``model_index.json`` lists is there, every network has all its weights (``sdo.hub.load_model``) and every
     tokenizer its files (``sdo.hub.check_tokenizer``). Raises ``MissingWeightsError`` (one line) for anything
     else, or for a Hub id that is offline and not cached."""
-    from diffusers import DiffusionPipeline
-
     source = model_source(path, "diffusers pipeline")
     # Components saved as absent (e.g. SD3 without its T5 encoder, SD without a safety checker) are passed as None.
     index = _pipeline_index(source)
@@ -288,16 +286,24 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None):
     components = {name: value for name, value in _components(index).items() if name not in absent}
     if not source.hub:
         _check_component_folders(source, components)
-    networks = _load_networks(source, components, dtype)
+    pipe = _from_pretrained(source, {**absent, **_load_networks(source, components, dtype)}, dtype)
+    _check_tokenizers(pipe, source)
+    return pipe
+
+
+def _from_pretrained(source: ModelSource, components: dict, dtype: torch.dtype | None):
+    """diffusers' ``DiffusionPipeline.from_pretrained`` of ``source`` with ``components`` given (the networks sdo
+    loaded, None for the absent ones); safetensors only, never remote code; a failure is one line."""
+    from diffusers import DiffusionPipeline
+
     options = {"torch_dtype": dtype} if dtype is not None else {}
     try:  # safetensors only: a folder saved as pickled .bin files is refused, never unpickled
-        pipe = DiffusionPipeline.from_pretrained(
+        return DiffusionPipeline.from_pretrained(
             source.name,
             use_safetensors=True,
             trust_remote_code=False,
             **source.options(),
-            **absent,
-            **networks,
+            **components,
             **options,
         )
     except (OSError, ValueError, RuntimeError) as error:
@@ -307,8 +313,6 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None):
         if not has_pickled_weights(path):
             raise MissingWeightsError(f"{path}: the pipeline could not be loaded: {error}".splitlines()[0]) from error
         raise MissingWeightsError(convert_hint(path, "DiffusionPipeline", error)) from None
-    _check_tokenizers(pipe, source)
-    return pipe
 
 
 def _components(index: dict) -> dict[str, tuple[str, str]]:
