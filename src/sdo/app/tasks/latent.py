@@ -347,10 +347,10 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
 
 def original_sample(config: LatentTaskConfig, sampler: Sampler, latent: torch.Tensor) -> tuple[str, torch.Tensor]:
     """``(chain, sample)``: the unoptimized sample of ``latent`` (at ``config.start_step``) on the chain
-    ``config.method`` optimizes through, which the adversarial reward keeps the image near and the results show as
-    "before": the sample of the chain the method's runner optimizes through (``sdo.methods.Runner.chain_sampler``).
-    The methods on the EDICT chain (``doodl``, ``doodl-adam``) start from EDICT's sample of the latent
-    (``sdo.doodl.edict_sampler``; Wallace et al., ICCV 2023), the others from ``sampler``'s (DDIM)."""
+    ``config.method``'s runner optimizes through (``sdo.methods.Runner.chain_sampler``), which the adversarial reward
+    keeps the image near and the results show as "before". The methods on the EDICT chain (``doodl``, ``doodl-adam``)
+    start from EDICT's sample of the latent (``sdo.doodl.edict_sampler``; Wallace et al., ICCV 2023), the others from
+    ``sampler``'s (DDIM)."""
     runner = METHODS[config.method].runner
     with torch.no_grad():
         return runner.chain, runner.chain_sampler(sampler).sample(latent, NoGrad(), start_step=config.start_step)
