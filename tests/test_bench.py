@@ -222,7 +222,7 @@ def test_bench_takes_the_method_flags_of_optimize(tmp_path):
     [
         (dict(methods="sdo-multi", kept_steps="0,10", steps="5"), r"`step` indices must lie in \[0, 4\]"),
         (dict(methods="sdo-multi", kept_steps="0,x"), "`kept_steps` must be comma-separated"),
-        (dict(methods="alignprop", variable="weights", steps="4"), r"`high`=10 is larger than the 4 remaining"),
+        (dict(methods="alignprop", variable="weights", steps="4"), r"`alignprop_high` must be in \[1, 4\], got 10"),
         (dict(methods="adjoint", adjoint_iters=101), r"`adjoint_iters` must be an integer in \[0, 100\]"),
     ],
 )

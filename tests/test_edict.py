@@ -207,3 +207,35 @@ def test_bad_modes_and_arguments(toy):
             sdo.optimize_latent_doodl(sampler, x, reward, progress=False, **kwargs)
     with pytest.raises(sdo.ConfigError, match="EDICTSampler"):
         sdo.optimize_latent_doodl(plain, x, reward, progress=False)
+
+
+def test_sampler_and_edict_sampler_satisfy_the_one_sampler_protocol(toy):
+    import typing
+
+    from sdo.protocols import LatentSampler
+
+    edict = toy_edict(toy, 4)
+    x = toy[2].detach()
+    assert typing.get_type_hints(LatentProblem)["sampler"] is LatentSampler
+    for sampler in (edict.sampler, edict):
+        assert isinstance(sampler, LatentSampler), type(sampler).__name__
+        assert sampler.sample(x, sdo.NoGrad(), start_step=1).shape == x.shape  # the call the objectives make
+        assert sampler.network is edict.sampler.network and sampler.num_inference_steps == 4
+    assert not isinstance(lambda x: x, LatentSampler)
+
+
+def test_doodl_renormalize_is_the_old_name_of_project_to_shell(toy):
+    sampler = toy_edict(toy, 4)
+    x = toy[2].detach()
+
+    def reward(x0, cond):
+        return x0.flatten(1).mean(dim=1)
+
+    def run(**kwargs):
+        return sdo.optimize_latent_doodl(sampler, x, reward, iters=1, lr=10.0, clip=0.05, progress=False, **kwargs)
+
+    new, old, default = run(project_to_shell=False), run(renormalize=False), run()
+    torch.testing.assert_close(old.latent, new.latent, rtol=0, atol=0)
+    norms = x.flatten(1).norm(dim=1)
+    torch.testing.assert_close(default.latent.flatten(1).norm(dim=1), norms)  # projected by default
+    assert not torch.allclose(new.latent.flatten(1).norm(dim=1), norms)

@@ -111,3 +111,22 @@ def test_scheduler_without_x0_prediction(toy):
     sampler = sdo.Sampler(lambda v, t: model(v, t, cond), DPMSolverMultistepScheduler(), 4)
     with pytest.raises(sdo.ConfigError, match="predicts x0"):
         sdo.freedom_sample(sampler, x.detach(), brightness)
+
+
+def test_a_guidance_run_is_one_pass_and_says_so(toy):
+    from sdo.freedom import GuidanceStepper
+    from sdo.latent import LatentProblem
+    from sdo.methods import METHODS
+
+    problem = LatentProblem(toy_sampler(toy, "ddim", 3), toy[2].detach(), brightness, seed=0)
+    runner = METHODS["freedom"].runner
+    assert runner.one_pass and runner.iterations(20) == GuidanceStepper.iterations == 1
+    assert not any(method.runner.one_pass for name, method in METHODS.items() if name != "freedom")
+    with pytest.raises(sdo.ConfigError, match=r"one guided sampling pass: `iters` must be 1, got 5"):
+        GuidanceStepper(problem).run(5)  # not silently ignored
+    result = METHODS["freedom"].optimize(problem, iters=20, progress=False)  # the registry asks the runner: 1
+    start, guided = result.history
+    assert (start["iter"], guided["iter"]) == (0, 1) and start["seconds"] > 0 and guided["seconds"] == 0
+    assert start["elapsed"] == guided["elapsed"] == start["seconds"]  # the pass's cost, recorded once
+    alone = GuidanceStepper(problem).iterate()  # one pass on its own (sdo bench): the guided sample's record
+    assert alone["rewards"] == guided["rewards"] and alone["iter"] == 0

@@ -94,3 +94,84 @@ def test_adversarial_original_is_the_sample_of_the_chain_the_method_optimizes(me
     expected = edict if chain == "edict" else ddim
     assert torch.equal(task.original, expected) and not torch.allclose(ddim, edict)
     assert torch.equal(task.reward.original, expected)  # the proximity term keeps the image near it
+
+
+def test_every_default_is_read_from_one_settings_object_per_rule():
+    import inspect
+
+    from sdo.app.method_flags import MethodFlags
+    from sdo.doodl import DOODL_CLIP, DoodlSettings, DoodlUpdate, doodl_adam_stepper, doodl_stepper
+    from sdo.freedom import FreedomSettings, GuidanceStepper
+    from sdo.latent import AdamSettings, latent_stepper
+    from sdo.methods import FINETUNE_TRUNCATION, TruncationSettings
+
+    adam, doodl, freedom = AdamSettings(), DoodlSettings(), FreedomSettings()
+    # the values themselves are unchanged (every published figure was made with them)
+    assert (adam.lr, adam.betas, adam.prior_weight, adam.project_to_shell) == (0.05, (0.9, 0.9), 0.0, True)
+    assert (doodl.lr, doodl.momentum, doodl.clip, doodl.perturbation, doodl.iters) == (1.0, 0.9, 1e-3, 1e-4, 50)
+    assert (freedom.scale, freedom.repeats) == (0.2, 1) and doodl.clip == DOODL_CLIP
+    assert (TruncationSettings().draft_k, FINETUNE_TRUNCATION.draft_k, TruncationSettings().alignprop_high) == (
+        1,
+        2,
+        10,
+    )
+
+    def defaults(function):
+        return {n: p.default for n, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
+
+    for function in (sdo.optimize_latent, latent_stepper, doodl_adam_stepper):
+        found = defaults(function)
+        assert {key: found[key] for key in ("lr", "betas", "project_to_shell") if key in found} == {
+            key: getattr(adam, key) for key in ("lr", "betas", "project_to_shell") if key in found
+        }, function.__name__
+    for function in (sdo.optimize_latent_doodl, doodl_stepper, DoodlUpdate.__init__):
+        found = defaults(function)
+        assert [found[key] for key in ("lr", "momentum", "clip", "perturbation", "project_to_shell")] == [
+            doodl.lr,
+            doodl.momentum,
+            doodl.clip,
+            doodl.perturbation,
+            doodl.project_to_shell,
+        ], function.__name__
+    for function in (sdo.freedom_sample, GuidanceStepper.__init__):
+        assert (defaults(function)["scale"], defaults(function)["repeats"]) == (freedom.scale, freedom.repeats)
+    options = MethodOptions()
+    assert (options.lr, options.betas, options.prior_weight, options.project_to_shell) == dataclasses.astuple(adam)
+    assert (options.doodl_lr, options.doodl_clip, options.doodl_project_to_shell) == (doodl.lr, doodl.clip, True)
+    assert (options.freedom_scale, options.freedom_repeats, options.draft_k) == (0.2, 1, 1)
+    flags = {field.name: field for field in dataclasses.fields(MethodFlags)}  # the CLI flags and their help
+    assert [flags[name].default for name in ("lr", "prior_weight", "project", "doodl_lr", "freedom_scale")] == [
+        adam.lr,
+        adam.prior_weight,
+        adam.project_to_shell,
+        doodl.lr,
+        freedom.scale,
+    ]
+    assert "0.001 x 50 / --iters" in flags["doodl_clip"].metadata["help"]
+    assert BenchConfig().draft_k == 1 and FinetuneConfig().draft_k == 2 and FinetuneConfig().alignprop_high == 10
+
+
+@pytest.mark.parametrize(("method", "steps", "bench"), [("draft-k", 3, "1"), ("alignprop", 4, "10")])
+def test_a_depth_above_the_steps_is_refused_one_way_in_bench_and_finetune(method, steps, bench):
+    knob = METHODS[method].depth
+    message = rf"`{knob}` must be in \[1, {steps}\], got 9"
+    with pytest.raises(sdo.ConfigError, match=message):
+        BenchConfig(methods=method, variable="weights", steps=str(steps), **{knob: 9})
+    with pytest.raises(sdo.ConfigError, match=message):
+        FinetuneConfig(method=method, sample_steps=steps, **{knob: 9})
+    assert getattr(BenchConfig(methods=method, variable="weights", steps="10"), knob) == int(bench)
+
+
+def test_runners_say_what_their_runs_are():
+    from sdo.app.results import replays
+
+    sampler = sdo.Sampler(lambda x, t: x * 0.1, DDIMScheduler(clip_sample=False), 3)
+    for name, method in METHODS.items():
+        runner, edict = method.runner, name in ("doodl", "doodl-adam")
+        assert runner.replays == replays(name) == (not edict and name != "freedom"), name
+        assert runner.chain == ("edict" if edict else "ddim") and runner.iterations(7) == (
+            1 if name == "freedom" else 7
+        )
+        chain = runner.chain_sampler(sampler)
+        assert isinstance(chain, sdo.EDICTSampler) if edict else chain is sampler, name
+        assert (runner.not_a_latent is None) == runner.replays

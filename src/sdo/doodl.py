@@ -2,9 +2,10 @@
 Optimization Improves Classifier Guidance", ICCV 2023, arXiv 2303.13703), over EDICT (Wallace et al., CVPR 2023).
 
 ``optimize_latent_doodl`` / ``doodl_stepper`` run the authors' update (``DoodlUpdate``: SGD with momentum,
-element-wise clipping, a noise perturbation, renormalization); ``doodl_adam_stepper`` the same exact-inversion
-gradient of the same objective (``PairObjective``) with ``sdo.optimize_latent``'s Adam update instead.
-``scaled_clip`` sizes the element-wise clip to a run's length.
+element-wise clipping, a noise perturbation, the projection to the shell); ``doodl_adam_stepper`` the same
+exact-inversion gradient of the same objective (``PairObjective``) with ``sdo.optimize_latent``'s Adam update instead.
+``DoodlSettings`` holds the authors' values, the one set of defaults; ``scaled_clip`` sizes the element-wise clip to a
+run's length.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import FLOAT32_MAX, check_betas, check_int, check_learning_rate, check_positive, check_rewards
+from .checks import check_int, check_learning_rate, check_positive, check_rewards
 from .edict import EDICTSampler, Invertible
 from .errors import ConfigError
 from .gradients import GradientMode, NoGrad
-from .latent import AdamUpdate, LatentProblem, LatentStepper, OptimizationResult, Shell
+from .latent import AdamSettings, LatentProblem, LatentStepper, OptimizationResult, Shell, adam_update
 from .protocols import LatentReward
 from .sampling import Sampler
 
 __all__ = [
+    "DoodlSettings",
     "DoodlUpdate",
     "PairObjective",
     "doodl_adam_stepper",
@@ -32,15 +34,40 @@ __all__ = [
     "scaled_clip",
 ]
 
-DOODL_CLIP = 1e-3
-"""The authors' element-wise clip of ``lr * g`` per iteration (``doodl.py``)."""
-DOODL_ITERS = 50
-"""The run length the authors' clip is sized for (their runs take 50 or more iterations)."""
+
+@dataclass(frozen=True)
+class DoodlSettings:
+    """DOODL's update as the authors run it (Wallace et al. 2023, ``doodl.py``), written once: ``DoodlUpdate``,
+    ``optimize_latent_doodl``, ``doodl_stepper``, ``sdo.methods.MethodOptions`` and the ``--doodl-*`` flags read
+    these defaults.
+
+    Attributes:
+        lr: the authors' ``grad_scale``, which scales the gradient before clipping.
+        momentum: SGD momentum, in [0, 1).
+        clip: the element-wise bound on ``lr * g`` per iteration (None: no clipping); 1e-3 is sized for the authors'
+            ``iters`` (``scaled_clip`` keeps their total movement in a shorter run).
+        perturbation: standard deviation of the noise added after each update (0: none).
+        project_to_shell: rescale each latent to its initial norm after each update (``sdo.latent.Shell``).
+        iters: the run length the authors' clip is sized for (their runs take 50 or more iterations).
+    """
+
+    lr: float = 1.0
+    momentum: float = 0.9
+    clip: float | None = 1e-3
+    perturbation: float = 1e-4
+    project_to_shell: bool = True
+    iters: int = 50
+
+
+DOODL_CLIP = DoodlSettings.clip
+"""The authors' element-wise clip of ``lr * g`` per iteration (``DoodlSettings.clip``, the default)."""
+DOODL_ITERS = DoodlSettings.iters
+"""The run length the authors' clip is sized for (``DoodlSettings.iters``)."""
 
 
 def scaled_clip(iters: int) -> float:
     """The element-wise clip that lets a run of ``iters`` iterations move each latent element as far as the authors'
-    run: ``DOODL_CLIP * DOODL_ITERS / iters = 1e-3 * 50 / iters``.
+    run: ``DoodlSettings.clip * DoodlSettings.iters / iters = 1e-3 * 50 / iters``.
 
     DOODL clips each element of ``lr * g`` at ``c = 1e-3`` per iteration, so ``n = 50`` iterations move an element by
     at most ``n c = 0.05`` (before momentum, which scales every run alike). A shorter run keeps that total by
@@ -49,7 +76,7 @@ def scaled_clip(iters: int) -> float:
     Raises:
         ConfigError: ``iters`` is not an integer >= 1.
     """
-    return DOODL_CLIP * DOODL_ITERS / check_int(iters, "iters", low=1)
+    return DoodlSettings.clip * DoodlSettings.iters / check_int(iters, "iters", low=1)
 
 
 def edict_sampler(sampler: Sampler | EDICTSampler) -> EDICTSampler:
@@ -99,7 +126,7 @@ class DoodlUpdate:
     """DOODL's update of a latent ``z`` (Wallace et al. 2023, ``doodl.py``), from the gradient ``g`` of the reward:
 
         d = clip(lr * g, -clip, clip);  m = momentum * m + d;  z = z + m + perturbation * N(0, I);
-        z = z * ||z_init|| / ||z||  (per sample, with ``renormalize``: ``sdo.latent.Shell``)
+        z = z * ||z_init|| / ||z||  (per sample, with ``project_to_shell``: ``sdo.latent.Shell``)
 
     One object per run: it holds the momentum ``m``, the initial norms and the perturbation's generator (seeded by
     ``seed``). It is an ``sdo.latent.UpdateRule``: called with the gradient of the loss ``-sum_b r_b``, it ascends the
@@ -109,25 +136,25 @@ class DoodlUpdate:
     def __init__(
         self,
         z: torch.Tensor,
-        lr: float = 1.0,
-        momentum: float = 0.9,
-        clip: float | None = 1e-3,
-        perturbation: float = 1e-4,
-        renormalize: bool = True,
+        lr: float = DoodlSettings.lr,
+        momentum: float = DoodlSettings.momentum,
+        clip: float | None = DoodlSettings.clip,
+        perturbation: float = DoodlSettings.perturbation,
+        project_to_shell: bool = DoodlSettings.project_to_shell,
         seed: int = 0,
     ) -> None:
         self.lr, self.momentum, self.clip, self.perturbation = lr, momentum, clip, perturbation
-        self.shell = Shell(z) if renormalize else None
+        self.shell = Shell(z) if project_to_shell else None
         self.noise = torch.Generator(device=z.device).manual_seed(seed)
         self.velocity: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, gradient: torch.Tensor) -> None:
         """Move ``z`` (in place) up the reward, i.e. against ``gradient``, the gradient of the loss."""
-        step = -self.lr * gradient
+        move = -self.lr * gradient
         if self.clip is not None:
-            step = step.clamp(-self.clip, self.clip)
-        self.velocity = step if self.velocity is None else self.momentum * self.velocity + step
+            move = move.clamp(-self.clip, self.clip)
+        self.velocity = move if self.velocity is None else self.momentum * self.velocity + move
         z.add_(self.velocity)
         if self.perturbation:
             z.add_(self.perturbation * torch.randn(z.shape, generator=self.noise, device=z.device, dtype=z.dtype))
@@ -143,11 +170,12 @@ def optimize_latent_doodl(
     grad: GradientMode | None = None,
     start_step: int = 0,
     iters: int = 20,
-    lr: float = 1.0,
-    momentum: float = 0.9,
-    clip: float | None = 1e-3,
-    perturbation: float = 1e-4,
-    renormalize: bool = True,
+    lr: float = DoodlSettings.lr,
+    momentum: float = DoodlSettings.momentum,
+    clip: float | None = DoodlSettings.clip,
+    perturbation: float = DoodlSettings.perturbation,
+    project_to_shell: bool = DoodlSettings.project_to_shell,
+    renormalize: bool | None = None,
     seed: int = 0,
     cond: object = None,
     judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -162,10 +190,10 @@ def optimize_latent_doodl(
         d = clip(lr * g, -clip, clip)        (element-wise gradient clipping)
         m = momentum * m + d                 (SGD momentum, no dampening; m = d at the first iteration)
         z = z + m + perturbation * N(0, I)   (a small noise perturbation)
-        z = z * ||z_init|| / ||z||           (renormalization to the initial norm, per sample)
+        z = z * ||z_init|| / ||z||           (projection to the shell of the initial norm, per sample)
 
     The loop is ``sdo.latent.LatentStepper``'s, the one ``sdo.optimize_latent`` runs, with ``DoodlUpdate`` as its
-    update rule.
+    update rule. The defaults are ``DoodlSettings``'s (the authors' values).
 
     Args:
         sampler: an ``sdo.EDICTSampler``.
@@ -176,7 +204,8 @@ def optimize_latent_doodl(
             before clipping). momentum: in [0, 1). clip: the element-wise bound (None: no clipping); the authors'
             1e-3 is sized for their 50+ iterations, ``scaled_clip(iters)`` keeps their total movement in a shorter run.
         perturbation: standard deviation of the added noise (0: none), drawn from a generator seeded by ``seed``.
-        renormalize: rescale each latent to its initial norm after every update (for initial noise).
+        project_to_shell: rescale each latent to its initial norm after every update (for initial noise).
+        renormalize: the old name of ``project_to_shell`` (the authors' word), still accepted; when given, it wins.
         seed, cond, judge, measure, progress: as for ``sdo.optimize_latent``.
 
     Returns:
@@ -190,31 +219,32 @@ def optimize_latent_doodl(
             ``sdo.optimize_latent``, its ``result`` holds the last iterate whose reward was finite.
     """
     check_int(iters, "iters")
+    project_to_shell = project_to_shell if renormalize is None else renormalize
     problem = LatentProblem(sampler, latent, reward, start_step, seed, cond, judge, measure)
-    stepper = doodl_stepper(problem, grad, lr, momentum, clip, perturbation, renormalize)
+    stepper = doodl_stepper(problem, grad, lr, momentum, clip, perturbation, project_to_shell)
     return stepper.run(iters, "optimize (DOODL)", progress)
 
 
 def doodl_stepper(
     problem: LatentProblem,
     grad: GradientMode | None = None,
-    lr: float = 1.0,
-    momentum: float = 0.9,
-    clip: float | None = 1e-3,
-    perturbation: float = 1e-4,
-    renormalize: bool = True,
+    lr: float = DoodlSettings.lr,
+    momentum: float = DoodlSettings.momentum,
+    clip: float | None = DoodlSettings.clip,
+    perturbation: float = DoodlSettings.perturbation,
+    project_to_shell: bool = DoodlSettings.project_to_shell,
 ) -> LatentStepper:
     """The ``sdo.latent.LatentStepper`` of ``optimize_latent_doodl`` (its arguments, checked here; the problem's
-    sampler is an ``sdo.EDICTSampler``): ``PairObjective`` with ``DoodlUpdate``. ``sdo bench`` steps it one
+    sampler is an ``sdo.EDICTSampler``): ``PairObjective`` with ``DoodlUpdate``. ``sdo bench`` runs it one
     iteration at a time."""
     grad = Invertible() if grad is None else grad  # a fresh mode (and its stats) per run, never a shared default
     sampler = _edict_of(problem)
     _check(lr, momentum, clip, perturbation, grad)
-    problem.check(sampler.sampler.network)
+    problem.check(sampler.network)
     objective = PairObjective(sampler, problem.reward, problem.start_step, problem.cond)
 
     def doodl(z: torch.Tensor) -> DoodlUpdate:
-        return DoodlUpdate(z, lr, momentum, clip, perturbation, renormalize, problem.seed)
+        return DoodlUpdate(z, lr, momentum, clip, perturbation, project_to_shell, problem.seed)
 
     return problem.stepper(objective, doodl, grad)
 
@@ -223,15 +253,15 @@ def doodl_adam_stepper(
     problem: LatentProblem,
     grad: GradientMode | None = None,
     *,
-    lr: float = 0.05,
-    betas: tuple[float, float] = (0.9, 0.9),
-    shell: bool = True,
+    lr: float = AdamSettings.lr,
+    betas: tuple[float, float] = AdamSettings.betas,
+    project_to_shell: bool = AdamSettings.project_to_shell,
 ) -> LatentStepper:
     """DOODL's gradient with ``sdo.optimize_latent``'s update (the ``doodl-adam`` method): the
     ``sdo.latent.LatentStepper`` of ``PairObjective`` (``r(z) = (reward(x_0) + reward(y_0)) / 2`` on the EDICT pair,
     gradient by exact inversion, ``sdo.Invertible()`` when ``grad`` is None) with ``sdo.latent.AdamUpdate``:
 
-        z = Adam(z, -d r / d z; lr, betas);   z = z * ||z_init|| / ||z||  (per sample, with ``shell``)
+        z = Adam(z, -d r / d z; lr, betas);   z = z * ||z_init|| / ||z||  (per sample, with ``project_to_shell``)
 
     It separates DOODL's gradient (Wallace et al., ICCV 2023) from its SGD + momentum + clipping update: same
     chain and objective as ``doodl_stepper``, so the first gradient is the same. The problem's sampler is an
@@ -242,15 +272,10 @@ def doodl_adam_stepper(
     """
     grad = Invertible() if grad is None else grad  # a fresh mode (and its stats) per run
     sampler = _edict_of(problem)
-    betas = check_betas(betas)
-    check_learning_rate(lr, largest=FLOAT32_MAX * (1 - betas[0]))  # Adam's first step is lr / (1 - beta1)
+    adam = adam_update(lr, betas, project_to_shell)
     _check_grad(grad)
-    problem.check(sampler.sampler.network)
+    problem.check(sampler.network)
     objective = PairObjective(sampler, problem.reward, problem.start_step, problem.cond)
-
-    def adam(z: torch.Tensor) -> AdamUpdate:
-        return AdamUpdate(z, lr, betas, Shell(z) if shell else None)
-
     return problem.stepper(objective, adam, grad)
 
 

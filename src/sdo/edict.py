@@ -84,6 +84,7 @@ class Invertible(ReverseWalkMode):
 
 class EDICTSampler:
     """EDICT sampling (Wallace et al., CVPR 2023, arXiv 2211.12446) over DDIM with eta 0, differentiable three ways.
+    An ``sdo.protocols.LatentSampler``, as ``sdo.Sampler`` is.
 
     Args:
         model_fn: ``model_fn(x, t) -> output`` of the kind the scheduler's ``prediction_type`` says (as for
@@ -108,6 +109,11 @@ class EDICTSampler:
         self.model_fn = model_fn
         self.num_inference_steps = num_inference_steps
         self.mix = float(mix)
+
+    @property
+    def network(self) -> torch.nn.Module | None:
+        """The network of the model function, when the plain sampler found one (``sdo.Sampler.network``)."""
+        return self.sampler.network
 
     @property
     def timesteps(self) -> torch.Tensor:

@@ -40,9 +40,23 @@ from .memory import PeakMemory
 from .protocols import LatentReward
 from .sampling import Sampler, default_generator
 
-__all__ = ["GuidanceResult", "GuidanceStepper", "freedom_sample"]
+__all__ = ["FreedomSettings", "GuidanceResult", "GuidanceStepper", "freedom_sample"]
 
 _X0_SCHEDULERS = (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
+
+
+@dataclass(frozen=True)
+class FreedomSettings:
+    """FreeDoM's guidance defaults, written once: ``freedom_sample``, ``GuidanceStepper``,
+    ``sdo.methods.MethodOptions`` and the ``--freedom-*`` flags read them.
+
+    Attributes:
+        scale: the guidance step as a fraction of the solver's update (>= 0; module docstring, step 3).
+        repeats: passes per step inside the time-travel range (1 disables time travel).
+    """
+
+    scale: float = 0.2
+    repeats: int = 1
 
 
 @dataclass
@@ -72,14 +86,15 @@ def freedom_sample(
     *,
     cond: object = None,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    scale: float = 0.2,
+    scale: float = FreedomSettings.scale,
     window: tuple[int, int] | None = None,
-    repeats: int = 1,
+    repeats: int = FreedomSettings.repeats,
     travel: tuple[int, int] | None = None,
     start_step: int = 0,
     generator: torch.Generator | None = None,
 ) -> GuidanceResult:
-    """One FreeDoM-guided sampling pass (Yu et al. 2023, arXiv 2303.09833; formulas in the module docstring).
+    """One FreeDoM-guided sampling pass (Yu et al. 2023, arXiv 2303.09833; formulas in the module docstring). The
+    defaults are ``FreedomSettings``'s.
 
     Args:
         sampler: an ``sdo.Sampler`` on DDIM (any eta), DDPM, Euler or FlowMatch Euler (a scheduler with an x0
@@ -220,30 +235,75 @@ def _check(sampler, x, scale, window, repeats, travel, start_step):
 
 
 class GuidanceStepper:
-    """FreeDoM as a method beside latent optimization: each ``step()`` is one guided pass from the same latent.
+    """FreeDoM as a method beside latent optimization. FreeDoM optimizes nothing: the latent never moves, and a run is
+    one guided sampling pass from it.
 
-    Nothing is optimized across passes (the latent never moves), so a pass is FreeDoM's counterpart of one
-    iteration: ``sdo bench`` interleaves passes with other methods' iterations, and ``run()`` reports one pass as
-    a two-record history, the shape of a one-iteration latent optimization: record 0 is the unguided sample (the
-    starting point) carrying the pass's cost (``seconds``, and ``peak_mem_bytes``/``mem_kind`` with ``measure``),
-    record 1 the guided sample.
+    ``run()`` is that pass, reported in the shape of a one-iteration latent optimization: record 0 is the unguided
+    sample of the latent (the starting point), which the one iteration, the guided pass, starts from, so it carries
+    the pass's cost (``seconds``, and ``peak_mem_bytes``/``mem_kind`` with ``measure``); record 1 is the guided sample
+    (the final evaluation). ``iterate()`` is one guided pass on its own (a record of the guided sample): ``sdo bench``
+    interleaves passes with other methods' iterations, each from the same latent.
 
     Args:
         problem: an ``sdo.latent.LatentProblem``: its sampler, latent (``freedom_sample``'s ``x``), reward, cond and
             start_step go to ``freedom_sample``; its seed seeds the noise generator of every pass (one latent, one
             seed: one guided sample); judge and measure as for ``sdo.optimize_latent``.
-        scale, repeats: as for ``freedom_sample``.
+        scale, repeats: as for ``freedom_sample`` (``FreedomSettings``'s defaults).
     """
 
-    def __init__(self, problem: LatentProblem, scale: float = 0.2, repeats: int = 1) -> None:
+    iterations = 1
+    """The iterations of a run: one guided pass, whatever an optimizer's run length is."""
+
+    def __init__(
+        self, problem: LatentProblem, scale: float = FreedomSettings.scale, repeats: int = FreedomSettings.repeats
+    ) -> None:
         self.problem, self.scale, self.repeats = problem, scale, repeats
         self.latent = problem.latent.detach()
         self.history: list[dict] = []
         self.last: GuidanceResult | None = None
         self.gradient = None  # FreeDoM gives the latent no gradient
 
-    def step(self) -> dict:
+    def iterate(self) -> dict:
         """One guided pass; returns (and appends to ``history``) its record (the guided sample's reward)."""
+        cost = self._guided_pass()
+        elapsed = (self.history[-1]["elapsed"] if self.history else 0.0) + self.last.seconds
+        record = self._record(len(self.history), self.last.rewards, self.last.sample, self.last.seconds, elapsed)
+        self.history.append({**record, **cost})
+        return self.history[-1]
+
+    def step(self) -> dict:
+        """The old name of ``iterate()`` (one guided pass, not a solver step); kept for existing callers."""
+        return self.iterate()
+
+    def finish(self) -> OptimizationResult:
+        """The result of the last pass (``latent`` is the unchanged starting latent)."""
+        if self.last is None:
+            raise ConfigError("GuidanceStepper.finish() needs one guided pass first (iterate() or run()).")
+        guided = self.last
+        return OptimizationResult(self.latent, guided.sample, self.latent, guided.sample, guided.rewards, self.history)
+
+    def run(self, iters: int = 1, description: str = "", progress: bool = True) -> OptimizationResult:
+        """The run: one guided pass (``iters`` must be ``iterations``, 1; ``description`` and ``progress`` are unused:
+        a pass shows no bar), as the two-record history of the class docstring.
+
+        Raises:
+            ConfigError: ``iters`` is not 1 (``sdo.methods.Method.optimize`` asks the runner for its iterations).
+        """
+        if iters != self.iterations:
+            raise ConfigError(f"FreeDoM runs one guided sampling pass: `iters` must be 1, got {iters!r}.")
+        cost = self._guided_pass()
+        problem, seconds = self.problem, self.last.seconds
+        with torch.no_grad():
+            unguided = problem.sampler.sample(
+                self.latent, NoGrad(), start_step=problem.start_step, generator=self._generator()
+            )
+            before = check_rewards(problem.reward(unguided, problem.cond), self.latent.shape[0])
+        start = {**self._record(0, before, unguided, seconds, seconds), **cost}
+        self.history.extend([start, self._record(1, self.last.rewards, self.last.sample, 0.0, seconds)])
+        return self.finish()
+
+    def _guided_pass(self) -> dict:
+        """Run one guided pass into ``last``; returns its memory fields (none unless the problem measures)."""
         problem = self.problem
         with PeakMemory(self.latent.device) if problem.measure else nullcontext() as memory:
             self.last = freedom_sample(
@@ -256,34 +316,7 @@ class GuidanceStepper:
                 start_step=problem.start_step,
                 generator=self._generator(),
             )
-        elapsed = (self.history[-1]["elapsed"] if self.history else 0.0) + self.last.seconds
-        record = self._record(len(self.history), self.last.rewards, self.last.sample, self.last.seconds, elapsed)
-        if memory is not None:
-            record.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind)
-        self.history.append(record)
-        return record
-
-    def finish(self) -> OptimizationResult:
-        """The result of the last pass (``latent`` is the unchanged starting latent)."""
-        if self.last is None:
-            raise ConfigError("GuidanceStepper.finish() needs one step() first.")
-        guided = self.last
-        return OptimizationResult(self.latent, guided.sample, self.latent, guided.sample, guided.rewards, self.history)
-
-    def run(self, iters: int = 1, description: str = "", progress: bool = True) -> OptimizationResult:
-        """One guided pass (``iters``, ``description`` and ``progress`` are unused: nothing iterates), reported as
-        the two-record history of the class docstring."""
-        guided, problem = self.step(), self.problem
-        with torch.no_grad():
-            unguided = problem.sampler.sample(
-                self.latent, NoGrad(), start_step=problem.start_step, generator=self._generator()
-            )
-            before = check_rewards(problem.reward(unguided, problem.cond), self.latent.shape[0])
-        cost = {key: guided[key] for key in ("seconds", "elapsed", "peak_mem_bytes", "mem_kind") if key in guided}
-        first = {**self._record(0, before, unguided, 0.0, 0.0), **cost}
-        final = self._record(1, self.last.rewards, self.last.sample, 0.0, guided["elapsed"])
-        self.history[:] = [first, final]
-        return self.finish()
+        return {} if memory is None else {"peak_mem_bytes": memory.peak_bytes, "mem_kind": memory.kind}
 
     def _generator(self) -> torch.Generator:
         return torch.Generator(device=self.latent.device).manual_seed(self.problem.seed)

@@ -27,11 +27,12 @@ from .gradients import GradientMode, NoGrad, Shortcut
 from .inversion import invert
 from .io import load_tensors, save_tensors
 from .memory import PeakMemory
-from .protocols import LatentReward
+from .protocols import LatentReward, LatentSampler
 from .rewards import latent_prior
 from .sampling import Sampler
 
 __all__ = [
+    "AdamSettings",
     "AdamUpdate",
     "LatentProblem",
     "LatentStepper",
@@ -41,6 +42,7 @@ __all__ = [
     "SampleObjective",
     "Shell",
     "UpdateRule",
+    "adam_update",
     "history_record",
     "invert",
     "latent_stepper",
@@ -48,6 +50,24 @@ __all__ = [
     "optimize_latent",
     "save_latent",
 ]
+
+
+@dataclass(frozen=True)
+class AdamSettings:
+    """The defaults of sdo's Adam run of a latent, written once: ``sdo.optimize_latent``, ``latent_stepper``,
+    ``sdo.doodl.doodl_adam_stepper``, ``sdo.methods.MethodOptions`` and the ``sdo optimize`` / ``sdo bench`` flags
+    (``--lr``, ``--prior-weight``, ``--project``) all read them.
+
+    Attributes:
+        lr: Adam's learning rate. betas: Adam's moment decays, (0.9, 0.9) as in the authors' reference scripts.
+        prior_weight: weight of the Gaussian-shell regularizer ``latent_prior`` (0 disables it).
+        project_to_shell: rescale each latent to its initial norm after each update (``Shell``).
+    """
+
+    lr: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.9)
+    prior_weight: float = 0.0
+    project_to_shell: bool = True
 
 
 @dataclass
@@ -130,7 +150,7 @@ class SampleObjective:
     start_step: int = 0
     seed: int = 0
     cond: object = None
-    prior_weight: float = 0.0
+    prior_weight: float = AdamSettings.prior_weight
 
     def __call__(self, z: torch.Tensor, grad: GradientMode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x0, rewards [B] detached, loss)``; the loss carries the graph ``grad`` keeps."""
@@ -158,15 +178,15 @@ class Shell:
 
 
 class AdamUpdate:
-    """``optimize_latent``'s update rule: one Adam step (Kingma & Ba 2015) on the latent, then, with ``shell``, the
-    projection back onto the initial norms."""
+    """``optimize_latent``'s update rule: one Adam update (Kingma & Ba 2015) of the latent, then, with ``shell``, the
+    projection back onto the initial norms (``project_to_shell``)."""
 
     def __init__(self, z: torch.Tensor, lr: float, betas: tuple[float, float], shell: Shell | None = None) -> None:
         self.optimizer = torch.optim.Adam([z], lr=lr, betas=betas)
         self.shell = shell
 
     def __call__(self, z: torch.Tensor, gradient: torch.Tensor) -> None:
-        """One Adam step of ``z`` (the latent this rule was built for) along the loss gradient."""
+        """One Adam update of ``z`` (the latent this rule was built for) along the loss gradient."""
         z.grad = gradient
         self.optimizer.step()
         if self.shell is not None:
@@ -179,12 +199,12 @@ class LatentProblem:
     reward, and what every run records.
 
     Attributes:
-        sampler: an ``sdo.Sampler`` (or an ``sdo.EDICTSampler`` for DOODL).
+        sampler: an ``sdo.protocols.LatentSampler``: an ``sdo.Sampler`` (or an ``sdo.EDICTSampler`` for DOODL).
         latent: ``[B, ...]`` the latent at ``start_step`` (initial noise when 0). reward: ``reward(x0, cond) -> [B]``.
         start_step, seed, cond, judge, measure: as for ``optimize_latent``.
     """
 
-    sampler: object
+    sampler: LatentSampler
     latent: torch.Tensor
     reward: LatentReward
     start_step: int = 0
@@ -210,7 +230,8 @@ class LatentProblem:
 
 
 class LatentStepper:
-    """The one latent-optimization loop, one iteration per ``step()`` call.
+    """The one latent-optimization loop, one iteration per ``iterate()`` call (an optimizer iteration; a solver step
+    is one of the sampler's steps inside it).
 
     Each iteration evaluates ``objective(z, grad)``, refuses a non-finite reward, updates the per-sample best
     iterate (before the update moves ``z``, so that ``best_latent`` is the latent of ``best_sample``), backpropagates
@@ -228,7 +249,7 @@ class LatentStepper:
         judge: optional ``x0 -> [B] bool`` acceptance test recorded in the history (never optimized).
         measure: record each iteration's extra memory (``sdo.memory.PeakMemory``).
 
-    Raises (from ``step`` and ``finish``):
+    Raises (from ``iterate`` and ``finish``):
         NonFiniteRewardError: the reward or its gradient is NaN or infinite, or the update would make the latent
             so; ``result`` holds the run so far with the last iterate whose reward was finite as its ``latent`` and
             ``sample``, and the best iterate.
@@ -254,9 +275,13 @@ class LatentStepper:
         self.gradient: torch.Tensor | None = None  # d loss / d latent of the last iteration
         self.last_finite: tuple[torch.Tensor, torch.Tensor] | None = None  # (latent, sample)
 
-    def step(self) -> dict:
+    def iterate(self) -> dict:
         """One iteration; returns (and appends to ``history``) its record."""
         return self._iterate(final=False)
+
+    def step(self) -> dict:
+        """The old name of ``iterate()`` (one optimizer iteration, not a solver step); kept for existing callers."""
+        return self.iterate()
 
     def finish(self) -> OptimizationResult:
         """Evaluate the current latent once more (no gradient, recorded with ``seconds`` 0) and return the result."""
@@ -267,7 +292,7 @@ class LatentStepper:
         """``iters`` iterations then ``finish()``, with a tqdm bar showing the reward."""
         bar = tqdm(range(iters), desc=description, disable=not progress, leave=False)
         for _ in bar:
-            bar.set_postfix(reward=f"{self.step()['reward']:.3f}")
+            bar.set_postfix(reward=f"{self.iterate()['reward']:.3f}")
         return self.finish()
 
     def _iterate(self, final: bool) -> dict:
@@ -337,10 +362,10 @@ def optimize_latent(
     grad: GradientMode = Shortcut(),  # noqa: B008 (a frozen, immutable value)
     start_step: int = 0,
     iters: int = 20,
-    lr: float = 0.05,
-    betas: tuple[float, float] = (0.9, 0.9),
-    prior_weight: float = 0.0,
-    project_to_shell: bool = True,
+    lr: float = AdamSettings.lr,
+    betas: tuple[float, float] = AdamSettings.betas,
+    prior_weight: float = AdamSettings.prior_weight,
+    project_to_shell: bool = AdamSettings.project_to_shell,
     seed: int = 0,
     cond: object = None,
     judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -351,9 +376,9 @@ def optimize_latent(
 
     Each iteration samples ``x0`` from ``z`` with the gradient mode ``grad`` (``Shortcut()``: the SDO one-step
     gradient of Dou et al. 2025; ``Full()``: exact backpropagation), and takes one Adam step on
-    ``loss = -sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``. Adam with betas (0.9, 0.9) as in the authors'
-    reference scripts; lr 0.05 and the shell projection are ``sdo optimize``'s defaults too (one set of defaults for
-    the command and the library). The loop is ``LatentStepper``'s.
+    ``loss = -sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``. The defaults are ``AdamSettings``'s (lr 0.05,
+    betas (0.9, 0.9) as in the authors' reference scripts, the shell projection on), which ``sdo optimize``'s flags
+    read too (one set of defaults for the command and the library). The loop is ``LatentStepper``'s.
 
     Args:
         sampler: the sampler (model, scheduler, steps).
@@ -362,7 +387,7 @@ def optimize_latent(
         reward: ``reward(x0, cond) -> [B]``, higher is better (the one reward protocol of ``sdo.rewards``).
         grad: gradient mode; start_step: first step run; iters: Adam updates; lr, betas: Adam's (betas in [0, 1)).
         prior_weight: weight of the Gaussian-shell regularizer (0 disables it).
-        project_to_shell: after each Adam step, rescale each latent to its initial norm (``Shell``): the hard
+        project_to_shell: after each Adam update, rescale each latent to its initial norm (``Shell``): the hard
             version of the prior, as DOODL does.
         seed: seeds the sampler's noise generator anew every iteration, so one latent always maps to one sample.
         cond: passed to ``reward``.
@@ -381,7 +406,9 @@ def optimize_latent(
     if isinstance(grad, NoGrad):
         raise ConfigError(f"{grad!r} gives no gradient to the latent; use sdo.Shortcut() or sdo.Full().")
     problem = LatentProblem(sampler, latent, reward, start_step, seed, cond, judge, measure)
-    stepper = latent_stepper(problem, grad, lr=lr, betas=betas, prior_weight=prior_weight, shell=project_to_shell)
+    stepper = latent_stepper(
+        problem, grad, lr=lr, betas=betas, prior_weight=prior_weight, project_to_shell=project_to_shell
+    )
     return stepper.run(iters, f"optimize ({type(grad).__name__})", progress)
 
 
@@ -389,25 +416,36 @@ def latent_stepper(
     problem: LatentProblem,
     grad: GradientMode,
     *,
-    lr: float = 0.05,
-    betas: tuple[float, float] = (0.9, 0.9),
-    prior_weight: float = 0.0,
-    shell: bool = True,
+    lr: float = AdamSettings.lr,
+    betas: tuple[float, float] = AdamSettings.betas,
+    prior_weight: float = AdamSettings.prior_weight,
+    project_to_shell: bool = AdamSettings.project_to_shell,
 ) -> LatentStepper:
-    """The ``LatentStepper`` of ``optimize_latent`` (its arguments, checked here; ``shell`` is its
-    ``project_to_shell``): ``SampleObjective`` with ``AdamUpdate``. ``sdo bench`` steps it one iteration at a time;
-    ``grad=sdo.NoGrad()`` only evaluates."""
-    betas = check_betas(betas)
-    check_learning_rate(lr, largest=FLOAT32_MAX * (1 - betas[0]))  # Adam's first step is lr / (1 - beta1)
+    """The ``LatentStepper`` of ``optimize_latent`` (its arguments, checked here): ``SampleObjective`` with
+    ``AdamUpdate``. ``sdo bench`` runs it one iteration at a time; ``grad=sdo.NoGrad()`` only evaluates."""
+    adam = adam_update(lr, betas, project_to_shell)
     problem.check(problem.sampler.network)
     objective = SampleObjective(
         problem.sampler, problem.reward, problem.start_step, problem.seed, problem.cond, prior_weight
     )
 
-    def adam(z: torch.Tensor) -> AdamUpdate:
-        return AdamUpdate(z, lr, betas, Shell(z) if shell else None)
-
     return problem.stepper(objective, adam, grad)
+
+
+def adam_update(lr: float, betas: tuple[float, float], project_to_shell: bool) -> Callable[[torch.Tensor], AdamUpdate]:
+    """The ``AdamUpdate`` factory a ``LatentStepper`` takes, after checking ``lr`` and ``betas``: one Adam rule per
+    run, projecting onto the latent's initial ``Shell`` with ``project_to_shell``.
+
+    Raises:
+        ConfigError: ``betas`` not a pair in [0, 1), or ``lr`` not a finite number > 0 whose first step fits float32.
+    """
+    betas = check_betas(betas)
+    check_learning_rate(lr, largest=FLOAT32_MAX * (1 - betas[0]))  # Adam's first step is lr / (1 - beta1)
+
+    def adam(z: torch.Tensor) -> AdamUpdate:
+        return AdamUpdate(z, lr, betas, Shell(z) if project_to_shell else None)
+
+    return adam
 
 
 def history_record(

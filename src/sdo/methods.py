@@ -3,12 +3,17 @@
 Every command (``optimize``, ``demo``, ``finetune``, ``bench``) resolves ``--method``/``--methods`` here, so one
 name means one thing everywhere. ``sdo bench --list-methods`` prints the table. Each entry carries its runner: a
 gradient mode through ``sdo.optimize_latent``'s loop (Adam), DOODL's loop on the EDICT chain, or FreeDoM guidance.
-``Method.stepper`` gives one run stepped one iteration at a time (``sdo bench``) and ``Method.optimize`` the whole
-run (``sdo optimize``). The gradient modes themselves are in ``sdo.gradients``; see ``docs/design.md``.
+``Method.stepper`` gives one run taken one iteration at a time (``sdo bench``) and ``Method.optimize`` the whole
+run (``sdo optimize``). What a caller needs to know about a method's runs (whether its result is a latent the plain
+sampler replays, which chain its samples come from, whether a run is one pass) is asked of its ``Runner``. The
+defaults of every setting are written once, in the settings objects (``sdo.latent.AdamSettings``,
+``sdo.doodl.DoodlSettings``, ``sdo.freedom.FreedomSettings``, ``TruncationSettings``), which ``MethodOptions`` and the
+command's flags read. The gradient modes themselves are in ``sdo.gradients``; see ``docs/design.md``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
@@ -16,15 +21,28 @@ from typing import Literal, Protocol
 import torch
 
 from .adjoint import Adjoint
-from .doodl import doodl_adam_stepper, doodl_stepper, edict_sampler
+from .doodl import DoodlSettings, doodl_adam_stepper, doodl_stepper, edict_sampler
 from .errors import ConfigError
-from .freedom import GuidanceStepper
-from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, SpreadShortcut, Truncated
-from .latent import LatentProblem, OptimizationResult, latent_stepper
+from .freedom import FreedomSettings, GuidanceStepper
+from .gradients import (
+    Checkpointed,
+    Full,
+    GradientMode,
+    LoopMode,
+    NoGrad,
+    RandomTruncation,
+    Shortcut,
+    SpreadShortcut,
+    Truncated,
+)
+from .latent import AdamSettings, LatentProblem, OptimizationResult, latent_stepper
+from .protocols import LatentSampler
+from .sampling import Sampler
 
 __all__ = [
     "DOODL",
     "DOODL_ADAM",
+    "FINETUNE_TRUNCATION",
     "GUIDANCE",
     "METHODS",
     "MODE",
@@ -32,6 +50,7 @@ __all__ = [
     "MethodOptions",
     "Runner",
     "Stepper",
+    "TruncationSettings",
     "describe_methods",
     "find_method",
     "gradient_mode",
@@ -39,6 +58,25 @@ __all__ = [
 ]
 
 Variable = Literal["latent", "weights"]
+
+
+@dataclass(frozen=True)
+class TruncationSettings:
+    """The depth knobs of the truncated methods, written once: ``MethodOptions`` and the ``--draft-k`` /
+    ``--alignprop-high`` flags of ``sdo bench`` read these defaults; ``sdo finetune`` reads ``FINETUNE_TRUNCATION``.
+
+    Attributes:
+        draft_k: k of ``draft-k`` (``sdo.Truncated(k)``: the last k steps keep their graph).
+        alignprop_high: ``alignprop`` draws its depth in ``[1, alignprop_high]`` (``sdo.RandomTruncation``).
+    """
+
+    draft_k: int = 1
+    alignprop_high: int = 10
+
+
+FINETUNE_TRUNCATION = TruncationSettings(draft_k=2)
+"""``sdo finetune``'s depth defaults: ``draft-k`` with k = 2 there, so that it is not ``draft-1`` (``sdo bench``
+keeps ``TruncationSettings``'s k = 1, the setting of its published figures)."""
 
 
 @dataclass(frozen=True)
@@ -59,39 +97,50 @@ class MethodOptions:
             stores none.
         kept_steps: the kept steps of ``sdo-multi`` (``sdo.Shortcut(step=[...])``); None spreads 4 over the run
             (``sdo.gradients.SpreadShortcut``).
-        lr, prior_weight, project_to_shell: the Adam run of a gradient mode (``sdo.optimize_latent``'s arguments).
-        doodl_lr, doodl_renormalize: DOODL's ``lr`` and ``renormalize`` (``sdo.optimize_latent_doodl``).
+        lr, betas, prior_weight, project_to_shell: the Adam run of a gradient mode (``sdo.optimize_latent``'s
+            arguments; defaults ``sdo.latent.AdamSettings``).
+        doodl_lr, doodl_project_to_shell: DOODL's ``lr`` and ``project_to_shell`` (``sdo.optimize_latent_doodl``;
+            defaults ``sdo.doodl.DoodlSettings``).
         doodl_clip: DOODL's element-wise clip of ``lr * g`` per iteration (its ``clip``); the authors' 1e-3 is sized
             for 50+ iterations, ``sdo.doodl.scaled_clip(iters)`` keeps their total movement in a shorter run.
-        (``doodl-adam`` takes ``lr`` and ``project_to_shell``, the Adam run's.)
-        freedom_scale, freedom_repeats: FreeDoM's ``scale`` and ``repeats`` (``sdo.freedom_sample``).
+        (``doodl-adam`` takes ``lr``, ``betas`` and ``project_to_shell``, the Adam run's.)
+        freedom_scale, freedom_repeats: FreeDoM's ``scale`` and ``repeats`` (``sdo.freedom_sample``; defaults
+            ``sdo.freedom.FreedomSettings``).
+        Defaults of ``draft_k`` and ``alignprop_high``: ``TruncationSettings``.
     """
 
     variable: Variable = "latent"
     generator: torch.Generator | None = None
-    draft_k: int = 1
-    alignprop_high: int = 10
+    draft_k: int = TruncationSettings.draft_k
+    alignprop_high: int = TruncationSettings.alignprop_high
     checkpoint_kept: bool = False
     adjoint_iters: int = 2
     adjoint_checkpoint_every: int | None = None
     kept_steps: tuple[int, ...] | None = None
-    lr: float = 0.05
-    prior_weight: float = 0.0
-    project_to_shell: bool = True
-    doodl_lr: float = 1.0
-    doodl_clip: float = 1e-3
-    doodl_renormalize: bool = True
-    freedom_scale: float = 0.2
-    freedom_repeats: int = 1
+    lr: float = AdamSettings.lr
+    betas: tuple[float, float] = AdamSettings.betas
+    prior_weight: float = AdamSettings.prior_weight
+    project_to_shell: bool = AdamSettings.project_to_shell
+    doodl_lr: float = DoodlSettings.lr
+    doodl_clip: float | None = DoodlSettings.clip
+    doodl_project_to_shell: bool = DoodlSettings.project_to_shell
+    freedom_scale: float = FreedomSettings.scale
+    freedom_repeats: int = FreedomSettings.repeats
+
+    @property
+    def doodl_renormalize(self) -> bool:
+        """The old name of ``doodl_project_to_shell`` (DOODL's word), kept for existing readers."""
+        return self.doodl_project_to_shell
 
 
 class Stepper(Protocol):
-    """One run of a latent method, one iteration per ``step()``: ``sdo.latent.LatentStepper`` (gradient modes and
-    DOODL) or ``sdo.freedom.GuidanceStepper``. ``gradient`` is the last iteration's loss gradient (None if none)."""
+    """One run of a latent method, one iteration per ``iterate()`` (an optimizer iteration, or FreeDoM's guided
+    pass): ``sdo.latent.LatentStepper`` (gradient modes and DOODL) or ``sdo.freedom.GuidanceStepper``. ``gradient``
+    is the last iteration's loss gradient (None if none). (``step()``, the old name of ``iterate()``, still works.)"""
 
     gradient: torch.Tensor | None
 
-    def step(self) -> dict:
+    def iterate(self) -> dict:
         """One iteration; its history record."""
 
     def finish(self) -> OptimizationResult:
@@ -103,48 +152,105 @@ class Stepper(Protocol):
 
 @dataclass(frozen=True)
 class Runner:
-    """How a method runs on a latent: ``start(method, problem, options)`` gives its ``Stepper``.
+    """How a method runs on a latent: ``start(method, problem, options)`` gives its ``Stepper``. A caller asks the
+    runner what it needs to know (``replays``, ``chain_sampler``, ``iterations``, ``one_pass``), never its ``kind``.
 
     Attributes:
-        kind: ``"mode"`` (a gradient mode through ``sdo.optimize_latent``'s loop), ``"doodl"`` (on the EDICT chain:
-            ``doodl`` and ``doodl-adam``; its samples are EDICT's, not the plain sampler's) or ``"guidance"``.
+        kind: a label, ``"mode"`` (a gradient mode through ``sdo.optimize_latent``'s loop), ``"doodl"`` (on the
+            EDICT chain: ``doodl`` and ``doodl-adam``) or ``"guidance"``.
         runs: what it runs, in words (for messages).
         start: builds the ``Stepper``.
         exact_gradient: its gradient is that of the sampler's own chain, so comparable with ``Full()``'s (DOODL's
             is of the EDICT chain; FreeDoM gives the latent none).
+        chain: the name of the chain its samples come from (``"ddim"``: the plain sampler's; ``"edict"``).
+        on_chain: the sampler of that chain built from the plain sampler (None: the plain sampler itself).
+        not_a_latent: why its result is not a latent the plain sampler replays, in words (None: it is one).
+        one_pass: a run is one pass from the unchanged latent, not an optimization: nothing carries over from one
+            iteration to the next, and ``Method.optimize`` runs ``iterations(iters)`` = 1 of them (FreeDoM).
     """
 
     kind: str
     runs: str
     start: Callable[[Method, LatentProblem, MethodOptions], Stepper]
     exact_gradient: bool = False
+    chain: str = "ddim"
+    on_chain: Callable[[Sampler], LatentSampler] | None = None
+    not_a_latent: str | None = None
+    one_pass: bool = False
+
+    @property
+    def replays(self) -> bool:
+        """Whether its result is a latent the plain sampler (or pipeline) replays."""
+        return self.not_a_latent is None
+
+    def chain_sampler(self, sampler: Sampler) -> LatentSampler:
+        """The sampler whose samples this runner optimizes, over ``sampler``'s model and schedule."""
+        return sampler if self.on_chain is None else self.on_chain(sampler)
+
+    def iterations(self, iters: int) -> int:
+        """The iterations a run asked for ``iters`` takes: ``iters``, or 1 for a ``one_pass`` runner."""
+        return 1 if self.one_pass else iters
 
 
 def _start_mode(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
     mode = method.mode(options)
     return latent_stepper(
-        problem, mode, lr=options.lr, prior_weight=options.prior_weight, shell=options.project_to_shell
+        problem,
+        mode,
+        lr=options.lr,
+        betas=options.betas,
+        prior_weight=options.prior_weight,
+        project_to_shell=options.project_to_shell,
     )
 
 
 def _start_doodl(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
     edict = replace(problem, sampler=edict_sampler(problem.sampler))
-    return doodl_stepper(edict, lr=options.doodl_lr, clip=options.doodl_clip, renormalize=options.doodl_renormalize)
+    return doodl_stepper(
+        edict, lr=options.doodl_lr, clip=options.doodl_clip, project_to_shell=options.doodl_project_to_shell
+    )
 
 
 def _start_doodl_adam(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
     edict = replace(problem, sampler=edict_sampler(problem.sampler))
-    return doodl_adam_stepper(edict, lr=options.lr, shell=options.project_to_shell)
+    return doodl_adam_stepper(edict, lr=options.lr, betas=options.betas, project_to_shell=options.project_to_shell)
 
 
 def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
     return GuidanceStepper(problem, scale=options.freedom_scale, repeats=options.freedom_repeats)
 
 
+_EDICT_LATENT = (
+    "DOODL optimizes the latent of an EDICT sampler (sdo.EDICTSampler, coupled exact-inversion steps), which the "
+    "plain pipeline does not replay"
+)
 MODE = Runner("mode", "sdo.optimize_latent (Adam)", _start_mode, exact_gradient=True)
-DOODL = Runner("doodl", "sdo.optimize_latent_doodl on an sdo.EDICTSampler", _start_doodl)
-DOODL_ADAM = Runner("doodl", "sdo.doodl.doodl_adam_stepper (Adam) on an sdo.EDICTSampler", _start_doodl_adam)
-GUIDANCE = Runner("guidance", "sdo.freedom_sample", _start_guidance)
+DOODL = Runner(
+    "doodl",
+    "sdo.optimize_latent_doodl on an sdo.EDICTSampler",
+    _start_doodl,
+    chain="edict",
+    on_chain=edict_sampler,
+    not_a_latent=_EDICT_LATENT,
+)
+DOODL_ADAM = Runner(
+    "doodl",
+    "sdo.doodl.doodl_adam_stepper (Adam) on an sdo.EDICTSampler",
+    _start_doodl_adam,
+    chain="edict",
+    on_chain=edict_sampler,
+    not_a_latent=_EDICT_LATENT,
+)
+GUIDANCE = Runner(
+    "guidance",
+    "sdo.freedom_sample",
+    _start_guidance,
+    not_a_latent=(
+        "FreeDoM guides one sampling pass (a reward gradient at every step) from the initial noise, which alone "
+        "gives the unguided sample"
+    ),
+    one_pass=True,
+)
 
 
 @dataclass(frozen=True)
@@ -153,7 +259,8 @@ class Method:
 
     ``build(options)`` gives the gradient mode of a ``MODE`` entry (None for DOODL and FreeDoM, which run their
     own loops); ``latent`` says whether the method reaches a latent; ``runner`` says what runs it (``MODE``,
-    ``DOODL`` or ``GUIDANCE``).
+    ``DOODL``, ``DOODL_ADAM`` or ``GUIDANCE``); ``depth`` names the ``MethodOptions`` field holding its number of
+    graphed steps, which must fit the run (``draft_k``, ``alignprop_high``; None for the others).
     """
 
     name: str
@@ -161,10 +268,11 @@ class Method:
     build: Callable[[MethodOptions], GradientMode] | None
     latent: bool = True
     runner: Runner = MODE
+    depth: str | None = None
 
     @property
     def kind(self) -> str:
-        """``"mode"``, ``"doodl"`` or ``"guidance"`` (the runner's kind)."""
+        """The runner's label, ``"mode"``, ``"doodl"`` or ``"guidance"`` (ask the ``runner`` what it does)."""
         return self.runner.kind
 
     def mode(self, options: MethodOptions | None = None) -> GradientMode:
@@ -192,16 +300,34 @@ class Method:
         elif options.variable != "latent":
             raise ConfigError(f"method {self.name!r} optimizes a latent only; use --variable latent.")
 
+    def check_fits(self, options: MethodOptions, steps: int, start_step: int = 0) -> None:
+        """Refuse, before any work, this method with ``options`` on a run of sampling steps ``start_step, ...,
+        steps - 1``: a depth (``draft_k``, ``alignprop_high``) outside ``[1, steps - start_step]``, or a gradient mode
+        whose steps do not fit the run (e.g. ``kept_steps`` past the last step).
+
+        Raises:
+            ConfigError: as ``check``, or the depth or the mode's roles do not fit the run.
+        """
+        self.check(options)
+        remaining = steps - start_step
+        if self.depth is not None and not 1 <= (depth := getattr(options, self.depth)) <= remaining:
+            raise ConfigError(f"`{self.depth}` must be in [1, {remaining}], got {depth}.")
+        if self.build is None or isinstance(mode := self.mode(options), LoopMode):
+            return  # DOODL, FreeDoM and loop modes (adjoint) take any run
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SpreadShortcut covering every step warns when it runs, not here
+            mode.roles(start_step, steps)
+
     def stepper(self, problem: LatentProblem, options: MethodOptions | None = None) -> Stepper:
-        """A run of this method on ``problem``, stepped one iteration at a time (``sdo bench``)."""
+        """A run of this method on ``problem``, taken one iteration at a time (``sdo bench``)."""
         return self.runner.start(self, problem, options or MethodOptions())
 
     def optimize(
         self, problem: LatentProblem, options: MethodOptions | None = None, iters: int = 20, progress: bool = True
     ) -> OptimizationResult:
-        """The whole run of this method on ``problem``: ``iters`` iterations of its loop (FreeDoM: one guided
-        pass, reported as a two-record history)."""
-        return self.stepper(problem, options).run(iters, f"optimize ({self.name})", progress)
+        """The whole run of this method on ``problem``: ``runner.iterations(iters)`` iterations of its loop
+        (FreeDoM: one guided pass, reported as a two-record history)."""
+        return self.stepper(problem, options).run(self.runner.iterations(iters), f"optimize ({self.name})", progress)
 
 
 def _shortcut(step: str) -> Callable[[MethodOptions], GradientMode]:
@@ -241,6 +367,7 @@ METHODS: dict[str, Method] = {
             "DRaFT-K: backpropagation through the last k steps only (--draft-k; --checkpoint-kept recomputes them)",
             lambda o: Truncated(o.draft_k, checkpoint=o.checkpoint_kept),
             latent=False,
+            depth="draft_k",
         ),
         Method(
             "draft-1",
@@ -254,6 +381,7 @@ METHODS: dict[str, Method] = {
             "as the official code does (memory: one step's activations plus the stored step inputs)",
             lambda o: RandomTruncation(1, o.alignprop_high, generator=o.generator, checkpoint=True),
             latent=False,
+            depth="alignprop_high",
         ),
         Method("nograd", "plain sampling, no gradient (the cost floor)", lambda o: NoGrad(), latent=False),
         Method(

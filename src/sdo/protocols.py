@@ -1,4 +1,5 @@
-"""The three callables a user of sdo writes or passes, typed once (the glossary in ``docs/design.md`` names them).
+"""The three callables a user of sdo writes or passes, and the sampler they run through, typed once (the glossary in
+``docs/design.md`` names them).
 
 - ``ModelFn``: ``model_fn(x, t) -> output``, the denoising network with its conditioning and guidance applied
   (``sdo.Denoiser``, ``sdo.from_pipeline(...).model_fn``, or any function of that shape).
@@ -7,18 +8,25 @@
 - ``ImageReward``: ``reward(images, prompts) -> [B]``, a reward of decoded RGB images and their prompts (TRL's
   convention); what a pipeline user brings.
 
-They are structural (``typing.Protocol``): any function or object with a matching ``__call__`` is one, nothing
-needs to subclass them. Arguments are positional, so a user's own parameter names do not matter.
+- ``LatentSampler``: ``sampler.sample(x, grad, start_step, generator) -> x0``, what latent optimization samples
+  through (``sdo.Sampler``, and ``sdo.EDICTSampler`` for DOODL).
+
+They are structural (``typing.Protocol``): any function or object with a matching ``__call__`` (or, for
+``LatentSampler``, matching members) is one, nothing needs to subclass them. The callables' arguments are
+positional, so a user's own parameter names do not matter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["ImageReward", "LatentReward", "ModelFn"]
+if TYPE_CHECKING:
+    from .gradients import GradientMode
+
+__all__ = ["ImageReward", "LatentReward", "LatentSampler", "ModelFn"]
 
 
 class ModelFn(Protocol):
@@ -53,3 +61,36 @@ class ImageReward(Protocol):
     """
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], /) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class LatentSampler(Protocol):
+    """A sampler latent optimization runs through: ``sdo.Sampler``, and ``sdo.EDICTSampler`` (DOODL's chain).
+
+    ``sample`` runs steps ``start_step, ..., stop_step - 1`` from the latent ``x`` at ``start_step`` and returns the
+    latent reached (``x_0`` by default), differentiable as the gradient mode ``grad`` says (each sampler has its own
+    default mode); ``generator`` is the noise of stochastic schedulers. ``network`` is the ``torch.nn.Module`` the
+    latent goes through when the sampler knows it (None otherwise), which ``sdo.checks.check_latent_fits`` reads.
+    """
+
+    num_inference_steps: int
+    network: torch.nn.Module | None
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The schedule's timesteps, ``[num_inference_steps]``."""
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Scale of the initial latent."""
+
+    def sample(
+        self,
+        x: torch.Tensor,
+        grad: GradientMode = ...,
+        start_step: int = 0,
+        generator: torch.Generator | None = None,
+        *,
+        stop_step: int | None = None,
+    ) -> torch.Tensor:
+        """The latent after the steps (``x_0`` by default)."""

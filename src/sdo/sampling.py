@@ -65,7 +65,8 @@ def default_generator(device: torch.device) -> torch.Generator:
 
 
 class Sampler:
-    """A diffusers scheduler driven by our own loop, differentiable as the gradient mode says.
+    """A diffusers scheduler driven by our own loop, differentiable as the gradient mode says (an
+    ``sdo.protocols.LatentSampler``).
 
     Each step ``i`` (timestep ``t_i``) computes ``out = model_fn(scheduler.scale_model_input(x, t_i), t_i)`` and
     ``x = scheduler.step(out, t_i, x, ...).prev_sample``. The gradient mode (``sdo.Full``, ``sdo.Shortcut``, ...)

@@ -28,7 +28,7 @@ from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
 from sdo.latent import LatentProblem
 from sdo.memory import PeakMemory
-from sdo.methods import METHODS, Method, MethodOptions, Stepper, Variable, method_names
+from sdo.methods import METHODS, Method, MethodOptions, Stepper, TruncationSettings, Variable, method_names
 
 __all__ = ["BENCH_METHODS", "TIME_FRACTIONS", "BenchConfig", "format_rows", "reward_at", "run_bench"]
 
@@ -51,8 +51,10 @@ class BenchConfig(MethodFlags):
     steps: str = option("50", "comma-separated numbers of sampling steps, e.g. 10,25,50,100")
     iters: int = option(5, "iterations per method", at_least=1, at_most=10**6)
     batch: int = option(4, "samples per iteration", at_least=1, at_most=4096)
-    draft_k: int = option(1, "k of draft-k", at_least=1, at_most=1000)
-    alignprop_high: int = option(10, "alignprop draws k uniformly in [1, this]", at_least=1, at_most=1000)
+    draft_k: int = option(TruncationSettings.draft_k, "k of draft-k", at_least=1, at_most=1000)
+    alignprop_high: int = option(
+        TruncationSettings.alignprop_high, "alignprop draws k uniformly in [1, this]", at_least=1, at_most=1000
+    )
     cosine_sweep: bool = option(False, "also measure the gradient cosine of the shortcut for each kept step")
     checkpoint_kept: bool = option(
         False, "sdo*, draft-k, draft-1: recompute the graphed steps in backward (less memory, same gradient)"

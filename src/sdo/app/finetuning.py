@@ -62,7 +62,7 @@ from sdo.errors import ConfigError, MissingExtraError, NonFiniteRewardError, Wri
 from sdo.gradients import GradientMode
 from sdo.io import DIR_MODE, make_dir
 from sdo.kl import TrajectoryKL, adapters_disabled
-from sdo.methods import MethodOptions, gradient_mode, method_names
+from sdo.methods import FINETUNE_TRUNCATION, MethodOptions, find_method, gradient_mode, method_names
 from sdo.sampling import Sampler
 
 __all__ = [
@@ -127,9 +127,12 @@ class FinetuneConfig(PipelineOptions):
         "comma-separated module names LoRA adapts (default: attention and, for the "
         "embedded model, resnet convolutions)",
     )
-    draft_k: int = option(2, "k of draft-k", at_least=1, at_most=1000)
+    draft_k: int = option(FINETUNE_TRUNCATION.draft_k, "k of draft-k", at_least=1, at_most=1000)
     alignprop_high: int = option(
-        10, "alignprop: depth drawn uniformly in [1, this] per trajectory batch", at_least=1, at_most=1000
+        FINETUNE_TRUNCATION.alignprop_high,
+        "alignprop: depth drawn uniformly in [1, this] per trajectory batch",
+        at_least=1,
+        at_most=1000,
     )
     checkpoint_kept: bool = option(
         False,
@@ -184,10 +187,8 @@ class FinetuneConfig(PipelineOptions):
             )
         if self.method not in FINETUNE_METHODS:
             raise ConfigError(f"`method` must be one of {FINETUNE_METHODS} for fine-tuning, got {self.method!r}.")
-        if self.method == "draft-k" and not 1 <= self.draft_k <= self.sample_steps:
-            raise ConfigError(f"`draft_k` must be in [1, {self.sample_steps}], got {self.draft_k}.")
-        if self.method == "alignprop" and not 1 <= self.alignprop_high <= self.sample_steps:
-            raise ConfigError(f"`alignprop_high` must be in [1, {self.sample_steps}], got {self.alignprop_high}.")
+        options = self.method_options(torch.Generator())
+        find_method(self.method, options).check_fits(options, self.sample_steps)  # e.g. draft_k above the steps
         if self.task not in FINETUNE_TASKS:
             raise ConfigError(f"`task` must be one of {FINETUNE_TASKS}, got {self.task!r}.")
         if self.pipeline and self.task not in PIPELINE_TASKS and not self.reward:  # --reward replaces --task
@@ -212,17 +213,20 @@ class FinetuneConfig(PipelineOptions):
         """The ``--pipeline`` reward spec: ``reward``, or the ``task`` reward alone."""
         return self.reward or self.task
 
-    def mode(self, generator: torch.Generator) -> GradientMode:
-        """The gradient mode of ``method`` from the registry (``sdo.methods``); its random draws come from
-        ``generator``."""
-        options = MethodOptions(
+    def method_options(self, generator: torch.Generator) -> MethodOptions:
+        """The registry's ``MethodOptions`` of these settings, for weights; random draws from ``generator``."""
+        return MethodOptions(
             "weights",
             generator,
             draft_k=self.draft_k,
             alignprop_high=self.alignprop_high,
             checkpoint_kept=self.checkpoint_kept,
         )
-        return gradient_mode(self.method, options)
+
+    def mode(self, generator: torch.Generator) -> GradientMode:
+        """The gradient mode of ``method`` from the registry (``sdo.methods``); its random draws come from
+        ``generator``."""
+        return gradient_mode(self.method, self.method_options(generator))
 
 
 _ADAM_BETAS = (0.9, 0.999)

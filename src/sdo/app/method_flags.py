@@ -3,31 +3,33 @@
 ``MethodFlags`` is a frozen dataclass base of ``LatentTaskConfig`` and ``BenchConfig``: its fields feed only the
 registry's ``sdo.methods.MethodOptions`` (the Adam run of a gradient mode, ``adjoint``'s refinements,
 ``sdo-multi``'s kept steps, DOODL's and FreeDoM's settings). They are written once, with their help, bounds and
-defaults (``check_options`` checks them with the rest of each config), and turned into ``MethodOptions`` by one
-builder, ``method_options``. The CLI still generates one flat flag per field (``--lr``, ``--kept-steps``, ...).
+defaults, which are the library's (``sdo.latent.AdamSettings``, ``sdo.doodl.DoodlSettings``,
+``sdo.freedom.FreedomSettings``, ``sdo.methods.MethodOptions``; ``check_options`` checks them with the rest of each
+config), and turned into ``MethodOptions`` by one builder, ``method_options``. The CLI still generates one flat
+flag per field (``--lr``, ``--kept-steps``, ...).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sdo.app.options import option
-from sdo.doodl import scaled_clip
+from sdo.doodl import DoodlSettings, scaled_clip
 from sdo.errors import ConfigError
-from sdo.gradients import LoopMode
+from sdo.freedom import FreedomSettings
+from sdo.latent import AdamSettings
 from sdo.methods import MethodOptions, Variable, find_method
 
 __all__ = ["MethodFlags", "learning_rate", "parse_kept_steps"]
 
 
 def learning_rate(help: str = "Adam learning rate") -> Any:
-    """The ``lr`` field (default 0.05, > 0) with ``help``: a config whose ``lr`` also serves weights (``sdo bench
-    --variable weights``) says so in its own help, with the same default and bound."""
-    return option(0.05, help, above=0)
+    """The ``lr`` field (default ``sdo.latent.AdamSettings.lr``, > 0) with ``help``: a config whose ``lr`` also
+    serves weights (``sdo bench --variable weights``) says so in its own help, with the same default and bound."""
+    return option(AdamSettings.lr, help, above=0)
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,18 @@ class MethodFlags:
     """
 
     lr: float = learning_rate()
-    prior_weight: float = option(0.0, "weight of the Gaussian-shell latent regularizer", at_least=0)
-    project: bool = option(True, "rescale latents to their initial norm after each iteration (the hard shell prior)")
+    prior_weight: float = option(
+        AdamSettings.prior_weight, "weight of the Gaussian-shell latent regularizer", at_least=0
+    )
+    project: bool = option(
+        AdamSettings.project_to_shell,
+        "rescale latents to their initial norm after each iteration (the hard shell prior)",
+    )
     adjoint_iters: int = option(
-        2, "adjoint: fixed-point refinements of each reconstructed state", at_least=0, at_most=100
+        MethodOptions.adjoint_iters,
+        "adjoint: fixed-point refinements of each reconstructed state",
+        at_least=0,
+        at_most=100,
     )
     adjoint_checkpoint_every: int = option(
         0,
@@ -58,17 +68,24 @@ class MethodFlags:
     )
     kept_steps: str = option("", "sdo-multi: comma-separated kept step indices (default: 4 spread over the run)")
     doodl_lr: float = option(
-        1.0, "doodl: gradient scale before element-wise clipping at --doodl-clip (the authors' rule)", above=0
+        DoodlSettings.lr,
+        "doodl: gradient scale before element-wise clipping at --doodl-clip (the authors' rule)",
+        above=0,
     )
     doodl_clip: float = option(
         0.0,
-        "doodl: element-wise clip per iteration (0: scaled, 1e-3 x 50 / --iters, the authors' 1e-3 over their 50 "
-        "iterations)",
+        f"doodl: element-wise clip per iteration (0: scaled, {DoodlSettings.clip:g} x {DoodlSettings.iters} / "
+        f"--iters, the authors' {DoodlSettings.clip:g} over their {DoodlSettings.iters} iterations)",
         at_least=0,
     )
-    freedom_scale: float = option(0.2, "freedom: guidance step as a fraction of the solver update", at_least=0)
+    freedom_scale: float = option(
+        FreedomSettings.scale, "freedom: guidance step as a fraction of the solver update", at_least=0
+    )
     freedom_repeats: int = option(
-        1, "freedom: time-travel passes per step in the first half of the window", at_least=1, at_most=100
+        FreedomSettings.repeats,
+        "freedom: time-travel passes per step in the first half of the window",
+        at_least=1,
+        at_most=100,
     )
 
     def method_options(
@@ -91,7 +108,7 @@ class MethodFlags:
             project_to_shell=self.project,
             doodl_lr=self.doodl_lr,
             doodl_clip=self.doodl_clip or scaled_clip(self.iters),
-            doodl_renormalize=self.project,
+            doodl_project_to_shell=self.project,
             freedom_scale=self.freedom_scale,
             freedom_repeats=self.freedom_repeats,
             **extra,
@@ -103,15 +120,10 @@ class MethodFlags:
         not fit the run (``--kept-steps`` past the last step, a ``draft-k`` or ``alignprop`` depth above the steps).
 
         Raises:
-            ConfigError: as ``sdo.methods.find_method``, or the mode's roles for the run.
+            ConfigError: as ``sdo.methods.find_method`` and ``sdo.methods.Method.check_fits``.
         """
         options = self.method_options(variable, generator=torch.Generator())
-        method = find_method(name, options)
-        if method.build is None or isinstance(mode := method.mode(options), LoopMode):
-            return  # DOODL, FreeDoM and loop modes (adjoint) take any run
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # SpreadShortcut covering every step warns when it runs, not here
-            mode.roles(start_step, steps)
+        find_method(name, options).check_fits(options, steps, start_step)
 
 
 def parse_kept_steps(text: str) -> tuple[int, ...] | None:

@@ -34,19 +34,9 @@ from sdo.methods import METHODS
 
 __all__ = ["replays", "save_result"]
 
-# Methods whose result is not a latent that the plain sampler replays: how to reproduce their images instead.
-NOT_A_LATENT = {
-    "guidance": (
-        "not a latent: FreeDoM guides one sampling pass (a reward gradient at every step) from the initial noise, "
-        "which alone gives images/before-<i>.png; rerun `sdo optimize` with this folder's config.json settings "
-        "(same --seed) to reproduce images/after-<i>.png"
-    ),
-    "doodl": (
-        "not a latent: DOODL optimizes the latent of an EDICT sampler (sdo.EDICTSampler, coupled exact-inversion "
-        "steps), which the plain pipeline does not replay; rerun `sdo optimize` with this folder's config.json "
-        "settings (same --seed) to reproduce images/after-<i>.png"
-    ),
-}
+# How to reproduce the images of a method whose result is not a latent the plain sampler replays (the runner says
+# why: sdo.methods.Runner.not_a_latent).
+_RERUN = "rerun `sdo optimize` with this folder's config.json settings (same --seed) to reproduce images/after-<i>.png"
 
 
 # The image files save_result writes (sdo.app.images.save_images): what it may remove when a rerun did not write them.
@@ -68,15 +58,15 @@ def _remove_stale_images(images: Path, written: list[Path]) -> list[Path]:
 
 
 def replays(method: str) -> bool:
-    """Whether ``method``'s result is a latent that the plain sampler (or pipeline) replays."""
-    return METHODS[method].kind not in NOT_A_LATENT
+    """Whether ``method``'s result is a latent that the plain sampler (or pipeline) replays (its runner says)."""
+    return METHODS[method].runner.replays
 
 
 def _replay_note(method: str, settings: dict) -> str:
     """How to reproduce the images of a run of ``method`` (``metrics.json``'s ``replay``)."""
-    kind = METHODS[method].kind
-    if kind in NOT_A_LATENT:
-        return NOT_A_LATENT[kind]
+    runner = METHODS[method].runner
+    if not runner.replays:
+        return f"not a latent: {runner.not_a_latent}; {_RERUN}"
     if int(settings.get("start_step", 0)):
         return (
             "latent.safetensors holds the latent at step start_step, not initial noise: replay the remaining steps "

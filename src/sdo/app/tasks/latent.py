@@ -20,7 +20,6 @@ from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import ZOO_GUIDANCE, PipelineOptions
 from sdo.app.reward_spec import parse_reward_spec
 from sdo.checks import SEED_MAX, check_text
-from sdo.doodl import edict_sampler
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
 from sdo.io import load_image
@@ -348,14 +347,13 @@ def build_task(config: LatentTaskConfig, resources: TaskResources | None = None)
 
 def original_sample(config: LatentTaskConfig, sampler: Sampler, latent: torch.Tensor) -> tuple[str, torch.Tensor]:
     """``(chain, sample)``: the unoptimized sample of ``latent`` (at ``config.start_step``) on the chain
-    ``config.method`` optimizes through, which the adversarial reward keeps the image near and the results show as
-    "before". The methods on the EDICT chain (runner kind ``"doodl"``: ``doodl``, ``doodl-adam``) start from EDICT's
-    sample of the latent (``sdo.doodl.edict_sampler``; Wallace et al., ICCV 2023), the others from ``sampler``'s
-    (DDIM)."""
+    ``config.method``'s runner optimizes through (``sdo.methods.Runner.chain_sampler``), which the adversarial reward
+    keeps the image near and the results show as "before". The methods on the EDICT chain (``doodl``, ``doodl-adam``)
+    start from EDICT's sample of the latent (``sdo.doodl.edict_sampler``; Wallace et al., ICCV 2023), the others from
+    ``sampler``'s (DDIM)."""
+    runner = METHODS[config.method].runner
     with torch.no_grad():
-        if METHODS[config.method].kind == "doodl":
-            return "edict", edict_sampler(sampler).sample(latent, NoGrad(), start_step=config.start_step)
-        return "ddim", sampler.sample(latent, NoGrad(), start_step=config.start_step)
+        return runner.chain, runner.chain_sampler(sampler).sample(latent, NoGrad(), start_step=config.start_step)
 
 
 def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress: bool = True) -> OptimizationResult:
