@@ -100,7 +100,7 @@ def _optimize(args: argparse.Namespace, record_config: Callable[[], None]) -> in
         print(f"Reconstruction PSNR of before vs input: {record['reconstruction_psnr_mean']:.2f} dB")
     print(format_table({config.method: record["summary"]}))
     latent = "latent.safetensors, " if "latent.safetensors" in record["files"] else ""
-    inputs = "images/input-<i>.png, " if any(name.startswith("images/input-") for name in record["images"]) else ""
+    inputs = "images/input-<i>.png, " if "images/input-0.png" in record["images"] else ""  # an edit's inputs
     print(
         f"Wrote {Path(config.out)}/{latent}{inputs}images/before-<i>.png, images/after-<i>.png, grid.png, "
         "curves.png, metrics.json"
