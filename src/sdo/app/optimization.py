@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,66 +58,63 @@ def optimize_and_write(
     if before_writing is not None:
         before_writing()
     with torch.no_grad():
-        before, after = task.decode(task.original), task.decode(result.sample)
+        run = _Optimized(config, task, result, task.decode(task.original), task.decode(result.sample))
     if item is None:
-        metrics, files, metadata = _write_run_pictures(config, task, result, folder, before, after), (), {}
+        metrics, files, metadata = _write_run_pictures(run, folder), (), {}
     else:
         metadata = {f"item_{key}": value for key, value in item.items() if value is not None}
-        files = _write_item_samples(config, task, result, folder, before, after, metadata)
-        metrics = {"item": item, "spec": spec, **_item_metrics(config, task, result, started)}
-    return save_result(folder, config.method, task, result, (before, after), metrics, metadata, files=files)
+        files = _write_item_samples(run, folder, metadata)
+        metrics = {"item": item, "spec": spec, **_item_metrics(run, started)}
+    return save_result(folder, config.method, task, result, (run.before, run.after), metrics, metadata, files=files)
 
 
-def _write_run_pictures(
-    config: LatentTaskConfig,
-    task: LatentTask,
-    result: OptimizationResult,
-    folder: Path,
-    before: torch.Tensor,
-    after: torch.Tensor,
-) -> dict:
+@dataclass(frozen=True)
+class _Optimized:
+    """A finished optimization: its config, task and result, and the images of its first and last latents."""
+
+    config: LatentTaskConfig
+    task: LatentTask
+    result: OptimizationResult
+    before: torch.Tensor
+    after: torch.Tensor
+
+
+def _write_run_pictures(run: _Optimized, folder: Path) -> dict:
     """A single run's ``grid.png`` and ``curves.png``; returns its metrics: the settings (with the batch that ran:
     an edit's is its number of images), the summary and the history."""
     from sdo.app.demo import summarize
     from sdo.app.plots import save_curves
 
-    rows = {} if task.inputs is None else {"input": task.inputs}
-    save_grid({**rows, "before": before, f"after {config.method}": after}, folder / "grid.png")
-    save_curves({config.method: result.history}, folder / "curves.png", task.description)
-    recorded = {**config.recorded(), "batch": int(before.shape[0])}
-    return {"config": recorded, "summary": summarize(result.history), "history": result.history}
+    method, history = run.config.method, run.result.history
+    rows = {} if run.task.inputs is None else {"input": run.task.inputs}
+    save_grid({**rows, "before": run.before, f"after {method}": run.after}, folder / "grid.png")
+    save_curves({method: history}, folder / "curves.png", run.task.description)
+    recorded = {**run.config.recorded(), "batch": int(run.before.shape[0])}
+    return {"config": recorded, "summary": summarize(history), "history": history}
 
 
-def _write_item_samples(
-    config: LatentTaskConfig,
-    task: LatentTask,
-    result: OptimizationResult,
-    folder: Path,
-    before: torch.Tensor,
-    after: torch.Tensor,
-    metadata: dict,
-) -> tuple[str, ...]:
+def _write_item_samples(run: _Optimized, folder: Path, metadata: dict) -> tuple[str, ...]:
     """An item's ``samples.safetensors`` and ``image.png``; returns their names (``ITEM_FILES``)."""
     with torch.no_grad():
-        samples = {"before": before, "after": after, "best": task.decode(result.best_sample)}
-    if replays(config.method):  # FreeDoM's and DOODL's latents do not replay (sdo.app.results)
-        samples["best_latent"] = result.best_latent
+        samples = {"before": run.before, "after": run.after, "best": run.task.decode(run.result.best_sample)}
+    if replays(run.config.method):  # FreeDoM's and DOODL's latents do not replay (sdo.app.results)
+        samples["best_latent"] = run.result.best_latent
     save_tensors(
         samples, folder / "samples.safetensors", metadata={key: str(value) for key, value in metadata.items()}
     )
-    save_grid([before, after], folder / "image.png")
+    save_grid([run.before, run.after], folder / "image.png")
     return ITEM_FILES
 
 
-def _item_metrics(config: LatentTaskConfig, task: LatentTask, result: OptimizationResult, started: float) -> dict:
+def _item_metrics(run: _Optimized, started: float) -> dict:
     """An item's rewards (first, last and best iterate), judge success, seconds per iteration and in all."""
-    history = result.history
+    history = run.result.history
     return {
-        "description": task.description,
-        "method": config.method,
+        "description": run.task.description,
+        "method": run.config.method,
         "reward_initial": history[0]["reward"],
         "reward_final": history[-1]["reward"],
-        "reward_best": float(result.best_reward.mean()),
+        "reward_best": float(run.result.best_reward.mean()),
         "judge_success_initial": history[0].get("judge_success"),
         "judge_success_final": history[-1].get("judge_success"),
         "s_per_iter": statistics.median(r["seconds"] for r in history[:-1]) if len(history) > 1 else 0.0,
