@@ -111,7 +111,7 @@ def test_the_one_grid_writer_keeps_every_pixel(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from sdo.app.images import LABELLED_MIN_SIZE, save_grid, to_uint8
+    from sdo.app.images import LABELLED_MAX_SIZE, LABELLED_MIN_SIZE, save_grid, to_uint8
 
     images = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     pixels = to_uint8(images)
@@ -130,6 +130,8 @@ def test_the_one_grid_writer_keeps_every_pixel(tmp_path):
     assert grid.shape[0] > 2 * 8 * scale  # the captions' strip above the after row
     assert torch.equal(grid[-8 * scale :, -8 * scale :], cell)  # the last image, enlarged, not resampled
     assert (grid[: 8 * scale, :4] == 255).all()  # the label margin is white
+    save_grid({"large": torch.rand(2, 3, 300, 200)}, tmp_path / "preview.png")  # a preview: the long side shrunk
+    assert read("preview.png").shape[0] == LABELLED_MAX_SIZE
     with pytest.raises(ValueError, match="one size"):
         save_grid([images, torch.rand(1, 3, 4, 4)], tmp_path / "mixed.png")
 

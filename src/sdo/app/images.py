@@ -51,10 +51,10 @@ def save_grid(
 
     ``images`` is one batch ``[B, C, H, W]``, laid out ``columns`` per row (default: ceil(sqrt(B))); or rows of
     images ``[N, C, H, W]`` of one size, one row each: a list (no labels) or a dict ``label -> images``, each
-    label written left of its row, with ``captions[label]`` (one per image) above that row's images. Images keep
-    their pixels (unlabelled grids at full resolution; a labelled grid enlarges images under
-    ``LABELLED_MIN_SIZE`` pixels by a whole factor, nearest neighbour, so the text is legible); empty cells are
-    black.
+    label written left of its row, with ``captions[label]`` (one per image) above that row's images. An
+    unlabelled grid is at full resolution; a labelled one is a preview whose images are between
+    ``LABELLED_MIN_SIZE`` and ``LABELLED_MAX_SIZE`` pixels (small ones enlarged by a whole factor, their pixels
+    kept, so the text is legible). Empty cells are black.
 
     Raises:
         ValueError: the images are not ``[N, 1 or 3, H, W]``, or the rows' images differ in size.
@@ -73,8 +73,10 @@ def save_grid(
     return _write_png(grid, Path(path))
 
 
-LABELLED_MIN_SIZE = 96
-"""Pixels: a labelled grid (``save_grid`` with row labels) enlarges smaller images to at least this size."""
+LABELLED_MIN_SIZE, LABELLED_MAX_SIZE = 96, 256
+"""Pixels: a labelled grid (``save_grid`` with row labels, a preview) enlarges smaller images to at least
+``LABELLED_MIN_SIZE`` (by a whole factor, nearest neighbour: their pixels kept) and shrinks larger ones to
+``LABELLED_MAX_SIZE`` on their long side (Lanczos)."""
 
 
 def _tile(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -94,31 +96,43 @@ def _tile(rows: list[torch.Tensor]) -> torch.Tensor:
 def _labelled(
     grid: torch.Tensor, rows: list[torch.Tensor], labels: list[str], captions: Mapping[str, Sequence[str]]
 ) -> torch.Tensor:
-    """``grid`` (enlarged as ``save_grid`` says) on a white page with each row's label at its left and its
-    captions, if any, in a strip above its images."""
+    """``grid`` (its images resized as ``save_grid`` says) on a white page with each row's label at its left and
+    its captions, if any, in a strip above its images."""
     from PIL import Image, ImageDraw, ImageFont
 
-    height, width = rows[0].shape[1:3]
-    scale = max(1, math.ceil(LABELLED_MIN_SIZE / min(height, width)))
-    height, width = height * scale, width * scale
+    (height, width), columns = rows[0].shape[1:3], grid.shape[1] // rows[0].shape[2]
+    cell_height, cell_width = _cell_size(height, width)
+    enlarged = cell_height >= height
     font = ImageFont.load_default()
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_height = max(draw.textbbox((0, 0), "Ag", font=font)[3], 1) + 4
     margin = max(draw.textbbox((0, 0), label, font=font)[2] for label in labels) + 12
     strips = [text_height if label in captions else 0 for label in labels]
-    page = Image.new("RGB", (margin + grid.shape[1] * scale, sum(strips) + len(rows) * height), "white")
+    page = Image.new("RGB", (margin + columns * cell_width, sum(strips) + len(rows) * cell_height), "white")
     draw = ImageDraw.Draw(page)
     top = 0
     for index, label in enumerate(labels):
         for column, caption in enumerate(captions.get(label, ())):
-            draw.text((margin + column * width + 2, top + 2), str(caption), fill="black", font=font)
+            draw.text((margin + column * cell_width + 2, top + 2), str(caption), fill="black", font=font)
         top += strips[index]
-        band = grid[index * rows[0].shape[1] : (index + 1) * rows[0].shape[1]]
-        band = band.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)
-        page.paste(Image.fromarray(band.numpy()), (margin, top))
-        draw.text((6, top + (height - text_height) // 2), label, fill="black", font=font)
-        top += height
+        band = Image.fromarray(grid[index * height : (index + 1) * height].numpy())
+        resample = Image.Resampling.NEAREST if enlarged else Image.Resampling.LANCZOS
+        page.paste(band.resize((columns * cell_width, cell_height), resample), (margin, top))
+        draw.text((6, top + (cell_height - text_height) // 2), label, fill="black", font=font)
+        top += cell_height
     return torch.from_numpy(np.asarray(page).copy())
+
+
+def _cell_size(height: int, width: int) -> tuple[int, int]:
+    """The size of an image in a labelled grid: enlarged by a whole factor to ``LABELLED_MIN_SIZE`` pixels, or
+    shrunk to ``LABELLED_MAX_SIZE`` (a preview: the images themselves are written at full resolution)."""
+    if min(height, width) < LABELLED_MIN_SIZE:
+        scale = math.ceil(LABELLED_MIN_SIZE / min(height, width))
+        return height * scale, width * scale
+    if max(height, width) > LABELLED_MAX_SIZE:
+        factor = LABELLED_MAX_SIZE / max(height, width)
+        return max(1, round(height * factor)), max(1, round(width * factor))
+    return height, width
 
 
 def _write_png(pixels: torch.Tensor, path: Path) -> Path:
