@@ -12,19 +12,20 @@ Item ``i``'s noise seed is ``SeedSequence([seed, i])``'s first 32-bit word: a fu
 the process that runs it or of the order, so a run on ``P`` processes gives each item the result a 1-process run
 gives it (bit for bit at equal thread counts; within float round-off otherwise).
 
-Process ``r`` of ``P`` (``accelerate launch``) runs the items ``i`` with ``i mod P == r``. Each finished item leaves
-``OUT/items/<i>/``: ``samples.safetensors`` (before/after images in [0, 1]), ``image.png`` (before row over after
-row), then what ``sdo.app.results.save_result`` writes for any optimization: ``latent.safetensors`` (the optimized
-latent, with the settings that replay it and the item in its metadata; not for FreeDoM and DOODL),
-``images/before-<i>.png`` and ``images/after-<i>.png`` at full resolution and, last, ``metrics.json`` - the item's
-"done" marker, which records each file's size and SHA-256. Every file is written atomically, so a killed run loses
-at most the items in flight. A rerun with the same ``--out`` checks each item once: it skips an item whose marker
-matches it and whose files are all there with their recorded sizes (and whole safetensors headers; ``--verify``
-also compares the hashes), and redoes the rest; settings that differ from the finished items', or inputs whose
-content changed since (the pipeline, CLIP and PickScore folders, aesthetic head, style image: each item's marker
-records their fingerprints, ``sdo.app.fingerprints``), are refused before anything is written. When all
-processes are done, the main process writes ``summary.md``, ``summary.json`` and ``grid.png``. Under
-``accelerate launch``, a process whose launcher has died stops before its next item.
+Process ``r`` of ``P`` (``accelerate launch``) runs the items ``i`` with ``i mod P == r``, each through
+``sdo.app.optimization.optimize_and_write`` as a single run goes. Each finished item leaves ``OUT/items/<i>/``:
+``samples.safetensors`` (before/after images in [0, 1]), ``image.png`` (before row over after row), then what
+``sdo.app.results.save_result`` writes for any optimization: ``latent.safetensors`` (the optimized latent, with the
+settings that replay it and the item in its metadata; not for FreeDoM and DOODL), ``images/before-<i>.png`` and
+``images/after-<i>.png`` at full resolution and, last, ``metrics.json`` - the item's "done" marker, which records
+each file's size and SHA-256. Every file is written atomically, so a killed run loses at most the items in flight. A
+rerun with the same ``--out`` checks each item once: it skips an item whose marker matches it and whose files are
+all there with their recorded sizes (and whole safetensors headers; ``--verify`` also compares the hashes), and
+redoes the rest; settings that differ from the finished items', or inputs whose content changed since (the pipeline,
+CLIP and PickScore folders, aesthetic head, style image: each item's marker records their fingerprints,
+``sdo.app.fingerprints``), are refused before anything is written. When all processes are done, the main process
+writes ``summary.md``, ``summary.json`` and ``grid.png``. Under ``accelerate launch``, a process whose launcher has
+died stops before its next item.
 
 Threads: with ``P > 1`` processes each sets ``torch.set_num_threads(max(1, cores // P))`` (cores available to the
 process, ``os.sched_getaffinity``), so ``P`` processes do not oversubscribe the machine; ``--threads`` overrides.
