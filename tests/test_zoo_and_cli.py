@@ -150,7 +150,7 @@ def test_a_single_run_and_an_item_are_one_optimization_and_the_config_is_recorde
         return write_config(out, command, config)
 
     monkeypatch.setattr(runs, "write_config", record)
-    tiny = ["--steps", "3", "--iters", "2", "--batch", "2", "--views", "0"]
+    tiny = ["--steps", "2", "--iters", "1", "--batch", "1", "--views", "0"]
     seed = item_seed(0, 0)  # item 0 of --conditions steers 0s to 1s with this seed
     one = ["optimize", "--source", "0", "--target", "1", "--seed", str(seed), "--out", str(tmp_path / "one")]
     assert main([*one, *tiny]) == 0
