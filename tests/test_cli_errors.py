@@ -70,7 +70,7 @@ def test_corrupt_zoo_file(capsys, monkeypatch, tmp_path):
 
 
 def test_non_finite_reward_is_one_line(capsys, monkeypatch, tmp_path):
-    def diverge(args):
+    def diverge(args, record_config):
         raise sdo.NonFiniteRewardError("The reward is not finite at iteration 3 ([nan]); stopped.")
 
     monkeypatch.setattr(cli, "_optimize", diverge)
@@ -78,7 +78,7 @@ def test_non_finite_reward_is_one_line(capsys, monkeypatch, tmp_path):
 
 
 def test_a_real_bug_keeps_its_traceback(monkeypatch, tmp_path):
-    def bug(args):
+    def bug(args, record_config):
         raise KeyError("a bug")
 
     monkeypatch.setattr(cli, "_optimize", bug)

@@ -4,6 +4,7 @@ SD, SDXL, SD3 and Flux pipelines (no network)."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -262,11 +263,15 @@ def edit_args(pipeline_dir, clip_dir, out, *more):
     ]
 
 
-def test_optimize_edits_an_image_and_writes_input_before_after_and_psnr(pipeline_dir, clip_dir, tmp_path):
+def test_optimize_edits_an_image_and_writes_input_before_after_and_psnr(pipeline_dir, clip_dir, tmp_path, capsys):
+    from PIL import Image
+
     from sdo.app.cli import main
+    from sdo.app.images import LABELLED_MIN_SIZE, to_uint8
 
     png, out = write_image(tmp_path / "x.png"), tmp_path / "out"
     assert main(edit_args(pipeline_dir, clip_dir, out, "--image", str(png))) == 0
+    assert "images/input-<i>.png, images/before-<i>.png" in capsys.readouterr().out.splitlines()[-1]  # "Wrote ..."
     files = {stem: read_png(out / "images" / f"{stem}-0.png") for stem in ("input", "before", "after")}
     assert all(image.shape == (1, 3, 16, 16) for image in files.values())  # the pipeline's size
     torch.testing.assert_close(files["input"], sdo.io.load_image(png))  # already at the size: written as read
@@ -275,6 +280,14 @@ def test_optimize_edits_an_image_and_writes_input_before_after_and_psnr(pipeline
     mse = float((files["before"] - files["input"]).square().mean())
     assert abs(value - 10 * torch.log10(torch.tensor(1 / mse)).item()) < 0.5  # up to the PNG's rounding
     assert metrics["reconstruction_psnr_mean"] == value and metrics["settings"]["inversion_guidance"] == 1.0
+    assert metrics["config"]["batch"] == 1  # the true batch: one image, whatever --batch says (default 8)
+    # grid.png: the input row first, then before and after, each image enlarged by a whole factor, pixels kept
+    grid = torch.from_numpy(np.array(Image.open(out / "grid.png").convert("RGB")))
+    scale = -(-LABELLED_MIN_SIZE // 16)
+    assert grid.shape[0] == 3 * 16 * scale
+    for row, stem in enumerate(("input", "before", "after")):
+        cell = to_uint8(files[stem])[0].repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        assert torch.equal(grid[row * 16 * scale : (row + 1) * 16 * scale, -16 * scale :], cell), stem
     # the latent file records what continuing from it needs, and after-0.png is its image
     latent_file = out / "latent.safetensors"
     from safetensors import safe_open
@@ -282,6 +295,8 @@ def test_optimize_edits_an_image_and_writes_input_before_after_and_psnr(pipeline
     with safe_open(str(latent_file), "pt") as handle:
         meta = handle.metadata()
     assert meta["start_step"] == "2" and meta["inversion_guidance"] == "1.0" and meta["scheduler"] == "DDIMScheduler"
+    assert meta["guidance_scale"] == "1.0"  # sampled with the inversion's guidance (no --guidance), not SD's 7.5
+    assert json.loads(meta["images"]) == [str(png)]  # JSON, not a Python repr
     assert (meta["num_inference_steps"], meta["height"], meta["width"], meta["prompt"]) == ("4", "16", "16", PROMPT)
     parts = from_pipeline(pipeline_dir, PROMPT, guidance_scale=float(meta["guidance_scale"]))
     latent = sdo.load_latent(latent_file, parts.latent_shape)
@@ -298,7 +313,7 @@ def test_optimize_edits_a_folder_as_one_batch_with_the_pixel_term(pipeline_dir, 
     write_image(folder / "b.webp", 16, 16, "RGB", seed=2)
     (folder / "readme.txt").write_text("not an image: skipped")
     assert main(edit_args(pipeline_dir, clip_dir, out, "--images", str(folder), "--proximity", "5")) == 0
-    assert "a.jpg is 12x20: resized to the pipeline's 16x16" in capsys.readouterr().out
+    assert "a.jpg is 12x20: resized to 16x27 and centre-cropped to the pipeline's 16x16" in capsys.readouterr().out
     metrics = sdo.io.load_json(out / "metrics.json")
     assert len(metrics["reconstruction_psnr"]) == 2 and metrics["notes"] and len(metrics["settings"]["images"]) == 2
     first = metrics["history"][0]
@@ -306,6 +321,36 @@ def test_optimize_edits_a_folder_as_one_batch_with_the_pixel_term(pipeline_dir, 
     assert abs(first["reward"] - (first["reward_clip"] + 5 * first["reward_proximity"])) < 1e-4
     assert sdo.io.load_tensors(out / "latent.safetensors")["latent"].shape == (2, 4, 8, 8)
     assert all((out / "images" / f"{stem}-1.png").is_file() for stem in ("input", "before", "after"))
+
+
+def test_an_image_of_another_aspect_ratio_is_centre_cropped_not_squashed(tmp_path):
+    from sdo.app.tasks.edit import load_inputs
+
+    wide = write_image(tmp_path / "wide.png", 16, 24)  # the pipeline's height, wider: cropped, not resized
+    images, notes = load_inputs([wide], (16, 16), "cpu", 10**6)
+    assert torch.equal(images, sdo.io.load_image(wide)[:, :, :, 4:20])  # the middle 16 columns, pixels unchanged
+    assert notes == [f"{wide} is 24x16: centre-cropped to the pipeline's 16x16 (aspect ratio kept)"]
+    tall = write_image(tmp_path / "tall.png", 48, 32)  # short side 32 -> 16, so 16x24, then the middle 16 rows
+    images, notes = load_inputs([tall], (16, 16), "cpu", 10**6)
+    assert torch.equal(images, sdo.io.load_image(tall, size=(24, 16))[:, :, 4:20])
+    assert notes == [
+        f"{tall} is 32x48: resized to 16x24 and centre-cropped to the pipeline's 16x16 (aspect ratio kept)"
+    ]
+    square = write_image(tmp_path / "square.png", 16, 16)
+    images, notes = load_inputs([square], (16, 16), "cpu", 10**6)
+    assert torch.equal(images, sdo.io.load_image(square)) and notes == []
+
+
+def test_editing_samples_with_the_guidance_given(pipeline_dir, tmp_path, monkeypatch):
+    from sdo.app.pipeline_options import PipelineOptions
+    from sdo.app.tasks.latent import LatentTaskConfig, build_task
+
+    monkeypatch.setattr(PipelineOptions, "image_reward", lambda self, prompts, device: lambda images, p: images.mean())
+    png = write_image(tmp_path / "x.png")
+    common = dict(pipeline=str(pipeline_dir), prompt=PROMPT, image=[str(png)], steps=2, start_step=1)
+    task = build_task(LatentTaskConfig(**common, inversion_guidance=1.5, guidance=2.0))  # the default: the CLI test
+    assert task.sampler.model_fn.guidance_scale == 2.0 and task.settings["guidance_scale"] == 2.0
+    assert task.settings["inversion_guidance"] == 1.5
 
 
 @pytest.mark.parametrize("kind", ["missing", "not-an-image"])

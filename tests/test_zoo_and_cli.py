@@ -102,3 +102,106 @@ def test_cli_bad_input_is_one_clear_line(capsys):
     assert "`start_step` must be in [0, 49], got 60" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["optimize", "--method", "magic"])
+
+
+# --- the CLI's flow: one run-and-write for single runs and items, one grid writer, the config record ------------
+
+
+def test_the_one_grid_writer_keeps_every_pixel(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sdo.app.images import LABELLED_MAX_SIZE, LABELLED_MIN_SIZE, save_grid, to_uint8
+
+    images = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pixels = to_uint8(images)
+
+    def read(name):
+        return torch.from_numpy(np.array(Image.open(tmp_path / name).convert("RGB")))
+
+    save_grid(images, tmp_path / "batch.png", columns=3)  # a batch: 3 per row, the empty cell black
+    grid = read("batch.png")
+    assert grid.shape == (16, 24, 3) and torch.equal(grid[8:, 8:16], pixels[4]) and not grid[8:, 16:].any()
+    save_grid([images[:2], images[2:4]], tmp_path / "rows.png")  # rows, no labels: full resolution
+    assert torch.equal(read("rows.png")[8:, :8], pixels[2])
+    save_grid({"before": images[:2], "after": images[2:4]}, tmp_path / "labelled.png", captions={"after": ["a", "b"]})
+    grid, scale = read("labelled.png"), -(-LABELLED_MIN_SIZE // 8)
+    cell = pixels[3].repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    assert grid.shape[0] > 2 * 8 * scale  # the captions' strip above the after row
+    assert torch.equal(grid[-8 * scale :, -8 * scale :], cell)  # the last image, enlarged, not resampled
+    assert (grid[: 8 * scale, :4] == 255).all()  # the label margin is white
+    save_grid({"large": torch.rand(2, 3, 300, 200)}, tmp_path / "preview.png")  # a preview: the long side shrunk
+    assert read("preview.png").shape[0] == LABELLED_MAX_SIZE
+    with pytest.raises(ValueError, match="one size"):
+        save_grid([images, torch.rand(1, 3, 4, 4)], tmp_path / "mixed.png")
+
+
+def test_a_single_run_and_an_item_are_one_optimization_and_the_config_is_recorded_before_any_result(
+    tmp_path, monkeypatch
+):
+    from sdo.app import runs
+    from sdo.app.sharded import item_seed
+
+    recorded = []
+    write_config = runs.write_config
+
+    def record(out, command, config):  # the config is recorded once, after the checks, before any result file
+        recorded.append(sorted(path.name for path in tmp_path.joinpath("one").iterdir()))
+        return write_config(out, command, config)
+
+    monkeypatch.setattr(runs, "write_config", record)
+    tiny = ["--steps", "2", "--iters", "1", "--batch", "1", "--views", "0"]
+    seed = item_seed(0, 0)  # item 0 of --conditions steers 0s to 1s with this seed
+    one = ["optimize", "--source", "0", "--target", "1", "--seed", str(seed), "--out", str(tmp_path / "one")]
+    assert main([*one, *tiny]) == 0
+    assert len(recorded) == 1 and not {"metrics.json", "grid.png", "latent.safetensors"} & set(recorded[0])
+    assert main(["optimize", "--conditions", "1", "--out", str(tmp_path / "many"), *tiny]) == 0
+    item = tmp_path / "many" / "items" / "0"
+    assert torch.equal(
+        load_tensors(item / "latent.safetensors")["latent"],
+        load_tensors(tmp_path / "one" / "latent.safetensors")["latent"],
+    )
+    single, many = (json.loads((folder / "metrics.json").read_text()) for folder in (tmp_path / "one", item))
+    assert [r["reward"] for r in many["history"]] == [r["reward"] for r in single["history"]]
+
+
+def test_the_demo_has_no_flag_of_the_pipeline_options_but_guidance():
+    import dataclasses
+
+    from sdo.app.cli import build_parser
+    from sdo.app.pipeline_options import PipelineOptions
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--guidance", "2"]).guidance == 2.0  # the embedded model's too
+    for field in dataclasses.fields(PipelineOptions):
+        if field.name != "guidance":
+            with pytest.raises(SystemExit):  # unrecognized argument
+                parser.parse_args(["demo", f"--{field.name.replace('_', '-')}", "1"])
+
+
+def test_no_module_of_the_application_layer_imports_itself_back():
+    """The import graph of ``sdo.app`` (every import, at the top or inside a function) has no cycle."""
+    import ast
+    from pathlib import Path
+
+    root = Path(sdo.__file__).parent.parent
+    modules = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in (root / "sdo" / "app").rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        graph[name] = (imported & set(modules)) - {name}
+
+    def reaches(start, goal, seen):
+        return any(
+            nxt == goal or (nxt not in seen and not seen.add(nxt) and reaches(nxt, goal, seen)) for nxt in graph[start]
+        )
+
+    assert [name for name in graph if reaches(name, name, set())] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -489,8 +490,10 @@ def _check_gradient_reached(z: torch.Tensor, x0: torch.Tensor, grad: GradientMod
 
 @torch.no_grad()
 def save_latent(path: str | Path, latent: torch.Tensor, **metadata: object) -> None:
-    """Write a latent as safetensors (atomically), with string metadata (e.g. start_step, steps, classes)."""
-    save_tensors({"latent": latent}, path, metadata={key: str(value) for key, value in metadata.items()})
+    """Write a latent as safetensors (atomically), with string metadata (e.g. start_step, steps, classes): lists
+    and dicts as JSON, other values as ``str`` gives them."""
+    metadata = {key: json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v) for key, v in metadata.items()}
+    save_tensors({"latent": latent}, path, metadata=metadata)
 
 
 def load_latent(path: str | Path, shape: tuple[int, ...] | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sdo import __version__
@@ -60,14 +60,14 @@ def _config_from(args: argparse.Namespace, config_cls):
     return config_cls(**_fields_of(args, config_cls))
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace, record_config: Callable[[], None]) -> int:
     from sdo.app.demo import demo_config, format_table, run_demo
     from sdo.app.tasks.latent import LatentTaskConfig
 
     config = demo_config(**_fields_of(args, LatentTaskConfig))
     print(f"sdo demo: {config.steps} DDIM steps, batch {config.batch}, {config.iters} Adam iterations per method")
     metrics = run_demo(config)
-    args.record_config()
+    record_config()
     print(f"\nTask: {metrics['task']}\n")
     print(format_table(metrics["methods"]))
     if "s_per_iter_sdo_over_full" in metrics:
@@ -83,61 +83,62 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optimize(args: argparse.Namespace) -> int:
+def _optimize(args: argparse.Namespace, record_config: Callable[[], None]) -> int:
     import torch
 
-    from sdo.app.demo import format_table, summarize
-    from sdo.app.plots import save_curves, save_image_grid
-    from sdo.app.results import replays, save_result
-    from sdo.app.tasks.latent import LatentTaskConfig, build_task, run_task
+    from sdo.app.demo import format_table
+    from sdo.app.optimization import optimize_and_write
+    from sdo.app.tasks.latent import LatentTaskConfig
 
     config = _config_from(args, LatentTaskConfig)
     if config.conditions or config.prompts:
-        return _optimize_items(config, args)
+        return _optimize_items(config, args, record_config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    task = build_task(config)
-    print(f"Task: {task.description} ({config.method}, {config.steps} steps)")
-    for note in task.notes.get("notes", []):
-        print(f"Note: {note}")
-    result = run_task(config, task)
-    args.record_config()
-    out = Path(config.out)
-    with torch.no_grad():
-        before, after = task.decode(task.original), task.decode(result.sample)
-    save_image_grid({"before": before, f"after {config.method}": after}, out / "grid.png")
-    save_curves({config.method: result.history}, out / "curves.png", task.description)
-    summary = summarize(result.history)
-    metrics = {"config": config.recorded(), "summary": summary, "history": result.history}
-    record = save_result(out, config.method, task, result, (before, after), metrics)
+    record = optimize_and_write(config, config.out, on_task=_announce(config), before_writing=record_config)
     if "reconstruction_psnr_mean" in record:
         print(f"Reconstruction PSNR of before vs input: {record['reconstruction_psnr_mean']:.2f} dB")
-    print(format_table({config.method: summary}))
-    latent = "latent.safetensors, " if replays(config.method) else ""
-    print(f"Wrote {out}/{latent}images/before-<i>.png, images/after-<i>.png, grid.png, curves.png, metrics.json")
+    print(format_table({config.method: record["summary"]}))
+    latent = "latent.safetensors, " if "latent.safetensors" in record["files"] else ""
+    inputs = "images/input-<i>.png, " if "images/input-0.png" in record["images"] else ""  # an edit's inputs
+    print(
+        f"Wrote {Path(config.out)}/{latent}{inputs}images/before-<i>.png, images/after-<i>.png, grid.png, "
+        "curves.png, metrics.json"
+    )
     return 0
 
 
-def _optimize_items(config, args: argparse.Namespace) -> int:
+def _announce(config) -> Callable:
+    """What a single ``sdo optimize`` run prints once its task is built: the task and its notes."""
+
+    def announce(task) -> None:
+        print(f"Task: {task.description} ({config.method}, {config.steps} steps)")
+        for note in task.notes.get("notes", []):
+            print(f"Note: {note}")
+
+    return announce
+
+
+def _optimize_items(config, args: argparse.Namespace, record_config: Callable[[], None]) -> int:
     from sdo.app.sharded import run_items
 
-    summary = run_items(config, verify=args.verify, on_start=args.record_config)
+    summary = run_items(config, verify=args.verify, on_start=record_config)
     if summary is not None:  # the main process
         print(summary["table"])
         print(f"Wrote {Path(config.out)}/items/<index>/, summary.md, summary.json, grid.png")
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace, record_config: Callable[[], None]) -> int:
     from sdo.app.bench import BenchConfig, format_rows, run_bench
     from sdo.app.plots import save_bench_plot
     from sdo.io import atomic_path, save_json
 
     config = _config_from(args, BenchConfig)
     if config.plan:
-        return _plan(config, args)
+        return _plan(config, record_config)
     result = run_bench(config)
-    args.record_config()
+    record_config()
     table = format_rows(result["rows"])
     out = Path(config.out)
     save_json(result, out / "bench.json")
@@ -154,12 +155,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(config, args: argparse.Namespace) -> int:
+def _plan(config, record_config: Callable[[], None]) -> int:
     from sdo.app.plan import format_plan, plan_bench
     from sdo.io import save_json
 
     plan = plan_bench(config)
-    args.record_config()
+    record_config()
     save_json(plan, Path(config.out) / "plan.json")
     print(f"Plan (predicted, nothing run): {config.model}, batch {config.batch}, {config.variable}\n")
     print(format_plan(plan))
@@ -167,7 +168,9 @@ def _plan(config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune(args: argparse.Namespace) -> int:
+def _finetune(args: argparse.Namespace, record_config: Callable[[], None]) -> int:
+    """``sdo finetune``: ``finetune`` locks ``--out`` and records ``config.json`` itself (shared by the processes of
+    ``accelerate launch``), so ``record_config`` is not called."""
     from sdo.app.finetuning import FinetuneConfig, finetune
 
     config = _config_from(args, FinetuneConfig)
@@ -183,11 +186,11 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_zoo(args: argparse.Namespace) -> int:
+def _train_zoo(args: argparse.Namespace, record_config: Callable[[], None]) -> int:
     from sdo.zoo.train import ZooTrainingConfig, train_zoo
 
     config = _config_from(args, ZooTrainingConfig)
-    args.record_config()
+    record_config()
     metrics = train_zoo(args.out, config)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -198,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sdo.app.bench import BenchConfig
     from sdo.app.demo import demo_config
     from sdo.app.finetuning import FinetuneConfig
-    from sdo.app.tasks.latent import LatentTaskConfig
+    from sdo.app.tasks.latent import PIPELINE_FIELDS, LatentTaskConfig
     from sdo.zoo.train import ZooTrainingConfig
 
     parser = argparse.ArgumentParser(prog="sdo", description="Shortcut Diffusion Optimization (arXiv 2505.07477).")
@@ -210,11 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="SDO vs full backprop on the embedded model, in one process (offline, "
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
-    pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image", "height", "width"}
-    pipeline_only.update({"pickscore_path", "image", "images", "inversion_guidance", "max_pixels"})
     many_items = {"conditions", "prompts", "threads"}
     add_config_flags(
-        demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only, *many_items}
+        demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *PIPELINE_FIELDS, *many_items}
     )
     demo.set_defaults(run=_demo, config=lambda args: demo_config(**_fields_of(args, LatentTaskConfig)))
 
@@ -280,15 +281,15 @@ def _check_up_front(args: argparse.Namespace):
 
 def _run_locked(args: argparse.Namespace, config) -> int:
     """Run a command holding ``--out`` (``sdo.app.runs.open_output``: its lock, its command checked, leftovers
-    cleaned). Its settings are recorded in ``config.json`` by ``args.record_config()``, which each command calls
-    when its checks are done and it starts writing results, so a refused run leaves the folder as it was
-    (fine-tuning locks and records inside ``finetune``, shared by all its processes). A run of many items first
-    joins ``accelerate launch``'s process group, if any: only its secondary processes share the main process's
-    lock."""
+    cleaned). Its settings are recorded in ``config.json`` by the ``record_config`` callable passed to the
+    command, which calls it when its checks are done and it starts writing results, so a refused run leaves the
+    folder as it was (fine-tuning locks and records inside ``finetune``, shared by all its processes). A run of
+    many items first joins ``accelerate launch``'s process group, if any: only its secondary processes share the
+    main process's lock."""
     from sdo.app.runs import is_secondary_process, open_output, write_config
 
     if args.command == "finetune":
-        return args.run(args)
+        return args.run(args, _records_its_own_config)
     if args.command == "optimize" and (config.conditions or config.prompts):
         from sdo.app.sharded import process_state
 
@@ -296,8 +297,16 @@ def _run_locked(args: argparse.Namespace, config) -> int:
     record = {**dataclasses.asdict(config), "out": args.out}
     with open_output(args.out, args.command, args.break_lock, settings=record):
         secondary = is_secondary_process()
-        args.record_config = lambda: None if secondary else write_config(args.out, args.command, record)
-        return args.run(args)
+
+        def record_config() -> None:
+            if not secondary:  # the main process records the run
+                write_config(args.out, args.command, record)
+
+        return args.run(args, record_config)
+
+
+def _records_its_own_config() -> None:
+    """The ``record_config`` of ``sdo finetune``, whose ``finetune`` records ``config.json`` itself."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

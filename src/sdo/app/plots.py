@@ -1,4 +1,5 @@
-"""Pictures: image grids and reward curves, written atomically as PNG (matplotlib, no display needed)."""
+"""Pictures: reward curves, written atomically as PNG (matplotlib, no display needed); image grids are
+``sdo.app.images.save_grid``'s."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from sdo.app.images import save_grid
 from sdo.io import atomic_path
 
 __all__ = ["save_bench_plot", "save_curves", "save_finetune_curves", "save_image_grid"]
@@ -22,26 +24,9 @@ def _save(figure, path: str | Path) -> None:
 
 
 def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, captions: dict[str, list[str]] | None = None):
-    """One labelled row per entry of ``rows`` (``[N, 1 or 3, H, W]`` images in [0, 1]); optional captions."""
-    n_cols = max(len(images) for images in rows.values())
-    figure, axes = plt.subplots(len(rows), n_cols, figsize=(1.1 * n_cols + 1.2, 1.25 * len(rows)), squeeze=False)
-    for row, (label, images) in enumerate(rows.items()):
-        for col in range(n_cols):
-            axis = axes[row][col]
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if col < len(images):
-                pixels = images[col].detach().float().cpu().clamp(0, 1)
-                if pixels.shape[0] == 3:
-                    axis.imshow(pixels.permute(1, 2, 0).numpy())
-                else:
-                    axis.imshow(pixels[0], cmap="gray", vmin=0, vmax=1)
-                if captions and label in captions:
-                    axis.set_title(captions[label][col], fontsize=7)
-            else:
-                axis.axis("off")
-        axes[row][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    _save(figure, path)
+    """One labelled row per entry of ``rows`` (``[N, 1 or 3, H, W]`` images in [0, 1]); optional captions: the grid
+    ``sdo.app.images.save_grid`` writes (kept under this name for scripts that call it)."""
+    return save_grid(rows, path, captions=captions)
 
 
 def save_curves(histories: dict[str, list[dict]], path: str | Path, title: str = "") -> None:

@@ -12,19 +12,20 @@ Item ``i``'s noise seed is ``SeedSequence([seed, i])``'s first 32-bit word: a fu
 the process that runs it or of the order, so a run on ``P`` processes gives each item the result a 1-process run
 gives it (bit for bit at equal thread counts; within float round-off otherwise).
 
-Process ``r`` of ``P`` (``accelerate launch``) runs the items ``i`` with ``i mod P == r``. Each finished item leaves
-``OUT/items/<i>/``: ``samples.safetensors`` (before/after images in [0, 1]), ``image.png`` (before row over after
-row), then what ``sdo.app.results.save_result`` writes for any optimization: ``latent.safetensors`` (the optimized
-latent, with the settings that replay it and the item in its metadata; not for FreeDoM and DOODL),
-``images/before-<i>.png`` and ``images/after-<i>.png`` at full resolution and, last, ``metrics.json`` - the item's
-"done" marker, which records each file's size and SHA-256. Every file is written atomically, so a killed run loses
-at most the items in flight. A rerun with the same ``--out`` checks each item once: it skips an item whose marker
-matches it and whose files are all there with their recorded sizes (and whole safetensors headers; ``--verify``
-also compares the hashes), and redoes the rest; settings that differ from the finished items', or inputs whose
-content changed since (the pipeline, CLIP and PickScore folders, aesthetic head, style image: each item's marker
-records their fingerprints, ``sdo.app.fingerprints``), are refused before anything is written. When all
-processes are done, the main process writes ``summary.md``, ``summary.json`` and ``grid.png``. Under
-``accelerate launch``, a process whose launcher has died stops before its next item.
+Process ``r`` of ``P`` (``accelerate launch``) runs the items ``i`` with ``i mod P == r``, each through
+``sdo.app.optimization.optimize_and_write`` as a single run goes. Each finished item leaves ``OUT/items/<i>/``:
+``samples.safetensors`` (before/after images in [0, 1]), ``image.png`` (before row over after row), then what
+``sdo.app.results.save_result`` writes for any optimization: ``latent.safetensors`` (the optimized latent, with the
+settings that replay it and the item in its metadata; not for FreeDoM and DOODL), ``images/before-<i>.png`` and
+``images/after-<i>.png`` at full resolution and, last, ``metrics.json`` - the item's "done" marker, which records
+each file's size and SHA-256. Every file is written atomically, so a killed run loses at most the items in flight. A
+rerun with the same ``--out`` checks each item once: it skips an item whose marker matches it and whose files are
+all there with their recorded sizes (and whole safetensors headers; ``--verify`` also compares the hashes), and
+redoes the rest; settings that differ from the finished items', or inputs whose content changed since (the pipeline,
+CLIP and PickScore folders, aesthetic head, style image: each item's marker records their fingerprints,
+``sdo.app.fingerprints``), are refused before anything is written. When all processes are done, the main process
+writes ``summary.md``, ``summary.json`` and ``grid.png``. Under ``accelerate launch``, a process whose launcher has
+died stops before its next item.
 
 Threads: with ``P > 1`` processes each sets ``torch.set_num_threads(max(1, cores // P))`` (cores available to the
 process, ``os.sched_getaffinity``), so ``P`` processes do not oversubscribe the machine; ``--threads`` overrides.
@@ -36,7 +37,6 @@ import dataclasses
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,9 +49,9 @@ from tqdm.auto import tqdm
 
 from sdo import zoo
 from sdo.app.fingerprints import fingerprint_inputs, input_changes
+from sdo.app.optimization import optimize_and_write
 from sdo.app.prompts import read_prompts
 from sdo.app.report import machine_info, markdown_table
-from sdo.app.results import replays, save_result
 from sdo.app.runs import (
     check_owned,
     check_run,
@@ -61,9 +61,9 @@ from sdo.app.runs import (
     read_marker,
     write_marker,
 )
-from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task, load_resources, run_task
+from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, load_resources
 from sdo.errors import ConfigError, CorruptFileError, ResumeMismatchError, SdoError
-from sdo.io import atomic_path, load_json, make_dir, save_json, save_tensors
+from sdo.io import atomic_path, load_json, make_dir, save_json
 
 __all__ = ["Item", "item_seed", "items_of", "process_state", "run_items"]
 
@@ -366,53 +366,16 @@ def _agree_on_shards(done: int, problem: str | None) -> int:
 def _run_item(
     config: LatentTaskConfig, item: Item, spec: dict, out: Path, resources: TaskResources, progress: bool
 ) -> dict:
-    """Optimize one item and write its files; ``metrics.json`` last."""
-    item_config = item.config(config)
-    started = time.perf_counter()
-    task = build_task(item_config, resources)
-    result = run_task(item_config, task, progress=progress)
-    with torch.no_grad():
-        before, after, best = (task.decode(x0) for x0 in (task.original, result.sample, result.best_sample))
-    folder = _item_dir(out, item)
-    metadata = {f"item_{key}": value for key, value in dataclasses.asdict(item).items() if value is not None}
-    samples = {"before": before, "after": after, "best": best}
-    if replays(config.method):  # FreeDoM's and DOODL's latents do not replay (sdo.app.results)
-        samples["best_latent"] = result.best_latent
-    save_tensors(
-        samples, folder / "samples.safetensors", metadata={key: str(value) for key, value in metadata.items()}
+    """Optimize one item and write its files (``sdo.app.optimization.optimize_and_write``); ``metrics.json``
+    last."""
+    return optimize_and_write(
+        item.config(config),
+        _item_dir(out, item),
+        resources=resources,
+        progress=progress,
+        item=dataclasses.asdict(item),
+        spec=spec,
     )
-    _save_rows([before, after], folder / "image.png")
-    history = result.history
-    metrics = {
-        "item": dataclasses.asdict(item),
-        "spec": spec,
-        "description": task.description,
-        "method": config.method,
-        "reward_initial": history[0]["reward"],
-        "reward_final": history[-1]["reward"],
-        "reward_best": float(result.best_reward.mean()),
-        "judge_success_initial": history[0].get("judge_success"),
-        "judge_success_final": history[-1].get("judge_success"),
-        "s_per_iter": statistics.median(r["seconds"] for r in history[:-1]) if len(history) > 1 else 0.0,
-        "seconds": time.perf_counter() - started,
-        "history": history,
-    }
-    return save_result(folder, config.method, task, result, (before, after), metrics, metadata, files=_ITEM_FILES)
-
-
-_ITEM_FILES = ("samples.safetensors", "image.png")  # and what save_result writes
-
-
-def _save_rows(rows: list[torch.Tensor], path: Path) -> None:
-    """Images ``[N, C, H, W]`` in [0, 1], one row per tensor, as one PNG (atomically; no figure, no labels)."""
-    import matplotlib.image
-
-    pixels = torch.cat([torch.cat(list(row.detach().float().cpu().clamp(0, 1)), dim=-1) for row in rows], dim=-2)
-    pixels = pixels.permute(1, 2, 0)
-    if pixels.shape[-1] == 1:
-        pixels = pixels.expand(*pixels.shape[:2], 3)
-    with atomic_path(path) as tmp:
-        matplotlib.image.imsave(tmp, pixels.contiguous().numpy(), format="png")
 
 
 def write_summary(
@@ -430,7 +393,7 @@ def write_summary(
     method, each with the mean and median over items of the batch-mean reward (and judge success where the
     task has a judge; no judge column otherwise).
     """
-    from sdo.app.plots import save_image_grid
+    from sdo.app.images import save_grid
     from sdo.io import load_tensors
 
     out = Path(config.out)
@@ -495,7 +458,7 @@ def write_summary(
         tmp.write_text(text)
     if done:
         captions = [item.label if item.prompt is None else str(item.index) for item, _ in shown]
-        save_image_grid(
+        save_grid(
             {
                 "before": torch.stack([s["before"][0] for s in samples]),
                 "after": torch.stack([s["after"][0] for s in samples]),

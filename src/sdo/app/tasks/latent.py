@@ -19,13 +19,14 @@ from sdo.app.method_flags import MethodFlags
 from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import ZOO_GUIDANCE, PipelineOptions
 from sdo.app.reward_spec import parse_reward_spec
+from sdo.app.tasks.edit import PixelProximity, image_paths, load_inputs, model_size
 from sdo.checks import SEED_MAX, check_text
 from sdo.errors import ConfigError
 from sdo.gradients import NoGrad
 from sdo.io import load_image
 from sdo.latent import LatentProblem, OptimizationResult
 from sdo.methods import METHODS, method_names
-from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward
+from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward, WeightedReward
 from sdo.sampling import Sampler
 
 __all__ = [
@@ -161,9 +162,7 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
             raise ConfigError("`image` / `images` are optimized as one batch; they do not combine with --prompts.")
         if self.images and not Path(self.images).is_dir():
             raise ConfigError(f"`images`: {self.images}: no such folder.")
-        from sdo.app.tasks.edit import image_paths
-
-        for path in image_paths(self):
+        for path in image_paths(self.image, self.images):
             load_image(path, max_pixels=self.max_pixels)  # missing, not an image, too large: one line, no model yet
 
 
@@ -217,24 +216,35 @@ def _sampler(sampler: Sampler, config: LatentTaskConfig) -> Sampler:
     return sampler.with_options(compile=True) if config.compile else sampler
 
 
-def pipeline_parts(config: LatentTaskConfig, pipe, batch: int, size: dict | None = None):
-    """``from_pipeline`` over ``batch`` copies of ``config.prompt``, with the family's own guidance unless
-    ``config.guidance`` is given, at ``size`` (``height``/``width``; defaults to ``config.size()``)."""
+def pipeline_parts(
+    config: LatentTaskConfig, pipe, batch: int, size: dict | None = None, guidance: float | None = None
+):
+    """``from_pipeline`` over ``batch`` copies of ``config.prompt`` at ``size`` (``height``/``width``; defaults to
+    ``config.size()``), with the guidance scale ``guidance`` (None: ``config.guidance``, whose 0 means the
+    family's own)."""
     from sdo.pipelines import from_pipeline
 
     size = config.size() if size is None else size
-    return from_pipeline(
-        pipe, [config.prompt] * batch, guidance_scale=config.guidance or None, device=config.device, **size
-    )
+    guidance = (config.guidance or None) if guidance is None else guidance
+    return from_pipeline(pipe, [config.prompt] * batch, guidance_scale=guidance, device=config.device, **size)
 
 
 def pipeline_task(
-    config: LatentTaskConfig, pipe, parts, sampler: Sampler, latent: torch.Tensor, score, description: str, **extra
+    config: LatentTaskConfig,
+    pipe,
+    parts,
+    sampler: Sampler,
+    latent: torch.Tensor,
+    score,
+    description: str,
+    guidance: float | None = None,
+    **extra,
 ) -> LatentTask:
     """The task of a pipeline run whose latent at ``config.start_step`` is ``latent``: its no-grad sample on the
     chain the method optimizes through (the "before", ``original_sample``), the image reward ``score`` on decoded
-    images, the settings that replay it in the pipeline and the notes for ``metrics.json`` (that chain, a replaced
-    scheduler). ``extra`` goes to ``LatentTask`` (e.g. ``inputs``)."""
+    images, the settings that replay it in the pipeline (``guidance``: the scale ``parts`` was built with, as
+    ``pipeline_parts`` takes it) and the notes for ``metrics.json`` (that chain, a replaced scheduler). ``extra``
+    goes to ``LatentTask`` (e.g. ``inputs``)."""
     from sdo.pipelines import DEFAULT_GUIDANCE
 
     chain, original = original_sample(config, sampler, latent)
@@ -242,7 +252,7 @@ def pipeline_task(
     settings = {
         "pipeline": str(Path(config.pipeline).resolve()) if Path(config.pipeline).is_dir() else config.pipeline,
         "prompt": config.prompt,
-        "guidance_scale": config.guidance or DEFAULT_GUIDANCE[parts.family],
+        "guidance_scale": (config.guidance or DEFAULT_GUIDANCE[parts.family]) if guidance is None else guidance,
         "num_inference_steps": config.steps,
         "height": height,
         "width": width,
@@ -282,12 +292,40 @@ def build_pipeline_task(config: LatentTaskConfig, resources: TaskResources | Non
     return pipeline_task(config, resources.pipeline, parts, sampler, latent, score, description)
 
 
+def build_image_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
+    """The image-editing task of ``config.image`` / ``config.images`` on ``config.pipeline`` (``sdo.app.tasks.edit``):
+    the images fitted to the pipeline's size, inverted to ``config.start_step`` with ``config.inversion_guidance``,
+    and sampled with that guidance unless ``config.guidance`` is given."""
+    from sdo.pipelines import size_multiple
+
+    resources = resources or load_resources(config)
+    paths = image_paths(config.image, config.images)
+    height, width, notes = model_size(config.height, config.width, size_multiple(resources.pipeline))
+    size = dict(height=height, width=width)
+    guidance = config.guidance or config.inversion_guidance  # sampling as the inversion did, so `before` ~ input
+    parts = pipeline_parts(config, resources.pipeline, len(paths), size, guidance=guidance)
+    inputs, fitted = load_inputs(paths, parts.image_size, config.device, config.max_pixels)
+    with torch.no_grad():
+        latent = parts.invert(inputs, config.start_step, config.steps, config.inversion_guidance)
+    score = config.image_reward([config.prompt], config.device)
+    if config.proximity:  # None or 0: no pixel term
+        terms = score.terms if isinstance(score, WeightedReward) else {config.reward: (1.0, score)}
+        score = WeightedReward({**terms, "proximity": (config.proximity, PixelProximity(inputs))})
+    sampler = parts.sampler(config.steps, compile=config.compile)
+    description = f"edit {len(paths)} image(s): {config.reward} reward for {config.prompt!r}"
+    task = pipeline_task(
+        config, resources.pipeline, parts, sampler, latent, score, description, guidance=guidance, inputs=inputs
+    )
+    task.settings.update(inversion_guidance=config.inversion_guidance, images=[str(path) for path in paths])
+    if notes + fitted:
+        task.notes["notes"] = notes + fitted
+    return task
+
+
 def build_task(config: LatentTaskConfig, resources: TaskResources | None = None) -> LatentTask:
     """Build the sampler, initial latent, reward and judge for ``config``, from ``resources`` (loaded if None)."""
     resources = resources or load_resources(config)
     if config.image or config.images:
-        from sdo.app.tasks.edit import build_image_task
-
         return build_image_task(config, resources)
     if config.pipeline:
         return build_pipeline_task(config, resources)
