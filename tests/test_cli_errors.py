@@ -45,7 +45,9 @@ def test_missing_pipeline_weights(capsys, tmp_path):
 
 def test_missing_clip_weights(monkeypatch):
     monkeypatch.delenv("SDO_CLIP_PATH", raising=False)
-    with pytest.raises(sdo.MissingWeightsError, match=r"No CLIP model folder given: pass its path, or set"):
+    with pytest.raises(
+        sdo.MissingWeightsError, match=r"No CLIP model folder given: pass its path \(`clip_path`\), or set"
+    ):
         ClipImageEncoder(None)
 
 

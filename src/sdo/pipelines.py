@@ -421,7 +421,9 @@ def _scheduler(pipe, name: str | None):
             return type(pipe.scheduler).from_config(config)
         replaced = scheduler_by_name("ddim", config)
         logger.warning(
-            "sdo replaces the pipeline's scheduler: %s -> %s (sdo supports %s; pass scheduler= to choose one).",
+            "sdo replaces the pipeline's scheduler: %s -> %s (sdo supports %s; to sample with one of them, save the "
+            "pipeline with it: pipe.scheduler = NAME.from_config(pipe.scheduler.config); pipe.save_pretrained(DIR); "
+            'in Python, sdo.from_pipeline(..., scheduler="ddim") chooses one too).',
             type(pipe.scheduler).__name__,
             type(replaced).__name__,
             ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS),

@@ -4,10 +4,12 @@ config dataclasses."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from sdo import __version__
@@ -15,11 +17,15 @@ from sdo.app.runs import is_vacant, remove_unused_folders, remove_unused_records
 from sdo.errors import DISTRIBUTION, SdoError
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, exclude=()) -> None:
-    """One ``--flag`` per dataclass field (type, default, help and choices taken from the field)."""
+def add_config_flags(
+    parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, exclude=(), only=None
+) -> None:
+    """One ``--flag`` per dataclass field (type, default, help and choices taken from the field), for the fields in
+    ``only`` (default: all) but those in ``exclude``. The help ends with the default, unless the field's own help
+    already says what its default does or the default is empty (``""``, None)."""
     defaults = defaults or {}
     for item in dataclasses.fields(config_cls):
-        if item.name in exclude:
+        if item.name in exclude or (only is not None and item.name not in only):
             continue
         default = defaults.get(item.name, item.default)
         if item.metadata.get("action") == "append":  # a repeatable flag: a tuple field, one value per use
@@ -37,7 +43,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
                 dest=item.name,
                 default=default,
                 action=argparse.BooleanOptionalAction,
-                help=item.metadata.get("help", ""),
+                help=_with_default(item.metadata.get("help", ""), "on" if default else "off"),
             )
             continue
         parser.add_argument(
@@ -46,8 +52,16 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
             type=item.metadata.get("type", type(default)),
             default=default,
             choices=item.metadata.get("choices"),
-            help=item.metadata.get("help", "") + ("" if default is None else f" (default: {default})"),
+            help=_with_default(item.metadata.get("help", ""), default),
         )
+
+
+def _with_default(help: str, default) -> str:
+    """``help`` ending with ``(default: DEFAULT)``; as it is where it already says its default (``(default: ...``)
+    or the default is empty."""
+    if default is None or default == "" or "(default" in help:
+        return help
+    return f"{help} (default: {default})"
 
 
 def _fields_of(args: argparse.Namespace, config_cls) -> dict:
@@ -212,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline_only = {"pipeline", "prompt", "reward", "clip_path", "aesthetic_head", "style_image", "height", "width"}
     pipeline_only.update({"pickscore_path", "image", "images", "inversion_guidance", "max_pixels"})
-    many_items = {"conditions", "prompts", "threads"}
+    many_items = {"conditions", "prompts"}
     add_config_flags(
         demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *pipeline_only, *many_items}
     )
@@ -249,13 +263,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="zoo-weights", help="output folder (default: zoo-weights)")
     add_config_flags(train, ZooTrainingConfig)
     train.set_defaults(run=_train_zoo, config=lambda args: _config_from(args, ZooTrainingConfig))
+    for command in (tune, bench, train):  # optimize and demo have it from LatentTaskConfig
+        add_config_flags(command, LatentTaskConfig, only={"threads"})
     for command in (demo, optimize, tune, bench, train):
         command.add_argument(
             "--break-lock",
             action="store_true",
             help="take over the output folder's lock when it was written from another host and no run uses it",
         )
+        command.set_defaults(flags=flag_table(command))
     return parser
+
+
+def flag_table(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each destination of ``parser``'s options (a config field's name) -> its flag: ``start_step`` ->
+    ``--start-step``."""
+    return {
+        action.dest: max(action.option_strings, key=len)
+        for action in parser._actions  # argparse keeps a parser's actions here; no public accessor
+        if action.option_strings and action.dest != "help"
+    }
+
+
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each Python name the library quotes in backticks (`` `start_step` ``) that is one of
+    ``flags`` written as its flag (``--start-step``), and a flag the message then names twice
+    (`` `style_image` (--style-image)``, ``(flag --prompt)``) named once."""
+
+    def flag(match: re.Match) -> str:
+        return flags.get(match.group(1), match.group(0))
+
+    text = re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", flag, message)
+    for name in set(flags.values()) & set(re.findall(r"--[a-z0-9-]+", text)):
+        text = text.replace(f"{name} ({name})", name).replace(f" (flag {name})", "")
+    return text
 
 
 def _check_up_front(args: argparse.Namespace):
@@ -276,6 +317,27 @@ def _check_up_front(args: argparse.Namespace):
     if getattr(args, "json", ""):
         check_writable(Path(args.json).parent)
     return config
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """``--threads N``: torch's threads in this process for the run (every command that runs a model has the flag;
+    a run of many items sets its own per item, ``sdo.app.sharded``); torch's count is restored afterwards."""
+    from sdo.app.options import check_value
+    from sdo.app.tasks.latent import LatentTaskConfig
+
+    check_value(LatentTaskConfig, "threads", count)
+    if not count:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run_locked(args: argparse.Namespace, config) -> int:
@@ -310,10 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     created, vacant = _missing_folders(args), is_vacant(args.out)
     try:
-        return _run_locked(args, _check_up_front(args))
+        with _torch_threads(args.threads):
+            return _run_locked(args, _check_up_front(args))
     except SdoError as error:  # bad input, missing weights or extras, corrupt files: one clear line, no traceback
         _remove_unused(args, created, vacant)
-        print(f"sdo {args.command}: error: {error}", file=sys.stderr)
+        print(f"sdo {args.command}: error: {in_flags(str(error), args.flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C ends a run like SIGTERM: no traceback, the lock released, resumable
         _remove_unused(args, created, vacant)

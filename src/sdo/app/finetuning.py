@@ -43,7 +43,7 @@ from sdo.app.lora import (
     trainable_state,
 )
 from sdo.app.options import check_options, option
-from sdo.app.pipeline_options import PipelineOptions
+from sdo.app.pipeline_options import DEFAULT_REWARD, REWARD_HELP, PipelineOptions
 from sdo.app.prompts import read_prompts
 from sdo.app.resume import (
     INPUTS_KEY,
@@ -79,6 +79,7 @@ __all__ = [
 
 FINETUNE_METHODS = method_names("weights")
 ZOO_TASKS = ("confidence", "bold")
+ZOO_DEFAULT_TASK = "confidence"
 PIPELINE_TASKS = ("aesthetic", "clip", "style", "pickscore")
 FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
 TRACKERS = {  # Accelerate's trackers (accelerate.utils.LoggerType) -> the package each one imports
@@ -101,8 +102,9 @@ class FinetuneConfig(PipelineOptions):
 
     method: str = option("sdo", "gradient estimator", choices=FINETUNE_METHODS)
     task: str = option(
-        "confidence",
-        "reward: embedded model: confidence or bold; --pipeline: aesthetic, clip, style or pickscore",
+        "",
+        f"the reward: embedded model: confidence or bold (default: {ZOO_DEFAULT_TASK}); --pipeline: the same as "
+        "--reward (one of them is enough)",
         choices=FINETUNE_TASKS,
     )
     steps: int = option(
@@ -166,9 +168,7 @@ class FinetuneConfig(PipelineOptions):
     save_pipeline: str = option(
         "", "--pipeline: also write the fine-tuned pipeline here, LoRA fused into plain weights (save_pretrained)"
     )
-    reward: str = option(
-        "", "--pipeline: rewards as a weighted sum, e.g. clip=1.0,aesthetic=0.5 (default: the --task reward alone)"
-    )
+    reward: str = option("", f"{REWARD_HELP} (default: {DEFAULT_REWARD}, or the --task given)")
     verify: bool = option(
         False,
         "on resume, rehash every input (pipeline, CLIP and PickScore folders, aesthetic head, style image) even where "
@@ -188,18 +188,33 @@ class FinetuneConfig(PipelineOptions):
             raise ConfigError(f"`draft_k` must be in [1, {self.sample_steps}], got {self.draft_k}.")
         if self.method == "alignprop" and not 1 <= self.alignprop_high <= self.sample_steps:
             raise ConfigError(f"`alignprop_high` must be in [1, {self.sample_steps}], got {self.alignprop_high}.")
-        if self.task not in FINETUNE_TASKS:
-            raise ConfigError(f"`task` must be one of {FINETUNE_TASKS}, got {self.task!r}.")
-        if self.pipeline and self.task not in PIPELINE_TASKS and not self.reward:  # --reward replaces --task
-            raise ConfigError(f"`task` must be one of {PIPELINE_TASKS} with --pipeline, got {self.task!r}.")
+        self._resolve_reward()
         if self.pipeline and not self.prompts:
             raise ConfigError("`prompts` (a file with one prompt per line) is required with --pipeline.")
-        if self.reward and not self.pipeline:
-            raise ConfigError("`reward` (a weighted sum of image rewards) is for --pipeline runs.")
         unknown = sorted(set(self.trackers()) - set(TRACKERS))
         if unknown:
             raise ConfigError(f"`report_to`: unknown tracker {unknown[0]!r}; Accelerate's are {', '.join(TRACKERS)}.")
         super().__post_init__()
+
+    def _resolve_reward(self) -> None:
+        """Check ``task`` and ``reward``, then write the reward they choose where it is recorded: ``task`` on the
+        embedded model (default ``confidence``), ``reward`` on a pipeline (``task`` is its older name there; default
+        ``clip``), the other field left empty."""
+        if self.task not in ("", *FINETUNE_TASKS):
+            raise ConfigError(f"`task` must be one of {FINETUNE_TASKS}, got {self.task!r}.")
+        if self.reward and not self.pipeline:
+            raise ConfigError(f"`reward` ({self.reward!r}) scores a pipeline's images; add --pipeline DIR.")
+        if not self.pipeline:
+            object.__setattr__(self, "task", self.task or ZOO_DEFAULT_TASK)
+            return
+        if self.task in ZOO_TASKS:
+            raise ConfigError(f"`task` must be one of {PIPELINE_TASKS} with --pipeline, got {self.task!r}.")
+        if self.task and self.reward and self.task != self.reward:
+            raise ConfigError(
+                f"`task` ({self.task!r}) and `reward` ({self.reward!r}) choose different rewards; give one of them."
+            )
+        object.__setattr__(self, "reward", self.reward or self.task or DEFAULT_REWARD)
+        object.__setattr__(self, "task", "")
 
     def trackers(self) -> list[str]:
         """The trackers of ``report_to``, with ``tensorboard`` added by the ``tensorboard`` alias."""
@@ -209,7 +224,7 @@ class FinetuneConfig(PipelineOptions):
         return names
 
     def reward_spec(self) -> str:
-        """The ``--pipeline`` reward spec: ``reward``, or the ``task`` reward alone."""
+        """The reward spec: ``reward`` on a pipeline (where ``task`` was given, its name), else ``task``."""
         return self.reward or self.task
 
     def mode(self, generator: torch.Generator) -> GradientMode:
