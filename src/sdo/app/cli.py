@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdo import __version__
 from sdo.app.runs import is_vacant, remove_unused_folders, remove_unused_records
-from sdo.errors import DISTRIBUTION, SdoError
+from sdo.errors import DISTRIBUTION, ConfigError, MissingWeightsError, SdoError
 
 
 def add_config_flags(
@@ -183,18 +183,48 @@ def _plan(config, args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from sdo.app.finetuning import FinetuneConfig, finetune
+    from sdo.app.runs import is_secondary_process
 
     config = _config_from(args, FinetuneConfig)
+    if not is_secondary_process():
+        print(_finetune_start(config))
     record = finetune(config, break_lock=args.break_lock)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, the main process reports
         return 0
     print(json.dumps(record, indent=2))
-    diffusers_files = ", pytorch_lora_weights.safetensors" if config.lora_rank else ", unet/ or transformer/"
-    written = "sdo/adapter.safetensors" + (diffusers_files if config.pipeline else "")
-    print(f"Wrote {Path(args.out)}/{written}, metrics.jsonl, samples/, reward_curve.png")
+    print(f"Wrote {', '.join(_finetune_outputs(config))}")
     return 0
+
+
+def _finetune_start(config) -> str:
+    """What a fine-tuning run trains, on what, for how long, and where it writes."""
+    model = f"pipeline {config.pipeline}" if config.pipeline else "the embedded model"
+    weights = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full weights"
+    return (
+        f"sdo finetune: {model}, {weights}, {config.method} on the {config.reward_spec()} reward, {config.steps} "
+        f"update{'s' * (config.steps != 1)} of batch {config.batch_size} ({config.sample_steps} sampling steps); "
+        f"writing to {config.out}"
+    )
+
+
+def _finetune_outputs(config) -> list[str]:
+    """The files and folders a finished fine-tuning run wrote (or logged to)."""
+    from sdo.app.finetuning import TRACKER_RUN
+
+    out = Path(config.out)
+    diffusers = ["pytorch_lora_weights.safetensors" if config.lora_rank else "unet/ or transformer/"]
+    files = [*(diffusers if config.pipeline else []), "sdo/adapter.safetensors", "metrics.jsonl", "samples/"]
+    written = [f"{out}/{files[0]}", *files[1:], "reward_curve.png", "checkpoints/"]
+    trackers = config.trackers()
+    if "tensorboard" in trackers:
+        written.append(f"{out / TRACKER_RUN}/ (TensorBoard logs: tensorboard --logdir {out / TRACKER_RUN})")
+    if others := [name for name in trackers if name != "tensorboard"]:
+        written.append(f"the {', '.join(others)} run {TRACKER_RUN}")
+    if config.save_pipeline:
+        written.append(f"the fine-tuned pipeline (--save-pipeline) {config.save_pipeline}")
+    return written
 
 
 def _train_zoo(args: argparse.Namespace) -> int:
@@ -279,7 +309,7 @@ def flag_table(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Each destination of ``parser``'s options (a config field's name) -> its flag: ``start_step`` ->
     ``--start-step``."""
     return {
-        action.dest: max(action.option_strings, key=len)
+        action.dest: action.option_strings[0]  # --project, not --no-project
         for action in parser._actions  # argparse keeps a parser's actions here; no public accessor
         if action.option_strings and action.dest != "help"
     }
@@ -376,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_locked(args, _check_up_front(args))
     except SdoError as error:  # bad input, missing weights or extras, corrupt files: one clear line, no traceback
         _remove_unused(args, created, vacant)
-        print(f"sdo {args.command}: error: {in_flags(str(error), args.flags)}", file=sys.stderr)
+        print(f"sdo {args.command}: error: {_message(error, args.flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C ends a run like SIGTERM: no traceback, the lock released, resumable
         _remove_unused(args, created, vacant)
@@ -385,6 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:  # a bug's traceback: still no empty --out and no record of a run that wrote nothing
         _remove_unused(args, created, vacant)
         raise
+
+
+def _message(error: SdoError, flags: dict[str, str]) -> str:
+    """The line the command prints for ``error``: a bad setting (``ConfigError``) or a model file not given
+    (``MissingWeightsError``) names flags where the library names Python fields (``in_flags``); other errors quote
+    other things (a package to install, a file's key)."""
+    return in_flags(str(error), flags) if isinstance(error, ConfigError | MissingWeightsError) else str(error)
 
 
 def _missing_folders(args: argparse.Namespace) -> list[Path]:

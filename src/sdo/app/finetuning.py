@@ -82,6 +82,8 @@ ZOO_TASKS = ("confidence", "bold")
 ZOO_DEFAULT_TASK = "confidence"
 PIPELINE_TASKS = ("aesthetic", "clip", "style", "pickscore")
 FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
+TRACKER_RUN = "sdo-finetune"
+"""The trackers' run name; TensorBoard's logs go to ``OUT/sdo-finetune/``."""
 TRACKERS = {  # Accelerate's trackers (accelerate.utils.LoggerType) -> the package each one imports
     "tensorboard": "tensorboard",
     "wandb": "wandb",
@@ -155,8 +157,8 @@ class FinetuneConfig(PipelineOptions):
     tensorboard: bool = option(False, "alias of --report-to tensorboard (needs shortcut-diffusion[tensorboard])")
     report_to: str = option(
         "",
-        f"comma-separated Accelerate trackers to log metrics and sample grids to ({', '.join(TRACKERS)}); each "
-        "needs its package",
+        f"comma-separated Accelerate trackers to log metrics and sample grids to ({', '.join(TRACKERS)}; "
+        f"TensorBoard's logs go to OUT/{TRACKER_RUN}/); each needs its package",
     )
     out: str = option("sdo-finetune", "output folder (a rerun with the same folder resumes)")
     prompts: str = option("", "--pipeline: text file with one training prompt per line")
@@ -652,7 +654,8 @@ def _train(config: FinetuneConfig, data: _TrainingData, progress: bool, accelera
     evaluator = target.evaluator() if accelerator.is_main_process else None
     settings = data.settings(config)
     if config.trackers():
-        accelerator.init_trackers("sdo-finetune", config=asdict(config))
+        facts = {"eval_on_training_prompts": target.eval_on_training_prompts} if data.on_pipeline else {}
+        accelerator.init_trackers(TRACKER_RUN, config={**asdict(config), **facts})
     bar = tqdm(
         range(start + 1, config.steps + 1),
         initial=start,
@@ -681,7 +684,7 @@ def _train(config: FinetuneConfig, data: _TrainingData, progress: bool, accelera
                 save_checkpoint(
                     out / "checkpoints", step, trainer.trainable_state(), trainer.optimizer, {"config": settings}
                 )
-        accelerator.log(record, step=step)
+        accelerator.log(tracked_scalars(record), step=step)
         accelerator.wait_for_everyone()
         bar.set_postfix(reward=f"{mean_reward:.3f}", s=f"{record['seconds']:.2f}")
     trainer.check_replicas_agree()
@@ -690,6 +693,12 @@ def _train(config: FinetuneConfig, data: _TrainingData, progress: bool, accelera
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
+
+
+def tracked_scalars(record: dict) -> dict:
+    """What the trackers get of a ``metrics.jsonl`` record: its measures, not its ``step`` (the x axis, passed as
+    such) nor its flags (``eval_on_training_prompts``, a fact of the run in the trackers' config)."""
+    return {name: value for name, value in record.items() if name != "step" and not isinstance(value, bool)}
 
 
 def _evaluate(evaluator, network: torch.nn.Module, accelerator, out: Path, step: int) -> dict:
