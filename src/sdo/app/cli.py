@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -183,10 +184,9 @@ def _plan(config, args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from sdo.app.finetuning import FinetuneConfig, finetune
-    from sdo.app.runs import is_secondary_process
 
     config = _config_from(args, FinetuneConfig)
-    if not is_secondary_process():
+    if os.environ.get("RANK", "0") == "0":  # the main process of `accelerate launch` (its group starts later)
         print(_finetune_start(config))
     record = finetune(config, break_lock=args.break_lock)
     from accelerate import PartialState
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser("finetune", help="reward fine-tuning (LoRA or full), resumable; works under accelerate")
     add_config_flags(tune, FinetuneConfig)
-    tune.set_defaults(run=_finetune, config=lambda args: _config_from(args, FinetuneConfig))
+    tune.set_defaults(run=_finetune, config=_threads_and(FinetuneConfig))
 
     bench = commands.add_parser("bench", help="compare gradient estimators: time, memory, reward, gradient cosine")
     add_config_flags(bench, BenchConfig)
@@ -285,14 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--list-methods", action="store_true", help="print every method name and what it runs, then exit"
     )
-    bench.set_defaults(run=_bench, config=lambda args: _config_from(args, BenchConfig))
+    bench.set_defaults(run=_bench, config=_threads_and(BenchConfig))
 
     train = commands.add_parser(
         "train-zoo", help=f"retrain the embedded model and classifiers (needs {DISTRIBUTION}[train])"
     )
     train.add_argument("--out", default="zoo-weights", help="output folder (default: zoo-weights)")
     add_config_flags(train, ZooTrainingConfig)
-    train.set_defaults(run=_train_zoo, config=lambda args: _config_from(args, ZooTrainingConfig))
+    train.set_defaults(run=_train_zoo, config=_threads_and(ZooTrainingConfig))
     for command in (tune, bench, train):  # optimize and demo have it from LatentTaskConfig
         add_config_flags(command, LatentTaskConfig, only={"threads"})
     for command in (demo, optimize, tune, bench, train):
@@ -303,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.set_defaults(flags=flag_table(command))
     return parser
+
+
+def _threads_and(config_cls):
+    """The config builder of a command whose ``--threads`` is not a field of its config ``config_cls``: it checks
+    ``--threads`` as ``LatentTaskConfig``'s field, then builds the config."""
+    from sdo.app.options import check_value
+    from sdo.app.tasks.latent import LatentTaskConfig
+
+    def build(args: argparse.Namespace):
+        check_value(LatentTaskConfig, "threads", args.threads)
+        return _config_from(args, config_cls)
+
+    return build
 
 
 def flag_table(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -351,12 +364,9 @@ def _check_up_front(args: argparse.Namespace):
 
 @contextlib.contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
-    """``--threads N``: torch's threads in this process for the run (every command that runs a model has the flag;
-    a run of many items sets its own per item, ``sdo.app.sharded``); torch's count is restored afterwards."""
-    from sdo.app.options import check_value
-    from sdo.app.tasks.latent import LatentTaskConfig
-
-    check_value(LatentTaskConfig, "threads", count)
+    """``--threads N`` (checked with the command's config): torch's threads in this process for the run (every
+    command that runs a model has the flag; a run of many items sets its own per item, ``sdo.app.sharded``);
+    torch's count is restored afterwards."""
     if not count:
         yield
         return
@@ -402,8 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     created, vacant = _missing_folders(args), is_vacant(args.out)
     try:
+        config = _check_up_front(args)
         with _torch_threads(args.threads):
-            return _run_locked(args, _check_up_front(args))
+            return _run_locked(args, config)
     except SdoError as error:  # bad input, missing weights or extras, corrupt files: one clear line, no traceback
         _remove_unused(args, created, vacant)
         print(f"sdo {args.command}: error: {_message(error, args.flags)}", file=sys.stderr)
