@@ -10,7 +10,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from sdo import __version__
@@ -362,22 +362,14 @@ def _check_up_front(args: argparse.Namespace):
     return config
 
 
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """``--threads N`` (checked with the command's config): torch's threads in this process for the run (every
-    command that runs a model has the flag; a run of many items sets its own per item, ``sdo.app.sharded``);
-    torch's count is restored afterwards."""
+def _torch_threads(count: int) -> contextlib.AbstractContextManager:
+    """``--threads N`` (checked with the command's config): torch's threads in this process for the run, restored
+    afterwards (every command that runs a model has the flag; a run of many items also sets them per item)."""
     if not count:
-        yield
-        return
-    import torch
+        return contextlib.nullcontext()
+    from sdo.app.sharded import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(count)
 
 
 def _run_locked(args: argparse.Namespace, config) -> int:

@@ -62,7 +62,7 @@ class PipelineOptions:
     )
     max_pixels: int = option(
         DEFAULT_MAX_PIXELS,
-        "--pipeline: refuse an input image (--image, --images, --style-image) of more pixels than this, before any "
+        "--pipeline: refuse an input image (an image to edit, the style image) of more pixels than this, before any "
         "model loads",
         at_least=1,
         at_most=2**31,
