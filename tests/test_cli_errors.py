@@ -30,7 +30,7 @@ def test_the_family_derives_from_the_builtin_exceptions_callers_catch():
 
 
 def test_bad_flag_value(capsys):
-    assert "`start_step` must be in [0, 49]" in one_line_error(capsys, ["optimize", "--start-step", "60"])
+    assert "--start-step must be in [0, 49]" in one_line_error(capsys, ["optimize", "--start-step", "60"])
 
 
 def test_unknown_method_in_bench(capsys):
@@ -45,7 +45,9 @@ def test_missing_pipeline_weights(capsys, tmp_path):
 
 def test_missing_clip_weights(monkeypatch):
     monkeypatch.delenv("SDO_CLIP_PATH", raising=False)
-    with pytest.raises(sdo.MissingWeightsError, match=r"No CLIP model folder given: pass its path, or set"):
+    with pytest.raises(
+        sdo.MissingWeightsError, match=r"No CLIP model folder given: pass its path \(`clip_path`\), or set"
+    ):
         ClipImageEncoder(None)
 
 
@@ -91,3 +93,65 @@ def test_list_methods_prints_one_line_per_registered_method(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(sdo.methods.METHODS)
     assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
+
+
+# Issue 27, items 9 and 10: the command speaks in flags, and every command that runs a model takes --threads.
+
+
+def test_errors_name_the_flag_not_the_python_field(capsys, tmp_path):
+    line = one_line_error(capsys, ["optimize", "--steps", "10", "--start-step", "10"])
+    assert line.endswith("error: --start-step must be in [0, 9], got 10.")
+    nowhere = ["--pipeline", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]
+    line = one_line_error(capsys, ["optimize", *nowhere])
+    assert "--prompt (or --prompts, a file of prompts) is required with --pipeline" in line
+    line = one_line_error(capsys, ["optimize", "--iters", "0"])
+    assert "--iters must be an integer in [1, 1000000], got 0." in line and "(flag" not in line
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    tune = ["finetune", *nowhere, "--prompts", str(prompts), "--task", "clip", "--reward", "aesthetic"]
+    line = one_line_error(capsys, tune)
+    assert "--task ('clip') and --reward ('aesthetic') choose different rewards" in line
+    assert "`" not in line + one_line_error(capsys, ["finetune", "--reward", "clip", "--out", str(tmp_path / "f")])
+
+
+def test_missing_clip_folder_names_the_flag(monkeypatch):
+    monkeypatch.delenv("SDO_CLIP_PATH", raising=False)
+    with pytest.raises(sdo.MissingWeightsError) as caught:
+        ClipImageEncoder(None)
+    flags = cli.flag_table(cli.build_parser()._subparsers._group_actions[0].choices["optimize"])
+    line = cli._message(caught.value, flags)
+    assert line == "No CLIP model folder given: pass its path (--clip-path), or set $SDO_CLIP_PATH."
+    assert cli._message(sdo.errors.missing_extra("tensorboard", "tensorboard", "x"), flags).count("`tensorboard`") == 1
+
+
+@pytest.mark.parametrize("command", ["demo", "optimize", "finetune", "bench", "train-zoo"])
+def test_every_command_takes_threads_for_its_run_and_restores_torchs(command, monkeypatch, tmp_path):
+    import torch
+
+    seen, before = [], torch.get_num_threads()
+    monkeypatch.setattr(cli, f"_{command.replace('-', '_')}", lambda args: seen.append(torch.get_num_threads()) or 0)
+    argv = [command, "--threads", str(before + 1), "--out", str(tmp_path / "o")]
+    assert cli.main(argv + (["--unet-steps", "1"] if command == "train-zoo" else [])) == 0
+    assert seen == [before + 1] and torch.get_num_threads() == before
+
+
+def test_a_bad_threads_value_is_one_line(capsys):
+    assert "--threads must be an integer in [0, 1024], got -1." in one_line_error(capsys, ["bench", "--threads", "-1"])
+
+
+def test_transformers_torchvision_notice_is_silenced_and_nothing_else(tmp_path):
+    import logging
+
+    from sdo.hub import model_source
+
+    model_source(tmp_path, "CLIP model")  # sdo is about to load a model
+    logger, records = logging.getLogger("transformers.utils.import_utils"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `X` for ...")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert [record.getMessage() for record in records] == ["something else"]

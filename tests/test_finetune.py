@@ -279,3 +279,47 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
         # Float32 sums in another order; Adam's per-element normalization can magnify that to ~1e-5 of a 5e-3 step.
         torch.testing.assert_close(adapter(double)[name], value, rtol=1e-3, atol=1e-4)
     assert sdo.__version__
+
+
+# Issue 27, items 8 and 13: one --reward for pipeline rewards, a start line and a complete "Wrote" line.
+
+
+def test_reward_defaults_per_model_and_task_is_its_older_name(tmp_path):
+    assert (FinetuneConfig().task, FinetuneConfig().reward) == ("confidence", "")
+    pipeline = dict(pipeline=str(tmp_path / "pipe"), prompts=str(tmp_path / "p.txt"))
+    assert FinetuneConfig(**pipeline).reward_spec() == "clip"  # --pipeline alone has a reward that works
+    by_task, by_reward = FinetuneConfig(**pipeline, task="aesthetic"), FinetuneConfig(**pipeline, reward="aesthetic")
+    assert by_task == by_reward and by_task.reward_spec() == "aesthetic"  # one choice, recorded one way
+    assert FinetuneConfig(**pipeline, task="clip", reward="clip").reward == "clip"
+    with pytest.raises(sdo.ConfigError, match=r"`task` \('clip'\) and `reward` \('aesthetic'\) choose different"):
+        FinetuneConfig(**pipeline, task="clip", reward="aesthetic")
+    with pytest.raises(sdo.ConfigError, match=r"`task` must be one of .* with --pipeline, got 'bold'"):
+        FinetuneConfig(**pipeline, task="bold")
+
+
+def test_trackers_get_measures_not_the_step_or_flags():
+    from sdo.app.finetuning import tracked_scalars
+
+    record = {"step": 3, "reward": 0.5, "seconds": 1.0, "eval_reward": 0.25, "eval_on_training_prompts": True}
+    assert tracked_scalars(record) == {"reward": 0.5, "seconds": 1.0, "eval_reward": 0.25}
+
+
+def test_the_command_says_what_it_runs_and_everything_it_wrote(tmp_path, capsys, monkeypatch):
+    import sdo.app.finetuning
+    from sdo.app import cli
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(sdo.app.finetuning, "finetune", lambda config, **options: {"step": 1})  # the lines only
+    tiny = ["--steps", "1", "--sample-steps", "2", "--batch-size", "2", "--eval-per-class", "1", "--task", "bold"]
+    assert cli.main(["finetune", *tiny, "--lora-rank", "2", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        f"sdo finetune: the embedded model, LoRA rank 2, sdo on the bold reward, 1 update of batch 2 (2 sampling "
+        f"steps); writing to {out}"
+    )
+    assert lines[-1] == f"Wrote {out}/sdo/adapter.safetensors, metrics.jsonl, samples/, reward_curve.png, checkpoints/"
+    config = FinetuneConfig(pipeline="P", prompts="p.txt", out="O", save_pipeline="S", report_to="tensorboard,wandb")
+    written = ", ".join(cli._finetune_outputs(config))
+    assert written.startswith("O/pytorch_lora_weights.safetensors, sdo/adapter.safetensors")
+    assert "O/sdo-finetune/ (TensorBoard logs" in written and "the wandb run sdo-finetune" in written
+    assert written.endswith("the fine-tuned pipeline (--save-pipeline) S")

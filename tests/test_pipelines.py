@@ -208,7 +208,9 @@ def test_missing_weights_give_the_documented_error(tmp_path, monkeypatch):
     monkeypatch.delenv("SDO_CLIP_PATH", raising=False)
     with pytest.raises(FileNotFoundError, match=r"nowhere is not a CLIP model folder .*not a Hugging Face Hub id"):
         ClipImageEncoder(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"No CLIP model folder given: pass its path, or set \$SDO_CLIP_PATH"):
+    with pytest.raises(
+        FileNotFoundError, match=r"No CLIP model folder given: pass its path \(`clip_path`\), or set \$SDO_CLIP_PATH"
+    ):
         ClipImageEncoder()
     with pytest.raises(FileNotFoundError, match="LAION aesthetic head"):
         AestheticReward(tmp_path / "head.safetensors")

@@ -99,7 +99,7 @@ def test_optimize_cli_writes_a_replayable_latent(tmp_path, task):
 
 def test_cli_bad_input_is_one_clear_line(capsys):
     assert main(["optimize", "--start-step", "60", "--steps", "50"]) == 2
-    assert "`start_step` must be in [0, 49], got 60" in capsys.readouterr().err
+    assert "--start-step must be in [0, 49], got 60" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["optimize", "--method", "magic"])
 
@@ -205,3 +205,55 @@ def test_no_module_of_the_application_layer_imports_itself_back():
         )
 
     assert [name for name in graph if reaches(name, name, set())] == []
+
+
+# Issue 27, item 12: the help and what the demo records.
+
+
+def test_help_states_each_default_once_and_every_switchs(capsys):
+    texts = {}
+    for command in ("demo", "optimize", "finetune", "bench", "train-zoo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts[command] = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    from sdo.app.cli import build_parser
+
+    for command, parser in build_parser()._subparsers._group_actions[0].choices.items():
+        for action in parser._actions:
+            assert (action.help or "").count("(default") <= 1 and "(default: )" not in texts[command], action.dest
+    assert (
+        "--kept-steps KEPT_STEPS sdo-multi: comma-separated kept step indices (default: 4 spread" in texts["optimize"]
+    )
+    assert "(the hard shell prior) (default: on)" in texts["optimize"] and "(default: off)" in texts["finetune"]
+    assert "--image" not in texts["demo"] and "reference image (PNG, JPEG, WebP, TIFF)" in texts["optimize"]
+    assert "(default: clip, or the --task given)" in texts["finetune"]
+
+
+def test_demo_records_its_true_settings_and_the_bar_ends_on_the_last_reward(tmp_path, monkeypatch):
+    import sdo.latent
+    from sdo.app.demo import demo_config, run_demo
+
+    shown = []
+
+    class Bar:  # records what the progress bar shows
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, refresh=True, **values):
+            shown.append(values["reward"])
+
+    monkeypatch.setattr(sdo.latent, "tqdm", Bar)
+    config = demo_config(steps=2, iters=2, batch=1, out=str(tmp_path / "demo"))
+    metrics = run_demo(config, methods=("sdo",))
+    recorded = json.loads((tmp_path / "demo" / "metrics.json").read_text())["config"]
+    assert "reward" not in recorded and "pipeline" not in recorded and recorded["task"] == "class"
+    assert shown[-1] == f"{metrics['methods']['sdo']['reward_final']:.3f}" and len(shown) == 3

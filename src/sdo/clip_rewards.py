@@ -51,11 +51,20 @@ def _transformers():
     return transformers
 
 
+_ARGUMENTS = {
+    "SDO_CLIP_PATH": "clip_path",
+    "SDO_PICKSCORE_PATH": "pickscore_path",
+    "SDO_AESTHETIC_HEAD": "aesthetic_head",
+}
+"""The environment variable of each model file or folder -> the name that gives it in the reward configs
+(``PipelineOptions``, ``sdo.app.reward_spec.image_reward``), whose flag the ``sdo`` command names."""
+
+
 def _chosen(path: str | os.PathLike | None, variable: str, what: str) -> str | os.PathLike:
     """``path``, else ``$variable``; ``MissingWeightsError`` when neither is given."""
     chosen = path or os.environ.get(variable)
     if not chosen:
-        raise MissingWeightsError(f"No {what} given: pass its path, or set ${variable}.")
+        raise MissingWeightsError(f"No {what} given: pass its path (`{_ARGUMENTS[variable]}`), or set ${variable}.")
     return chosen
 
 
@@ -313,7 +322,7 @@ def clip_reward(
     """The CLIP-based image reward ``name`` (one of ``CLIP_REWARDS``) as ``reward(images, cond) -> [B]``.
 
     "clip": ``ClipScoreReward(prompts)`` (``cond`` may index the prompts); "aesthetic": ``AestheticReward``
-    (``aesthetic_head`` or ``$SDO_AESTHETIC_HEAD``); "style": ``ClipStyleReward`` against the PNG ``style_image``;
+    (``aesthetic_head`` or ``$SDO_AESTHETIC_HEAD``); "style": ``ClipStyleReward`` against the image ``style_image``;
     "pickscore": ``PickScoreReward(prompts)`` from its own model (``pickscore_path`` or ``$SDO_PICKSCORE_PATH``; it
     does not use ``encoder``, which may then be None). ``max_pixels`` bounds the style image
     (``sdo.io.load_image``).
@@ -329,7 +338,7 @@ def clip_reward(
         return AestheticReward(aesthetic_head or None, encoder=encoder)
     if name == "style":
         if not style_image:
-            raise ConfigError("the style reward needs a reference image (`style_image`, a PNG).")
+            raise ConfigError("the style reward needs a reference image (`style_image`: PNG, JPEG, WebP, TIFF).")
         reference = load_image(style_image, encoder.model.device, max_pixels=max_pixels)
         return ClipStyleReward(reference, encoder=encoder)
     raise ConfigError(f"the CLIP-based reward must be one of {CLIP_REWARDS}, got {name!r}.")

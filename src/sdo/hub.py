@@ -60,13 +60,34 @@ class ModelSource:
         return {"cache_dir": hub_cache(), **({"local_files_only": True} if offline() else {})}
 
 
+class _TorchvisionFallback(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL version because torchvision is not
+    installed (``CLIPImageProcessor`` -> ``CLIPImageProcessorPil``): the fallback is what sdo's preprocessing
+    expects, and the notice asks the user for nothing sdo needs. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+_QUIET = _TorchvisionFallback()
+
+
+def quiet_torchvision_fallback() -> None:
+    """Silence only transformers' torchvision-fallback notice (``_TorchvisionFallback``), on the one logger that
+    emits it, without importing transformers; done before sdo loads a model, idempotent."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_QUIET)
+
+
 def model_source(value: str | os.PathLike, what: str) -> ModelSource:
     """Classify ``value``: an existing folder, else a Hub id ``org/name``; ``MissingWeightsError`` otherwise.
+    Before a model loads from it, transformers' torchvision-fallback notice is silenced
+    (``quiet_torchvision_fallback``).
 
     Args:
         value: a folder path, or a Hub id.
         what: the kind of model, for the message (e.g. "diffusers pipeline", "CLIP model").
     """
+    quiet_torchvision_fallback()
     text = os.fspath(value)
     folder = Path(text).expanduser()
     if folder.is_dir():

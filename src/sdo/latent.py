@@ -290,11 +290,15 @@ class LatentStepper:
         return self.best.result(*self.last_finite, self.history)
 
     def run(self, iters: int, description: str, progress: bool = True) -> OptimizationResult:
-        """``iters`` iterations then ``finish()``, with a tqdm bar showing the reward."""
-        bar = tqdm(range(iters), desc=description, disable=not progress, leave=False)
-        for _ in bar:
-            bar.set_postfix(reward=f"{self.iterate()['reward']:.3f}")
-        return self.finish()
+        """``iters`` iterations then ``finish()``, with a tqdm bar showing the reward (last, the final latent's, the
+        history's last record)."""
+        with tqdm(total=iters, desc=description, disable=not progress, leave=False) as bar:
+            for _ in range(iters):
+                bar.set_postfix(reward=f"{self.iterate()['reward']:.3f}", refresh=False)
+                bar.update()
+            result = self.finish()
+            bar.set_postfix(reward=f"{self.history[-1]['reward']:.3f}")
+        return result
 
     def _iterate(self, final: bool) -> dict:
         z, iteration, learns = self.latent, len(self.history), not final and not isinstance(self.grad, NoGrad)

@@ -4,22 +4,29 @@ config dataclasses."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sdo import __version__
 from sdo.app.runs import is_vacant, remove_unused_folders, remove_unused_records
-from sdo.errors import DISTRIBUTION, SdoError
+from sdo.errors import DISTRIBUTION, ConfigError, MissingWeightsError, SdoError
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, exclude=()) -> None:
-    """One ``--flag`` per dataclass field (type, default, help and choices taken from the field)."""
+def add_config_flags(
+    parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, exclude=(), only=None
+) -> None:
+    """One ``--flag`` per dataclass field (type, default, help and choices taken from the field), for the fields in
+    ``only`` (default: all) but those in ``exclude``. The help ends with the default, unless the field's own help
+    already says what its default does or the default is empty (``""``, None)."""
     defaults = defaults or {}
     for item in dataclasses.fields(config_cls):
-        if item.name in exclude:
+        if item.name in exclude or (only is not None and item.name not in only):
             continue
         default = defaults.get(item.name, item.default)
         if item.metadata.get("action") == "append":  # a repeatable flag: a tuple field, one value per use
@@ -37,7 +44,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
                 dest=item.name,
                 default=default,
                 action=argparse.BooleanOptionalAction,
-                help=item.metadata.get("help", ""),
+                help=_with_default(item.metadata.get("help", ""), "on" if default else "off"),
             )
             continue
         parser.add_argument(
@@ -46,8 +53,16 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
             type=item.metadata.get("type", type(default)),
             default=default,
             choices=item.metadata.get("choices"),
-            help=item.metadata.get("help", "") + ("" if default is None else f" (default: {default})"),
+            help=_with_default(item.metadata.get("help", ""), default),
         )
+
+
+def _with_default(help: str, default) -> str:
+    """``help`` ending with ``(default: DEFAULT)``; as it is where it already says its default (``(default: ...``)
+    or the default is empty."""
+    if default is None or default == "" or "(default" in help:
+        return help
+    return f"{help} (default: {default})"
 
 
 def _fields_of(args: argparse.Namespace, config_cls) -> dict:
@@ -84,8 +99,6 @@ def _demo(args: argparse.Namespace, record_config: Callable[[], None]) -> int:
 
 
 def _optimize(args: argparse.Namespace, record_config: Callable[[], None]) -> int:
-    import torch
-
     from sdo.app.demo import format_table
     from sdo.app.optimization import optimize_and_write
     from sdo.app.tasks.latent import LatentTaskConfig
@@ -93,8 +106,6 @@ def _optimize(args: argparse.Namespace, record_config: Callable[[], None]) -> in
     config = _config_from(args, LatentTaskConfig)
     if config.conditions or config.prompts:
         return _optimize_items(config, args, record_config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     record = optimize_and_write(config, config.out, on_task=_announce(config), before_writing=record_config)
     if "reconstruction_psnr_mean" in record:
         print(f"Reconstruction PSNR of before vs input: {record['reconstruction_psnr_mean']:.2f} dB")
@@ -174,16 +185,45 @@ def _finetune(args: argparse.Namespace, record_config: Callable[[], None]) -> in
     from sdo.app.finetuning import FinetuneConfig, finetune
 
     config = _config_from(args, FinetuneConfig)
+    if os.environ.get("RANK", "0") == "0":  # the main process of `accelerate launch` (its group starts later)
+        print(_finetune_start(config))
     record = finetune(config, break_lock=args.break_lock)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, the main process reports
         return 0
     print(json.dumps(record, indent=2))
-    diffusers_files = ", pytorch_lora_weights.safetensors" if config.lora_rank else ", unet/ or transformer/"
-    written = "sdo/adapter.safetensors" + (diffusers_files if config.pipeline else "")
-    print(f"Wrote {Path(args.out)}/{written}, metrics.jsonl, samples/, reward_curve.png")
+    print(f"Wrote {', '.join(_finetune_outputs(config))}")
     return 0
+
+
+def _finetune_start(config) -> str:
+    """What a fine-tuning run trains, on what, for how long, and where it writes."""
+    model = f"pipeline {config.pipeline}" if config.pipeline else "the embedded model"
+    weights = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full weights"
+    return (
+        f"sdo finetune: {model}, {weights}, {config.method} on the {config.reward_spec()} reward, {config.steps} "
+        f"update{'s' * (config.steps != 1)} of batch {config.batch_size} ({config.sample_steps} sampling steps); "
+        f"writing to {config.out}"
+    )
+
+
+def _finetune_outputs(config) -> list[str]:
+    """The files and folders a finished fine-tuning run wrote (or logged to)."""
+    from sdo.app.finetuning import TRACKER_RUN
+
+    out = Path(config.out)
+    diffusers = ["pytorch_lora_weights.safetensors" if config.lora_rank else "unet/ or transformer/"]
+    files = [*(diffusers if config.pipeline else []), "sdo/adapter.safetensors", "metrics.jsonl", "samples/"]
+    written = [f"{out}/{files[0]}", *files[1:], "reward_curve.png", "checkpoints/"]
+    trackers = config.trackers()
+    if "tensorboard" in trackers:
+        written.append(f"{out / TRACKER_RUN}/ (TensorBoard logs: tensorboard --logdir {out / TRACKER_RUN})")
+    if others := [name for name in trackers if name != "tensorboard"]:
+        written.append(f"the {', '.join(others)} run {TRACKER_RUN}")
+    if config.save_pipeline:
+        written.append(f"the fine-tuned pipeline (--save-pipeline) {config.save_pipeline}")
+    return written
 
 
 def _train_zoo(args: argparse.Namespace, record_config: Callable[[], None]) -> int:
@@ -213,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SDO vs full backprop on the embedded model, in one process (offline, "
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
-    many_items = {"conditions", "prompts", "threads"}
+    many_items = {"conditions", "prompts"}
     add_config_flags(
         demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *PIPELINE_FIELDS, *many_items}
     )
@@ -234,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser("finetune", help="reward fine-tuning (LoRA or full), resumable; works under accelerate")
     add_config_flags(tune, FinetuneConfig)
-    tune.set_defaults(run=_finetune, config=lambda args: _config_from(args, FinetuneConfig))
+    tune.set_defaults(run=_finetune, config=_threads_and(FinetuneConfig))
 
     bench = commands.add_parser("bench", help="compare gradient estimators: time, memory, reward, gradient cosine")
     add_config_flags(bench, BenchConfig)
@@ -242,21 +282,61 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--list-methods", action="store_true", help="print every method name and what it runs, then exit"
     )
-    bench.set_defaults(run=_bench, config=lambda args: _config_from(args, BenchConfig))
+    bench.set_defaults(run=_bench, config=_threads_and(BenchConfig))
 
     train = commands.add_parser(
         "train-zoo", help=f"retrain the embedded model and classifiers (needs {DISTRIBUTION}[train])"
     )
     train.add_argument("--out", default="zoo-weights", help="output folder (default: zoo-weights)")
     add_config_flags(train, ZooTrainingConfig)
-    train.set_defaults(run=_train_zoo, config=lambda args: _config_from(args, ZooTrainingConfig))
+    train.set_defaults(run=_train_zoo, config=_threads_and(ZooTrainingConfig))
+    for command in (tune, bench, train):  # optimize and demo have it from LatentTaskConfig
+        add_config_flags(command, LatentTaskConfig, only={"threads"})
     for command in (demo, optimize, tune, bench, train):
         command.add_argument(
             "--break-lock",
             action="store_true",
             help="take over the output folder's lock when it was written from another host and no run uses it",
         )
+        command.set_defaults(flags=flag_table(command))
     return parser
+
+
+def _threads_and(config_cls):
+    """The config builder of a command whose ``--threads`` is not a field of its config ``config_cls``: it checks
+    ``--threads`` as ``LatentTaskConfig``'s field, then builds the config."""
+    from sdo.app.options import check_value
+    from sdo.app.tasks.latent import LatentTaskConfig
+
+    def build(args: argparse.Namespace):
+        check_value(LatentTaskConfig, "threads", args.threads)
+        return _config_from(args, config_cls)
+
+    return build
+
+
+def flag_table(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each destination of ``parser``'s options (a config field's name) -> its flag: ``start_step`` ->
+    ``--start-step``."""
+    return {
+        action.dest: action.option_strings[0]  # --project, not --no-project
+        for action in parser._actions  # argparse keeps a parser's actions here; no public accessor
+        if action.option_strings and action.dest != "help"
+    }
+
+
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each Python name the library quotes in backticks (`` `start_step` ``) that is one of
+    ``flags`` written as its flag (``--start-step``), and a flag the message then names twice
+    (`` `style_image` (--style-image)``, ``(flag --prompt)``) named once."""
+
+    def flag(match: re.Match) -> str:
+        return flags.get(match.group(1), match.group(0))
+
+    text = re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", flag, message)
+    for name in set(flags.values()) & set(re.findall(r"--[a-z0-9-]+", text)):
+        text = text.replace(f"{name} ({name})", name).replace(f" (flag {name})", "")
+    return text
 
 
 def _check_up_front(args: argparse.Namespace):
@@ -277,6 +357,16 @@ def _check_up_front(args: argparse.Namespace):
     if getattr(args, "json", ""):
         check_writable(Path(args.json).parent)
     return config
+
+
+def _torch_threads(count: int) -> contextlib.AbstractContextManager:
+    """``--threads N`` (checked with the command's config): torch's threads in this process for the run, restored
+    afterwards (every command that runs a model has the flag; a run of many items also sets them per item)."""
+    if not count:
+        return contextlib.nullcontext()
+    from sdo.app.sharded import torch_threads
+
+    return torch_threads(count)
 
 
 def _run_locked(args: argparse.Namespace, config) -> int:
@@ -319,10 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     created, vacant = _missing_folders(args), is_vacant(args.out)
     try:
-        return _run_locked(args, _check_up_front(args))
+        config = _check_up_front(args)
+        with _torch_threads(args.threads):
+            return _run_locked(args, config)
     except SdoError as error:  # bad input, missing weights or extras, corrupt files: one clear line, no traceback
         _remove_unused(args, created, vacant)
-        print(f"sdo {args.command}: error: {error}", file=sys.stderr)
+        print(f"sdo {args.command}: error: {_message(error, args.flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C ends a run like SIGTERM: no traceback, the lock released, resumable
         _remove_unused(args, created, vacant)
@@ -331,6 +423,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:  # a bug's traceback: still no empty --out and no record of a run that wrote nothing
         _remove_unused(args, created, vacant)
         raise
+
+
+def _message(error: SdoError, flags: dict[str, str]) -> str:
+    """The line the command prints for ``error``: a bad setting (``ConfigError``) or a model file not given
+    (``MissingWeightsError``) names flags where the library names Python fields (``in_flags``); other errors quote
+    other things (a package to install, a file's key)."""
+    return in_flags(str(error), flags) if isinstance(error, ConfigError | MissingWeightsError) else str(error)
 
 
 def _missing_folders(args: argparse.Namespace) -> list[Path]:

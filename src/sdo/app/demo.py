@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -88,7 +88,7 @@ def run_demo(config: LatentTaskConfig | None = None, methods=DEMO_METHODS, progr
     save_curves({name: result.history for name, result in results.items()}, out / "curves.png", task.description)
     metrics = {
         "task": task.description,
-        "config": asdict(config),
+        "config": config.recorded(),
         "methods": summaries,
         **(_ratios(summaries) if {"sdo", "full"} <= set(summaries) else {}),
         "machine": {**machine_info(torch.device(config.device)), "device": config.device},

@@ -43,7 +43,7 @@ from sdo.app.lora import (
     trainable_state,
 )
 from sdo.app.options import check_options, option
-from sdo.app.pipeline_options import PipelineOptions
+from sdo.app.pipeline_options import DEFAULT_REWARD, REWARD_HELP, PipelineOptions
 from sdo.app.prompts import read_prompts
 from sdo.app.resume import (
     INPUTS_KEY,
@@ -79,8 +79,11 @@ __all__ = [
 
 FINETUNE_METHODS = method_names("weights")
 ZOO_TASKS = ("confidence", "bold")
+ZOO_DEFAULT_TASK = "confidence"
 PIPELINE_TASKS = ("aesthetic", "clip", "style", "pickscore")
 FINETUNE_TASKS = ZOO_TASKS + PIPELINE_TASKS
+TRACKER_RUN = "sdo-finetune"
+"""The trackers' run name; TensorBoard's logs go to ``OUT/sdo-finetune/``."""
 TRACKERS = {  # Accelerate's trackers (accelerate.utils.LoggerType) -> the package each one imports
     "tensorboard": "tensorboard",
     "wandb": "wandb",
@@ -101,8 +104,9 @@ class FinetuneConfig(PipelineOptions):
 
     method: str = option("sdo", "gradient estimator", choices=FINETUNE_METHODS)
     task: str = option(
-        "confidence",
-        "reward: embedded model: confidence or bold; --pipeline: aesthetic, clip, style or pickscore",
+        "",
+        f"the reward: embedded model: confidence or bold (default: {ZOO_DEFAULT_TASK}); --pipeline: the same as "
+        "--reward (one of them is enough)",
         choices=FINETUNE_TASKS,
     )
     steps: int = option(
@@ -156,8 +160,8 @@ class FinetuneConfig(PipelineOptions):
     tensorboard: bool = option(False, "alias of --report-to tensorboard (needs shortcut-diffusion[tensorboard])")
     report_to: str = option(
         "",
-        f"comma-separated Accelerate trackers to log metrics and sample grids to ({', '.join(TRACKERS)}); each "
-        "needs its package",
+        f"comma-separated Accelerate trackers to log metrics and sample grids to ({', '.join(TRACKERS)}; "
+        f"TensorBoard's logs go to OUT/{TRACKER_RUN}/); each needs its package",
     )
     out: str = option("sdo-finetune", "output folder (a rerun with the same folder resumes)")
     prompts: str = option("", "--pipeline: text file with one training prompt per line")
@@ -169,9 +173,7 @@ class FinetuneConfig(PipelineOptions):
     save_pipeline: str = option(
         "", "--pipeline: also write the fine-tuned pipeline here, LoRA fused into plain weights (save_pretrained)"
     )
-    reward: str = option(
-        "", "--pipeline: rewards as a weighted sum, e.g. clip=1.0,aesthetic=0.5 (default: the --task reward alone)"
-    )
+    reward: str = option("", f"{REWARD_HELP} (default: {DEFAULT_REWARD}, or the --task given)")
     verify: bool = option(
         False,
         "on resume, rehash every input (pipeline, CLIP and PickScore folders, aesthetic head, style image) even where "
@@ -189,18 +191,33 @@ class FinetuneConfig(PipelineOptions):
             raise ConfigError(f"`method` must be one of {FINETUNE_METHODS} for fine-tuning, got {self.method!r}.")
         options = self.method_options(torch.Generator())
         find_method(self.method, options).check_fits(options, self.sample_steps)  # e.g. draft_k above the steps
-        if self.task not in FINETUNE_TASKS:
-            raise ConfigError(f"`task` must be one of {FINETUNE_TASKS}, got {self.task!r}.")
-        if self.pipeline and self.task not in PIPELINE_TASKS and not self.reward:  # --reward replaces --task
-            raise ConfigError(f"`task` must be one of {PIPELINE_TASKS} with --pipeline, got {self.task!r}.")
+        self._resolve_reward()
         if self.pipeline and not self.prompts:
             raise ConfigError("`prompts` (a file with one prompt per line) is required with --pipeline.")
-        if self.reward and not self.pipeline:
-            raise ConfigError("`reward` (a weighted sum of image rewards) is for --pipeline runs.")
         unknown = sorted(set(self.trackers()) - set(TRACKERS))
         if unknown:
             raise ConfigError(f"`report_to`: unknown tracker {unknown[0]!r}; Accelerate's are {', '.join(TRACKERS)}.")
         super().__post_init__()
+
+    def _resolve_reward(self) -> None:
+        """Check ``task`` and ``reward``, then write the reward they choose where it is recorded: ``task`` on the
+        embedded model (default ``confidence``), ``reward`` on a pipeline (``task`` is its older name there; default
+        ``clip``), the other field left empty."""
+        if self.task not in ("", *FINETUNE_TASKS):
+            raise ConfigError(f"`task` must be one of {FINETUNE_TASKS}, got {self.task!r}.")
+        if self.reward and not self.pipeline:
+            raise ConfigError(f"`reward` ({self.reward!r}) scores a pipeline's images; add --pipeline DIR.")
+        if not self.pipeline:
+            object.__setattr__(self, "task", self.task or ZOO_DEFAULT_TASK)
+            return
+        if self.task in ZOO_TASKS:
+            raise ConfigError(f"`task` must be one of {PIPELINE_TASKS} with --pipeline, got {self.task!r}.")
+        if self.task and self.reward and self.task != self.reward:
+            raise ConfigError(
+                f"`task` ({self.task!r}) and `reward` ({self.reward!r}) choose different rewards; give one of them."
+            )
+        object.__setattr__(self, "reward", self.reward or self.task or DEFAULT_REWARD)
+        object.__setattr__(self, "task", "")
 
     def trackers(self) -> list[str]:
         """The trackers of ``report_to``, with ``tensorboard`` added by the ``tensorboard`` alias."""
@@ -210,7 +227,7 @@ class FinetuneConfig(PipelineOptions):
         return names
 
     def reward_spec(self) -> str:
-        """The ``--pipeline`` reward spec: ``reward``, or the ``task`` reward alone."""
+        """The reward spec: ``reward`` on a pipeline (where ``task`` was given, its name), else ``task``."""
         return self.reward or self.task
 
     def method_options(self, generator: torch.Generator) -> MethodOptions:
@@ -641,7 +658,8 @@ def _train(config: FinetuneConfig, data: _TrainingData, progress: bool, accelera
     evaluator = target.evaluator() if accelerator.is_main_process else None
     settings = data.settings(config)
     if config.trackers():
-        accelerator.init_trackers("sdo-finetune", config=asdict(config))
+        facts = {"eval_on_training_prompts": target.eval_on_training_prompts} if data.on_pipeline else {}
+        accelerator.init_trackers(TRACKER_RUN, config={**asdict(config), **facts})
     bar = tqdm(
         range(start + 1, config.steps + 1),
         initial=start,
@@ -670,7 +688,7 @@ def _train(config: FinetuneConfig, data: _TrainingData, progress: bool, accelera
                 save_checkpoint(
                     out / "checkpoints", step, trainer.trainable_state(), trainer.optimizer, {"config": settings}
                 )
-        accelerator.log(record, step=step)
+        accelerator.log(tracked_scalars(record), step=step)
         accelerator.wait_for_everyone()
         bar.set_postfix(reward=f"{mean_reward:.3f}", s=f"{record['seconds']:.2f}")
     trainer.check_replicas_agree()
@@ -679,6 +697,12 @@ def _train(config: FinetuneConfig, data: _TrainingData, progress: bool, accelera
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
+
+
+def tracked_scalars(record: dict) -> dict:
+    """What the trackers get of a ``metrics.jsonl`` record: its measures, not its ``step`` (the x axis, passed as
+    such) nor its flags (``eval_on_training_prompts``, a fact of the run in the trackers' config)."""
+    return {name: value for name, value in record.items() if name != "step" and not isinstance(value, bool)}
 
 
 def _evaluate(evaluator, network: torch.nn.Module, accelerator, out: Path, step: int) -> dict:

@@ -15,7 +15,7 @@ from typing import Any
 from sdo.checks import SEED_MAX
 from sdo.errors import ConfigError
 
-__all__ = ["check_options", "is_numeric", "option"]
+__all__ = ["check_options", "check_value", "is_numeric", "option"]
 
 
 def option(
@@ -58,6 +58,16 @@ def check_options(config: object) -> None:
     for item in fields(config):
         if is_numeric(item):
             _check_number(item, getattr(config, item.name))
+
+
+def check_value(config_cls: type, name: str, value: object) -> None:
+    """Check ``value`` against the range of ``config_cls``'s numeric field ``name``, as ``check_options`` does (for
+    a flag the CLI takes from a config without building one, e.g. ``--threads``).
+
+    Raises:
+        ConfigError: as ``check_options``.
+    """
+    _check_number(next(item for item in fields(config_cls) if item.name == name), value)
 
 
 def _check_number(item: Field, value: object) -> None:

@@ -19,7 +19,12 @@ from sdo.clip_rewards import CLIP_REWARDS
 from sdo.errors import ConfigError, CorruptFileError
 from sdo.io import DEFAULT_MAX_PIXELS, image_size
 
-__all__ = ["ZOO_GUIDANCE", "PipelineOptions"]
+__all__ = ["DEFAULT_REWARD", "REWARD_HELP", "ZOO_GUIDANCE", "PipelineOptions"]
+
+DEFAULT_REWARD = "clip"
+"""The image reward of a ``--pipeline`` run that names none."""
+REWARD_HELP = f"--pipeline: one of {', '.join(CLIP_REWARDS)}, or a weighted sum such as clip=1.0,aesthetic=0.5"
+"""The help of ``--reward``, in every command that has it."""
 
 ZOO_GUIDANCE = 3.0
 """The embedded model's classifier-free guidance scale, what ``guidance`` 0 means without ``--pipeline``."""
@@ -30,8 +35,8 @@ class PipelineOptions:
     """Where a run's images come from and how they are scored (every field is a flag of the commands that use it).
 
     ``reward`` is a spec of ``sdo.app.reward_spec``: one name of ``sdo.clip_rewards.CLIP_REWARDS`` or a weighted sum
-    such as ``clip=1.0,aesthetic=0.5``. A config whose default reward depends on another of its fields (fine-tuning's
-    ``task``) overrides ``reward_spec``.
+    such as ``clip=1.0,aesthetic=0.5``. A config whose default reward depends on another of its fields (fine-tuning's,
+    on ``pipeline`` and ``task``) overrides ``reward_spec``.
     """
 
     pipeline: str = option(
@@ -39,16 +44,13 @@ class PipelineOptions:
         "use a diffusers pipeline instead of the embedded model: a save_pretrained folder or a Hub id org/name "
         "(SD 1.x/2.x, SDXL, SD3, Flux)",
     )
-    reward: str = option(
-        "clip",
-        f"--pipeline: one of {', '.join(CLIP_REWARDS)}, or a weighted sum such as clip=1.0,aesthetic=0.5",
-    )
+    reward: str = option(DEFAULT_REWARD, REWARD_HELP)
     clip_path: str = option("", "--pipeline: CLIP model for the rewards, a folder or a Hub id (or $SDO_CLIP_PATH)")
     pickscore_path: str = option(
         "", "--pipeline, pickscore: PickScore model, a folder or a Hub id (or $SDO_PICKSCORE_PATH)"
     )
     aesthetic_head: str = option("", "--pipeline, aesthetic: head safetensors (or $SDO_AESTHETIC_HEAD)")
-    style_image: str = option("", "--pipeline, style: reference image (PNG)")
+    style_image: str = option("", "--pipeline, style: reference image (PNG, JPEG, WebP, TIFF)")
     height: int = option(0, "--pipeline: image height (0: the pipeline's default)", at_least=0, at_most=16384)
     width: int = option(0, "--pipeline: image width (0: the pipeline's default)", at_least=0, at_most=16384)
     guidance: float = option(
@@ -60,7 +62,7 @@ class PipelineOptions:
     )
     max_pixels: int = option(
         DEFAULT_MAX_PIXELS,
-        "--pipeline: refuse an input image (--image, --images, --style-image) of more pixels than this, before any "
+        "--pipeline: refuse an input image (an image to edit, the style image) of more pixels than this, before any "
         "model loads",
         at_least=1,
         at_most=2**31,
@@ -78,7 +80,7 @@ class PipelineOptions:
         """``style_image`` is given, and its header names an image of at most ``max_pixels`` pixels (read before any
         model loads; ``ConfigError`` or ``CorruptFileError`` naming the flag and the file otherwise)."""
         if not self.style_image:
-            raise ConfigError("`style_image` (a PNG) is required with the style reward.")
+            raise ConfigError("`style_image` (an image: PNG, JPEG, WebP, TIFF) is required with the style reward.")
         try:
             image_size(self.style_image, max_pixels=self.max_pixels)
         except (ConfigError, CorruptFileError) as error:

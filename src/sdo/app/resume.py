@@ -158,9 +158,9 @@ def check_resume(out: Path, settings: dict, defaults: dict) -> Checkpoint | None
         if key in saved and saved[key] != settings.get(key)
     ]
     changes += _input_changes(out, saved, settings)
-    free = RESUME_FREE | {"steps", INPUTS_KEY} | set(PROMPT_DIGESTS) | set(REWARD_KEYS)
-    if INPUTS_KEY not in saved and settings.get("reward_function"):
-        free |= {"task", "reward"}  # recorded before a Python reward left them unset: they named no reward then
+    free = RESUME_FREE | {"steps", INPUTS_KEY, "task", "reward"} | set(PROMPT_DIGESTS) | set(REWARD_KEYS)
+    if not (INPUTS_KEY not in saved and settings.get("reward_function")):  # else recorded before a Python reward
+        changes += _reward_change(saved, settings)  # left them unset: they named no reward then
     changes += differing_flags(saved, settings, defaults, free)
     if settings["steps"] < checkpoint.step:
         changes.insert(0, f"--steps {settings['steps']} is below the {checkpoint.step} updates already done")
@@ -171,6 +171,15 @@ def check_resume(out: Path, settings: dict, defaults: dict) -> Checkpoint | None
             f"(only --steps may grow; {free} may change), or choose another --out."
         )
     return checkpoint
+
+
+def _reward_change(saved: dict, settings: dict) -> list[str]:
+    """``--reward OLD -> NEW`` (``--task`` on the embedded model) when the reward the folder's run chose is not this
+    run's. A pipeline's reward is compared whichever flag chose it (a run recorded before ``--reward`` replaced
+    ``--task`` there holds it in ``task``)."""
+    old, new = (record.get("reward") or record.get("task") for record in (saved, settings))
+    name = "--reward" if settings.get("reward") else "--task"
+    return [] if old == new else [f"{name} {json.dumps(old)} -> {json.dumps(new)}"]
 
 
 def _input_changes(out: Path, saved: dict, settings: dict) -> list[str]:

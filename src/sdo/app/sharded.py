@@ -65,7 +65,7 @@ from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, load_resources
 from sdo.errors import ConfigError, CorruptFileError, ResumeMismatchError, SdoError
 from sdo.io import atomic_path, load_json, make_dir, save_json
 
-__all__ = ["Item", "item_seed", "items_of", "process_state", "run_items"]
+__all__ = ["Item", "item_seed", "items_of", "process_state", "run_items", "torch_threads"]
 
 # Config fields that change no item's result: a rerun may change them and still reuse finished items.
 _FREE_FIELDS = (
@@ -230,7 +230,9 @@ def _difference(old: dict | None, new: dict) -> str:
 
 
 @contextmanager
-def _threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's threads set to ``count`` for the block, restored afterwards (``--threads``: a run of many items per
+    item, every other command for its run)."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -294,7 +296,7 @@ def run_items(
     count = _item_count(config, prompts)
     launcher = os.getppid()
     main = state.is_main_process
-    with _threads(_thread_count(config, processes)):
+    with torch_threads(_thread_count(config, processes)):
         todo, done, problem = _check_shard(out, config, spec, prompts, range(rank, count, processes), verify)
         finished_before = _agree_on_shards(done, problem)
         if main and read_marker(out) is None:

@@ -85,8 +85,7 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
     )
     proximity: float | None = option(
         None,
-        "weight of the pixel term keeping the image near the original (default: 20 for the adversarial task, "
-        "0 with --image)",
+        "weight of the pixel term keeping the image near the original (default: 20 for the adversarial task, else 0)",
         type=float,
         at_least=0,
     )
@@ -112,7 +111,11 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
     )
     compile: bool = option(False, "run the no-grad network calls through torch.compile (CUDA: CUDA graphs)")
     threads: int = option(
-        0, "torch threads per process (0: the machine's cores divided among the processes)", at_least=0, at_most=1024
+        0,
+        "torch threads per process (0: torch's default, or for a run of many items under `accelerate launch` the "
+        "cores divided among its processes)",
+        at_least=0,
+        at_most=1024,
     )
 
     image: list[str] = option(  # noqa: RUF009 (the default is an immutable (); __post_init__ stores a list)
