@@ -16,15 +16,10 @@ from sdo.errors import ConfigError
 from sdo.inversion import invert
 from sdo.pipelines import from_pipeline, load_pipeline, unpack_latents
 from sdo.schedulers import scheduler_by_name
+from tiny_pipelines import PROMPT
 
 transformers = pytest.importorskip("transformers")
 
-import test_pipeline_families  # noqa: E402 (the tiny pipelines are shared)
-import test_pipelines  # noqa: E402
-from test_pipelines import PROMPT  # noqa: E402
-
-pipeline_dir, clip_dir, sd3_dir = test_pipelines.pipeline_dir, test_pipelines.clip_dir, test_pipelines.sd3_dir
-sdxl_dir, flux_dir = test_pipeline_families.sdxl_dir, test_pipeline_families.flux_dir
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
 
