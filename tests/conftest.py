@@ -18,6 +18,17 @@ from diffusers import (
 
 import tiny_pipelines
 
+# One intra-op thread: the test models are tiny, so a second thread only adds synchronization (on a busy 2-core
+# machine its spin-waits made a 3-step tiny-UNet sample 100x slower). Subprocess tests set OMP_NUM_THREADS=1 likewise.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Each test starts on one thread, whatever an earlier command's ``--threads`` set."""
+    torch.set_num_threads(1)
+
+
 # (name, scheduler factory, DDIM eta). One parametrization that every mode is run against.
 SCHEDULER_CASES = {
     "ddim": (lambda: DDIMScheduler(num_train_timesteps=1000, clip_sample=False), 0.0),
