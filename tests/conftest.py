@@ -1,6 +1,10 @@
-"""Shared fixtures: every supported scheduler configuration, and small float64 models with a closed form."""
+"""Shared fixtures: every supported scheduler configuration, small float64 models with a closed form, and the tiny
+random pipelines and CLIP model of ``tiny_pipelines`` (built once per session; no test may change their files)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,19 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
+
+import tiny_pipelines
+
+# One intra-op thread: the test models are tiny, so a second thread only adds synchronization (on a busy 2-core
+# machine its spin-waits made a 3-step tiny-UNet sample 100x slower). Subprocess tests set OMP_NUM_THREADS=1 likewise.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Each test starts on one thread, whatever an earlier command's ``--threads`` set."""
+    torch.set_num_threads(1)
+
 
 # (name, scheduler factory, DDIM eta). One parametrization that every mode is run against.
 SCHEDULER_CASES = {
@@ -55,38 +72,53 @@ def toy():
     return model, cond, x
 
 
-def tiny_unet(num_class_embeds: int | None = 11, dtype=torch.float64):
-    """A real diffusers UNet2DModel, small enough for float64 tests on CPU."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        num_class_embeds=num_class_embeds,
-    ).to(dtype)
+def shared_folder(tmp_path_factory, name: str, save: Callable[[Path], Path]) -> Iterator[Path]:
+    """The folder ``save`` writes under a fresh session directory; after the session its files must be unchanged,
+    since every test file reads the same copy."""
+    pytest.importorskip("transformers")
+    folder = save(tmp_path_factory.mktemp(name))
+    before = tiny_pipelines.file_digests(folder)
+    yield folder
+    assert tiny_pipelines.file_digests(folder) == before, f"a test changed the shared {name} folder {folder}"
 
 
-def tiny_conditional_unet(dtype=torch.float64):
-    """A real diffusers UNet2DConditionModel with cross-attention, small enough for CPU tests."""
-    from diffusers import UNet2DConditionModel
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory):
+    """A tiny Stable-Diffusion-1.x pipeline folder (DDIM, 8x8 latents)."""
+    yield from shared_folder(tmp_path_factory, "pipe", tiny_pipelines.save_sd)
 
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    ).to(dtype)
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A folder holding a tiny CLIP model (``clip/``) and aesthetic head (``head.safetensors``)."""
+    yield from shared_folder(tmp_path_factory, "clip", tiny_pipelines.save_clip)
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    """A tiny SD3 pipeline folder (flow matching, no T5)."""
+    yield from shared_folder(tmp_path_factory, "sd3", tiny_pipelines.save_sd3)
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    """A tiny SDXL pipeline folder."""
+    yield from shared_folder(tmp_path_factory, "sdxl", tiny_pipelines.save_sdxl)
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    """A tiny Flux pipeline folder."""
+    yield from shared_folder(tmp_path_factory, "flux", tiny_pipelines.save_flux)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch, pipeline_dir, clip_dir):
+    """A temporary Hugging Face cache holding ``org/tiny-sd`` and ``org/tiny-clip``, with ``HF_HUB_OFFLINE=1``."""
+    cache = tmp_path / "hf-cache"
+    tiny_pipelines.place_in_cache(cache, "org/tiny-sd", pipeline_dir)
+    tiny_pipelines.place_in_cache(cache, "org/tiny-clip", clip_dir / "clip")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SDO_CLIP_PATH", raising=False)
+    return cache

@@ -24,22 +24,12 @@ from sdo.app.lora import (
 )
 from sdo.errors import ConfigError, CorruptFileError, MissingWeightsError
 from sdo.io import save_tensors
+from tiny_pipelines import PROMPT, load
 
 transformers = pytest.importorskip("transformers")
 
-import test_pipelines  # noqa: E402 (the SD 1.x fixture)
-from test_pipelines import PROMPT  # noqa: E402
-
-pipeline_dir = test_pipelines.pipeline_dir
-
 SMALL = dict(steps=1, sample_steps=2, batch_size=2, eval_every=0, lora_rank=2, lr=5e-2)
 TARGETS = "to_q,to_k,to_v,to_out.0"
-
-
-def load(folder):
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
 
 
 def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -15,8 +15,8 @@ from diffusers import (
 )
 
 import sdo
-from conftest import tiny_unet
 from memory_meter import peak_saved_bytes
+from tiny_pipelines import tiny_unet
 
 DIM = 5
 

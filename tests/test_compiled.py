@@ -10,9 +10,9 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch._dynamo.utils import counters
 
 import sdo
-from conftest import tiny_conditional_unet, tiny_unet
 from sdo.compiled import CompiledModelFn, CompileOptions, compile_options
 from sdo.errors import ConfigError
+from tiny_pipelines import tiny_conditional_unet, tiny_unet
 
 QUICK = CompileOptions(backend="aot_eager")  # dynamo traces and guards exactly as with inductor, without codegen
 

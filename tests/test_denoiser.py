@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import sdo
-from conftest import tiny_conditional_unet, tiny_unet
+from tiny_pipelines import tiny_conditional_unet, tiny_unet
 
 
 def count_calls(module):

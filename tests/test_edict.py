@@ -9,11 +9,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import sdo
-from conftest import tiny_unet
 from memory_meter import peak_saved_bytes
 from sdo.doodl import PairObjective, doodl_adam_stepper, doodl_stepper
 from sdo.latent import AdamUpdate, LatentProblem
 from sdo.methods import METHODS, MethodOptions
+from tiny_pipelines import tiny_unet
 
 
 def toy_edict(toy, n_steps=6, mix=0.93):

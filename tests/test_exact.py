@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 import sdo
-from conftest import tiny_unet
+from tiny_pipelines import tiny_unet
 
 DIM = 5
 

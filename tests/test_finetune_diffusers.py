@@ -1,6 +1,6 @@
 """Fine-tuning results that leave sdo (issue 18, Deliver 1, 3 and 5): diffusers-native LoRA files for SD 1.x, SDXL,
 SD3 and Flux, full weights and fused pipelines that plain diffusers loads, fine-tuning from Python objects with an
-image reward, and sample grids; on the tiny random pipelines of test_pipelines / test_pipeline_families."""
+image reward, and sample grids; on the tiny random pipelines of tiny_pipelines."""
 
 from __future__ import annotations
 
@@ -15,27 +15,12 @@ from sdo.app.lora import add_lora, network_of, save_for_diffusers
 from sdo.app.resume import prompt_digest
 from sdo.errors import ResumeMismatchError
 from sdo.finetuning import fuse_lora, load_adapter
+from tiny_pipelines import PROMPT, load
 
 transformers = pytest.importorskip("transformers")
 
-import test_pipeline_families  # noqa: E402 (the SDXL and Flux fixtures)
-import test_pipelines  # noqa: E402 (the SD 1.x and SD3 fixtures)
-from test_pipelines import PROMPT  # noqa: E402
-
-pipeline_dir = test_pipelines.pipeline_dir
-sd3_dir = test_pipelines.sd3_dir
-sdxl_dir = test_pipeline_families.sdxl_dir
-flux_dir = test_pipeline_families.flux_dir
-
 SIZES = {"sd": {}, "sd3": {}, "sdxl": dict(height=32, width=48), "flux": dict(height=32, width=48)}
 SMALL = dict(steps=1, sample_steps=2, batch_size=1, eval_every=0, checkpoint_every=1, lora_rank=2, lr=5e-2)
-
-
-def load(folder, family: str = "sd"):
-    from diffusers import DiffusionPipeline
-
-    absent = dict(text_encoder_3=None, tokenizer_3=None) if family == "sd3" else {}
-    return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **absent)
 
 
 def images(pipe, family: str = "sd") -> torch.Tensor:

@@ -19,11 +19,9 @@ from sdo.app.finetuning import FinetuneConfig, finetune, ink_reward
 from sdo.app.fingerprints import callable_fingerprint, fingerprint_path, input_changes, pipeline_fingerprint
 from sdo.errors import ConfigError, ResumeMismatchError
 from sdo.io import load_json, save_json, save_tensors
+from tiny_pipelines import PROMPT, REVISION, write_png
 
 transformers = pytest.importorskip("transformers")
-
-from test_hub import REVISION, offline_cache  # noqa: E402, F401  (a fixture)
-from test_pipelines import PROMPT, clip_dir, pipeline_dir, write_png  # noqa: E402, F401  (module fixtures)
 
 ZOO = dict(steps=1, sample_steps=2, batch_size=2, eval_every=0, eval_per_class=1, checkpoint_every=1, lr=5e-3)
 TINY_PIPELINE = ["--steps", "1", "--sample-steps", "2", "--batch-size", "2", "--eval-every", "0", "--lora-rank", "2"]
@@ -103,7 +101,7 @@ def test_a_folder_names_the_file_that_changed_and_a_fresh_copy_matches(tmp_path)
     assert line.startswith(f"--clip-path {copy.resolve()} changed since the folder's run (sub/model.safetensors: ")
 
 
-def test_a_hub_id_records_the_revision_of_its_cached_snapshot(offline_cache):  # noqa: F811
+def test_a_hub_id_records_the_revision_of_its_cached_snapshot(offline_cache):
     record = fingerprint_path("org/tiny-sd")
     assert record == {"kind": "hub", "id": "org/tiny-sd", "revision": REVISION}
     ref = offline_cache / "models--org--tiny-sd" / "refs" / "main"
@@ -130,7 +128,7 @@ def test_a_reward_function_is_told_apart_by_its_closure_values_and_attributes():
     assert weights[0] == weights[1] != weights[2]
 
 
-def test_a_loaded_pipeline_is_fingerprinted_by_its_weights_not_its_name(pipeline_dir):  # noqa: F811
+def test_a_loaded_pipeline_is_fingerprinted_by_its_weights_not_its_name(pipeline_dir):
     from diffusers import DiffusionPipeline
 
     from sdo.app.lora import add_lora
@@ -150,7 +148,7 @@ def test_a_loaded_pipeline_is_fingerprinted_by_its_weights_not_its_name(pipeline
 # sdo finetune: the CLI and the Python API.
 
 
-def test_finetune_cli_refuses_changed_pipeline_weights_and_resumes_a_copy(pipeline_dir, clip_dir, tmp_path, capsys):  # noqa: F811
+def test_finetune_cli_refuses_changed_pipeline_weights_and_resumes_a_copy(pipeline_dir, clip_dir, tmp_path, capsys):
     pipe = tmp_path / "pipe"
     shutil.copytree(pipeline_dir, pipe)
     (tmp_path / "prompts.txt").write_text(f"{PROMPT}\n")
@@ -185,8 +183,8 @@ def test_finetune_cli_refuses_changed_pipeline_weights_and_resumes_a_copy(pipeli
 
 
 def test_finetune_style_image_with_new_pixels_is_refused_and_an_old_folder_warns(
-    pipeline_dir,  # noqa: F811
-    clip_dir,  # noqa: F811
+    pipeline_dir,
+    clip_dir,
     tmp_path,
     capsys,
 ):
@@ -241,7 +239,7 @@ def test_python_reward_is_recorded_titled_and_a_different_one_refused(tmp_path, 
     assert [json.loads(line)["step"] for line in lines] == [1, 2]  # resumed after step 1
 
 
-def test_python_pipeline_with_other_weights_and_the_same_name_is_refused(pipeline_dir, tmp_path):  # noqa: F811
+def test_python_pipeline_with_other_weights_and_the_same_name_is_refused(pipeline_dir, tmp_path):
     from diffusers import DiffusionPipeline
 
     def load():
@@ -262,7 +260,7 @@ def test_python_pipeline_with_other_weights_and_the_same_name_is_refused(pipelin
 # sdo optimize, many items: an item is finished only while its inputs are unchanged.
 
 
-def test_items_with_a_changed_style_image_are_refused_and_a_copy_resumes(pipeline_dir, clip_dir, tmp_path, capsys):  # noqa: F811
+def test_items_with_a_changed_style_image_are_refused_and_a_copy_resumes(pipeline_dir, clip_dir, tmp_path, capsys):
     from sdo.app.sharded import run_items
     from sdo.app.tasks.latent import LatentTaskConfig
 

@@ -3,40 +3,14 @@ the Hub lays it out, offline (issue 18, Deliver 2)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 import sdo
 from sdo.hub import model_source
+from tiny_pipelines import PROMPT
 
 pytest.importorskip("transformers")
-
-from test_pipelines import PROMPT, clip_dir, pipeline_dir  # noqa: F401  (module fixtures, shared)
-
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-def place_in_cache(cache, repo_id: str, folder) -> None:
-    """Put ``folder`` (a ``save_pretrained`` folder) in the Hugging Face cache ``cache`` as repo ``repo_id``, the way
-    the Hub's client lays it out: ``models--org--name/snapshots/<revision>/...`` and ``refs/main``."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    shutil.copytree(folder, repo / "snapshots" / REVISION)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(REVISION)
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch, pipeline_dir, clip_dir):  # noqa: F811
-    """A temporary Hugging Face cache holding ``org/tiny-sd`` and ``org/tiny-clip``, with ``HF_HUB_OFFLINE=1``."""
-    cache = tmp_path / "hf-cache"
-    place_in_cache(cache, "org/tiny-sd", pipeline_dir)
-    place_in_cache(cache, "org/tiny-clip", clip_dir / "clip")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("SDO_CLIP_PATH", raising=False)
-    return cache
 
 
 def test_model_source_takes_a_folder_then_a_hub_id_and_refuses_the_rest(tmp_path):
@@ -53,7 +27,7 @@ def test_model_source_takes_a_folder_then_a_hub_id_and_refuses_the_rest(tmp_path
         assert "\n" not in str(error.value) and "Hub id" in str(error.value)
 
 
-def test_from_pipeline_and_load_pipeline_take_a_hub_id_from_the_cache(offline_cache, pipeline_dir):  # noqa: F811
+def test_from_pipeline_and_load_pipeline_take_a_hub_id_from_the_cache(offline_cache, pipeline_dir):
     from_folder = sdo.from_pipeline(pipeline_dir, PROMPT, guidance_scale=5.0)
     from_hub = sdo.from_pipeline("org/tiny-sd", PROMPT, guidance_scale=5.0)
     latent = from_hub.initial_latent(seed=2)
@@ -65,7 +39,7 @@ def test_from_pipeline_and_load_pipeline_take_a_hub_id_from_the_cache(offline_ca
     assert type(pipe).__name__ == "StableDiffusionPipeline"
 
 
-def test_clip_and_pickscore_take_a_hub_id_from_the_cache(offline_cache, clip_dir):  # noqa: F811
+def test_clip_and_pickscore_take_a_hub_id_from_the_cache(offline_cache, clip_dir):
     from sdo.clip_rewards import ClipImageEncoder, ClipScoreReward, PickScoreReward
 
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -76,7 +50,7 @@ def test_clip_and_pickscore_take_a_hub_id_from_the_cache(offline_cache, clip_dir
     torch.testing.assert_close(pick(images), pick.scale * from_folder)
 
 
-def test_optimize_cli_takes_hub_ids_for_the_pipeline_and_clip(offline_cache, pipeline_dir, clip_dir, tmp_path):  # noqa: F811
+def test_optimize_cli_takes_hub_ids_for_the_pipeline_and_clip(offline_cache, pipeline_dir, clip_dir, tmp_path):
     from sdo.app.cli import main
 
     common = ["optimize", "--prompt", PROMPT, "--steps", "2", "--iters", "1", "--batch", "1"]

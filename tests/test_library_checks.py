@@ -15,25 +15,15 @@ from sdo.app import cli
 from sdo.app.finetuning import FinetuneConfig, finetune, ink_reward
 from sdo.errors import ConfigError, NonFiniteRewardError
 from sdo.latent import LatentProblem, SampleObjective
+from tiny_pipelines import PROMPT, load
 
 transformers = pytest.importorskip("transformers")
-
-import test_pipelines  # noqa: E402 (the tiny SD 1.x fixture)
-from test_pipelines import PROMPT  # noqa: E402
-
-pipeline_dir = test_pipelines.pipeline_dir
 
 TINY = dict(steps=1, sample_steps=2, batch_size=2, eval_every=0)
 
 
 def tiny_config(tmp_path, **changes) -> FinetuneConfig:
     return FinetuneConfig(**{**TINY, "out": str(tmp_path / "run"), **changes})
-
-
-def load(folder):
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
 
 
 def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

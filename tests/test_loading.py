@@ -16,10 +16,10 @@ from PIL import Image
 
 import sdo
 from sdo.io import image_size, load_image
+from tiny_pipelines import PROMPT
 
 pytest.importorskip("transformers")
 
-from test_pipelines import PROMPT, clip_dir, pipeline_dir  # noqa: F401  (module fixtures, shared)
 
 # --- images at their true values ---------------------------------------------------------------------------------
 
@@ -181,7 +181,7 @@ def one_line(error) -> str:
     return text
 
 
-def test_a_clip_folder_is_complete_or_refused(clip_dir, pipeline_dir, tmp_path):  # noqa: F811
+def test_a_clip_folder_is_complete_or_refused(clip_dir, pipeline_dir, tmp_path):
     from sdo.clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward
 
     with pytest.raises(sdo.MissingWeightsError, match=r"not a CLIP model folder.*'clip_text_model'") as e:
@@ -207,7 +207,7 @@ def test_a_clip_folder_is_complete_or_refused(clip_dir, pipeline_dir, tmp_path):
     torch.testing.assert_close(AestheticReward(head, path=untokenized)(images), expected)
 
 
-def test_weights_the_model_does_not_use_are_a_warning_not_a_refusal(clip_dir, caplog):  # noqa: F811
+def test_weights_the_model_does_not_use_are_a_warning_not_a_refusal(clip_dir, caplog):
     import transformers
 
     source = sdo.hub.model_source(clip_dir / "clip", "CLIP model")
@@ -234,14 +234,14 @@ def test_weights_the_model_does_not_use_are_a_warning_not_a_refusal(clip_dir, ca
     ],
     ids=["no-tokenizer", "empty-tokenizer", "no-tokenizer-config", "unet-weight", "text-encoder-weight"],
 )
-def test_a_pipeline_missing_a_component_or_a_weight_is_one_line(pipeline_dir, tmp_path, change, error, message):  # noqa: F811
+def test_a_pipeline_missing_a_component_or_a_weight_is_one_line(pipeline_dir, tmp_path, change, error, message):
     broken = broken_copy(pipeline_dir, tmp_path, "broken", **change)
     with pytest.raises(error, match=message) as raised:
         sdo.pipelines.load_pipeline(broken)
     assert str(broken) in one_line(raised)
 
 
-def test_the_cli_refuses_a_pipeline_without_its_tokenizer_in_one_line(pipeline_dir, clip_dir, tmp_path, capsys):  # noqa: F811
+def test_the_cli_refuses_a_pipeline_without_its_tokenizer_in_one_line(pipeline_dir, clip_dir, tmp_path, capsys):
     from sdo.app.cli import main
 
     broken = broken_copy(pipeline_dir, tmp_path, "broken", remove=["tokenizer"])

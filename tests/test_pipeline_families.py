@@ -12,119 +12,9 @@ import torch
 import sdo
 from sdo.app.finetuning import add_lora
 from sdo.pipelines import from_pipeline
+from tiny_pipelines import HEIGHT, PROMPT, WIDTH, load
 
 transformers = pytest.importorskip("transformers")
-
-import test_pipelines  # noqa: E402 (the SD3 and CLIP fixtures and the test vocabulary are shared)
-from test_pipelines import PROMPT, VOCAB, write_tokenizer  # noqa: E402
-
-clip_dir = test_pipelines.clip_dir
-sd3_dir = test_pipelines.sd3_dir
-
-HEIGHT, WIDTH = 32, 48  # non-square everywhere
-TEXT = dict(
-    vocab_size=len(VOCAB),
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=16,
-    bos_token_id=21,
-    eos_token_id=22,
-    pad_token_id=22,
-)
-
-
-def tiny_vae(**options):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        **options,
-    )
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    root = tmp_path_factory.mktemp("sdxl")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,  # both encoders' hidden states, concatenated
-        attention_head_dim=2,
-        norm_num_groups=4,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=6 * 4 + 16,  # 6 time ids x 4 + the pooled projection
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=tiny_vae(),
-        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)),
-        tokenizer=write_tokenizer(root / "t1"),
-        text_encoder_2=transformers.CLIPTextModelWithProjection(
-            transformers.CLIPTextConfig(**TEXT, projection_dim=16)
-        ),
-        tokenizer_2=write_tokenizer(root / "t2"),
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
-    pipe.save_pretrained(root / "sdxl")
-    return root / "sdxl"
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    root = tmp_path_factory.mktemp("flux")
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 4 latent channels x a 2x2 patch
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),
-    )
-    t5 = transformers.T5EncoderModel(
-        transformers.T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256
-    )
-    pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=tiny_vae(shift_factor=0.06, scaling_factor=1.5),
-        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)),
-        tokenizer=write_tokenizer(root / "t1"),
-        text_encoder_2=t5,
-        tokenizer_2=write_tokenizer(root / "t2"),  # any tokenizer: the T5 one needs files from the Hub
-        transformer=transformer,
-    )
-    pipe.save_pretrained(root / "flux")
-    return root / "flux"
 
 
 @pytest.fixture(params=["sdxl", "flux"])
@@ -133,10 +23,7 @@ def family_dir(request, sdxl_dir, flux_dir):
 
 
 def plain(folder, **options):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
-    return pipe(height=HEIGHT, width=WIDTH, **options).images
+    return load(folder)(height=HEIGHT, width=WIDTH, **options).images
 
 
 @pytest.mark.parametrize("options", [{}, {"guidance_scale": 3.0}], ids=["defaults", "guidance-3"])

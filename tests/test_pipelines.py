@@ -2,137 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 import sdo
 from sdo.clip_rewards import AestheticReward, ClipImageEncoder, ClipScoreReward, ClipStyleReward
-from sdo.io import save_tensors
 from sdo.latent import optimize_latent
 from sdo.pipelines import from_pipeline
+from tiny_pipelines import PROMPT, prompt_items_config, write_png
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = [
-    "l",
-    "o",
-    "w",
-    "e",
-    "r",
-    "s",
-    "t",
-    "i",
-    "d",
-    "n",
-    "lo",
-    "l</w>",
-    "w</w>",
-    "r</w>",
-    "t</w>",
-    "low</w>",
-    "er</w>",
-    "lowest</w>",
-    "newer</w>",
-    "wider",
-    "<unk>",
-    "<|startoftext|>",
-    "<|endoftext|>",
-]
-MERGES = ["#version: 0.2", "l o", "lo w</w>", "e r</w>"]
-PROMPT = "lower newer"
-
-
-def write_tokenizer(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(VOCAB)}))
-    (folder / "merges.txt").write_text("\n".join(MERGES) + "\n")
-    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    root = tmp_path_factory.mktemp("pipe")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        bos_token_id=21,
-        eos_token_id=22,
-        pad_token_id=22,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=transformers.CLIPTextModel(text_config),
-        tokenizer=write_tokenizer(root / "tok"),
-        unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(root / "sd")
-    return root / "sd"
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(1)
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=len(VOCAB),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=21,
-            eos_token_id=22,
-            pad_token_id=22,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=8,
-    )
-    transformers.CLIPModel(config).save_pretrained(root / "clip")
-    write_tokenizer(root / "clip").save_pretrained(root / "clip")
-    save_tensors({"weight": torch.randn(1, 8), "bias": torch.zeros(1)}, root / "head.safetensors")
-    return root
 
 
 def test_from_pipeline_optimizes_the_latent_and_the_prompt_embedding(pipeline_dir, clip_dir):
@@ -216,14 +96,6 @@ def test_missing_weights_give_the_documented_error(tmp_path, monkeypatch):
         AestheticReward(tmp_path / "head.safetensors")
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
         from_pipeline(tmp_path, PROMPT)
-
-
-def write_png(path):
-    import matplotlib.image
-
-    pixels = torch.rand(24, 24, 3, generator=torch.Generator().manual_seed(5))
-    matplotlib.image.imsave(path, pixels.numpy())
-    return path
 
 
 def test_load_image_reads_a_png_in_0_1(tmp_path):
@@ -312,67 +184,6 @@ def test_optimize_cli_on_a_pipeline(pipeline_dir, clip_dir, tmp_path):
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-
-    root = tmp_path_factory.mktemp("sd3")
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        out_channels=4,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        shift_factor=0.06,
-        scaling_factor=1.5,
-    )
-    text = dict(
-        vocab_size=len(VOCAB),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        bos_token_id=21,
-        eos_token_id=22,
-        pad_token_id=22,
-        projection_dim=16,
-    )
-    encoders = [transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text)) for _ in range(2)]
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=encoders[0],
-        tokenizer=write_tokenizer(root / "t1"),
-        text_encoder_2=encoders[1],
-        tokenizer_2=write_tokenizer(root / "t2"),
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-    pipe.save_pretrained(root / "sd3")
-    return root / "sd3"
-
-
 def test_sd3_style_transformer_pipeline_with_flow_matching(sd3_dir):
     from diffusers import DiffusionPipeline
 
@@ -435,23 +246,6 @@ def test_pickled_weights_are_refused_with_a_conversion_hint(pipeline_dir, clip_d
     torch.save(clip.state_dict(), tmp_path / "clipbin" / "pytorch_model.bin")
     with pytest.raises(sdo.MissingWeightsError, match=r"pickled \(\.bin\) weights.*safe_serialization=True"):
         ClipImageEncoder(tmp_path / "clipbin")
-
-
-def prompt_items_config(pipeline_dir, clip_dir, tmp_path, lines: str):
-    """A minimal ``sdo optimize --pipeline --prompts FILE`` config: one item per prompt line of ``lines``."""
-    from sdo.app.tasks.latent import LatentTaskConfig
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(lines)
-    return LatentTaskConfig(
-        pipeline=str(pipeline_dir),
-        prompts=str(prompts),
-        clip_path=str(clip_dir / "clip"),
-        steps=2,
-        iters=1,
-        batch=1,
-        out=str(tmp_path / "items"),
-    )
 
 
 def test_optimize_prompts_file_runs_one_item_per_prompt(pipeline_dir, clip_dir, tmp_path):

@@ -21,10 +21,10 @@ from sdo.app.runs import describe_run, write_marker
 from sdo.app.tasks.latent import LatentTaskConfig, build_task
 from sdo.io import load_json
 from sdo.pipelines import DEFAULT_GUIDANCE
+from tiny_pipelines import PROMPT, prompt_items_config
 
 pytest.importorskip("transformers")
 
-from test_pipelines import PROMPT, clip_dir, pipeline_dir, prompt_items_config  # noqa: F401  (module fixtures, shared)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -54,7 +54,7 @@ def optimize_pipeline(pipeline, clip, out, *extra) -> list[str]:
     return [*args, "--steps", "3", "--iters", "2", "--out", str(out), *extra]
 
 
-def test_readme_replay_snippet_reproduces_the_cli_after_images(pipeline_dir, clip_dir, tmp_path, capsys):  # noqa: F811
+def test_readme_replay_snippet_reproduces_the_cli_after_images(pipeline_dir, clip_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(optimize_pipeline(pipeline_dir, clip_dir, out, "--batch", "2")) == 0
     printed = capsys.readouterr().out
@@ -84,7 +84,7 @@ def test_readme_replay_snippet_reproduces_the_cli_after_images(pipeline_dir, cli
     assert "judge" not in printed and "| sdo |" in printed  # no empty judge column
 
 
-def test_readme_image_reward_snippet_runs_on_a_pipeline(pipeline_dir):  # noqa: F811
+def test_readme_image_reward_snippet_runs_on_a_pipeline(pipeline_dir):
     """The README's own-reward snippet, as written but with fewer steps: ``fn`` sees images in [0, 1] and the
     prompts, and the optimization raises its reward."""
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "redness" in b]
@@ -100,7 +100,7 @@ def test_readme_image_reward_snippet_runs_on_a_pipeline(pipeline_dir):  # noqa: 
     assert result.history[-1]["reward"] > result.history[0]["reward"]
 
 
-def test_guidance_given_is_recorded_and_used(pipeline_dir, clip_dir, tmp_path):  # noqa: F811
+def test_guidance_given_is_recorded_and_used(pipeline_dir, clip_dir, tmp_path):
     out = tmp_path / "run"
     assert main(optimize_pipeline(pipeline_dir, clip_dir, out, "--batch", "1", "--guidance", "2.5")) == 0
     latent, settings = latent_settings(out / "latent.safetensors")
@@ -149,7 +149,7 @@ def test_zoo_latent_replays_with_its_recorded_steps_guidance_and_class(tmp_path)
     assert "pipeline" not in metrics["config"] and "prompt" not in metrics["config"]
 
 
-def test_items_write_images_and_latents_that_replay(pipeline_dir, clip_dir, tmp_path):  # noqa: F811
+def test_items_write_images_and_latents_that_replay(pipeline_dir, clip_dir, tmp_path):
     from sdo.app.sharded import run_items
 
     config = prompt_items_config(pipeline_dir, clip_dir, tmp_path, f"{PROMPT}\nlower\n")
@@ -179,7 +179,7 @@ def test_optimize_help_says_what_it_runs():
     assert "7.5 SD" in guidance.help and "3.0 for the embedded model" in guidance.help
 
 
-def test_a_replaced_scheduler_is_one_warning_line_and_in_metrics(pipeline_dir, clip_dir, tmp_path, caplog):  # noqa: F811
+def test_a_replaced_scheduler_is_one_warning_line_and_in_metrics(pipeline_dir, clip_dir, tmp_path, caplog):
     from diffusers import DiffusionPipeline, EulerAncestralDiscreteScheduler
 
     pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True)
@@ -198,7 +198,7 @@ def test_a_replaced_scheduler_is_one_warning_line_and_in_metrics(pipeline_dir, c
 
 
 @pytest.mark.parametrize(("method", "chain"), [("sdo", "ddim"), ("doodl", "edict")])
-def test_a_pipeline_before_is_sampled_on_the_chain_the_method_optimizes(pipeline_dir, clip_dir, method, chain):  # noqa: F811
+def test_a_pipeline_before_is_sampled_on_the_chain_the_method_optimizes(pipeline_dir, clip_dir, method, chain):
     from sdo.doodl import edict_sampler
 
     config = LatentTaskConfig(

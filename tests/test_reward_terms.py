@@ -13,14 +13,9 @@ from sdo.app.reward_spec import image_reward, parse_reward_spec
 from sdo.app.tasks.finetune import ink_reward
 from sdo.clip_rewards import ClipImageEncoder, ClipScoreReward, PickScoreReward
 from sdo.rewards import AdversarialReward, ClassifierReward, StyleReward, WeightedReward
+from tiny_pipelines import PROMPT, write_png
 
 pytest.importorskip("transformers")
-
-import test_pipelines
-from test_pipelines import PROMPT, write_png
-
-clip_dir = test_pipelines.clip_dir
-pipeline_dir = test_pipelines.pipeline_dir
 
 
 def test_specs_parse_to_names_and_weights():

@@ -18,24 +18,28 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .adjoint import Adjoint, AdjointStats
+from .adjoint import Adjoint
+from .adjoint import AdjointStats as AdjointStats
 from .doodl import optimize_latent_doodl
 from .edict import EDICTSampler, Invertible
-from .errors import (
-    ConfigError,
-    CorruptFileError,
-    MissingExtraError,
-    MissingWeightsError,
-    NonFiniteRewardError,
-    SdoError,
-    WriteFailedError,
-)
-from .freedom import GuidanceResult, freedom_sample
-from .gradients import Checkpointed, Full, GradientMode, NoGrad, RandomTruncation, Shortcut, Truncated
-from .latent import OptimizationResult, invert, load_latent, optimize_latent, save_latent
+from .errors import ConfigError as ConfigError
+from .errors import CorruptFileError as CorruptFileError
+from .errors import MissingExtraError as MissingExtraError
+from .errors import MissingWeightsError as MissingWeightsError
+from .errors import NonFiniteRewardError as NonFiniteRewardError
+from .errors import SdoError as SdoError
+from .errors import WriteFailedError as WriteFailedError
+from .freedom import GuidanceResult as GuidanceResult
+from .freedom import freedom_sample
+from .gradients import Checkpointed, Full, NoGrad, RandomTruncation, Shortcut, Truncated
+from .gradients import GradientMode as GradientMode
+from .latent import OptimizationResult as OptimizationResult
+from .latent import invert, load_latent, optimize_latent, save_latent
 from .models import Denoiser
 from .pipelines import from_pipeline
-from .protocols import ImageReward, LatentReward, ModelFn
+from .protocols import ImageReward as ImageReward
+from .protocols import LatentReward as LatentReward
+from .protocols import ModelFn as ModelFn
 from .sampling import Sampler
 
 # The one place the version is written: pyproject.toml reads it (setuptools `dynamic`), so the installed metadata of
@@ -43,7 +47,7 @@ from .sampling import Sampler
 __version__ = "0.2.0"
 
 # Names loaded on first use (PEP 562): the public names that live in the applications layer, and the two errors only
-# the applications raise (outside `__all__`; `sdo.errors` is their home, `sdo.OutputLockedError` keeps working).
+# the applications raise (`sdo.errors` is their home; `sdo.OutputLockedError` keeps working).
 _LAZY = {
     "finetune": "sdo.app.finetuning",
     "FinetuneConfig": "sdo.app.finetuning",
@@ -52,33 +56,22 @@ _LAZY = {
     "ResumeMismatchError": "sdo.errors",
 }
 
+# The library's entry points: what a user calls or constructs. Errors (`sdo.errors`), result and statistics types
+# (`OptimizationResult`, `GuidanceResult`, `AdjointStats`), the gradient modes' base type and the protocols a user's
+# callables satisfy (`sdo.protocols`) stay importable here as `sdo.X` but are not entry points.
 __all__ = [
     "Adjoint",
-    "AdjointStats",
     "Checkpointed",
-    "ConfigError",
-    "CorruptFileError",
     "Denoiser",
     "EDICTSampler",
     "FinetuneConfig",
     "Full",
-    "GradientMode",
-    "GuidanceResult",
-    "ImageReward",
     "Invertible",
-    "LatentReward",
-    "MissingExtraError",
-    "MissingWeightsError",
-    "ModelFn",
     "NoGrad",
-    "NonFiniteRewardError",
-    "OptimizationResult",
     "RandomTruncation",
     "Sampler",
-    "SdoError",
     "Shortcut",
     "Truncated",
-    "WriteFailedError",
     "finetune",
     "freedom_sample",
     "from_pipeline",
