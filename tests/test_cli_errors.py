@@ -129,7 +129,9 @@ def test_every_command_takes_threads_for_its_run_and_restores_torchs(command, mo
     import torch
 
     seen, before = [], torch.get_num_threads()
-    monkeypatch.setattr(cli, f"_{command.replace('-', '_')}", lambda args: seen.append(torch.get_num_threads()) or 0)
+    monkeypatch.setattr(
+        cli, f"_{command.replace('-', '_')}", lambda args, record_config: seen.append(torch.get_num_threads()) or 0
+    )
     argv = [command, "--threads", str(before + 1), "--out", str(tmp_path / "o")]
     assert cli.main(argv + (["--unet-steps", "1"] if command == "train-zoo" else [])) == 0
     assert seen == [before + 1] and torch.get_num_threads() == before
