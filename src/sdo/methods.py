@@ -112,12 +112,15 @@ class Runner:
         start: builds the ``Stepper``.
         exact_gradient: its gradient is that of the sampler's own chain, so comparable with ``Full()``'s (DOODL's
             is of the EDICT chain; FreeDoM gives the latent none).
+        iterative: each iteration starts from the previous one's result, so iterate k carries the training time of
+            k updates (False for FreeDoM: every pass is an independent guided sample, credited at its own time).
     """
 
     kind: str
     runs: str
     start: Callable[[Method, LatentProblem, MethodOptions], Stepper]
     exact_gradient: bool = False
+    iterative: bool = True
 
 
 def _start_mode(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
@@ -144,7 +147,7 @@ def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptio
 MODE = Runner("mode", "sdo.optimize_latent (Adam)", _start_mode, exact_gradient=True)
 DOODL = Runner("doodl", "sdo.optimize_latent_doodl on an sdo.EDICTSampler", _start_doodl)
 DOODL_ADAM = Runner("doodl", "sdo.doodl.doodl_adam_stepper (Adam) on an sdo.EDICTSampler", _start_doodl_adam)
-GUIDANCE = Runner("guidance", "sdo.freedom_sample", _start_guidance)
+GUIDANCE = Runner("guidance", "sdo.freedom_sample", _start_guidance, iterative=False)
 
 
 @dataclass(frozen=True)
