@@ -321,16 +321,25 @@ def _cosine_sweep(config: BenchConfig, workload: Workload, steps: int, exact: to
     return sweep
 
 
-def build_workload(config: BenchConfig) -> Workload:
-    """The workload ``config`` names."""
+def workload_dtype(config: BenchConfig) -> torch.dtype:
+    """The dtype ``sdo bench`` runs ``config``'s SD-1.5 workload in on its device (bfloat16 on CUDA, else float32);
+    read from the device's name only, so a plan for CUDA needs no CUDA."""
+    return torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+
+
+def build_workload(
+    config: BenchConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Workload:
+    """The workload ``config`` names, on ``device`` (default ``config.device``; ``"meta"``: shapes only, for the
+    plan) in ``dtype`` (SD-1.5 only; default ``workload_dtype(config)``)."""
+    device = config.device if device is None else device
     if config.model == "mnist":
-        return mnist_workload(batch=config.batch, seed=config.seed, device=config.device)
-    dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+        return mnist_workload(batch=config.batch, seed=config.seed, device=device)
     return sd15_workload(
         batch=config.batch,
         seed=config.seed,
-        device=config.device,
-        dtype=dtype,
+        device=device,
+        dtype=workload_dtype(config) if dtype is None else dtype,
         width=config.width,
         resolution=config.resolution,
         checkpoint_decoder=config.checkpoint_decoder,

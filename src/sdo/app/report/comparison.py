@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sdo import zoo
-from sdo.app import comparison
+from sdo.app import comparison as engine
 from sdo.app.fair_comparison import PROTOCOLS, TASKS, VARIANTS, chosen_value, sweep_path, sweep_result
 from sdo.app.quality import frechet_distance
 from sdo.app.report import markdown_table, mebibytes
@@ -59,7 +59,7 @@ def load_cases(out: Path) -> dict[tuple[str, str], dict[int, dict[str, dict]]]:
 def reward_at(record: dict, budget: float) -> float:
     """The reward of the last iterate of ``record`` credited within ``budget`` seconds (iterate 0 is at 0 s;
     ``sdo.app.comparison.reward_at``)."""
-    return comparison.reward_at([(it["t"], it["reward"]) for it in record["iterates"]], budget)
+    return engine.reward_at([(it["t"], it["reward"]) for it in record["iterates"]], budget)
 
 
 def total_time(record: dict) -> float:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from sdo.app.report import markdown_table, mebibytes
@@ -59,14 +60,8 @@ def bench_table(out: Path, name: str) -> str:
     return "\n".join(lines)
 
 
-@block("estimators-latents")
-def estimators_latents_block(out: Path) -> str:
-    return bench_table(out, "bench-latent")
-
-
-@block("estimators-weights")
-def estimators_weights_block(out: Path) -> str:
-    return bench_table(out, "bench-weights")
+block("estimators-latents")(partial(bench_table, name="bench-latent"))
+block("estimators-weights")(partial(bench_table, name="bench-weights"))
 
 
 @block("sampler-overhead")

@@ -4,6 +4,7 @@ base-model regularizer (``bold-kl/``)."""
 from __future__ import annotations
 
 import statistics
+from functools import partial
 from pathlib import Path
 
 from sdo.app.report import markdown_table
@@ -38,14 +39,8 @@ def finetune_table(out: Path, task: str) -> str:
     return markdown_table(headers, rows)
 
 
-@block("finetune-confidence")
-def finetune_confidence_block(out: Path) -> str:
-    return finetune_table(out, "confidence")
-
-
-@block("finetune-bold")
-def finetune_bold_block(out: Path) -> str:
-    return finetune_table(out, "bold")
+block("finetune-confidence")(partial(finetune_table, task="confidence"))
+block("finetune-bold")(partial(finetune_table, task="bold"))
 
 
 KL_WEIGHTS = (0, 10, 20, 30)

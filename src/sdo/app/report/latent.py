@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import statistics
+from functools import partial
 from pathlib import Path
 
 from sdo.app.report import markdown_table, mebibytes
@@ -70,16 +71,6 @@ def optimize_table(out: Path, prefix: str = "compare") -> str:
     return markdown_table(headers, rows)
 
 
-@block("demo")
-def demo_block(out: Path) -> str:
-    return demo_table(out)
-
-
-@block("latent-step0")
-def latent_step0_block(out: Path) -> str:
-    return optimize_table(out, "compare")
-
-
-@block("latent-step40")
-def latent_step40_block(out: Path) -> str:
-    return optimize_table(out, "compare-late")
+block("demo")(demo_table)
+block("latent-step0")(partial(optimize_table, prefix="compare"))
+block("latent-step40")(partial(optimize_table, prefix="compare-late"))
