@@ -3,7 +3,7 @@
 A block generator is a function of the results folder (``benchmarks/results/cpu`` by default) that returns the
 block's markdown from the files stored there, and raises ``FileNotFoundError`` when one is missing. It is registered
 by name with ``@block("NAME")`` in the module of its subject (``sdo.app.report.latent``, ``.estimators``,
-``.finetune``, ``.comparison``, ``.scale``); ``sdo.app.report.document`` fills the document's markers from them.
+``.finetune``, ``.comparison``, ``.chains``, ``.scale``); ``sdo.app.report.document`` fills the markers from them.
 """
 
 from __future__ import annotations
