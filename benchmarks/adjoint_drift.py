@@ -17,7 +17,8 @@ the formula ``2 S + (1 + n) R`` (a forward and a VJP call per step, ``1 + n`` pe
 segment's check). Nothing is timed.
 
 Usage: python benchmarks/adjoint_drift.py OUT [--steps 10,20,50] [--refinements 0,2,8] [--every none,10,5]
-Writes OUT/adjoint-drift.json and OUT/adjoint-drift.md; ``drift_table(OUT)`` remakes the table from the JSON.
+Writes OUT/adjoint-drift.json and OUT/adjoint-drift.md; ``sdo.app.report.chains.drift_table(OUT)`` remakes the
+table from the JSON.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import torch
 
 import sdo
 from sdo.app.report import machine_info, markdown_table
+from sdo.app.report.chains import DRIFT_HEADERS, DRIFT_JSON, drift_table, format_drift_row
 from sdo.app.tasks.latent import LatentTaskConfig, build_task, load_resources
-from sdo.io import atomic_path, load_json, save_json
+from sdo.io import atomic_path, save_json
 
-JSON_NAME, TABLE_NAME = "adjoint-drift.json", "adjoint-drift.md"
+TABLE_NAME = "adjoint-drift.md"
 
 
 class CountedModelFn:
@@ -101,43 +103,8 @@ def run_steps(steps: int, args: argparse.Namespace, resources) -> list[dict]:
     for refinements in args.refinements:
         for every in args.every:
             rows.append(measure(task, exact, steps, refinements, every))
-            print("| " + " | ".join(format_row(rows[-1])) + " |", flush=True)
+            print("| " + " | ".join(format_drift_row(rows[-1])) + " |", flush=True)
     return rows
-
-
-def format_row(row: dict) -> list[str]:
-    """A table row's cells."""
-    every = row["checkpoint_every"]
-    return [
-        str(row["steps"]),
-        str(row["refinements"]),
-        "none" if every is None else str(every),
-        f"{row['cosine']:.4f}",
-        f"{row['relative_error']:.3f}",
-        f"{row['reconstruction_max']:.2e}",
-        f"{row['reconstruction_mean']:.2e}",
-        str(row["stored_latents"]),
-        f"{row['calls_per_step']:.2f}",
-    ]
-
-
-HEADERS = (
-    "steps S",
-    "refinements n",
-    "checkpoint every k",
-    "grad cosine",
-    "grad rel. error",
-    "reconstruction max",
-    "reconstruction mean",
-    "stored latents",
-    "network calls / step",
-)
-
-
-def drift_table(out: str | Path) -> str:
-    """The markdown table of ``out/adjoint-drift.json`` (a folder this script wrote)."""
-    data = load_json(Path(out) / JSON_NAME)
-    return markdown_table(HEADERS, [format_row(row) for row in data["rows"]])
 
 
 def int_list(text: str) -> list[int]:
@@ -166,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     torch.manual_seed(args.seed)
     resources = load_resources(LatentTaskConfig())
-    print(markdown_table(HEADERS, []))
+    print(markdown_table(DRIFT_HEADERS, []))
     rows = [row for steps in args.steps for row in run_steps(steps, args, resources)]
-    save_json({"machine": machine_info(torch.device("cpu")), "args": vars(args), "rows": rows}, out / JSON_NAME)
+    save_json({"machine": machine_info(torch.device("cpu")), "args": vars(args), "rows": rows}, out / DRIFT_JSON)
     with atomic_path(out / TABLE_NAME) as tmp:
         tmp.write_text(drift_table(out) + "\n")
     print(drift_table(out))

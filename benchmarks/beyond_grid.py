@@ -1,7 +1,7 @@
 """One step past the edge of the fair comparison's tuning grid (issue 20): would a larger value have done better?
 
-Six of the nine swept knobs of ``compare_estimators.py`` chose the largest value of their 3-value grid. Untimed (only
-rewards are compared), this script runs:
+Six of the nine swept knobs of the fair comparison (``sdo.app.fair_comparison``) chose the largest value of their
+3-value grid. Untimed (only rewards are compared), this script runs:
 
 1. **Past the edge** (``OUT/edge/<variant>@<value>.json``): each variant whose chosen value is its grid's largest,
    at the next value (``BEYOND``: Adam's lr 0.2, DOODL's gradient scale 100, FreeDoM's scale 3), in the sweep's own
@@ -24,11 +24,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from compare_estimators import VARIANTS, Case, Settings, chosen_value, run_alone  # this folder
 from tqdm.auto import tqdm
 
+from sdo.app.comparison import save_result, stored_record
+from sdo.app.fair_comparison import VARIANTS, Case, Settings, chosen_value, run_alone
 from sdo.app.tasks.latent import load_resources
-from sdo.io import load_json, save_json
+from sdo.io import load_json
 
 BEYOND = {"lr": 0.2, "doodl_lr": 100.0, "freedom_scale": 3.0}
 """The next value past each knob's grid (the grids grow by 2x for Adam's lr, 10x for DOODL's scale, ~3x for
@@ -93,13 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = plan(comparison, out, settings)
     resources = load_resources(settings.task_config(Case("class", "noise", 0), "sdo"))
     for path, name, value, case, iters in tqdm(runs, desc="beyond the grid"):
-        if path.exists():
-            stored = load_json(path)
-            if (stored["settings"], stored["value"], stored["case"]) != (asdict(settings), value, asdict(case)):
-                raise SystemExit(f"{path} was made with other settings; use another OUT or remove it.")
+        if stored_record(path, {"settings": asdict(settings), "value": value, "case": asdict(case)}) is not None:
             continue
         record = run_variant(name, value, case, iters or settings.sweep_iters, settings, resources)
-        save_json(record, path)
+        save_result(record, path)
         print(f"  {path.parent.name} {name} {record['knob']}={value:g}: final reward {record['final_reward']:.4f}")
     print(json.dumps({"done": str(out), "runs": len(runs)}))
 

@@ -12,7 +12,7 @@ from sdo.app import bench
 from sdo.app.bench import BenchConfig, reward_at, run_bench
 from sdo.app.cli import main
 from sdo.errors import ConfigError
-from sdo.methods import method_names
+from sdo.methods import METHODS, method_names
 
 WEIGHT_METHODS = (*method_names("weights"), "nograd")
 
@@ -169,10 +169,10 @@ def test_equal_time_columns_are_fractions_of_full_and_weights_bench_records_iter
         assert row["iterates"][0][1] == row["reward_initial"] and row["iterates"][-1][1] == row["reward_final"]
 
 
-def _fake_run(name: str, seconds: list[float], rewards: list[float], kind: str = "mode") -> SimpleNamespace:
+def _fake_run(name: str, seconds: list[float], rewards: list[float], method: str = "sdo") -> SimpleNamespace:
     elapsed = [sum(seconds[: i + 1]) for i in range(len(seconds))]
     records = [{"seconds": s, "elapsed": e, "reward": r} for s, e, r in zip(seconds, elapsed, rewards, strict=True)]
-    return SimpleNamespace(name=name, records=records, learns=True, method=SimpleNamespace(kind=kind))
+    return SimpleNamespace(name=name, records=records, learns=True, method=METHODS[method])
 
 
 def test_an_iterate_is_credited_exactly_at_the_training_time_through_its_update():
@@ -189,7 +189,7 @@ def test_an_iterate_is_credited_exactly_at_the_training_time_through_its_update(
     columns = bench._equal_time(iterates, reference)
     assert columns["reward_at_25pct_time"] == 0.5  # t_4 = 2.0 s = 25% of 8 s: the 4th iterate
     assert reward_at(iterates, 1.99) == 0.4 and reward_at(iterates, 0.0) == 0.1
-    freedom = _fake_run("freedom", [3.0, 3.0], [0.7, 0.7], kind="guidance")  # one pass: credited at its own time
+    freedom = _fake_run("freedom", [3.0, 3.0], [0.7, 0.7], method="freedom")  # one pass: credited at its own time
     assert bench._iterates(freedom, 0.7) == [(3.0, 0.7), (3.0, 0.7)]
     assert reward_at(bench._iterates(freedom, 0.7), 2.0) is None and reward_at(bench._iterates(freedom, 0.7), 4.0)
     no_full = {"sdo": runs["sdo"], "slow": _fake_run("slow", [5.0], [0.0]), "freedom": freedom}

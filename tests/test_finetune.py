@@ -44,10 +44,10 @@ def interrupted_at(update: int):
     checkpoint before it), the reward unchanged: a rerun resumes only with the same reward function."""
     original = Trainer.update
 
-    def update_or_stop(self, step: int) -> dict:
-        if step == update:
+    def update_or_stop(self, iteration: int) -> dict:
+        if iteration == update:
             raise Interrupt
-        return original(self, step)
+        return original(self, step=iteration)  # the old keyword of Trainer.update keeps working
 
     Trainer.update = update_or_stop
     try:

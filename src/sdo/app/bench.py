@@ -19,6 +19,8 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from sdo.app.comparison import credited_iterates, interleave, reward_at
+from sdo.app.finetuning import backward_reward
 from sdo.app.method_flags import MethodFlags, learning_rate
 from sdo.app.options import check_options, option
 from sdo.app.report import MEMORY_HEADER, machine_info, markdown_table, mebibytes
@@ -26,7 +28,7 @@ from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
 from sdo.checks import SEED_MAX
 from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
-from sdo.latent import LatentProblem
+from sdo.latent import AdamSettings, LatentProblem
 from sdo.memory import PeakMemory
 from sdo.methods import METHODS, Method, MethodOptions, Stepper, TruncationSettings, Variable, method_names
 
@@ -124,7 +126,7 @@ class _MethodRun:
         compiled: bool = False,
     ) -> None:
         self.name = f"{name}+compile" if compiled else name
-        self.compiled = compiled
+        self.compiled, self.workload, self.seed, self.rounds = compiled, workload, config.seed, config.iters
         options = config.method_options(generator=torch.Generator().manual_seed(config.seed))
         # a probe's mode (exact gradient, cosine sweep) runs as an unregistered gradient-mode method
         self.method = METHODS[name] if mode is None else Method(name, "bench probe", lambda _: mode)
@@ -144,8 +146,9 @@ class _MethodRun:
         problem = LatentProblem(self.sampler, workload.latent, workload.reward, seed=config.seed)
         return self.method.stepper(problem, options)
 
-    def iterate(self, workload: Workload, seed: int) -> None:
+    def iterate(self) -> None:
         """One timed iteration (``step``), with its wall-clock and memory recorded."""
+        workload, seed = self.workload, self.seed
         outer = time.perf_counter()
         _synchronize(workload.device)
         started = time.perf_counter()
@@ -166,7 +169,7 @@ class _MethodRun:
 
     def step(self, workload: Workload, seed: int) -> torch.Tensor:
         """One iteration of the method's stepper; returns the rewards ``[B]`` it recorded."""
-        record = self.stepper.step()
+        record = self.stepper.iterate()
         if self.first_gradient is None and self.learns and self.method.runner.exact_gradient:
             self.first_gradient = self.stepper.gradient.flatten().float()
         return torch.tensor(record["rewards"])
@@ -185,30 +188,29 @@ class _WeightsRun(_MethodRun):
         self.variables = [p for p in self.model.parameters() if p.is_floating_point()]
         for parameter in self.variables:
             parameter.requires_grad_(True)
-        self.optimizer = torch.optim.Adam(self.variables, lr=config.lr, betas=(0.9, 0.9))
+        self.optimizer = torch.optim.Adam(self.variables, lr=config.lr, betas=AdamSettings.betas)
 
     def step(self, workload: Workload, seed: int) -> torch.Tensor:
-        """Sample with the gradient mode, reward, backward, Adam step; returns the rewards ``[B]``."""
-        with torch.set_grad_enabled(self.learns):
-            x0 = self.sampler.sample(self.latent, grad=self.mode, generator=_generator(workload.device, seed))
-            rewards = workload.reward(x0, None)
-            if self.learns:
-                self.optimizer.zero_grad(set_to_none=True)
-                (-rewards.sum()).backward()
-                if self.first_gradient is None:
-                    self.first_gradient = torch.cat(
-                        [
-                            (v.grad if v.grad is not None else torch.zeros_like(v)).flatten().float()
-                            for v in self.variables
-                        ]
-                    )
-                self.optimizer.step()
-        return rewards
+        """One Adam update of the weights (``sdo.app.finetuning.backward_reward``: sample with the gradient mode,
+        reward, backward); returns the rewards ``[B]``. ``nograd`` only samples and scores."""
+        if not self.learns:
+            return self._rewards(workload, seed, self.mode)
+        self.optimizer.zero_grad(set_to_none=True)
+        generator = _generator(workload.device, seed)
+        logged = backward_reward(self.sampler, self.latent, None, self.mode, workload.reward, generator=generator)
+        if self.first_gradient is None:
+            grads = [(v.grad if v.grad is not None else torch.zeros_like(v)).flatten().float() for v in self.variables]
+            self.first_gradient = torch.cat(grads)
+        self.optimizer.step()
+        return logged["reward"]
+
+    def final_reward(self, workload: Workload, seed: int) -> float:
+        return float(self._rewards(workload, seed, NoGrad()).float().mean())
 
     @torch.no_grad()
-    def final_reward(self, workload: Workload, seed: int) -> float:
-        x0 = self.sampler.sample(self.latent, grad=NoGrad(), generator=_generator(workload.device, seed))
-        return float(workload.reward(x0, None).float().mean())
+    def _rewards(self, workload: Workload, seed: int, mode: GradientMode) -> torch.Tensor:
+        x0 = self.sampler.sample(self.latent, grad=mode, generator=_generator(workload.device, seed))
+        return workload.reward(x0, None)
 
 
 def _method_run(
@@ -217,6 +219,10 @@ def _method_run(
     """The run of method ``name`` (or of the unregistered ``mode``) on the variable ``config`` optimizes."""
     run = _WeightsRun if config.variable == "weights" else _MethodRun
     return run(name, config, workload, steps, mode=mode, **kwargs)
+
+
+def _postfix(run: _MethodRun) -> dict:
+    return {"method": run.name, "s": f"{run.records[-1]['seconds']:.2f}"}
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -238,7 +244,7 @@ def _exact_gradient(config: BenchConfig, workload: Workload, steps: int, runs: d
 
 def _first_gradient(config: BenchConfig, workload: Workload, steps: int, mode: GradientMode) -> torch.Tensor:
     probe = _method_run("probe", config, workload, steps, mode)
-    probe.iterate(workload, config.seed)
+    probe.iterate()
     return probe.first_gradient
 
 
@@ -249,18 +255,13 @@ def _cosine(a: torch.Tensor | None, b: torch.Tensor) -> float | None:
 
 
 def _iterates(run: _MethodRun, final_reward: float) -> list[tuple[float, float]]:
-    """``(t_k, reward_k)`` for every iterate of ``run``, in order.
-
-    Iterate k is the variable after k updates (iterate 0 is the start); ``t_k`` is the training time through update
-    k (``t_0 = 0``; evaluation untimed) and ``reward_k`` the reward the next iteration's forward measured
-    (``final_reward``, the untimed evaluation, for the last iterate). A FreeDoM run learns nothing across its
-    passes: each pass's reward is credited at that pass's own time.
-    """
-    if run.method.kind == "guidance":
-        return [(record["seconds"], record["reward"]) for record in run.records]
-    times = [0.0] + [record["elapsed"] for record in run.records]
-    rewards = [record["reward"] for record in run.records] + [final_reward]
-    return list(zip(times, rewards, strict=True))
+    """``(t_k, reward_k)`` for every iterate of ``run``, in order (``sdo.app.comparison.credited_iterates``;
+    ``final_reward``, the untimed evaluation, is the last iterate's). A run whose runner is one pass (FreeDoM)
+    learns nothing across its passes: each pass's reward is credited at that pass's own time."""
+    seconds, rewards = [record["seconds"] for record in run.records], [record["reward"] for record in run.records]
+    if run.method.runner.one_pass:
+        return list(zip(seconds, rewards, strict=True))
+    return credited_iterates(seconds, [*rewards, final_reward])
 
 
 def _time_reference(runs: dict[str, _MethodRun]) -> tuple[str, float]:
@@ -268,15 +269,9 @@ def _time_reference(runs: dict[str, _MethodRun]) -> tuple[str, float]:
     the slowest learner's (FreeDoM, which learns nothing, and ``nograd`` count only when nothing else ran)."""
     if "full" in runs:
         return "full", runs["full"].records[-1]["elapsed"]
-    learners = [run for run in runs.values() if run.learns and run.method.kind != "guidance"] or list(runs.values())
+    learners = [run for run in runs.values() if run.learns and not run.method.runner.one_pass] or list(runs.values())
     slowest = max(learners, key=lambda run: run.records[-1]["elapsed"])
     return f"slowest learner ({slowest.name})", slowest.records[-1]["elapsed"]
-
-
-def reward_at(iterates: list[tuple[float, float]], budget: float) -> float | None:
-    """The reward of the last iterate whose time ``t_k`` is within ``budget`` seconds (None if none is)."""
-    within = [reward for seconds, reward in iterates if seconds <= budget * (1 + 1e-9)]
-    return within[-1] if within else None
 
 
 def _equal_time(iterates: list[tuple[float, float]], reference: tuple[str, float]) -> dict:
@@ -328,16 +323,25 @@ def _cosine_sweep(config: BenchConfig, workload: Workload, steps: int, exact: to
     return sweep
 
 
-def build_workload(config: BenchConfig) -> Workload:
-    """The workload ``config`` names."""
+def workload_dtype(config: BenchConfig) -> torch.dtype:
+    """The dtype ``sdo bench`` runs ``config``'s SD-1.5 workload in on its device (bfloat16 on CUDA, else float32);
+    read from the device's name only, so a plan for CUDA needs no CUDA."""
+    return torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+
+
+def build_workload(
+    config: BenchConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Workload:
+    """The workload ``config`` names, on ``device`` (default ``config.device``; ``"meta"``: shapes only, for the
+    plan) in ``dtype`` (SD-1.5 only; default ``workload_dtype(config)``)."""
+    device = config.device if device is None else device
     if config.model == "mnist":
-        return mnist_workload(batch=config.batch, seed=config.seed, device=config.device)
-    dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
+        return mnist_workload(batch=config.batch, seed=config.seed, device=device)
     return sd15_workload(
         batch=config.batch,
         seed=config.seed,
-        device=config.device,
-        dtype=dtype,
+        device=device,
+        dtype=workload_dtype(config) if dtype is None else dtype,
         width=config.width,
         resolution=config.resolution,
         checkpoint_decoder=config.checkpoint_decoder,
@@ -355,13 +359,7 @@ def run_bench(config: BenchConfig, workload: Workload | None = None, progress: b
             modes = [name for name in config.method_names if METHODS[name].build is not None]
             compiled = [_method_run(name, config, workload, steps, compiled=True) for name in modes]
             runs.update({run.name: run for run in compiled})
-        total = config.iters * len(runs)
-        with tqdm(total=total, desc=f"bench {workload.name}, {steps} steps", disable=not progress) as bar:
-            for _ in range(config.iters):
-                for run in runs.values():  # interleaved: every method takes one iteration in turn
-                    run.iterate(workload, config.seed)
-                    bar.set_postfix(method=run.name, s=f"{run.records[-1]['seconds']:.2f}")
-                    bar.update()
+        interleave(list(runs.values()), f"bench {workload.name}, {steps} steps", progress, _postfix)
         exact = _exact_gradient(config, workload, steps, runs)
         rows += _rows(runs, exact, workload, config, steps)
         if config.cosine_sweep:

@@ -12,6 +12,7 @@ that leave sdo are in ``sdo.app.lora``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import math
@@ -262,6 +263,13 @@ def _largest_magnitude(tensors: list[torch.Tensor]) -> float:
     return float(torch.stack([torch.linalg.vector_norm(t, math.inf).float() for t in tensors]).max())
 
 
+def _iteration_argument(iteration: int | None, step: int | None) -> int:
+    """``Trainer.update``'s update number, given as ``iteration`` or by its old name ``step`` (exactly one)."""
+    if (iteration is None) == (step is None):
+        raise TypeError("Trainer.update takes the update number once: update(iteration).")
+    return iteration if step is None else step
+
+
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**64)  # every seed in [0, 2**63 - 1]
 
@@ -283,8 +291,56 @@ def _regularized(sampler: Sampler, base: torch.nn.Module | None) -> tuple[Sample
     return regularized, kl
 
 
+def backward_reward(
+    sampler: Sampler,
+    noise: torch.Tensor,
+    conditions: torch.Tensor | None,
+    mode: GradientMode,
+    reward: Callable,
+    *,
+    divide_by: int = 1,
+    penalty: Callable[[], torch.Tensor | None] | None = None,
+    penalty_weight: float = 0.0,
+    generator: torch.Generator | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, torch.Tensor]:
+    """The gradient half of one weight update, shared by ``Trainer`` and ``sdo bench --variable weights``: sample
+    ``noise`` ``[B, ...]`` with ``mode`` (``generator``: the sampler's noise), score the sample, and backpropagate
+    ``(-sum(rewards) + penalty_weight * sum(penalty())) / divide_by`` into the network's weights (accumulated in
+    their ``.grad``; the optimizer's ``zero_grad`` and ``step`` are the caller's).
+
+    Returns the per-sample values to log, detached: ``reward`` ``[B]``, ``reward_NAME`` for each term of a weighted
+    reward and, with ``penalty``, ``kl`` (its per-sample values, read after sampling; None counts as zeros).
+
+    Raises:
+        ConfigError: the reward returned anything but a floating-point ``[B]`` tensor, or one with no gradient path
+            to a sample that has one (``sdo.checks.check_rewards``).
+    """
+    with autocast or contextlib.nullcontext():
+        x0 = sampler.sample(noise, grad=mode, generator=generator)
+        rewards = check_rewards(reward(x0, conditions), len(noise)).float()
+    if x0.requires_grad and not rewards.requires_grad:
+        raise ConfigError(
+            "The reward has no gradient path to the sample: the reward returned a tensor that does not depend "
+            "on the sample (images, or x0) through differentiable operations (computed under torch.no_grad(), "
+            "detached, or converted to numbers?)."
+        )
+    loss = -rewards.sum()
+    logged = {"reward": rewards}
+    for name, values in (getattr(reward, "last_terms", None) or {}).items():
+        logged[f"reward_{name}"] = values
+    if penalty is not None:
+        values = penalty()
+        values = torch.zeros_like(rewards) if values is None else values.float()
+        loss = loss + penalty_weight * values.sum()
+        logged["kl"] = values
+    (loss / divide_by).backward()
+    return {name: values.detach().float() for name, values in logged.items()}
+
+
 class Trainer:
-    """The training state of one run and its update rule: ``update(step)`` takes optimizer update ``step``.
+    """The training state of one run and its update rule: ``update(iteration)`` takes optimizer update number
+    ``iteration`` (1 for the first).
 
     It holds what never changes between updates: the config, the target (model, sampler, reward), the Accelerate
     accelerator, the trainable parameters (LoRA injected, or every weight), the AdamW optimizer and, with
@@ -313,26 +369,27 @@ class Trainer:
         """What a checkpoint holds: the LoRA tensors, or every weight."""
         return trainable_state(self.network, self.lora)
 
-    def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Conditions ``[B]``, noises ``[B, ...]`` and the mode seed of update ``step`` (the same on every
+    def global_batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Conditions ``[B]``, noises ``[B, ...]`` and the mode seed of update ``iteration`` (the same on every
         process)."""
-        generator = _step_generator(self.config.seed, step)
+        generator = _step_generator(self.config.seed, iteration)
         conditions, noise = self.target.draw(generator, self.config.batch_size)
         return conditions, noise, int(torch.randint(0, 2**62, (1,), generator=generator))
 
-    def update(self, step: int) -> dict[str, float]:
-        """One optimizer update on this process's slice of the global batch; returns the global means of the
-        reward, of each term of a weighted reward (``reward_NAME``) and, with ``kl_weight``, of the KL penalty
-        (``kl``).
+    def update(self, iteration: int | None = None, *, step: int | None = None) -> dict[str, float]:
+        """Optimizer update number ``iteration`` on this process's slice of the global batch; returns the global
+        means of the reward, of each term of a weighted reward (``reward_NAME``) and, with ``kl_weight``, of the KL
+        penalty (``kl``). ``step=`` is the old name of ``iteration`` (kept working).
 
         Raises:
             ConfigError: the reward returned anything but a floating-point ``[B]`` tensor (``B`` the micro-batch)
                 with a gradient path to the sample (``sdo.checks.check_rewards``).
             NonFiniteRewardError: the reward or a gradient is NaN or infinite, or the step might make a weight so;
-                raised before the update, so the network keeps the weights of step ``step - 1``.
+                raised before the update, so the network keeps the weights of update ``iteration - 1``.
         """
+        iteration = _iteration_argument(iteration, step)
         accelerator, config = self.accelerator, self.config
-        conditions, noise, mode_seed = self.global_batch(step)
+        conditions, noise, mode_seed = self.global_batch(iteration)
         per_process = config.batch_size // accelerator.num_processes
         mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
         conditions, noise = conditions[mine].to(accelerator.device), noise[mine].to(accelerator.device)
@@ -347,43 +404,36 @@ class Trainer:
             name: float(accelerator.reduce(total, reduction="sum")) / config.batch_size for name, total in sums.items()
         }
         if not math.isfinite(means["reward"]):
-            raise self._non_finite(step, f"The reward is not finite at step {step} ({means['reward']})")
+            raise self._non_finite(iteration, f"The reward is not finite at step {iteration} ({means['reward']})")
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)  # a non-finite gradient stays so
-        self._check_update(step)
+        self._check_update(iteration)
         self.optimizer.step()
         return means
 
     def _micro_batch(self, conditions: torch.Tensor, noise: torch.Tensor, mode_seed: int) -> dict[str, torch.Tensor]:
-        """Sample, score and backpropagate one micro-batch; returns its per-sample values to log (detached)."""
-        config, reward_fn = self.config, self.target.reward
-        sampler = self.target.sampler(self.network, conditions)
+        """Sample, score and backpropagate one micro-batch (``backward_reward``); returns its per-sample values to
+        log (detached)."""
+        config = self.config
+        sampler, penalty = self.target.sampler(self.network, conditions), None
         if config.kl_weight > 0:
             sampler, kl = _regularized(sampler, self.base)
+            penalty = kl.penalty
         mode = config.mode(torch.Generator().manual_seed(mode_seed))  # one draw per trajectory batch, every rank
-        with self.accelerator.autocast():
-            x0 = sampler.sample(noise, grad=mode)
-            rewards = check_rewards(reward_fn(x0, conditions), len(noise)).float()
-        if x0.requires_grad and not rewards.requires_grad:
-            raise ConfigError(
-                "The reward has no gradient path to the sample: the reward returned a tensor that does not depend "
-                "on the sample (images, or x0) through differentiable operations (computed under torch.no_grad(), "
-                "detached, or converted to numbers?)."
-            )
-        loss = -rewards.sum()
-        logged = {"reward": rewards}
-        for name, values in (getattr(reward_fn, "last_terms", None) or {}).items():
-            logged[f"reward_{name}"] = values
-        if config.kl_weight > 0:
-            penalty = kl.penalty()
-            penalty = torch.zeros_like(rewards) if penalty is None else penalty.float()
-            loss = loss + config.kl_weight * penalty.sum()
-            logged["kl"] = penalty
-        (loss / config.batch_size).backward()
-        return {name: values.detach().float() for name, values in logged.items()}
+        return backward_reward(
+            sampler,
+            noise,
+            conditions,
+            mode,
+            self.target.reward,
+            divide_by=config.batch_size,
+            penalty=penalty,
+            penalty_weight=config.kl_weight,
+            autocast=self.accelerator.autocast(),
+        )
 
-    def _check_update(self, step: int) -> None:
-        """Refuse the update of ``step`` before it is applied (the weights stay as they are) when a gradient holds
+    def _check_update(self, iteration: int) -> None:
+        """Refuse update ``iteration`` before it is applied (the weights stay as they are) when a gradient holds
         NaN or infinite values, or when AdamW's step might not leave every weight finite: it moves each element by
         at most ``lr * _ADAM_MOVE`` (after the weight decay's scaling), so a weight further than that below half its
         dtype's largest value stays finite, and a gradient below that half keeps Adam's moments finite."""
@@ -391,24 +441,27 @@ class Trainer:
         weight = _largest_magnitude(weights)
         gradient = _largest_magnitude([p.grad.detach() for p in self.parameters if p.grad is not None])
         if not math.isfinite(gradient):  # NaN propagates through the maximum
-            raise self._non_finite(step, f"The gradient of the reward is not finite at step {step} (the reward is)")
+            raise self._non_finite(
+                iteration, f"The gradient of the reward is not finite at step {iteration} (the reward is)"
+            )
         largest = min((torch.finfo(w.dtype).max for w in weights), default=math.inf) / 2
         for group in self.optimizer.param_groups:
             lr, decay = group["lr"], group["weight_decay"]
             if weight * abs(1 - lr * decay) + lr * _ADAM_MOVE >= largest or gradient >= largest:
                 raise self._non_finite(
-                    step,
-                    f"The update at step {step} could make a weight infinite (largest weight {weight:.3g}, largest "
-                    f"gradient {gradient:.3g}, lr {lr:g}); lower `lr` (--lr)",
+                    iteration,
+                    f"The update at step {iteration} could make a weight infinite (largest weight {weight:.3g}, "
+                    f"largest gradient {gradient:.3g}, lr {lr:g}); lower `lr` (--lr)",
                 )
 
-    def _non_finite(self, step: int, what: str) -> NonFiniteRewardError:
-        """The error that stops the run at ``step`` before its update: ``what``, and the last good checkpoint."""
+    def _non_finite(self, iteration: int, what: str) -> NonFiniteRewardError:
+        """The error that stops the run at update ``iteration`` before it is applied: ``what``, and the last good
+        checkpoint."""
         last = latest_checkpoint(Path(self.config.out) / "checkpoints")
         return NonFiniteRewardError(
-            f"{what}; stopped before the update, the weights are those of step {step - 1}. Last good checkpoint: "
-            f"{last.path if last else 'none'}.",
-            {"step": step, "last_checkpoint": str(last.path) if last else None},
+            f"{what}; stopped before the update, the weights are those of step {iteration - 1}. Last good "
+            f"checkpoint: {last.path if last else 'none'}.",
+            {"step": iteration, "last_checkpoint": str(last.path) if last else None},
         )
 
     def _reduce_gradients(self) -> None:

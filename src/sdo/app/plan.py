@@ -32,14 +32,15 @@ given separately).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdo.app.bench import BenchConfig
+from sdo.app.bench import BenchConfig, build_workload
+from sdo.app.bench import workload_dtype as plan_dtype
 from sdo.app.report import markdown_table, mebibytes
 from sdo.gradients import GradientMode, RandomTruncation, StepRole, Truncated
 from sdo.memory import is_parameter
@@ -155,55 +156,20 @@ class _MetaWorkload:
     model: torch.nn.Module
 
 
-def plan_dtype(config: BenchConfig) -> torch.dtype:
-    """The dtype ``sdo bench`` runs ``config``'s SD-1.5 workload in on its device (bfloat16 on CUDA, else float32);
-    read from the device's name only, so a plan for CUDA needs no CUDA."""
-    return torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
-
-
 def _meta_workload(config: BenchConfig, dtype: torch.dtype | None = None) -> _MetaWorkload:
-    """The benchmark's workload (``sdo.app.tasks.bench``), built on the meta device from its configs (SD-1.5 in
-    ``dtype``, default ``plan_dtype(config)``); nothing touches ``config.device``."""
-    from sdo.models import Denoiser
-
-    meta = torch.device("meta")
-    if config.model == "mnist":
-        from sdo import zoo
-        from sdo.rewards import ClassifierReward
-        from sdo.zoo.nets import RewardNet, build_unet
-
-        with meta:
-            unet, classifier = build_unet().requires_grad_(False), RewardNet().requires_grad_(False)
-        denoiser = zoo.denoiser(unet, torch.full((config.batch,), 3, device=meta))
-        reward = ClassifierReward(classifier, 8)
-        latent = torch.empty(config.batch, 1, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, device=meta)
-        score = lambda x0: reward(x0, None)  # noqa: E731
-        return _MetaWorkload(denoiser, score, score, latent, torch.tensor(500, device=meta), unet)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from sdo.app.tasks.bench import SD15_UNET_CONFIG, SD15_VAE_CONFIG, scaled_config
-
-    dtype = plan_dtype(config) if dtype is None else dtype
-    unet_config = scaled_config(SD15_UNET_CONFIG, config.width)
-    vae_config = scaled_config(SD15_VAE_CONFIG, config.width)
-    with meta:
-        unet = UNet2DConditionModel(**unet_config).to(dtype).requires_grad_(False)
-        vae = AutoencoderKL(**vae_config).to(dtype).requires_grad_(False)
-    text = torch.empty(config.batch, 77, unet_config["cross_attention_dim"], device=meta, dtype=dtype)
-    denoiser = Denoiser(unet, encoder_hidden_states=text, negative_encoder_hidden_states=text[:1], guidance_scale=7.5)
-    size = config.resolution // 8
-    projection = torch.empty(3, config.resolution, config.resolution, device=meta, dtype=dtype)
-
-    def decode(x0: torch.Tensor) -> torch.Tensor:
-        return vae.decode(x0 / vae.config.scaling_factor).sample
-
-    def reward(x0: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
-        image = torch.utils.checkpoint.checkpoint(decode, x0, use_reentrant=False) if checkpointed else decode(x0)
-        return (image * projection).flatten(1).sum(dim=1).float()
-
-    latent = torch.empty(config.batch, 4, size, size, device=meta, dtype=dtype)
-    as_run = (lambda x0: reward(x0, True)) if config.checkpoint_decoder else reward
-    return _MetaWorkload(denoiser, reward, as_run, latent, torch.tensor(500, device=meta), unet)
+    """The benchmark's workload (``sdo.app.bench.build_workload``) on the meta device (SD-1.5 in ``dtype``, default
+    ``plan_dtype(config)``): its network call, its reward without and as run (the decoder checkpointed when the
+    config says so), its latent; nothing touches ``config.device``."""
+    workload = build_workload(config, "meta", dtype)
+    plain = (
+        build_workload(replace(config, checkpoint_decoder=False), "meta", dtype)
+        if config.checkpoint_decoder
+        else workload
+    )
+    reward = lambda x0: plain.reward(x0, None)  # noqa: E731
+    as_run = (lambda x0: workload.reward(x0, None)) if config.checkpoint_decoder else reward
+    network = workload.make_sampler(1, workload.model).model_fn
+    return _MetaWorkload(network, reward, as_run, workload.latent, torch.tensor(500, device="meta"), workload.model)
 
 
 def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:

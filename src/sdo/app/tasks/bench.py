@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from sdo import zoo
 from sdo.models import Denoiser
 from sdo.rewards import ClassifierReward
 from sdo.sampling import Sampler
+from sdo.zoo.nets import RewardNet, build_unet
 
 __all__ = ["SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "Workload", "mnist_workload", "scaled_config", "sd15_workload"]
 
@@ -71,9 +73,10 @@ class Workload:
 
 
 def mnist_workload(batch: int = 4, source: int = 3, target: int = 8, seed: int = 0, device="cpu") -> Workload:
-    """The embedded model: steer ``batch`` generated ``source`` digits towards ``target``."""
+    """The embedded model: steer ``batch`` generated ``source`` digits towards ``target`` (on the ``meta`` device:
+    the networks' shapes only, no weights read, for ``sdo bench --plan``)."""
     device = torch.device(device)
-    unet, classifier = zoo.load_unet(device), zoo.load_reward_classifier(device)
+    unet, classifier = _mnist_networks(device)
     classes = torch.full((batch,), source, device=device)
     noise = zoo.noise(batch, seed, device)
     reward = ClassifierReward(classifier, target)
@@ -92,6 +95,22 @@ def mnist_workload(batch: int = 4, source: int = 3, target: int = 8, seed: int =
     )
 
 
+def _mnist_networks(device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The embedded UNet and reward classifier, frozen; on the meta device built there, without weights."""
+    if device.type == "meta":
+        with device:
+            return build_unet().requires_grad_(False), RewardNet().requires_grad_(False)
+    return zoo.load_unet(device), zoo.load_reward_classifier(device)
+
+
+def _frozen(network: type[torch.nn.Module], config: dict, device: torch.device, dtype: torch.dtype):
+    """``network(**config)`` frozen in eval mode, in ``dtype`` on ``device`` (on the meta device built there: shapes
+    only, nothing allocated)."""
+    with device if device.type == "meta" else contextlib.nullcontext():
+        module = network(**config)
+    return module.to(device, dtype).eval().requires_grad_(False)
+
+
 def sd15_workload(
     batch: int = 1,
     seed: int = 0,
@@ -106,15 +125,15 @@ def sd15_workload(
 
     ``width`` < 1 and a smaller ``resolution`` shrink the architecture (CPU smoke tests); 1.0 and 512 are the
     real sizes. ``checkpoint_decoder`` recomputes the decoder's activations in backward; ``vae_slicing`` decodes
-    one image at a time (diffusers' ``enable_slicing``).
+    one image at a time (diffusers' ``enable_slicing``). On the ``meta`` device: shapes only (``sdo bench --plan``).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     device = torch.device(device)
     torch.manual_seed(seed)
     unet_config, vae_config = scaled_config(SD15_UNET_CONFIG, width), scaled_config(SD15_VAE_CONFIG, width)
-    unet = UNet2DConditionModel(**unet_config).to(device, dtype).eval().requires_grad_(False)
-    vae = AutoencoderKL(**vae_config).to(device, dtype).eval().requires_grad_(False)
+    unet = _frozen(UNet2DConditionModel, unet_config, device, dtype)
+    vae = _frozen(AutoencoderKL, vae_config, device, dtype)
     if vae_slicing:
         vae.enable_slicing()
     tokens, dim = 77, unet_config["cross_attention_dim"]
