@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -10,8 +11,17 @@ import torch
 import sdo
 from sdo import zoo
 from sdo.doodl import edict_sampler
+from sdo.errors import ConfigError
 from sdo.io import CorruptFileError
-from sdo.latent import NonFiniteRewardError, invert, load_latent, optimize_latent, save_latent
+from sdo.latent import (
+    LatentProblem,
+    NonFiniteRewardError,
+    invert,
+    latent_stepper,
+    load_latent,
+    optimize_latent,
+    save_latent,
+)
 from sdo.rewards import ClassifierReward
 
 
@@ -148,3 +158,57 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     shutil.copy(folder / "judge_classifier.safetensors", folder / "reward_classifier.safetensors")
     with pytest.raises(CorruptFileError, match="weights do not fit RewardNet"):
         zoo.load_reward_classifier(folder=folder)
+
+
+# issue 28: learning-rate schedules of the Adam run.
+
+
+def cosine_lrs(lr, iters):
+    return [lr * (1 + math.cos(math.pi * k / iters)) / 2 for k in range(iters)]
+
+
+def adam_stepper(unet, **adam):
+    problem = LatentProblem(
+        make_sampler(unet, [3], steps=4), noise(1), ClassifierReward(zoo.load_reward_classifier(), 8)
+    )
+    return latent_stepper(problem, sdo.Shortcut(), lr=0.1, **adam)
+
+
+def test_cosine_schedule_uses_the_closed_form_lr_at_each_update(unet):
+    stepper = adam_stepper(unet, lr_schedule="cosine", iters=4)
+    used = []
+    for _ in range(4):
+        stepper.iterate()
+        used.append(stepper.update.optimizer.param_groups[0]["lr"])  # the lr of the update just taken
+    assert used == pytest.approx(cosine_lrs(0.1, 4), rel=1e-12)
+    assert used == pytest.approx([0.1, 0.0853553390593, 0.05, 0.0146446609407], rel=1e-9)
+    with pytest.raises(ConfigError, match=r"`lr_schedule` 'cosine' was set for a run of `iters`=4 updates; update 5"):
+        stepper.iterate()  # past the run it was built for: refused, not a silently rising lr
+    constant = adam_stepper(unet, iters=4)
+    for _ in range(2):
+        constant.iterate()
+        assert constant.update.optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_constant_schedule_is_bit_identical_and_stepping_equals_run(unet):
+    sampler, reward = make_sampler(unet, [3], steps=4), ClassifierReward(zoo.load_reward_classifier(), 8)
+    plain = optimize_latent(sampler, noise(1), reward, iters=3, lr=0.1, progress=False)
+    constant = optimize_latent(sampler, noise(1), reward, iters=3, lr=0.1, lr_schedule="constant", progress=False)
+    cosine = optimize_latent(sampler, noise(1), reward, iters=3, lr=0.1, lr_schedule="cosine", progress=False)
+    assert [r["rewards"] for r in constant.history] == [r["rewards"] for r in plain.history]
+    torch.testing.assert_close(constant.latent, plain.latent, rtol=0, atol=0)
+    assert not torch.equal(cosine.latent, plain.latent)  # the schedule reaches the run
+    stepped = adam_stepper(unet, lr_schedule="cosine", iters=3)
+    for _ in range(3):
+        stepped.iterate()
+    result = stepped.finish()
+    torch.testing.assert_close(result.latent, cosine.latent, rtol=0, atol=0)
+    assert [r["rewards"] for r in result.history] == [r["rewards"] for r in cosine.history]
+
+
+def test_unknown_or_unsized_lr_schedule_is_refused(unet):
+    sampler, reward = make_sampler(unet, [3]), ClassifierReward(zoo.load_reward_classifier(), 8)
+    with pytest.raises(ConfigError, match=r"`lr_schedule` must be one of constant, cosine, got 'linear'"):
+        optimize_latent(sampler, noise(1), reward, iters=2, lr_schedule="linear", progress=False)
+    with pytest.raises(ConfigError, match=r"`lr_schedule` 'cosine' needs the run's number of updates \(`iters`\)"):
+        adam_stepper(unet, lr_schedule="cosine")

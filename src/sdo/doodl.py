@@ -256,6 +256,8 @@ def doodl_adam_stepper(
     lr: float = AdamSettings.lr,
     betas: tuple[float, float] = AdamSettings.betas,
     project_to_shell: bool = AdamSettings.project_to_shell,
+    lr_schedule: str = AdamSettings.lr_schedule,
+    iters: int | None = None,
 ) -> LatentStepper:
     """DOODL's gradient with ``sdo.optimize_latent``'s update (the ``doodl-adam`` method): the
     ``sdo.latent.LatentStepper`` of ``PairObjective`` (``r(z) = (reward(x_0) + reward(y_0)) / 2`` on the EDICT pair,
@@ -265,14 +267,15 @@ def doodl_adam_stepper(
 
     It separates DOODL's gradient (Wallace et al., ICCV 2023) from its SGD + momentum + clipping update: same
     chain and objective as ``doodl_stepper``, so the first gradient is the same. The problem's sampler is an
-    ``sdo.EDICTSampler``.
+    ``sdo.EDICTSampler``. ``lr_schedule`` and ``iters`` (the run's updates) are ``sdo.latent.latent_stepper``'s.
 
     Raises:
-        ConfigError: a sampler that is not an ``sdo.EDICTSampler``, a bad ``lr``, ``betas``, ``grad`` or latent.
+        ConfigError: a sampler that is not an ``sdo.EDICTSampler``, a bad ``lr``, ``betas``, ``lr_schedule``,
+            ``grad`` or latent.
     """
     grad = Invertible() if grad is None else grad  # a fresh mode (and its stats) per run
     sampler = _edict_of(problem)
-    adam = adam_update(lr, betas, project_to_shell)
+    adam = adam_update(lr, betas, project_to_shell, lr_schedule, iters)
     _check_grad(grad)
     problem.check(sampler.network)
     objective = PairObjective(sampler, problem.reward, problem.start_step, problem.cond)

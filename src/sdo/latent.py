@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -33,6 +34,7 @@ from .rewards import latent_prior
 from .sampling import Sampler
 
 __all__ = [
+    "LR_SCHEDULES",
     "AdamSettings",
     "AdamUpdate",
     "LatentProblem",
@@ -44,13 +46,19 @@ __all__ = [
     "Shell",
     "UpdateRule",
     "adam_update",
+    "check_lr_schedule",
     "history_record",
     "invert",
     "latent_stepper",
     "load_latent",
     "optimize_latent",
     "save_latent",
+    "scheduled_lr",
 ]
+
+LR_SCHEDULES = ("constant", "cosine")
+"""The learning-rate schedules of sdo's Adam run (``lr_schedule``): ``constant`` (the authors' behaviour) keeps
+``lr``; ``cosine`` uses ``lr * (1 + cos(pi * k / K)) / 2`` at update k = 0..K-1 of a run of K = ``iters`` updates."""
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,15 @@ class AdamSettings:
         lr: Adam's learning rate. betas: Adam's moment decays, (0.9, 0.9) as in the authors' reference scripts.
         prior_weight: weight of the Gaussian-shell regularizer ``latent_prior`` (0 disables it).
         project_to_shell: rescale each latent to its initial norm after each update (``Shell``).
+        lr_schedule: the lr at each update, one of ``LR_SCHEDULES``: ``constant`` (the authors' behaviour) or
+            ``cosine`` (``lr * (1 + cos(pi * k / K)) / 2`` at update k of K, decaying towards 0).
     """
 
     lr: float = 0.05
     betas: tuple[float, float] = (0.9, 0.9)
     prior_weight: float = 0.0
     project_to_shell: bool = True
+    lr_schedule: str = "constant"
 
 
 @dataclass
@@ -179,17 +190,37 @@ class Shell:
 
 
 class AdamUpdate:
-    """``optimize_latent``'s update rule: one Adam update (Kingma & Ba 2015) of the latent, then, with ``shell``, the
-    projection back onto the initial norms (``project_to_shell``)."""
+    """``optimize_latent``'s update rule: one Adam update (Kingma & Ba 2015) of the latent at the lr of
+    ``lr_schedule`` (``scheduled_lr``; ``iters`` is the run's number of updates K, needed by ``cosine``), then, with
+    ``shell``, the projection back onto the initial norms (``project_to_shell``). ``updates`` counts the updates
+    applied."""
 
-    def __init__(self, z: torch.Tensor, lr: float, betas: tuple[float, float], shell: Shell | None = None) -> None:
+    def __init__(
+        self,
+        z: torch.Tensor,
+        lr: float,
+        betas: tuple[float, float],
+        shell: Shell | None = None,
+        *,
+        lr_schedule: str = AdamSettings.lr_schedule,
+        iters: int | None = None,
+    ) -> None:
+        check_lr_schedule(lr_schedule, iters)
         self.optimizer = torch.optim.Adam([z], lr=lr, betas=betas)
-        self.shell = shell
+        self.shell, self.lr, self.lr_schedule, self.iters, self.updates = shell, lr, lr_schedule, iters, 0
 
     def __call__(self, z: torch.Tensor, gradient: torch.Tensor) -> None:
-        """One Adam update of ``z`` (the latent this rule was built for) along the loss gradient."""
+        """One Adam update of ``z`` (the latent this rule was built for) along the loss gradient.
+
+        Raises:
+            ConfigError: a ``cosine`` schedule asked for an update past its ``iters``.
+        """
+        if self.lr_schedule != "constant":  # constant leaves the optimizer's lr untouched (the authors' run)
+            for group in self.optimizer.param_groups:
+                group["lr"] = scheduled_lr(self.lr, self.lr_schedule, self.updates, self.iters)
         z.grad = gradient
         self.optimizer.step()
+        self.updates += 1
         if self.shell is not None:
             self.shell.project(z)
 
@@ -371,6 +402,7 @@ def optimize_latent(
     betas: tuple[float, float] = AdamSettings.betas,
     prior_weight: float = AdamSettings.prior_weight,
     project_to_shell: bool = AdamSettings.project_to_shell,
+    lr_schedule: str = AdamSettings.lr_schedule,
     seed: int = 0,
     cond: object = None,
     judge: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -391,6 +423,8 @@ def optimize_latent(
             warm-up with ``sampler.sample(..., stop_step=k)``, or after ``sdo.invert``). Not modified.
         reward: ``reward(x0, cond) -> [B]``, higher is better (the one reward protocol of ``sdo.rewards``).
         grad: gradient mode; start_step: first step run; iters: Adam updates; lr, betas: Adam's (betas in [0, 1)).
+        lr_schedule: ``"constant"`` (``lr`` at every update, the authors' behaviour) or ``"cosine"`` (``lr * (1 +
+            cos(pi * k / iters)) / 2`` at update k = 0..iters-1); see ``LR_SCHEDULES``.
         prior_weight: weight of the Gaussian-shell regularizer (0 disables it).
         project_to_shell: after each Adam update, rescale each latent to its initial norm (``Shell``): the hard
             version of the prior, as DOODL does.
@@ -412,7 +446,14 @@ def optimize_latent(
         raise ConfigError(f"{grad!r} gives no gradient to the latent; use sdo.Shortcut() or sdo.Full().")
     problem = LatentProblem(sampler, latent, reward, start_step, seed, cond, judge, measure)
     stepper = latent_stepper(
-        problem, grad, lr=lr, betas=betas, prior_weight=prior_weight, project_to_shell=project_to_shell
+        problem,
+        grad,
+        lr=lr,
+        betas=betas,
+        prior_weight=prior_weight,
+        project_to_shell=project_to_shell,
+        lr_schedule=lr_schedule,
+        iters=iters,
     )
     return stepper.run(iters, f"optimize ({type(grad).__name__})", progress)
 
@@ -425,10 +466,14 @@ def latent_stepper(
     betas: tuple[float, float] = AdamSettings.betas,
     prior_weight: float = AdamSettings.prior_weight,
     project_to_shell: bool = AdamSettings.project_to_shell,
+    lr_schedule: str = AdamSettings.lr_schedule,
+    iters: int | None = None,
 ) -> LatentStepper:
     """The ``LatentStepper`` of ``optimize_latent`` (its arguments, checked here): ``SampleObjective`` with
-    ``AdamUpdate``. ``sdo bench`` runs it one iteration at a time; ``grad=sdo.NoGrad()`` only evaluates."""
-    adam = adam_update(lr, betas, project_to_shell)
+    ``AdamUpdate``. ``sdo bench`` runs it one iteration at a time; ``grad=sdo.NoGrad()`` only evaluates. ``iters``
+    is the number of updates the run will take (K of a ``cosine`` ``lr_schedule``, which needs it), so that
+    ``iterate()`` K times and ``run(K)`` use the same lrs."""
+    adam = adam_update(lr, betas, project_to_shell, lr_schedule, iters)
     problem.check(problem.sampler.network)
     objective = SampleObjective(
         problem.sampler, problem.reward, problem.start_step, problem.seed, problem.cond, prior_weight
@@ -437,20 +482,59 @@ def latent_stepper(
     return problem.stepper(objective, adam, grad)
 
 
-def adam_update(lr: float, betas: tuple[float, float], project_to_shell: bool) -> Callable[[torch.Tensor], AdamUpdate]:
-    """The ``AdamUpdate`` factory a ``LatentStepper`` takes, after checking ``lr`` and ``betas``: one Adam rule per
-    run, projecting onto the latent's initial ``Shell`` with ``project_to_shell``.
+def adam_update(
+    lr: float,
+    betas: tuple[float, float],
+    project_to_shell: bool,
+    lr_schedule: str = AdamSettings.lr_schedule,
+    iters: int | None = None,
+) -> Callable[[torch.Tensor], AdamUpdate]:
+    """The ``AdamUpdate`` factory a ``LatentStepper`` takes, after checking ``lr``, ``betas`` and ``lr_schedule``:
+    one Adam rule per run of ``iters`` updates, its lr following ``lr_schedule``, projecting onto the latent's
+    initial ``Shell`` with ``project_to_shell``.
 
     Raises:
-        ConfigError: ``betas`` not a pair in [0, 1), or ``lr`` not a finite number > 0 whose first step fits float32.
+        ConfigError: ``betas`` not a pair in [0, 1), ``lr`` not a finite number > 0 whose first step fits float32,
+            or ``lr_schedule`` not one of ``LR_SCHEDULES`` (``cosine`` without ``iters``).
     """
     betas = check_betas(betas)
     check_learning_rate(lr, largest=FLOAT32_MAX * (1 - betas[0]))  # Adam's first step is lr / (1 - beta1)
+    check_lr_schedule(lr_schedule, iters)
 
     def adam(z: torch.Tensor) -> AdamUpdate:
-        return AdamUpdate(z, lr, betas, Shell(z) if project_to_shell else None)
+        shell = Shell(z) if project_to_shell else None
+        return AdamUpdate(z, lr, betas, shell, lr_schedule=lr_schedule, iters=iters)
 
     return adam
+
+
+def check_lr_schedule(lr_schedule: object, iters: int | None = None) -> str:
+    """``lr_schedule`` if it is one of ``LR_SCHEDULES`` (``cosine`` with a run length ``iters``), else a
+    ``ConfigError`` naming ``lr_schedule``."""
+    if not isinstance(lr_schedule, str) or lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"`lr_schedule` must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}.")
+    if iters is not None:
+        check_int(iters, "iters")
+    elif lr_schedule != "constant":
+        raise ConfigError(f"`lr_schedule` {lr_schedule!r} needs the run's number of updates (`iters`).")
+    return lr_schedule
+
+
+def scheduled_lr(lr: float, lr_schedule: str, update: int, iters: int | None) -> float:
+    """The lr of update ``update`` (0-based) of a run of ``iters`` updates under ``lr_schedule``: ``lr``
+    (``constant``) or ``lr * (1 + cos(pi * update / iters)) / 2`` (``cosine``).
+
+    Raises:
+        ConfigError: ``cosine`` past its run (``update >= iters``): the stepper was built for fewer updates.
+    """
+    if lr_schedule == "constant":
+        return lr
+    if iters is None or not 0 <= update < iters:
+        raise ConfigError(
+            f"`lr_schedule` {lr_schedule!r} was set for a run of `iters`={iters} updates; update {update + 1} is "
+            "past it (build the stepper with the number of iterations it will run)."
+        )
+    return lr * (1 + math.cos(math.pi * update / iters)) / 2
 
 
 def history_record(

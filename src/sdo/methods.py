@@ -35,7 +35,7 @@ from .gradients import (
     SpreadShortcut,
     Truncated,
 )
-from .latent import AdamSettings, LatentProblem, OptimizationResult, latent_stepper
+from .latent import AdamSettings, LatentProblem, OptimizationResult, check_lr_schedule, latent_stepper
 from .protocols import LatentSampler
 from .sampling import Sampler
 
@@ -97,13 +97,14 @@ class MethodOptions:
             stores none.
         kept_steps: the kept steps of ``sdo-multi`` (``sdo.Shortcut(step=[...])``); None spreads 4 over the run
             (``sdo.gradients.SpreadShortcut``).
-        lr, betas, prior_weight, project_to_shell: the Adam run of a gradient mode (``sdo.optimize_latent``'s
-            arguments; defaults ``sdo.latent.AdamSettings``).
+        lr, betas, prior_weight, project_to_shell, lr_schedule: the Adam run of a gradient mode
+            (``sdo.optimize_latent``'s arguments; defaults ``sdo.latent.AdamSettings``). A method that runs no Adam
+            (``doodl``, ``freedom``) refuses an ``lr_schedule`` other than ``constant`` (``Method.check``).
         doodl_lr, doodl_project_to_shell: DOODL's ``lr`` and ``project_to_shell`` (``sdo.optimize_latent_doodl``;
             defaults ``sdo.doodl.DoodlSettings``).
         doodl_clip: DOODL's element-wise clip of ``lr * g`` per iteration (its ``clip``); the authors' 1e-3 is sized
             for 50+ iterations, ``sdo.doodl.scaled_clip(iters)`` keeps their total movement in a shorter run.
-        (``doodl-adam`` takes ``lr``, ``betas`` and ``project_to_shell``, the Adam run's.)
+        (``doodl-adam`` takes ``lr``, ``betas``, ``project_to_shell`` and ``lr_schedule``, the Adam run's.)
         freedom_scale, freedom_repeats: FreeDoM's ``scale`` and ``repeats`` (``sdo.freedom_sample``; defaults
             ``sdo.freedom.FreedomSettings``).
         Defaults of ``draft_k`` and ``alignprop_high``: ``TruncationSettings``.
@@ -121,6 +122,7 @@ class MethodOptions:
     betas: tuple[float, float] = AdamSettings.betas
     prior_weight: float = AdamSettings.prior_weight
     project_to_shell: bool = AdamSettings.project_to_shell
+    lr_schedule: str = AdamSettings.lr_schedule
     doodl_lr: float = DoodlSettings.lr
     doodl_clip: float | None = DoodlSettings.clip
     doodl_project_to_shell: bool = DoodlSettings.project_to_shell
@@ -152,7 +154,8 @@ class Stepper(Protocol):
 
 @dataclass(frozen=True)
 class Runner:
-    """How a method runs on a latent: ``start(method, problem, options)`` gives its ``Stepper``. A caller asks the
+    """How a method runs on a latent: ``start(method, problem, options, iters)`` gives its ``Stepper`` for a run of
+    ``iters`` iterations (None: not known; an Adam run's ``cosine`` ``lr_schedule`` needs it). A caller asks the
     runner what it needs to know (``replays``, ``chain_sampler``, ``iterations``, ``one_pass``), never its ``kind``.
 
     Attributes:
@@ -167,16 +170,18 @@ class Runner:
         not_a_latent: why its result is not a latent the plain sampler replays, in words (None: it is one).
         one_pass: a run is one pass from the unchanged latent, not an optimization: nothing carries over from one
             iteration to the next, and ``Method.optimize`` runs ``iterations(iters)`` = 1 of them (FreeDoM).
+        adam: its update is sdo's Adam run (``MethodOptions.lr``, ``betas``, ``lr_schedule``).
     """
 
     kind: str
     runs: str
-    start: Callable[[Method, LatentProblem, MethodOptions], Stepper]
+    start: Callable[[Method, LatentProblem, MethodOptions, int | None], Stepper]
     exact_gradient: bool = False
     chain: str = "ddim"
     on_chain: Callable[[Sampler], LatentSampler] | None = None
     not_a_latent: str | None = None
     one_pass: bool = False
+    adam: bool = False
 
     @property
     def replays(self) -> bool:
@@ -192,7 +197,7 @@ class Runner:
         return 1 if self.one_pass else iters
 
 
-def _start_mode(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
+def _start_mode(method: Method, problem: LatentProblem, options: MethodOptions, iters: int | None) -> Stepper:
     mode = method.mode(options)
     return latent_stepper(
         problem,
@@ -201,22 +206,31 @@ def _start_mode(method: Method, problem: LatentProblem, options: MethodOptions) 
         betas=options.betas,
         prior_weight=options.prior_weight,
         project_to_shell=options.project_to_shell,
+        lr_schedule=options.lr_schedule,
+        iters=iters,
     )
 
 
-def _start_doodl(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
+def _start_doodl(method: Method, problem: LatentProblem, options: MethodOptions, iters: int | None) -> Stepper:
     edict = replace(problem, sampler=edict_sampler(problem.sampler))
     return doodl_stepper(
         edict, lr=options.doodl_lr, clip=options.doodl_clip, project_to_shell=options.doodl_project_to_shell
     )
 
 
-def _start_doodl_adam(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
+def _start_doodl_adam(method: Method, problem: LatentProblem, options: MethodOptions, iters: int | None) -> Stepper:
     edict = replace(problem, sampler=edict_sampler(problem.sampler))
-    return doodl_adam_stepper(edict, lr=options.lr, betas=options.betas, project_to_shell=options.project_to_shell)
+    return doodl_adam_stepper(
+        edict,
+        lr=options.lr,
+        betas=options.betas,
+        project_to_shell=options.project_to_shell,
+        lr_schedule=options.lr_schedule,
+        iters=iters,
+    )
 
 
-def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptions) -> Stepper:
+def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptions, iters: int | None) -> Stepper:
     return GuidanceStepper(problem, scale=options.freedom_scale, repeats=options.freedom_repeats)
 
 
@@ -224,7 +238,7 @@ _EDICT_LATENT = (
     "DOODL optimizes the latent of an EDICT sampler (sdo.EDICTSampler, coupled exact-inversion steps), which the "
     "plain pipeline does not replay"
 )
-MODE = Runner("mode", "sdo.optimize_latent (Adam)", _start_mode, exact_gradient=True)
+MODE = Runner("mode", "sdo.optimize_latent (Adam)", _start_mode, exact_gradient=True, adam=True)
 DOODL = Runner(
     "doodl",
     "sdo.optimize_latent_doodl on an sdo.EDICTSampler",
@@ -240,6 +254,7 @@ DOODL_ADAM = Runner(
     chain="edict",
     on_chain=edict_sampler,
     not_a_latent=_EDICT_LATENT,
+    adam=True,
 )
 GUIDANCE = Runner(
     "guidance",
@@ -294,7 +309,14 @@ class Method:
 
     def check(self, options: MethodOptions) -> None:
         """Refuse, before any work, a method that cannot optimize ``options.variable`` or whose mode cannot be
-        built from ``options`` (e.g. a bad ``kept_steps``)."""
+        built from ``options`` (e.g. a bad ``kept_steps``), an unknown ``lr_schedule``, or a schedule other than
+        ``constant`` for a method that runs no Adam (``doodl``, ``freedom``), which would ignore it."""
+        check_lr_schedule(options.lr_schedule, iters=0)
+        if options.lr_schedule != AdamSettings.lr_schedule and not self.runner.adam:
+            raise ConfigError(
+                f"method {self.name!r} runs no Adam ({self.runner.runs}): `lr_schedule` {options.lr_schedule!r} "
+                f"would be ignored; leave it {AdamSettings.lr_schedule!r}, or use doodl-adam or a gradient mode."
+            )
         if self.build is not None:
             self.mode(options)
         elif options.variable != "latent":
@@ -318,16 +340,21 @@ class Method:
             warnings.simplefilter("ignore")  # SpreadShortcut covering every step warns when it runs, not here
             mode.roles(start_step, steps)
 
-    def stepper(self, problem: LatentProblem, options: MethodOptions | None = None) -> Stepper:
-        """A run of this method on ``problem``, taken one iteration at a time (``sdo bench``)."""
-        return self.runner.start(self, problem, options or MethodOptions())
+    def stepper(
+        self, problem: LatentProblem, options: MethodOptions | None = None, iters: int | None = None
+    ) -> Stepper:
+        """A run of this method on ``problem``, taken one iteration at a time (``sdo bench``), for a run of
+        ``iters`` iterations (needed by a ``cosine`` ``options.lr_schedule``: iterating the stepper ``iters`` times
+        uses the lrs of ``optimize(..., iters)``)."""
+        return self.runner.start(self, problem, options or MethodOptions(), iters)
 
     def optimize(
         self, problem: LatentProblem, options: MethodOptions | None = None, iters: int = 20, progress: bool = True
     ) -> OptimizationResult:
         """The whole run of this method on ``problem``: ``runner.iterations(iters)`` iterations of its loop
         (FreeDoM: one guided pass, reported as a two-record history)."""
-        return self.stepper(problem, options).run(self.runner.iterations(iters), f"optimize ({self.name})", progress)
+        iterations = self.runner.iterations(iters)
+        return self.stepper(problem, options, iterations).run(iterations, f"optimize ({self.name})", progress)
 
 
 def _shortcut(step: str) -> Callable[[MethodOptions], GradientMode]:

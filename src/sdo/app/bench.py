@@ -28,7 +28,7 @@ from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
 from sdo.checks import SEED_MAX
 from sdo.errors import ConfigError
 from sdo.gradients import Checkpointed, GradientMode, NoGrad, Shortcut
-from sdo.latent import AdamSettings, LatentProblem
+from sdo.latent import AdamSettings, LatentProblem, scheduled_lr
 from sdo.memory import PeakMemory
 from sdo.methods import METHODS, Method, MethodOptions, Stepper, TruncationSettings, Variable, method_names
 
@@ -144,7 +144,7 @@ class _MethodRun:
 
     def _stepper(self, config: BenchConfig, workload: Workload, options: MethodOptions) -> Stepper:
         problem = LatentProblem(self.sampler, workload.latent, workload.reward, seed=config.seed)
-        return self.method.stepper(problem, options)
+        return self.method.stepper(problem, options, config.iters)
 
     def iterate(self) -> None:
         """One timed iteration (``step``), with its wall-clock and memory recorded."""
@@ -189,6 +189,7 @@ class _WeightsRun(_MethodRun):
         for parameter in self.variables:
             parameter.requires_grad_(True)
         self.optimizer = torch.optim.Adam(self.variables, lr=config.lr, betas=AdamSettings.betas)
+        self.lr, self.lr_schedule = config.lr, config.lr_schedule
 
     def step(self, workload: Workload, seed: int) -> torch.Tensor:
         """One Adam update of the weights (``sdo.app.finetuning.backward_reward``: sample with the gradient mode,
@@ -201,6 +202,9 @@ class _WeightsRun(_MethodRun):
         if self.first_gradient is None:
             grads = [(v.grad if v.grad is not None else torch.zeros_like(v)).flatten().float() for v in self.variables]
             self.first_gradient = torch.cat(grads)
+        update = len(self.records)  # the iteration being recorded: update k of the run's K = rounds
+        for group in self.optimizer.param_groups:  # --lr-schedule, as the latent's Adam (sdo.latent.scheduled_lr)
+            group["lr"] = scheduled_lr(self.lr, self.lr_schedule, update, self.rounds)
         self.optimizer.step()
         return logged["reward"]
 

@@ -151,7 +151,7 @@ class VariantRun:
     def __init__(self, name: str, task: LatentTask, options: MethodOptions, config: LatentTaskConfig):
         self.name, self.task, self.options = name, task, options
         self.method = METHODS[VARIANTS[name].method]
-        self.stepper = self.method.stepper(task_problem(config, task), options)
+        self.stepper = self.method.stepper(task_problem(config, task), options, config.iters)
         self.guided = self.method.runner.one_pass
         self.rounds = FREEDOM_PASSES if self.guided else config.iters  # iterations this run takes in a case
         self.first_gradient: torch.Tensor | None = None

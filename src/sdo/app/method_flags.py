@@ -20,7 +20,7 @@ from sdo.app.options import option
 from sdo.doodl import DoodlSettings, scaled_clip
 from sdo.errors import ConfigError
 from sdo.freedom import FreedomSettings
-from sdo.latent import AdamSettings
+from sdo.latent import LR_SCHEDULES, AdamSettings
 from sdo.methods import MethodOptions, Variable, find_method
 
 __all__ = ["MethodFlags", "learning_rate", "parse_kept_steps"]
@@ -36,9 +36,10 @@ def learning_rate(help: str = "Adam learning rate") -> Any:
 class MethodFlags:
     """The settings of the method a run uses (every field is a flag of the commands that use it).
 
-    ``lr``, ``prior_weight`` and ``project`` configure the Adam run of a gradient mode (``sdo.optimize_latent``:
-    loss ``-sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``, latents rescaled to their initial norm after
-    each step with ``project``); ``adjoint_iters`` and ``adjoint_checkpoint_every`` are ``sdo.Adjoint``'s
+    ``lr``, ``lr_schedule``, ``prior_weight`` and ``project`` configure the Adam run of a gradient mode and of
+    ``doodl-adam`` (``sdo.optimize_latent``: loss ``-sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``, the
+    lr at update k of K = ``iters`` constant or ``lr * (1 + cos(pi k / K)) / 2``, latents rescaled to their initial
+    norm after each step with ``project``); ``adjoint_iters`` and ``adjoint_checkpoint_every`` are ``sdo.Adjoint``'s
     ``fixed_point_iters`` and ``checkpoint_every`` (0: None); ``kept_steps`` the kept steps of ``sdo-multi``
     (``sdo.Shortcut(step=[...])``); ``doodl_lr`` and ``doodl_clip`` DOODL's gradient scale and per-element clip (0:
     ``sdo.doodl.scaled_clip`` of the config's ``iters``, the authors' total movement spread over the run; its
@@ -47,6 +48,13 @@ class MethodFlags:
     """
 
     lr: float = learning_rate()
+    lr_schedule: str = option(
+        AdamSettings.lr_schedule,
+        f"Adam's lr at update k of K = --iters: constant (--lr, the authors' run; default "
+        f"{AdamSettings.lr_schedule}) or cosine (lr x (1 + cos(pi k / K)) / 2, decaying to 0); doodl and freedom "
+        "take constant only",
+        choices=LR_SCHEDULES,
+    )
     prior_weight: float = option(
         AdamSettings.prior_weight, "weight of the Gaussian-shell latent regularizer", at_least=0
     )
@@ -104,6 +112,7 @@ class MethodFlags:
             adjoint_checkpoint_every=self.adjoint_checkpoint_every or None,
             kept_steps=parse_kept_steps(self.kept_steps),
             lr=self.lr,
+            lr_schedule=self.lr_schedule,
             prior_weight=self.prior_weight,
             project_to_shell=self.project,
             doodl_lr=self.doodl_lr,

@@ -145,6 +145,10 @@ def _spec(config: LatentTaskConfig, verify: bool = False) -> dict:
 
 
 _INPUTS = "inputs"
+_DEFAULTS = {
+    item.name: item.default for item in dataclasses.fields(LatentTaskConfig) if item.default is not dataclasses.MISSING
+}
+"""Every ``LatentTaskConfig`` field's default (its flag's), for items recorded before a field existed."""
 
 
 def _newest_inputs(out: Path) -> dict:
@@ -166,9 +170,12 @@ def _spec_problem(out: Path, index: int, recorded: object, spec: dict) -> SdoErr
     """Why a finished item of ``recorded`` settings may not be reused under ``spec``, or None: other settings
     (a ``ConfigError`` naming them) or other inputs by content (a ``ResumeMismatchError`` naming the input; a
     copy with new modification times is the same input). Items recorded before inputs were fingerprinted are
-    compared on their settings alone."""
+    compared on their settings alone. A setting an item lacks (recorded before its flag existed, e.g.
+    ``lr_schedule``) counts as the flag's default."""
     recorded = recorded if isinstance(recorded, dict) else {}
     settings = {key: value for key, value in recorded.items() if key != _INPUTS}
+    if settings:
+        settings = {**{key: value for key, value in _DEFAULTS.items() if key in spec}, **settings}
     if not recorded or settings != {key: value for key, value in spec.items() if key != _INPUTS}:
         return ConfigError(
             f"{out} holds results of other settings (item {index}: {_difference(settings, spec)}); "
