@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from sdo.app.bench import BenchConfig
 from sdo.app.finetuning import FINETUNE_METHODS, FinetuneConfig
 from sdo.app.tasks.latent import LATENT_METHODS, LatentTaskConfig, build_task
 from sdo.doodl import edict_sampler, scaled_clip
+from sdo.latent import LatentProblem
 from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
 
 
@@ -108,6 +110,7 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
     adam, doodl, freedom = AdamSettings(), DoodlSettings(), FreedomSettings()
     # the values themselves are unchanged (every published figure was made with them)
     assert (adam.lr, adam.betas, adam.prior_weight, adam.project_to_shell) == (0.05, (0.9, 0.9), 0.0, True)
+    assert adam.lr_schedule == "constant"  # the authors' behaviour
     assert (doodl.lr, doodl.momentum, doodl.clip, doodl.perturbation, doodl.iters) == (1.0, 0.9, 1e-3, 1e-4, 50)
     assert (freedom.scale, freedom.repeats) == (0.2, 1) and doodl.clip == DOODL_CLIP
     assert (TruncationSettings().draft_k, FINETUNE_TRUNCATION.draft_k, TruncationSettings().alignprop_high) == (
@@ -121,8 +124,8 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
 
     for function in (sdo.optimize_latent, latent_stepper, doodl_adam_stepper):
         found = defaults(function)
-        assert {key: found[key] for key in ("lr", "betas", "project_to_shell") if key in found} == {
-            key: getattr(adam, key) for key in ("lr", "betas", "project_to_shell") if key in found
+        assert {key: found[key] for key in ("lr", "betas", "project_to_shell", "lr_schedule") if key in found} == {
+            key: getattr(adam, key) for key in ("lr", "betas", "project_to_shell", "lr_schedule") if key in found
         }, function.__name__
     for function in (sdo.optimize_latent_doodl, doodl_stepper, DoodlUpdate.__init__):
         found = defaults(function)
@@ -136,7 +139,8 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
     for function in (sdo.freedom_sample, GuidanceStepper.__init__):
         assert (defaults(function)["scale"], defaults(function)["repeats"]) == (freedom.scale, freedom.repeats)
     options = MethodOptions()
-    assert (options.lr, options.betas, options.prior_weight, options.project_to_shell) == dataclasses.astuple(adam)
+    adam_options = (options.lr, options.betas, options.prior_weight, options.project_to_shell, options.lr_schedule)
+    assert adam_options == dataclasses.astuple(adam)
     assert (options.doodl_lr, options.doodl_clip, options.doodl_project_to_shell) == (doodl.lr, doodl.clip, True)
     assert (options.freedom_scale, options.freedom_repeats, options.draft_k) == (0.2, 1, 1)
     flags = {field.name: field for field in dataclasses.fields(MethodFlags)}  # the CLI flags and their help
@@ -148,6 +152,10 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
         freedom.scale,
     ]
     assert "0.001 x 50 / --iters" in flags["doodl_clip"].metadata["help"]
+    assert (
+        flags["lr_schedule"].default == adam.lr_schedule
+        and "default constant" in flags["lr_schedule"].metadata["help"]
+    )
     assert BenchConfig().draft_k == 1 and FinetuneConfig().draft_k == 2 and FinetuneConfig().alignprop_high == 10
 
 
@@ -175,3 +183,40 @@ def test_runners_say_what_their_runs_are():
         chain = runner.chain_sampler(sampler)
         assert isinstance(chain, sdo.EDICTSampler) if edict else chain is sampler, name
         assert (runner.not_a_latent is None) == runner.replays
+
+
+# issue 28: the Adam run's lr schedule reaches every Adam-driven runner, and the others refuse it.
+
+
+def linear_problem():
+    sampler = sdo.Sampler(lambda x, t: x * 0.1, DDIMScheduler(clip_sample=False), 3)
+    latent = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    return LatentProblem(sampler, latent, lambda x, c: x.mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("name", ["sdo", "full", "doodl-adam"])
+def test_registry_steppers_use_the_cosine_lrs_and_step_as_optimize_runs(name):
+    options = MethodOptions(lr=0.2, lr_schedule="cosine")
+    stepper = METHODS[name].stepper(linear_problem(), options, 4)
+    used = []
+    for _ in range(4):
+        stepper.iterate()
+        used.append(stepper.update.optimizer.param_groups[0]["lr"])
+    assert used == pytest.approx([0.2 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)], rel=1e-12)
+    stepped = stepper.finish()
+    whole = METHODS[name].optimize(linear_problem(), options, iters=4, progress=False)
+    torch.testing.assert_close(stepped.latent, whole.latent, rtol=0, atol=0)
+    constant = METHODS[name].optimize(linear_problem(), MethodOptions(lr=0.2), iters=4, progress=False)
+    assert not torch.equal(constant.latent, whole.latent)
+
+
+@pytest.mark.parametrize("name", ["doodl", "freedom"])
+def test_methods_without_adam_refuse_a_schedule_they_would_ignore(name):
+    message = rf"method '{name}' runs no Adam .*: `lr_schedule` 'cosine' would be ignored"
+    with pytest.raises(sdo.ConfigError, match=message):
+        METHODS[name].check(MethodOptions(lr_schedule="cosine"))
+    with pytest.raises(sdo.ConfigError, match=message):
+        LatentTaskConfig(method=name, lr_schedule="cosine", steps=3)
+    with pytest.raises(sdo.ConfigError, match=r"`lr_schedule` must be one of constant, cosine, got 'step'"):
+        METHODS["sdo"].check(MethodOptions(lr_schedule="step"))
+    METHODS[name].check(MethodOptions())  # constant, the default, is their own behaviour
