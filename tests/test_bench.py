@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -229,3 +230,35 @@ def test_bench_takes_the_method_flags_of_optimize(tmp_path):
 def test_bench_refuses_method_flags_before_any_work(flags, match):
     with pytest.raises(ConfigError, match=match):
         BenchConfig(**flags)
+
+
+# issue 28: --lr-schedule, one flag of optimize and bench, recorded and refused where it would be ignored.
+
+
+@pytest.mark.parametrize("variable", ["latent", "weights"])
+def test_bench_steps_follow_the_lr_schedule(variable):
+    config = BenchConfig(methods="sdo", variable=variable, steps="3", iters=4, batch=1, lr=0.01, lr_schedule="cosine")
+    run = bench._method_run("sdo", config, bench.mnist_workload(batch=1), 3)
+    optimizer = run.stepper.update.optimizer if variable == "latent" else run.optimizer
+    used = []
+    for _ in range(4):
+        run.iterate()
+        used.append(optimizer.param_groups[0]["lr"])
+    assert used == pytest.approx([0.01 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)], rel=1e-12)
+
+
+def test_lr_schedule_flag_reaches_the_run_and_is_refused_where_ignored(tmp_path, capsys):
+    tiny = ["--steps", "3", "--iters", "2", "--batch", "1", "--views", "0", "--threads", "1"]
+    out = tmp_path / "opt"
+    assert main(["optimize", *tiny, "--lr-schedule", "cosine", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["lr_schedule"] == "cosine"
+    out = tmp_path / "bench"
+    args = ["bench", "--methods", "sdo", "--steps", "3", "--iters", "2", "--batch", "1", "--lr-schedule", "cosine"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["lr_schedule"] == "cosine"
+    capsys.readouterr()
+    for argv in (["optimize", "--method", "doodl"], ["bench", "--methods", "sdo,freedom"]):
+        assert main([*argv, "--lr-schedule", "cosine", "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "runs no Adam" in err and "--lr-schedule 'cosine' would be ignored" in err
+        assert not (tmp_path / "refused").exists()

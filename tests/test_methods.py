@@ -154,7 +154,7 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
     assert "0.001 x 50 / --iters" in flags["doodl_clip"].metadata["help"]
     assert (
         flags["lr_schedule"].default == adam.lr_schedule
-        and "default constant" in flags["lr_schedule"].metadata["help"]
+        and "(1 + cos(pi k / K)) / 2" in flags["lr_schedule"].metadata["help"]
     )
     assert BenchConfig().draft_k == 1 and FinetuneConfig().draft_k == 2 and FinetuneConfig().alignprop_high == 10
 

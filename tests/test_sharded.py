@@ -19,7 +19,7 @@ from sdo.app.prompts import read_prompts
 from sdo.app.sharded import item_seed, items_of, run_items
 from sdo.app.tasks.latent import LatentTaskConfig
 from sdo.errors import ConfigError
-from sdo.io import load_json, load_tensors
+from sdo.io import load_json, load_tensors, save_json
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--steps", "3", "--iters", "2", "--batch", "2", "--views", "0", "--threads", "1"]
@@ -152,3 +152,17 @@ def test_kill_9_loses_only_the_items_in_flight(tmp_path):
     run_items(replace(tiny_config(reference, conditions=conditions)), progress=False)
     for index in range(conditions):
         torch.testing.assert_close(item_result(out, index)[0], item_result(reference, index)[0], rtol=0, atol=0)
+
+
+def test_items_recorded_before_a_flag_existed_resume_with_its_default(tmp_path):
+    out = tmp_path / "run"
+    run_items(tiny_config(out, conditions=1), progress=False)
+    marker = out / "items" / "0" / "metrics.json"
+    metrics = load_json(marker)
+    assert metrics["spec"].pop("lr_schedule") == "constant"  # as a folder written before --lr-schedule existed
+    save_json(metrics, marker)
+    stamp = marker.stat().st_mtime_ns
+    assert run_items(tiny_config(out, conditions=1), progress=False)["skipped_as_finished"] == 1
+    assert marker.stat().st_mtime_ns == stamp  # reused, not redone
+    with pytest.raises(ConfigError, match=r"other settings \(item 0: lr_schedule='constant', now 'cosine'\)"):
+        run_items(tiny_config(out, conditions=1, lr_schedule="cosine"), progress=False)

@@ -50,9 +50,8 @@ class MethodFlags:
     lr: float = learning_rate()
     lr_schedule: str = option(
         AdamSettings.lr_schedule,
-        f"Adam's lr at update k of K = --iters: constant (--lr, the authors' run; default "
-        f"{AdamSettings.lr_schedule}) or cosine (lr x (1 + cos(pi k / K)) / 2, decaying to 0); doodl and freedom "
-        "take constant only",
+        "Adam's lr at update k of K = --iters: constant (--lr at every update, the authors' run) or cosine "
+        "(lr x (1 + cos(pi k / K)) / 2, decaying towards 0); doodl and freedom take constant only",
         choices=LR_SCHEDULES,
     )
     prior_weight: float = option(
