@@ -199,12 +199,14 @@ class Runner:
 
 def _start_mode(method: Method, problem: LatentProblem, options: MethodOptions, iters: int | None) -> Stepper:
     mode = method.mode(options)
-    return latent_stepper(
-        problem,
-        mode,
+    return latent_stepper(problem, mode, prior_weight=options.prior_weight, **_adam_run(options, iters))
+
+
+def _adam_run(options: MethodOptions, iters: int | None) -> dict:
+    """The Adam run's arguments of ``options`` for a run of ``iters`` updates (gradient modes and ``doodl-adam``)."""
+    return dict(
         lr=options.lr,
         betas=options.betas,
-        prior_weight=options.prior_weight,
         project_to_shell=options.project_to_shell,
         lr_schedule=options.lr_schedule,
         iters=iters,
@@ -220,14 +222,7 @@ def _start_doodl(method: Method, problem: LatentProblem, options: MethodOptions,
 
 def _start_doodl_adam(method: Method, problem: LatentProblem, options: MethodOptions, iters: int | None) -> Stepper:
     edict = replace(problem, sampler=edict_sampler(problem.sampler))
-    return doodl_adam_stepper(
-        edict,
-        lr=options.lr,
-        betas=options.betas,
-        project_to_shell=options.project_to_shell,
-        lr_schedule=options.lr_schedule,
-        iters=iters,
-    )
+    return doodl_adam_stepper(edict, **_adam_run(options, iters))
 
 
 def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptions, iters: int | None) -> Stepper:
