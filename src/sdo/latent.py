@@ -508,11 +508,13 @@ def adam_update(
     return adam
 
 
-def check_lr_schedule(lr_schedule: object, iters: int | None = None) -> str:
-    """``lr_schedule`` if it is one of ``LR_SCHEDULES`` (``cosine`` with a run length ``iters``), else a
-    ``ConfigError`` naming ``lr_schedule``."""
+def check_lr_schedule(lr_schedule: object, iters: int | None = None, *, sized: bool = True) -> str:
+    """``lr_schedule`` if it is one of ``LR_SCHEDULES``, else a ``ConfigError`` naming ``lr_schedule``; with
+    ``sized`` (for a run), also a ``cosine`` without its run length ``iters`` is refused (naming ``iters``)."""
     if not isinstance(lr_schedule, str) or lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"`lr_schedule` must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}.")
+    if not sized:
+        return lr_schedule
     if iters is not None:
         check_int(iters, "iters")
     elif lr_schedule != "constant":

@@ -306,7 +306,7 @@ class Method:
         """Refuse, before any work, a method that cannot optimize ``options.variable`` or whose mode cannot be
         built from ``options`` (e.g. a bad ``kept_steps``), an unknown ``lr_schedule``, or a schedule other than
         ``constant`` for a method that runs no Adam (``doodl``, ``freedom``), which would ignore it."""
-        check_lr_schedule(options.lr_schedule, iters=0)
+        check_lr_schedule(options.lr_schedule, sized=False)  # the run's length comes with its stepper
         if options.lr_schedule != AdamSettings.lr_schedule and not self.runner.adam:
             raise ConfigError(
                 f"method {self.name!r} runs no Adam ({self.runner.runs}): `lr_schedule` {options.lr_schedule!r} "
