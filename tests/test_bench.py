@@ -28,6 +28,7 @@ ROW_KEYS = {
     "peak_mem_bytes",
     "reward_initial",
     "reward_final",
+    "best_so_far_final",
     "reward_at_25pct_time",
     "reward_at_50pct_time",
     "reward_at_100pct_time",
@@ -58,6 +59,7 @@ def test_every_method_reports_every_field(weights_bench):
         assert row["s_per_iter"] > 0 and len(row["history"]) == 2
         assert (row["grad_cosine"] is None) == (name == "nograd")
         assert (row["peak_mem_bytes"] == 0) == (name == "nograd")
+        assert row["best_so_far_final"] is None and "best_so_far" not in row["history"][0]  # weights keep no best
     assert weights_bench["machine"]["processor"]
 
 
@@ -155,6 +157,10 @@ def test_latent_only_methods_run_in_the_bench():
     assert rows["doodl"]["reward_final"] != rows["doodl"]["reward_initial"]  # DOODL moved the latent
     assert rows["freedom"]["reward_final"] > rows["sdo"]["reward_initial"]  # guidance beats the unguided sample
     assert all(row["peak_mem_bytes"] > 0 for row in rows.values())
+    for row in rows.values():  # each iterate's best-so-far (sdo.latent.history_record), and the final one's
+        best = [record["best_so_far"] for record in row["history"]]
+        assert best == sorted(best) and best[0] == row["reward_initial"]
+        assert row["best_so_far_final"] >= max(best[-1], row["reward_final"])
     with pytest.raises(ValueError, match="method 'doodl' optimizes a latent only"):
         BenchConfig(methods="doodl", variable="weights")
 

@@ -22,6 +22,7 @@ from sdo.latent import (
     optimize_latent,
     save_latent,
 )
+from sdo.methods import METHODS
 from sdo.rewards import ClassifierReward
 
 
@@ -212,3 +213,33 @@ def test_unknown_or_unsized_lr_schedule_is_refused(unet):
         optimize_latent(sampler, noise(1), reward, iters=2, lr_schedule="linear", progress=False)
     with pytest.raises(ConfigError, match=r"`lr_schedule` 'cosine' needs the run's number of updates \(`iters`\)"):
         adam_stepper(unet, lr_schedule="cosine")
+
+
+def test_best_so_far_is_each_samples_running_best_and_the_best_latent_is_that_iterate(unet):
+    """Record k's ``best_so_far`` is the batch mean of each sample's best reward among iterates 0..k, where iterate
+    k is the latent after k updates (the one record k evaluates); the final one is ``best_reward``'s mean, and
+    ``best_latent`` is each sample's iterate of that reward (the first, on a tie)."""
+    reward = ClassifierReward(zoo.load_reward_classifier(), 8)
+    problem = LatentProblem(make_sampler(unet, [3, 5], steps=4), noise(2, 3), reward)
+    stepper = latent_stepper(problem, sdo.Shortcut(), lr=1.0)  # large steps: the rewards go up and down
+    iterates = []
+    for _ in range(4):
+        iterates.append(stepper.latent.detach().clone())
+        stepper.iterate()
+    iterates.append(stepper.latent.detach().clone())
+    result = stepper.finish()
+    per_sample = torch.tensor([record["rewards"] for record in result.history])  # [iterate, sample]
+    running = per_sample.cummax(dim=0).values.mean(dim=1)
+    assert [record["best_so_far"] for record in result.history] == pytest.approx(running.tolist(), abs=1e-6)
+    assert (running > per_sample.mean(dim=1) + 1e-3).any()  # not the reward itself: some sample fell back
+    assert result.history[-1]["best_so_far"] == pytest.approx(float(result.best_reward.mean()), abs=1e-6)
+    for sample, k in enumerate(per_sample.argmax(dim=0).tolist()):
+        assert torch.equal(result.best_latent[sample], iterates[k][sample])
+
+
+def test_freedom_keeps_no_best_its_best_so_far_is_its_reward(unet):
+    reward = ClassifierReward(zoo.load_reward_classifier(), 8)
+    problem = LatentProblem(make_sampler(unet, [3], steps=4), noise(1), reward)
+    result = METHODS["freedom"].optimize(problem, iters=1, progress=False)
+    assert [r["best_so_far"] for r in result.history] == [r["reward"] for r in result.history]
+    assert result.history[-1]["best_so_far"] == pytest.approx(float(result.best_reward.mean()), abs=1e-6)

@@ -263,3 +263,18 @@ def test_optimize_prompts_file_runs_one_item_per_prompt(pipeline_dir, clip_dir, 
         8,
     )
     assert run_items(config, progress=False)["skipped_as_finished"] == 2
+
+
+def test_optimize_checkpoint_decoder_is_the_same_run_with_less_memory(pipeline_dir, clip_dir, tmp_path):
+    from sdo.app.cli import main
+
+    args = ["optimize", "--pipeline", str(pipeline_dir), "--prompt", PROMPT, "--clip-path", str(clip_dir / "clip")]
+    args += ["--steps", "2", "--iters", "1", "--batch", "1"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--checkpoint-decoder", "--out", str(tmp_path / "decoder")]) == 0
+    plain, decoder = (sdo.io.load_json(tmp_path / name / "metrics.json") for name in ("plain", "decoder"))
+    latents = [sdo.io.load_tensors(tmp_path / name / "latent.safetensors")["latent"] for name in ("plain", "decoder")]
+    torch.testing.assert_close(latents[0], latents[1], rtol=0, atol=1e-6)
+    assert [r["reward"] for r in decoder["history"]] == pytest.approx([r["reward"] for r in plain["history"]])
+    assert decoder["history"][0]["peak_mem_bytes"] < plain["history"][0]["peak_mem_bytes"]  # decoder recomputed
+    assert sdo.io.load_json(tmp_path / "decoder" / "config.json")["config"]["checkpoint_decoder"] is True

@@ -257,3 +257,27 @@ def test_demo_records_its_true_settings_and_the_bar_ends_on_the_last_reward(tmp_
     recorded = json.loads((tmp_path / "demo" / "metrics.json").read_text())["config"]
     assert "reward" not in recorded and "pipeline" not in recorded and recorded["task"] == "class"
     assert shown[-1] == f"{metrics['methods']['sdo']['reward_final']:.3f}" and len(shown) == 3
+
+
+def test_optimize_checkpoint_kept_is_the_same_run_with_less_memory_and_refused_where_it_means_nothing(
+    tmp_path, capsys
+):
+    tiny = ["--steps", "2", "--iters", "1", "--batch", "1", "--views", "0"]
+    assert main(["optimize", "--out", str(tmp_path / "plain"), *tiny]) == 0
+    assert main(["optimize", "--checkpoint-kept", "--out", str(tmp_path / "kept"), *tiny]) == 0
+    plain, kept = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("plain", "kept"))
+    assert torch.equal(*(load_tensors(tmp_path / name / "latent.safetensors")["latent"] for name in ("plain", "kept")))
+    assert [r["rewards"] for r in kept["history"]] == [r["rewards"] for r in plain["history"]]
+    assert kept["history"][0]["peak_mem_bytes"] < plain["history"][0]["peak_mem_bytes"]  # the kept step recomputed
+    assert json.loads((tmp_path / "kept" / "config.json").read_text())["config"]["checkpoint_kept"] is True
+    assert kept["summary"]["best_so_far_final"] == kept["history"][-1]["best_so_far"]
+    capsys.readouterr()
+    assert main(["optimize", "--method", "full", "--checkpoint-kept", "--out", str(tmp_path / "full"), *tiny]) == 2
+    assert "--checkpoint-kept recomputes the kept steps of sdo, " in capsys.readouterr().err
+    assert main(["optimize", "--checkpoint-decoder", "--out", str(tmp_path / "decoder"), *tiny]) == 2
+    assert "--checkpoint-decoder recomputes a pipeline's VAE decoder" in capsys.readouterr().err
+    assert not (tmp_path / "full").exists() and not (tmp_path / "decoder").exists()
+    from sdo.app.cli import build_parser
+
+    with pytest.raises(SystemExit):  # the demo runs full beside sdo: no --checkpoint-kept there
+        build_parser().parse_args(["demo", "--checkpoint-kept"])

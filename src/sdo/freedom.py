@@ -241,8 +241,9 @@ class GuidanceStepper:
     ``run()`` is that pass, reported in the shape of a one-iteration latent optimization: record 0 is the unguided
     sample of the latent (the starting point), which the one iteration, the guided pass, starts from, so it carries
     the pass's cost (``seconds``, and ``peak_mem_bytes``/``mem_kind`` with ``measure``); record 1 is the guided sample
-    (the final evaluation). ``iterate()`` is one guided pass on its own (a record of the guided sample): ``sdo bench``
-    interleaves passes with other methods' iterations, each from the same latent.
+    (the final evaluation). Each record's ``best_so_far`` is its own reward: FreeDoM keeps no best iterate (its
+    result, ``best_reward`` included, is the last pass). ``iterate()`` is one guided pass on its own (a record of the
+    guided sample): ``sdo bench`` interleaves passes with other methods' iterations, each from the same latent.
 
     Args:
         problem: an ``sdo.latent.LatentProblem``: its sampler, latent (``freedom_sample``'s ``x``), reward, cond and

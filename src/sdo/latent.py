@@ -92,10 +92,12 @@ class OptimizationResult:
         best_latent, best_sample, best_reward: per batch element, the iterate with the highest reward seen:
             ``sampler.sample(best_latent)`` gives ``best_sample`` and ``reward(best_sample)`` gives ``best_reward``.
         history: one dict per evaluated iterate (``iters + 1`` of them, the last being the final latent):
-            ``iter``, ``reward`` (batch mean), ``rewards`` (per sample), ``loss``, ``seconds`` (wall-clock of that
-            iteration, 0 for the final evaluation), ``elapsed``; with ``measure=True``, ``peak_mem_bytes`` and
-            ``mem_kind`` (not for the final evaluation); with a judge, ``judge_success`` (fraction of the batch the
-            judge accepts).
+            ``iter``, ``reward`` (batch mean), ``rewards`` (per sample), ``best_so_far`` (the batch mean of each
+            sample's best reward among iterates ``0..iter``: ``best_reward.mean()`` had the run stopped there),
+            ``loss``, ``seconds`` (wall-clock of that iteration, 0 for the final evaluation), ``elapsed``; with
+            ``measure=True``, ``peak_mem_bytes`` and ``mem_kind`` (not for the final evaluation); with a judge,
+            ``judge_success`` (fraction of the batch the judge accepts). Record k is iterate k, the latent after k
+            updates (the one ``iter`` k evaluates before its update).
     """
 
     latent: torch.Tensor
@@ -349,7 +351,9 @@ class LatentStepper:
         refused = self._apply_update(z, iteration) if learns else None
         seconds = 0.0 if final else time.perf_counter() - started
         elapsed = (self.history[-1]["elapsed"] if self.history else 0.0) + seconds
-        record = history_record(iteration, rewards, loss, seconds, elapsed, reward=self.reward, memory=memory)
+        record = history_record(
+            iteration, rewards, loss, seconds, elapsed, reward=self.reward, memory=memory, best=self.best.reward
+        )
         if self.judge is not None:
             record["judge_success"] = float(self.judge(x0.detach()).float().mean())
         self.history.append(record)
@@ -548,12 +552,17 @@ def history_record(
     *,
     reward: object = None,
     memory: PeakMemory | None = None,
+    best: torch.Tensor | None = None,
 ) -> dict:
     """One iterate's history record (the one builder of every latent method's history): ``iter``, ``reward``
-    (batch mean), ``rewards``, ``loss`` (when there is one), ``seconds``, ``elapsed``; ``reward_NAME`` for each term
-    of a weighted ``reward``; ``peak_mem_bytes`` and ``mem_kind`` when a ``memory`` measurement ran."""
+    (batch mean), ``rewards``, ``best_so_far`` (the batch mean of ``best [B]``, each sample's best reward so far,
+    this iterate's included; None: this iterate's ``rewards``), ``loss`` (when there is one), ``seconds``,
+    ``elapsed``; ``reward_NAME`` for each term of a weighted ``reward``; ``peak_mem_bytes`` and ``mem_kind`` when a
+    ``memory`` measurement ran."""
     rewards = rewards.detach()
+    best = rewards if best is None else best.detach()
     record = {"iter": iteration, "reward": float(rewards.mean()), "rewards": rewards.tolist()}
+    record["best_so_far"] = float(best.mean())
     if loss is not None:
         record["loss"] = float(loss.detach())
     record.update(seconds=seconds, elapsed=elapsed)

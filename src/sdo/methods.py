@@ -317,6 +317,15 @@ class Method:
         elif options.variable != "latent":
             raise ConfigError(f"method {self.name!r} optimizes a latent only; use --variable latent.")
 
+    def recomputes_kept(self, options: MethodOptions) -> bool:
+        """Whether ``options.checkpoint_kept`` changes this method's gradient mode (the ``sdo*`` methods' kept steps,
+        ``draft-k``/``draft-1``'s graphed steps); not for the exact modes, ``alignprop`` (always checkpointed),
+        ``adjoint``, DOODL or FreeDoM."""
+        if self.build is None:
+            return False
+        recomputed, stored = (self.build(replace(options, checkpoint_kept=flag)) for flag in (True, False))
+        return recomputed != stored
+
     def check_fits(self, options: MethodOptions, steps: int, start_step: int = 0) -> None:
         """Refuse, before any work, this method with ``options`` on a run of sampling steps ``start_step, ...,
         steps - 1``: a depth (``draft_k``, ``alignprop_high``) outside ``[1, steps - start_step]``, or a gradient mode

@@ -42,8 +42,8 @@ TIME_FRACTIONS = (0.25, 0.5, 1.0)
 @dataclass(frozen=True)
 class BenchConfig(MethodFlags):
     """One benchmark run (every field is a ``sdo bench`` flag; the methods' settings are ``sdo optimize``'s, the
-    shared ``MethodFlags`` block, plus the weight-only methods' ``draft_k``, ``alignprop_high`` and the
-    ``checkpoint_kept`` switch)."""
+    shared ``MethodFlags`` block, with ``checkpoint_kept`` and ``checkpoint_decoder``, plus the weight-only methods'
+    ``draft_k`` and ``alignprop_high``)."""
 
     lr: float = learning_rate("Adam learning rate (use ~1e-4 for weights)")
 
@@ -58,10 +58,6 @@ class BenchConfig(MethodFlags):
         TruncationSettings.alignprop_high, "alignprop draws k uniformly in [1, this]", at_least=1, at_most=1000
     )
     cosine_sweep: bool = option(False, "also measure the gradient cosine of the shortcut for each kept step")
-    checkpoint_kept: bool = option(
-        False, "sdo*, draft-k, draft-1: recompute the graphed steps in backward (less memory, same gradient)"
-    )
-    checkpoint_decoder: bool = option(False, "sd15: recompute the VAE decoder in backward (less memory)")
     vae_slicing: bool = option(False, "sd15: decode one image at a time")
     width: float = option(
         1.0,
@@ -93,8 +89,8 @@ class BenchConfig(MethodFlags):
         self, variable: Variable | None = None, generator: torch.Generator | None = None, **extra: Any
     ) -> MethodOptions:
         """``MethodFlags.method_options`` for ``variable`` (default: this config's ``variable``), with the
-        weight-only methods' ``draft_k``, ``alignprop_high`` and ``checkpoint_kept`` of this config."""
-        own = dict(draft_k=self.draft_k, alignprop_high=self.alignprop_high, checkpoint_kept=self.checkpoint_kept)
+        weight-only methods' ``draft_k`` and ``alignprop_high`` of this config."""
+        own = dict(draft_k=self.draft_k, alignprop_high=self.alignprop_high)
         return super().method_options(variable or self.variable, generator, **own, **extra)
 
     @property
@@ -138,6 +134,7 @@ class _MethodRun:
         if compiled:  # the same sampler, its no-grad network calls compiled (sdo.compiled)
             self.sampler = self.sampler.with_options(compile=True)
         self.records: list[dict] = []
+        self.best_so_far: float | None = None  # a latent run's, from its stepper's last record
         self.first_gradient: torch.Tensor | None = None
         self.harness_seconds = 0.0
         self.stepper = self._stepper(config, workload, options) if config.variable == "latent" else None
@@ -147,7 +144,8 @@ class _MethodRun:
         return self.method.stepper(problem, options, config.iters)
 
     def iterate(self) -> None:
-        """One timed iteration (``step``), with its wall-clock and memory recorded."""
+        """One timed iteration (``step``), with its wall-clock, memory, reward and (a latent's) best-so-far
+        recorded."""
         workload, seed = self.workload, self.seed
         outer = time.perf_counter()
         _synchronize(workload.device)
@@ -163,20 +161,25 @@ class _MethodRun:
                 "elapsed": elapsed,
                 "peak_mem_bytes": memory.peak_bytes,
                 "reward": float(rewards.detach().float().mean()),
+                **({} if self.best_so_far is None else {"best_so_far": self.best_so_far}),
             }
         )
         self.harness_seconds += time.perf_counter() - outer - seconds
 
     def step(self, workload: Workload, seed: int) -> torch.Tensor:
-        """One iteration of the method's stepper; returns the rewards ``[B]`` it recorded."""
+        """One iteration of the method's stepper; returns the rewards ``[B]`` it recorded (and keeps its
+        ``best_so_far``)."""
         record = self.stepper.iterate()
+        self.best_so_far = record["best_so_far"]
         if self.first_gradient is None and self.learns and self.method.runner.exact_gradient:
             self.first_gradient = self.stepper.gradient.flatten().float()
         return torch.tensor(record["rewards"])
 
     def final_reward(self, workload: Workload, seed: int) -> float:
-        """The reward of the final iterate (no gradient)."""
-        return float(self.stepper.finish().history[-1]["reward"])
+        """The reward of the final iterate (no gradient); keeps its ``best_so_far``."""
+        final = self.stepper.finish().history[-1]
+        self.best_so_far = final["best_so_far"]
+        return float(final["reward"])
 
 
 class _WeightsRun(_MethodRun):
@@ -309,6 +312,7 @@ def _rows(runs: dict[str, _MethodRun], exact: torch.Tensor, workload: Workload, 
                 "peak_mem_bytes": max(r["peak_mem_bytes"] for r in run.records),
                 "reward_initial": run.records[0]["reward"],
                 "reward_final": final,
+                "best_so_far_final": run.best_so_far,
                 **_equal_time(_iterates(run, final), reference),
                 "grad_cosine": _cosine(run.first_gradient, exact),
                 "harness_overhead": run.harness_seconds / sum(r["seconds"] for r in run.records),

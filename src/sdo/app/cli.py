@@ -254,9 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
     many_items = {"conditions", "prompts"}
-    add_config_flags(
-        demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude={"method", *PIPELINE_FIELDS, *many_items}
-    )
+    excluded = {"method", "checkpoint_kept", *PIPELINE_FIELDS, *many_items}  # the demo runs full too
+    add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude=excluded)
     demo.set_defaults(run=_demo, config=lambda args: demo_config(**_fields_of(args, LatentTaskConfig)))
 
     optimize = commands.add_parser(

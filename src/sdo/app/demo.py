@@ -33,11 +33,14 @@ def demo_config(**overrides) -> LatentTaskConfig:
 
 
 def summarize(history: list[dict]) -> dict:
-    """Start and final reward and judge success, median seconds per iteration, peak memory, of one history."""
+    """Start and final reward, the final best-so-far (the batch mean of each sample's best reward, ``best_reward``'s
+    mean; None for a history recorded before it existed), judge success, median seconds per iteration, peak memory,
+    of one history."""
     optimization = history[:-1]  # the last record is the final latent's evaluation
     return {
         "reward_initial": history[0]["reward"],
         "reward_final": history[-1]["reward"],
+        "best_so_far_final": history[-1].get("best_so_far"),
         "judge_success_initial": history[0].get("judge_success"),
         "judge_success": history[-1].get("judge_success"),
         "s_per_iter": statistics.median(r["seconds"] for r in optimization) if optimization else 0.0,

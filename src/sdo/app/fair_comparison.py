@@ -164,7 +164,8 @@ class VariantRun:
         return record
 
     def finish(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """The stored record (iterates with t_k, reward_k, judge_k; memory; step seconds) and tensors."""
+        """The stored record (iterates with t_k, reward_k, best_so_far_k, judge_k; memory; step seconds) and
+        tensors."""
         history = self.stepper.history
         seconds = [r["seconds"] for r in history]
         result = self.stepper.finish()
@@ -194,7 +195,7 @@ class VariantRun:
         with torch.no_grad():
             before = self.task.reward(self.task.original, None)
             judged = self.task.judge_accepts(self.task.original) if self.task.judge_accepts else None
-        start = {"k": 0, "t": 0.0, "reward": float(before.mean())}
+        start = {"k": 0, "t": 0.0, "reward": float(before.mean()), "best_so_far": float(before.mean())}
         if judged is not None:
             start["judge_success"] = float(judged.float().mean())
         rewards = {round(r["reward"], 6) for r in self.stepper.history}
@@ -204,7 +205,8 @@ class VariantRun:
 
 
 def _iterate(k: int, t: float, record: dict) -> dict:
-    entry = {"k": k, "t": t, "reward": record["reward"]}
+    """Iterate k's stored entry: its credited time ``t``, reward, ``best_so_far`` and (with a judge) judge success."""
+    entry = {"k": k, "t": t, "reward": record["reward"], "best_so_far": record["best_so_far"]}
     if "judge_success" in record:
         entry["judge_success"] = record["judge_success"]
     return entry

@@ -43,6 +43,7 @@ from sdo.app.lora import (
     save_for_diffusers,
     trainable_state,
 )
+from sdo.app.method_flags import checkpoint_kept_flag
 from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import DEFAULT_REWARD, REWARD_HELP, PipelineOptions
 from sdo.app.prompts import read_prompts
@@ -139,11 +140,7 @@ class FinetuneConfig(PipelineOptions):
         at_least=1,
         at_most=1000,
     )
-    checkpoint_kept: bool = option(
-        False,
-        "sdo, draft-k, draft-1: recompute the graphed steps in backward (less memory, same gradient; alignprop "
-        "always does)",
-    )
+    checkpoint_kept: bool = checkpoint_kept_flag()
     eval_every: int = option(
         10,
         "evaluation (and a grid of samples in OUT/samples/) every this many updates (0: only at the end)",

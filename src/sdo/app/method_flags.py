@@ -23,13 +23,23 @@ from sdo.freedom import FreedomSettings
 from sdo.latent import LR_SCHEDULES, AdamSettings
 from sdo.methods import MethodOptions, Variable, find_method
 
-__all__ = ["MethodFlags", "learning_rate", "parse_kept_steps"]
+__all__ = ["MethodFlags", "checkpoint_kept_flag", "learning_rate", "parse_kept_steps"]
 
 
 def learning_rate(help: str = "Adam learning rate") -> Any:
     """The ``lr`` field (default ``sdo.latent.AdamSettings.lr``, > 0) with ``help``: a config whose ``lr`` also
     serves weights (``sdo bench --variable weights``) says so in its own help, with the same default and bound."""
     return option(AdamSettings.lr, help, above=0)
+
+
+def checkpoint_kept_flag() -> Any:
+    """The ``checkpoint_kept`` field (off), written once for every command that has ``--checkpoint-kept``
+    (``MethodFlags``: ``sdo optimize`` and ``sdo bench``; ``sdo finetune``): ``MethodOptions.checkpoint_kept``."""
+    return option(
+        False,
+        "sdo*, draft-k, draft-1: recompute the graphed (kept) steps in backward (less memory, the same gradient; "
+        "alignprop always does)",
+    )
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,11 @@ class MethodFlags:
     (``sdo.Shortcut(step=[...])``); ``doodl_lr`` and ``doodl_clip`` DOODL's gradient scale and per-element clip (0:
     ``sdo.doodl.scaled_clip`` of the config's ``iters``, the authors' total movement spread over the run; its
     renormalization follows ``project``); ``freedom_scale`` and ``freedom_repeats`` FreeDoM's guidance step and
-    time-travel passes (``sdo.freedom_sample``). Every config built on this block has an ``iters`` field.
+    time-travel passes (``sdo.freedom_sample``). Two flags trade time for memory without changing the result:
+    ``checkpoint_kept`` (``MethodOptions.checkpoint_kept``: the shortcut methods' kept steps recomputed in backward)
+    and ``checkpoint_decoder`` (the reward's VAE decoder recomputed in backward, which the workload or the pipeline
+    builds: ``sdo.pipelines.from_pipeline``'s ``checkpoint_decoder``). Every config built on this block has an
+    ``iters`` field.
     """
 
     lr: float = learning_rate()
@@ -94,6 +108,12 @@ class MethodFlags:
         at_least=1,
         at_most=100,
     )
+    checkpoint_kept: bool = checkpoint_kept_flag()
+    checkpoint_decoder: bool = option(
+        False,
+        "the VAE decoder of the reward (sdo optimize: --pipeline; sdo bench: --model sd15) recomputed in backward "
+        "(less memory, the same gradient)",
+    )
 
     def method_options(
         self, variable: Variable = "latent", generator: torch.Generator | None = None, **extra: Any
@@ -119,6 +139,7 @@ class MethodFlags:
             doodl_project_to_shell=self.project,
             freedom_scale=self.freedom_scale,
             freedom_repeats=self.freedom_repeats,
+            checkpoint_kept=self.checkpoint_kept,
             **extra,
         )
 

@@ -30,15 +30,19 @@ def save_image_grid(rows: dict[str, torch.Tensor], path: str | Path, captions: d
 
 
 def save_curves(histories: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
-    """Mean reward against iteration and against wall-clock seconds, one line per method; with a weighted reward,
-    a third panel shows each term (``reward_NAME``, unweighted) against iteration."""
+    """Mean reward against iteration and against wall-clock seconds, one line per method, its best-so-far (the
+    records' ``best_so_far``, where they have it) dashed in the same colour; with a weighted reward, a third panel
+    shows each term (``reward_NAME``, unweighted) against iteration."""
     terms = sorted({key for history in histories.values() for r in history for key in r if key.startswith("reward_")})
     figure, axes = plt.subplots(1, 3 if terms else 2, figsize=(15 if terms else 10, 3.6))
     by_iter, by_time = axes[0], axes[1]
     for name, history in histories.items():
         rewards = [record["reward"] for record in history]
-        by_iter.plot([record["iter"] for record in history], rewards, marker=".", label=name)
-        by_time.plot([record["elapsed"] for record in history], rewards, marker=".", label=name)
+        for axis, x in ((by_iter, "iter"), (by_time, "elapsed")):
+            (line,) = axis.plot([record[x] for record in history], rewards, marker=".", label=name)
+            if all("best_so_far" in record for record in history):
+                best = [record["best_so_far"] for record in history]
+                axis.plot([r[x] for r in history], best, linestyle="--", color=line.get_color(), label=f"{name} best")
         for term in terms:
             points = [(r["iter"], r[term]) for r in history if term in r]
             axes[2].plot(*zip(*points, strict=True), marker=".", label=f"{name}: {term[len('reward_') :]}")

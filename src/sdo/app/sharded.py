@@ -75,6 +75,8 @@ _FREE_FIELDS = (
     "prompts",
     "threads",
     "compile",
+    "checkpoint_kept",
+    "checkpoint_decoder",
     "prompt",
     "source",
     "target",

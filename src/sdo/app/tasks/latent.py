@@ -53,6 +53,7 @@ PIPELINE_FIELDS = (
     "image",
     "images",
     "inversion_guidance",
+    "checkpoint_decoder",
 )
 
 
@@ -142,6 +143,7 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
         if not 0 <= self.start_step < self.steps:
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
         self.check_method(self.method, "latent", self.steps, self.start_step)  # a bad --kept-steps fails here
+        self._check_recomputation()
         check_text(self.prompt, "prompt", "--prompt")  # bytes that are not UTF-8 reach no tokenizer
         if self.pipeline and not (self.prompt or self.prompts):
             raise ConfigError("`prompt` (or `prompts`, a file of prompts) is required with --pipeline.")
@@ -154,6 +156,21 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
             raise ConfigError(f"`reward` ({self.reward!r}) scores a --pipeline's images; add --pipeline DIR.")
         super().__post_init__()
         self._check_images()
+
+    def _check_recomputation(self) -> None:
+        """``checkpoint_kept`` only with a method that has kept steps to recompute; ``checkpoint_decoder`` only with
+        a pipeline (the embedded model's reward reads the sample, there is no decoder)."""
+        if self.checkpoint_kept and not METHODS[self.method].recomputes_kept(self.method_options()):
+            takers = [name for name in LATENT_METHODS if METHODS[name].recomputes_kept(self.method_options())]
+            raise ConfigError(
+                f"`checkpoint_kept` recomputes the kept steps of {', '.join(takers)}; method {self.method!r} has "
+                "none: drop the flag or choose one of them."
+            )
+        if self.checkpoint_decoder and not self.pipeline:
+            raise ConfigError(
+                "`checkpoint_decoder` recomputes a pipeline's VAE decoder in backward; the embedded model has none: "
+                "add --pipeline DIR or drop the flag."
+            )
 
     def _check_images(self) -> None:
         """``image`` / ``images``: with a pipeline, one batch (not items), files and a folder that exist."""
@@ -224,12 +241,19 @@ def pipeline_parts(
 ):
     """``from_pipeline`` over ``batch`` copies of ``config.prompt`` at ``size`` (``height``/``width``; defaults to
     ``config.size()``), with the guidance scale ``guidance`` (None: ``config.guidance``, whose 0 means the
-    family's own)."""
+    family's own), its VAE decoder recomputed in backward with ``config.checkpoint_decoder``."""
     from sdo.pipelines import from_pipeline
 
     size = config.size() if size is None else size
     guidance = (config.guidance or None) if guidance is None else guidance
-    return from_pipeline(pipe, [config.prompt] * batch, guidance_scale=guidance, device=config.device, **size)
+    return from_pipeline(
+        pipe,
+        [config.prompt] * batch,
+        guidance_scale=guidance,
+        device=config.device,
+        checkpoint_decoder=config.checkpoint_decoder,
+        **size,
+    )
 
 
 def pipeline_task(
