@@ -173,7 +173,7 @@ def test_report_to_names_accelerate_trackers_and_tensorboard_stays_an_alias(tmp_
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # no tracker package installed
     with pytest.raises(sdo.errors.MissingExtraError, match=r"--report-to wandb needs .*pip install wandb"):
         finetune(small_config(tmp_path, report_to="wandb"), progress=False)
-    with pytest.raises(sdo.errors.MissingExtraError, match=r"shortcut-diffusion\[tensorboard\]"):
+    with pytest.raises(sdo.errors.MissingExtraError, match=r"pip install '\.\[tensorboard\]'"):
         finetune(small_config(tmp_path, tensorboard=True), progress=False)
     assert not (tmp_path / "run").exists()  # refused before the output folder was touched
 
@@ -323,3 +323,17 @@ def test_the_command_says_what_it_runs_and_everything_it_wrote(tmp_path, capsys,
     assert written.startswith("O/pytorch_lora_weights.safetensors, sdo/adapter.safetensors")
     assert "O/sdo-finetune/ (TensorBoard logs" in written and "the wandb run sdo-finetune" in written
     assert written.endswith("the fine-tuned pipeline (--save-pipeline) S")
+
+
+def test_a_missing_prompt_file_is_the_only_line_before_any_start_line(tmp_path, capsys):
+    from sdo.app import cli
+
+    out = tmp_path / "run"
+    missing = tmp_path / "none.txt"
+    assert cli.main(["finetune", "--pipeline", "org/model", "--prompts", str(missing), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not out.exists()
+    assert (
+        captured.err.strip()
+        == f"sdo finetune: error: --prompts {missing}: no such file (a text file with one prompt per line)."
+    )

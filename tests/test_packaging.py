@@ -70,7 +70,7 @@ def test_missing_tensorboard_names_its_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a)
     )
-    with pytest.raises(MissingExtraError, match=r"pip install 'shortcut-diffusion\[tensorboard\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install tensorboard .*pip install '\.\[tensorboard\]'"):
         finetune(FinetuneConfig(tensorboard=True, out=str(tmp_path / "run")))
 
 

@@ -73,8 +73,9 @@ class NonFiniteRewardError(SdoError, ValueError):
 
 
 def missing_extra(package: str, extra: str, purpose: str) -> MissingExtraError:
-    """The error for an absent optional dependency: ``package`` comes with ``shortcut-diffusion[extra]``."""
+    """The error for an absent optional dependency: ``package`` comes with the extra ``[extra]`` of
+    ``shortcut-diffusion``, which is installed from a clone or a built wheel until it is on the package index."""
     return MissingExtraError(
-        f"{purpose} needs the optional dependency `{package}`; install it with: "
-        f"pip install '{DISTRIBUTION}[{extra}]' (or pip install {package})."
+        f"{purpose} needs the optional dependency `{package}`; install it with: pip install {package} "
+        f"(or, in a clone of sdo, pip install '.[{extra}]', the extra of {DISTRIBUTION})."
     )

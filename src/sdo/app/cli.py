@@ -183,8 +183,13 @@ def _finetune(args: argparse.Namespace, record_config: Callable[[], None]) -> in
     """``sdo finetune``: ``finetune`` locks ``--out`` and records ``config.json`` itself (shared by the processes of
     ``accelerate launch``), so ``record_config`` is not called."""
     from sdo.app.finetuning import FinetuneConfig, finetune
+    from sdo.app.prompts import read_prompts
 
     config = _config_from(args, FinetuneConfig)
+    if config.pipeline:  # the prompt files are read before the start line, so a missing one is the only line
+        read_prompts(config.prompts)
+        if config.eval_prompts:
+            read_prompts(config.eval_prompts, "--eval-prompts")
     if os.environ.get("RANK", "0") == "0":  # the main process of `accelerate launch` (its group starts later)
         print(_finetune_start(config))
     record = finetune(config, break_lock=args.break_lock)
