@@ -18,15 +18,15 @@ from diffusers import (
 
 import tiny_pipelines
 
-# One intra-op thread: the test models are tiny, so a second thread only adds synchronization (on a busy 2-core
-# machine its spin-waits made a 3-step tiny-UNet sample 100x slower). Subprocess tests set OMP_NUM_THREADS=1 likewise.
-torch.set_num_threads(1)
+# torch's own thread count for every test (on the 2-core CI machine, idle: pytest 556 s with 2 threads against 573
+# and 676 s with 1). Subprocess tests set OMP_NUM_THREADS=1.
+DEFAULT_THREADS = torch.get_num_threads()
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Each test starts on one thread, whatever an earlier command's ``--threads`` set."""
-    torch.set_num_threads(1)
+def default_threads():
+    """Each test starts on torch's default thread count, whatever an earlier command's ``--threads`` set."""
+    torch.set_num_threads(DEFAULT_THREADS)
 
 
 # (name, scheduler factory, DDIM eta). One parametrization that every mode is run against.
