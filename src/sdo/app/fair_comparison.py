@@ -146,12 +146,23 @@ def method_options(variant: Variant, value: float, iters: int) -> MethodOptions:
 
 
 class VariantRun:
-    """One variant's run on one case: the registry's stepper, with iterates credited at their training time."""
+    """One variant's run on one case: the registry's stepper, with iterates credited at their training time.
 
-    def __init__(self, name: str, task: LatentTask, options: MethodOptions, config: LatentTaskConfig):
+    ``method``: the registry name (default: ``VARIANTS[name].method``); ``measure``: record each iteration's extra
+    memory (hooks inside the timed region; ``sdo.app.equal_time`` measures in a separate pass instead)."""
+
+    def __init__(
+        self,
+        name: str,
+        task: LatentTask,
+        options: MethodOptions,
+        config: LatentTaskConfig,
+        method: str | None = None,
+        measure: bool = True,
+    ):
         self.name, self.task, self.options = name, task, options
-        self.method = METHODS[VARIANTS[name].method]
-        self.stepper = self.method.stepper(task_problem(config, task), options, config.iters)
+        self.method = METHODS[method or VARIANTS[name].method]
+        self.stepper = self.method.stepper(task_problem(config, task, measure), options, config.iters)
         self.guided = self.method.runner.one_pass
         self.rounds = FREEDOM_PASSES if self.guided else config.iters  # iterations this run takes in a case
         self.first_gradient: torch.Tensor | None = None
@@ -182,7 +193,7 @@ class VariantRun:
             "options": _recorded(self.options),
             "iterates": iterates,
             "step_seconds": seconds,
-            "peak_mem_bytes": max(r.get("peak_mem_bytes", 0) for r in history),
+            "peak_mem_bytes": max((r.get("peak_mem_bytes", 0) for r in history), default=0),
             "original_chain": self.task.notes.get("original_chain", "ddim"),
         }
         tensors = {"final_sample": result.sample.detach().float()}

@@ -432,9 +432,10 @@ def run_task(config: LatentTaskConfig, task: LatentTask | None = None, progress:
     return METHODS[config.method].optimize(task_problem(config, task), config.method_options(), config.iters, progress)
 
 
-def task_problem(config: LatentTaskConfig, task: LatentTask) -> LatentProblem:
+def task_problem(config: LatentTaskConfig, task: LatentTask, measure: bool = True) -> LatentProblem:
     """The ``sdo.latent.LatentProblem`` of ``task`` (its sampler, latent, reward and judge) from
-    ``config.start_step`` with ``config.seed``, measuring each iteration's extra memory."""
+    ``config.start_step`` with ``config.seed``, measuring each iteration's extra memory unless ``measure`` is False
+    (a timed comparison measures in a separate pass: the memory hooks cost time)."""
     return LatentProblem(
         task.sampler,
         task.latent,
@@ -442,5 +443,5 @@ def task_problem(config: LatentTaskConfig, task: LatentTask) -> LatentProblem:
         start_step=config.start_step,
         seed=config.seed,
         judge=task.judge_accepts,
-        measure=True,
+        measure=measure,
     )

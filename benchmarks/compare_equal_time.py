@@ -1,0 +1,48 @@
+"""The fair comparison at equal time, tuned on a seed that is never reported (issue 28): calibration, tuning and
+cases are ``sdo.app.equal_time``'s. Timed: the run refuses to start above a load average of ``--max-load``; run
+nothing else meanwhile. Each result is stored as soon as it exists; a rerun continues where the last one stopped.
+
+Usage: python benchmarks/compare_equal_time.py [OUT] [--tasks class,style,adversarial] [--seeds 0,1,2]
+       [--no-authors]   (default OUT: benchmarks/results/cpu/equal-time)
+Settings (recorded with every result; tests use small ones): --steps 50 --full-iters 20 --batch 2 --late-step 40
+The tables: python benchmarks/report.py --write BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from sdo.app.equal_time import REPORTED_SEEDS, TASKS, EqualTimeSettings, run_all
+from sdo.app.fair_comparison import Case
+from sdo.app.tasks.latent import load_resources
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="benchmarks/results/cpu/equal-time")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--seeds", default=",".join(map(str, REPORTED_SEEDS)))
+    parser.add_argument("--no-authors", action="store_true", help="skip the authors' setting rows")
+    parser.add_argument("--max-load", type=float, default=0.5, help="refuse to start above this load average")
+    for item in fields(EqualTimeSettings):
+        parser.add_argument(f"--{item.name.replace('_', '-')}", type=int, default=item.default)
+    args = parser.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if unknown := sorted(set(tasks) - set(TASKS)):
+        parser.error(f"--tasks: unknown {unknown}; known: {', '.join(TASKS)}")
+    load = os.getloadavg()[0]
+    if load > args.max_load:
+        sys.exit(f"load average {load:.2f} > --max-load {args.max_load}: the runs are timed; stop other jobs first.")
+    settings = EqualTimeSettings(**{item.name: getattr(args, item.name) for item in fields(EqualTimeSettings)})
+    resources = load_resources(settings.task_config(Case("class", "noise", 0), "sdo", 1))
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    run_all(Path(args.out), settings, resources, tasks, seeds, authors=not args.no_authors)
+    print(f"done: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""The fair comparison at equal time, tuned on a seed that is never reported (issue 28; the first protocol is
+``sdo.app.fair_comparison``). ``benchmarks/compare_equal_time.py`` runs it; ``sdo.app.report.equal_time`` makes its
+tables.
+
+Every result is stored as soon as it exists and a rerun continues where the last one stopped (a stored result made
+with other settings is refused), so the whole run may span sessions. For each task and protocol (``noise``: the
+initial noise; ``edit``: the latent at ``late_step`` after a no-grad warm-up):
+
+1. **Calibration** (``<case>/calibration.json``, timed): every variant's seconds per iteration on the case (median of
+   ``calibration_iters`` interleaved iterations, no memory hooks). The budget is ``full``'s ``full_iters``
+   iterations, T = ``full_iters`` x s_full; variant v runs n_v = max(1, floor(T / s_v)) iterations. The counts are
+   stored with the case, so a rerun is exact.
+2. **Tuning** (``tuning/<task>-<protocol>/``, untimed: only final rewards are compared) on ``TUNING_SEED``, at the
+   evaluation horizon n_v: each tuned variant's knob over its grid, widened one value at a time past an edge until
+   the chosen value is interior (``widen``). ``per_pair`` variants are tuned on every (task, protocol), the others
+   on the class task's and take its choice; ``adjoint-0`` and ``doodl-adam`` take ``full``'s schedule (the better
+   tuned of ``full`` and ``full-cosine`` there).
+3. **Cases** (``cases/<task>-<protocol>-s<seed>/<variant>.json`` and ``.safetensors``, timed): the variants take
+   turns iteration by iteration (``sdo.app.comparison.interleave``), each for its n_v iterations, without memory
+   hooks; iterate k is credited at t_k, its measured training time. ``checkpointed`` computes ``full``'s gradient,
+   so it is not run: ``full``'s iterates are credited at k x s_checkpointed. Then an untimed **memory pass**: one
+   measured iteration per variant (``peak_mem_bytes``).
+4. **The authors' setting** (``cases/class-authors-<start>-s<seed>/``): ``sdo`` and ``full`` with the authors'
+   Adam (lr 0.01, betas (0.9, 0.9), no shell projection, constant lr), ``authors_iters`` iterations, from the noise
+   and from step ``authors_late_step``; timed, not budgeted.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sdo.app.comparison import interleave, save_result, source_commit, stored_record, this_machine
+from sdo.app.fair_comparison import Case, VariantRun
+from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task
+from sdo.io import load_json
+from sdo.methods import METHODS, MethodOptions
+
+__all__ = [
+    "AUTHORS",
+    "PROTOCOLS",
+    "REPORTED_SEEDS",
+    "TASKS",
+    "TUNING_SEED",
+    "VARIANTS",
+    "EqualTimeSettings",
+    "Variant",
+    "calibrate",
+    "chosen",
+    "iteration_counts",
+    "run_all",
+    "run_authors",
+    "run_case",
+    "tune_pair",
+    "widen",
+]
+
+TASKS = ("class", "style", "adversarial")
+PROTOCOLS = ("noise", "edit")
+TUNING_SEED = 100
+"""The one seed tuning runs on; never reported."""
+REPORTED_SEEDS = (0, 1, 2)
+ADAM_LRS = (0.025, 0.05, 0.1)
+FREEDOM_SCALES = (0.1, 0.3, 1.0)
+WIDENINGS = 3
+"""At most this many values past a grid's edge; a choice still at the edge then is reported as such."""
+CLOSE = 0.01
+"""A chosen value whose outward neighbour's final reward is within this fraction of its own is flagged."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: a registry ``method`` with ``fixed`` options (``MethodOptions`` fields) and one tuned ``knob``.
+
+    Attributes:
+        grid: the knob's starting grid (geometric: ``widen`` extends it by the same ratio). Empty: nothing tuned
+            (the knob keeps its default).
+        per_pair: tuned on every (task, protocol); else on the class task's, and every task takes its choice.
+        schedule_of: take the ``lr_schedule`` of the better tuned of these variants (on the class task's tuning).
+        credited_from: not run; this variant's iterates are those of the named one, credited at this one's time.
+        protocols: where it runs.
+    """
+
+    method: str
+    knob: str = "lr"
+    grid: tuple[float, ...] = ADAM_LRS
+    fixed: dict = field(default_factory=dict)
+    per_pair: bool = False
+    schedule_of: tuple[str, ...] = ()
+    credited_from: str | None = None
+    protocols: tuple[str, ...] = PROTOCOLS
+
+
+COSINE = {"lr_schedule": "cosine"}
+ADJOINT_0 = {"adjoint_iters": 0, "adjoint_checkpoint_every": 5}  # the README's recommended adjoint
+VARIANTS: dict[str, Variant] = {
+    "sdo": Variant("sdo", per_pair=True),
+    "sdo-cosine": Variant("sdo", fixed=COSINE, per_pair=True),
+    "sdo-multi-cosine": Variant("sdo-multi", fixed=COSINE, per_pair=True),
+    "full": Variant("full", per_pair=True),
+    "full-cosine": Variant("full", fixed=COSINE, per_pair=True),
+    "checkpointed": Variant("checkpointed", credited_from="full"),
+    "adjoint-0": Variant("adjoint", fixed=ADJOINT_0, schedule_of=("full", "full-cosine")),
+    "doodl-adam": Variant("doodl-adam", schedule_of=("full", "full-cosine")),
+    "freedom": Variant("freedom", knob="freedom_scale", grid=FREEDOM_SCALES),
+    "freedom-official": Variant("freedom", grid=(), fixed={"freedom_schedule": "official"}, protocols=("noise",)),
+}
+AUTHORS = {"lr": 0.01, "betas": (0.9, 0.9), "project_to_shell": False, "lr_schedule": "constant"}
+"""The authors' Adam (their official code): the rows ``sdo-authors`` and ``full-authors``."""
+
+
+@dataclass(frozen=True)
+class EqualTimeSettings:
+    """What every case shares (recorded beside each result; a stored result made with other settings is refused)."""
+
+    steps: int = 50
+    full_iters: int = 20
+    batch: int = 2
+    late_step: int = 40
+    calibration_iters: int = 2
+    authors_iters: int = 100
+    authors_late_step: int = 45
+
+    def task_config(self, case: Case, method: str, iters: int) -> LatentTaskConfig:
+        """The run of ``method`` for ``iters`` iterations on ``case`` (the authors' protocols start at step 0 or
+        ``authors_late_step``)."""
+        starts = {"noise": 0, "edit": self.late_step, "authors-noise": 0, "authors-edit": self.authors_late_step}
+        return LatentTaskConfig(
+            task=case.task,
+            method=method,
+            source=3,
+            target=8,
+            steps=self.steps,
+            iters=iters,
+            batch=self.batch,
+            seed=case.seed,
+            start_step=starts[case.protocol],
+            out="unused",
+        )
+
+
+def options_of(name: str, value: float | None = None, schedule: str | None = None) -> MethodOptions:
+    """The registry options of variant ``name``: its fixed options, its knob at ``value`` (None: the default) and,
+    for a ``schedule_of`` variant, that ``schedule``."""
+    variant = VARIANTS[name]
+    options = MethodOptions("latent", **variant.fixed)
+    if value is not None and variant.grid:
+        options = replace(options, **{variant.knob: value})
+    return replace(options, lr_schedule=schedule) if schedule else options
+
+
+def _run(
+    name: str,
+    options: MethodOptions,
+    case: Case,
+    iters: int,
+    settings: EqualTimeSettings,
+    resources: TaskResources,
+    measure: bool = False,
+) -> VariantRun:
+    config = settings.task_config(case, VARIANTS[name].method, iters)
+    return VariantRun(name, build_task(config, resources), options, config, VARIANTS[name].method, measure)
+
+
+def calibrate(out: Path, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> dict:
+    """Stage 1 on ``case``: each variant's median seconds per iteration and its iteration count (stored; a rerun
+    reads them)."""
+    path = out / "cases" / case.key / "calibration.json"
+    expected = {"settings": asdict(settings), "case": asdict(case)}
+    stored = stored_record(path, expected)
+    if stored is not None:
+        return stored
+    names = [n for n in VARIANTS if case.protocol in VARIANTS[n].protocols]
+    runs = [_run(n, options_of(n), case, settings.calibration_iters, settings, resources) for n in names]
+    for run in runs:
+        run.rounds = 1 if run.guided else settings.calibration_iters
+    interleave(runs, f"calibrate {case.key}")
+    seconds = {run.name: statistics.median(r["seconds"] for r in run.stepper.history) for run in runs}
+    record = {**expected, "seconds_per_iteration": seconds, "iterations": iteration_counts(seconds, settings)}
+    record.update(machine=this_machine(), commit=source_commit())
+    save_result(record, path)
+    return record
+
+
+def iteration_counts(seconds: dict[str, float], settings: EqualTimeSettings) -> dict[str, int]:
+    """n_v = max(1, floor(T / s_v)) with T = ``full_iters`` x s_full (a one-pass method: 1)."""
+    budget = settings.full_iters * seconds["full"]
+    return {
+        name: 1 if METHODS[VARIANTS[name].method].runner.one_pass else max(1, math.floor(budget / s * (1 + 1e-9)))
+        for name, s in seconds.items()
+    }
+
+
+def widen(grid: Sequence[float], final_reward: Callable[[float], float], widenings: int = WIDENINGS) -> dict:
+    """The grid search with widening: every value of ``grid`` (geometric), then, while the best is at an edge, the
+    next value past it (at most ``widenings``). Returns ``{"finals": {value: reward}, "chosen": value, "edge":
+    bool (still at an edge), "close": bool (a neighbour within ``CLOSE``)}``."""
+    finals = {value: final_reward(value) for value in grid}
+    ratio = grid[1] / grid[0]
+    for _ in range(widenings + 1):
+        values = sorted(finals)
+        best = max(values, key=finals.__getitem__)
+        if best not in (values[0], values[-1]) or len(finals) >= len(grid) + widenings:
+            break
+        outward = best * ratio if best == values[-1] else best / ratio
+        finals[round(outward, 12)] = final_reward(round(outward, 12))
+    values = sorted(finals)
+    best = max(values, key=finals.__getitem__)
+    neighbours = [finals[v] for v in values if v != best and abs(math.log(v / best)) <= math.log(ratio) * 1.0001]
+    close = any(abs(finals[best] - n) <= CLOSE * abs(finals[best]) for n in neighbours)
+    return {"finals": finals, "chosen": best, "edge": best in (values[0], values[-1]), "close": close}
+
+
+def tuned_here(name: str, task: str, protocol: str) -> bool:
+    """Whether variant ``name`` is tuned on (task, protocol)."""
+    variant = VARIANTS[name]
+    tuned = variant.grid and not variant.credited_from and protocol in variant.protocols
+    return bool(tuned) and (variant.per_pair or task == "class")
+
+
+def tuning_path(out: Path, task: str, protocol: str, name: str) -> Path:
+    return out / "tuning" / f"{task}-{protocol}" / f"{name}.json"
+
+
+def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, resources: TaskResources) -> None:
+    """Stage 2 on (task, protocol): calibrate the tuning case, then tune each variant tuned here (each value's run
+    stored under ``tuning/<task>-<protocol>/values/``, each variant's choice beside it)."""
+    case = Case(task, protocol, TUNING_SEED)
+    counts = calibrate(out, case, settings, resources)["iterations"]
+    for name in [n for n in VARIANTS if tuned_here(n, task, protocol)]:
+        schedule = _schedule(out, name, protocol)
+        expected = {"settings": asdict(settings), "case": asdict(case), "variant": name, "schedule": schedule}
+        path = tuning_path(out, task, protocol, name)
+        if stored_record(path, expected) is not None:
+            continue
+        run_value = partial(_tuning_run, out, case, name, schedule=schedule, counts=counts, settings=settings)
+        search = widen(VARIANTS[name].grid, partial(run_value, resources=resources))
+        finals = {f"{value:g}": reward for value, reward in search.pop("finals").items()}
+        save_result({**expected, "iterations": counts[name], **search, "finals": finals}, path)
+        print(f"  tuned {case.key} {name}: {VARIANTS[name].knob}={search['chosen']:g}")
+
+
+def _tuning_run(out, case, name, value, *, schedule, counts, settings, resources) -> float:
+    """One value's untimed run at the evaluation horizon; its final reward (stored, skipped if stored)."""
+    path = out / "tuning" / f"{case.task}-{case.protocol}" / "values" / f"{name}@{value:g}.json"
+    options = options_of(name, value, schedule)
+    expected = {"settings": asdict(settings), "case": asdict(case), "options": _recorded(options)}
+    stored = stored_record(path, expected)
+    if stored is None:
+        run = _run(name, options, case, counts[name], settings, resources)
+        for _ in tqdm(range(1 if run.guided else run.rounds), desc=f"tune {case.key} {name}@{value:g}", leave=False):
+            run.iterate()
+        stored = {**expected, "iterates": run.finish()[0]["iterates"]}
+        save_result(stored, path)
+    return stored["iterates"][-1]["reward"]
+
+
+def _schedule(out: Path, name: str, protocol: str) -> str | None:
+    """The ``lr_schedule`` a ``schedule_of`` variant takes: that of the better tuned of its sources on the class
+    task's ``protocol`` (None for the others)."""
+    sources = VARIANTS[name].schedule_of
+    if not sources:
+        return None
+    tuned = {source: load_json(tuning_path(out, "class", protocol, source)) for source in sources}
+    best = max(sources, key=lambda source: tuned[source]["finals"][f"{tuned[source]['chosen']:g}"])
+    return options_of(best).lr_schedule
+
+
+def chosen(out: Path, name: str, task: str, protocol: str) -> tuple[float | None, str | None]:
+    """Variant ``name``'s tuned knob value on (task, protocol) and its ``schedule_of`` schedule."""
+    variant = VARIANTS[name]
+    if variant.credited_from:
+        return chosen(out, variant.credited_from, task, protocol)
+    if not variant.grid:
+        return None, None
+    path = tuning_path(out, task if variant.per_pair else "class", protocol, name)
+    if not path.exists():
+        raise FileNotFoundError(f"no tuning result {path}: tune ({task}, {protocol}) first.")
+    record = load_json(path)
+    return record["chosen"], record["schedule"]
+
+
+def run_case(out: Path, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> None:
+    """Stage 3 on ``case``: calibrate, run the variants not yet stored interleaved for their n_v iterations, credit
+    ``checkpointed``, measure memory, store each record."""
+    calibration = calibrate(out, case, settings, resources)
+    counts, seconds = calibration["iterations"], calibration["seconds_per_iteration"]
+    folder = out / "cases" / case.key
+    names = [n for n in VARIANTS if case.protocol in VARIANTS[n].protocols]
+    runs, expected = [], {}
+    for name in names:
+        value, schedule = chosen(out, name, case.task, case.protocol)
+        options = options_of(name, value, schedule)
+        expected[name] = {"settings": asdict(settings), "case": asdict(case), "options": _recorded(options)}
+        expected[name]["iterations"] = counts[name]
+        if VARIANTS[name].credited_from or stored_record(folder / f"{name}.json", expected[name]) is not None:
+            continue
+        runs.append(_run(name, options, case, counts[name], settings, resources))
+    if runs:
+        interleave(runs, case.key, postfix=lambda run: {"variant": run.name})
+    for run in runs:
+        record, tensors = run.finish()
+        record.update(expected[run.name], peak_mem_bytes=_memory_pass(run, case, settings, resources))
+        _store(record, tensors, folder / f"{run.name}.json", calibration)
+    for name in names:
+        source = VARIANTS[name].credited_from
+        if source and stored_record(folder / f"{name}.json", expected[name]) is None:
+            _store_credited(name, source, folder, expected[name], seconds[name], case, settings, resources)
+
+
+def _memory_pass(run: VariantRun, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> int:
+    """The variant's extra memory (``sdo.memory.PeakMemory``) over one measured, untimed iteration."""
+    probe = _run(run.name, run.options, case, 1, settings, resources, measure=True)
+    return int(probe.iterate().get("peak_mem_bytes", 0))
+
+
+def _store_credited(name, source, folder, expected, seconds, case, settings, resources) -> None:
+    """``name``'s record from ``source``'s stored run: its first n iterates, iterate k credited at k x ``seconds``
+    (this variant's calibrated time per iteration); memory from its own measured iteration."""
+    record = load_json(folder / f"{source}.json")
+    n = min(expected["iterations"], len(record["iterates"]) - 1)  # faster than its source: capped at its run
+    iterates = [{**it, "t": it["k"] * seconds} for it in record["iterates"][: n + 1]]
+    probe = _run(name, options_of(name), case, 1, settings, resources, measure=True)
+    memory = int(probe.iterate().get("peak_mem_bytes", 0))
+    credited = {**record, **expected, "variant": name, "method": VARIANTS[name].method, "iterates": iterates}
+    credited.update(credited_from=source, step_seconds=[seconds] * n, peak_mem_bytes=memory)
+    credited.pop("first_gradient_cosine", None)
+    save_result(credited, folder / f"{name}.json")
+    print(f"  {folder.name} {name}: credited from {source}, {n} iterations at {seconds:.2f} s")
+
+
+def _store(record: dict, tensors: dict, path: Path, calibration: dict) -> None:
+    record.update(calibrated_seconds=calibration["seconds_per_iteration"][record["variant"]])
+    record.update(budget_seconds=calibration["iterations"]["full"] * calibration["seconds_per_iteration"]["full"])
+    record.update(machine=this_machine(), commit=source_commit())
+    save_result(record, path, tensors)
+    first, last = record["iterates"][0], record["iterates"][-1]
+    print(f"  {path.parent.name} {record['variant']}: {first['reward']:.3f} -> {last['reward']:.3f}")
+
+
+def run_authors(out: Path, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> None:
+    """Stage 4 on ``case`` (protocol ``authors-noise`` or ``authors-edit``): ``sdo-authors`` and ``full-authors``
+    interleaved, ``authors_iters`` iterations each, timed; memory from one measured iteration."""
+    folder, options = out / "cases" / case.key, MethodOptions("latent", **AUTHORS)
+    runs, expected = [], {"settings": asdict(settings), "case": asdict(case), "options": _recorded(options)}
+    for method in ("sdo", "full"):
+        if stored_record(folder / f"{method}-authors.json", expected) is None:
+            config = settings.task_config(case, method, settings.authors_iters)
+            task = build_task(config, resources)
+            runs.append(VariantRun(f"{method}-authors", task, options, config, method, measure=False))
+    if runs:
+        interleave(runs, case.key, postfix=lambda run: {"variant": run.name})
+    for run in runs:
+        record, tensors = run.finish()
+        config = settings.task_config(case, run.method.name, 1)
+        probe = VariantRun(run.name, build_task(config, resources), options, config, run.method.name, True)
+        record.update(expected, peak_mem_bytes=int(probe.iterate().get("peak_mem_bytes", 0)))
+        record.update(machine=this_machine(), commit=source_commit())
+        save_result(record, folder / f"{run.name}.json", tensors)
+        first, last = record["iterates"][0], record["iterates"][-1]
+        print(f"  {case.key} {run.name}: {first['reward']:.3f} -> {last['reward']:.3f}")
+
+
+def run_all(
+    out: Path,
+    settings: EqualTimeSettings,
+    resources: TaskResources,
+    tasks: Sequence[str] = TASKS,
+    seeds: Sequence[int] = REPORTED_SEEDS,
+    authors: bool = True,
+) -> None:
+    """Every stage in the order that makes partial results useful: the class task (tuning, cases), the authors'
+    rows, then each other task (tuning, cases). Stored results are skipped."""
+    for task in sorted(tasks, key=TASKS.index):
+        for protocol in PROTOCOLS:
+            tune_pair(out, task, protocol, settings, resources)
+        for seed in seeds:
+            for protocol in PROTOCOLS:
+                run_case(out, Case(task, protocol, seed), settings, resources)
+        if task == "class" and authors:
+            for seed in seeds:
+                for protocol in ("authors-noise", "authors-edit"):
+                    run_authors(out, Case("class", protocol, seed), settings, resources)
+
+
+def _recorded(options: MethodOptions) -> dict:
+    return {k: v for k, v in asdict(options).items() if k != "generator"}

@@ -1,0 +1,84 @@
+"""The equal-time comparison (``sdo.app.equal_time``): iteration counts from the calibration, the widening grid
+search, ``checkpointed`` credited from ``full``'s run, exact resumes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sdo.app import equal_time
+from sdo.app.equal_time import EqualTimeSettings, iteration_counts, widen
+from sdo.app.fair_comparison import Case
+from sdo.app.tasks.latent import load_resources
+from sdo.errors import ResumeMismatchError
+from sdo.io import load_json
+
+
+def test_each_variant_gets_the_iterations_that_fit_full_backpropagations_budget():
+    seconds = {"full": 2.0, "sdo": 0.9, "checkpointed": 3.0, "freedom": 5.0, "doodl-adam": 50.0}
+    counts = iteration_counts(seconds, EqualTimeSettings(full_iters=20))
+    # T = 20 x 2.0 = 40 s: floor(40 / 0.9) = 44, floor(40 / 3) = 13; a one-pass method and a slow one run once
+    assert counts == {"full": 20, "sdo": 44, "checkpointed": 13, "freedom": 1, "doodl-adam": 1}
+
+
+def _peaked_at(peak: float):
+    calls: list[float] = []
+
+    def final_reward(value: float) -> float:
+        calls.append(value)
+        return -abs(math.log(value / peak))
+
+    return final_reward, calls
+
+
+def test_a_choice_at_the_grids_edge_is_widened_until_the_next_value_out_is_worse():
+    reward, calls = _peaked_at(0.4)
+    search = widen((0.025, 0.05, 0.1), reward)
+    assert calls == [0.025, 0.05, 0.1, 0.2, 0.4, 0.8]  # 0.4 is interior once 0.8 is seen to be worse
+    assert search["chosen"] == pytest.approx(0.4) and not search["edge"] and not search["close"]
+    reward, calls = _peaked_at(0.001)
+    search = widen((0.025, 0.05, 0.1), reward)
+    assert calls == pytest.approx([0.025, 0.05, 0.1, 0.0125, 0.00625, 0.003125])
+    assert search["edge"]  # three values past the edge and still best there: reported as such
+
+
+def test_an_interior_choice_is_not_widened_and_a_near_tie_is_flagged():
+    reward, calls = _peaked_at(0.05)
+    assert widen((0.025, 0.05, 0.1), reward)["chosen"] == 0.05 and calls == [0.025, 0.05, 0.1]
+    finals = {0.025: -1.0, 0.05: -0.5, 0.1: -0.504}
+    search = widen((0.025, 0.05, 0.1), finals.__getitem__)
+    assert search["chosen"] == 0.05 and search["close"]  # 0.1 is within 1% of the chosen value's final reward
+
+
+@pytest.fixture
+def three_variants(monkeypatch):
+    """sdo, full and checkpointed only, on a 2-value grid (the whole table would take minutes)."""
+    table = {name: equal_time.VARIANTS[name] for name in ("sdo", "full", "checkpointed")}
+    for name in ("sdo", "full"):
+        table[name] = equal_time.Variant(name, grid=(0.05, 0.1), per_pair=True)
+    monkeypatch.setattr(equal_time, "VARIANTS", table)
+
+
+def test_checkpointed_is_full_credited_at_its_own_time_and_a_rerun_is_exact(tmp_path, three_variants):
+    settings = EqualTimeSettings(steps=3, full_iters=2, batch=1, late_step=2, calibration_iters=1)
+    resources = load_resources(settings.task_config(Case("class", "noise", 0), "sdo", 1))
+    equal_time.tune_pair(tmp_path, "class", "noise", settings, resources)
+    case = Case("class", "noise", 0)
+    equal_time.run_case(tmp_path, case, settings, resources)
+    folder = tmp_path / "cases" / case.key
+    calibration = load_json(folder / "calibration.json")
+    full, checkpointed = load_json(folder / "full.json"), load_json(folder / "checkpointed.json")
+    n = calibration["iterations"]["checkpointed"]
+    assert len(full["iterates"]) == 3 and len(checkpointed["iterates"]) == n + 1
+    step = calibration["seconds_per_iteration"]["checkpointed"]
+    for mine, source in zip(checkpointed["iterates"], full["iterates"], strict=False):
+        assert mine["reward"] == source["reward"] and mine["t"] == pytest.approx(mine["k"] * step)
+    tuned = load_json(tmp_path / "tuning" / "class-noise" / "full.json")
+    assert full["options"]["lr"] == checkpointed["options"]["lr"] == tuned["chosen"]
+    assert full["peak_mem_bytes"] > 0  # from the separate, measured pass
+    stamps = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.json")}
+    equal_time.run_case(tmp_path, case, settings, resources)  # everything stored: nothing reruns
+    assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.json")} == stamps
+    with pytest.raises(ResumeMismatchError, match="calibration.json was made with settings"):
+        equal_time.run_case(tmp_path, case, EqualTimeSettings(steps=3, full_iters=3, batch=1, late_step=2), resources)
