@@ -284,5 +284,6 @@ def test_freedom_schedule_flag_reaches_the_run_and_is_recorded(tmp_path, capsys)
     argv = ["optimize", *tiny, "--freedom-schedule", "official", "--source", "-1", "--out", str(refused)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--freedom-schedule official" in err and "--source -1" in err
+    assert err.startswith("sdo optimize: error: The official FreeDoM schedule (--freedom-schedule 'official') sizes")
+    assert err.count("\n") == 0 and "which --source -1 (unconditional samples) does not have" in err
     assert not refused.exists()

@@ -21,21 +21,23 @@ sample, whose cost is one network forward + backward (and the reward's) per guid
 
 Two schedules (``schedule``): ``"sdo"`` (the default, above) guides every step with the step size of step 3;
 ``"official"`` is the schedule of the authors' code (https://github.com/vvictoryuki/FreeDoM, ``SD_style/ldm/models/
-diffusion/ddim.py``, 100 DDIM steps). That code's loop counts ``index = 99 - i`` down from the noisy end (loop step
-``i = 0``); it guides ``70 > index >= 30`` (our steps ``30 <= i < 70``) and time-travels (3 passes) in
-``70 > index >= 40`` (our steps ``30 <= i < 60``), with the step size
+diffusion/ddim.py``, run by its ``run.sh`` with 100 steps, guidance 5, batch 1). That code's loop counts
+``index = 99 - i`` down from the noisy end (loop step ``i = 0``); it guides ``70 > index >= 30`` (our steps
+``30 <= i < 70``) and time-travels (3 passes) in ``70 > index >= 40`` (our steps ``30 <= i < 60``), with the step
 
     rho = 0.2 * w * rms(e_cond - e_uncond) / rms(g)
 
-where ``w (e_cond - e_uncond)`` is the classifier-free guidance term of the model's output (``sdo.Denoiser.
-guidance_parts``) and both root mean squares run over the whole batch at once (one ``rho`` per pass, not per sample),
-applied as in step 3. Under ``"official"``, ``scale`` is the code's 0.2 (``FreedomSettings.scale``), and the window
-and travel range default to the official ones scaled to the run: with ``N`` steps, step ``i`` is guided when
-``30 <= 100 i / N < 70`` and travels when ``30 <= 100 i / N < 60`` (``FreedomSettings.official_window``/
-``official_travel``), so ``(ceil(0.3 N), ceil(0.7 N))`` and ``(ceil(0.3 N), ceil(0.6 N))``: exactly the official
-steps at ``N = 100``, ``(15, 35)`` and ``(15, 30)`` at ``N = 50``. ``repeats`` keeps its meaning (default 1); the
-official code's 3 passes are ``repeats=FreedomSettings.official_repeats`` (3). sdo keeps the sampler's own solver step,
-whereas that code steps with the DDPM posterior (a DDIM step with eta = 1): a DDIM eta = 1 or DDPM sampler matches it.
+(``g`` the gradient at ``x_i`` of its energy, a style distance; here of the reward, the step adding ``rho g``), where
+``w (e_cond - e_uncond)`` is the classifier-free guidance term of the model's output (``sdo.Denoiser.guidance_parts``)
+and both root mean squares run over the whole batch at once (one ``rho`` per pass, not per sample). Under
+``"official"``, ``scale`` is that code's 0.2 (``FreedomSettings.scale``, the same default), and the window and travel
+range default to the official ones scaled to the run: with ``N`` steps, step ``i`` is guided when
+``30 <= 100 i / N < 70`` and travels when ``30 <= 100 i / N < 60`` (``FreedomSettings.official_window`` and
+``official_travel``), i.e. ``(ceil(0.3 N), ceil(0.7 N))`` and ``(ceil(0.3 N), ceil(0.6 N))``: exactly the official
+steps at ``N = 100``, ``(15, 35)`` and ``(15, 30)`` at ``N = 50`` (that code's hard-coded indices would guide loop
+steps 0-19 of a 50-step run). ``repeats`` keeps its meaning (default 1): the official 3 passes are
+``repeats=FreedomSettings.official_repeats``. sdo keeps the sampler's own solver step, whereas that code steps with
+the DDPM posterior whatever its eta (a DDIM step with eta = 1): a DDPM or DDIM eta = 1 sampler matches it.
 """
 
 from __future__ import annotations

@@ -183,9 +183,9 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
         if self.guidance == 1 or unconditional:
             cause = "--guidance 1" if self.guidance == 1 else "--source -1 (unconditional samples)"
             raise ConfigError(
-                "`freedom_schedule` 'official' (--freedom-schedule official) sizes FreeDoM's step by the "
-                f"classifier-free guidance term w (e_cond - e_uncond), which {cause} does not have; guide the "
-                "samples or use --freedom-schedule sdo."
+                "The official FreeDoM schedule (`freedom_schedule` 'official') sizes its step by the classifier-free "
+                f"guidance term w (e_cond - e_uncond), which {cause} does not have; guide the samples or use "
+                "--freedom-schedule sdo."
             )
 
     def _check_images(self) -> None:
