@@ -160,6 +160,7 @@ def test_items_recorded_before_a_flag_existed_resume_with_its_default(tmp_path):
     marker = out / "items" / "0" / "metrics.json"
     metrics = load_json(marker)
     assert metrics["spec"].pop("lr_schedule") == "constant"  # as a folder written before --lr-schedule existed
+    assert metrics["spec"].pop("freedom_schedule") == "sdo"  # and before --freedom-schedule
     save_json(metrics, marker)
     stamp = marker.stat().st_mtime_ns
     assert run_items(tiny_config(out, conditions=1), progress=False)["skipped_as_finished"] == 1

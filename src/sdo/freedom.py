@@ -18,6 +18,26 @@ At each step i inside the guidance window ``[window[0], window[1])``:
 
 Steps outside the window run under ``torch.no_grad()``. Nothing is optimized across passes: one guided pass per
 sample, whose cost is one network forward + backward (and the reward's) per guided pass.
+
+Two schedules (``schedule``): ``"sdo"`` (the default, above) guides every step with the step size of step 3;
+``"official"`` is the schedule of the authors' code (https://github.com/vvictoryuki/FreeDoM, ``SD_style/ldm/models/
+diffusion/ddim.py``, run by its ``run.sh`` with 100 steps, guidance 5, batch 1). That code's loop counts
+``index = 99 - i`` down from the noisy end (loop step ``i = 0``); it guides ``70 > index >= 30`` (our steps
+``30 <= i < 70``) and time-travels (3 passes) in ``70 > index >= 40`` (our steps ``30 <= i < 60``), with the step
+
+    rho = 0.2 * w * rms(e_cond - e_uncond) / rms(g)
+
+(``g`` the gradient at ``x_i`` of its energy, a style distance; here of the reward, the step adding ``rho g``), where
+``w (e_cond - e_uncond)`` is the classifier-free guidance term of the model's output (``sdo.Denoiser.guidance_parts``)
+and both root mean squares run over the whole batch at once (one ``rho`` per pass, not per sample). Under
+``"official"``, ``scale`` is that code's 0.2 (``FreedomSettings.scale``, the same default), and the window and travel
+range default to the official ones scaled to the run: with ``N`` steps, step ``i`` is guided when
+``30 <= 100 i / N < 70`` and travels when ``30 <= 100 i / N < 60`` (``FreedomSettings.official_window`` and
+``official_travel``), i.e. ``(ceil(0.3 N), ceil(0.7 N))`` and ``(ceil(0.3 N), ceil(0.6 N))``: exactly the official
+steps at ``N = 100``, ``(15, 35)`` and ``(15, 30)`` at ``N = 50`` (that code's hard-coded indices would guide loop
+steps 0-19 of a 50-step run). ``repeats`` keeps its meaning (default 1): the official 3 passes are
+``repeats=FreedomSettings.official_repeats``. sdo keeps the sampler's own solver step, whereas that code steps with
+the DDPM posterior whatever its eta (a DDIM step with eta = 1): a DDPM or DDIM eta = 1 sampler matches it.
 """
 
 from __future__ import annotations
@@ -37,10 +57,15 @@ from .errors import ConfigError, NonFiniteRewardError
 from .gradients import NoGrad
 from .latent import LatentProblem, OptimizationResult, history_record
 from .memory import PeakMemory
+from .models import Denoiser
 from .protocols import LatentReward
 from .sampling import Sampler, default_generator
 
-__all__ = ["FreedomSettings", "GuidanceResult", "GuidanceStepper", "freedom_sample"]
+__all__ = ["FREEDOM_SCHEDULES", "FreedomSettings", "GuidanceResult", "GuidanceStepper", "freedom_sample"]
+
+FREEDOM_SCHEDULES = ("sdo", "official")
+"""``freedom_sample``'s schedules: sdo's step on every step, or the authors' code's window and step (module
+docstring)."""
 
 _X0_SCHEDULERS = (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
 
@@ -51,12 +76,22 @@ class FreedomSettings:
     ``sdo.methods.MethodOptions`` and the ``--freedom-*`` flags read them.
 
     Attributes:
-        scale: the guidance step as a fraction of the solver's update (>= 0; module docstring, step 3).
+        scale: the guidance step as a fraction of the solver's update (>= 0; module docstring, step 3); under the
+            official schedule, the factor of its rule (the authors' code's 0.2, the same default).
         repeats: passes per step inside the time-travel range (1 disables time travel).
+        schedule: one of ``FREEDOM_SCHEDULES``: ``"sdo"`` or ``"official"`` (module docstring).
+        official_window, official_travel: the official schedule's guided and time-travel steps, ``(first, stop)`` of
+            its 100 steps (loop steps ``i``, counted from the noisy end), scaled to a run of ``N`` steps as
+            ``ceil(first N / 100), ceil(stop N / 100)``.
+        official_repeats: the official code's passes per step in its travel range (pass it as ``repeats``).
     """
 
     scale: float = 0.2
     repeats: int = 1
+    schedule: str = "sdo"
+    official_window: tuple[int, int] = (30, 70)
+    official_travel: tuple[int, int] = (30, 60)
+    official_repeats: int = 3
 
 
 @dataclass
@@ -92,6 +127,7 @@ def freedom_sample(
     travel: tuple[int, int] | None = None,
     start_step: int = 0,
     generator: torch.Generator | None = None,
+    schedule: str = FreedomSettings.schedule,
 ) -> GuidanceResult:
     """One FreeDoM-guided sampling pass (Yu et al. 2023, arXiv 2303.09833; formulas in the module docstring). The
     defaults are ``FreedomSettings``'s.
@@ -102,18 +138,27 @@ def freedom_sample(
         x: ``[B, ...]`` the latent at ``start_step`` (initial noise times ``init_noise_sigma`` when 0).
         reward: ``reward(image, cond) -> [B]``, higher is better (the energy is its negative).
         cond: passed to ``reward``. decoder: optional ``x0 -> image`` applied before the reward (e.g. a VAE decode).
-        scale (`float`, defaults to 0.2): the guidance step as a fraction of the solver's update (>= 0).
-        window: ``(first, stop)`` schedule indices of the guided steps (defaults to every step run); must satisfy
+        scale (`float`, defaults to 0.2): the guidance step as a fraction of the solver's update (>= 0); under
+            ``schedule="official"`` the factor of the official rule (0.2 in the authors' code).
+        window: ``(first, stop)`` schedule indices of the guided steps (defaults to every step run, or under
+            ``"official"`` to the official window scaled to the run, from ``start_step`` on); must satisfy
             ``start_step <= first < stop <= num_inference_steps``.
-        repeats (`int`, defaults to 1): passes per step inside ``travel`` (time travel; 1 disables it).
-        travel: ``(first, stop)`` steps that time-travel, inside ``window`` (defaults to the first half of it).
+        repeats (`int`, defaults to 1): passes per step inside ``travel`` (time travel; 1 disables it; the official
+            code makes 3).
+        travel: ``(first, stop)`` steps that time-travel, inside ``window`` (defaults to the first half of it, or under
+            ``"official"`` to the official travel range scaled to the run).
         start_step: first step run. generator: noise of stochastic schedulers and of time travel (global RNG if None).
+        schedule (`str`, defaults to "sdo"): ``"sdo"`` or ``"official"`` (the authors' code's window, travel range and
+            step size, module docstring); ``"official"`` needs ``sampler.model_fn`` to be an ``sdo.Denoiser`` with
+            classifier-free guidance.
 
     Raises:
-        ConfigError: unsupported scheduler, window or travel range outside the run, repeats < 1, bad scale.
+        ConfigError: unsupported scheduler, window or travel range outside the run, repeats < 1, bad scale, an
+            unknown schedule, or ``"official"`` without classifier-free guidance or with no official step in the run.
         NonFiniteRewardError: the reward or its gradient is NaN or infinite.
     """
-    first, stop, travel_first, travel_stop = _check(sampler, x, scale, window, repeats, travel, start_step)
+    first, stop, travel_first, travel_stop = _check(sampler, x, scale, window, repeats, travel, start_step, schedule)
+    official = schedule == "official"
     started = time.perf_counter()
     scheduler = sampler.fresh_scheduler(x.device)
     noise = generator or default_generator(x.device)
@@ -133,7 +178,9 @@ def freedom_sample(
                     output = sampler.model_fn(sched.scale_model_input(scheduler, x, t), t)
                     x_next = scheduler.step(output, t, x, **extra).prev_sample
             else:
-                x_next, record = _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, extra)
+                x_next, record = _guided_step(
+                    sampler, scheduler, index, x, reward, cond, decoder, scale, extra, official
+                )
                 history.append({"step": index, "pass": number, "timestep": int(t), **record})
             if number + 1 < passes:
                 x = _renoise(scheduler, index, x_next, noise)
@@ -144,12 +191,17 @@ def freedom_sample(
     return GuidanceResult(x, rewards.detach(), history, seconds, calls)
 
 
-def _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, extra):
-    """Steps 1-3 of the module docstring: the unguided update plus ``rho g``, and the pass's metrics."""
+def _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, extra, official):
+    """Steps 1-3 of the module docstring: the unguided update plus ``rho g``, and the pass's metrics (``official``:
+    the official step size)."""
     t = scheduler.timesteps[index]
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        output = sampler.model_fn(sched.scale_model_input(scheduler, x_in, t), t)
+        model_input = sched.scale_model_input(scheduler, x_in, t)
+        if official:
+            output, term = sampler.model_fn.guidance_parts(model_input, t)
+        else:
+            output = sampler.model_fn(model_input, t)
         step = scheduler.step(output, t, x_in, **extra)
         x0 = _x0_prediction(scheduler, step, x_in, output, index)
         rewards = check_rewards(reward(decoder(x0) if decoder is not None else x0, cond), x.shape[0])
@@ -157,7 +209,12 @@ def _guided_step(sampler, scheduler, index, x, reward, cond, decoder, scale, ext
     if not (torch.isfinite(rewards).all() and torch.isfinite(gradient).all()):
         raise NonFiniteRewardError(f"FreeDoM: the reward or its gradient is not finite at step {index}; stopped.")
     x_next = step.prev_sample.detach()
-    rho = scale * _rms(x_next - x) / _rms(gradient).clamp_min(1e-30)
+    if official:  # one rho for the batch: root mean squares over all its elements, as the authors' code
+        rho = (scale * _rms(term.detach().flatten()[None]) / _rms(gradient.flatten()[None]).clamp_min(1e-30)).expand(
+            x.shape[0]
+        )
+    else:
+        rho = scale * _rms(x_next - x) / _rms(gradient).clamp_min(1e-30)
     x_next = x_next + rho.view(-1, *[1] * (x.ndim - 1)) * gradient
     record = {
         "reward": float(rewards.detach().mean()),
@@ -212,7 +269,49 @@ def _range(name: str, value, low: int, high: int) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _check(sampler, x, scale, window, repeats, travel, start_step):
+def official_steps(steps: int, percent: tuple[int, int]) -> tuple[int, int]:
+    """The steps ``(first, stop)`` of a run of ``steps`` whose position ``100 i / steps`` lies in ``[percent[0],
+    percent[1])``: ``FreedomSettings.official_window`` or ``official_travel`` (given for 100 steps) scaled to the run,
+    ``ceil(percent * steps / 100)`` (exactly ``percent`` at 100 steps)."""
+    return -(-percent[0] * steps // 100), -(-percent[1] * steps // 100)
+
+
+def _official_ranges(n: int, start_step: int, window) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The official schedule's window (``window`` if given) and its travel range within it, in a run of ``n`` steps
+    from ``start_step``; the travel range may be empty (``first == stop``: no step travels)."""
+    if window is None:
+        first, stop = official_steps(n, FreedomSettings.official_window)
+        window = (max(first, start_step), stop)
+        if window[0] >= stop:
+            raise ConfigError(
+                f"FreeDoM's official schedule (`schedule`='official', --freedom-schedule official) guides the steps "
+                f"{FreedomSettings.official_window[0]}% to {FreedomSettings.official_window[1]}% of the way through "
+                f"the run (steps {first}..{stop - 1} of {n}), none of which runs from step {start_step}; use more "
+                "steps, an earlier start step, or schedule 'sdo'."
+            )
+    first, stop = _range("window", window, start_step, n)
+    travel_first, travel_stop = official_steps(n, FreedomSettings.official_travel)
+    travel_first, travel_stop = max(travel_first, first), min(travel_stop, stop)
+    return (first, stop), (travel_first, max(travel_first, travel_stop))
+
+
+def _check_official(sampler) -> None:
+    model_fn = sampler.model_fn
+    if isinstance(model_fn, Denoiser) and model_fn.guided:
+        return
+    got = (
+        f"an sdo.Denoiser without guidance (guidance_scale={model_fn.guidance_scale})"
+        if isinstance(model_fn, Denoiser)
+        else f"a {type(model_fn).__name__}"
+    )
+    raise ConfigError(
+        "FreeDoM's official schedule (`schedule`='official', --freedom-schedule official) sizes its step by the "
+        "classifier-free guidance term w (e_cond - e_uncond): it needs `sampler.model_fn` to be an sdo.Denoiser with "
+        f"guidance (a condition and guidance_scale != 1), got {got}; guide the model, or use schedule 'sdo'."
+    )
+
+
+def _check(sampler, x, scale, window, repeats, travel, start_step, schedule):
     if not isinstance(sampler, Sampler):
         raise ConfigError(f"`sampler` must be an sdo.Sampler, got {type(sampler).__name__}.")
     if type(sampler.scheduler) not in _X0_SCHEDULERS:
@@ -228,7 +327,15 @@ def _check(sampler, x, scale, window, repeats, travel, start_step):
         raise ConfigError(f"`scale` must be a finite number >= 0, got {scale!r}.")
     check_positive(scale, "scale", allow_zero=True)
     check_int(repeats, "repeats", low=1)
-    first, stop = _range("window", (start_step, n) if window is None else window, start_step, n)
+    if schedule not in FREEDOM_SCHEDULES:
+        raise ConfigError(f"`schedule` must be one of {FREEDOM_SCHEDULES}, got {schedule!r}.")
+    if schedule == "official":
+        _check_official(sampler)
+        (first, stop), official_travel = _official_ranges(n, start_step, window)
+        if travel is None:
+            return first, stop, *official_travel
+    else:
+        first, stop = _range("window", (start_step, n) if window is None else window, start_step, n)
     default_travel = (first, first + max(1, (stop - first) // 2))
     travel_first, travel_stop = _range("travel", default_travel if travel is None else travel, first, stop)
     return first, stop, travel_first, travel_stop
@@ -249,16 +356,28 @@ class GuidanceStepper:
         problem: an ``sdo.latent.LatentProblem``: its sampler, latent (``freedom_sample``'s ``x``), reward, cond and
             start_step go to ``freedom_sample``; its seed seeds the noise generator of every pass (one latent, one
             seed: one guided sample); judge and measure as for ``sdo.optimize_latent``.
-        scale, repeats: as for ``freedom_sample`` (``FreedomSettings``'s defaults).
+        scale, repeats, schedule: as for ``freedom_sample`` (``FreedomSettings``'s defaults).
+
+    Raises:
+        ConfigError: ``schedule`` is unknown, or ``"official"`` and the problem's ``sampler.model_fn`` has no
+            classifier-free guidance (before any pass).
     """
 
     iterations = 1
     """The iterations of a run: one guided pass, whatever an optimizer's run length is."""
 
     def __init__(
-        self, problem: LatentProblem, scale: float = FreedomSettings.scale, repeats: int = FreedomSettings.repeats
+        self,
+        problem: LatentProblem,
+        scale: float = FreedomSettings.scale,
+        repeats: int = FreedomSettings.repeats,
+        schedule: str = FreedomSettings.schedule,
     ) -> None:
-        self.problem, self.scale, self.repeats = problem, scale, repeats
+        if schedule not in FREEDOM_SCHEDULES:
+            raise ConfigError(f"`schedule` must be one of {FREEDOM_SCHEDULES}, got {schedule!r}.")
+        if schedule == "official":
+            _check_official(problem.sampler)
+        self.problem, self.scale, self.repeats, self.schedule = problem, scale, repeats, schedule
         self.latent = problem.latent.detach()
         self.history: list[dict] = []
         self.last: GuidanceResult | None = None
@@ -315,6 +434,7 @@ class GuidanceStepper:
                 scale=self.scale,
                 repeats=self.repeats,
                 start_step=problem.start_step,
+                schedule=self.schedule,
                 generator=self._generator(),
             )
         return {} if memory is None else {"peak_mem_bytes": memory.peak_bytes, "mem_kind": memory.kind}

@@ -105,7 +105,8 @@ class MethodOptions:
         doodl_clip: DOODL's element-wise clip of ``lr * g`` per iteration (its ``clip``); the authors' 1e-3 is sized
             for 50+ iterations, ``sdo.doodl.scaled_clip(iters)`` keeps their total movement in a shorter run.
         (``doodl-adam`` takes ``lr``, ``betas``, ``project_to_shell`` and ``lr_schedule``, the Adam run's.)
-        freedom_scale, freedom_repeats: FreeDoM's ``scale`` and ``repeats`` (``sdo.freedom_sample``; defaults
+        freedom_scale, freedom_repeats, freedom_schedule: FreeDoM's ``scale``, ``repeats`` and ``schedule``
+            (``"sdo"`` or the authors' code's ``"official"``; ``sdo.freedom_sample``; defaults
             ``sdo.freedom.FreedomSettings``).
         Defaults of ``draft_k`` and ``alignprop_high``: ``TruncationSettings``.
     """
@@ -128,6 +129,7 @@ class MethodOptions:
     doodl_project_to_shell: bool = DoodlSettings.project_to_shell
     freedom_scale: float = FreedomSettings.scale
     freedom_repeats: int = FreedomSettings.repeats
+    freedom_schedule: str = FreedomSettings.schedule
 
     @property
     def doodl_renormalize(self) -> bool:
@@ -226,7 +228,9 @@ def _start_doodl_adam(method: Method, problem: LatentProblem, options: MethodOpt
 
 
 def _start_guidance(method: Method, problem: LatentProblem, options: MethodOptions, iters: int | None) -> Stepper:
-    return GuidanceStepper(problem, scale=options.freedom_scale, repeats=options.freedom_repeats)
+    return GuidanceStepper(
+        problem, scale=options.freedom_scale, repeats=options.freedom_repeats, schedule=options.freedom_schedule
+    )
 
 
 _EDICT_LATENT = (

@@ -121,10 +121,35 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Model output for ``x`` ``[batch, ...]`` at timestep ``t`` (a scalar), guided if configured."""
-        cond, pooled, added = self._conditional(), self.pooled_projections, self.added_cond_kwargs
+        cond = self._conditional()
         self._check_batch(x, cond)
         if not self.guided:
-            return self._forward(x, t, cond, pooled, added)
+            return self._forward(x, t, cond, self.pooled_projections, self.added_cond_kwargs)
+        out_uncond, out_cond = self._both(x, t)
+        return out_uncond + self.guidance_scale * (out_cond - out_uncond)
+
+    def guidance_parts(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, term)`` for ``x`` ``[batch, ...]`` at timestep ``t``: the guided output, as ``self(x, t)`` from the
+        same single batched call, and its guidance term ``term = out - out_uncond = w * (out_cond - out_uncond)``
+        (what the official FreeDoM code sizes its step by: ``sdo.freedom_sample``'s ``schedule="official"``).
+
+        Raises:
+            ConfigError: this denoiser applies no classifier-free guidance (``guided`` is False).
+        """
+        if not self.guided:
+            raise ConfigError(
+                "Denoiser.guidance_parts needs classifier-free guidance (a conditioning input and `guidance_scale` "
+                f"!= 1 with an unconditional input); this one has guidance_scale={self.guidance_scale}"
+                f"{'' if self._conditional() is not None else ' and no conditioning'}."
+            )
+        self._check_batch(x, self._conditional())
+        out_uncond, out_cond = self._both(x, t)
+        term = self.guidance_scale * (out_cond - out_uncond)
+        return out_uncond + term, term
+
+    def _both(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out_uncond, out_cond)`` from one network call on ``[x; x]``."""
+        cond, pooled, added = self._conditional(), self.pooled_projections, self.added_cond_kwargs
         batch = x.shape[0]
         uncond = _expand(self._unconditional(), batch).to(cond.dtype)
         if pooled is not None:
@@ -134,7 +159,7 @@ class Denoiser:
             added = {name: torch.cat([_expand(negative[name], batch).to(v.dtype), v]) for name, v in added.items()}
         both = self._forward(torch.cat([x, x]), t, torch.cat([uncond, cond]), pooled, added)
         out_uncond, out_cond = both.chunk(2)
-        return out_uncond + self.guidance_scale * (out_cond - out_uncond)
+        return out_uncond, out_cond
 
     def _forward(self, x: torch.Tensor, t, cond: torch.Tensor | None, pooled, added) -> torch.Tensor:
         dtype = self._model_dtype()

@@ -19,7 +19,7 @@ import torch
 from sdo.app.options import option
 from sdo.doodl import DoodlSettings, scaled_clip
 from sdo.errors import ConfigError
-from sdo.freedom import FreedomSettings
+from sdo.freedom import FREEDOM_SCHEDULES, FreedomSettings
 from sdo.latent import LR_SCHEDULES, AdamSettings
 from sdo.methods import MethodOptions, Variable, find_method
 
@@ -53,8 +53,9 @@ class MethodFlags:
     ``fixed_point_iters`` and ``checkpoint_every`` (0: None); ``kept_steps`` the kept steps of ``sdo-multi``
     (``sdo.Shortcut(step=[...])``); ``doodl_lr`` and ``doodl_clip`` DOODL's gradient scale and per-element clip (0:
     ``sdo.doodl.scaled_clip`` of the config's ``iters``, the authors' total movement spread over the run; its
-    renormalization follows ``project``); ``freedom_scale`` and ``freedom_repeats`` FreeDoM's guidance step and
-    time-travel passes (``sdo.freedom_sample``). Two flags trade time for memory without changing the result:
+    renormalization follows ``project``); ``freedom_scale``, ``freedom_repeats`` and ``freedom_schedule``
+    FreeDoM's guidance step, time-travel passes and schedule (``sdo.freedom_sample``: ``"sdo"`` or the authors'
+    code's ``"official"``). Two flags trade time for memory without changing the result:
     ``checkpoint_kept`` (``MethodOptions.checkpoint_kept``: the shortcut methods' kept steps recomputed in backward)
     and ``checkpoint_decoder`` (the reward's VAE decoder recomputed in backward, which the workload or the pipeline
     builds: ``sdo.pipelines.from_pipeline``'s ``checkpoint_decoder``). Every config built on this block has an
@@ -108,6 +109,14 @@ class MethodFlags:
         at_least=1,
         at_most=100,
     )
+    freedom_schedule: str = option(
+        FreedomSettings.schedule,
+        "freedom: sdo (guide every step by --freedom-scale x the rms of the solver's update, per sample) or "
+        "official (the authors' code: guide the steps 0.3 to 0.7 of the way through the run, time-travel in 0.3 to "
+        "0.6 with --freedom-repeats, 3 there, by --freedom-scale x rms(w (e_cond - e_uncond)) / rms(grad) over the "
+        "batch, 0.2 there; needs classifier-free guidance)",
+        choices=FREEDOM_SCHEDULES,
+    )
     checkpoint_kept: bool = checkpoint_kept_flag()
     checkpoint_decoder: bool = option(
         False,
@@ -139,6 +148,7 @@ class MethodFlags:
             doodl_project_to_shell=self.project,
             freedom_scale=self.freedom_scale,
             freedom_repeats=self.freedom_repeats,
+            freedom_schedule=self.freedom_schedule,
             checkpoint_kept=self.checkpoint_kept,
             **extra,
         )

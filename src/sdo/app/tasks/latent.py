@@ -144,6 +144,7 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
         self.check_method(self.method, "latent", self.steps, self.start_step)  # a bad --kept-steps fails here
         self._check_recomputation()
+        self._check_official_freedom()
         check_text(self.prompt, "prompt", "--prompt")  # bytes that are not UTF-8 reach no tokenizer
         if self.pipeline and not (self.prompt or self.prompts):
             raise ConfigError("`prompt` (or `prompts`, a file of prompts) is required with --pipeline.")
@@ -170,6 +171,21 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
             raise ConfigError(
                 "`checkpoint_decoder` recomputes a pipeline's VAE decoder in backward; the embedded model has none: "
                 "add --pipeline DIR or drop the flag."
+            )
+
+    def _check_official_freedom(self) -> None:
+        """``--freedom-schedule official`` sizes FreeDoM's step by the classifier-free guidance term: refuse, before
+        any work, a run sure to have none (``--guidance 1``; the embedded model's unconditional ``--source -1``).
+        Other unguided models are refused by ``sdo.freedom.GuidanceStepper`` before its pass."""
+        if self.method != "freedom" or self.freedom_schedule != "official":
+            return
+        unconditional = self.source == -1 and not (self.pipeline or self.image or self.images)
+        if self.guidance == 1 or unconditional:
+            cause = "--guidance 1" if self.guidance == 1 else "--source -1 (unconditional samples)"
+            raise ConfigError(
+                "The official FreeDoM schedule (`freedom_schedule` 'official') sizes its step by the classifier-free "
+                f"guidance term w (e_cond - e_uncond), which {cause} does not have; guide the samples or use "
+                "--freedom-schedule sdo."
             )
 
     def _check_images(self) -> None:
