@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from sdo.app.comparison import interleave, save_result, source_commit, stored_record, this_machine
 from sdo.app.fair_comparison import Case, VariantRun
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task
+from sdo.freedom import FreedomSettings
 from sdo.io import load_json
 from sdo.methods import METHODS, MethodOptions
 
@@ -98,6 +99,7 @@ class Variant:
 
 
 COSINE = {"lr_schedule": "cosine"}
+FREEDOM_OFFICIAL = {"freedom_schedule": "official", "freedom_repeats": FreedomSettings.official_repeats}
 ADJOINT_0 = {"adjoint_iters": 0, "adjoint_checkpoint_every": 5}  # the README's recommended adjoint
 VARIANTS: dict[str, Variant] = {
     "sdo": Variant("sdo", per_pair=True),
@@ -109,7 +111,7 @@ VARIANTS: dict[str, Variant] = {
     "adjoint-0": Variant("adjoint", fixed=ADJOINT_0, schedule_of=("full", "full-cosine")),
     "doodl-adam": Variant("doodl-adam", schedule_of=("full", "full-cosine")),
     "freedom": Variant("freedom", knob="freedom_scale", grid=FREEDOM_SCALES),
-    "freedom-official": Variant("freedom", grid=(), fixed={"freedom_schedule": "official"}, protocols=("noise",)),
+    "freedom-official": Variant("freedom", grid=(), fixed=FREEDOM_OFFICIAL, protocols=("noise",)),
 }
 AUTHORS = {"lr": 0.01, "betas": (0.9, 0.9), "project_to_shell": False, "lr_schedule": "constant"}
 """The authors' Adam (their official code): the rows ``sdo-authors`` and ``full-authors``."""
