@@ -253,8 +253,10 @@ def tuning_table(folder: Path) -> str:
     note = "Tuned on seed {seed} (never reported), at the evaluation horizon n_v; the metric is the final reward."
     text += "\n\n" + fill(note.format(seed=TUNING_SEED))
     if missing:
-        text += "\n" + fill(f"No tuning results yet for {', '.join(missing)} (the style and adversarial tasks tune "
-                            "only the per-pair variants; the others take the class task's choice).")
+        text += "\n" + fill(
+            f"No tuning results yet for {', '.join(missing)} (the style and adversarial tasks tune "
+            "only the per-pair variants; the others take the class task's choice)."
+        )
     return text
 
 
@@ -341,8 +343,14 @@ def goal_text(table: dict[str, list[dict]], folder: Path) -> str:
         "steps) that meets at least 5 of the 6 pairs and is ahead at 25% on all 6."
     )
     rows = [_goal_row(name, v) for name, v in verdict["candidates"].items()]
-    headers = ("variant", "pairs met", "ahead at 25%", "memory / sdo's (worst pair)", "noise / edit peak (worst)",
-               "memory rules")
+    headers = (
+        "variant",
+        "pairs met",
+        "ahead at 25%",
+        "memory / sdo's (worst pair)",
+        "noise / edit peak (worst)",
+        "memory rules",
+    )
     return "\n\n".join([fill(rule), markdown_table(headers, rows), fill(_sentence(verdict))])
 
 
@@ -376,12 +384,15 @@ def _sentence(verdict: dict) -> str:
     candidates = verdict["candidates"]
     if not candidates:
         return "Goal not decided: no candidate variant has results yet."
-    closest = max(candidates, key=lambda n: (candidates[n]["memory_ok"], len(candidates[n]["met"]) + len(
-        candidates[n]["ahead"])))
+    closest = max(
+        candidates, key=lambda n: (candidates[n]["memory_ok"], len(candidates[n]["met"]) + len(candidates[n]["ahead"]))
+    )
     gaps = _gaps(verdict["pairs"], candidates[closest])
     if missing:
-        return (f"Goal not decided yet: pairs without all reported seeds ({', '.join(map(str, REPORTED_SEEDS))}): "
-                f"{', '.join(missing)}. Closest so far: {closest} ({gaps}).")
+        return (
+            f"Goal not decided yet: pairs without all reported seeds ({', '.join(map(str, REPORTED_SEEDS))}): "
+            f"{', '.join(missing)}. Closest so far: {closest} ({gaps})."
+        )
     return f"Goal not met (closest: {closest}; {gaps})."
 
 
@@ -415,8 +426,17 @@ def authors_table(cases: Cases, folder: Path) -> str:
                 rows.append(_authors_row(protocol, name, [by_seed[s][name] for s in seeds], seeds, tuned_cases))
     if not rows:
         return NO_RESULTS.format(folder=folder)
-    headers = ("start", "variant", "seeds", "iterations", "final reward", "best-so-far (final)", "s / iter",
-               "total s", "tuned equal-time row, same seeds: final reward")
+    headers = (
+        "start",
+        "variant",
+        "seeds",
+        "iterations",
+        "final reward",
+        "best-so-far (final)",
+        "s / iter",
+        "total s",
+        "tuned equal-time row, same seeds: final reward",
+    )
     return markdown_table(headers, rows)
 
 
@@ -455,7 +475,9 @@ def save_plot(cases: Cases, path: Path, points: int = 101) -> None:
     keys = [(t, p) for t in TASKS for p in PROTOCOLS if (t, p) in cases]
     columns = min(2, max(1, len(keys)))
     figure, axes = plt.subplots(
-        math.ceil(max(1, len(keys)) / columns), columns, figsize=(6 * columns, 3.6 * math.ceil(len(keys) / columns)),
+        math.ceil(max(1, len(keys)) / columns),
+        columns,
+        figsize=(6 * columns, 3.6 * math.ceil(len(keys) / columns)),
         squeeze=False,
     )
     colors = dict(zip(VARIANTS, plt.cm.tab10.colors, strict=False))
@@ -469,14 +491,15 @@ def save_plot(cases: Cases, path: Path, points: int = 101) -> None:
             curves = {"reward": "-"} | ({"best_so_far": "--"} if name.startswith("sdo") else {})
             budgets = {s: _total_time(by_seed[s][REFERENCE]) for s in seeds}
             for key, style in curves.items():
-                mean = [statistics.mean(_within(by_seed[s][name], f * budgets[s])[key] for s in seeds) for f in fractions]
+                records = [(by_seed[s][name], budgets[s]) for s in seeds]
+                mean = [statistics.mean(_within(r, f * b)[key] for r, b in records) for f in fractions]
                 label = name if key == "reward" else f"{name} (best so far)"
                 axis.step(fractions, mean, where="post", linestyle=style, color=colors[name], label=label)
         axis.set_title(f"{task} / {protocol}: mean reward over seeds", fontsize=9)
         axis.set_xlabel("training time / full's (T_full)")
         axis.set_ylabel("reward")
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(keys):]:
+    for axis in list(axes.flat)[len(keys) :]:
         axis.set_visible(False)
     if keys:
         axes.flat[0].legend(fontsize=6, ncol=2)
