@@ -38,6 +38,7 @@ __all__ = [
     "MEMORY_OF_SDO",
     "authors_table",
     "equal_time_tables",
+    "goal_text",
     "goal_verdict",
     "load_cases",
     "save_plot",
@@ -415,7 +416,7 @@ def _gaps(pairs: list[str], v: dict) -> str:
 def authors_table(cases: Cases, folder: Path) -> str:
     """``sdo-authors`` and ``full-authors`` from the noise and from step ``authors_late_step``: final reward and
     best-so-far over seeds, seconds per iteration and total time; beside them, the tuned equal-time ``sdo`` /
-    ``full`` final reward on the same seeds (class task, same start protocol)."""
+    ``full`` R(100%) on the same seeds (class task; the equal-time edit protocol starts at ``late_step``)."""
     rows = []
     for protocol in AUTHORS_PROTOCOLS:
         by_seed = cases.get(("class", protocol), {})
@@ -443,11 +444,12 @@ def authors_table(cases: Cases, folder: Path) -> str:
 def _authors_row(protocol: str, name: str, records: list[dict], seeds: list[int], tuned_cases: dict) -> list:
     start = records[0]["settings"]["authors_late_step"] if protocol == "authors-edit" else 0
     tuned_name = name.removesuffix("-authors")
-    tuned = [tuned_cases[s][tuned_name] for s in seeds if tuned_name in tuned_cases.get(s, {})]
+    tuned = [tuned_cases[s] for s in seeds if {tuned_name, REFERENCE} <= set(tuned_cases.get(s, {}))]
     context = ""
     if tuned:
-        finals = [r["iterates"][-1]["reward"] for r in tuned]
-        context = f"{tuned_name} ({_setting(tuned_name, tuned[0]['options'])}, {len(tuned)} seeds): {_mean_sd(finals)}"
+        finals = [_within(case[tuned_name], _total_time(case[REFERENCE]))["reward"] for case in tuned]
+        setting = _setting(tuned_name, tuned[0][tuned_name]["options"])
+        context = f"{tuned_name} ({setting}, {len(tuned)} seeds): {_mean_sd(finals)}"
     return [
         f"step {start}",
         name,
