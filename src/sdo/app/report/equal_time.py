@@ -57,7 +57,7 @@ MEMORY_OF_SDO = 2.0
 MEMORY_FLAT = 1.5
 """The goal's flatness rule: a variant's noise-protocol peak at most this multiple of its edit-protocol peak."""
 NOT_CANDIDATES = ("full", "checkpointed")
-NO_RESULTS = "No results yet: run `python benchmarks/compare_equal_time.py` (it stores into `{folder}`)."
+NO_RESULTS = "No results yet: run `python benchmarks/compare_equal_time.py` (it stores into `{folder}/`)."
 
 Cases = dict[tuple[str, str], dict[int, dict[str, dict]]]
 
@@ -248,7 +248,7 @@ def tuning_table(folder: Path) -> str:
             for name, record in records.items():
                 rows.append(_tuning_row(f"{task}/{protocol}", name, record))
     if not rows:
-        return NO_RESULTS.format(folder=folder)
+        return NO_RESULTS.format(folder=folder.name)
     headers = ("task / protocol", "variant", "knob, schedule", "n_v", "final reward per value", "chosen", "flags")
     text = markdown_table(headers, rows)
     note = "Tuned on seed {seed} (never reported), at the evaluation horizon n_v; the metric is the final reward."
@@ -333,7 +333,7 @@ def _ratio(a: float, b: float) -> float:
 def goal_text(table: dict[str, list[dict]], folder: Path) -> str:
     """The goal block: the rule, one row per candidate, and the verdict sentence."""
     if not table:
-        return NO_RESULTS.format(folder=folder)
+        return NO_RESULTS.format(folder=folder.name)
     verdict = goal_verdict(table)
     steps = _steps(table)
     rule = (
@@ -426,7 +426,7 @@ def authors_table(cases: Cases, folder: Path) -> str:
             if seeds:
                 rows.append(_authors_row(protocol, name, [by_seed[s][name] for s in seeds], seeds, tuned_cases))
     if not rows:
-        return NO_RESULTS.format(folder=folder)
+        return NO_RESULTS.format(folder=folder.name)
     headers = (
         "start",
         "variant",
@@ -528,7 +528,7 @@ def equal_time_tuning_block(out: Path) -> str:
 def equal_time_block(out: Path) -> str:
     """The equal-time comparison's tables (``equal_time_tables``)."""
     table = summaries(load_cases(_folder(out)))
-    return equal_time_tables(table) if table else NO_RESULTS.format(folder=_folder(out))
+    return equal_time_tables(table) if table else NO_RESULTS.format(folder=FOLDER)
 
 
 @block("equal-time-goal")
