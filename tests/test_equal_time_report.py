@@ -125,6 +125,11 @@ def test_the_goal_is_never_claimed_on_partial_data(tmp_path):
     assert "Goal not decided yet: pairs without all reported seeds (0, 1, 2): adversarial/noise, adversarial/edit" in (
         text
     )
+    _all_pairs(tmp_path / "equal-time")
+    (tmp_path / "equal-time" / "cases" / "style-edit-s2" / "sdo.json").unlink()  # sdo lacks a seed on one pair
+    verdict = report.goal_verdict(_table(tmp_path))
+    assert verdict["decided"] and verdict["met_by"] == ["sdo-cosine"]
+    assert verdict["candidates"]["sdo"]["partial"] == ["style/edit"]
 
 
 def test_the_tuning_table_gives_values_choice_and_flags(tmp_path):

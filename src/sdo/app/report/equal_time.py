@@ -288,7 +288,7 @@ def goal_verdict(table: dict[str, list[dict]]) -> dict:
     one seed). Memory: v's extra memory at most ``MEMORY_OF_SDO`` x ``sdo``'s on every pair present, and flat:
     on every task with both protocols, v's noise-protocol peak at most ``MEMORY_FLAT`` x its edit-protocol peak.
     The goal: memory within both rules, >= 5 of the 6 pairs met, ahead at 25% on all 6. Claimed only when all 6
-    pairs have all ``REPORTED_SEEDS``.
+    pairs have all ``REPORTED_SEEDS`` for ``full`` and for the variant (``partial``: its pairs with fewer).
     """
     pairs = [f"{t}/{p}" for t in TASKS for p in PROTOCOLS]
     complete = [p for p in pairs if p in table and _row(table[p], REFERENCE)["seeds"] == list(REPORTED_SEEDS)]
@@ -297,7 +297,7 @@ def goal_verdict(table: dict[str, list[dict]]) -> dict:
     for verdict in verdicts.values():
         verdict["goal"] = verdict["memory_ok"] and len(verdict["met"]) >= 5 and len(verdict["ahead"]) == 6
     decided = len(complete) == len(pairs)
-    winners = [name for name, v in verdicts.items() if v["goal"]] if decided else []
+    winners = [name for name, v in verdicts.items() if v["goal"] and not v["partial"]] if decided else []
     return {"pairs": pairs, "complete": complete, "decided": decided, "candidates": verdicts, "met_by": winners}
 
 
@@ -306,11 +306,13 @@ def _row(rows: list[dict], name: str) -> dict | None:
 
 
 def _candidate(table: dict[str, list[dict]], name: str) -> dict:
-    met, ahead, of_sdo, flat = [], [], {}, {}
+    met, ahead, partial, of_sdo, flat = [], [], [], {}, {}
     for pair, rows in table.items():
         row, full, sdo = _row(rows, name), _row(rows, REFERENCE), _row(rows, "sdo")
         if row is None:
             continue
+        if row["seeds"] != list(REPORTED_SEEDS):
+            partial.append(pair)
         final, reference = row["reward_at_1"], full["reward_at_1"]
         if statistics.mean(final) >= statistics.mean(reference) - _sd(reference):
             met.append(pair)
@@ -323,7 +325,14 @@ def _candidate(table: dict[str, list[dict]], name: str) -> dict:
         if noise is not None and edit is not None:
             flat[task] = _ratio(noise["peak_mem_bytes"], edit["peak_mem_bytes"])
     memory_ok = all(r <= MEMORY_OF_SDO for r in of_sdo.values()) and all(r <= MEMORY_FLAT for r in flat.values())
-    return {"met": met, "ahead": ahead, "memory_of_sdo": of_sdo, "noise_over_edit": flat, "memory_ok": memory_ok}
+    return {
+        "met": met,
+        "ahead": ahead,
+        "partial": partial,
+        "memory_of_sdo": of_sdo,
+        "noise_over_edit": flat,
+        "memory_ok": memory_ok,
+    }
 
 
 def _ratio(a: float, b: float) -> float:
@@ -407,6 +416,8 @@ def _gaps(pairs: list[str], v: dict) -> str:
         gaps.append(f"behind at 25% on {', '.join(p for p in pairs if p not in v['ahead'])}")
     if not v["memory_ok"]:
         gaps.append("memory over the rules")
+    if v["partial"]:
+        gaps.append(f"seeds missing on {', '.join(v['partial'])}")
     return "; ".join(gaps) or "nothing missing on the pairs present"
 
 
