@@ -209,7 +209,7 @@ def equal_time_tables(table: dict[str, list[dict]]) -> str:
     missing = _missing_pairs(table)
     if missing:
         parts.append(f"No results yet for {', '.join(missing)}.")
-    return "\n".join(parts)
+    return "\n".join(parts).strip()
 
 
 def _table_row(row: dict) -> list[str]:
