@@ -79,7 +79,7 @@ def test_rewards_at_fractions_of_full_time_and_their_spread_over_seeds(tmp_path)
     text = report.equal_time_tables(_table(tmp_path))
     assert "**class / noise** (seeds 0, 1, 2; mean ± sd over seeds)" in text
     full_row = next(line for line in text.splitlines() if line.startswith("| full |"))
-    assert "| -5.000 ± 0.000 | -4.000 ± 0.000 | -2.000 ± 1.000 | -2.000 ± 1.000 | 50% |  | 400 | 1.000 |" in full_row
+    assert "| -5.000 ± 0.000 | -4.000 ± 0.000 | -2.000 ± 1.000 | -2.000 ± 1.000 | 50% |  | 400.0 | 1.000 |" in full_row
     assert "No results yet for class/edit, style/noise" in text
 
 

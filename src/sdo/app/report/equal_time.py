@@ -222,7 +222,7 @@ def _table_row(row: dict) -> list[str]:
         _mean_sd(row["best_so_far"]),
         _optional(row["judge_final"], ".0%"),
         _optional(row["frechet"], ".1f"),
-        f"{row['peak_mem_bytes'] / 2**20:.0f}",
+        f"{row['peak_mem_bytes'] / 2**20:.1f}",
         _optional(row["grad_cosine"], ".3f"),
     ]
 
@@ -447,7 +447,7 @@ def authors_table(cases: Cases, folder: Path) -> str:
         "best-so-far (final)",
         "s / iter",
         "total s",
-        "tuned equal-time row, same seeds: final reward",
+        "tuned equal-time row, same seeds: R at 100%",
     )
     return markdown_table(headers, rows)
 
@@ -460,7 +460,8 @@ def _authors_row(protocol: str, name: str, records: list[dict], seeds: list[int]
     if tuned:
         finals = [_within(case[tuned_name], _total_time(case[REFERENCE]))["reward"] for case in tuned]
         setting = _setting(tuned_name, tuned[0][tuned_name]["options"])
-        context = f"{tuned_name} ({setting}, {len(tuned)} seeds): {_mean_sd(finals)}"
+        seeds_text = f"{len(tuned)} seed" + ("s" if len(tuned) > 1 else "")
+        context = f"{tuned_name} ({setting}, {seeds_text}): {_mean_sd(finals)}"
     return [
         f"step {start}",
         name,
