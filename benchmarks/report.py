@@ -16,10 +16,10 @@ To add a block: write ``@block("my-name") def my_block(out: Path) -> str`` in it
 
 Which command regenerates which outputs: ``benchmarks/run_cpu.sh`` (demo, latent optimization, estimators,
 fine-tuning), ``benchmarks/bold_kl.sh`` (the regularizer section, ``bold-kl/``), ``benchmarks/run_scale.sh``
-(``scale/``), ``benchmarks/reproduce_comparison.sh`` (``comparison-repro/``; ``run_cpu.sh`` makes ``comparison/``,
-``beyond-grid/``, ``adjoint-drift/`` and ``edict-vs-ddim/``), ``python benchmarks/sampler_overhead.py >
-benchmarks/results/cpu/sampler-overhead.txt``, and the ``sdo bench`` command quoted in BENCHMARKS.md for
-``sd15-small-estimators/``.
+(``scale/``), ``benchmarks/compare_equal_time.py`` (``equal-time/``), ``benchmarks/reproduce_comparison.sh``
+(``comparison-repro/``; ``run_cpu.sh`` makes ``comparison/``, ``beyond-grid/``, ``adjoint-drift/`` and
+``edict-vs-ddim/``), ``python benchmarks/sampler_overhead.py > benchmarks/results/cpu/sampler-overhead.txt``, and
+the ``sdo bench`` command quoted in BENCHMARKS.md for ``sd15-small-estimators/``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The registry of BENCHMARKS.md's generated blocks, and what their generators share.
 
 A block generator is a function of the results folder (``benchmarks/results/cpu`` by default) that returns the
-block's markdown from the files stored there, and raises ``FileNotFoundError`` when one is missing. It is registered
-by name with ``@block("NAME")`` in the module of its subject (``sdo.app.report.latent``, ``.estimators``,
-``.finetune``, ``.comparison``, ``.chains``, ``.scale``); ``sdo.app.report.document`` fills the markers from them.
+block's markdown from the files stored there, and raises ``FileNotFoundError`` when one is missing (the
+``equal-time*`` blocks, whose run spans sessions, say "No results yet" instead). It is registered by name with
+``@block("NAME")`` in the module of its subject (``sdo.app.report.latent``, ``.estimators``, ``.finetune``,
+``.comparison``, ``.equal_time``, ``.chains``, ``.scale``); ``sdo.app.report.document`` fills the markers from them.
 """
 
 from __future__ import annotations
