@@ -45,6 +45,8 @@ def test_a_stored_result_is_skipped_and_one_made_with_other_settings_refused(tmp
     with pytest.raises(ResumeMismatchError, match=r"sdo\.json was made with settings=\{'iters': 20\}.*'iters': 10"):
         stored_record(path, {"settings": {"iters": 10}})
     assert load_json(path)["final"] == 0.5  # the stored result is left as it is
+    save_result({"options": {"betas": (0.9, 0.9)}}, path)
+    assert stored_record(path, {"options": {"betas": (0.9, 0.9)}}) is not None  # JSON keeps a tuple as a list
 
 
 def test_only_freedom_runs_are_one_pass():

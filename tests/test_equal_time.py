@@ -58,6 +58,7 @@ def three_variants(monkeypatch):
     for name in ("sdo", "full"):
         table[name] = equal_time.Variant(name, grid=(0.05, 0.1), per_pair=True)
     monkeypatch.setattr(equal_time, "VARIANTS", table)
+    monkeypatch.setattr(equal_time, "WIDENINGS", 0)
 
 
 def test_checkpointed_is_full_credited_at_its_own_time_and_a_rerun_is_exact(tmp_path, three_variants):
@@ -69,16 +70,18 @@ def test_checkpointed_is_full_credited_at_its_own_time_and_a_rerun_is_exact(tmp_
     folder = tmp_path / "cases" / case.key
     calibration = load_json(folder / "calibration.json")
     full, checkpointed = load_json(folder / "full.json"), load_json(folder / "checkpointed.json")
-    n = calibration["iterations"]["checkpointed"]
-    assert len(full["iterates"]) == 3 and len(checkpointed["iterates"]) == n + 1
-    step = calibration["seconds_per_iteration"]["checkpointed"]
-    for mine, source in zip(checkpointed["iterates"], full["iterates"], strict=False):
-        assert mine["reward"] == source["reward"] and mine["t"] == pytest.approx(mine["k"] * step)
+    seconds = calibration["seconds_per_iteration"]
+    ratio = seconds["checkpointed"] / seconds["full"]
+    budget = full["iterates"][-1]["t"]
+    within = [it for it in full["iterates"] if it["t"] * ratio <= budget * (1 + 1e-9)]
+    assert len(full["iterates"]) == 3 and len(checkpointed["iterates"]) == len(within) >= 1
+    for mine, source in zip(checkpointed["iterates"], within, strict=True):
+        assert mine["reward"] == source["reward"] and mine["t"] == pytest.approx(source["t"] * ratio)
     tuned = load_json(tmp_path / "tuning" / "class-noise" / "full.json")
     assert full["options"]["lr"] == checkpointed["options"]["lr"] == tuned["chosen"]
     assert full["peak_mem_bytes"] > 0  # from the separate, measured pass
     stamps = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.json")}
     equal_time.run_case(tmp_path, case, settings, resources)  # everything stored: nothing reruns
     assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.json")} == stamps
-    with pytest.raises(ResumeMismatchError, match="calibration.json was made with settings"):
+    with pytest.raises(ResumeMismatchError, match=r"calibration\.json was made with settings"):
         equal_time.run_case(tmp_path, case, EqualTimeSettings(steps=3, full_iters=3, batch=1, late_step=2), resources)

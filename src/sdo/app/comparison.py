@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -81,7 +82,8 @@ def reward_at(iterates: Sequence[tuple[float, float]], budget: float) -> float |
 
 
 def stored_record(path: Path, expected: dict) -> dict | None:
-    """The record stored at ``path``, or None when there is none yet.
+    """The record stored at ``path``, or None when there is none yet. Values are compared as JSON stores them (a
+    tuple of ``expected`` equals the stored list).
 
     Raises:
         ResumeMismatchError: the record differs from ``expected`` at one of its keys (made with other settings).
@@ -89,7 +91,7 @@ def stored_record(path: Path, expected: dict) -> dict | None:
     if not path.exists():
         return None
     stored = load_json(path)
-    for key, value in expected.items():
+    for key, value in json.loads(json.dumps(expected)).items():
         if stored.get(key) != value:
             raise ResumeMismatchError(
                 f"{path} was made with {key}={stored.get(key)!r}, this run has {value!r}; use another output "

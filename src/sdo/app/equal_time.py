@@ -18,7 +18,8 @@ initial noise; ``edit``: the latent at ``late_step`` after a no-grad warm-up):
 3. **Cases** (``cases/<task>-<protocol>-s<seed>/<variant>.json`` and ``.safetensors``, timed): the variants take
    turns iteration by iteration (``sdo.app.comparison.interleave``), each for its n_v iterations, without memory
    hooks; iterate k is credited at t_k, its measured training time. ``checkpointed`` computes ``full``'s gradient,
-   so it is not run: ``full``'s iterates are credited at k x s_checkpointed. Then an untimed **memory pass**: one
+   so it is not run: ``full``'s iterates are credited at t_k x s_checkpointed / s_full (calibrated), those within
+   ``full``'s training time. Then an untimed **memory pass**: one
    measured iteration per variant (``peak_mem_bytes``).
 4. **The authors' setting** (``cases/class-authors-<start>-s<seed>/``): ``sdo`` and ``full`` with the authors'
    Adam (lr 0.01, betas (0.9, 0.9), no shell projection, constant lr), ``authors_iters`` iterations, from the noise
@@ -242,7 +243,7 @@ def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, 
         if stored_record(path, expected) is not None:
             continue
         run_value = partial(_tuning_run, out, case, name, schedule=schedule, counts=counts, settings=settings)
-        search = widen(VARIANTS[name].grid, partial(run_value, resources=resources))
+        search = widen(VARIANTS[name].grid, partial(run_value, resources=resources), WIDENINGS)
         finals = {f"{value:g}": reward for value, reward in search.pop("finals").items()}
         save_result({**expected, "iterations": counts[name], **search, "finals": finals}, path)
         print(f"  tuned {case.key} {name}: {VARIANTS[name].knob}={search['chosen']:g}")
@@ -313,7 +314,7 @@ def run_case(out: Path, case: Case, settings: EqualTimeSettings, resources: Task
     for name in names:
         source = VARIANTS[name].credited_from
         if source and stored_record(folder / f"{name}.json", expected[name]) is None:
-            _store_credited(name, source, folder, expected[name], seconds[name], case, settings, resources)
+            _store_credited(name, source, folder, expected[name], seconds, case, settings, resources)
 
 
 def _memory_pass(run: VariantRun, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> int:
@@ -323,19 +324,21 @@ def _memory_pass(run: VariantRun, case: Case, settings: EqualTimeSettings, resou
 
 
 def _store_credited(name, source, folder, expected, seconds, case, settings, resources) -> None:
-    """``name``'s record from ``source``'s stored run: its first n iterates, iterate k credited at k x ``seconds``
-    (this variant's calibrated time per iteration); memory from its own measured iteration."""
+    """``name``'s record from ``source``'s stored run (same gradient, same iterates): ``source``'s measured t_k
+    scaled by the calibrated ratio s_name / s_source, so both are on the case's clock, and kept while within
+    ``source``'s own training time (the budget); memory from one measured iteration of ``name``."""
     record = load_json(folder / f"{source}.json")
-    n = min(expected["iterations"], len(record["iterates"]) - 1)  # faster than its source: capped at its run
-    iterates = [{**it, "t": it["k"] * seconds} for it in record["iterates"][: n + 1]]
+    ratio = seconds[name] / seconds[source]
+    budget = record["iterates"][-1]["t"] * (1 + 1e-9)
+    iterates = [{**it, "t": it["t"] * ratio} for it in record["iterates"] if it["t"] * ratio <= budget]
     probe = _run(name, options_of(name), case, 1, settings, resources, measure=True)
     memory = int(probe.iterate().get("peak_mem_bytes", 0))
     credited = {**record, **expected, "variant": name, "method": VARIANTS[name].method, "iterates": iterates}
-    credited.update(credited_from=source, step_seconds=[seconds] * n, calibrated_seconds=seconds)
-    credited.update(peak_mem_bytes=memory)
-    credited.pop("first_gradient_cosine", None)
+    credited.update(credited_from=source, credited_iterations=len(iterates) - 1, time_ratio=ratio)
+    credited.update(step_seconds=[s * ratio for s in record["step_seconds"][: len(iterates) - 1]])
+    credited.update(calibrated_seconds=seconds[name], peak_mem_bytes=memory)
     save_result(credited, folder / f"{name}.json")
-    print(f"  {folder.name} {name}: credited from {source}, {n} iterations at {seconds:.2f} s")
+    print(f"  {folder.name} {name}: {source}'s first {len(iterates) - 1} iterates at {ratio:.2f}x its time")
 
 
 def _store(record: dict, tensors: dict, path: Path, calibration: dict) -> None:
