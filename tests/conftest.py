@@ -3,6 +3,7 @@ random pipelines and CLIP model of ``tiny_pipelines`` (built once per session; n
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,14 +19,16 @@ from diffusers import (
 
 import tiny_pipelines
 
-# torch's own thread count for every test (on the 2-core CI machine, idle: pytest 556 s with 2 threads against 573
-# and 676 s with 1). Subprocess tests set OMP_NUM_THREADS=1.
-DEFAULT_THREADS = torch.get_num_threads()
+# Each test's torch thread count: torch's own default (the machine's cores) when pytest runs alone; under
+# pytest-xdist (`make test` runs `pytest -n 2`) the workers share the cores, so each gets its part (1 of 2), since
+# more threads than cores slow every worker down. Subprocess tests set OMP_NUM_THREADS=1.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+DEFAULT_THREADS = max(1, torch.get_num_threads() // XDIST_WORKERS)
 
 
 @pytest.fixture(autouse=True)
 def default_threads():
-    """Each test starts on torch's default thread count, whatever an earlier command's ``--threads`` set."""
+    """Each test starts on :data:`DEFAULT_THREADS`, whatever an earlier command's ``--threads`` set."""
     torch.set_num_threads(DEFAULT_THREADS)
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -18,6 +16,7 @@ from sdo import zoo
 from sdo.app.checkpoints import latest_checkpoint
 from sdo.app.finetuning import FinetuneConfig, Trainer, finetune, ink_reward, load_adapter
 from sdo.io import load_tensors
+from tiny_pipelines import two_cpu_processes_launch
 
 SMALL = dict(steps=4, sample_steps=4, batch_size=4, eval_every=0, eval_per_class=1, checkpoint_every=2, lr=5e-3)
 
@@ -221,32 +220,13 @@ def test_reward_curve_panels_say_where_each_measure_comes_from(tmp_path):
     assert not any("held-out" in title for title in titles)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     single = small_config(tmp_path, "single", steps=2, task="bold", grad_accum=2)
     finetune(single, progress=False)
     double = replace(single, out=str(tmp_path / "double"), grad_accum=1)
     args = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *two_cpu_processes_launch(),
         "-m",
         "sdo",
         "finetune",

@@ -19,7 +19,7 @@ from sdo.app.finetuning import FinetuneConfig, finetune, ink_reward
 from sdo.app.fingerprints import callable_fingerprint, fingerprint_path, input_changes, pipeline_fingerprint
 from sdo.errors import ConfigError, ResumeMismatchError
 from sdo.io import load_json, save_json, save_tensors
-from tiny_pipelines import PROMPT, REVISION, write_png
+from tiny_pipelines import PROMPT, REVISION, prompt_items_config, write_png
 
 transformers = pytest.importorskip("transformers")
 
@@ -262,20 +262,10 @@ def test_python_pipeline_with_other_weights_and_the_same_name_is_refused(pipelin
 
 def test_items_with_a_changed_style_image_are_refused_and_a_copy_resumes(pipeline_dir, clip_dir, tmp_path, capsys):
     from sdo.app.sharded import run_items
-    from sdo.app.tasks.latent import LatentTaskConfig
 
     style = write_png(tmp_path / "s.png")
-    (tmp_path / "prompts.txt").write_text(f"{PROMPT}\n")
-    config = LatentTaskConfig(
-        pipeline=str(pipeline_dir),
-        prompts=str(tmp_path / "prompts.txt"),
-        reward="style",
-        style_image=str(style),
-        clip_path=str(clip_dir / "clip"),
-        steps=2,
-        iters=1,
-        batch=1,
-        out=str(tmp_path / "items"),
+    config = prompt_items_config(
+        pipeline_dir, clip_dir, tmp_path, f"{PROMPT}\n", reward="style", style_image=str(style)
     )
     assert run_items(config, progress=False)["finished"] == 1
     spec = load_json(tmp_path / "items" / "items" / "0" / "metrics.json")["spec"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from sdo.app.sharded import item_seed, items_of, run_items
 from sdo.app.tasks.latent import LatentTaskConfig
 from sdo.errors import ConfigError
 from sdo.io import load_json, load_tensors, save_json
+from tiny_pipelines import two_cpu_processes_launch
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--steps", "3", "--iters", "2", "--batch", "2", "--views", "0", "--threads", "1"]
@@ -45,12 +45,6 @@ def item_result(out: Path, index: int) -> tuple[torch.Tensor, dict]:
     return latent, load_json(folder / "metrics.json")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_items_depend_on_their_index_and_the_seed_only(tmp_path):
     items = items_of(tiny_config(tmp_path, conditions=90))
     assert {(item.source, item.target) for item in items} == {(s, t) for s in range(10) for t in range(10) if s != t}
@@ -74,22 +68,7 @@ def test_two_gloo_processes_give_every_item_the_one_process_result(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     summary = run_items(tiny_config(one), progress=False)
     assert summary["finished"] == 3 and summary["processes"] == 1
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
+    launch = two_cpu_processes_launch()
     done = subprocess.run(
         [*launch, *sdo_command(two, 3), "--device", "cpu"],
         capture_output=True,

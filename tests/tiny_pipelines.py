@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -110,8 +112,9 @@ def tiny_unet(num_class_embeds: int | None = 11, dtype=torch.float64):
     ).to(dtype)
 
 
-def tiny_conditional_unet(dtype=torch.float64):
-    """A real diffusers UNet2DConditionModel with cross-attention, small enough for CPU tests."""
+def tiny_conditional_unet(dtype=torch.float64, cross_attention_dim: int = 8):
+    """A real diffusers UNet2DConditionModel with cross-attention (4 latent channels, 8x8 samples), small enough for
+    CPU tests; its weights come from seed 0 (the global generator is reseeded), so every call gives the same ones."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -123,7 +126,7 @@ def tiny_conditional_unet(dtype=torch.float64):
         block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=2,
         norm_num_groups=4,
     ).to(dtype)
@@ -132,22 +135,10 @@ def tiny_conditional_unet(dtype=torch.float64):
 def save_sd(root: Path) -> Path:
     """A Stable-Diffusion-1.x-style pipeline (DDIM, 8x8 latents, 16x16 images) saved to ``root / "sd"``."""
     import transformers
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     with torch.random.fork_rng():
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(8, 16),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            attention_head_dim=2,
-            norm_num_groups=4,
-        )
+        unet = tiny_conditional_unet(torch.float32, cross_attention_dim=TEXT["hidden_size"])  # seeds 0 itself
         pipe = StableDiffusionPipeline(
             vae=tiny_vae(),
             text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)),
@@ -328,13 +319,14 @@ def place_in_cache(cache: Path, repo_id: str, folder: Path) -> None:
     (repo / "refs" / "main").write_text(REVISION)
 
 
-def prompt_items_config(pipeline_dir: Path, clip_dir: Path, tmp_path: Path, lines: str):
-    """A minimal ``sdo optimize --pipeline --prompts FILE`` config: one item per prompt line of ``lines``."""
+def prompt_items_config(pipeline_dir: Path, clip_dir: Path, tmp_path: Path, lines: str, **overrides):
+    """A minimal ``sdo optimize --pipeline --prompts FILE`` config: one item per prompt line of ``lines`` (written to
+    ``tmp_path / "prompts.txt"``), results in ``tmp_path / "items"``; ``overrides`` replace or add fields."""
     from sdo.app.tasks.latent import LatentTaskConfig
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(lines)
-    return LatentTaskConfig(
+    fields = dict(
         pipeline=str(pipeline_dir),
         prompts=str(prompts),
         clip_path=str(clip_dir / "clip"),
@@ -343,3 +335,28 @@ def prompt_items_config(pipeline_dir: Path, clip_dir: Path, tmp_path: Path, line
         batch=1,
         out=str(tmp_path / "items"),
     )
+    return LatentTaskConfig(**{**fields, **overrides})
+
+
+def two_cpu_processes_launch() -> list[str]:
+    """The command prefix that starts a module under ``accelerate launch`` as 2 CPU processes (gloo) on a port that was
+    free a moment ago, so that parallel test workers do not share one; append ``-m MODULE ARGS``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
