@@ -7,9 +7,9 @@ with other settings is refused), so the whole run may span sessions. For each ta
 initial noise; ``edit``: the latent at ``late_step`` after a no-grad warm-up):
 
 1. **Calibration** (``<case>/calibration.json``, timed): every variant's seconds per iteration on the case (median of
-   ``calibration_iters`` interleaved iterations, no memory hooks). The budget is ``full``'s ``full_iters``
-   iterations, T = ``full_iters`` x s_full; variant v runs n_v = max(1, floor(T / s_v)) iterations. The counts are
-   stored with the case, so a rerun is exact.
+   ``calibration_iters`` interleaved iterations but the first, which also pays one-time costs; no memory hooks).
+   The budget is ``full``'s ``full_iters`` iterations, T = ``full_iters`` x s_full; variant v runs
+   n_v = max(1, floor(T / s_v)) iterations. The counts are stored with the case, so a rerun is exact.
 2. **Tuning** (``tuning/<task>-<protocol>/``, untimed: only final rewards are compared) on ``TUNING_SEED``, at the
    evaluation horizon n_v: each tuned variant's knob over its grid, widened one value at a time past an edge until
    the chosen value is interior (``widen``). ``per_pair`` variants are tuned on every (task, protocol), the others
@@ -126,7 +126,7 @@ class EqualTimeSettings:
     full_iters: int = 20
     batch: int = 2
     late_step: int = 40
-    calibration_iters: int = 2
+    calibration_iters: int = 3
     authors_iters: int = 100
     authors_late_step: int = 45
 
@@ -184,11 +184,16 @@ def calibrate(out: Path, case: Case, settings: EqualTimeSettings, resources: Tas
     for run in runs:
         run.rounds = 1 if run.guided else settings.calibration_iters
     interleave(runs, f"calibrate {case.key}")
-    seconds = {run.name: statistics.median(r["seconds"] for r in run.stepper.history) for run in runs}
+    seconds = {run.name: _steady_seconds(run.stepper.history) for run in runs}
     record = {**expected, "seconds_per_iteration": seconds, "iterations": iteration_counts(seconds, settings)}
     record.update(machine=this_machine(), commit=source_commit())
     save_result(record, path)
     return record
+
+
+def _steady_seconds(history: list[dict]) -> float:
+    """The median seconds of an iteration after the first (which also pays one-time costs: allocations, caches)."""
+    return statistics.median(record["seconds"] for record in history[1:] or history)
 
 
 def iteration_counts(seconds: dict[str, float], settings: EqualTimeSettings) -> dict[str, int]:
