@@ -30,12 +30,12 @@ $SDO bench --methods sdo,sdo-last,full,checkpointed,nograd --steps 10,25,50 --it
   --out "$OUT/bench-latent" --json "$OUT/bench-latent-rows.json" > "$OUT/bench-latent.log" 2>&1
 
 # 4. Estimator benchmark on weights (the fine-tuning workload), 50 steps.
-$SDO bench --variable weights --methods sdo,full,checkpointed,draft-k,alignprop,nograd --steps 50 --iters 4 --batch 4 \
+$SDO bench --variable weights --methods sdo,full,checkpointed,draft-k,random-truncation,nograd --steps 50 --iters 4 --batch 4 \
   --lr 1e-4 --out "$OUT/bench-weights" --json "$OUT/bench-weights-rows.json" > "$OUT/bench-weights.log" 2>&1
 
 # 5. Fine-tuning at an equal number of updates: reward and held-out judge accuracy, on both tasks.
 # confidence: guidance 1, so the classifier is not already certain; bold: lr 3e-4, 40 updates.
-for method in sdo draft-1 alignprop; do
+for method in sdo draft-1 random-truncation; do
   $SDO finetune --method "$method" --task confidence --guidance 1.0 --steps 40 --sample-steps 20 --batch-size 8 \
     --eval-every 20 --eval-per-class 10 --out "$OUT/finetune-confidence-$method" > "$OUT/finetune-confidence-$method.log" 2>&1
   $SDO finetune --method "$method" --task bold --lr 3e-4 --steps 40 --sample-steps 20 --batch-size 8 \

@@ -46,7 +46,7 @@ ROW_KEYS = {
 @pytest.fixture(scope="module")
 def weights_bench():
     config = BenchConfig(
-        methods=",".join(WEIGHT_METHODS), variable="weights", steps="4", iters=2, batch=1, lr=1e-4, alignprop_high=3
+        methods=",".join(WEIGHT_METHODS), variable="weights", steps="4", iters=2, batch=1, lr=1e-4, truncation_high=3
     )
     return run_bench(config, progress=False)
 
@@ -229,7 +229,10 @@ def test_bench_takes_the_method_flags_of_optimize(tmp_path):
     [
         (dict(methods="sdo-multi", kept_steps="0,10", steps="5"), r"`step` indices must lie in \[0, 4\]"),
         (dict(methods="sdo-multi", kept_steps="0,x"), "`kept_steps` must be comma-separated"),
-        (dict(methods="alignprop", variable="weights", steps="4"), r"`alignprop_high` must be in \[1, 4\], got 10"),
+        (
+            dict(methods="random-truncation", variable="weights", steps="4"),
+            r"`truncation_high` must be in \[1, 4\], got 10",
+        ),
         (dict(methods="adjoint", adjoint_iters=101), r"`adjoint_iters` must be an integer in \[0, 100\]"),
     ],
 )

@@ -139,12 +139,30 @@ def test_saved_adapter_loads_in_one_call_and_changes_the_samples(tmp_path):
 
 
 def test_full_weights_and_every_method_run(tmp_path):
-    for method in ("sdo", "draft-k", "alignprop", "full"):
+    for method in ("sdo", "draft-k", "alignprop", "random-truncation", "full"):
         config = small_config(
-            tmp_path, method, method=method, steps=1, lora_rank=0 if method == "full" else 2, alignprop_high=3
+            tmp_path, method, method=method, steps=1, lora_rank=0 if method == "full" else 2, truncation_high=3
         )
         record = finetune(config, progress=False)
         assert torch.isfinite(torch.tensor(record["reward"]))
+
+
+def test_a_folder_trained_with_the_former_alignprop_is_not_resumed(tmp_path):
+    """``alignprop`` now follows the official code; a folder its former meaning (one depth per trajectory, recorded
+    with ``alignprop_high``) trained is refused in one line, and left as it is."""
+    config = small_config(tmp_path, method="alignprop", steps=1, checkpoint_every=1)
+    finetune(config, progress=False)
+    folder = tmp_path / "run"
+    for path in (folder / "config.json", latest_checkpoint(folder / "checkpoints").path / "state.json"):
+        record = json.loads(path.read_text())
+        settings = record.get("config", record)
+        settings["alignprop_high"] = settings.pop("truncation_high")  # as written before the split
+        path.write_text(json.dumps(record))
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    with pytest.raises(sdo.ResumeMismatchError, match=r"former alignprop .* now --method random-truncation"):
+        finetune(replace(config, steps=2), progress=False)
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+    assert FinetuneConfig(method="random-truncation", truncation_high=3).truncation_high == 3
 
 
 def test_bad_configuration_is_refused(tmp_path):

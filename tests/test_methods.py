@@ -19,7 +19,7 @@ from sdo.methods import METHODS, MethodOptions, gradient_mode, method_names
 
 
 def test_names_resolve_to_the_documented_modes():
-    latent, weights = MethodOptions("latent"), MethodOptions("weights", draft_k=3, alignprop_high=7)
+    latent, weights = MethodOptions("latent"), MethodOptions("weights", draft_k=3, truncation_high=7)
     assert gradient_mode("full", latent) == gradient_mode("full", weights) == sdo.Full()
     assert gradient_mode("checkpointed", weights) == sdo.Checkpointed()
     assert gradient_mode("sdo", latent) == sdo.Shortcut(step="first")  # the paper's choice for a latent
@@ -28,7 +28,11 @@ def test_names_resolve_to_the_documented_modes():
     assert gradient_mode("sdo-last", latent) == sdo.Shortcut(step="last")
     assert gradient_mode("draft-k", weights) == sdo.Truncated(3)
     assert gradient_mode("draft-1", weights) == sdo.Truncated(1)
-    assert gradient_mode("alignprop", weights) == sdo.RandomTruncation(1, 7, checkpoint=True)  # as the official code
+    assert gradient_mode("alignprop", weights) == sdo.AlignProp(
+        checkpoint=True
+    )  # a threshold per step, as the official
+    assert gradient_mode("random-truncation", weights) == sdo.RandomTruncation(1, 7, checkpoint=True)  # sdo's former
+    assert weights.alignprop_high == 7  # the knob's older name still reads
     checkpointed_draft = gradient_mode("draft-k", dataclasses.replace(weights, checkpoint_kept=True))
     assert checkpointed_draft == sdo.Truncated(3, checkpoint=True)
     assert gradient_mode("nograd", latent) == sdo.NoGrad()
@@ -51,14 +55,14 @@ def test_finetuning_modes_come_from_the_registry():
     generator = torch.Generator().manual_seed(0)
     for name in FINETUNE_METHODS:
         config = FinetuneConfig(method=name, sample_steps=10)
-        assert config.mode(generator) == gradient_mode(name, MethodOptions("weights", draft_k=2, alignprop_high=10))
+        assert config.mode(generator) == gradient_mode(name, MethodOptions("weights", draft_k=2, truncation_high=10))
 
 
 def test_unknown_and_latent_incapable_names_are_refused():
     with pytest.raises(sdo.ConfigError, match=r"unknown method 'magic'; known methods: sdo, sdo-first"):
         gradient_mode("magic")
-    with pytest.raises(sdo.ConfigError, match=r"method 'alignprop' gives no gradient to the latent"):
-        gradient_mode("alignprop", MethodOptions("latent"))
+    with pytest.raises(sdo.ConfigError, match=r"method 'random-truncation' gives no gradient to the latent"):
+        gradient_mode("random-truncation", MethodOptions("latent"))
     with pytest.raises(sdo.ConfigError, match=r"`method` must be one of .* for fine-tuning, got 'nograd'"):
         FinetuneConfig(method="nograd")
 
@@ -113,7 +117,7 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
     assert adam.lr_schedule == "constant"  # the authors' behaviour
     assert (doodl.lr, doodl.momentum, doodl.clip, doodl.perturbation, doodl.iters) == (1.0, 0.9, 1e-3, 1e-4, 50)
     assert (freedom.scale, freedom.repeats) == (0.2, 1) and doodl.clip == DOODL_CLIP
-    assert (TruncationSettings().draft_k, FINETUNE_TRUNCATION.draft_k, TruncationSettings().alignprop_high) == (
+    assert (TruncationSettings().draft_k, FINETUNE_TRUNCATION.draft_k, TruncationSettings().truncation_high) == (
         1,
         2,
         10,
@@ -156,10 +160,10 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
         flags["lr_schedule"].default == adam.lr_schedule
         and "(1 + cos(pi k / K)) / 2" in flags["lr_schedule"].metadata["help"]
     )
-    assert BenchConfig().draft_k == 1 and FinetuneConfig().draft_k == 2 and FinetuneConfig().alignprop_high == 10
+    assert BenchConfig().draft_k == 1 and FinetuneConfig().draft_k == 2 and FinetuneConfig().truncation_high == 10
 
 
-@pytest.mark.parametrize(("method", "steps", "bench"), [("draft-k", 3, "1"), ("alignprop", 4, "10")])
+@pytest.mark.parametrize(("method", "steps", "bench"), [("draft-k", 3, "1"), ("random-truncation", 4, "10")])
 def test_a_depth_above_the_steps_is_refused_one_way_in_bench_and_finetune(method, steps, bench):
     knob = METHODS[method].depth
     message = rf"`{knob}` must be in \[1, {steps}\], got 9"
@@ -168,6 +172,14 @@ def test_a_depth_above_the_steps_is_refused_one_way_in_bench_and_finetune(method
     with pytest.raises(sdo.ConfigError, match=message):
         FinetuneConfig(method=method, sample_steps=steps, **{knob: 9})
     assert getattr(BenchConfig(methods=method, variable="weights", steps="10"), knob) == int(bench)
+
+
+def test_the_former_depth_flag_still_sets_random_truncations_depth():
+    from sdo.app.cli import build_parser
+
+    for command in ("finetune", "bench"):
+        for flag in ("--truncation-high", "--alignprop-high"):
+            assert build_parser().parse_args([command, flag, "3"]).truncation_high == 3
 
 
 def test_runners_say_what_their_runs_are():

@@ -154,3 +154,36 @@ def test_sampler_never_mutates_the_callers_scheduler(scheduler_case, toy):
     assert vars(scheduler).keys() == before.keys()
     for key, value in before.items():
         assert vars(scheduler)[key] is value, key
+
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["checkpointed", "stored"])
+def test_alignprop_draws_a_threshold_per_step_and_keeps_the_chain_on_the_linear_path(scheduler_case, toy, checkpoint):
+    """The official AlignProp: u_i ~ Uniform{0..n} at each step i; the network output keeps its graph when i >= u_i,
+    else it is detached while the solver update stays differentiable (a shortcut step)."""
+    _, scheduler, eta = scheduler_case
+    model, cond, x = toy
+
+    def model_fn(x_in, t):
+        return model(x_in, t, cond)
+
+    sampler = sdo.Sampler(model_fn, scheduler, N_STEPS, eta=eta)
+    mode = sdo.AlignProp(generator=torch.Generator().manual_seed(3), checkpoint=checkpoint)
+    draws = torch.Generator().manual_seed(3)
+    for start in (0, 2, 0):  # a fresh set of thresholds per trajectory
+        n = N_STEPS - start
+        thresholds = torch.randint(0, n + 1, (n,), generator=draws).tolist()
+        roles = ["full" if i >= u else "shortcut" for i, u in enumerate(thresholds)]
+        out = sampler.sample(x, grad=mode, start_step=start, generator=torch.Generator().manual_seed(5))
+        expected = reference_sample(model_fn, scheduler, eta, x, roles, start, torch.Generator().manual_seed(5))
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        inputs = [x, cond, *model.parameters()]
+        assert_same(grads(out, inputs), grads(expected, inputs))
+
+
+def test_alignprop_graphs_step_i_with_probability_i_plus_1_over_n_plus_1():
+    mode, n, trajectories = sdo.AlignProp(generator=torch.Generator().manual_seed(0)), 4, 4000
+    graphed = torch.zeros(n)
+    for _ in range(trajectories):
+        graphed += torch.tensor([role is sdo.gradients.StepRole.CHECKPOINT for role in mode.roles(0, n)]).float()
+    expected = torch.arange(1, n + 1) / (n + 1)  # 0.2, 0.4, 0.6, 0.8
+    torch.testing.assert_close(graphed / trajectories, expected, atol=0.025, rtol=0)  # ~3 sd of a 4000-draw mean

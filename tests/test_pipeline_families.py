@@ -93,7 +93,7 @@ def test_two_finetuning_steps_for_each_method(family_dir, clip_dir, tmp_path, me
         steps=2,
         sample_steps=2,
         draft_k=2,
-        alignprop_high=2,
+        truncation_high=2,
         batch_size=2,
         eval_every=0,
         checkpoint_every=2,

@@ -59,8 +59,14 @@ def test_plan_for_cuda_needs_no_cuda(tmp_path, capsys, monkeypatch):
     args = ["bench", "--plan", "--model", "sd15", "--device", "cuda", "--steps", "4", "--batch", "1"]
     assert main([*args, "--width", "0.1", "--resolution", "64", "--out", str(tmp_path)]) == 0
     assert "predicted peak activations" in capsys.readouterr().out
-    tiny = dict(model="sd15", methods="sdo,full,checkpointed,alignprop", variable="weights", steps="4", batch=1)
-    tiny.update(width=0.1, resolution=64, alignprop_high=3)
+    tiny = dict(
+        model="sd15",
+        methods="sdo,full,checkpointed,alignprop,random-truncation",
+        variable="weights",
+        steps="4",
+        batch=1,
+    )
+    tiny.update(width=0.1, resolution=64, truncation_high=3)
     cuda, cpu = BenchConfig(device="cuda", **tiny), BenchConfig(device="cpu", **tiny)
     assert plan_dtype(cuda) == torch.bfloat16 and plan_dtype(cpu) == torch.float32
     planned, reference = plan_bench(cuda), plan_bench(cpu, dtype=torch.bfloat16)

@@ -18,6 +18,7 @@ import sdo.kl
 
 ENTRY_POINTS = {
     "Adjoint",
+    "AlignProp",
     "Checkpointed",
     "Denoiser",
     "EDICTSampler",
@@ -61,7 +62,7 @@ NOT_ENTRY_POINTS = {
 
 
 def test_all_is_the_library_entry_points_plus_the_two_finetuning_names():
-    assert set(sdo.__all__) == ENTRY_POINTS and len(sdo.__all__) == len(ENTRY_POINTS) == 20
+    assert set(sdo.__all__) == ENTRY_POINTS and len(sdo.__all__) == len(ENTRY_POINTS) == 21
     assert sdo.__all__ == sorted(sdo.__all__, key=lambda name: (name[0].islower(), name))
     assert all(getattr(sdo, name).__doc__ for name in sdo.__all__)
 

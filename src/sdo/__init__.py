@@ -2,9 +2,9 @@
 
 Method: Dou et al., "You Only Look One Step: Accelerating Backpropagation in Diffusion Sampling with Gradient
 Shortcuts" (arXiv 2505.07477). ``Sampler`` owns the denoising loop; a gradient mode (``Shortcut``, ``Full``,
-``Checkpointed``, ``Truncated``, ``RandomTruncation``, ``NoGrad``, ``Adjoint``) decides what each step keeps for
-backward. The paper's other baselines: ``EDICTSampler`` with ``Invertible`` and ``optimize_latent_doodl`` (DOODL),
-and ``freedom_sample`` (FreeDoM guidance).
+``Checkpointed``, ``Truncated``, ``RandomTruncation``, ``AlignProp``, ``NoGrad``, ``Adjoint``) decides what each
+step keeps for backward. The paper's other baselines: ``EDICTSampler`` with ``Invertible`` and
+``optimize_latent_doodl`` (DOODL), and ``freedom_sample`` (FreeDoM guidance).
 
 Layout (``docs/design.md``): the library is the modules of this package (the core: ``gradients``, ``sampling``,
 ``schedulers``); the callables a user writes are typed in ``protocols`` (``ModelFn``, ``LatentReward``,
@@ -31,7 +31,7 @@ from .errors import SdoError as SdoError
 from .errors import WriteFailedError as WriteFailedError
 from .freedom import GuidanceResult as GuidanceResult
 from .freedom import freedom_sample
-from .gradients import Checkpointed, Full, NoGrad, RandomTruncation, Shortcut, Truncated
+from .gradients import AlignProp, Checkpointed, Full, NoGrad, RandomTruncation, Shortcut, Truncated
 from .gradients import GradientMode as GradientMode
 from .latent import OptimizationResult as OptimizationResult
 from .latent import invert, load_latent, optimize_latent, save_latent
@@ -61,6 +61,7 @@ _LAZY = {
 # callables satisfy (`sdo.protocols`) stay importable here as `sdo.X` but are not entry points.
 __all__ = [
     "Adjoint",
+    "AlignProp",
     "Checkpointed",
     "Denoiser",
     "EDICTSampler",

@@ -16,9 +16,9 @@ for i = start, ..., stop - 1. A gradient mode assigns each step one of four role
 
 The modes are small frozen dataclasses passed as ``Sampler.sample(x, grad=mode)``: the sampler asks a per-step
 mode for its ``roles``, and hands a ``LoopMode`` (``sdo.Adjoint``, ``sdo.Invertible``) the whole run.
-Randomness (``RandomTruncation``'s depth, ``Shortcut(step="random")``'s index) is drawn once per trajectory,
-from the mode's own ``generator``, never from the sampler's noise generator: the trajectory is the same in
-every mode for one latent and one seed.
+Randomness (``RandomTruncation``'s depth, ``Shortcut(step="random")``'s index, ``AlignProp``'s per-step
+thresholds) is drawn per trajectory (per ``roles`` call), from the mode's own ``generator``, never from the
+sampler's noise generator: the trajectory is the same in every mode for one latent and one seed.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 from .errors import ConfigError
 
 __all__ = [
+    "AlignProp",
     "Checkpointed",
     "Full",
     "GradientMode",
@@ -153,7 +154,8 @@ class Truncated(GradientMode):
 
 @dataclass(frozen=True)
 class RandomTruncation(GradientMode):
-    """Truncation at a random depth (AlignProp, Prabhudesai et al. 2023, arXiv 2310.03739).
+    """Truncation at a random depth drawn once per trajectory (the method ``random-truncation``; the TRL port of
+    AlignProp draws this way, the official code draws per step: ``AlignProp``).
 
     ``k`` is drawn once per trajectory (per ``sample`` call, not per step), uniformly in ``[low, high]``, from
     ``generator`` (the global RNG when None); then the call behaves exactly as ``Truncated(k, checkpoint)``.
@@ -180,6 +182,39 @@ class RandomTruncation(GradientMode):
     def roles(self, start: int, stop: int) -> list[StepRole]:
         _check_fits("high", self.high, start, stop)
         return Truncated(_draw_int(self.low, self.high, self.generator), self.checkpoint).roles(start, stop)
+
+
+@dataclass(frozen=True)
+class AlignProp(GradientMode):
+    """AlignProp's randomized truncation as the official code runs it (Prabhudesai et al., "Aligning Text-to-Image
+    Diffusion Models with Reward Backpropagation", 2023, arXiv 2310.03739; mihirp1998/AlignProp ``main.py``,
+    ``truncated_backprop_rand`` with ``truncated_backprop_minmax = (0, 50)``).
+
+    For the n steps of a run (i = 0, ..., n - 1 counted from its first, noisiest step) a fresh threshold
+    ``u_i ~ Uniform{0, ..., n}`` is drawn at every step; the step's network output keeps its graph when
+    ``i >= u_i`` and is detached otherwise, so ``P(step i graphed) = (i + 1) / (n + 1)`` (about half of the steps,
+    more of the late ones). A detached step is a ``SHORTCUT``: its solver update stays differentiable, so the chain
+    carries the gradient along the solver's linear path (``d x_{i+1} / d x_i = a_i I``), as the official code's
+    detached noise predictions do. Each graphed step is ``CHECKPOINT`` (the official code checkpoints every UNet
+    call), or ``FULL`` with ``checkpoint=False`` (the same numbers, more memory).
+
+    Gradient: ``d x_0 / d theta = sum_{i graphed} (prod_{j > i} J~_j) b_i d eps / d theta |_i`` with ``J~_j`` the
+    full step Jacobian of a graphed step and ``a_j I`` of a detached one. Randomness: the n thresholds, drawn per
+    trajectory (per ``roles`` call) from ``generator`` (the global RNG when None).
+
+    Args:
+        generator: source of the thresholds.
+        checkpoint: recompute each graphed step in backward (default, as the official code).
+    """
+
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    checkpoint: bool = True
+
+    def roles(self, start: int, stop: int) -> list[StepRole]:
+        steps = stop - start
+        thresholds = torch.randint(0, steps + 1, (steps,), generator=self.generator).tolist()
+        graphed = StepRole.CHECKPOINT if self.checkpoint else StepRole.FULL
+        return [graphed if i >= threshold else StepRole.SHORTCUT for i, threshold in enumerate(thresholds)]
 
 
 StepChoice = Literal["first", "last", "random"] | int | tuple[int, ...]

@@ -25,6 +25,7 @@ from .doodl import DoodlSettings, doodl_adam_stepper, doodl_stepper, edict_sampl
 from .errors import ConfigError
 from .freedom import FreedomSettings, GuidanceStepper
 from .gradients import (
+    AlignProp,
     Checkpointed,
     Full,
     GradientMode,
@@ -63,15 +64,16 @@ Variable = Literal["latent", "weights"]
 @dataclass(frozen=True)
 class TruncationSettings:
     """The depth knobs of the truncated methods, written once: ``MethodOptions`` and the ``--draft-k`` /
-    ``--alignprop-high`` flags of ``sdo bench`` read these defaults; ``sdo finetune`` reads ``FINETUNE_TRUNCATION``.
+    ``--truncation-high`` flags of ``sdo bench`` read these defaults; ``sdo finetune`` reads ``FINETUNE_TRUNCATION``.
 
     Attributes:
         draft_k: k of ``draft-k`` (``sdo.Truncated(k)``: the last k steps keep their graph).
-        alignprop_high: ``alignprop`` draws its depth in ``[1, alignprop_high]`` (``sdo.RandomTruncation``).
+        truncation_high: ``random-truncation`` draws its depth in ``[1, truncation_high]``
+            (``sdo.RandomTruncation``; ``alignprop_high`` before ``alignprop`` became the official algorithm).
     """
 
     draft_k: int = 1
-    alignprop_high: int = 10
+    truncation_high: int = 10
 
 
 FINETUNE_TRUNCATION = TruncationSettings(draft_k=2)
@@ -86,11 +88,13 @@ class MethodOptions:
     Attributes:
         variable: what is optimized, ``"latent"`` or ``"weights"`` (``sdo`` keeps a different step for each, as the
             paper does).
-        generator: source of the mode's random draws (``sdo`` for weights, ``sdo-random``, ``alignprop``).
-        draft_k: k of ``draft-k``. alignprop_high: ``alignprop`` draws its depth in ``[1, alignprop_high]``.
+        generator: source of the mode's random draws (``sdo`` for weights, ``sdo-random``, ``alignprop``,
+            ``random-truncation``).
+        draft_k: k of ``draft-k``. truncation_high: ``random-truncation`` draws its depth in
+            ``[1, truncation_high]`` (read also as ``alignprop_high``, its name before the split).
         checkpoint_kept: the ``sdo*`` methods recompute their kept step in backward, ``draft-k``/``draft-1`` their
-            graphed steps (less memory, same gradient). ``alignprop`` always does (AlignProp, Prabhudesai et al.
-            2023, arXiv 2310.03739: the official code checkpoints the UNet in its truncated steps).
+            graphed steps (less memory, same gradient). ``alignprop`` and ``random-truncation`` always do (AlignProp,
+            Prabhudesai et al. 2023, arXiv 2310.03739: the official code checkpoints every UNet call).
         adjoint_iters: fixed-point refinements of ``adjoint``'s reconstructions (``sdo.Adjoint(fixed_point_iters)``).
         adjoint_checkpoint_every: ``adjoint`` stores every k-th state in forward and rebuilds only the states between
             two stored ones (``sdo.Adjoint(checkpoint_every)``: O(n / k) latents, drift bounded to k steps); None
@@ -108,13 +112,13 @@ class MethodOptions:
         freedom_scale, freedom_repeats, freedom_schedule: FreeDoM's ``scale``, ``repeats`` and ``schedule``
             (``"sdo"`` or the authors' code's ``"official"``; ``sdo.freedom_sample``; defaults
             ``sdo.freedom.FreedomSettings``).
-        Defaults of ``draft_k`` and ``alignprop_high``: ``TruncationSettings``.
+        Defaults of ``draft_k`` and ``truncation_high``: ``TruncationSettings``.
     """
 
     variable: Variable = "latent"
     generator: torch.Generator | None = None
     draft_k: int = TruncationSettings.draft_k
-    alignprop_high: int = TruncationSettings.alignprop_high
+    truncation_high: int = TruncationSettings.truncation_high
     checkpoint_kept: bool = False
     adjoint_iters: int = 2
     adjoint_checkpoint_every: int | None = None
@@ -130,6 +134,11 @@ class MethodOptions:
     freedom_scale: float = FreedomSettings.scale
     freedom_repeats: int = FreedomSettings.repeats
     freedom_schedule: str = FreedomSettings.schedule
+
+    @property
+    def alignprop_high(self) -> int:
+        """The old name of ``truncation_high`` (when ``alignprop`` drew one depth per trajectory)."""
+        return self.truncation_high
 
     @property
     def doodl_renormalize(self) -> bool:
@@ -274,7 +283,7 @@ class Method:
     ``build(options)`` gives the gradient mode of a ``MODE`` entry (None for DOODL and FreeDoM, which run their
     own loops); ``latent`` says whether the method reaches a latent; ``runner`` says what runs it (``MODE``,
     ``DOODL``, ``DOODL_ADAM`` or ``GUIDANCE``); ``depth`` names the ``MethodOptions`` field holding its number of
-    graphed steps, which must fit the run (``draft_k``, ``alignprop_high``; None for the others).
+    graphed steps, which must fit the run (``draft_k``, ``truncation_high``; None for the others).
     """
 
     name: str
@@ -299,7 +308,8 @@ class Method:
         options = options or MethodOptions()
         if options.variable == "latent" and not self.latent and self.name != "nograd":
             raise ConfigError(
-                f"method {self.name!r} gives no gradient to the latent (it detaches the early steps); "
+                f"method {self.name!r} gives no gradient to the latent (a fine-tuning estimator; the truncated ones "
+                "detach the early steps); "
                 f"use one of {', '.join(method_names('latent'))}, or optimize weights (--variable weights)."
             )
         if self.build is None:
@@ -323,7 +333,8 @@ class Method:
 
     def recomputes_kept(self, options: MethodOptions) -> bool:
         """Whether ``options.checkpoint_kept`` changes this method's gradient mode (the ``sdo*`` methods' kept steps,
-        ``draft-k``/``draft-1``'s graphed steps); not for the exact modes, ``alignprop`` (always checkpointed),
+        ``draft-k``/``draft-1``'s graphed steps); not for the exact modes, ``alignprop`` and ``random-truncation``
+        (always checkpointed),
         ``adjoint``, DOODL or FreeDoM."""
         if self.build is None:
             return False
@@ -332,7 +343,7 @@ class Method:
 
     def check_fits(self, options: MethodOptions, steps: int, start_step: int = 0) -> None:
         """Refuse, before any work, this method with ``options`` on a run of sampling steps ``start_step, ...,
-        steps - 1``: a depth (``draft_k``, ``alignprop_high``) outside ``[1, steps - start_step]``, or a gradient mode
+        steps - 1``: a depth (``draft_k``, ``truncation_high``) outside ``[1, steps - start_step]``, or a gradient mode
         whose steps do not fit the run (e.g. ``kept_steps`` past the last step).
 
         Raises:
@@ -412,11 +423,18 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "alignprop",
-            "AlignProp: the last k steps, k drawn per trajectory in [1, --alignprop-high], each step checkpointed "
-            "as the official code does (memory: one step's activations plus the stored step inputs)",
-            lambda o: RandomTruncation(1, o.alignprop_high, generator=o.generator, checkpoint=True),
+            "AlignProp as the official code: each step's network output graphed with probability (i + 1) / (n + 1) "
+            "(a fresh threshold per step), the other steps on the solver's linear path, graphed steps checkpointed",
+            lambda o: AlignProp(generator=o.generator, checkpoint=True),
             latent=False,
-            depth="alignprop_high",
+        ),
+        Method(
+            "random-truncation",
+            "the last k steps, k drawn per trajectory in [1, --truncation-high], each checkpointed (what sdo called "
+            "alignprop before it followed the official code; the TRL port draws this way)",
+            lambda o: RandomTruncation(1, o.truncation_high, generator=o.generator, checkpoint=True),
+            latent=False,
+            depth="truncation_high",
         ),
         Method("nograd", "plain sampling, no gradient (the cost floor)", lambda o: NoGrad(), latent=False),
         Method(

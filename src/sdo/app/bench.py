@@ -43,7 +43,7 @@ TIME_FRACTIONS = (0.25, 0.5, 1.0)
 class BenchConfig(MethodFlags):
     """One benchmark run (every field is a ``sdo bench`` flag; the methods' settings are ``sdo optimize``'s, the
     shared ``MethodFlags`` block, with ``checkpoint_kept`` and ``checkpoint_decoder``, plus the weight-only methods'
-    ``draft_k`` and ``alignprop_high``)."""
+    ``draft_k`` and ``truncation_high``)."""
 
     lr: float = learning_rate("Adam learning rate (use ~1e-4 for weights)")
 
@@ -54,8 +54,12 @@ class BenchConfig(MethodFlags):
     iters: int = option(5, "iterations per method", at_least=1, at_most=10**6)
     batch: int = option(4, "samples per iteration", at_least=1, at_most=4096)
     draft_k: int = option(TruncationSettings.draft_k, "k of draft-k", at_least=1, at_most=1000)
-    alignprop_high: int = option(
-        TruncationSettings.alignprop_high, "alignprop draws k uniformly in [1, this]", at_least=1, at_most=1000
+    truncation_high: int = option(
+        TruncationSettings.truncation_high,
+        "random-truncation draws k uniformly in [1, this]",
+        at_least=1,
+        at_most=1000,
+        aliases=("--alignprop-high",),
     )
     cosine_sweep: bool = option(False, "also measure the gradient cosine of the shortcut for each kept step")
     vae_slicing: bool = option(False, "sd15: decode one image at a time")
@@ -89,8 +93,8 @@ class BenchConfig(MethodFlags):
         self, variable: Variable | None = None, generator: torch.Generator | None = None, **extra: Any
     ) -> MethodOptions:
         """``MethodFlags.method_options`` for ``variable`` (default: this config's ``variable``), with the
-        weight-only methods' ``draft_k`` and ``alignprop_high`` of this config."""
-        own = dict(draft_k=self.draft_k, alignprop_high=self.alignprop_high)
+        weight-only methods' ``draft_k`` and ``truncation_high`` of this config."""
+        own = dict(draft_k=self.draft_k, truncation_high=self.truncation_high)
         return super().method_options(variable or self.variable, generator, **own, **extra)
 
     @property

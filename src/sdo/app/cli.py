@@ -21,9 +21,9 @@ from sdo.errors import DISTRIBUTION, ConfigError, MissingWeightsError, SdoError
 def add_config_flags(
     parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None, exclude=(), only=None
 ) -> None:
-    """One ``--flag`` per dataclass field (type, default, help and choices taken from the field), for the fields in
-    ``only`` (default: all) but those in ``exclude``. The help ends with the default, unless the field's own help
-    already says what its default does or the default is empty (``""``, None)."""
+    """One ``--flag`` per dataclass field (type, default, help, choices and older ``aliases`` taken from the field),
+    for the fields in ``only`` (default: all) but those in ``exclude``. The help ends with the default, unless the
+    field's own help already says what its default does or the default is empty (``""``, None)."""
     defaults = defaults or {}
     for item in dataclasses.fields(config_cls):
         if item.name in exclude or (only is not None and item.name not in only):
@@ -49,6 +49,7 @@ def add_config_flags(
             continue
         parser.add_argument(
             f"--{item.name.replace('_', '-')}",
+            *item.metadata.get("aliases", ()),
             dest=item.name,
             type=item.metadata.get("type", type(default)),
             default=default,

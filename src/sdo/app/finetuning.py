@@ -134,11 +134,13 @@ class FinetuneConfig(PipelineOptions):
         "embedded model, resnet convolutions)",
     )
     draft_k: int = option(FINETUNE_TRUNCATION.draft_k, "k of draft-k", at_least=1, at_most=1000)
-    alignprop_high: int = option(
-        FINETUNE_TRUNCATION.alignprop_high,
-        "alignprop: depth drawn uniformly in [1, this] per trajectory batch",
+    truncation_high: int = option(
+        FINETUNE_TRUNCATION.truncation_high,
+        "random-truncation: depth drawn uniformly in [1, this] per trajectory batch (--alignprop-high: its older "
+        "name)",
         at_least=1,
         at_most=1000,
+        aliases=("--alignprop-high",),
     )
     checkpoint_kept: bool = checkpoint_kept_flag()
     eval_every: int = option(
@@ -234,7 +236,7 @@ class FinetuneConfig(PipelineOptions):
             "weights",
             generator,
             draft_k=self.draft_k,
-            alignprop_high=self.alignprop_high,
+            truncation_high=self.truncation_high,
             checkpoint_kept=self.checkpoint_kept,
         )
 

@@ -38,7 +38,7 @@ def checkpoint_kept_flag() -> Any:
     return option(
         False,
         "sdo*, draft-k, draft-1: recompute the graphed (kept) steps in backward (less memory, the same gradient; "
-        "alignprop always does)",
+        "alignprop and random-truncation always do)",
     )
 
 

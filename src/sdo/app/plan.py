@@ -21,8 +21,9 @@ The gradient mode's roles (``sdo.gradients``) for ``n`` steps then compose them.
     relative time                       = FLOPs / FLOPs(nograd)
 
 so ``sdo`` costs one step's activations whatever ``n`` is, ``full`` grows as ``n A``, and ``checkpointed`` costs
-``n X + A`` at about ``(2F + B) / F`` times the no-grad compute. ``alignprop`` (its steps checkpointed, as in the
-official code) has its peak at its largest depth and its time at the mean depth. The solver update saves only
+``n X + A`` at about ``(2F + B) / F`` times the no-grad compute. ``alignprop`` and ``random-truncation`` (their
+graphed steps checkpointed, as in the official code) have their peak at their largest draw (every step graphed;
+the largest depth) and their time at the mean one (n / 2 graphed steps; the mean depth). The solver update saves only
 scalars (DDIM) and is neglected; so are the FLOPs of elementwise operations, which is why the time ratios are a
 floor on small models, where per-call overhead dominates (the embedded model on CPU). On CUDA the allocator's peak
 adds the transient workspace of one call and the weights' gradients and optimizer state (``--variable weights``,
@@ -42,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdo.app.bench import BenchConfig, build_workload
 from sdo.app.bench import workload_dtype as plan_dtype
 from sdo.app.report import markdown_table, mebibytes
-from sdo.gradients import GradientMode, RandomTruncation, StepRole, Truncated
+from sdo.gradients import AlignProp, GradientMode, RandomTruncation, StepRole, Truncated
 from sdo.memory import is_parameter
 
 __all__ = ["CallProfile", "MethodPlan", "format_plan", "plan_bench", "plan_dtype", "plan_method", "profile_call"]
@@ -125,12 +126,9 @@ def plan_method(
     name: str, mode: GradientMode, steps: int, network: CallProfile, reward: CallProfile, nograd_flops: int
 ) -> MethodPlan:
     """Compose one network call's and one reward's profiles along ``mode``'s step roles (module docstring)."""
-    random_depth = isinstance(mode, RandomTruncation)
-    peak_mode = Truncated(mode.high, checkpoint=mode.checkpoint) if random_depth else mode
-    roles = peak_mode.roles(0, steps)
+    roles, mean_depth = _peak_roles(mode, steps)
     full, checkpoint = roles.count(StepRole.FULL), roles.count(StepRole.CHECKPOINT)
     learns = full + checkpoint > 0 or StepRole.SHORTCUT in roles
-    mean_depth = (mode.low + mode.high) / 2 if random_depth else None
     time_full = mean_depth if mean_depth is not None and full else full
     time_checkpoint = mean_depth if mean_depth is not None and checkpoint else checkpoint
     saved = full * network.saved_bytes + (reward.saved_bytes if learns else 0)
@@ -142,6 +140,18 @@ def plan_method(
         flops += time_full * network.backward_flops + reward.backward_flops
         flops += time_checkpoint * (network.forward_flops + network.backward_flops)
     return MethodPlan(name, steps, saved, peak, int(flops), flops / nograd_flops if nograd_flops else 0.0, 0, 0)
+
+
+def _peak_roles(mode: GradientMode, steps: int) -> tuple[list[StepRole], float | None]:
+    """The roles of ``mode``'s largest draw on ``steps`` steps (its peak memory) and, for a random mode, its mean
+    number of graphed steps (its time): ``random-truncation`` draws k in [low, high], mean (low + high) / 2;
+    ``alignprop`` graphs step i with probability (i + 1) / (n + 1), all n at most, sum (i + 1) / (n + 1) = n / 2 on
+    average."""
+    if isinstance(mode, RandomTruncation):
+        return Truncated(mode.high, checkpoint=mode.checkpoint).roles(0, steps), (mode.low + mode.high) / 2
+    if isinstance(mode, AlignProp):
+        return [StepRole.CHECKPOINT if mode.checkpoint else StepRole.FULL] * steps, steps / 2
+    return mode.roles(0, steps), None
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,7 @@ def check_resume(out: Path, settings: dict, defaults: dict) -> Checkpoint | None
     saved = checkpoint.state.get("config") if isinstance(checkpoint.state.get("config"), dict) else recorded
     if saved is None:
         return checkpoint
+    _refuse_former_alignprop(out, saved)
     changes = [
         f"a different {what} (sha256 {settings.get(key)}; the folder's run used {saved[key]})"
         for key, what in PROMPT_DIGESTS.items()
@@ -171,6 +172,18 @@ def check_resume(out: Path, settings: dict, defaults: dict) -> Checkpoint | None
             f"(only --steps may grow; {free} may change), or choose another --out."
         )
     return checkpoint
+
+
+def _refuse_former_alignprop(out: Path, saved: dict) -> None:
+    """Refuse a folder trained with sdo's former ``alignprop`` (one depth per trajectory, recorded with
+    ``alignprop_high``): the name now means the official algorithm (a threshold per step), so resuming would switch
+    estimators mid-run. Its estimator is ``random-truncation`` now."""
+    if saved.get("method") == "alignprop" and "truncation_high" not in saved:
+        raise ResumeMismatchError(
+            f"{out} was trained with sdo's former alignprop (one depth per trajectory, now --method "
+            "random-truncation); alignprop now follows the official code (a threshold per step), so this run "
+            "cannot be resumed: choose another --out."
+        )
 
 
 def _reward_change(saved: dict, settings: dict) -> list[str]:

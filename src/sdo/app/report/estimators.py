@@ -10,7 +10,14 @@ from pathlib import Path
 from sdo.app.report import markdown_table, mebibytes
 from sdo.app.report.blocks import MEMORY, block, fill, load
 
-__all__ = ["bench_table"]
+__all__ = ["bench_table", "method_label"]
+
+
+def method_label(row: dict) -> str:
+    """A stored row's method name as it reads today: a row made by sdo's former ``alignprop`` (its gradient mode a
+    ``RandomTruncation``) is ``random-truncation`` now that ``alignprop`` follows the official code."""
+    former = row["method"] == "alignprop" and str(row.get("mode", "")).startswith("RandomTruncation")
+    return "random-truncation" if former else row["method"]
 
 
 def _optional(value: float | None) -> str:
@@ -40,7 +47,7 @@ def bench_table(out: Path, name: str) -> str:
         rows.append(
             [
                 r["steps"],
-                r["method"],
+                method_label(r),
                 f"{r['s_per_iter']:.3f}",
                 mebibytes(r["peak_mem_bytes"]),
                 rewards,

@@ -22,7 +22,7 @@ def finetune_table(out: Path, task: str) -> str:
         "Frechet distance (after 20 -> 40)",
     )
     rows = []
-    for method in ("sdo", "draft-1", "alignprop"):
+    for method in ("sdo", "draft-1", "random-truncation"):
         records = load_records(out / f"finetune-{task}-{method}" / "metrics.jsonl")
         first = statistics.mean(r["reward"] for r in records[:5])
         last = statistics.mean(r["reward"] for r in records[-5:])
