@@ -51,6 +51,20 @@ def test_an_interior_choice_is_not_widened_and_a_near_tie_is_flagged():
     assert search["chosen"] == 0.05 and search["close"]  # 0.1 is within 1% of the chosen value's final reward
 
 
+def test_a_run_resumes_across_an_option_renamed_or_added_at_its_default(tmp_path):
+    path = tmp_path / "sdo.json"
+    options = equal_time._recorded(equal_time.options_of("sdo", 0.05))
+    stored = {**options, "old_name": 10, "betas": [0.9, 0.9]}
+    del stored["freedom_schedule"]  # added since, at its default
+    equal_time.save_result({"options": stored}, path)
+    assert equal_time.stored_record(path, {"options": options}) is not None
+    changed = {**options, "lr": 0.1}
+    with pytest.raises(ResumeMismatchError, match="was made with options"):
+        equal_time.stored_record(path, {"options": changed})
+    with pytest.raises(ResumeMismatchError):  # a new option away from its default changes the run
+        equal_time.stored_record(path, {"options": {**options, "freedom_schedule": "official"}})
+
+
 @pytest.fixture
 def three_variants(monkeypatch):
     """sdo, full and checkpointed only, on a 2-value grid (the whole table would take minutes)."""

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sdo.app.comparison import interleave, save_result, source_commit, stored_record, this_machine
+from sdo.app.comparison import interleave, save_result, source_commit, this_machine
+from sdo.app.comparison import stored_record as engine_record
 from sdo.app.fair_comparison import Case, VariantRun
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task
 from sdo.freedom import FreedomSettings
@@ -59,6 +60,7 @@ __all__ = [
     "run_all",
     "run_authors",
     "run_case",
+    "stored_record",
     "tune_pair",
     "widen",
 ]
@@ -398,6 +400,24 @@ def run_all(
             for seed in seeds:
                 for protocol in ("authors-noise", "authors-edit"):
                     run_authors(out, Case("class", protocol, seed), settings, resources)
+
+
+def stored_record(path: Path, expected: dict) -> dict | None:
+    """``sdo.app.comparison.stored_record`` with the resume rule for ``MethodOptions`` that sdo's commands follow:
+    an option the stored record has and this version lacks (removed or renamed) is not compared, and one this
+    version has and the record lacks must be at its default. A run may span versions of sdo."""
+    if path.exists() and "options" in expected:
+        stored = load_json(path).get("options")
+        if isinstance(stored, dict):
+            expected = {**expected, "options": _as_stored(expected["options"], stored)}
+    return engine_record(path, expected)
+
+
+def _as_stored(current: dict, stored: dict) -> dict:
+    defaults = _recorded(MethodOptions())
+    added = {key for key in current if key not in stored and current[key] == defaults.get(key)}
+    kept = {key: value for key, value in current.items() if key not in added}
+    return {**kept, **{key: value for key, value in stored.items() if key not in current}}
 
 
 def _recorded(options: MethodOptions) -> dict:
