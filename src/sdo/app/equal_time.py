@@ -41,6 +41,7 @@ from sdo.app.comparison import interleave, save_result, source_commit, this_mach
 from sdo.app.comparison import stored_record as engine_record
 from sdo.app.fair_comparison import Case, VariantRun
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task
+from sdo.errors import NonFiniteRewardError
 from sdo.freedom import FreedomSettings
 from sdo.io import load_json
 from sdo.methods import METHODS, MethodOptions
@@ -251,9 +252,14 @@ def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, 
             continue
         run_value = partial(_tuning_run, out, case, name, schedule=schedule, counts=counts, settings=settings)
         search = widen(VARIANTS[name].grid, partial(run_value, resources=resources), WIDENINGS)
-        finals = {f"{value:g}": reward for value, reward in search.pop("finals").items()}
+        finals = {f"{value:g}": _finite(reward) for value, reward in search.pop("finals").items()}
         save_result({**expected, "iterations": counts[name], **search, "finals": finals}, path)
         print(f"  tuned {case.key} {name}: {VARIANTS[name].knob}={search['chosen']:g}")
+
+
+def _finite(reward: float) -> float | None:
+    """A final reward as JSON stores it: None for a run stopped by a non-finite reward (``-inf`` in the search)."""
+    return reward if math.isfinite(reward) else None
 
 
 def _tuning_run(out, case, name, value, *, schedule, counts, settings, resources) -> float:
@@ -264,11 +270,16 @@ def _tuning_run(out, case, name, value, *, schedule, counts, settings, resources
     stored = stored_record(path, expected)
     if stored is None:
         run = _run(name, options, case, counts[name], settings, resources)
-        for _ in tqdm(range(1 if run.guided else run.rounds), desc=f"tune {case.key} {name}@{value:g}", leave=False):
-            run.iterate()
-        stored = {**expected, "iterates": run.finish()[0]["iterates"]}
+        try:
+            for _ in tqdm(
+                range(1 if run.guided else run.rounds), desc=f"tune {case.key} {name}@{value:g}", leave=False
+            ):
+                run.iterate()
+            stored = {**expected, "iterates": run.finish()[0]["iterates"]}
+        except NonFiniteRewardError as error:  # a value too large for the run: it loses, the tuning goes on
+            stored = {**expected, "iterates": [], "failed": str(error).splitlines()[0]}
         save_result(stored, path)
-    return stored["iterates"][-1]["reward"]
+    return stored["iterates"][-1]["reward"] if stored["iterates"] else -math.inf
 
 
 def _schedule(out: Path, name: str, protocol: str) -> str | None:
