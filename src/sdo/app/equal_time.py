@@ -400,17 +400,25 @@ def run_all(
     authors: bool = True,
 ) -> None:
     """Every stage in the order that makes partial results useful: the class task (tuning, cases), the authors'
-    rows, then each other task (tuning, cases). Stored results are skipped."""
+    rows, then each other task (tuning, cases). Stored results are skipped. A case stopped by a non-finite reward
+    is reported and skipped (nothing of it is stored; a rerun tries it again), so an unattended run goes on."""
     for task in sorted(tasks, key=TASKS.index):
         for protocol in PROTOCOLS:
             tune_pair(out, task, protocol, settings, resources)
         for seed in seeds:
             for protocol in PROTOCOLS:
-                run_case(out, Case(task, protocol, seed), settings, resources)
+                _go_on(run_case, out, Case(task, protocol, seed), settings, resources)
         if task == "class" and authors:
             for seed in seeds:
                 for protocol in ("authors-noise", "authors-edit"):
-                    run_authors(out, Case("class", protocol, seed), settings, resources)
+                    _go_on(run_authors, out, Case("class", protocol, seed), settings, resources)
+
+
+def _go_on(stage: Callable[..., None], out: Path, case: Case, *rest) -> None:
+    try:
+        stage(out, case, *rest)
+    except NonFiniteRewardError as error:
+        print(f"  {case.key}: stopped, not stored ({str(error).splitlines()[0]}); a rerun tries it again")
 
 
 def stored_record(path: Path, expected: dict) -> dict | None:
