@@ -37,9 +37,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sdo.app.comparison import interleave, save_result, source_commit, stored_record, this_machine
+from sdo.app.comparison import interleave, save_result, source_commit, this_machine
+from sdo.app.comparison import stored_record as engine_record
 from sdo.app.fair_comparison import Case, VariantRun
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task
+from sdo.errors import NonFiniteRewardError
 from sdo.freedom import FreedomSettings
 from sdo.io import load_json
 from sdo.methods import METHODS, MethodOptions
@@ -59,6 +61,7 @@ __all__ = [
     "run_all",
     "run_authors",
     "run_case",
+    "stored_record",
     "tune_pair",
     "widen",
 ]
@@ -249,9 +252,14 @@ def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, 
             continue
         run_value = partial(_tuning_run, out, case, name, schedule=schedule, counts=counts, settings=settings)
         search = widen(VARIANTS[name].grid, partial(run_value, resources=resources), WIDENINGS)
-        finals = {f"{value:g}": reward for value, reward in search.pop("finals").items()}
+        finals = {f"{value:g}": _finite(reward) for value, reward in search.pop("finals").items()}
         save_result({**expected, "iterations": counts[name], **search, "finals": finals}, path)
         print(f"  tuned {case.key} {name}: {VARIANTS[name].knob}={search['chosen']:g}")
+
+
+def _finite(reward: float) -> float | None:
+    """A final reward as JSON stores it: None for a run stopped by a non-finite reward (``-inf`` in the search)."""
+    return reward if math.isfinite(reward) else None
 
 
 def _tuning_run(out, case, name, value, *, schedule, counts, settings, resources) -> float:
@@ -262,11 +270,16 @@ def _tuning_run(out, case, name, value, *, schedule, counts, settings, resources
     stored = stored_record(path, expected)
     if stored is None:
         run = _run(name, options, case, counts[name], settings, resources)
-        for _ in tqdm(range(1 if run.guided else run.rounds), desc=f"tune {case.key} {name}@{value:g}", leave=False):
-            run.iterate()
-        stored = {**expected, "iterates": run.finish()[0]["iterates"]}
+        try:
+            for _ in tqdm(
+                range(1 if run.guided else run.rounds), desc=f"tune {case.key} {name}@{value:g}", leave=False
+            ):
+                run.iterate()
+            stored = {**expected, "iterates": run.finish()[0]["iterates"]}
+        except NonFiniteRewardError as error:  # a value too large for the run: it loses, the tuning goes on
+            stored = {**expected, "iterates": [], "failed": str(error).splitlines()[0]}
         save_result(stored, path)
-    return stored["iterates"][-1]["reward"]
+    return stored["iterates"][-1]["reward"] if stored["iterates"] else -math.inf
 
 
 def _schedule(out: Path, name: str, protocol: str) -> str | None:
@@ -387,17 +400,43 @@ def run_all(
     authors: bool = True,
 ) -> None:
     """Every stage in the order that makes partial results useful: the class task (tuning, cases), the authors'
-    rows, then each other task (tuning, cases). Stored results are skipped."""
+    rows, then each other task (tuning, cases). Stored results are skipped. A case stopped by a non-finite reward
+    is reported and skipped (nothing of it is stored; a rerun tries it again), so an unattended run goes on."""
     for task in sorted(tasks, key=TASKS.index):
         for protocol in PROTOCOLS:
             tune_pair(out, task, protocol, settings, resources)
         for seed in seeds:
             for protocol in PROTOCOLS:
-                run_case(out, Case(task, protocol, seed), settings, resources)
+                _go_on(run_case, out, Case(task, protocol, seed), settings, resources)
         if task == "class" and authors:
             for seed in seeds:
                 for protocol in ("authors-noise", "authors-edit"):
-                    run_authors(out, Case("class", protocol, seed), settings, resources)
+                    _go_on(run_authors, out, Case("class", protocol, seed), settings, resources)
+
+
+def _go_on(stage: Callable[..., None], out: Path, case: Case, *rest) -> None:
+    try:
+        stage(out, case, *rest)
+    except NonFiniteRewardError as error:
+        print(f"  {case.key}: stopped, not stored ({str(error).splitlines()[0]}); a rerun tries it again")
+
+
+def stored_record(path: Path, expected: dict) -> dict | None:
+    """``sdo.app.comparison.stored_record`` with the resume rule for ``MethodOptions`` that sdo's commands follow:
+    an option the stored record has and this version lacks (removed or renamed) is not compared, and one this
+    version has and the record lacks must be at its default. A run may span versions of sdo."""
+    if path.exists() and "options" in expected:
+        stored = load_json(path).get("options")
+        if isinstance(stored, dict):
+            expected = {**expected, "options": _as_stored(expected["options"], stored)}
+    return engine_record(path, expected)
+
+
+def _as_stored(current: dict, stored: dict) -> dict:
+    defaults = _recorded(MethodOptions())
+    added = {key for key in current if key not in stored and current[key] == defaults.get(key)}
+    kept = {key: value for key, value in current.items() if key not in added}
+    return {**kept, **{key: value for key, value in stored.items() if key not in current}}
 
 
 def _recorded(options: MethodOptions) -> dict:

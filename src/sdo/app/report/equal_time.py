@@ -271,7 +271,9 @@ def _tuning_row(pair: str, name: str, record: dict) -> list:
         name,
         knob if knob != "lr" else f"lr, {schedule}",
         record["iterations"],
-        ", ".join(f"{value}: {reward:.3f}" for value, reward in finals),
+        ", ".join(
+            f"{value}: {'stopped (non-finite)' if reward is None else f'{reward:.3f}'}" for value, reward in finals
+        ),
         f"{record['chosen']:g}",
         ", ".join(flags),
     ]
