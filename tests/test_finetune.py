@@ -62,6 +62,7 @@ def test_single_process_run_writes_everything(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all({"reward", "seconds"} <= set(r) for r in records)
     assert {"judge_accuracy", "frechet_judge"} <= set(records[1]) and "judge_accuracy" not in records[0]
+    assert 0 < records[1]["eval_reward"] < 1 and "eval_reward" not in records[0]  # bold: mean ink on held-out samples
     assert last == records[-1]
     assert (tmp_path / "run" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert len(adapter(config)) > 0 and all("lora" in name for name in adapter(config))

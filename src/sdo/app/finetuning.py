@@ -518,10 +518,10 @@ def finetune(
         pipe.load_lora_weights("bright")  # on a plain pipeline: the fine-tuned model
 
     Writes into ``config.out``: ``checkpoints/step-NNNNNN/`` every ``checkpoint_every`` updates (resumed from by a
-    rerun), ``metrics.jsonl`` (``step``, ``reward``, ``seconds`` and, at evaluations, ``judge_accuracy`` and
-    ``frechet_judge``, or ``eval_reward`` and ``eval_on_training_prompts``), ``samples/step-NNNNNN.png`` (a grid of
-    the model's images at each evaluation, also logged to the ``report_to`` trackers), for a pipeline first
-    ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``) or, with ``lora_rank`` 0,
+    rerun), ``metrics.jsonl`` (``step``, ``reward``, ``seconds`` and, at evaluations, ``judge_accuracy``,
+    ``frechet_judge`` and ``eval_reward``, or on a pipeline ``eval_reward`` and ``eval_on_training_prompts``),
+    ``samples/step-NNNNNN.png`` (a grid of the model's images at each evaluation, also logged to the ``report_to``
+    trackers), for a pipeline first ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``) or, with ``lora_rank`` 0,
     ``unet/``/``transformer/`` (``save_pretrained``), then ``sdo/adapter.safetensors`` (sdo's file of the final
     trainable weights, out of diffusers' sight; ``load_adapter(network, out)`` puts them back) and
     ``reward_curve.png``; with ``save_pipeline`` the whole pipeline, LoRA fused (``pipeline`` then holds the fused

@@ -69,7 +69,8 @@ class ZooTarget:
         return sampler.with_options(compile=True) if self.config.compile else sampler
 
     def evaluator(self):
-        """Held-out labels with fixed noise: judge accuracy, and Frechet distance to real digits in judge space;
+        """Held-out labels with fixed noise: judge accuracy, Frechet distance to real digits in judge space, and the
+        training reward on these samples (``eval_reward``, the held-out reward);
         ``evaluate(network) -> (measures, images [B, 1, 32, 32] in [0, 1])``."""
         judge = zoo.load_judge(self.device)
         real, _ = zoo.load_digits(self.device)
@@ -85,6 +86,7 @@ class ZooTarget:
             measures = {
                 "judge_accuracy": float(accuracy),
                 "frechet_judge": frechet_distance(judge.embed(samples), real_features),
+                "eval_reward": float(self.reward(samples, labels).mean()),
             }
             return measures, zoo.to_images(samples)
 
