@@ -521,9 +521,9 @@ def finetune(
     rerun), ``metrics.jsonl`` (``step``, ``reward``, ``seconds`` and, at evaluations, ``judge_accuracy``,
     ``frechet_judge`` and ``eval_reward``, or on a pipeline ``eval_reward`` and ``eval_on_training_prompts``),
     ``samples/step-NNNNNN.png`` (a grid of the model's images at each evaluation, also logged to the ``report_to``
-    trackers), for a pipeline first ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``) or, with ``lora_rank`` 0,
-    ``unet/``/``transformer/`` (``save_pretrained``), then ``sdo/adapter.safetensors`` (sdo's file of the final
-    trainable weights, out of diffusers' sight; ``load_adapter(network, out)`` puts them back) and
+    trackers), for a pipeline first ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``) or,
+    with ``lora_rank`` 0, ``unet/``/``transformer/`` (``save_pretrained``), then ``sdo/adapter.safetensors`` (sdo's
+    file of the final trainable weights, out of diffusers' sight; ``load_adapter(network, out)`` puts them back) and
     ``reward_curve.png``; with ``save_pipeline`` the whole pipeline, LoRA fused (``pipeline`` then holds the fused
     weights and is marked: it is refused as the base of another run). With ``kl_weight`` the loss
     adds ``kl_weight * mean_b penalty_b``, the base-model regularizer of ``sdo.kl.TrajectoryKL`` (logged as
