@@ -1,0 +1,41 @@
+"""The fine-tuning comparison at equal time, tuned on a seed that is never reported (issue 29): calibration, tuning
+and runs are ``sdo.app.finetune_comparison``'s. Timed: the run refuses to start above a load average of
+``--max-load``; run nothing else meanwhile. Each result is stored as soon as it exists; a rerun continues.
+
+Usage: python benchmarks/compare_finetuning.py [OUT] [--seeds 0,1,2]   (default OUT:
+       benchmarks/results/cpu/finetune-comparison)
+Settings (recorded with every result; tests use small ones): --sample-steps 20 --batch-size 8 --budget-updates 40
+The tables: python benchmarks/report.py --write BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from sdo.app.finetune_comparison import REPORTED_SEEDS, FinetuneComparisonSettings, run_all
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="benchmarks/results/cpu/finetune-comparison")
+    parser.add_argument("--seeds", default=",".join(map(str, REPORTED_SEEDS)))
+    parser.add_argument("--max-load", type=float, default=0.5, help="refuse to start above this load average")
+    for item in fields(FinetuneComparisonSettings):
+        parser.add_argument(f"--{item.name.replace('_', '-')}", type=int, default=item.default)
+    args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
+    if load > args.max_load:
+        sys.exit(f"load average {load:.2f} > --max-load {args.max_load}: the runs are timed; stop other jobs first.")
+    settings = FinetuneComparisonSettings(
+        **{f.name: getattr(args, f.name) for f in fields(FinetuneComparisonSettings)}
+    )
+    run_all(Path(args.out), settings, [int(s) for s in args.seeds.split(",") if s])
+    print(f"done: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
