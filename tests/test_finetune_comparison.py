@@ -9,6 +9,7 @@ import pytest
 
 from sdo.app import finetune_comparison as comparison
 from sdo.app.finetune_comparison import FinetuneComparisonSettings
+from sdo.app.report.finetune_comparison import comparison_tables, kl_table, method_rows, tuning_table
 from sdo.errors import ResumeMismatchError
 from sdo.io import load_json
 
@@ -39,6 +40,15 @@ def test_tuning_then_every_setting_at_its_calibrated_updates_and_a_rerun_is_exac
         assert record["config"]["lr"] == tuned["chosen"] and record["config"]["kl_weight"] == 0
         kl_run = load_json(tmp_path / "runs" / "bold-kl" / f"{method}-s0.json")
         assert kl_run["config"]["kl_weight"] == load_json(tmp_path / "tuning" / "kl.json")["chosen"]
+    tables = comparison_tables(tmp_path)
+    assert tables.count("| 1 | ") == 2 and "**bold**: no runs yet." in tables  # ranked confidence and bold-kl
+    rows = {row["method"]: row for row in method_rows(tmp_path, "confidence")}
+    assert rows["sdo"]["eval_reward_100"] == [
+        [r for r in load_json(tmp_path / "runs" / "confidence" / "sdo-s0.json")["metrics"] if "eval_reward" in r][-1][
+            "eval_reward"
+        ]
+    ]
+    assert "Chosen: `--kl-weight" in kl_table(tmp_path) and "sdo" in tuning_table(tmp_path)
     stamps = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.json")}
     comparison.run_all(tmp_path, settings, seeds=[0])
     assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.json")} == stamps

@@ -2,9 +2,10 @@
 
 A block generator is a function of the results folder (``benchmarks/results/cpu`` by default) that returns the
 block's markdown from the files stored there, and raises ``FileNotFoundError`` when one is missing (the
-``equal-time*`` blocks, whose run spans sessions, say "No results yet" instead). It is registered by name with
-``@block("NAME")`` in the module of its subject (``sdo.app.report.latent``, ``.estimators``, ``.finetune``,
-``.comparison``, ``.equal_time``, ``.chains``, ``.scale``); ``sdo.app.report.document`` fills the markers from them.
+``equal-time*`` and ``finetune-comparison*`` blocks, whose runs span sessions, say "No results yet" instead). It is
+registered by name with ``@block("NAME")`` in the module of its subject (``sdo.app.report.latent``,
+``.estimators``, ``.finetune``, ``.finetune_comparison``, ``.comparison``, ``.equal_time``, ``.chains``,
+``.scale``); ``sdo.app.report.document`` fills the markers from them.
 """
 
 from __future__ import annotations

@@ -37,7 +37,16 @@ __all__ = [
     "write",
 ]
 
-SUBJECTS = ("latent", "estimators", "finetune", "chains", "comparison", "equal_time", "scale")
+SUBJECTS = (
+    "latent",
+    "estimators",
+    "finetune",
+    "finetune_comparison",
+    "chains",
+    "comparison",
+    "equal_time",
+    "scale",
+)
 """The modules of ``sdo.app.report`` that hold the blocks, in BENCHMARKS.md's order of subjects; importing one
 registers its blocks (so ``BLOCKS`` lists them in this order)."""
 for _subject in SUBJECTS:
