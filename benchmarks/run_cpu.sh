@@ -30,8 +30,9 @@ $SDO bench --methods sdo,sdo-last,full,checkpointed,nograd --steps 10,25,50 --it
   --out "$OUT/bench-latent" --json "$OUT/bench-latent-rows.json" > "$OUT/bench-latent.log" 2>&1
 
 # 4. Estimator benchmark on weights (the fine-tuning workload), 50 steps.
-$SDO bench --variable weights --methods sdo,full,checkpointed,draft-k,random-truncation,nograd --steps 50 --iters 4 --batch 4 \
-  --lr 1e-4 --out "$OUT/bench-weights" --json "$OUT/bench-weights-rows.json" > "$OUT/bench-weights.log" 2>&1
+$SDO bench --variable weights --methods sdo,full,checkpointed,draft-k,random-truncation,nograd --draft-k 1 \
+  --steps 50 --iters 4 --batch 4 --lr 1e-4 --out "$OUT/bench-weights" --json "$OUT/bench-weights-rows.json" \
+  > "$OUT/bench-weights.log" 2>&1
 
 # 5. Fine-tuning at an equal number of updates: reward and held-out judge accuracy, on both tasks.
 # confidence: guidance 1, so the classifier is not already certain; bold: lr 3e-4, 40 updates.

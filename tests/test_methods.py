@@ -117,11 +117,8 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
     assert adam.lr_schedule == "constant"  # the authors' behaviour
     assert (doodl.lr, doodl.momentum, doodl.clip, doodl.perturbation, doodl.iters) == (1.0, 0.9, 1e-3, 1e-4, 50)
     assert (freedom.scale, freedom.repeats) == (0.2, 1) and doodl.clip == DOODL_CLIP
-    assert (TruncationSettings().draft_k, FINETUNE_TRUNCATION.draft_k, TruncationSettings().truncation_high) == (
-        1,
-        2,
-        10,
-    )
+    assert (TruncationSettings().draft_k, TruncationSettings().truncation_high) == (2, 10)  # one default each
+    assert TruncationSettings() == FINETUNE_TRUNCATION
 
     def defaults(function):
         return {n: p.default for n, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
@@ -146,7 +143,7 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
     adam_options = (options.lr, options.betas, options.prior_weight, options.project_to_shell, options.lr_schedule)
     assert adam_options == dataclasses.astuple(adam)
     assert (options.doodl_lr, options.doodl_clip, options.doodl_project_to_shell) == (doodl.lr, doodl.clip, True)
-    assert (options.freedom_scale, options.freedom_repeats, options.draft_k) == (0.2, 1, 1)
+    assert (options.freedom_scale, options.freedom_repeats, options.draft_k) == (0.2, 1, 2)
     flags = {field.name: field for field in dataclasses.fields(MethodFlags)}  # the CLI flags and their help
     assert [flags[name].default for name in ("lr", "prior_weight", "project", "doodl_lr", "freedom_scale")] == [
         adam.lr,
@@ -160,10 +157,10 @@ def test_every_default_is_read_from_one_settings_object_per_rule():
         flags["lr_schedule"].default == adam.lr_schedule
         and "(1 + cos(pi k / K)) / 2" in flags["lr_schedule"].metadata["help"]
     )
-    assert BenchConfig().draft_k == 1 and FinetuneConfig().draft_k == 2 and FinetuneConfig().truncation_high == 10
+    assert BenchConfig().draft_k == 2 and FinetuneConfig().draft_k == 2 and FinetuneConfig().truncation_high == 10
 
 
-@pytest.mark.parametrize(("method", "steps", "bench"), [("draft-k", 3, "1"), ("random-truncation", 4, "10")])
+@pytest.mark.parametrize(("method", "steps", "bench"), [("draft-k", 3, "2"), ("random-truncation", 4, "10")])
 def test_a_depth_above_the_steps_is_refused_one_way_in_bench_and_finetune(method, steps, bench):
     knob = METHODS[method].depth
     message = rf"`{knob}` must be in \[1, {steps}\], got 9"

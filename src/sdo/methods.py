@@ -64,21 +64,23 @@ Variable = Literal["latent", "weights"]
 @dataclass(frozen=True)
 class TruncationSettings:
     """The depth knobs of the truncated methods, written once: ``MethodOptions`` and the ``--draft-k`` /
-    ``--truncation-high`` flags of ``sdo bench`` read these defaults; ``sdo finetune`` reads ``FINETUNE_TRUNCATION``.
+    ``--truncation-high`` flags of ``sdo bench`` and ``sdo finetune`` read these defaults.
 
     Attributes:
-        draft_k: k of ``draft-k`` (``sdo.Truncated(k)``: the last k steps keep their graph).
+        draft_k: k of ``draft-k`` (``sdo.Truncated(k)``: the last k steps keep their graph); 2, so that ``draft-k``
+            is not ``draft-1`` (the weights table of BENCHMARKS.md ran k = 1, which ``benchmarks/run_cpu.sh``
+            passes as ``--draft-k 1``).
         truncation_high: ``random-truncation`` draws its depth in ``[1, truncation_high]``
             (``sdo.RandomTruncation``; ``alignprop_high`` before ``alignprop`` became the official algorithm).
     """
 
-    draft_k: int = 1
+    draft_k: int = 2
     truncation_high: int = 10
 
 
-FINETUNE_TRUNCATION = TruncationSettings(draft_k=2)
-"""``sdo finetune``'s depth defaults: ``draft-k`` with k = 2 there, so that it is not ``draft-1`` (``sdo bench``
-keeps ``TruncationSettings``'s k = 1, the setting of its published figures)."""
+FINETUNE_TRUNCATION = TruncationSettings()
+"""The defaults ``sdo finetune`` reads: ``TruncationSettings``'s, the same as ``sdo bench``'s (kept as a name for
+existing imports)."""
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ from sdo.errors import ConfigError, MissingExtraError, NonFiniteRewardError, Wri
 from sdo.gradients import GradientMode
 from sdo.io import DIR_MODE, make_dir
 from sdo.kl import TrajectoryKL, adapters_disabled
-from sdo.methods import FINETUNE_TRUNCATION, MethodOptions, find_method, gradient_mode, method_names
+from sdo.methods import MethodOptions, TruncationSettings, find_method, gradient_mode, method_names
 from sdo.sampling import Sampler
 
 __all__ = [
@@ -133,9 +133,9 @@ class FinetuneConfig(PipelineOptions):
         "comma-separated module names LoRA adapts (default: attention and, for the "
         "embedded model, resnet convolutions)",
     )
-    draft_k: int = option(FINETUNE_TRUNCATION.draft_k, "k of draft-k", at_least=1, at_most=1000)
+    draft_k: int = option(TruncationSettings.draft_k, "k of draft-k", at_least=1, at_most=1000)
     truncation_high: int = option(
-        FINETUNE_TRUNCATION.truncation_high,
+        TruncationSettings.truncation_high,
         "random-truncation: depth drawn uniformly in [1, this] per trajectory batch (--alignprop-high: its older "
         "name)",
         at_least=1,
