@@ -166,6 +166,30 @@ def test_a_folder_trained_with_the_former_alignprop_is_not_resumed(tmp_path):
     assert FinetuneConfig(method="random-truncation", truncation_high=3).truncation_high == 3
 
 
+def test_a_draw_that_graphs_no_step_accumulates_no_gradient(toy):
+    """AlignProp's thresholds may all fall above their steps (at 2 steps: u_0 >= 1 and u_1 = 2, probability 2/9);
+    the update then has no gradient, and the weights get none instead of an error."""
+    from diffusers import DDIMScheduler
+
+    from sdo.app.finetuning import backward_reward
+
+    model, cond, x = toy
+    sampler = sdo.Sampler(lambda x_in, t: model(x_in, t, cond.detach()), DDIMScheduler(clip_sample=False), 2)
+    reward = lambda x0, conditions: x0.flatten(1).mean(1)  # noqa: E731
+    by_outcome = {}
+    for seed in range(40):
+        thresholds = torch.randint(0, 3, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
+        by_outcome.setdefault(any(i >= u for i, u in enumerate(thresholds)), seed)
+    assert set(by_outcome) == {False, True}
+    for any_graphed, seed in sorted(by_outcome.items()):
+        model.zero_grad(set_to_none=True)
+        mode = sdo.AlignProp(generator=torch.Generator().manual_seed(seed))
+        logged = backward_reward(sampler, x.detach(), None, mode, reward)
+        graphed = [p.grad is not None for p in model.parameters()]
+        assert all(graphed) if any_graphed else not any(graphed), seed
+        assert torch.isfinite(logged["reward"]).all()
+
+
 def test_bad_configuration_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"`batch_size` \(6\) must be divisible by `grad_accum` \(4\)"):
         small_config(tmp_path, batch_size=6, grad_accum=4)

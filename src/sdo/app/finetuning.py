@@ -306,7 +306,9 @@ def backward_reward(
     """The gradient half of one weight update, shared by ``Trainer`` and ``sdo bench --variable weights``: sample
     ``noise`` ``[B, ...]`` with ``mode`` (``generator``: the sampler's noise), score the sample, and backpropagate
     ``(-sum(rewards) + penalty_weight * sum(penalty())) / divide_by`` into the network's weights (accumulated in
-    their ``.grad``; the optimizer's ``zero_grad`` and ``step`` are the caller's).
+    their ``.grad``; the optimizer's ``zero_grad`` and ``step`` are the caller's). A draw of a random mode that
+    graphs no step (``sdo.AlignProp``: every threshold above its step, probability n! / (n + 1)^n, 2/9 at 2 steps)
+    accumulates nothing: the update sees no gradient, as in the official code's loop.
 
     Returns the per-sample values to log, detached: ``reward`` ``[B]``, ``reward_NAME`` for each term of a weighted
     reward and, with ``penalty``, ``kl`` (its per-sample values, read after sampling; None counts as zeros).
@@ -333,7 +335,8 @@ def backward_reward(
         values = torch.zeros_like(rewards) if values is None else values.float()
         loss = loss + penalty_weight * values.sum()
         logged["kl"] = values
-    (loss / divide_by).backward()
+    if loss.requires_grad:  # an ``alignprop`` draw may graph no step (likely only with few steps): no gradient then
+        (loss / divide_by).backward()
     return {name: values.detach().float() for name, values in logged.items()}
 
 
