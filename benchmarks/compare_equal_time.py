@@ -11,11 +11,9 @@ The tables: python benchmarks/report.py --write BENCHMARKS.md
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from dataclasses import fields
 from pathlib import Path
 
+from sdo.app.comparison import add_settings_flags, require_idle, settings_from
 from sdo.app.equal_time import REPORTED_SEEDS, TASKS, EqualTimeSettings, run_all
 from sdo.app.fair_comparison import Case
 from sdo.app.tasks.latent import load_resources
@@ -28,16 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default=",".join(map(str, REPORTED_SEEDS)))
     parser.add_argument("--no-authors", action="store_true", help="skip the authors' setting rows")
     parser.add_argument("--max-load", type=float, default=0.5, help="refuse to start above this load average")
-    for item in fields(EqualTimeSettings):
-        parser.add_argument(f"--{item.name.replace('_', '-')}", type=int, default=item.default)
+    add_settings_flags(parser, EqualTimeSettings)
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     if unknown := sorted(set(tasks) - set(TASKS)):
         parser.error(f"--tasks: unknown {unknown}; known: {', '.join(TASKS)}")
-    load = os.getloadavg()[0]
-    if load > args.max_load:
-        sys.exit(f"load average {load:.2f} > --max-load {args.max_load}: the runs are timed; stop other jobs first.")
-    settings = EqualTimeSettings(**{item.name: getattr(args, item.name) for item in fields(EqualTimeSettings)})
+    require_idle(args.max_load)
+    settings = settings_from(args, EqualTimeSettings)
     resources = load_resources(settings.task_config(Case("class", "noise", 0), "sdo", 1))
     seeds = [int(s) for s in args.seeds.split(",") if s]
     run_all(Path(args.out), settings, resources, tasks, seeds, authors=not args.no_authors)

@@ -13,10 +13,9 @@ The tables and plots: python benchmarks/compare_report.py OUT
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
+from sdo.app.comparison import require_idle
 from sdo.app.fair_comparison import VARIANTS, Case, Settings, case_list, run_case, run_sweep
 from sdo.app.tasks.latent import load_resources
 
@@ -46,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     run_sweep(out, settings, sweep_names, resources)
     if args.sweep_only:
         return
-    load = os.getloadavg()[0]
-    if load > args.max_load:
-        sys.exit(f"load average {load:.2f} > {args.max_load}: the cases are timed; stop other jobs first.")
+    require_idle(args.max_load)
     seeds = [[int(s) for s in text.split(",")] for text in (args.class_seeds, args.other_seeds)]
     for case in case_list(*seeds):
         run_case(out, settings, case, names, resources)

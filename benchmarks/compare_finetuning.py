@@ -11,11 +11,9 @@ The tables: python benchmarks/report.py --write BENCHMARKS.md
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from dataclasses import fields
 from pathlib import Path
 
+from sdo.app.comparison import add_settings_flags, require_idle, settings_from
 from sdo.app.finetune_comparison import REPORTED_SEEDS, FinetuneComparisonSettings, run_all
 
 
@@ -24,15 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", nargs="?", default="benchmarks/results/cpu/finetune-comparison")
     parser.add_argument("--seeds", default=",".join(map(str, REPORTED_SEEDS)))
     parser.add_argument("--max-load", type=float, default=0.5, help="refuse to start above this load average")
-    for item in fields(FinetuneComparisonSettings):
-        parser.add_argument(f"--{item.name.replace('_', '-')}", type=int, default=item.default)
+    add_settings_flags(parser, FinetuneComparisonSettings)
     args = parser.parse_args(argv)
-    load = os.getloadavg()[0]
-    if load > args.max_load:
-        sys.exit(f"load average {load:.2f} > --max-load {args.max_load}: the runs are timed; stop other jobs first.")
-    settings = FinetuneComparisonSettings(
-        **{f.name: getattr(args, f.name) for f in fields(FinetuneComparisonSettings)}
-    )
+    require_idle(args.max_load)
+    settings = settings_from(args, FinetuneComparisonSettings)
     run_all(Path(args.out), settings, [int(s) for s in args.seeds.split(",") if s])
     print(f"done: {args.out}")
 

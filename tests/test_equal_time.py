@@ -50,12 +50,13 @@ def test_an_interior_choice_is_not_widened_and_a_near_tie_is_flagged():
     search = widen((0.025, 0.05, 0.1), finals.__getitem__)
     assert search["chosen"] == 0.05 and search["close"]  # 0.1 is within 1% of the chosen value's final reward
     stopped = {0.025: -1.0, 0.05: -0.5, 0.1: -math.inf}  # 0.1's run was stopped by a non-finite reward
-    assert widen((0.025, 0.05, 0.1), stopped.__getitem__)["chosen"] == 0.05 and equal_time._finite(-math.inf) is None
+    assert widen((0.025, 0.05, 0.1), stopped.__getitem__)["chosen"] == 0.05
+    assert equal_time.finite_or_none(-math.inf) is None  # stored as None: JSON has no -inf
 
 
 def test_a_run_resumes_across_an_option_renamed_or_added_at_its_default(tmp_path):
     path = tmp_path / "sdo.json"
-    options = equal_time._recorded(equal_time.options_of("sdo", 0.05))
+    options = equal_time.recorded_options(equal_time.options_of("sdo", 0.05))
     stored = {**options, "old_name": 10, "betas": [0.9, 0.9]}
     del stored["freedom_schedule"]  # added since, at its default
     equal_time.save_result({"options": stored}, path)

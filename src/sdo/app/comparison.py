@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import itertools
 import json
+import os
 import subprocess
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -30,10 +33,13 @@ from sdo.io import load_json, save_json, save_tensors
 
 __all__ = [
     "Contender",
+    "add_settings_flags",
     "credited_iterates",
     "interleave",
+    "require_idle",
     "reward_at",
     "save_result",
+    "settings_from",
     "source_commit",
     "stored_record",
     "this_machine",
@@ -121,3 +127,25 @@ def source_commit() -> str:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type) -> None:
+    """One integer ``--flag`` per field of the frozen dataclass ``settings_cls`` (a comparison's shared settings,
+    which its scripts expose so that tests can run them small), defaulting to the field's default."""
+    for item in dataclasses.fields(settings_cls):
+        parser.add_argument(f"--{item.name.replace('_', '-')}", type=int, default=item.default)
+
+
+def settings_from(args: argparse.Namespace, settings_cls: type):
+    """The ``settings_cls`` of the flags ``add_settings_flags`` added."""
+    return settings_cls(**{item.name: getattr(args, item.name) for item in dataclasses.fields(settings_cls)})
+
+
+def require_idle(max_load: float) -> None:
+    """Refuse (exit with one line) to start timed work above a 1-minute load average of ``max_load``
+    (``--max-load``): a comparison's times are only comparable on an otherwise idle machine."""
+    load = os.getloadavg()[0]
+    if load > max_load:
+        raise SystemExit(
+            f"load average {load:.2f} > --max-load {max_load}: the runs are timed; stop other jobs first."
+        )

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from sdo.app.comparison import interleave, save_result, source_commit, this_machine
 from sdo.app.comparison import stored_record as engine_record
-from sdo.app.fair_comparison import Case, VariantRun
+from sdo.app.fair_comparison import Case, VariantRun, case_config, recorded_options
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task
 from sdo.errors import NonFiniteRewardError
 from sdo.freedom import FreedomSettings
@@ -57,10 +57,12 @@ __all__ = [
     "Variant",
     "calibrate",
     "chosen",
+    "finite_or_none",
     "iteration_counts",
     "run_all",
     "run_authors",
     "run_case",
+    "steady_seconds",
     "stored_record",
     "tune_pair",
     "widen",
@@ -137,18 +139,7 @@ class EqualTimeSettings:
         """The run of ``method`` for ``iters`` iterations on ``case`` (the authors' protocols start at step 0 or
         ``authors_late_step``)."""
         starts = {"noise": 0, "edit": self.late_step, "authors-noise": 0, "authors-edit": self.authors_late_step}
-        return LatentTaskConfig(
-            task=case.task,
-            method=method,
-            source=3,
-            target=8,
-            steps=self.steps,
-            iters=iters,
-            batch=self.batch,
-            seed=case.seed,
-            start_step=starts[case.protocol],
-            out="unused",
-        )
+        return case_config(case, method, steps=self.steps, iters=iters, batch=self.batch, start=starts[case.protocol])
 
 
 def options_of(name: str, value: float | None = None, schedule: str | None = None) -> MethodOptions:
@@ -169,9 +160,12 @@ def _run(
     settings: EqualTimeSettings,
     resources: TaskResources,
     measure: bool = False,
+    method: str | None = None,
 ) -> VariantRun:
-    config = settings.task_config(case, VARIANTS[name].method, iters)
-    return VariantRun(name, build_task(config, resources), options, config, VARIANTS[name].method, measure)
+    """Variant ``name``'s run on ``case`` (``method``: its registry method, default the variant's)."""
+    method = method or VARIANTS[name].method
+    config = settings.task_config(case, method, iters)
+    return VariantRun(name, build_task(config, resources), options, config, method, measure)
 
 
 def calibrate(out: Path, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> dict:
@@ -187,15 +181,16 @@ def calibrate(out: Path, case: Case, settings: EqualTimeSettings, resources: Tas
     for run in runs:
         run.rounds = 1 if run.guided else settings.calibration_iters
     interleave(runs, f"calibrate {case.key}")
-    seconds = {run.name: _steady_seconds(run.stepper.history) for run in runs}
+    seconds = {run.name: steady_seconds(run.stepper.history) for run in runs}
     record = {**expected, "seconds_per_iteration": seconds, "iterations": iteration_counts(seconds, settings)}
     record.update(machine=this_machine(), commit=source_commit())
     save_result(record, path)
     return record
 
 
-def _steady_seconds(history: list[dict]) -> float:
-    """The median seconds of an iteration after the first (which also pays one-time costs: allocations, caches)."""
+def steady_seconds(history: list[dict]) -> float:
+    """The median ``seconds`` of the records of ``history`` after the first (which also pays one-time costs:
+    allocations, caches); the first alone when it is the only one."""
     return statistics.median(record["seconds"] for record in history[1:] or history)
 
 
@@ -250,14 +245,16 @@ def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, 
         path = tuning_path(out, task, protocol, name)
         if stored_record(path, expected) is not None:
             continue
-        run_value = partial(_tuning_run, out, case, name, schedule=schedule, counts=counts, settings=settings)
-        search = widen(VARIANTS[name].grid, partial(run_value, resources=resources), WIDENINGS)
-        finals = {f"{value:g}": _finite(reward) for value, reward in search.pop("finals").items()}
+        run_value = partial(
+            _tuning_run, out, case, name, schedule=schedule, counts=counts, settings=settings, resources=resources
+        )
+        search = widen(VARIANTS[name].grid, run_value, WIDENINGS)
+        finals = {f"{value:g}": finite_or_none(reward) for value, reward in search.pop("finals").items()}
         save_result({**expected, "iterations": counts[name], **search, "finals": finals}, path)
         print(f"  tuned {case.key} {name}: {VARIANTS[name].knob}={search['chosen']:g}")
 
 
-def _finite(reward: float) -> float | None:
+def finite_or_none(reward: float) -> float | None:
     """A final reward as JSON stores it: None for a run stopped by a non-finite reward (``-inf`` in the search)."""
     return reward if math.isfinite(reward) else None
 
@@ -266,7 +263,7 @@ def _tuning_run(out, case, name, value, *, schedule, counts, settings, resources
     """One value's untimed run at the evaluation horizon; its final reward (stored, skipped if stored)."""
     path = out / "tuning" / f"{case.task}-{case.protocol}" / "values" / f"{name}@{value:g}.json"
     options = options_of(name, value, schedule)
-    expected = {"settings": asdict(settings), "case": asdict(case), "options": _recorded(options)}
+    expected = {"settings": asdict(settings), "case": asdict(case), "options": recorded_options(options)}
     stored = stored_record(path, expected)
     if stored is None:
         run = _run(name, options, case, counts[name], settings, resources)
@@ -318,7 +315,7 @@ def run_case(out: Path, case: Case, settings: EqualTimeSettings, resources: Task
     for name in names:
         value, schedule = chosen(out, name, case.task, case.protocol)
         options = options_of(name, value, schedule)
-        expected[name] = {"settings": asdict(settings), "case": asdict(case), "options": _recorded(options)}
+        expected[name] = {"settings": asdict(settings), "case": asdict(case), "options": recorded_options(options)}
         expected[name]["iterations"] = counts[name]
         if VARIANTS[name].credited_from or stored_record(folder / f"{name}.json", expected[name]) is not None:
             continue
@@ -327,7 +324,8 @@ def run_case(out: Path, case: Case, settings: EqualTimeSettings, resources: Task
         interleave(runs, case.key, postfix=lambda run: {"variant": run.name})
     for run in runs:
         record, tensors = run.finish()
-        record.update(expected[run.name], peak_mem_bytes=_memory_pass(run, case, settings, resources))
+        memory = _measured_memory(run.name, run.options, run.method.name, case, settings, resources)
+        record.update(expected[run.name], peak_mem_bytes=memory)
         _store(record, tensors, folder / f"{run.name}.json", calibration)
     for name in names:
         source = VARIANTS[name].credited_from
@@ -335,9 +333,10 @@ def run_case(out: Path, case: Case, settings: EqualTimeSettings, resources: Task
             _store_credited(name, source, folder, expected[name], seconds, case, settings, resources)
 
 
-def _memory_pass(run: VariantRun, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> int:
-    """The variant's extra memory (``sdo.memory.PeakMemory``) over one measured, untimed iteration."""
-    probe = _run(run.name, run.options, case, 1, settings, resources, measure=True)
+def _measured_memory(name, options, method, case, settings, resources) -> int:
+    """The extra memory (``sdo.memory.PeakMemory``) of one measured, untimed iteration of ``method`` with
+    ``options`` on ``case`` (the memory pass: the timed runs have no hooks)."""
+    probe = _run(name, options, case, 1, settings, resources, measure=True, method=method)
     return int(probe.iterate().get("peak_mem_bytes", 0))
 
 
@@ -349,8 +348,7 @@ def _store_credited(name, source, folder, expected, seconds, case, settings, res
     ratio = seconds[name] / seconds[source]
     budget = record["iterates"][-1]["t"] * (1 + 1e-9)
     iterates = [{**it, "t": it["t"] * ratio} for it in record["iterates"] if it["t"] * ratio <= budget]
-    probe = _run(name, options_of(name), case, 1, settings, resources, measure=True)
-    memory = int(probe.iterate().get("peak_mem_bytes", 0))
+    memory = _measured_memory(name, options_of(name), VARIANTS[name].method, case, settings, resources)
     credited = {**record, **expected, "variant": name, "method": VARIANTS[name].method, "iterates": iterates}
     credited.update(credited_from=source, credited_iterations=len(iterates) - 1, time_ratio=ratio)
     credited.update(step_seconds=[s * ratio for s in record["step_seconds"][: len(iterates) - 1]])
@@ -362,6 +360,11 @@ def _store_credited(name, source, folder, expected, seconds, case, settings, res
 def _store(record: dict, tensors: dict, path: Path, calibration: dict) -> None:
     record.update(calibrated_seconds=calibration["seconds_per_iteration"][record["variant"]])
     record.update(budget_seconds=calibration["iterations"]["full"] * calibration["seconds_per_iteration"]["full"])
+    _save(record, tensors, path)
+
+
+def _save(record: dict, tensors: dict, path: Path) -> None:
+    """Store a timed run's ``record`` (with the machine and the commit) and ``tensors``, and say so in one line."""
     record.update(machine=this_machine(), commit=source_commit())
     save_result(record, path, tensors)
     first, last = record["iterates"][0], record["iterates"][-1]
@@ -372,23 +375,19 @@ def run_authors(out: Path, case: Case, settings: EqualTimeSettings, resources: T
     """Stage 4 on ``case`` (protocol ``authors-noise`` or ``authors-edit``): ``sdo-authors`` and ``full-authors``
     interleaved, ``authors_iters`` iterations each, timed; memory from one measured iteration."""
     folder, options = out / "cases" / case.key, MethodOptions("latent", **AUTHORS)
-    runs, expected = [], {"settings": asdict(settings), "case": asdict(case), "options": _recorded(options)}
+    runs, expected = [], {"settings": asdict(settings), "case": asdict(case), "options": recorded_options(options)}
     for method in ("sdo", "full"):
         if stored_record(folder / f"{method}-authors.json", expected) is None:
-            config = settings.task_config(case, method, settings.authors_iters)
-            task = build_task(config, resources)
-            runs.append(VariantRun(f"{method}-authors", task, options, config, method, measure=False))
+            runs.append(
+                _run(f"{method}-authors", options, case, settings.authors_iters, settings, resources, method=method)
+            )
     if runs:
         interleave(runs, case.key, postfix=lambda run: {"variant": run.name})
     for run in runs:
         record, tensors = run.finish()
-        config = settings.task_config(case, run.method.name, 1)
-        probe = VariantRun(run.name, build_task(config, resources), options, config, run.method.name, True)
-        record.update(expected, peak_mem_bytes=int(probe.iterate().get("peak_mem_bytes", 0)))
-        record.update(machine=this_machine(), commit=source_commit())
-        save_result(record, folder / f"{run.name}.json", tensors)
-        first, last = record["iterates"][0], record["iterates"][-1]
-        print(f"  {case.key} {run.name}: {first['reward']:.3f} -> {last['reward']:.3f}")
+        memory = _measured_memory(run.name, options, run.method.name, case, settings, resources)
+        record.update(expected, peak_mem_bytes=memory)
+        _save(record, tensors, folder / f"{run.name}.json")
 
 
 def run_all(
@@ -433,11 +432,7 @@ def stored_record(path: Path, expected: dict) -> dict | None:
 
 
 def _as_stored(current: dict, stored: dict) -> dict:
-    defaults = _recorded(MethodOptions())
+    defaults = recorded_options(MethodOptions())
     added = {key for key in current if key not in stored and current[key] == defaults.get(key)}
     kept = {key: value for key, value in current.items() if key not in added}
     return {**kept, **{key: value for key, value in stored.items() if key not in current}}
-
-
-def _recorded(options: MethodOptions) -> dict:
-    return {k: v for k, v in asdict(options).items() if k != "generator"}

@@ -47,9 +47,11 @@ __all__ = [
     "Settings",
     "Variant",
     "VariantRun",
+    "case_config",
     "case_list",
     "chosen_value",
     "method_options",
+    "recorded_options",
     "run_alone",
     "run_case",
     "run_sweep",
@@ -124,18 +126,24 @@ class Settings:
 
     def task_config(self, case: Case, method: str, iters: int | None = None) -> LatentTaskConfig:
         start = 0 if case.protocol == "noise" else self.late_step
-        return LatentTaskConfig(
-            task=case.task,
-            method=method,
-            source=3,
-            target=8,
-            steps=self.steps,
-            iters=iters or self.iters,
-            batch=self.batch,
-            seed=case.seed,
-            start_step=start,
-            out="unused",
-        )
+        return case_config(case, method, steps=self.steps, iters=iters or self.iters, batch=self.batch, start=start)
+
+
+def case_config(case: Case, method: str, *, steps: int, iters: int, batch: int, start: int) -> LatentTaskConfig:
+    """The embedded-model run of ``method`` on ``case`` that the comparisons share: digits of class 3 steered to 8
+    (``case.task``), ``steps`` sampling steps, the latent at step ``start``, ``case.seed``'s noise; nothing written."""
+    return LatentTaskConfig(
+        task=case.task,
+        method=method,
+        source=3,
+        target=8,
+        steps=steps,
+        iters=iters,
+        batch=batch,
+        seed=case.seed,
+        start_step=start,
+        out="unused",
+    )
 
 
 def method_options(variant: Variant, value: float, iters: int) -> MethodOptions:
@@ -190,7 +198,7 @@ class VariantRun:
             "variant": self.name,
             "method": self.method.name,
             "runs": self.method.runner.runs,
-            "options": _recorded(self.options),
+            "options": recorded_options(self.options),
             "iterates": iterates,
             "step_seconds": seconds,
             "peak_mem_bytes": max((r.get("peak_mem_bytes", 0) for r in history), default=0),
@@ -290,7 +298,7 @@ def run_case(out: Path, settings: Settings, case: Case, names: list[str], resour
     for name in names:
         variant = VARIANTS[name]
         options = method_options(variant, chosen_value(out, name), settings.iters)
-        expected = {"settings": asdict(settings), "case": asdict(case), "options": _recorded(options)}
+        expected = {"settings": asdict(settings), "case": asdict(case), "options": recorded_options(options)}
         if stored_record(folder / f"{name}.json", expected) is not None:
             continue
         config = settings.task_config(case, variant.method)
@@ -306,5 +314,6 @@ def run_case(out: Path, settings: Settings, case: Case, names: list[str], resour
         print(f"  {case.key} {run.name}: {record['iterates'][0]['reward']:.3f} -> {finals['reward']:.3f}")
 
 
-def _recorded(options: MethodOptions) -> dict:
+def recorded_options(options: MethodOptions) -> dict:
+    """``options`` as a stored result records them (every field but the generator), for the resume check."""
     return {k: v for k, v in asdict(options).items() if k != "generator"}

@@ -23,14 +23,13 @@ stopped (a run cut short resumes from its checkpoint) and refuses a stored resul
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 from sdo.app.comparison import save_result, source_commit, this_machine
-from sdo.app.equal_time import stored_record, widen
+from sdo.app.equal_time import finite_or_none, steady_seconds, stored_record, widen
 from sdo.app.finetuning import FinetuneConfig, finetune
 from sdo.app.report.blocks import load_records
 from sdo.errors import NonFiniteRewardError
@@ -114,7 +113,7 @@ def calibrate(out: Path, setting: str, settings: FinetuneComparisonSettings) -> 
         folder = out / "calibration" / setting / method
         config = settings.config(setting, method, TUNING_SEED, LRS[1], settings.calibration_updates, folder, kl)
         finetune(replace(config, eval_every=0), progress=False)
-        seconds[method] = statistics.median(r["seconds"] for r in _metrics(folder)[1:])
+        seconds[method] = steady_seconds(_metrics(folder))
     budget = settings.budget_updates * seconds["sdo"]
     counts = {m: max(2, math.floor(budget / s * (1 + 1e-9))) for m, s in seconds.items()}
     record = {**expected, "seconds_per_update": seconds, "updates": counts, "budget_seconds": budget}
@@ -158,7 +157,7 @@ def tune_lr(out: Path, method: str, settings: FinetuneComparisonSettings) -> flo
     if (stored := stored_record(path, expected)) is None:
         run = partial(run_method, out, "confidence", method, TUNING_SEED, settings=settings, kl=0.0)
         search = widen(LRS, lambda lr: final_eval_reward(run(lr=lr)), WIDENINGS)
-        finals = {f"{lr:g}": _finite(r) for lr, r in search.pop("finals").items()}
+        finals = {f"{lr:g}": finite_or_none(r) for lr, r in search.pop("finals").items()}
         stored = {**expected, **search, "finals": finals}
         save_result(stored, path)
     return stored["chosen"]
@@ -173,14 +172,10 @@ def tune_kl(out: Path, settings: FinetuneComparisonSettings) -> float:
         runs = {w: run_method(out, "bold-kl", "sdo", TUNING_SEED, lr, settings, w) for w in KL_WEIGHTS}
         held = [w for w, r in runs.items() if _holds_judge(r)]
         chosen = max(held, key=lambda w: final_eval_reward(runs[w])) if held else max(KL_WEIGHTS)
-        finals = {f"{w:g}": _finite(final_eval_reward(r)) for w, r in runs.items()}
+        finals = {f"{w:g}": finite_or_none(final_eval_reward(r)) for w, r in runs.items()}
         stored = {**expected, "chosen": chosen, "held": held, "finals": finals}
         save_result(stored, path)
     return stored["chosen"]
-
-
-def _finite(reward: float) -> float | None:
-    return reward if math.isfinite(reward) else None
 
 
 def _holds_judge(record: dict) -> bool:
