@@ -66,6 +66,10 @@ def test_a_run_resumes_across_an_option_renamed_or_added_at_its_default(tmp_path
         equal_time.stored_record(path, {"options": changed})
     with pytest.raises(ResumeMismatchError):  # a new option away from its default changes the run
         equal_time.stored_record(path, {"options": {**options, "freedom_schedule": "official"}})
+    equal_time.save_result({"options": {**options, "draft_k": 1}}, path)  # draft-k's depth: no variant reads it
+    assert equal_time.stored_record(path, {"options": {**options, "draft_k": 2}}) is not None
+    with pytest.raises(ResumeMismatchError):
+        equal_time.stored_record(path, {"options": {**options, "draft_k": 2, "lr": 0.1}})
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task
 from sdo.errors import NonFiniteRewardError
 from sdo.freedom import FreedomSettings
 from sdo.io import load_json
-from sdo.methods import METHODS, MethodOptions
+from sdo.methods import METHODS, MethodOptions, TruncationSettings
 
 __all__ = [
     "AUTHORS",
@@ -420,10 +420,17 @@ def _go_on(stage: Callable[..., None], out: Path, case: Case, *rest) -> None:
         print(f"  {case.key}: stopped, not stored ({str(error).splitlines()[0]}); a rerun tries it again")
 
 
+WEIGHT_ONLY_OPTIONS = frozenset(item.name for item in fields(TruncationSettings))
+"""Options only the weight-only methods read (``draft-k``'s depth, ``random-truncation``'s): no variant of this
+comparison does, so a stored record's values are not compared (``draft_k``'s default changed from 1 to 2 while
+this comparison ran)."""
+
+
 def stored_record(path: Path, expected: dict) -> dict | None:
     """``sdo.app.comparison.stored_record`` with the resume rule for ``MethodOptions`` that sdo's commands follow:
     an option the stored record has and this version lacks (removed or renamed) is not compared, and one this
-    version has and the record lacks must be at its default. A run may span versions of sdo."""
+    version has and the record lacks must be at its default; ``WEIGHT_ONLY_OPTIONS`` are not compared. A run may
+    span versions of sdo."""
     if path.exists() and "options" in expected:
         stored = load_json(path).get("options")
         if isinstance(stored, dict):
@@ -435,4 +442,5 @@ def _as_stored(current: dict, stored: dict) -> dict:
     defaults = recorded_options(MethodOptions())
     added = {key for key in current if key not in stored and current[key] == defaults.get(key)}
     kept = {key: value for key, value in current.items() if key not in added}
-    return {**kept, **{key: value for key, value in stored.items() if key not in current}}
+    unread = {key: stored[key] for key in WEIGHT_ONLY_OPTIONS & stored.keys()}
+    return {**kept, **{key: value for key, value in stored.items() if key not in current}, **unread}
