@@ -497,7 +497,12 @@ def test_ctrl_c_exits_like_sigterm_and_the_run_resumes(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "sdo", "optimize", "--conditions", "40", *TINY, "--out", str(out)]
-    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT's default disposition in the child: a shell starts background jobs (this suite under `... &`) with
+    # SIGINT ignored, which Python then never turns into KeyboardInterrupt
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    run = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint
+    )
     deadline = time.time() + 120
     while not (out / "items" / "0" / "metrics.json").exists() and time.time() < deadline:
         time.sleep(0.1)
