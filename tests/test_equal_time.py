@@ -37,8 +37,8 @@ def test_a_choice_at_the_grids_edge_is_widened_until_the_next_value_out_is_worse
     search = widen((0.025, 0.05, 0.1), reward)
     assert calls == [0.025, 0.05, 0.1, 0.2, 0.4, 0.8]  # 0.4 is interior once 0.8 is seen to be worse
     assert search["chosen"] == pytest.approx(0.4) and not search["edge"] and not search["close"]
-    reward, calls = _peaked_at(0.001)
-    search = widen((0.025, 0.05, 0.1), reward)
+    reward, calls = _peaked_at(0.0001)
+    search = widen((0.025, 0.05, 0.1), reward, widenings=3)
     assert calls == pytest.approx([0.025, 0.05, 0.1, 0.0125, 0.00625, 0.003125])
     assert search["edge"]  # three values past the edge and still best there: reported as such
 
@@ -106,3 +106,13 @@ def test_checkpointed_is_full_credited_at_its_own_time_and_a_rerun_is_exact(tmp_
     assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.json")} == stamps
     with pytest.raises(ResumeMismatchError, match=r"calibration\.json was made with settings"):
         equal_time.run_case(tmp_path, case, EqualTimeSettings(steps=3, full_iters=3, batch=1, late_step=2), resources)
+
+
+def test_a_search_stored_at_its_edge_continues_when_more_widenings_are_allowed(monkeypatch):
+    grid = (0.025, 0.05, 0.1)
+    at_edge = {"edge": True, "finals": {"0.025": -3.0, "0.05": -2.0, "0.1": -1.0, "0.2": -0.5}}
+    monkeypatch.setattr(equal_time, "WIDENINGS", 1)
+    assert not equal_time._may_widen(at_edge, grid)  # one widening allowed, one done: reported at the edge
+    monkeypatch.setattr(equal_time, "WIDENINGS", 2)
+    assert equal_time._may_widen(at_edge, grid)
+    assert not equal_time._may_widen({**at_edge, "edge": False}, grid)  # interior: nothing to continue

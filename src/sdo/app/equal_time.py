@@ -75,8 +75,10 @@ TUNING_SEED = 100
 REPORTED_SEEDS = (0, 1, 2)
 ADAM_LRS = (0.025, 0.05, 0.1)
 FREEDOM_SCALES = (0.1, 0.3, 1.0)
-WIDENINGS = 3
-"""At most this many values past a grid's edge; a choice still at the edge then is reported as such."""
+WIDENINGS = 6
+"""At most this many values past a grid's edge; a choice still at the edge then is reported as such (3 until the
+class/edit tuning of ``full`` and ``full-cosine`` ended at the edge, lr 0.8: a stored search still at its edge with
+fewer values than now allowed continues, its stored values reused)."""
 CLOSE = 0.01
 """A chosen value whose outward neighbour's final reward is within this fraction of its own is flagged."""
 
@@ -243,7 +245,8 @@ def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, 
         schedule = _schedule(out, name, protocol)
         expected = {"settings": asdict(settings), "case": asdict(case), "variant": name, "schedule": schedule}
         path = tuning_path(out, task, protocol, name)
-        if stored_record(path, expected) is not None:
+        stored = stored_record(path, expected)
+        if stored is not None and not _may_widen(stored, VARIANTS[name].grid):
             continue
         run_value = partial(
             _tuning_run, out, case, name, schedule=schedule, counts=counts, settings=settings, resources=resources
@@ -252,6 +255,11 @@ def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, 
         finals = {f"{value:g}": finite_or_none(reward) for value, reward in search.pop("finals").items()}
         save_result({**expected, "iterations": counts[name], **search, "finals": finals}, path)
         print(f"  tuned {case.key} {name}: {VARIANTS[name].knob}={search['chosen']:g}")
+
+
+def _may_widen(stored: dict, grid: Sequence[float]) -> bool:
+    """Whether a stored search ended at its grid's edge with fewer values than ``WIDENINGS`` allows now."""
+    return bool(stored.get("edge")) and len(stored["finals"]) < len(grid) + WIDENINGS
 
 
 def finite_or_none(reward: float) -> float | None:

@@ -141,9 +141,9 @@ def summarize(by_seed: dict[int, dict[str, dict]], name: str, task: str, quality
 def _setting(name: str, options: dict) -> str:
     """The tuned knob's value and the schedule: ``lr 0.05, cosine``, ``freedom_scale 1``, ``official schedule``."""
     variant = VARIANTS.get(name)
+    if variant is not None and not variant.grid:  # nothing tuned (freedom-official): its fixed schedule
+        return f"{options.get('freedom_schedule', 'official')} schedule"
     if variant is not None and variant.knob != "lr":
-        if not variant.grid:
-            return f"{options.get('freedom_schedule', 'official')} schedule"
         return f"{variant.knob} {options[variant.knob]:g}"
     return f"lr {options['lr']:g}, {options['lr_schedule']}"
 
