@@ -116,3 +116,51 @@ def test_a_search_stored_at_its_edge_continues_when_more_widenings_are_allowed(m
     monkeypatch.setattr(equal_time, "WIDENINGS", 2)
     assert equal_time._may_widen(at_edge, grid)
     assert not equal_time._may_widen({**at_edge, "edge": False}, grid)  # interior: nothing to continue
+
+
+def test_a_stall_is_patience_iterations_without_a_new_best_so_far():
+    history = [{"best_so_far": b} for b in (-3.0, -2.0, -2.0, -2.0)]
+    assert not equal_time.stalled(history, 3)  # -2.0 is new at the second iteration: two without since
+    assert equal_time.stalled([*history, {"best_so_far": -2.0}], 3)
+    assert not equal_time.stalled([*history, {"best_so_far": -1.5}], 3)
+    assert not equal_time.stalled(history[:3], 3)  # too short to tell
+
+
+def test_sdo_then_exact_switches_to_the_exact_gradient_and_spends_the_budget_by_phase(monkeypatch):
+    from sdo.gradients import Checkpointed, Shortcut
+
+    settings = EqualTimeSettings(steps=3, full_iters=6, batch=1, late_step=2)
+    case = Case("class", "noise", 0)
+    resources = load_resources(settings.task_config(case, "sdo", 1))
+    calibration = {"seconds_per_iteration": {"full": 1.0, "sdo-then-exact": 1.0, "checkpointed": 2.0}}
+    calibration["iterations"] = {"sdo-then-exact": 6}
+    options = equal_time.options_of("sdo-then-exact", 0.05)
+    monkeypatch.setattr(equal_time, "PATIENCE", 0)  # a stall at once: the exact gradient from the second iteration
+    run = equal_time._run("sdo-then-exact", options, case, 6, settings, resources, calibration=calibration)
+    assert isinstance(run.stepper.grad, Shortcut)
+    equal_time.take_rounds(run, "test")
+    # budget 6 s: one SDO iteration (1 s), then exact ones (2 s each) while they fit: 1 + 2 + 2 = 5, a third is 7
+    assert len(run.stepper.history) == 3 and run.switched_at == 1 and isinstance(run.stepper.grad, Checkpointed)
+    record, _ = run.finish()
+    assert record["switched_at"] == 1 and len(record["iterates"]) == 4
+    monkeypatch.setattr(equal_time, "PATIENCE", 10**6)  # never stalls: SDO for the whole budget, 6 x 1 s
+    run = equal_time._run("sdo-then-exact", options, case, 6, settings, resources, calibration=calibration)
+    equal_time.take_rounds(run, "test")
+    assert len(run.stepper.history) == 6 and run.switched_at is None
+
+
+def test_a_variant_added_later_is_calibrated_beside_full_on_the_stored_clock(tmp_path, three_variants, monkeypatch):
+    settings = EqualTimeSettings(steps=3, full_iters=2, batch=1, late_step=2, calibration_iters=1)
+    case = Case("class", "noise", 0)
+    resources = load_resources(settings.task_config(case, "sdo", 1))
+    first = equal_time.calibrate(tmp_path, case, settings, resources)
+    table = {**equal_time.VARIANTS, "sdo-beta2": equal_time.Variant("sdo", fixed={"betas": (0.9, 0.999)})}
+    monkeypatch.setattr(equal_time, "VARIANTS", table)
+    extended = equal_time.calibrate(tmp_path, case, settings, resources)
+    seconds = extended["seconds_per_iteration"]
+    assert {n: seconds[n] for n in first["seconds_per_iteration"]} == first["seconds_per_iteration"]
+    (extension,) = extended["extensions"]
+    assert extension["variants"] == ["sdo-beta2"] and extension["full_seconds_ratio"] > 0
+    assert extended["iterations"] == equal_time.iteration_counts(seconds, settings)
+    assert load_json(tmp_path / "cases" / case.key / "calibration.json") == extended
+    assert equal_time.calibrate(tmp_path, case, settings, resources) == extended  # complete: read, not rerun

@@ -9,7 +9,9 @@ initial noise; ``edit``: the latent at ``late_step`` after a no-grad warm-up):
 1. **Calibration** (``<case>/calibration.json``, timed): every variant's seconds per iteration on the case (median of
    ``calibration_iters`` interleaved iterations but the first, which also pays one-time costs; no memory hooks).
    The budget is ``full``'s ``full_iters`` iterations, T = ``full_iters`` x s_full; variant v runs
-   n_v = max(1, floor(T / s_v)) iterations. The counts are stored with the case, so a rerun is exact.
+   n_v = max(1, floor(T / s_v)) iterations. The counts are stored with the case, so a rerun is exact. Variants
+   added after a case was calibrated are timed beside ``full`` again and put on the stored clock (their seconds
+   scaled by stored s_full / new s_full; the record lists each such extension).
 2. **Tuning** (``tuning/<task>-<protocol>/``, untimed: only final rewards are compared) on ``TUNING_SEED``, at the
    evaluation horizon n_v: each tuned variant's knob over its grid, widened one value at a time past an edge until
    the chosen value is interior (``widen``). ``per_pair`` variants are tuned on every (task, protocol), the others
@@ -24,6 +26,12 @@ initial noise; ``edit``: the latent at ``late_step`` after a no-grad warm-up):
 4. **The authors' setting** (``cases/class-authors-<start>-s<seed>/``): ``sdo`` and ``full`` with the authors'
    Adam (lr 0.01, betas (0.9, 0.9), no shell projection, constant lr), ``authors_iters`` iterations, from the noise
    and from step ``authors_late_step``; timed, not budgeted.
+
+The fallbacks the issue names for a goal no schedule met (issue 28): ``sdo-beta2`` (Adam's beta2 0.999, whose
+step shrinks with the gradient: v_hat averages about 1000 squared gradients instead of 10) and ``sdo-then-exact``
+(SDO until ``PATIENCE`` iterations without a new best-so-far, then ``checkpointed``'s exact gradient, flat memory,
+with the same Adam state; it spends the budget by the calibrated seconds of each phase, so its horizon is
+deterministic).
 """
 
 from __future__ import annotations
@@ -81,6 +89,10 @@ class/edit tuning of ``full`` and ``full-cosine`` ended at the edge, lr 0.8: a s
 fewer values than now allowed continues, its stored values reused)."""
 CLOSE = 0.01
 """A chosen value whose outward neighbour's final reward is within this fraction of its own is flagged."""
+PATIENCE = 3
+"""``sdo-then-exact`` takes the exact gradient after this many iterations without a new best-so-far."""
+EXACT = "checkpointed"
+"""The exact gradient ``sdo-then-exact`` switches to: ``full``'s, each step recomputed (flat memory)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class Variant:
         schedule_of: take the ``lr_schedule`` of the better tuned of these variants (on the class task's tuning).
         credited_from: not run; this variant's iterates are those of the named one, credited at this one's time.
         protocols: where it runs.
+        then_exact: SDO until ``PATIENCE`` iterations without a new best-so-far, then ``EXACT``'s gradient.
     """
 
     method: str
@@ -104,6 +117,7 @@ class Variant:
     schedule_of: tuple[str, ...] = ()
     credited_from: str | None = None
     protocols: tuple[str, ...] = PROTOCOLS
+    then_exact: bool = False
 
 
 COSINE = {"lr_schedule": "cosine"}
@@ -113,6 +127,8 @@ VARIANTS: dict[str, Variant] = {
     "sdo": Variant("sdo", per_pair=True),
     "sdo-cosine": Variant("sdo", fixed=COSINE, per_pair=True),
     "sdo-multi-cosine": Variant("sdo-multi", fixed=COSINE, per_pair=True),
+    "sdo-beta2": Variant("sdo", fixed={"betas": (0.9, 0.999)}, per_pair=True),
+    "sdo-then-exact": Variant("sdo", per_pair=True, then_exact=True),
     "full": Variant("full", per_pair=True),
     "full-cosine": Variant("full", fixed=COSINE, per_pair=True),
     "checkpointed": Variant("checkpointed", credited_from="full"),
@@ -163,29 +179,90 @@ def _run(
     resources: TaskResources,
     measure: bool = False,
     method: str | None = None,
+    calibration: dict | None = None,
 ) -> VariantRun:
-    """Variant ``name``'s run on ``case`` (``method``: its registry method, default the variant's)."""
+    """Variant ``name``'s run on ``case`` (``method``: its registry method, default the variant's). A
+    ``then_exact`` variant given the case's ``calibration`` is a ``ThenExactRun`` (without one, plain SDO: its
+    calibration and memory pass)."""
     method = method or VARIANTS[name].method
     config = settings.task_config(case, method, iters)
-    return VariantRun(name, build_task(config, resources), options, config, method, measure)
+    task = build_task(config, resources)
+    if VARIANTS.get(name, VARIANTS["sdo"]).then_exact and calibration is not None:
+        return ThenExactRun(name, task, options, config, calibration, settings)
+    return VariantRun(name, task, options, config, method, measure)
+
+
+class ThenExactRun(VariantRun):
+    """``sdo-then-exact``: SDO's gradient until ``PATIENCE`` iterations in a row bring no new best-so-far, then
+    ``EXACT``'s (the same Adam state goes on). Each iteration spends its phase's calibrated seconds (s_v, then
+    s_checkpointed) of the budget T = ``full_iters`` x s_full; the run stops before an iteration that would exceed
+    it, so tuning and the timed case take the same iterations."""
+
+    def __init__(self, name, task, options, config, calibration: dict, settings: EqualTimeSettings):
+        super().__init__(name, task, options, config, VARIANTS[name].method, measure=False)
+        seconds = calibration["seconds_per_iteration"]
+        self.costs = {False: seconds[name], True: seconds[EXACT]}
+        self.budget = settings.full_iters * seconds["full"] * (1 + 1e-9)
+        self.spent, self.switched_at = 0.0, None
+
+    def iterate(self) -> dict:
+        self.spent += self.costs[self.switched_at is not None]
+        record = super().iterate()
+        history = self.stepper.history
+        if self.switched_at is None and stalled(history, PATIENCE):
+            self.stepper.grad = METHODS[EXACT].mode(self.options)
+            self.switched_at = len(history)
+        if self.spent + self.costs[self.switched_at is not None] > self.budget:
+            self.rounds = len(history)
+        return record
+
+    def finish(self) -> tuple[dict, dict]:
+        record, tensors = super().finish()
+        record.update(switched_at=self.switched_at, patience=PATIENCE, exact=EXACT)
+        return record, tensors
+
+
+def stalled(history: Sequence[dict], patience: int) -> bool:
+    """Whether the last ``patience`` iterations of ``history`` brought no new best-so-far (``best_so_far``, the
+    batch mean of each sample's best reward, never decreases)."""
+    return len(history) > patience and history[-1]["best_so_far"] <= history[-1 - patience]["best_so_far"]
+
+
+def take_rounds(run: VariantRun, description: str) -> None:
+    """Iterate ``run`` until it has taken its rounds (a guided pass: one; ``ThenExactRun`` may lower them)."""
+    with tqdm(total=1 if run.guided else run.rounds, desc=description, leave=False) as bar:
+        while len(run.stepper.history) < (1 if run.guided else run.rounds):
+            run.iterate()
+            bar.update()
 
 
 def calibrate(out: Path, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> dict:
     """Stage 1 on ``case``: each variant's median seconds per iteration and its iteration count (stored; a rerun
-    reads them)."""
+    reads them). Variants the stored record lacks are timed beside ``full`` and put on its clock (an extension)."""
     path = out / "cases" / case.key / "calibration.json"
     expected = {"settings": asdict(settings), "case": asdict(case)}
-    stored = stored_record(path, expected)
-    if stored is not None:
-        return stored
     names = [n for n in VARIANTS if case.protocol in VARIANTS[n].protocols]
-    runs = [_run(n, options_of(n), case, settings.calibration_iters, settings, resources) for n in names]
+    stored = stored_record(path, expected)
+    if stored is not None and set(names) <= stored["seconds_per_iteration"].keys():
+        return stored
+    missing = [n for n in names if stored is None or n not in stored["seconds_per_iteration"]]
+    timed = missing if stored is None else ["full", *missing]
+    runs = [_run(n, options_of(n), case, settings.calibration_iters, settings, resources) for n in timed]
     for run in runs:
         run.rounds = 1 if run.guided else settings.calibration_iters
     interleave(runs, f"calibrate {case.key}")
     seconds = {run.name: steady_seconds(run.stepper.history) for run in runs}
-    record = {**expected, "seconds_per_iteration": seconds, "iterations": iteration_counts(seconds, settings)}
-    record.update(machine=this_machine(), commit=source_commit())
+    if stored is None:
+        record = {**expected, "seconds_per_iteration": seconds, "machine": this_machine(), "commit": source_commit()}
+    else:
+        scale = stored["seconds_per_iteration"]["full"] / seconds.pop("full")
+        extension = {"variants": missing, "full_seconds_ratio": scale, "commit": source_commit()}
+        record = {**stored, "extensions": [*stored.get("extensions", []), extension]}
+        record["seconds_per_iteration"] = {
+            **stored["seconds_per_iteration"],
+            **{n: s * scale for n, s in seconds.items()},
+        }
+    record["iterations"] = iteration_counts(record["seconds_per_iteration"], settings)
     save_result(record, path)
     return record
 
@@ -240,7 +317,7 @@ def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, 
     """Stage 2 on (task, protocol): calibrate the tuning case, then tune each variant tuned here (each value's run
     stored under ``tuning/<task>-<protocol>/values/``, each variant's choice beside it)."""
     case = Case(task, protocol, TUNING_SEED)
-    counts = calibrate(out, case, settings, resources)["iterations"]
+    calibration = calibrate(out, case, settings, resources)
     for name in [n for n in VARIANTS if tuned_here(n, task, protocol)]:
         schedule = _schedule(out, name, protocol)
         expected = {"settings": asdict(settings), "case": asdict(case), "variant": name, "schedule": schedule}
@@ -249,11 +326,19 @@ def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, 
         if stored is not None and not _may_widen(stored, VARIANTS[name].grid):
             continue
         run_value = partial(
-            _tuning_run, out, case, name, schedule=schedule, counts=counts, settings=settings, resources=resources
+            _tuning_run,
+            out,
+            case,
+            name,
+            schedule=schedule,
+            calibration=calibration,
+            settings=settings,
+            resources=resources,
         )
         search = widen(VARIANTS[name].grid, run_value, WIDENINGS)
         finals = {f"{value:g}": finite_or_none(reward) for value, reward in search.pop("finals").items()}
-        save_result({**expected, "iterations": counts[name], **search, "finals": finals}, path)
+        iterations = calibration["iterations"][name]
+        save_result({**expected, "iterations": iterations, **search, "finals": finals}, path)
         print(f"  tuned {case.key} {name}: {VARIANTS[name].knob}={search['chosen']:g}")
 
 
@@ -267,19 +352,16 @@ def finite_or_none(reward: float) -> float | None:
     return reward if math.isfinite(reward) else None
 
 
-def _tuning_run(out, case, name, value, *, schedule, counts, settings, resources) -> float:
+def _tuning_run(out, case, name, value, *, schedule, calibration, settings, resources) -> float:
     """One value's untimed run at the evaluation horizon; its final reward (stored, skipped if stored)."""
     path = out / "tuning" / f"{case.task}-{case.protocol}" / "values" / f"{name}@{value:g}.json"
     options = options_of(name, value, schedule)
     expected = {"settings": asdict(settings), "case": asdict(case), "options": recorded_options(options)}
     stored = stored_record(path, expected)
     if stored is None:
-        run = _run(name, options, case, counts[name], settings, resources)
+        run = _run(name, options, case, calibration["iterations"][name], settings, resources, calibration=calibration)
         try:
-            for _ in tqdm(
-                range(1 if run.guided else run.rounds), desc=f"tune {case.key} {name}@{value:g}", leave=False
-            ):
-                run.iterate()
+            take_rounds(run, f"tune {case.key} {name}@{value:g}")
             stored = {**expected, "iterates": run.finish()[0]["iterates"]}
         except NonFiniteRewardError as error:  # a value too large for the run: it loses, the tuning goes on
             stored = {**expected, "iterates": [], "failed": str(error).splitlines()[0]}
@@ -327,7 +409,7 @@ def run_case(out: Path, case: Case, settings: EqualTimeSettings, resources: Task
         expected[name]["iterations"] = counts[name]
         if VARIANTS[name].credited_from or stored_record(folder / f"{name}.json", expected[name]) is not None:
             continue
-        runs.append(_run(name, options, case, counts[name], settings, resources))
+        runs.append(_run(name, options, case, counts[name], settings, resources, calibration=calibration))
     if runs:
         interleave(runs, case.key, postfix=lambda run: {"variant": run.name})
     for run in runs:
@@ -343,9 +425,14 @@ def run_case(out: Path, case: Case, settings: EqualTimeSettings, resources: Task
 
 def _measured_memory(name, options, method, case, settings, resources) -> int:
     """The extra memory (``sdo.memory.PeakMemory``) of one measured, untimed iteration of ``method`` with
-    ``options`` on ``case`` (the memory pass: the timed runs have no hooks)."""
-    probe = _run(name, options, case, 1, settings, resources, measure=True, method=method)
-    return int(probe.iterate().get("peak_mem_bytes", 0))
+    ``options`` on ``case`` (the memory pass: the timed runs have no hooks); a ``then_exact`` variant's is the larger
+    of its two phases'."""
+    methods = [method, EXACT] if VARIANTS.get(name, VARIANTS["sdo"]).then_exact else [method]
+    peaks = []
+    for each in methods:
+        probe = _run(name, options, case, 1, settings, resources, measure=True, method=each)
+        peaks.append(int(probe.iterate().get("peak_mem_bytes", 0)))
+    return max(peaks)
 
 
 def _store_credited(name, source, folder, expected, seconds, case, settings, resources) -> None:

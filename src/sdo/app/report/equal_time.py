@@ -24,11 +24,20 @@ from pathlib import Path
 
 import torch
 
-from sdo.app.equal_time import PROTOCOLS, REPORTED_SEEDS, TASKS, TUNING_SEED, VARIANTS, options_of
+from sdo.app.equal_time import (
+    PATIENCE,
+    PROTOCOLS,
+    REPORTED_SEEDS,
+    TASKS,
+    TUNING_SEED,
+    VARIANTS,
+    options_of,
+)
 from sdo.app.report import markdown_table
 from sdo.app.report.blocks import block, fill
 from sdo.app.report.comparison import frechet
 from sdo.io import atomic_path, load_json, load_tensors
+from sdo.methods import MethodOptions
 
 __all__ = [
     "AUTHORS_PROTOCOLS",
@@ -57,6 +66,8 @@ MEMORY_OF_SDO = 2.0
 MEMORY_FLAT = 1.5
 """The goal's flatness rule: a variant's noise-protocol peak at most this multiple of its edit-protocol peak."""
 NOT_CANDIDATES = ("full", "checkpointed")
+DEFAULT_BETAS = MethodOptions().betas
+"""sdo's Adam betas; a row with others names them."""
 NO_RESULTS = "No results yet: run `python benchmarks/compare_equal_time.py` (it stores into `{folder}/`)."
 
 Cases = dict[tuple[str, str], dict[int, dict[str, dict]]]
@@ -139,13 +150,19 @@ def summarize(by_seed: dict[int, dict[str, dict]], name: str, task: str, quality
 
 
 def _setting(name: str, options: dict) -> str:
-    """The tuned knob's value and the schedule: ``lr 0.05, cosine``, ``freedom_scale 1``, ``official schedule``."""
+    """The tuned knob's value and the schedule: ``lr 0.05, cosine``, ``freedom_scale 1``, ``official schedule``;
+    Adam's betas when not sdo's (0.9, 0.9), and ``sdo-then-exact``'s switch."""
     variant = VARIANTS.get(name)
     if variant is not None and not variant.grid:  # nothing tuned (freedom-official): its fixed schedule
         return f"{options.get('freedom_schedule', 'official')} schedule"
     if variant is not None and variant.knob != "lr":
         return f"{variant.knob} {options[variant.knob]:g}"
-    return f"lr {options['lr']:g}, {options['lr_schedule']}"
+    label = f"lr {options['lr']:g}, {options['lr_schedule']}"
+    if list(options.get("betas", DEFAULT_BETAS)) != list(DEFAULT_BETAS):
+        label += f", betas ({', '.join(f'{b:g}' for b in options['betas'])})"
+    if variant is not None and variant.then_exact:
+        label += f", exact after {PATIENCE} without a new best"
+    return label
 
 
 def summaries(cases: Cases, quality: bool = True) -> dict[str, list[dict]]:
@@ -496,7 +513,7 @@ def save_plot(cases: Cases, path: Path, points: int = 101) -> None:
         figsize=(6 * columns, 3.6 * math.ceil(len(keys) / columns)),
         squeeze=False,
     )
-    colors = dict(zip(VARIANTS, plt.cm.tab10.colors, strict=False))
+    colors = dict(zip(VARIANTS, plt.cm.tab20.colors, strict=False))
     fractions = [i / (points - 1) for i in range(points)]
     for (task, protocol), axis in zip(keys, axes.flat, strict=False):
         by_seed = cases[(task, protocol)]
