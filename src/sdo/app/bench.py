@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from sdo.app.comparison import credited_iterates, interleave, reward_at
 from sdo.app.finetuning import backward_reward
-from sdo.app.method_flags import MethodFlags, learning_rate
+from sdo.app.method_flags import AUTO, MethodFlags, learning_rate
 from sdo.app.options import check_options, option
 from sdo.app.report import MEMORY_HEADER, machine_info, markdown_table, mebibytes
 from sdo.app.tasks.bench import Workload, mnist_workload, sd15_workload
@@ -47,7 +47,11 @@ class BenchConfig(MethodFlags):
 
     lr: float = learning_rate("Adam learning rate (use ~1e-4 for weights)")
 
-    methods: str = option("sdo,full,checkpointed,nograd", f"comma-separated, from {','.join(BENCH_METHODS)}")
+    methods: str = option(
+        "sdo,full,checkpointed,nograd",
+        f"comma-separated, from {','.join(BENCH_METHODS)}, or auto (the best measured method that fits "
+        "--memory-budget; its row is 'auto (METHOD)')",
+    )
     model: Literal["mnist", "sd15"] = option("mnist", "workload", choices=("mnist", "sd15"))
     variable: Literal["latent", "weights"] = option("latent", "what is optimized", choices=("latent", "weights"))
     steps: str = option("50", "comma-separated numbers of sampling steps, e.g. 10,25,50,100")
@@ -87,7 +91,10 @@ class BenchConfig(MethodFlags):
             raise ConfigError(f"`steps` must be comma-separated integers in [1, 1000], got {self.steps!r}.")
         for name in self.method_names:  # unknown names, no gradient to the variable, steps that do not fit
             for steps in self.step_counts:
-                self.check_method(name, self.variable, steps)
+                if name != AUTO:  # auto's choice is checked when it is made (sdo.app.auto)
+                    self.check_method(name, self.variable, steps)
+        if self.memory_budget is not None and AUTO not in self.method_names:
+            raise ConfigError("`memory_budget` bounds the choice of `methods` auto; name auto among the methods.")
 
     def method_options(
         self, variable: Variable | None = None, generator: torch.Generator | None = None, **extra: Any
@@ -364,11 +371,20 @@ def build_workload(
 def run_bench(config: BenchConfig, workload: Workload | None = None, progress: bool = True) -> dict:
     """Run the benchmark; returns ``{"rows": [...], "cosine_sweep": [...], "machine": {...}, "config": {...}}``."""
     workload = workload or build_workload(config)
-    rows, sweep = [], []
+    rows, sweep, choices = [], [], {}
     for steps in config.step_counts:
-        runs = {name: _method_run(name, config, workload, steps) for name in config.method_names}
+        runs = {name: _method_run(name, config, workload, steps) for name in config.method_names if name != AUTO}
+        if AUTO in config.method_names:  # the planner's choice for this workload and steps (sdo.app.auto)
+            from sdo.app.auto import choose_for_bench
+
+            choice = choose_for_bench(config, workload, steps)
+            tqdm.write(choice.line())
+            choices[str(steps)] = choice.record()
+            run = _method_run(choice.method, replace(config, **choice.options), workload, steps)
+            run.name = f"{AUTO} ({choice.method})"
+            runs[run.name] = run
         if config.compile:  # compiled rows for the gradient modes (DOODL and FreeDoM run their own loops)
-            modes = [name for name in config.method_names if METHODS[name].build is not None]
+            modes = [name for name in runs if name in METHODS and METHODS[name].build is not None]
             compiled = [_method_run(name, config, workload, steps, compiled=True) for name in modes]
             runs.update({run.name: run for run in compiled})
         interleave(list(runs.values()), f"bench {workload.name}, {steps} steps", progress, _postfix)
@@ -376,7 +392,8 @@ def run_bench(config: BenchConfig, workload: Workload | None = None, progress: b
         rows += _rows(runs, exact, workload, config, steps)
         if config.cosine_sweep:
             sweep += _cosine_sweep(config, workload, steps, exact)
-    return {"config": asdict(config), "machine": machine_info(workload.device), "rows": rows, "cosine_sweep": sweep}
+    result = {"config": asdict(config), "machine": machine_info(workload.device), "rows": rows, "cosine_sweep": sweep}
+    return {**result, "auto": choices} if choices else result
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sdo import __version__
+from sdo.app.method_flags import AUTO
 from sdo.app.runs import is_vacant, remove_unused_folders, remove_unused_records
 from sdo.errors import DISTRIBUTION, ConfigError, MissingWeightsError, SdoError
 
@@ -107,7 +109,14 @@ def _optimize(args: argparse.Namespace, record_config: Callable[[], None]) -> in
     config = _config_from(args, LatentTaskConfig)
     if config.conditions or config.prompts:
         return _optimize_items(config, args, record_config)
-    record = optimize_and_write(config, config.out, on_task=_announce(config), before_writing=record_config)
+    built, before_writing = {}, record_config
+    if config.method == AUTO:  # plan on the task, choose, say so, and record the choice beside the settings
+        from sdo.app.auto import choose_for_optimize
+
+        config, choice, built = choose_for_optimize(config)
+        print(choice.line())
+        before_writing = functools.partial(record_config, {"auto": choice.record()})
+    record = optimize_and_write(config, config.out, on_task=_announce(config), before_writing=before_writing, **built)
     if "reconstruction_psnr_mean" in record:
         print(f"Reconstruction PSNR of before vs input: {record['reconstruction_psnr_mean']:.2f} dB")
     print(format_table({config.method: record["summary"]}))
@@ -260,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         "< 60 s on CPU with the defaults; --task and --steps compare on other work)",
     )
     many_items = {"conditions", "prompts"}
-    excluded = {"method", "checkpoint_kept", *PIPELINE_FIELDS, *many_items}  # the demo runs full too
+    excluded = {"method", "checkpoint_kept", "memory_budget", *PIPELINE_FIELDS, *many_items}  # the demo runs full too
     add_config_flags(demo, LatentTaskConfig, dataclasses.asdict(demo_config()), exclude=excluded)
     demo.set_defaults(run=_demo, config=lambda args: demo_config(**_fields_of(args, LatentTaskConfig)))
 
@@ -393,9 +402,9 @@ def _run_locked(args: argparse.Namespace, config) -> int:
     with open_output(args.out, args.command, args.break_lock, settings=record):
         secondary = is_secondary_process()
 
-        def record_config() -> None:
-            if not secondary:  # the main process records the run
-                write_config(args.out, args.command, record)
+        def record_config(extra: dict | None = None) -> None:
+            if not secondary:  # the main process records the run (and what it decided: --method auto's choice)
+                write_config(args.out, args.command, {**record, **(extra or {})})
 
         return args.run(args, record_config)
 

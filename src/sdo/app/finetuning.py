@@ -43,7 +43,7 @@ from sdo.app.lora import (
     save_for_diffusers,
     trainable_state,
 )
-from sdo.app.method_flags import checkpoint_kept_flag
+from sdo.app.method_flags import AUTO, checkpoint_kept_flag, memory_budget_flag
 from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import DEFAULT_REWARD, REWARD_HELP, PipelineOptions
 from sdo.app.prompts import read_prompts
@@ -104,7 +104,13 @@ class FinetuneConfig(PipelineOptions):
     """One fine-tuning run (every field is a ``sdo finetune`` flag; the pipeline and reward fields are the shared
     ``PipelineOptions`` block, whose ``reward`` here defaults to the ``task`` reward)."""
 
-    method: str = option("sdo", "gradient estimator", choices=FINETUNE_METHODS)
+    method: str = option(
+        "sdo",
+        "gradient estimator, or auto: the best measured one for fine-tuning that fits --memory-budget (recorded in "
+        "config.json; a resume keeps it)",
+        choices=(*FINETUNE_METHODS, AUTO),
+    )
+    memory_budget: float | None = memory_budget_flag()
     task: str = option(
         "",
         f"the reward: embedded model: confidence or bold (default: {ZOO_DEFAULT_TASK}); --pipeline: the same as "
@@ -187,10 +193,15 @@ class FinetuneConfig(PipelineOptions):
             raise ConfigError(
                 f"`batch_size` ({self.batch_size}) must be divisible by `grad_accum` ({self.grad_accum})."
             )
-        if self.method not in FINETUNE_METHODS:
-            raise ConfigError(f"`method` must be one of {FINETUNE_METHODS} for fine-tuning, got {self.method!r}.")
-        options = self.method_options(torch.Generator())
-        find_method(self.method, options).check_fits(options, self.sample_steps)  # e.g. draft_k above the steps
+        if self.method not in (*FINETUNE_METHODS, AUTO):
+            raise ConfigError(
+                f"`method` must be one of {FINETUNE_METHODS} or auto for fine-tuning, got {self.method!r}."
+            )
+        if self.memory_budget is not None and self.method != AUTO:
+            raise ConfigError(f"`memory_budget` bounds the choice of --method auto; method {self.method!r} is fixed.")
+        if self.method != AUTO:  # auto's choice is checked when it is made (sdo.app.auto)
+            options = self.method_options(torch.Generator())
+            find_method(self.method, options).check_fits(options, self.sample_steps)  # e.g. draft_k above the steps
         self._resolve_reward()
         if self.pipeline and not self.prompts:
             raise ConfigError("`prompts` (a file with one prompt per line) is required with --pipeline.")
@@ -573,9 +584,15 @@ def finetune(
             f"({accelerator.num_processes} x {config.grad_accum})."
         )
     defaults = {item.name: item.default for item in fields(FinetuneConfig)}
-    lock, checkpoint = open_finetune_output(accelerator, out, data.settings(config), defaults, break_lock)
+    settings, target = data.settings(config), None
+    if config.method == AUTO:  # the recorded choice on a resume, else the planner's (sdo.app.auto)
+        from sdo.app.auto import applied, choose_for_finetune
+
+        choice, target = choose_for_finetune(config, data, accelerator)
+        settings, config = {**settings, "auto": choice.record()}, applied(config, choice)
+    lock, checkpoint = open_finetune_output(accelerator, out, settings, defaults, break_lock)
     try:
-        return _train(config, data, progress, accelerator, out, checkpoint)
+        return _train(config, data, progress, accelerator, out, checkpoint, settings, target)
     finally:
         if lock is not None:
             lock.release()
@@ -703,15 +720,25 @@ def _check_trackers(config: FinetuneConfig) -> list[str]:
     return config.trackers()
 
 
-def _train(config: FinetuneConfig, data: _TrainingData, progress: bool, accelerator, out: Path, checkpoint) -> dict:
-    """The body of ``finetune``, run while the main process holds the output folder's lock."""
+def _train(
+    config: FinetuneConfig,
+    data: _TrainingData,
+    progress: bool,
+    accelerator,
+    out: Path,
+    checkpoint,
+    settings: dict,
+    target=None,
+) -> dict:
+    """The body of ``finetune``, run while the main process holds the output folder's lock: ``settings`` are what
+    ``config.json`` recorded (each checkpoint records them too), ``target`` the model already loaded (by
+    ``--method auto``'s planning) or None."""
     torch.manual_seed(config.seed)
-    target = data.target(config, accelerator.device)
+    target = data.target(config, accelerator.device) if target is None else target
     trainer = Trainer(config, target, accelerator)
     start = restore(checkpoint, trainer.network, trainer.optimizer, trainer.lora, accelerator)
     metrics = MetricsLog(out / "metrics.jsonl", start)
     evaluator = target.evaluator() if accelerator.is_main_process else None
-    settings = data.settings(config)
     if config.trackers():
         facts = {"eval_on_training_prompts": target.eval_on_training_prompts} if data.on_pipeline else {}
         accelerator.init_trackers(TRACKER_RUN, config={**asdict(config), **facts})

@@ -23,7 +23,11 @@ from sdo.freedom import FREEDOM_SCHEDULES, FreedomSettings
 from sdo.latent import LR_SCHEDULES, AdamSettings
 from sdo.methods import MethodOptions, Variable, find_method
 
-__all__ = ["MethodFlags", "checkpoint_kept_flag", "learning_rate", "parse_kept_steps"]
+__all__ = ["AUTO", "MethodFlags", "checkpoint_kept_flag", "learning_rate", "memory_budget_flag", "parse_kept_steps"]
+
+
+AUTO = "auto"
+"""The ``--method`` that asks ``sdo.app.auto`` to choose."""
 
 
 def learning_rate(help: str = "Adam learning rate") -> Any:
@@ -39,6 +43,18 @@ def checkpoint_kept_flag() -> Any:
         False,
         "sdo*, draft-k, draft-1: recompute the graphed (kept) steps in backward (less memory, the same gradient; "
         "alignprop and random-truncation always do)",
+    )
+
+
+def memory_budget_flag() -> Any:
+    """The ``memory_budget`` field (GiB, unset), written once for every command that takes ``--method auto``
+    (``sdo.app.auto``: the budget its choice must fit)."""
+    return option(
+        None,
+        "--method auto: GiB the run may keep on the device (weights, optimizer state, activations; default: the "
+        "device's free memory on CUDA, 16 on the CPU)",
+        type=float,
+        above=0,
     )
 
 
@@ -118,6 +134,7 @@ class MethodFlags:
         choices=FREEDOM_SCHEDULES,
     )
     checkpoint_kept: bool = checkpoint_kept_flag()
+    memory_budget: float | None = memory_budget_flag()
     checkpoint_decoder: bool = option(
         False,
         "the VAE decoder of the reward (sdo optimize: --pipeline; sdo bench: --model sd15) recomputed in backward "

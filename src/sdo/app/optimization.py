@@ -39,6 +39,7 @@ def optimize_and_write(
     spec: dict | None = None,
     on_task: Callable[[LatentTask], None] | None = None,
     before_writing: Callable[[], None] | None = None,
+    task: LatentTask | None = None,
 ) -> dict:
     """Build ``config``'s task (from ``resources``; loaded when None), optimize it with ``config.method`` and write
     ``folder`` (module docstring). Returns the metrics written to ``metrics.json``.
@@ -49,9 +50,10 @@ def optimize_and_write(
         on_task: called with the built task before the optimization (the CLI prints what it optimizes).
         before_writing: called after the optimization, before the first file is written (the CLI records
             ``config.json`` there, so a run that fails earlier leaves its folder as it was).
+        task: ``config``'s task, already built (``--method auto`` planned on it); None builds it.
     """
     folder, started = Path(folder), time.perf_counter()
-    task = build_task(config, resources)
+    task = build_task(config, resources) if task is None else task
     if on_task is not None:
         on_task(task)
     result = run_task(config, task, progress=progress)

@@ -69,12 +69,15 @@ RESUME_FREE = frozenset(
         "eval_prompts",
         "verify",
         "max_pixels",
+        "memory_budget",
+        "auto",
     }
 )
 """Settings a rerun may change without changing the trained weights: where the folder is, how often it
 evaluates and checkpoints, what it evaluates on, whether the graphed steps are recomputed in backward (same
 gradient, less memory), the device (same computation, other hardware), logging, where the fused pipeline
-goes, and whether the inputs are rehashed. ``steps`` may grow; every other setting must match the run the folder
+goes, whether the inputs are rehashed, and ``--method auto``'s budget and choice (a resume takes the recorded
+choice). ``steps`` may grow; every other setting must match the run the folder
 holds."""
 
 PROMPT_DIGESTS = {"prompts_sha256": "training prompt list"}

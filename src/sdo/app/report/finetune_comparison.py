@@ -17,7 +17,7 @@ from sdo.app.finetune_comparison import JUDGE_BAR, METHODS, REPORTED_SEEDS, SETT
 from sdo.app.report import markdown_table
 from sdo.app.report.blocks import block, load
 
-__all__ = ["comparison_tables", "kl_table", "method_rows", "tuning_table"]
+__all__ = ["comparison_tables", "kl_table", "method_rows", "rank_key", "tuning_table"]
 
 FOLDER = "finetune-comparison"
 NO_RESULTS = f"No results yet: run `python benchmarks/compare_finetuning.py` (it stores into `{FOLDER}/`)."
@@ -75,7 +75,7 @@ def method_rows(folder: Path, setting: str) -> list[dict]:
     return rows
 
 
-def _rank_key(row: dict, setting: str) -> tuple[bool, float]:
+def rank_key(row: dict, setting: str) -> tuple[bool, float]:
     """Higher is better: on ``confidence`` the final held-out reward; on ``bold``/``bold-kl`` first whether every
     seed kept the judge above the bar at some evaluation, then the mean reward there."""
     if setting == "confidence":
@@ -102,7 +102,7 @@ def comparison_tables(folder: Path) -> str:
     """One table per setting, methods ranked (module docstring)."""
     parts = []
     for setting in SETTINGS:
-        rows = sorted(method_rows(folder, setting), key=lambda row: _rank_key(row, setting), reverse=True)
+        rows = sorted(method_rows(folder, setting), key=lambda row: rank_key(row, setting), reverse=True)
         if not rows:
             parts.append(f"**{setting}**: no runs yet.")
             continue

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from sdo import zoo
-from sdo.app.method_flags import MethodFlags
+from sdo.app.method_flags import AUTO, MethodFlags
 from sdo.app.options import check_options, option
 from sdo.app.pipeline_options import ZOO_GUIDANCE, PipelineOptions
 from sdo.app.reward_spec import parse_reward_spec
@@ -64,7 +64,12 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
     ``MethodFlags`` block, whose ``method_options()`` gives the registry's options for a latent)."""
 
     task: Literal["class", "style", "adversarial"] = option("class", "what to optimize for", choices=TASKS)
-    method: str = option("sdo", "gradient estimator (sdo bench --list-methods)", choices=LATENT_METHODS)
+    method: str = option(
+        "sdo",
+        "gradient estimator (sdo bench --list-methods), or auto: the best measured one for this job that fits "
+        "--memory-budget",
+        choices=(*LATENT_METHODS, AUTO),
+    )
     source: int = option(
         3, "class of the generated digits (-1: unconditional samples, no guidance)", at_least=-1, at_most=9
     )
@@ -136,14 +141,16 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
         check_options(self)
         if self.task not in TASKS:
             raise ConfigError(f"`task` must be one of {TASKS}, got {self.task!r}.")
-        if self.method not in LATENT_METHODS:
-            raise ConfigError(f"`method` must be one of {LATENT_METHODS} for a latent, got {self.method!r}.")
+        if self.method not in (*LATENT_METHODS, AUTO):
+            raise ConfigError(f"`method` must be one of {LATENT_METHODS} or auto for a latent, got {self.method!r}.")
+        self._check_auto()
         if self.task == "adversarial" and self.source == -1:
             raise ConfigError("The adversarial task needs a source class (`source` in [0, 9]), not -1.")
         if not 0 <= self.start_step < self.steps:
             raise ConfigError(f"`start_step` must be in [0, {self.steps - 1}], got {self.start_step}.")
-        self.check_method(self.method, "latent", self.steps, self.start_step)  # a bad --kept-steps fails here
-        self._check_recomputation()
+        if self.method != AUTO:  # auto's choice is checked when it is made (sdo.app.auto)
+            self.check_method(self.method, "latent", self.steps, self.start_step)  # a bad --kept-steps fails here
+            self._check_recomputation()
         self._check_official_freedom()
         check_text(self.prompt, "prompt", "--prompt")  # bytes that are not UTF-8 reach no tokenizer
         if self.pipeline and not (self.prompt or self.prompts):
@@ -157,6 +164,16 @@ class LatentTaskConfig(MethodFlags, PipelineOptions):
             raise ConfigError(f"`reward` ({self.reward!r}) scores a --pipeline's images; add --pipeline DIR.")
         super().__post_init__()
         self._check_images()
+
+    def _check_auto(self) -> None:
+        """``auto`` chooses for one run (not a run of many items); ``memory_budget`` only bounds its choice."""
+        if self.method == AUTO and (self.conditions or self.prompts):
+            raise ConfigError(
+                "`method` auto chooses for a single run; a run of many items (--conditions, --prompts) names its "
+                "method (run one item with --method auto to see the choice)."
+            )
+        if self.memory_budget is not None and self.method != AUTO:
+            raise ConfigError(f"`memory_budget` bounds the choice of --method auto; method {self.method!r} is fixed.")
 
     def _check_recomputation(self) -> None:
         """``checkpoint_kept`` only with a method that has kept steps to recompute; ``checkpoint_decoder`` only with
