@@ -168,3 +168,9 @@ def test_on_a_tiny_pipeline_the_plan_counts_its_modules_and_a_small_budget_drops
     assert abs(planned - memory.peak_bytes) <= 0.02 * memory.peak_bytes, (planned, memory.peak_bytes)
     tight = choose(job, choice.parts.weights + choice.parts.optimizer + planned - 1, config.method_options())
     assert tight.method != "full"
+
+
+def test_the_readmes_auto_guide_block_is_what_the_plan_chooses_today():
+    from sdo.app.report.document import check
+
+    assert check(RESULTS.parents[2] / "README.md", RESULTS) == 0

@@ -25,6 +25,7 @@ the measured peak); on the CPU the figure is what autograd saves, as ``sdo.memor
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -193,6 +194,7 @@ def choose(
     replays_only: bool = True,
     guide: dict[str, tuple[str, ...]] | None = None,
     hints: Sequence[str] = ("a smaller --batch",),
+    profiles: tuple[CallProfile, CallProfile] | None = None,
 ) -> Choice:
     """The first row of the guide for ``job`` whose planned memory fits ``budget`` bytes.
 
@@ -202,6 +204,7 @@ def choose(
         replays_only: only estimators whose result is a latent the plain sampler replays (``sdo optimize``).
         guide: the ranking (default ``sdo.app.guide.GUIDE``).
         hints: the flags that lower memory for this command, named when nothing fits.
+        profiles: ``profile_job(job)``, when already traced (one trace serves several budgets).
 
     Raises:
         BudgetError: no row fits; the message says the smallest budget that would and ``hints``.
@@ -210,7 +213,7 @@ def choose(
     rows = (guide or GUIDE)[job.protocol]
     if not rows:
         raise ConfigError(f"The measured guide has no estimator for {job.words()}; choose --method yourself.")
-    network, reward = profile_job(job)
+    network, reward = profiles or profile_job(job)
     fixed = module_bytes(job.modules)
     optimized = job.trainable if job.variable == "weights" else job.latent.numel() * job.latent.element_size()
     considered: list[_Candidate] = []
@@ -302,15 +305,16 @@ def profile_job(job: Job) -> tuple[CallProfile, CallProfile]:
     weights = job.variable == "weights"
     parameters = [p for m in job.modules for p in m.parameters() if p.is_floating_point()] if weights else []
     flags = [p.requires_grad for p in parameters]
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if not job.latent.is_meta else None
     try:
         for parameter in parameters:
             parameter.requires_grad_(True)
-        with mode:
-            x = mode.from_tensor(job.latent.detach()).requires_grad_(not weights)
-            t = mode.from_tensor(torch.as_tensor(job.timestep, device=job.latent.device))
+        with mode or contextlib.nullcontext():
+            fake = mode.from_tensor if mode is not None else lambda tensor: tensor.clone()
+            x = fake(job.latent.detach()).requires_grad_(not weights)
+            t = fake(torch.as_tensor(job.timestep).to(job.latent.device))
             network = profile_call(job.network, x, t)
-            x0 = mode.from_tensor(job.latent.detach()).requires_grad_(True)
+            x0 = fake(job.latent.detach()).requires_grad_(True)
             reward = profile_call(job.reward, x0)
     finally:
         for parameter, flag in zip(parameters, flags, strict=True):
@@ -511,7 +515,7 @@ def choose_for_bench(config, workload, steps: int) -> Choice:
         lambda x0: workload.reward(x0, None),
         workload.latent,
         sampler.timesteps[0],
-        modules=resident_modules(workload.model, workload.reward),
+        modules=resident_modules(workload.model, workload.reward, *workload.others),
         trainable=trainable if weights else 0,
         device=config.device,
     )

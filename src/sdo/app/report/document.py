@@ -46,6 +46,7 @@ SUBJECTS = (
     "comparison",
     "equal_time",
     "scale",
+    "auto",
 )
 """The modules of ``sdo.app.report`` that hold the blocks, in BENCHMARKS.md's order of subjects; importing one
 registers its blocks (so ``BLOCKS`` lists them in this order)."""

@@ -60,6 +60,8 @@ class Workload:
         reward: ``reward(x0, cond) -> [B]`` of a sample (the one reward protocol; ``cond`` is None here), decoding
             included for latent-diffusion workloads.
         model: the network whose weights ``--variable weights`` optimizes.
+        others: the other modules the run keeps on the device (the reward's networks, the VAE), for the memory
+            ``--method auto`` plans.
         device, dtype: where and in which precision the work runs.
     """
 
@@ -70,6 +72,7 @@ class Workload:
     model: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
+    others: tuple[torch.nn.Module, ...] = ()
 
 
 def mnist_workload(batch: int = 4, source: int = 3, target: int = 8, seed: int = 0, device="cpu") -> Workload:
@@ -170,7 +173,14 @@ def sd15_workload(
         return (image * projection).flatten(1).sum(dim=1).float()
 
     return Workload(
-        name="sd15", make_sampler=make_sampler, latent=latent, reward=reward, model=unet, device=device, dtype=dtype
+        name="sd15",
+        make_sampler=make_sampler,
+        latent=latent,
+        reward=reward,
+        model=unet,
+        device=device,
+        dtype=dtype,
+        others=(vae,),
     )
 
 
