@@ -293,7 +293,9 @@ def _choice(job: Job, chosen: _Candidate, budget: int, considered: list[_Candida
 
 
 def _gib(size: int) -> str:
-    return f"{size / GIB:.2f} GiB"
+    """``12.34 GiB``; below 0.1 GiB two significant digits (``0.00012 GiB``)."""
+    value = size / GIB
+    return f"{value:.2f} GiB" if value >= 0.1 else f"{value:.2g} GiB"
 
 
 def profile_job(job: Job) -> tuple[CallProfile, CallProfile]:
