@@ -48,7 +48,9 @@ def test_every_command_accepts_exactly_the_registry_names():
     weights = (*modes, "nograd")
     assert BenchConfig(methods=",".join(weights), variable="weights").method_names == list(weights)
     flags = {field.name: field.metadata for field in dataclasses.fields(LatentTaskConfig)}
-    assert flags["method"]["choices"] == LATENT_METHODS
+    assert flags["method"]["choices"] == (*LATENT_METHODS, "auto")  # auto: sdo.app.auto chooses one of them
+    finetune_flags = {field.name: field.metadata for field in dataclasses.fields(FinetuneConfig)}
+    assert finetune_flags["method"]["choices"] == (*FINETUNE_METHODS, "auto")
 
 
 def test_finetuning_modes_come_from_the_registry():

@@ -364,7 +364,7 @@ def test_stale_images_are_only_sdos_own_names(tmp_path):
 
 @pytest.mark.parametrize("failure", [RuntimeError("a bug"), sdo.MissingWeightsError("no weights")])
 def test_a_failed_finetune_leaves_no_folder_and_no_record(failure, tmp_path, capsys, monkeypatch):
-    def fail(config, data, progress, accelerator, out, checkpoint):
+    def fail(config, data, progress, accelerator, out, checkpoint, settings, target=None):
         assert (out / "config.json").is_file() and (out / MARKER_NAME).is_file()  # written before the models
         raise failure
 
