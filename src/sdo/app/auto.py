@@ -36,9 +36,8 @@ import torch
 
 from sdo.app.guide import GUIDE, guide_settings
 from sdo.app.method_flags import AUTO
-from sdo.app.plan import CallProfile, plan_method, profile_call
+from sdo.app.plan import CallProfile, plan_any, profile_call
 from sdo.errors import ConfigError
-from sdo.gradients import GradientMode, LoopMode
 from sdo.methods import METHODS, MethodOptions
 
 __all__ = [
@@ -327,29 +326,14 @@ def profile_job(job: Job) -> tuple[CallProfile, CallProfile]:
 def plan_activations(
     method: str, options: MethodOptions, job: Job, network: CallProfile, reward: CallProfile
 ) -> int | None:
-    """The peak activation bytes of ``method`` on ``job`` (module docstring); None when it cannot be planned."""
-    steps = job.steps - job.start_step
-    try:  # a method that does not fit the run (a depth above its steps) is no candidate
+    """The peak activation bytes of ``method`` on ``job`` (``sdo.app.plan.plan_any`` over the steps the job runs);
+    None when it cannot be planned or does not fit the run (a depth above its steps)."""
+    try:
         METHODS[method].check_fits(options, job.steps, job.start_step)
-        mode: GradientMode | None = METHODS[method].mode(options) if METHODS[method].build is not None else None
+        plan = plan_any(method, options, job.steps - job.start_step, network, reward, 1)
     except ConfigError:
         return None
-    if mode is not None and not isinstance(mode, LoopMode):
-        try:
-            return plan_method(method, mode, steps, network, reward, 1).peak_activation_bytes
-        except NotImplementedError:  # a mode without step roles
-            pass
-    x, a, a_r = network.input_bytes, network.saved_bytes, reward.peak
-    kind = METHODS[method].runner.kind
-    if method == "adjoint":
-        every = options.adjoint_checkpoint_every
-        stored = math.ceil(steps / every) if every else 0
-        return max(a_r, a) + (stored + 2) * x
-    if kind == "doodl":
-        return max(a_r, 2 * a) + 4 * x
-    if kind == "guidance":
-        return a + a_r + x
-    return None
+    return None if plan is None else plan.peak_activation_bytes
 
 
 def resident_modules(*holders: object) -> list[torch.nn.Module]:

@@ -32,6 +32,7 @@ given separately).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -43,10 +44,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdo.app.bench import BenchConfig, build_workload
 from sdo.app.bench import workload_dtype as plan_dtype
 from sdo.app.report import markdown_table, mebibytes
-from sdo.gradients import AlignProp, GradientMode, RandomTruncation, StepRole, Truncated
+from sdo.gradients import AlignProp, GradientMode, LoopMode, RandomTruncation, StepRole, Truncated
 from sdo.memory import is_parameter
 
-__all__ = ["CallProfile", "MethodPlan", "format_plan", "plan_bench", "plan_dtype", "plan_method", "profile_call"]
+__all__ = [
+    "CallProfile",
+    "MethodPlan",
+    "format_plan",
+    "plan_any",
+    "plan_bench",
+    "plan_dtype",
+    "plan_loop_method",
+    "plan_method",
+    "profile_call",
+]
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,57 @@ def plan_method(
     return MethodPlan(name, steps, saved, peak, int(flops), flops / nograd_flops if nograd_flops else 0.0, 0, 0)
 
 
+def plan_loop_method(
+    name: str, kind: str, options, steps: int, network: CallProfile, reward: CallProfile, nograd_flops: int
+) -> MethodPlan | None:
+    """The plan of a method that owns its loop instead of giving each step a role (``kind`` its runner's, see
+    ``sdo.methods.Runner``); None for one not modelled. With ``A, X, F, B`` one network call's and ``A_r, F_r, B_r``
+    the reward's (``A_r`` its peak):
+
+    - ``adjoint`` (AdjointDPM, the discrete adjoint): a no-grad forward, then the reward's backward, then one step's
+      graph at a time at reconstructed states: saved ``max(A_r, A)``, peak that plus ``(s + 2) X`` for the ``s =
+      ceil(n / k)`` states ``adjoint_checkpoint_every = k`` stores; FLOPs ``n F + F_r + B_r + n ((1 + j) F + F + B)``
+      with ``j = adjoint_iters`` refinements per reconstruction;
+    - DOODL (``kind`` "doodl": the coupled EDICT pair, two calls per step, exact inversion in backward): saved
+      ``max(A_r, 2 A)``, peak that plus ``4 X``; FLOPs ``2 n F + F_r + B_r + n (4 F + 2 B)``;
+    - FreeDoM (``kind`` "guidance": a reward gradient at each step's x0 prediction, one step's graph at a time):
+      saved ``A + A_r``, peak that plus ``X``; FLOPs ``n (F + B + F_r + B_r)`` (time travel's repeats left out).
+    """
+    a, x, f, b = network.saved_bytes, network.input_bytes, network.forward_flops, network.backward_flops
+    a_r, f_r, b_r = reward.peak, reward.forward_flops, reward.backward_flops
+    if name == "adjoint":
+        every = options.adjoint_checkpoint_every
+        stored = math.ceil(steps / every) if every else 0
+        saved, peak = max(a_r, a), max(a_r, a) + (stored + 2) * x
+        flops = steps * f + f_r + b_r + steps * ((1 + options.adjoint_iters) * f + f + b)
+    elif kind == "doodl":
+        saved, peak = max(a_r, 2 * a), max(a_r, 2 * a) + 4 * x
+        flops = 2 * steps * f + f_r + b_r + steps * (4 * f + 2 * b)
+    elif kind == "guidance":
+        saved, peak = a + a_r, a + a_r + x
+        flops = steps * (f + b + f_r + b_r)
+    else:
+        return None
+    return MethodPlan(name, steps, saved, peak, int(flops), flops / nograd_flops if nograd_flops else 0.0, 0, 0)
+
+
+def plan_any(
+    name: str, options, steps: int, network: CallProfile, reward: CallProfile, nograd_flops: int
+) -> MethodPlan | None:
+    """The plan of registry method ``name`` with ``options``: ``plan_method`` along its gradient mode's step roles,
+    or ``plan_loop_method`` for a method that owns its loop; None when neither models it."""
+    from sdo.methods import METHODS
+
+    method = METHODS[name]
+    mode = method.mode(options) if method.build is not None else None
+    if mode is not None and not isinstance(mode, LoopMode):
+        try:
+            return plan_method(name, mode, steps, network, reward, nograd_flops)
+        except NotImplementedError:  # a mode without step roles (e.g. reversible solvers): not modelled
+            return None
+    return plan_loop_method(name, method.runner.kind, options, steps, network, reward, nograd_flops)
+
+
 def _peak_roles(mode: GradientMode, steps: int) -> tuple[list[StepRole], float | None]:
     """The roles of ``mode``'s largest draw on ``steps`` steps (its peak memory) and, for a random mode, its mean
     number of graphed steps (its time): ``random-truncation`` draws k in [low, high], mean (low + high) / 2;
@@ -187,8 +249,6 @@ def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:
     one iteration (nothing runs: see the module docstring). Everything is traced on the meta device, so
     ``config.device`` need not exist on this machine (a CUDA plan on a CPU-only one); it only sets the SD-1.5
     dtype (``plan_dtype``) unless ``dtype`` is given. Returns ``{"config", "profiles", "rows"}``."""
-    from sdo.methods import gradient_mode
-
     workload = _meta_workload(config, dtype)
     weights = config.variable == "weights"
     if weights:
@@ -210,10 +270,9 @@ def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:
     for steps in config.step_counts:
         nograd_flops = steps * network.forward_flops + reward.forward_flops
         for name in config.method_names:
-            mode = gradient_mode(name, config.method_options(generator=torch.Generator().manual_seed(config.seed)))
-            try:
-                plan = plan_method(name, mode, steps, network, reward, nograd_flops)
-            except NotImplementedError:  # a mode without step roles (e.g. reversible solvers): not modelled
+            options = config.method_options(generator=torch.Generator().manual_seed(config.seed))
+            plan = plan_any(name, options, steps, network, reward, nograd_flops)
+            if plan is None:
                 continue
             trained = param_bytes if weights and plan.saved_bytes else 0
             rows.append(asdict(plan) | {"param_bytes": param_bytes, "grad_and_optimizer_bytes": 3 * trained})
