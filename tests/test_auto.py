@@ -205,3 +205,15 @@ def test_the_readmes_auto_guide_block_is_what_the_plan_chooses_today():
     from sdo.app.report.document import check
 
     assert check(RESULTS.parents[2] / "README.md", RESULTS) == 0
+
+
+def test_bench_plan_names_the_method_auto_would_choose_under_the_budget(tmp_path):
+    from sdo.app.bench import BenchConfig
+    from sdo.app.plan import plan_bench
+
+    rows = {}
+    for budget in (0.2, 100.0):
+        config = BenchConfig(methods="auto,full", memory_budget=budget, steps="10", out=str(tmp_path))
+        rows[budget] = {row["method"]: row for row in plan_bench(config)["rows"]}
+    assert rows[100.0]["auto (full)"]["peak_activation_bytes"] == rows[100.0]["full"]["peak_activation_bytes"]
+    assert "auto (full)" not in rows[0.2] and rows[0.2]["full"]["peak_activation_bytes"] > 0.2 * GIB

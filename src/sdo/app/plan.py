@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdo.app.bench import BenchConfig, build_workload
 from sdo.app.bench import workload_dtype as plan_dtype
+from sdo.app.method_flags import AUTO
 from sdo.app.report import markdown_table, mebibytes
 from sdo.gradients import AlignProp, GradientMode, LoopMode, RandomTruncation, StepRole, Truncated
 from sdo.memory import is_parameter
@@ -271,9 +272,14 @@ def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:
         nograd_flops = steps * network.forward_flops + reward.forward_flops
         for name in config.method_names:
             options = config.method_options(generator=torch.Generator().manual_seed(config.seed))
+            label = name
+            if name == AUTO:  # the method --method auto would choose here, planned like the others
+                name, options = _auto_choice(config, dtype, steps, options)
+                label = f"{AUTO} ({name})"
             plan = plan_any(name, options, steps, network, reward, nograd_flops)
             if plan is None:
                 continue
+            plan = replace(plan, method=label)
             trained = param_bytes if weights and plan.saved_bytes else 0
             rows.append(asdict(plan) | {"param_bytes": param_bytes, "grad_and_optimizer_bytes": 3 * trained})
     return {
@@ -281,6 +287,15 @@ def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:
         "profiles": {"network": asdict(network), "reward": asdict(reward)},
         "rows": rows,
     }
+
+
+def _auto_choice(config: BenchConfig, dtype: torch.dtype | None, steps: int, options) -> tuple[str, object]:
+    """``(method, options)`` that ``sdo.app.auto`` chooses for ``config``'s workload (on the meta device) at
+    ``steps``."""
+    from sdo.app.auto import choose_for_bench, with_row_options
+
+    choice = choose_for_bench(config, build_workload(config, "meta", dtype), steps)
+    return choice.method, with_row_options(options, choice.options)
 
 
 def format_plan(plan: dict) -> str:
