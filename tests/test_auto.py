@@ -217,3 +217,14 @@ def test_bench_plan_names_the_method_auto_would_choose_under_the_budget(tmp_path
         rows[budget] = {row["method"]: row for row in plan_bench(config)["rows"]}
     assert rows[100.0]["auto (full)"]["peak_activation_bytes"] == rows[100.0]["full"]["peak_activation_bytes"]
     assert "auto (full)" not in rows[0.2] and rows[0.2]["full"]["peak_activation_bytes"] > 0.2 * GIB
+
+
+def test_finetune_auto_on_a_tiny_pipeline_plans_its_lora_and_records_the_choice(pipeline_dir, clip_dir, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    out = tmp_path / "tune"
+    folders = ["--pipeline", str(pipeline_dir), "--prompts", str(tmp_path / "prompts.txt")]
+    flags = ["finetune", "--method", "auto", *folders, "--clip-path", str(clip_dir / "clip"), "--steps", "1"]
+    assert cli.main([*flags, "--batch-size", "2", "--sample-steps", "3", "--eval-every", "0", "--out", str(out)]) == 0
+    choice = Choice.from_record(json.loads((out / "config.json").read_text())["config"]["auto"])
+    assert choice.row == GUIDE["weights"][0] and 0 < choice.parts.optimizer < choice.parts.weights
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

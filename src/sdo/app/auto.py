@@ -87,7 +87,7 @@ class MemoryParts:
 
     def describe(self) -> str:
         """``2.03 GiB (weights 0.01, optimizer 0.00, activations 2.02)``."""
-        parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in asdict(self).items())
+        parts = ", ".join(f"{name} {_gib(value).removesuffix(' GiB')}" for name, value in asdict(self).items())
         return f"{_gib(self.total)} ({parts})"
 
 
@@ -388,11 +388,13 @@ def finetune_job(config, target, micro_batch: int) -> Job:
     conditions = conditions.to(device) if isinstance(conditions, torch.Tensor) else conditions
     sampler = target.sampler(target.network, conditions)
     targets = config.lora_targets or target.lora_targets
+    # a pipeline's reward reads its prompts by index: Python ints, since the fake trace cannot read tensor values
+    scored = conditions.tolist() if hasattr(target, "parts") and isinstance(conditions, torch.Tensor) else conditions
     return Job(
         "weights",
         config.sample_steps,
         sampler.model_fn,
-        lambda x0: target.reward(x0, conditions),
+        lambda x0: target.reward(x0, scored),
         noise.to(device),
         sampler.timesteps[0],
         modules=resident_modules(target, getattr(target, "parts", None)),
