@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from sdo.app import equal_time
 from sdo.app.equal_time import EqualTimeSettings, iteration_counts, widen
@@ -147,6 +148,37 @@ def test_sdo_then_exact_switches_to_the_exact_gradient_and_spends_the_budget_by_
     run = equal_time._run("sdo-then-exact", options, case, 6, settings, resources, calibration=calibration)
     equal_time.take_rounds(run, "test")
     assert len(run.stepper.history) == 6 and run.switched_at is None
+
+
+def test_coarse_to_fine_spends_half_the_budget_from_the_noise_then_goes_on_from_the_late_step():
+    from sdo.gradients import NoGrad
+
+    settings = EqualTimeSettings(steps=4, full_iters=6, batch=2, late_step=2)
+    case = Case("class", "noise", 0)
+    resources = load_resources(settings.task_config(case, "sdo", 1))
+    name = "sdo-coarse-to-fine"
+    seconds = {"full": 1.0, name: 1.0, equal_time.late_key(name): 0.5}
+    # T = 6 s: 3 iterations from the noise (3 s), then 3 s / 0.5 s = 6 from step 2
+    assert equal_time.coarse_to_fine_counts(name, seconds, settings) == (3, 6)
+    assert equal_time.iteration_counts(seconds, settings)[name] == 9
+    calibration = {"seconds_per_iteration": seconds, "iterations": {name: 9}}
+    options = equal_time.options_of(name, 0.05)
+    run = equal_time._run(name, options, case, 9, settings, resources, calibration=calibration)
+    equal_time.take_rounds(run, "test")
+    history = run.stepper.history
+    assert run.switched_at == 3 and len(history) == 9
+    # the second phase's first iterate evaluates the first phase's last latent, sampled to the end
+    assert history[3]["reward"] != history[2]["reward"]
+    best = [max(h["rewards"][b] for h in history[: k + 1]) for k in range(9) for b in range(2)]
+    joined = [sum(best[2 * k : 2 * k + 2]) / 2 for k in range(9)]
+    assert [h["best_so_far"] for h in history] == pytest.approx(joined)
+    record, tensors = run.finish()
+    assert record["switched_at"] == 3 and record["late_step"] == 2 and len(record["iterates"]) == 10
+    assert record["iterates"][-1]["best_so_far"] >= max(it["reward"] for it in record["iterates"]) - 1e-9
+    # the final latent lives at step 2: replayed from there it gives the stored final sample
+    latent = run.stepper.current.latent.detach()
+    replay = run.task.sampler.sample(latent, NoGrad(), start_step=2)
+    torch.testing.assert_close(replay.float(), tensors["final_sample"])
 
 
 def test_a_variant_added_later_is_calibrated_beside_full_on_the_stored_clock(tmp_path, three_variants, monkeypatch):

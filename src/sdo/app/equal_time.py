@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from sdo.app.comparison import interleave, save_result, source_commit, this_machine
@@ -51,7 +52,9 @@ from sdo.app.fair_comparison import Case, VariantRun, case_config, recorded_opti
 from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task
 from sdo.errors import NonFiniteRewardError
 from sdo.freedom import FreedomSettings
+from sdo.gradients import NoGrad
 from sdo.io import load_json
+from sdo.latent import LatentProblem
 from sdo.methods import METHODS, MethodOptions, TruncationSettings
 
 __all__ = [
@@ -107,6 +110,8 @@ class Variant:
         credited_from: not run; this variant's iterates are those of the named one, credited at this one's time.
         protocols: where it runs.
         then_exact: SDO until ``PATIENCE`` iterations without a new best-so-far, then ``EXACT``'s gradient.
+        coarse_to_fine: from the noise for half the budget, then from the latent at ``late_step`` for the rest
+            (``CoarseToFineRun``).
     """
 
     method: str
@@ -118,6 +123,7 @@ class Variant:
     credited_from: str | None = None
     protocols: tuple[str, ...] = PROTOCOLS
     then_exact: bool = False
+    coarse_to_fine: bool = False
 
 
 COSINE = {"lr_schedule": "cosine"}
@@ -129,6 +135,7 @@ VARIANTS: dict[str, Variant] = {
     "sdo-multi-cosine": Variant("sdo-multi", fixed=COSINE, per_pair=True),
     "sdo-beta2": Variant("sdo", fixed={"betas": (0.9, 0.999)}, per_pair=True),
     "sdo-then-exact": Variant("sdo", per_pair=True, then_exact=True),
+    "sdo-coarse-to-fine": Variant("sdo", per_pair=True, protocols=("noise",), coarse_to_fine=True),
     "full": Variant("full", per_pair=True),
     "full-cosine": Variant("full", fixed=COSINE, per_pair=True),
     "checkpointed": Variant("checkpointed", credited_from="full"),
@@ -182,13 +189,16 @@ def _run(
     calibration: dict | None = None,
 ) -> VariantRun:
     """Variant ``name``'s run on ``case`` (``method``: its registry method, default the variant's). A
-    ``then_exact`` variant given the case's ``calibration`` is a ``ThenExactRun`` (without one, plain SDO: its
-    calibration and memory pass)."""
+    ``then_exact`` variant given the case's ``calibration`` is a ``ThenExactRun``, a ``coarse_to_fine`` one a
+    ``CoarseToFineRun`` (without one, plain SDO from the case's start: their calibration and memory pass)."""
     method = method or VARIANTS[name].method
     config = settings.task_config(case, method, iters)
     task = build_task(config, resources)
-    if VARIANTS.get(name, VARIANTS["sdo"]).then_exact and calibration is not None:
+    variant = VARIANTS.get(name, VARIANTS["sdo"])
+    if variant.then_exact and calibration is not None:
         return ThenExactRun(name, task, options, config, calibration, settings)
+    if variant.coarse_to_fine and calibration is not None:
+        return CoarseToFineRun(name, task, options, config, calibration, settings)
     return VariantRun(name, task, options, config, method, measure)
 
 
@@ -228,6 +238,88 @@ def stalled(history: Sequence[dict], patience: int) -> bool:
     return len(history) > patience and history[-1]["best_so_far"] <= history[-1 - patience]["best_so_far"]
 
 
+def late_key(name: str) -> str:
+    """The calibration entry of a ``coarse_to_fine`` variant's second phase: its seconds per iteration from the
+    latent at ``late_step``."""
+    return f"{name}@late"
+
+
+def coarse_to_fine_counts(name: str, seconds: dict[str, float], settings: EqualTimeSettings) -> tuple[int, int]:
+    """``(n1, n2)``: n1 = max(1, floor(T / 2 / s1)) iterations from the noise, then n2 = floor((T - n1 s1) / s2) from
+    the latent at ``late_step``, with T = ``full_iters`` x s_full and s1, s2 the phases' calibrated seconds."""
+    budget = settings.full_iters * seconds["full"] * (1 + 1e-9)
+    first, second = seconds[name], seconds[late_key(name)]
+    coarse = max(1, math.floor(budget / 2 / first))
+    return coarse, max(0, math.floor((budget - coarse * first) / second))
+
+
+class CoarseToFineRun(VariantRun):
+    """``sdo-coarse-to-fine`` (noise protocol): SDO from the noise for n1 iterations (half the budget at its
+    calibrated seconds), then a no-grad pass of the current latent to ``late_step`` and SDO from that latent (the same
+    options, a fresh Adam) for the n2 iterations the rest of the budget buys at the second phase's calibrated seconds
+    (``coarse_to_fine_counts``). The final latent is at ``late_step``: it replays with ``start_step=late_step``.
+
+    The history joins the phases (``_PhasedStepper``): the second phase's first record evaluates the first phase's
+    last latent, and best-so-far is each sample's best over both."""
+
+    def __init__(self, name, task, options, config, calibration: dict, settings: EqualTimeSettings):
+        super().__init__(name, task, options, config, VARIANTS[name].method, measure=False)
+        self.coarse, fine = coarse_to_fine_counts(name, calibration["seconds_per_iteration"], settings)
+        self.rounds = self.coarse + fine
+        self.late_step, self.seed, self.switched_at = settings.late_step, config.seed, None
+        self.stepper = _PhasedStepper(self.stepper)
+
+    def iterate(self) -> dict:
+        record = super().iterate()
+        if self.switched_at is None and len(self.stepper.history) == self.coarse < self.rounds:
+            self._switch()
+        return record
+
+    def _switch(self) -> None:
+        sampler = self.task.sampler
+        with torch.no_grad():
+            late = sampler.sample(self.stepper.current.latent.detach(), NoGrad(), stop_step=self.late_step)
+        problem = LatentProblem(
+            sampler, late, self.task.reward, start_step=self.late_step, seed=self.seed, judge=self.task.judge_accepts
+        )
+        self.stepper.current = self.method.stepper(problem, self.options, self.rounds - self.coarse)
+        self.switched_at = self.coarse
+
+    def finish(self) -> tuple[dict, dict]:
+        record, tensors = super().finish()
+        record.update(switched_at=self.switched_at, late_step=self.late_step)
+        return record, tensors
+
+
+class _PhasedStepper:
+    """A latent stepper whose ``current`` stepper may be replaced between iterations: one joined ``history``, with
+    ``best_so_far`` the batch mean of each sample's best reward over every phase."""
+
+    def __init__(self, first) -> None:
+        self.current, self.history, self.best = first, [], None
+
+    @property
+    def gradient(self) -> torch.Tensor | None:
+        return self.current.gradient
+
+    def _joined(self, record: dict) -> dict:
+        rewards = torch.tensor(record["rewards"], dtype=torch.float64)
+        self.best = rewards if self.best is None else torch.maximum(self.best, rewards)
+        return {**record, "best_so_far": float(self.best.mean())}
+
+    def iterate(self) -> dict:
+        record = self._joined(self.current.iterate())
+        self.history.append(record)
+        return record
+
+    def finish(self):
+        result = self.current.finish()
+        best = self.best
+        final = self._joined(result.history[-1])
+        self.best = best
+        return replace(result, history=[*self.history, final])
+
+
 def take_rounds(run: VariantRun, description: str) -> None:
     """Iterate ``run`` until it has taken its rounds (a guided pass: one; ``ThenExactRun`` may lower them)."""
     with tqdm(total=1 if run.guided else run.rounds, desc=description, leave=False) as bar:
@@ -237,17 +329,19 @@ def take_rounds(run: VariantRun, description: str) -> None:
 
 
 def calibrate(out: Path, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> dict:
-    """Stage 1 on ``case``: each variant's median seconds per iteration and its iteration count (stored; a rerun
-    reads them). Variants the stored record lacks are timed beside ``full`` and put on its clock (an extension)."""
+    """Stage 1 on ``case``: each variant's median seconds per iteration (and a ``coarse_to_fine`` variant's second
+    phase's, ``late_key``) and its iteration count (stored; a rerun reads them). Variants the stored record lacks are
+    timed beside ``full`` and put on its clock (an extension)."""
     path = out / "cases" / case.key / "calibration.json"
     expected = {"settings": asdict(settings), "case": asdict(case)}
     names = [n for n in VARIANTS if case.protocol in VARIANTS[n].protocols]
     stored = stored_record(path, expected)
+    names += [late_key(n) for n in names if VARIANTS[n].coarse_to_fine]  # their second phase's timing
     if stored is not None and set(names) <= stored["seconds_per_iteration"].keys():
         return stored
     missing = [n for n in names if stored is None or n not in stored["seconds_per_iteration"]]
     timed = missing if stored is None else ["full", *missing]
-    runs = [_run(n, options_of(n), case, settings.calibration_iters, settings, resources) for n in timed]
+    runs = [_calibration_run(n, case, settings, resources) for n in timed]
     for run in runs:
         run.rounds = 1 if run.guided else settings.calibration_iters
     interleave(runs, f"calibrate {case.key}")
@@ -267,6 +361,16 @@ def calibrate(out: Path, case: Case, settings: EqualTimeSettings, resources: Tas
     return record
 
 
+def _calibration_run(key: str, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> VariantRun:
+    """The run timing calibration entry ``key``: a variant from the case's start, or (``late_key``) a
+    ``coarse_to_fine`` variant's second phase, SDO from the same seed's latent at ``late_step``."""
+    name, late = key.removesuffix("@late"), key.endswith("@late")
+    where = replace(case, protocol="edit") if late else case
+    run = _run(name, options_of(name), where, settings.calibration_iters, settings, resources)
+    run.name = key
+    return run
+
+
 def steady_seconds(history: list[dict]) -> float:
     """The median ``seconds`` of the records of ``history`` after the first (which also pays one-time costs:
     allocations, caches); the first alone when it is the only one."""
@@ -274,12 +378,18 @@ def steady_seconds(history: list[dict]) -> float:
 
 
 def iteration_counts(seconds: dict[str, float], settings: EqualTimeSettings) -> dict[str, int]:
-    """n_v = max(1, floor(T / s_v)) with T = ``full_iters`` x s_full (a one-pass method: 1)."""
+    """n_v = max(1, floor(T / s_v)) with T = ``full_iters`` x s_full (a one-pass method: 1; a ``coarse_to_fine``
+    variant: n1 + n2 of ``coarse_to_fine_counts``)."""
     budget = settings.full_iters * seconds["full"]
-    return {
+    counts = {
         name: 1 if METHODS[VARIANTS[name].method].runner.one_pass else max(1, math.floor(budget / s * (1 + 1e-9)))
         for name, s in seconds.items()
+        if name in VARIANTS
     }
+    for name in counts:
+        if VARIANTS[name].coarse_to_fine and late_key(name) in seconds:
+            counts[name] = sum(coarse_to_fine_counts(name, seconds, settings))
+    return counts
 
 
 def widen(grid: Sequence[float], final_reward: Callable[[float], float], widenings: int = WIDENINGS) -> dict:

@@ -8,7 +8,8 @@ Jobs and their sources (the results folder is ``benchmarks/results/cpu``):
   variant's mean over the reported seeds of R_v(1), its final-iterate reward within full backpropagation's training
   time, ranks it; a variant's score is its mean rank over the tasks where it ran, ties broken by the registry's order.
   Only variants a command line can express are ranked (not ``sdo-beta2``, whose betas are no flag, nor
-  ``sdo-then-exact``, a harness rule); ``checkpointed`` is ``full``'s gradient credited at its own, slower time.
+  ``sdo-then-exact`` and ``sdo-coarse-to-fine``, harness rules); ``checkpointed`` is ``full``'s gradient credited
+  at its own, slower time.
 - ``weights``: the fine-tuning comparison (``sdo.app.finetune_comparison``; issue 29), ranked per setting
   (``confidence``; ``bold`` by the reward while the judge holds) and by mean rank over the settings. Until it has
   stored runs, the earlier 40-update runs (``finetune-<task>-<method>``: one seed, untuned) rank by their reward over
@@ -89,7 +90,9 @@ def _latent_guide(results: Path) -> dict[str, tuple[str, ...]]:
     from sdo.app.equal_time import PROTOCOLS, VARIANTS
     from sdo.app.report.equal_time import FOLDER, load_cases, summaries
 
-    expressible = [name for name, v in VARIANTS.items() if set(v.fixed) <= FLAG_OPTIONS and not v.then_exact]
+    expressible = [
+        name for name, v in VARIANTS.items() if set(v.fixed) <= FLAG_OPTIONS and not (v.then_exact or v.coarse_to_fine)
+    ]
     folder = results / FOLDER
     table = summaries(load_cases(folder), quality=False) if folder.is_dir() else {}
     guide = {}

@@ -162,6 +162,8 @@ def _setting(name: str, options: dict) -> str:
         label += f", betas ({', '.join(f'{b:g}' for b in options['betas'])})"
     if variant is not None and variant.then_exact:
         label += f", exact after {PATIENCE} without a new best"
+    if variant is not None and variant.coarse_to_fine:
+        label += ", half the budget from the noise, then from the late step"
     return label
 
 
