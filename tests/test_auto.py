@@ -22,7 +22,8 @@ from sdo.app.auto import (
     profile_job,
     with_row_options,
 )
-from sdo.app.guide import GUIDE, guide_settings, measured_guide
+from sdo.app.guide import GUIDE, guide_settings
+from sdo.app.report.guide import measured_guide
 from sdo.app.tasks.latent import LatentTaskConfig, build_task, load_resources, task_problem
 from sdo.errors import ConfigError
 from sdo.memory import PeakMemory
@@ -45,7 +46,7 @@ def noise_job():
 
 
 def test_the_guide_is_the_ranking_measured_from_the_stored_comparisons():
-    assert measured_guide(RESULTS) == GUIDE, "regenerate GUIDE with `python -m sdo.app.guide`"
+    assert measured_guide(RESULTS) == GUIDE, "regenerate GUIDE with `python -m sdo.app.report.guide`"
 
 
 @pytest.mark.parametrize("method", ["full", "sdo", "checkpointed", "adjoint"])

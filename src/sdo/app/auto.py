@@ -36,7 +36,7 @@ import torch
 
 from sdo.app.guide import GUIDE, guide_settings
 from sdo.app.method_flags import AUTO
-from sdo.app.plan import CallProfile, plan_any, profile_call
+from sdo.app.planner import CallProfile, plan_any, profile_call
 from sdo.errors import ConfigError
 from sdo.methods import METHODS, MethodOptions
 
@@ -356,9 +356,9 @@ def trained_bytes(network: torch.nn.Module, lora_rank: int, lora_targets: str) -
     ``meta`` copy of ``network``, which stays as it is) or, with rank 0, every floating weight."""
     if not lora_rank:
         return sum(p.numel() * p.element_size() for p in network.parameters() if p.is_floating_point())
-    from sdo.app.lora import _meta_copy, add_lora
+    from sdo.app.lora import add_lora, meta_copy
 
-    copy = add_lora(_meta_copy(network).requires_grad_(False), lora_rank, lora_targets)
+    copy = add_lora(meta_copy(network).requires_grad_(False), lora_rank, lora_targets)
     return sum(p.numel() * p.element_size() for p in copy.parameters() if p.requires_grad)
 
 

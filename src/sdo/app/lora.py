@@ -48,6 +48,7 @@ __all__ = [
     "load_trainable",
     "mark_fused",
     "merge_lora",
+    "meta_copy",
     "network_of",
     "remove_lora",
     "remove_old_adapter",
@@ -215,7 +216,7 @@ def _check_adapter(network: torch.nn.Module, tensors: dict[str, torch.Tensor], p
     if not rank:
         expected = {name: tuple(value.shape) for name, value in network.state_dict().items()}
     else:
-        skeleton = _meta_copy(network)
+        skeleton = meta_copy(network)
         try:
             add_lora(skeleton, rank, targets)
         except ValueError as error:
@@ -225,7 +226,7 @@ def _check_adapter(network: torch.nn.Module, tensors: dict[str, torch.Tensor], p
     return rank, targets
 
 
-def _meta_copy(network: torch.nn.Module) -> torch.nn.Module:
+def meta_copy(network: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``network``'s modules whose weights are on the ``meta`` device (no memory, no values): what
     injecting LoRA would make of it, without touching it. Accelerate's offload hooks are left out of the copy."""
     memo: dict[int, object] = {}

@@ -1,0 +1,90 @@
+"""The measured guide of ``--method auto`` (``sdo.app.guide``, whose docstring gives the ranking rule), computed from
+the stored comparisons; ``python -m sdo.app.report.guide`` prints it as ``GUIDE``'s literal."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+
+from sdo.app.guide import FLAG_OPTIONS, JOBS
+from sdo.app.report.blocks import load_records
+
+__all__ = ["measured_guide"]
+
+FINETUNE_SETTINGS = ("confidence", "bold")
+EARLIER_FINETUNE_METHODS = ("sdo", "draft-1", "random-truncation")
+
+
+def measured_guide(results: Path) -> dict[str, tuple[str, ...]]:
+    """The guide measured from the stored comparisons under ``results`` (module docstring)."""
+    return {**_latent_guide(results), "weights": _weights_guide(results)}
+
+
+def _latent_guide(results: Path) -> dict[str, tuple[str, ...]]:
+    from sdo.app.equal_time import PROTOCOLS, VARIANTS
+    from sdo.app.report.equal_time import FOLDER, load_cases, summaries
+
+    expressible = [
+        name for name, v in VARIANTS.items() if set(v.fixed) <= FLAG_OPTIONS and not (v.then_exact or v.coarse_to_fine)
+    ]
+    folder = results / FOLDER
+    table = summaries(load_cases(folder), quality=False) if folder.is_dir() else {}
+    guide = {}
+    for protocol in PROTOCOLS:
+        by_task = {
+            pair: {
+                row["variant"]: statistics.mean(row["reward_at_1"]) for row in rows if row["variant"] in expressible
+            }
+            for pair, rows in table.items()
+            if pair.endswith(f"/{protocol}")
+        }
+        guide[protocol] = _by_mean_rank(by_task, expressible)
+    return guide
+
+
+def _weights_guide(results: Path) -> tuple[str, ...]:
+    from sdo.app.finetune_comparison import METHODS
+    from sdo.app.report.finetune_comparison import FOLDER, method_rows, rank_key
+
+    folder = results / FOLDER
+    by_setting = {
+        setting: {row["method"]: rank_key(row, setting) for row in method_rows(folder, setting)}
+        for setting in FINETUNE_SETTINGS
+        if folder.is_dir()
+    }
+    if any(by_setting.values()):
+        return _by_mean_rank(by_setting, METHODS)
+    earlier = {}
+    for task in FINETUNE_SETTINGS:
+        scores = {}
+        for method in EARLIER_FINETUNE_METHODS:
+            path = results / f"finetune-{task}-{method}" / "metrics.jsonl"
+            if path.exists():
+                scores[method] = statistics.mean(r["reward"] for r in load_records(path)[-5:])
+        earlier[task] = scores
+    return _by_mean_rank(earlier, EARLIER_FINETUNE_METHODS)
+
+
+def _by_mean_rank(scores: Mapping[str, Mapping[str, object]], order: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The names ranked by their mean rank over the groups of ``scores`` (``{group: {name: score}}``, higher is
+    better; a name counts where it has a score), ties in ``order``'s order; names without a score are left out."""
+    ranks: dict[str, list[int]] = {}
+    for group in scores.values():
+        ranked = sorted(group, key=lambda name: (group[name], -order.index(name)), reverse=True)
+        for rank, name in enumerate(ranked, 1):
+            ranks.setdefault(name, []).append(rank)
+    return tuple(sorted(ranks, key=lambda name: (statistics.mean(ranks[name]), order.index(name))))
+
+
+def main() -> None:
+    """Print the guide measured from ``benchmarks/results/cpu`` as ``GUIDE``'s literal."""
+    guide = measured_guide(Path("benchmarks/results/cpu"))
+    print("GUIDE: dict[str, tuple[str, ...]] = {")
+    for job in JOBS:
+        print(f"    {job!r}: {guide[job]!r},")
+    print("}")
+
+
+if __name__ == "__main__":
+    main()
