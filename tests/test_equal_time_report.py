@@ -173,3 +173,20 @@ def test_the_script_writes_the_tables_the_verdict_and_the_plot(tmp_path):
     text = (folder / "equal-time.md").read_text()
     assert "## At equal time\n\n**class / noise** (seeds 0, 1, 2;" in text and "Goal not decided yet" in text
     assert load_json(folder / "equal-time.json")["tables"]["class/noise"][1]["reward_at_1"] == [-3.0, -2.5, -2.0]
+
+
+def test_iterates_are_read_on_the_cases_calibrated_clock_phase_by_phase():
+    from sdo.app.report.equal_time import on_calibrated_clock
+
+    seconds = {"full": 4.0, "sdo-then-exact": 1.0, "checkpointed": 3.0, "sdo-coarse-to-fine": 2.0}
+    seconds["sdo-coarse-to-fine@late"] = 0.5
+    calibration = {"seconds_per_iteration": seconds}
+    measured = [{"k": k, "t": 10.0 * k, "reward": -k} for k in range(5)]  # a slower machine's wall-clock
+    record = {"variant": "sdo-then-exact", "switched_at": 2, "iterates": measured, "calibration": calibration}
+    assert [it["t"] for it in on_calibrated_clock(record)] == [0.0, 1.0, 2.0, 5.0, 8.0]
+    assert [it["t_measured"] for it in on_calibrated_clock(record)] == [0.0, 10.0, 20.0, 30.0, 40.0]
+    record.update(variant="sdo-coarse-to-fine", switched_at=3)
+    assert [it["t"] for it in on_calibrated_clock(record)] == [0.0, 2.0, 4.0, 6.0, 6.5]
+    record.update(variant="full", switched_at=None)
+    assert [it["t"] for it in on_calibrated_clock(record)] == [0.0, 4.0, 8.0, 12.0, 16.0]
+    assert on_calibrated_clock({**record, "variant": "sdo-beta2"}) == measured  # not calibrated: as measured

@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 
 from sdo.app.equal_time import (
+    EXACT,
     PATIENCE,
     PROTOCOLS,
     REPORTED_SEEDS,
     TASKS,
     TUNING_SEED,
     VARIANTS,
+    late_key,
     options_of,
 )
 from sdo.app.report import markdown_table
@@ -89,8 +91,35 @@ def load_cases(folder: Path) -> Cases:
         record["tensors"] = load_tensors(tensors) if tensors.exists() else {}
         calibration = path.parent / "calibration.json"
         record["calibration"] = load_json(calibration) if calibration.exists() else None
+        record["iterates"] = on_calibrated_clock(record)
         cases.setdefault((case["task"], case["protocol"]), {}).setdefault(case["seed"], {})[record["variant"]] = record
     return cases
+
+
+def on_calibrated_clock(record: dict) -> list[dict]:
+    """``record``'s iterates with t_k the calibrated seconds of its first k iterations (its case's
+    ``calibration.json``, which puts every variant on one clock, extensions included) and the run's own wall-clock
+    kept as ``t_measured``: a variant run in a later session, on a machine faster or slower than the one the case's
+    other variants ran on, is read at the same budget. Iteration i costs s_v; a ``then_exact`` variant's iterations
+    after ``switched_at`` cost s_checkpointed, a ``coarse_to_fine`` variant's s of its second phase (``late_key``); a
+    one-pass method's single pass costs s_v. Without a calibration entry for the variant, the measured t_k stay."""
+    calibration = record.get("calibration")
+    seconds = (calibration or {}).get("seconds_per_iteration", {})
+    name = record["variant"]
+    if name not in seconds:
+        return record["iterates"]
+    variant, switched = VARIANTS.get(name), record.get("switched_at")
+    later = seconds[name]
+    if variant is not None and switched is not None and variant.then_exact:
+        later = seconds[EXACT]
+    if variant is not None and switched is not None and variant.coarse_to_fine:
+        later = seconds[late_key(name)]
+    t, iterates = 0.0, []
+    for k, iterate in enumerate(record["iterates"]):
+        if k:
+            t += later if switched is not None and k > switched else seconds[name]
+        iterates.append({**iterate, "t": t, "t_measured": iterate.get("t_measured", iterate["t"])})
+    return iterates
 
 
 def _total_time(record: dict) -> float:
