@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -266,16 +266,11 @@ def _row_methods(protocol: str, row: str) -> list[tuple[str, dict]]:
 
 
 def with_row_options(base: MethodOptions, options: dict) -> MethodOptions:
-    """``base`` with a row's flag options (``adjoint_checkpoint_every`` 0 is None)."""
+    """``base`` with a row's flag options (``adjoint_checkpoint_every`` 0 is None, as ``MethodFlags`` reads it)."""
     fields = {**options}
     if "adjoint_checkpoint_every" in fields:
         fields["adjoint_checkpoint_every"] = fields["adjoint_checkpoint_every"] or None
-    return MethodOptions(**{**asdict_shallow(base), **fields})
-
-
-def asdict_shallow(options: MethodOptions) -> dict:
-    """``options``' fields, values as they are (``dataclasses.asdict`` would deep-copy the generator)."""
-    return {name: getattr(options, name) for name in options.__dataclass_fields__}
+    return replace(base, **fields)
 
 
 def _choice(job: Job, chosen: _Candidate, budget: int, considered: list[_Candidate]) -> Choice:
@@ -352,8 +347,9 @@ def resident_modules(*holders: object) -> list[torch.nn.Module]:
 
 
 def trained_bytes(network: torch.nn.Module, lora_rank: int, lora_targets: str) -> int:
-    """Bytes of the weights fine-tuning optimizes: LoRA's (rank ``lora_rank`` on ``lora_targets``, injected into a
-    ``meta`` copy of ``network``, which stays as it is) or, with rank 0, every floating weight."""
+    """Bytes of the weights fine-tuning (or ``sdo bench --variable weights``) optimizes: LoRA's (rank ``lora_rank`` on
+    ``lora_targets``, injected into a ``meta`` copy of ``network``, which stays as it is) or, with rank 0, every
+    floating weight."""
     if not lora_rank:
         return sum(p.numel() * p.element_size() for p in network.parameters() if p.is_floating_point())
     from sdo.app.lora import add_lora, meta_copy
@@ -407,7 +403,6 @@ def applied(config, choice: Choice):
     """``config`` (a ``LatentTaskConfig`` or ``FinetuneConfig`` with ``method`` auto) running ``choice``: its method
     and options, no budget, and ``checkpoint_kept`` where the method has kept steps to recompute (it changes memory,
     not the result)."""
-    from dataclasses import replace
 
     chosen = replace(config, method=choice.method, memory_budget=None, checkpoint_kept=False, **choice.options)
     if config.checkpoint_kept and METHODS[choice.method].recomputes_kept(
@@ -417,15 +412,20 @@ def applied(config, choice: Choice):
     return chosen
 
 
+def _probe(config):
+    """``config`` with a plain method in place of auto: what loads the model and builds the task to plan on (every
+    candidate optimizes through the same plain chain)."""
+    return replace(config, method="sdo", memory_budget=None, checkpoint_kept=False)
+
+
 def choose_for_optimize(config) -> tuple[object, Choice, dict]:
     """``sdo optimize --method auto``: load the run's model, build its task (on the plain chain, which every
     candidate optimizes through), choose (``choose``), and return the config that runs the choice, the choice, and
     ``{"resources", "task"}`` for ``sdo.app.optimization.optimize_and_write``."""
-    from dataclasses import replace
 
     from sdo.app.tasks.latent import build_task, load_resources
 
-    probe = replace(config, method="sdo", memory_budget=None, checkpoint_kept=False)
+    probe = _probe(config)
     resources = load_resources(probe)
     task = build_task(probe, resources)
     hints = ["--checkpoint-kept", *(["--checkpoint-decoder"] if config.pipeline else []), "a smaller --batch"]
@@ -452,12 +452,11 @@ def choose_for_finetune(config, data, accelerator) -> tuple[Choice, object]:
     the loaded target for one micro-batch (``batch_size / (processes x grad_accum)``), made on the main process and
     shared with the others; the main process prints it. Returns the choice and the target (loaded here when
     planned, None when resumed)."""
-    from dataclasses import replace
 
     choice, target = recorded_choice(config.out), None
     resumed = choice is not None
     if choice is None:
-        probe = replace(config, method="sdo", memory_budget=None, checkpoint_kept=False)
+        probe = _probe(config)
         target = data.target(probe, accelerator.device)
         record = None
         if accelerator.is_main_process:
@@ -495,7 +494,6 @@ def choose_for_bench(config, workload, steps: int) -> Choice:
     optimizing the initial noise or (``--variable weights``) every weight of the network."""
     sampler = workload.make_sampler(steps, workload.model)
     weights = config.variable == "weights"
-    trainable = sum(p.numel() * p.element_size() for p in workload.model.parameters() if p.is_floating_point())
     job = Job(
         "weights" if weights else "noise",
         steps,
@@ -504,7 +502,7 @@ def choose_for_bench(config, workload, steps: int) -> Choice:
         workload.latent,
         sampler.timesteps[0],
         modules=resident_modules(workload.model, workload.reward, *workload.others),
-        trainable=trainable if weights else 0,
+        trainable=trained_bytes(workload.model, 0, "") if weights else 0,
         device=config.device,
     )
     hints = ["--checkpoint-kept", *(["--checkpoint-decoder"] if config.model == "sd15" else []), "a smaller --batch"]

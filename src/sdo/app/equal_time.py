@@ -211,7 +211,7 @@ class ThenExactRun(VariantRun):
     def __init__(self, name, task, options, config, calibration: dict, settings: EqualTimeSettings):
         super().__init__(name, task, options, config, VARIANTS[name].method, measure=False)
         seconds = calibration["seconds_per_iteration"]
-        self.costs = {False: seconds[name], True: seconds[EXACT]}
+        self.costs = dict(zip((False, True), phase_seconds(name, seconds), strict=True))
         self.budget = settings.full_iters * seconds["full"] * (1 + 1e-9)
         self.spent, self.switched_at = 0.0, None
 
@@ -238,17 +238,33 @@ def stalled(history: Sequence[dict], patience: int) -> bool:
     return len(history) > patience and history[-1]["best_so_far"] <= history[-1 - patience]["best_so_far"]
 
 
+def phase_seconds(name: str, seconds: dict[str, float]) -> tuple[float, float]:
+    """``(s1, s2)``: the calibrated seconds of variant ``name``'s iterations before and after its switch
+    (``switched_at``): s_v then s_checkpointed for ``then_exact``, s_v then its second phase's (``late_key``) for
+    ``coarse_to_fine``, s_v throughout otherwise (a run outside ``VARIANTS``: the authors' rows)."""
+    variant = VARIANTS.get(name)
+    if variant is not None and variant.then_exact:
+        return seconds[name], seconds[EXACT]
+    if variant is not None and variant.coarse_to_fine:
+        return seconds[name], seconds[late_key(name)]
+    return seconds[name], seconds[name]
+
+
+LATE = "@late"
+"""The suffix of a ``coarse_to_fine`` variant's second-phase calibration entry (``late_key``)."""
+
+
 def late_key(name: str) -> str:
     """The calibration entry of a ``coarse_to_fine`` variant's second phase: its seconds per iteration from the
     latent at ``late_step``."""
-    return f"{name}@late"
+    return f"{name}{LATE}"
 
 
 def coarse_to_fine_counts(name: str, seconds: dict[str, float], settings: EqualTimeSettings) -> tuple[int, int]:
     """``(n1, n2)``: n1 = max(1, floor(T / 2 / s1)) iterations from the noise, then n2 = floor((T - n1 s1) / s2) from
     the latent at ``late_step``, with T = ``full_iters`` x s_full and s1, s2 the phases' calibrated seconds."""
     budget = settings.full_iters * seconds["full"] * (1 + 1e-9)
-    first, second = seconds[name], seconds[late_key(name)]
+    first, second = phase_seconds(name, seconds)
     coarse = max(1, math.floor(budget / 2 / first))
     return coarse, max(0, math.floor((budget - coarse * first) / second))
 
@@ -364,7 +380,7 @@ def calibrate(out: Path, case: Case, settings: EqualTimeSettings, resources: Tas
 def _calibration_run(key: str, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> VariantRun:
     """The run timing calibration entry ``key``: a variant from the case's start, or (``late_key``) a
     ``coarse_to_fine`` variant's second phase, SDO from the same seed's latent at ``late_step``."""
-    name, late = key.removesuffix("@late"), key.endswith("@late")
+    name, late = key.removesuffix(LATE), key.endswith(LATE)
     where = replace(case, protocol="edit") if late else case
     run = _run(name, options_of(name), where, settings.calibration_iters, settings, resources)
     run.name = key

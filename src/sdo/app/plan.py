@@ -42,6 +42,7 @@ from sdo.app.bench import workload_dtype as plan_dtype
 from sdo.app.method_flags import AUTO
 from sdo.app.planner import CallProfile, MethodPlan, plan_any, plan_loop_method, plan_method, profile_call
 from sdo.app.report import markdown_table, mebibytes
+from sdo.app.tasks.bench import Workload
 
 __all__ = [
     "CallProfile",
@@ -66,6 +67,7 @@ class _MetaWorkload:
     latent: torch.Tensor
     timestep: torch.Tensor
     model: torch.nn.Module
+    built: Workload  # the workload as run (what --methods auto plans on)
 
 
 def _meta_workload(config: BenchConfig, dtype: torch.dtype | None = None) -> _MetaWorkload:
@@ -81,7 +83,8 @@ def _meta_workload(config: BenchConfig, dtype: torch.dtype | None = None) -> _Me
     reward = lambda x0: plain.reward(x0, None)  # noqa: E731
     as_run = (lambda x0: workload.reward(x0, None)) if config.checkpoint_decoder else reward
     network = workload.make_sampler(1, workload.model).model_fn
-    return _MetaWorkload(network, reward, as_run, workload.latent, torch.tensor(500, device="meta"), workload.model)
+    timestep = torch.tensor(500, device="meta")
+    return _MetaWorkload(network, reward, as_run, workload.latent, timestep, workload.model, workload)
 
 
 def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:
@@ -113,7 +116,7 @@ def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:
             options = config.method_options(generator=torch.Generator().manual_seed(config.seed))
             label = name
             if name == AUTO:  # the method --method auto would choose here, planned like the others
-                name, options = _auto_choice(config, dtype, steps, options)
+                name, options = _auto_choice(config, workload.built, steps, options)
                 label = f"{AUTO} ({name})"
             plan = plan_any(name, options, steps, network, reward, nograd_flops)
             if plan is None:
@@ -128,12 +131,11 @@ def plan_bench(config: BenchConfig, dtype: torch.dtype | None = None) -> dict:
     }
 
 
-def _auto_choice(config: BenchConfig, dtype: torch.dtype | None, steps: int, options) -> tuple[str, object]:
-    """``(method, options)`` that ``sdo.app.auto`` chooses for ``config``'s workload (on the meta device) at
-    ``steps``."""
+def _auto_choice(config: BenchConfig, workload: Workload, steps: int, options) -> tuple[str, object]:
+    """``(method, options)`` that ``sdo.app.auto`` chooses for ``config``'s meta ``workload`` at ``steps``."""
     from sdo.app.auto import choose_for_bench, with_row_options
 
-    choice = choose_for_bench(config, build_workload(config, "meta", dtype), steps)
+    choice = choose_for_bench(config, workload, steps)
     return choice.method, with_row_options(options, choice.options)
 
 

@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 
 from sdo.app.equal_time import (
-    EXACT,
     PATIENCE,
     PROTOCOLS,
     REPORTED_SEEDS,
     TASKS,
     TUNING_SEED,
     VARIANTS,
-    late_key,
     options_of,
+    phase_seconds,
 )
 from sdo.app.report import markdown_table
 from sdo.app.report.blocks import block, fill
@@ -105,19 +104,14 @@ def on_calibrated_clock(record: dict) -> list[dict]:
     one-pass method's single pass costs s_v. Without a calibration entry for the variant, the measured t_k stay."""
     calibration = record.get("calibration")
     seconds = (calibration or {}).get("seconds_per_iteration", {})
-    name = record["variant"]
+    name, switched = record["variant"], record.get("switched_at")
     if name not in seconds:
         return record["iterates"]
-    variant, switched = VARIANTS.get(name), record.get("switched_at")
-    later = seconds[name]
-    if variant is not None and switched is not None and variant.then_exact:
-        later = seconds[EXACT]
-    if variant is not None and switched is not None and variant.coarse_to_fine:
-        later = seconds[late_key(name)]
+    first, later = phase_seconds(name, seconds)
     t, iterates = 0.0, []
     for k, iterate in enumerate(record["iterates"]):
         if k:
-            t += later if switched is not None and k > switched else seconds[name]
+            t += later if switched is not None and k > switched else first
         iterates.append({**iterate, "t": t, "t_measured": iterate.get("t_measured", iterate["t"])})
     return iterates
 
