@@ -196,3 +196,22 @@ def test_a_variant_added_later_is_calibrated_beside_full_on_the_stored_clock(tmp
     assert extended["iterations"] == equal_time.iteration_counts(seconds, settings)
     assert load_json(tmp_path / "cases" / case.key / "calibration.json") == extended
     assert equal_time.calibrate(tmp_path, case, settings, resources) == extended  # complete: read, not rerun
+
+
+def test_the_fallbacks_run_only_after_every_kept_variants_tuning_and_cases(monkeypatch, tmp_path):
+    stages: list[tuple[str, str, tuple[str, ...]]] = []
+    monkeypatch.setattr(
+        equal_time, "tune_pair", lambda o, task, p, s, r, variants: stages.append(("tune", task, variants))
+    )
+    monkeypatch.setattr(
+        equal_time, "run_case", lambda o, case, s, r, variants: stages.append(("case", case.task, variants))
+    )
+    monkeypatch.setattr(equal_time, "run_authors", lambda o, case, s, r: stages.append(("authors", case.task, ())))
+    equal_time.run_all(tmp_path, EqualTimeSettings(), None, ["style", "class"], [0])
+    fallback_stages = [i for i, (_, _, variants) in enumerate(stages) if variants == equal_time.FALLBACKS]
+    kept_stages = [
+        i for i, (stage, _, variants) in enumerate(stages) if stage != "authors" and variants != equal_time.FALLBACKS
+    ]
+    assert max(kept_stages) < min(fallback_stages) and len(fallback_stages) == len(kept_stages) == 2 * (2 + 2)
+    assert not set(equal_time.FALLBACKS) & set(stages[0][2])  # the first pass keeps every variant but the fallbacks
+    assert [s[1] for s in stages[:4]] == ["class"] * 4 and stages[4][0] == "authors"  # the class task first

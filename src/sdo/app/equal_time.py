@@ -31,14 +31,15 @@ The fallbacks the issue names for a goal no schedule met (issue 28): ``sdo-beta2
 step shrinks with the gradient: v_hat averages about 1000 squared gradients instead of 10) and ``sdo-then-exact``
 (SDO until ``PATIENCE`` iterations without a new best-so-far, then ``checkpointed``'s exact gradient, flat memory,
 with the same Adam state; it spends the budget by the calibrated seconds of each phase, so its horizon is
-deterministic).
+deterministic) and ``sdo-coarse-to-fine``. ``run_all`` runs them (``FALLBACKS``) after every other variant's tuning
+and cases, so the tables fill first.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -144,6 +145,9 @@ VARIANTS: dict[str, Variant] = {
     "freedom": Variant("freedom", knob="freedom_scale", grid=FREEDOM_SCALES),
     "freedom-official": Variant("freedom", grid=(), fixed=FREEDOM_OFFICIAL, protocols=("noise",)),
 }
+FALLBACKS = ("sdo-beta2", "sdo-then-exact", "sdo-coarse-to-fine")
+"""The goal's fallbacks (issue 28, item 4): ``run_all`` runs them after every kept variant's cases, so the tables the
+issue asks for fill first."""
 AUTHORS = {"lr": 0.01, "betas": (0.9, 0.9), "project_to_shell": False, "lr_schedule": "constant"}
 """The authors' Adam (their official code): the rows ``sdo-authors`` and ``full-authors``."""
 
@@ -439,12 +443,19 @@ def tuning_path(out: Path, task: str, protocol: str, name: str) -> Path:
     return out / "tuning" / f"{task}-{protocol}" / f"{name}.json"
 
 
-def tune_pair(out: Path, task: str, protocol: str, settings: EqualTimeSettings, resources: TaskResources) -> None:
-    """Stage 2 on (task, protocol): calibrate the tuning case, then tune each variant tuned here (each value's run
-    stored under ``tuning/<task>-<protocol>/values/``, each variant's choice beside it)."""
+def tune_pair(
+    out: Path,
+    task: str,
+    protocol: str,
+    settings: EqualTimeSettings,
+    resources: TaskResources,
+    variants: Collection[str] = tuple(VARIANTS),
+) -> None:
+    """Stage 2 on (task, protocol): calibrate the tuning case, then tune each of ``variants`` tuned here (each value's
+    run stored under ``tuning/<task>-<protocol>/values/``, each variant's choice beside it)."""
     case = Case(task, protocol, TUNING_SEED)
     calibration = calibrate(out, case, settings, resources)
-    for name in [n for n in VARIANTS if tuned_here(n, task, protocol)]:
+    for name in [n for n in VARIANTS if n in variants and tuned_here(n, task, protocol)]:
         schedule = _schedule(out, name, protocol)
         expected = {"settings": asdict(settings), "case": asdict(case), "variant": name, "schedule": schedule}
         path = tuning_path(out, task, protocol, name)
@@ -520,13 +531,19 @@ def chosen(out: Path, name: str, task: str, protocol: str) -> tuple[float | None
     return record["chosen"], record["schedule"]
 
 
-def run_case(out: Path, case: Case, settings: EqualTimeSettings, resources: TaskResources) -> None:
-    """Stage 3 on ``case``: calibrate, run the variants not yet stored interleaved for their n_v iterations, credit
-    ``checkpointed``, measure memory, store each record."""
+def run_case(
+    out: Path,
+    case: Case,
+    settings: EqualTimeSettings,
+    resources: TaskResources,
+    variants: Collection[str] = tuple(VARIANTS),
+) -> None:
+    """Stage 3 on ``case``: calibrate (every variant), run those of ``variants`` not yet stored interleaved for their
+    n_v iterations, credit ``checkpointed``, measure memory, store each record."""
     calibration = calibrate(out, case, settings, resources)
     counts, seconds = calibration["iterations"], calibration["seconds_per_iteration"]
     folder = out / "cases" / case.key
-    names = [n for n in VARIANTS if case.protocol in VARIANTS[n].protocols]
+    names = [n for n in VARIANTS if n in variants and case.protocol in VARIANTS[n].protocols]
     runs, expected = [], {}
     for name in names:
         value, schedule = chosen(out, name, case.task, case.protocol)
@@ -619,19 +636,22 @@ def run_all(
     seeds: Sequence[int] = REPORTED_SEEDS,
     authors: bool = True,
 ) -> None:
-    """Every stage in the order that makes partial results useful: the class task (tuning, cases), the authors'
-    rows, then each other task (tuning, cases). Stored results are skipped. A case stopped by a non-finite reward
-    is reported and skipped (nothing of it is stored; a rerun tries it again), so an unattended run goes on."""
-    for task in sorted(tasks, key=TASKS.index):
-        for protocol in PROTOCOLS:
-            tune_pair(out, task, protocol, settings, resources)
-        for seed in seeds:
+    """Every stage in the order that makes partial results useful, in two passes: the kept variants (every task:
+    tuning, cases; the class task's authors' rows after its cases), then the ``FALLBACKS`` the same way. Stored
+    results are skipped. A case stopped by a non-finite reward is reported and skipped (nothing of it is stored; a
+    rerun tries it again), so an unattended run goes on."""
+    kept = tuple(n for n in VARIANTS if n not in FALLBACKS)
+    for variants in (kept, FALLBACKS):
+        for task in sorted(tasks, key=TASKS.index):
             for protocol in PROTOCOLS:
-                _go_on(run_case, out, Case(task, protocol, seed), settings, resources)
-        if task == "class" and authors:
+                tune_pair(out, task, protocol, settings, resources, variants)
             for seed in seeds:
-                for protocol in ("authors-noise", "authors-edit"):
-                    _go_on(run_authors, out, Case("class", protocol, seed), settings, resources)
+                for protocol in PROTOCOLS:
+                    _go_on(run_case, out, Case(task, protocol, seed), settings, resources, variants)
+            if task == "class" and authors and variants is kept:
+                for seed in seeds:
+                    for protocol in ("authors-noise", "authors-edit"):
+                        _go_on(run_authors, out, Case("class", protocol, seed), settings, resources)
 
 
 def _go_on(stage: Callable[..., None], out: Path, case: Case, *rest) -> None:
