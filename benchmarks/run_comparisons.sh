@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The two timed comparisons, one after the other, unattended: the latent comparison at equal time (issue 28,
-# benchmarks/compare_equal_time.py) and then the fine-tuning comparison (issue 29, benchmarks/compare_finetuning.py).
+# benchmarks/compare_equal_time.py) for every variant but the goal's fallbacks, then the fine-tuning comparison
+# (issue 29, benchmarks/compare_finetuning.py), then the latent comparison's fallbacks (--passes fallbacks).
 # Each starts only once the load average is below 0.40 and is started again while its own --max-load check refuses
 # (it exits within seconds then); a failure after a longer run stops the chain. Both resume where they stopped, so
 # rerunning this script after an interruption continues. Logs: LOG_DIR (default /tmp) equal-time.log and
@@ -24,5 +25,8 @@ run() {  # LOG COMMAND...
   done
 }
 
-run "$LOG_DIR/equal-time.log" "$PYTHON" benchmarks/compare_equal_time.py benchmarks/results/cpu/equal-time || exit 1
-run "$LOG_DIR/finetune-comparison.log" "$PYTHON" benchmarks/compare_finetuning.py benchmarks/results/cpu/finetune-comparison
+EQUAL_TIME=(benchmarks/compare_equal_time.py benchmarks/results/cpu/equal-time)
+run "$LOG_DIR/equal-time.log" "$PYTHON" "${EQUAL_TIME[@]}" --passes kept || exit 1
+FINETUNING=(benchmarks/compare_finetuning.py benchmarks/results/cpu/finetune-comparison)
+run "$LOG_DIR/finetune-comparison.log" "$PYTHON" "${FINETUNING[@]}" || exit 1
+run "$LOG_DIR/equal-time.log" "$PYTHON" "${EQUAL_TIME[@]}" --passes fallbacks

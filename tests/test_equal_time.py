@@ -215,3 +215,6 @@ def test_the_fallbacks_run_only_after_every_kept_variants_tuning_and_cases(monke
     assert max(kept_stages) < min(fallback_stages) and len(fallback_stages) == len(kept_stages) == 2 * (2 + 2)
     assert not set(equal_time.FALLBACKS) & set(stages[0][2])  # the first pass keeps every variant but the fallbacks
     assert [s[1] for s in stages[:4]] == ["class"] * 4 and stages[4][0] == "authors"  # the class task first
+    stages.clear()
+    equal_time.run_all(tmp_path, EqualTimeSettings(), None, ["class"], [0], passes=["fallbacks"])
+    assert {variants for _, _, variants in stages} == {equal_time.FALLBACKS}  # no authors' rows, no kept variant

@@ -148,6 +148,8 @@ VARIANTS: dict[str, Variant] = {
 FALLBACKS = ("sdo-beta2", "sdo-then-exact", "sdo-coarse-to-fine")
 """The goal's fallbacks (issue 28, item 4): ``run_all`` runs them after every kept variant's cases, so the tables the
 issue asks for fill first."""
+PASSES = ("kept", "fallbacks")
+"""``run_all``'s passes: every variant but the ``FALLBACKS``, then the ``FALLBACKS``."""
 AUTHORS = {"lr": 0.01, "betas": (0.9, 0.9), "project_to_shell": False, "lr_schedule": "constant"}
 """The authors' Adam (their official code): the rows ``sdo-authors`` and ``full-authors``."""
 
@@ -635,13 +637,14 @@ def run_all(
     tasks: Sequence[str] = TASKS,
     seeds: Sequence[int] = REPORTED_SEEDS,
     authors: bool = True,
+    passes: Sequence[str] = PASSES,
 ) -> None:
     """Every stage in the order that makes partial results useful, in two passes: the kept variants (every task:
     tuning, cases; the class task's authors' rows after its cases), then the ``FALLBACKS`` the same way. Stored
     results are skipped. A case stopped by a non-finite reward is reported and skipped (nothing of it is stored; a
-    rerun tries it again), so an unattended run goes on."""
+    rerun tries it again), so an unattended run goes on. ``passes``: which of the two to run (``PASSES``)."""
     kept = tuple(n for n in VARIANTS if n not in FALLBACKS)
-    for variants in (kept, FALLBACKS):
+    for variants in [{"kept": kept, "fallbacks": FALLBACKS}[name] for name in passes]:
         for task in sorted(tasks, key=TASKS.index):
             for protocol in PROTOCOLS:
                 tune_pair(out, task, protocol, settings, resources, variants)

@@ -45,6 +45,7 @@ SUBJECTS = (
     "chains",
     "comparison",
     "equal_time",
+    "equal_time_findings",
     "scale",
     "auto",
 )

@@ -10,7 +10,7 @@ from pathlib import Path
 from sdo.app.guide import FLAG_OPTIONS, JOBS
 from sdo.app.report.blocks import load_records
 
-__all__ = ["measured_guide"]
+__all__ = ["by_mean_rank", "measured_guide"]
 
 FINETUNE_SETTINGS = ("confidence", "bold")
 EARLIER_FINETUNE_METHODS = ("sdo", "draft-1", "random-truncation")
@@ -39,7 +39,7 @@ def _latent_guide(results: Path) -> dict[str, tuple[str, ...]]:
             for pair, rows in table.items()
             if pair.endswith(f"/{protocol}")
         }
-        guide[protocol] = _by_mean_rank(by_task, expressible)
+        guide[protocol] = by_mean_rank(by_task, expressible)
     return guide
 
 
@@ -54,7 +54,7 @@ def _weights_guide(results: Path) -> tuple[str, ...]:
         if folder.is_dir()
     }
     if any(by_setting.values()):
-        return _by_mean_rank(by_setting, METHODS)
+        return by_mean_rank(by_setting, METHODS)
     earlier = {}
     for task in FINETUNE_SETTINGS:
         scores = {}
@@ -63,10 +63,10 @@ def _weights_guide(results: Path) -> tuple[str, ...]:
             if path.exists():
                 scores[method] = statistics.mean(r["reward"] for r in load_records(path)[-5:])
         earlier[task] = scores
-    return _by_mean_rank(earlier, EARLIER_FINETUNE_METHODS)
+    return by_mean_rank(earlier, EARLIER_FINETUNE_METHODS)
 
 
-def _by_mean_rank(scores: Mapping[str, Mapping[str, object]], order: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def by_mean_rank(scores: Mapping[str, Mapping[str, object]], order: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """The names ranked by their mean rank over the groups of ``scores`` (``{group: {name: score}}``, higher is
     better; a name counts where it has a score), ties in ``order``'s order; names without a score are left out."""
     ranks: dict[str, list[int]] = {}
