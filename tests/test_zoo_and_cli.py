@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from sdo import zoo
 from sdo.app.cli import main
 from sdo.app.tasks.latent import LatentTaskConfig, build_task
 from sdo.io import load_tensors
+from sdo.zoo import train as zoo_train
 from sdo.zoo.train import ZooTrainingConfig, train_zoo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -32,7 +34,11 @@ def test_shipped_quality_figures_are_recorded():
     assert metrics["judge_held_out_accuracy"] >= 0.9 and metrics["reward_classifier_held_out_accuracy"] >= 0.9
 
 
-def test_training_is_deterministic_given_its_seed(tmp_path):
+def test_training_is_deterministic_given_its_seed(tmp_path, monkeypatch):
+    (train_pixels, train_labels), (held_pixels, held_labels) = zoo_train.mnist_splits()
+    subset = ((train_pixels[:1024], train_labels[:1024]), (held_pixels[:256], held_labels[:256]))
+    monkeypatch.setattr(zoo_train, "mnist_splits", lambda: subset)  # every stage still runs, on fewer digits
+    monkeypatch.setattr(zoo, "sample_digits", functools.partial(zoo.sample_digits, steps=5))  # and fewer steps
     config = ZooTrainingConfig(seed=3, unet_steps=2, batch_size=8, classifier_epochs=1, eval_per_class=1)
     first, second = train_zoo(tmp_path / "a", config), train_zoo(tmp_path / "b", config)
     first.pop("training_seconds"), second.pop("training_seconds")
