@@ -3,17 +3,19 @@ of summaries: who is ahead at 25%, who meets full at 100%, which variant the row
 
 from __future__ import annotations
 
-from sdo.app.report.equal_time_findings import findings, meets, ranking, which_method_latents
+from sdo.app.report.equal_time import meets
+from sdo.app.report.equal_time_findings import findings, which_method_latents
+from sdo.app.report.guide import latent_ranking
 
 MIB = 2**20
 
 
-def _row(variant, quarter, final, setting="lr 0.05, constant", peak=28 * MIB, seconds=1.0):
+def _row(variant, quarter, final, options=None, peak=28 * MIB, seconds=1.0):
     """A summary row over seeds 0-2: R(25%) all ``quarter``, R(100%) ``final`` + (-1, 0, 1) (sd 1)."""
     return {
         "variant": variant,
         "seeds": [0, 1, 2],
-        "setting": setting,
+        "options": options or _adam(0.05),
         "reward_at_0.25": [quarter] * 3,
         "reward_at_1": [final - 1, final, final + 1],
         "s_per_iter": seconds,
@@ -25,19 +27,23 @@ def _table():
     """Two tasks on each protocol. Noise: full ends at -2 (sd 1) with 1 GiB; sdo leads at 25% on class only and ends
     at -2.9 (class, met: -2.9 >= -3) and -3.1 (style, behind); freedom ends at 0. Edit: sdo ends ahead of full."""
     table = {}
-    for task, sdo_quarter, sdo_final, lr in (("class", -4.0, -2.9, "0.4"), ("style", -6.0, -3.1, "0.0125")):
+    for task, sdo_quarter, sdo_final, lr in (("class", -4.0, -2.9, 0.4), ("style", -6.0, -3.1, 0.0125)):
         table[f"{task}/noise"] = [
-            _row("sdo", sdo_quarter, sdo_final, f"lr {lr}, constant", seconds=0.5),
-            _row("full", -5.0, -2.0, "lr 0.1, constant", peak=1024 * MIB),
-            _row("checkpointed", -9.0, -4.0, "lr 0.1, constant", peak=2 * MIB, seconds=2.0),
-            _row("freedom", 0.0, 0.0, "freedom_scale 3"),
+            _row("sdo", sdo_quarter, sdo_final, _adam(lr), seconds=0.5),
+            _row("full", -5.0, -2.0, _adam(0.1), peak=1024 * MIB),
+            _row("checkpointed", -9.0, -4.0, _adam(0.1), peak=2 * MIB, seconds=2.0),
+            _row("freedom", 0.0, 0.0, {"freedom_scale": 3.0}),
         ]
         table[f"{task}/edit"] = [
-            _row("sdo", -3.0, -0.5, "lr 0.8, constant", seconds=0.5),
-            _row("sdo-cosine", -2.5, -0.6, "lr 0.05, cosine", seconds=0.5),
-            _row("full", -4.0, -1.0, "lr 0.4, constant", peak=256 * MIB),
+            _row("sdo", -3.0, -0.5, _adam(0.8), seconds=0.5),
+            _row("sdo-cosine", -2.5, -0.6, _adam(0.05, "cosine"), seconds=0.5),
+            _row("full", -4.0, -1.0, _adam(0.4), peak=256 * MIB),
         ]
     return table
+
+
+def _adam(lr, schedule="constant"):
+    return {"lr": lr, "lr_schedule": schedule}
 
 
 def test_met_is_the_goals_rule_at_one_sample_sd():
@@ -67,7 +73,7 @@ def test_the_findings_count_where_sdo_leads_early_and_where_it_meets_full():
 
 def test_the_rows_recommend_the_best_ranked_latent_variant_with_its_flags_and_the_lean_one_when_memory_is_short():
     table = _table()
-    assert ranking(table, "noise", ("sdo", "full", "checkpointed")) == ("full", "sdo", "checkpointed")
+    assert latent_ranking(table, "noise", ("sdo", "full", "checkpointed")) == ("full", "sdo", "checkpointed")
     lines = which_method_latents(table).splitlines()[2:]
     guided, noise, lean, edit = lines
     assert "`--method freedom --freedom-scale 3` (tuned on the class task)" in guided and "does not replay" in guided

@@ -403,7 +403,6 @@ def applied(config, choice: Choice):
     """``config`` (a ``LatentTaskConfig`` or ``FinetuneConfig`` with ``method`` auto) running ``choice``: its method
     and options, no budget, and ``checkpoint_kept`` where the method has kept steps to recompute (it changes memory,
     not the result)."""
-
     chosen = replace(config, method=choice.method, memory_budget=None, checkpoint_kept=False, **choice.options)
     if config.checkpoint_kept and METHODS[choice.method].recomputes_kept(
         chosen.method_options(generator=torch.Generator())
@@ -422,7 +421,6 @@ def choose_for_optimize(config) -> tuple[object, Choice, dict]:
     """``sdo optimize --method auto``: load the run's model, build its task (on the plain chain, which every
     candidate optimizes through), choose (``choose``), and return the config that runs the choice, the choice, and
     ``{"resources", "task"}`` for ``sdo.app.optimization.optimize_and_write``."""
-
     from sdo.app.tasks.latent import build_task, load_resources
 
     probe = _probe(config)
@@ -452,7 +450,6 @@ def choose_for_finetune(config, data, accelerator) -> tuple[Choice, object]:
     the loaded target for one micro-batch (``batch_size / (processes x grad_accum)``), made on the main process and
     shared with the others; the main process prints it. Returns the choice and the target (loaded here when
     planned, None when resumed)."""
-
     choice, target = recorded_choice(config.out), None
     resumed = choice is not None
     if choice is None:

@@ -46,11 +46,13 @@ __all__ = [
     "FRACTIONS",
     "MEMORY_FLAT",
     "MEMORY_OF_SDO",
+    "ahead_early",
     "authors_table",
     "equal_time_tables",
     "goal_text",
     "goal_verdict",
     "load_cases",
+    "meets",
     "save_plot",
     "summaries",
     "summarize",
@@ -153,6 +155,7 @@ def summarize(by_seed: dict[int, dict[str, dict]], name: str, task: str, quality
         "variant": name,
         "seeds": seeds,
         "setting": _setting(name, records[0]["options"]),
+        "options": records[0]["options"],
         "iterations": [r.get("iterations", len(r["iterates"]) - 1) for r in records],
         "s_per_iter": statistics.mean(_seconds_per_iteration(r) for r in records),
         "best_so_far": [_within(r, b)["best_so_far"] for r, b in zip(records, budgets, strict=True)],
@@ -345,6 +348,16 @@ def goal_verdict(table: dict[str, list[dict]]) -> dict:
     return {"pairs": pairs, "complete": complete, "decided": decided, "candidates": verdicts, "met_by": winners}
 
 
+def meets(row: dict, full: dict) -> bool:
+    """The goal's rule for a pair: mean R_v(100%) >= mean R_full(100%) - sd_full(100%) (sample sd, 0 with one seed)."""
+    return statistics.mean(row["reward_at_1"]) >= statistics.mean(full["reward_at_1"]) - _sd(full["reward_at_1"])
+
+
+def ahead_early(row: dict, full: dict) -> bool:
+    """The goal's early rule: mean R_v(25%) > mean R_full(25%)."""
+    return statistics.mean(row["reward_at_0.25"]) > statistics.mean(full["reward_at_0.25"])
+
+
 def _row(rows: list[dict], name: str) -> dict | None:
     return next((r for r in rows if r["variant"] == name), None)
 
@@ -357,10 +370,9 @@ def _candidate(table: dict[str, list[dict]], name: str) -> dict:
             continue
         if row["seeds"] != list(REPORTED_SEEDS):
             partial.append(pair)
-        final, reference = row["reward_at_1"], full["reward_at_1"]
-        if statistics.mean(final) >= statistics.mean(reference) - _sd(reference):
+        if meets(row, full):
             met.append(pair)
-        if statistics.mean(row["reward_at_0.25"]) > statistics.mean(full["reward_at_0.25"]):
+        if ahead_early(row, full):
             ahead.append(pair)
         if sdo is not None:
             of_sdo[pair] = _ratio(row["peak_mem_bytes"], sdo["peak_mem_bytes"])

@@ -4,7 +4,7 @@ its stored outputs (``sdo.app.report.equal_time.summaries``) so no prose figure 
 Per (task, protocol), a variant's figures are means over the reported seeds of R_v(f), its final-iterate reward
 within f x full backpropagation's training time. "Meets full" is the goal's rule (mean R_v(100%) >= mean
 R_full(100%) - sd_full(100%)); "ahead at 25%" is mean R_v(25%) > mean R_full(25%). Ranking a protocol's variants
-over its tasks is ``sdo.app.report.guide.by_mean_rank`` (the rule ``--method auto`` follows): the blocks name the
+over its tasks is ``sdo.app.report.guide.latent_ranking`` (the rule ``--method auto`` follows): the blocks name the
 same estimator ``auto`` takes when memory allows.
 
 Blocks: ``equal-time-findings`` (BENCHMARKS.md's "Where SDO wins and where it loses", the README's "Measured
@@ -20,8 +20,16 @@ from sdo.app.equal_time import PROTOCOLS, TASKS, VARIANTS
 from sdo.app.guide import FLAG_OPTIONS
 from sdo.app.report import markdown_table
 from sdo.app.report.blocks import block, fill
-from sdo.app.report.equal_time import FOLDER, MEMORY_OF_SDO, NO_RESULTS, load_cases, summaries
-from sdo.app.report.guide import by_mean_rank
+from sdo.app.report.equal_time import (
+    FOLDER,
+    MEMORY_OF_SDO,
+    NO_RESULTS,
+    ahead_early,
+    load_cases,
+    meets,
+    summaries,
+)
+from sdo.app.report.guide import expressible_variants, latent_ranking
 
 __all__ = ["SDO_FAMILY", "findings", "which_method_latents"]
 
@@ -42,8 +50,8 @@ def _mean(row: dict, fraction: str = "1") -> float:
     return statistics.mean(row[f"reward_at_{fraction}"])
 
 
-def _sd(row: dict, fraction: str = "1") -> float:
-    values = row[f"reward_at_{fraction}"]
+def _sd(row: dict) -> float:
+    values = row["reward_at_1"]
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -55,23 +63,9 @@ def _tasks(table: Table, protocol: str) -> list[str]:
     return [task for task in TASKS if "full" in _rows(table, task, protocol)]
 
 
-def meets(row: dict, full: dict) -> bool:
-    """The goal's rule: mean R_v(100%) >= mean R_full(100%) - sd_full(100%)."""
-    return _mean(row) >= _mean(full) - _sd(full)
-
-
 def _best(rows: dict[str, dict], names: tuple[str, ...], fraction: str = "1") -> dict | None:
     present = [rows[name] for name in names if name in rows]
     return max(present, key=lambda row: _mean(row, fraction)) if present else None
-
-
-def ranking(table: Table, protocol: str, names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """``names`` ranked by mean rank over ``protocol``'s tasks of mean R_v(100%) (``by_mean_rank``)."""
-    scores = {
-        task: {name: _mean(row) for name, row in _rows(table, task, protocol).items() if name in names}
-        for task in _tasks(table, protocol)
-    }
-    return by_mean_rank(scores, list(names))
 
 
 def _versus(row: dict, full: dict, fraction: str = "1") -> str:
@@ -85,7 +79,7 @@ def _protocol_finding(table: Table, protocol: str) -> str:
         rows = _rows(table, task, protocol)
         full = rows["full"]
         first, last = _best(rows, SDO_FAMILY, "0.25"), _best(rows, SDO_FAMILY)
-        leads = _mean(first, "0.25") > _mean(full, "0.25")
+        leads = ahead_early(first, full)
         ahead += leads
         early.append(f"{task}: {_versus(first, full, '0.25')}{'' if leads else ', behind'}")
         met += meets(last, full)
@@ -146,19 +140,19 @@ def findings(table: Table) -> str:
 
 
 def _flags(name: str, rows_by_task: dict[str, dict]) -> str:
-    """``name``'s ``sdo optimize`` flags, its tuned knob per task."""
+    """``name``'s ``sdo optimize`` flags, its tuned knob per task (from the rows' stored options)."""
     variant = VARIANTS[name]
     flags = [f"--method {variant.method}"]
     for key, value in variant.fixed.items():
         if key in FLAG_OPTIONS:
             flags.append(f"--{key.replace('_', '-')} {0 if value is None else value}")
-    first = next(iter(rows_by_task.values()))["setting"].split(", ")
-    if variant.schedule_of and first[1] != "constant":  # full's schedule, taken on the class task
-        flags.append(f"--lr-schedule {first[1]}")
+    schedule = next(iter(rows_by_task.values()))["options"].get("lr_schedule", "constant")
+    if variant.schedule_of and schedule != "constant":  # full's schedule, taken on the class task
+        flags.append(f"--lr-schedule {schedule}")
     text = f"`{' '.join(flags)}`"
     if not variant.grid:
         return text
-    values = {task: row["setting"].split(",")[0].split()[-1] for task, row in rows_by_task.items()}
+    values = {task: f"{row['options'][variant.knob]:g}" for task, row in rows_by_task.items()}
     knob = f"--{variant.knob.replace('_', '-')}"
     if not variant.per_pair:  # every task takes the class task's choice
         return f"`{' '.join(flags)} {knob} {next(iter(values.values()))}` (tuned on the class task)"
@@ -166,7 +160,7 @@ def _flags(name: str, rows_by_task: dict[str, dict]) -> str:
 
 
 def _job_row(table: Table, protocol: str, names: tuple[str, ...], job: str, caveat: str | None = None) -> list[str]:
-    best = ranking(table, protocol, names)[0]
+    best = latent_ranking(table, protocol, names)[0]
     per_task = {task: _rows(table, task, protocol) for task in _tasks(table, protocol)}
     chosen = {task: rows[best] for task, rows in per_task.items() if best in rows}
     against = "" if best == "full" else " against full's {:.3f}"
@@ -186,22 +180,18 @@ def _job_row(table: Table, protocol: str, names: tuple[str, ...], job: str, cave
 def which_method_latents(table: Table) -> str:
     """The README's latent rows: per protocol, the best-ranked latent variant a command line can express, and the
     best within ``MEMORY_OF_SDO`` x sdo's memory; the last column says where the best SDO variant is behind full."""
-    expressible = tuple(
-        name
-        for name, v in VARIANTS.items()
-        if set(v.fixed) <= FLAG_OPTIONS and not (v.then_exact or v.coarse_to_fine) and name not in GUIDED
-    )
+    expressible = tuple(name for name in expressible_variants() if name not in GUIDED)
     rows = []
     for protocol in PROTOCOLS:
         if not _tasks(table, protocol):
             continue
         rows.append(_job_row(table, protocol, expressible, JOBS[protocol]))
         lean = tuple(name for name in expressible if _within_memory(table, protocol, name))
-        if lean and ranking(table, protocol, lean)[0] != ranking(table, protocol, expressible)[0]:
+        if lean and latent_ranking(table, protocol, lean)[0] != latent_ranking(table, protocol, expressible)[0]:
             rows.append(_job_row(table, protocol, lean, f"{JOBS[protocol]}, memory short"))
     if not rows:
         return NO_RESULTS.format(folder=FOLDER)
-    guided = ranking(table, "noise", GUIDED)
+    guided = latent_ranking(table, "noise", GUIDED)
     if guided:
         job, caveat = "steer from the initial noise, a guided sample is enough", "not a latent: it does not replay"
         rows.insert(0, _job_row(table, "noise", (guided[0],), job, caveat))

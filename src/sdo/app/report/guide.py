@@ -4,13 +4,13 @@ the stored comparisons; ``python -m sdo.app.report.guide`` prints it as ``GUIDE`
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sdo.app.guide import FLAG_OPTIONS, JOBS
 from sdo.app.report.blocks import load_records
 
-__all__ = ["by_mean_rank", "measured_guide"]
+__all__ = ["by_mean_rank", "expressible_variants", "latent_ranking", "measured_guide"]
 
 FINETUNE_SETTINGS = ("confidence", "bold")
 EARLIER_FINETUNE_METHODS = ("sdo", "draft-1", "random-truncation")
@@ -22,25 +22,33 @@ def measured_guide(results: Path) -> dict[str, tuple[str, ...]]:
 
 
 def _latent_guide(results: Path) -> dict[str, tuple[str, ...]]:
-    from sdo.app.equal_time import PROTOCOLS, VARIANTS
+    from sdo.app.equal_time import PROTOCOLS
     from sdo.app.report.equal_time import FOLDER, load_cases, summaries
 
-    expressible = [
-        name for name, v in VARIANTS.items() if set(v.fixed) <= FLAG_OPTIONS and not (v.then_exact or v.coarse_to_fine)
-    ]
     folder = results / FOLDER
     table = summaries(load_cases(folder), quality=False) if folder.is_dir() else {}
-    guide = {}
-    for protocol in PROTOCOLS:
-        by_task = {
-            pair: {
-                row["variant"]: statistics.mean(row["reward_at_1"]) for row in rows if row["variant"] in expressible
-            }
-            for pair, rows in table.items()
-            if pair.endswith(f"/{protocol}")
-        }
-        guide[protocol] = by_mean_rank(by_task, expressible)
-    return guide
+    return {protocol: latent_ranking(table, protocol, expressible_variants()) for protocol in PROTOCOLS}
+
+
+def expressible_variants() -> tuple[str, ...]:
+    """The equal-time variants a command line can express: fixed options that are flags (not ``sdo-beta2``'s betas),
+    no harness rule (``then_exact``, ``coarse_to_fine``)."""
+    from sdo.app.equal_time import VARIANTS
+
+    return tuple(
+        name for name, v in VARIANTS.items() if set(v.fixed) <= FLAG_OPTIONS and not (v.then_exact or v.coarse_to_fine)
+    )
+
+
+def latent_ranking(table: Mapping[str, list[dict]], protocol: str, names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` ranked by their mean rank over ``protocol``'s tasks of mean R_v(100%) (``by_mean_rank``; ``table``
+    is ``sdo.app.report.equal_time.summaries``')."""
+    by_task = {
+        pair: {row["variant"]: statistics.mean(row["reward_at_1"]) for row in rows if row["variant"] in names}
+        for pair, rows in table.items()
+        if pair.endswith(f"/{protocol}")
+    }
+    return by_mean_rank(by_task, list(names))
 
 
 def _weights_guide(results: Path) -> tuple[str, ...]:
