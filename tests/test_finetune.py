@@ -141,8 +141,9 @@ def test_saved_adapter_loads_in_one_call_and_changes_the_samples(tmp_path):
 
 def test_full_weights_and_every_method_run(tmp_path):
     for method in ("sdo", "draft-k", "alignprop", "random-truncation", "full"):
+        rank = 0 if method == "full" else 2
         config = small_config(
-            tmp_path, method, method=method, steps=1, lora_rank=0 if method == "full" else 2, truncation_high=3
+            tmp_path, method, method=method, steps=1, sample_steps=3, batch_size=2, lora_rank=rank, truncation_high=3
         )
         record = finetune(config, progress=False)
         assert torch.isfinite(torch.tensor(record["reward"]))

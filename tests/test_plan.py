@@ -61,7 +61,7 @@ def test_plan_for_cuda_needs_no_cuda(tmp_path, capsys, monkeypatch):
     assert "predicted peak activations" in capsys.readouterr().out
     tiny = dict(
         model="sd15",
-        methods="sdo,full,checkpointed,alignprop,random-truncation",
+        methods="sdo,alignprop",  # a graph-saving and a checkpointing method: the device changes only the dtype
         variable="weights",
         steps="4",
         batch=1,

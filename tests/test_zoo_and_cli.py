@@ -23,7 +23,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def test_shipped_model_draws_the_requested_digits():
     unet, judge = zoo.load_unet(), zoo.load_judge()
     classes = torch.arange(10).repeat(3)
-    samples = zoo.sample_digits(unet, classes, steps=20, seed=1)
+    samples = zoo.sample_digits(unet, classes, steps=10, seed=1)  # 29 of 30 right at 10 steps, as at 20
     accuracy = (judge(samples).argmax(1) == classes).float().mean()
     assert accuracy >= 0.85  # the README's figure (50 steps, 100 samples) is measured by `sdo train-zoo`
 
