@@ -54,3 +54,44 @@ def test_tuning_then_every_setting_at_its_calibrated_updates_and_a_rerun_is_exac
     assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.json")} == stamps
     with pytest.raises(ResumeMismatchError, match=r"confidence\.json was made with settings"):
         comparison.calibrate(tmp_path, "confidence", FinetuneComparisonSettings(sample_steps=3, batch_size=2))
+
+
+def _store_comparison(folder, rewards: dict[str, float], judges: dict[str, float]) -> None:
+    """A finished comparison with made-up figures: method m's held-out reward is rewards[m] + seed / 100 at both
+    evaluations, its judge accuracy judges[m] on ``bold`` (1.0 elsewhere), 0.5 s per update."""
+    from sdo.app.finetune_comparison import METHODS, REPORTED_SEEDS, SETTINGS
+    from sdo.io import save_json
+
+    for setting in SETTINGS:
+        for method in METHODS:
+            for seed in REPORTED_SEEDS:
+                judge = judges[method] if setting == "bold" else 1.0
+                reward = rewards[method] + seed / 100
+                evaluation = {"eval_reward": reward, "judge_accuracy": judge, "frechet_judge": 1.0}
+                metrics = [{"step": 1, "seconds": 0.5, **evaluation}, {"step": 2, "seconds": 0.5, **evaluation}]
+                record = {"config": {"lr": 1e-3}, "metrics": metrics}
+                save_json(record, folder / "runs" / setting / f"{method}-s{seed}.json")
+    save_json({"chosen": 20.0, "lr": 1e-3, "held": [20.0], "finals": {}}, folder / "tuning" / "kl.json")
+    save_json({"budget_seconds": 118.4}, folder / "calibration" / "confidence.json")
+
+
+def test_the_readme_findings_say_how_far_the_run_is_then_rank_every_setting(tmp_path):
+    from sdo.app.finetune_comparison import METHODS
+    from sdo.app.report.finetune_comparison import FOLDER, complete, stored_runs
+    from sdo.app.report.finetune_findings import finetune_findings, which_method_weights
+
+    folder = tmp_path / FOLDER
+    assert "is running: 0 of 54 reported runs stored" in finetune_findings(folder)
+    rewards = {m: -float(i) for i, m in enumerate(METHODS)}  # sdo best, then full, ...
+    judges = {m: 0.9 if m in ("full", "draft-1") else 0.1 for m in METHODS}  # only full and draft-1 keep the judge
+    _store_comparison(folder, rewards, judges)
+    assert complete(folder) and stored_runs(folder) == 54
+    text = " ".join(finetune_findings(folder).split())
+    assert "the held-out reward at the end of the budget: sdo 0.010 ± 0.010; full -0.990 ± 0.010" in text
+    assert "On `bold` without the regularizer, full -0.990 ± 0.010; draft-1 -1.990 ± 0.010 (reward at its last" in text
+    assert "the others hack the reward (judge accuracy at the end: sdo 10% ± 0%" in text
+    assert "On `bold` with `--kl-weight 20`" in text and "118 s of training per run" in text
+    row = which_method_weights(tmp_path).splitlines()[-1]
+    # sdo ranks 1st on confidence and 3rd on bold (behind full and draft-1): mean rank 2; full: 2 and 1 -> 1.5
+    assert row.startswith("| fine-tune weights on a reward | `--method full --lr 0.001 --kl-weight 20` |")
+    assert "confidence: sdo ahead" not in row and "bold: full ahead" in row

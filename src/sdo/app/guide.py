@@ -29,14 +29,14 @@ JOBS = ("noise", "edit", "weights")
 GUIDE: dict[str, tuple[str, ...]] = {
     "noise": (
         "freedom",
-        "freedom-official",
         "full",
         "full-cosine",
-        "sdo",
         "sdo-multi-cosine",
+        "freedom-official",
         "sdo-cosine",
-        "adjoint-0",
+        "sdo",
         "checkpointed",
+        "adjoint-0",
         "doodl-adam",
     ),
     "edit": (

@@ -42,6 +42,7 @@ SUBJECTS = (
     "estimators",
     "finetune",
     "finetune_comparison",
+    "finetune_findings",
     "chains",
     "comparison",
     "equal_time",

@@ -17,7 +17,7 @@ from sdo.app.finetune_comparison import JUDGE_BAR, METHODS, REPORTED_SEEDS, SETT
 from sdo.app.report import markdown_table
 from sdo.app.report.blocks import block, load
 
-__all__ = ["comparison_tables", "kl_table", "method_rows", "rank_key", "tuning_table"]
+__all__ = ["comparison_tables", "complete", "kl_table", "method_rows", "rank_key", "stored_runs", "tuning_table"]
 
 FOLDER = "finetune-comparison"
 NO_RESULTS = f"No results yet: run `python benchmarks/compare_finetuning.py` (it stores into `{FOLDER}/`)."
@@ -39,6 +39,25 @@ def _mean_sd(values: list[float], form: str = ".3f") -> str:
     if len(values) == 1:
         return format(values[0], form)
     return f"{format(statistics.mean(values), form)} ± {format(statistics.stdev(values), form)}"
+
+
+def _run_records(folder: Path) -> list[Path]:
+    return [
+        folder / "runs" / setting / f"{method}-s{seed}.json"
+        for setting in SETTINGS
+        for method in METHODS
+        for seed in REPORTED_SEEDS
+    ]
+
+
+def stored_runs(folder: Path) -> int:
+    """How many of the reported runs (every setting, method and reported seed) are stored."""
+    return sum(path.exists() for path in _run_records(folder))
+
+
+def complete(folder: Path) -> bool:
+    """Whether every reported run is stored (the comparison has ended)."""
+    return stored_runs(folder) == len(_run_records(folder))
 
 
 def method_rows(folder: Path, setting: str) -> list[dict]:

@@ -10,7 +10,14 @@ from pathlib import Path
 from sdo.app.guide import FLAG_OPTIONS, JOBS
 from sdo.app.report.blocks import load_records
 
-__all__ = ["by_mean_rank", "expressible_variants", "latent_ranking", "measured_guide"]
+__all__ = [
+    "by_mean_rank",
+    "earlier_finetune_scores",
+    "expressible_variants",
+    "latent_ranking",
+    "measured_guide",
+    "weights_ranking",
+]
 
 FINETUNE_SETTINGS = ("confidence", "bold")
 EARLIER_FINETUNE_METHODS = ("sdo", "draft-1", "random-truncation")
@@ -18,7 +25,7 @@ EARLIER_FINETUNE_METHODS = ("sdo", "draft-1", "random-truncation")
 
 def measured_guide(results: Path) -> dict[str, tuple[str, ...]]:
     """The guide measured from the stored comparisons under ``results`` (module docstring)."""
-    return {**_latent_guide(results), "weights": _weights_guide(results)}
+    return {**_latent_guide(results), "weights": weights_ranking(results)}
 
 
 def _latent_guide(results: Path) -> dict[str, tuple[str, ...]]:
@@ -51,27 +58,33 @@ def latent_ranking(table: Mapping[str, list[dict]], protocol: str, names: Sequen
     return by_mean_rank(by_task, list(names))
 
 
-def _weights_guide(results: Path) -> tuple[str, ...]:
+def weights_ranking(results: Path) -> tuple[str, ...]:
+    """The fine-tuning methods by mean rank over ``FINETUNE_SETTINGS``: from the fine-tuning comparison once every
+    reported run is stored (``rank_key``), else from the earlier single-seed runs (``earlier_finetune_scores``); a
+    partial comparison would rank only the methods that happen to have run."""
     from sdo.app.finetune_comparison import METHODS
-    from sdo.app.report.finetune_comparison import FOLDER, method_rows, rank_key
+    from sdo.app.report.finetune_comparison import FOLDER, complete, method_rows, rank_key
 
     folder = results / FOLDER
-    by_setting = {
-        setting: {row["method"]: rank_key(row, setting) for row in method_rows(folder, setting)}
-        for setting in FINETUNE_SETTINGS
-        if folder.is_dir()
-    }
-    if any(by_setting.values()):
+    if complete(folder):
+        by_setting = {
+            setting: {row["method"]: rank_key(row, setting) for row in method_rows(folder, setting)}
+            for setting in FINETUNE_SETTINGS
+        }
         return by_mean_rank(by_setting, METHODS)
-    earlier = {}
+    return by_mean_rank(earlier_finetune_scores(results), EARLIER_FINETUNE_METHODS)
+
+
+def earlier_finetune_scores(results: Path) -> dict[str, dict[str, float]]:
+    """``{task: {method: mean training reward over the last 5 updates}}`` of the earlier single-seed, untuned
+    40-update runs (``finetune-<task>-<method>/``)."""
+    scores: dict[str, dict[str, float]] = {}
     for task in FINETUNE_SETTINGS:
-        scores = {}
         for method in EARLIER_FINETUNE_METHODS:
             path = results / f"finetune-{task}-{method}" / "metrics.jsonl"
             if path.exists():
-                scores[method] = statistics.mean(r["reward"] for r in load_records(path)[-5:])
-        earlier[task] = scores
-    return by_mean_rank(earlier, EARLIER_FINETUNE_METHODS)
+                scores.setdefault(task, {})[method] = statistics.mean(r["reward"] for r in load_records(path)[-5:])
+    return scores
 
 
 def by_mean_rank(scores: Mapping[str, Mapping[str, object]], order: list[str] | tuple[str, ...]) -> tuple[str, ...]:
