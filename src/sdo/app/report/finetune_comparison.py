@@ -17,7 +17,16 @@ from sdo.app.finetune_comparison import JUDGE_BAR, METHODS, REPORTED_SEEDS, SETT
 from sdo.app.report import markdown_table
 from sdo.app.report.blocks import block, load
 
-__all__ = ["comparison_tables", "complete", "kl_table", "method_rows", "rank_key", "stored_runs", "tuning_table"]
+__all__ = [
+    "comparison_tables",
+    "complete",
+    "kl_table",
+    "mean_sd",
+    "method_rows",
+    "rank_key",
+    "stored_runs",
+    "tuning_table",
+]
 
 FOLDER = "finetune-comparison"
 NO_RESULTS = f"No results yet: run `python benchmarks/compare_finetuning.py` (it stores into `{FOLDER}/`)."
@@ -33,7 +42,8 @@ def _honest_reward(record: dict) -> float | None:
     return kept[-1] if kept else None
 
 
-def _mean_sd(values: list[float], form: str = ".3f") -> str:
+def mean_sd(values: list[float], form: str = ".3f") -> str:
+    """``mean ± sample sd`` of ``values`` formatted with ``form`` (the value alone for one, empty for none)."""
     if not values:
         return ""
     if len(values) == 1:
@@ -132,10 +142,10 @@ def comparison_tables(folder: Path) -> str:
                 f"{row['lr']:g}",
                 "-".join(map(str, sorted({min(row["updates"]), max(row["updates"])}))),
                 f"{row['s_per_update']:.2f}",
-                f"{_mean_sd(row['eval_reward_50'])} / {_mean_sd(row['eval_reward_100'])}",
-                f"{_mean_sd(row['judge_accuracy_50'], '.0%')} / {_mean_sd(row['judge_accuracy_100'], '.0%')}",
-                f"{_mean_sd(row['frechet_50'], '.1f')} / {_mean_sd(row['frechet_100'], '.1f')}",
-                f"{_mean_sd(row['honest']) or 'none'} ({row['honest_seeds']} of {len(row['seeds'])} seeds)",
+                f"{mean_sd(row['eval_reward_50'])} / {mean_sd(row['eval_reward_100'])}",
+                f"{mean_sd(row['judge_accuracy_50'], '.0%')} / {mean_sd(row['judge_accuracy_100'], '.0%')}",
+                f"{mean_sd(row['frechet_50'], '.1f')} / {mean_sd(row['frechet_100'], '.1f')}",
+                f"{mean_sd(row['honest']) or 'none'} ({row['honest_seeds']} of {len(row['seeds'])} seeds)",
                 ", ".join(map(str, row["seeds"])) + (f" (stopped: {row['failed']})" if row["failed"] else ""),
             ]
             for rank, row in enumerate(rows, 1)

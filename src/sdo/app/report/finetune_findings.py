@@ -12,25 +12,18 @@ fine-tuning job).
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from sdo.app.finetune_comparison import JUDGE_BAR, METHODS, REPORTED_SEEDS, SETTINGS
 from sdo.app.report import markdown_table
 from sdo.app.report.blocks import block, fill, load
-from sdo.app.report.finetune_comparison import FOLDER, complete, method_rows, rank_key, stored_runs
+from sdo.app.report.finetune_comparison import FOLDER, complete, mean_sd, method_rows, rank_key, stored_runs
 from sdo.app.report.guide import FINETUNE_SETTINGS, earlier_finetune_scores, weights_ranking
 
 __all__ = ["finetune_findings", "which_method_weights"]
 
 JOB = "fine-tune weights on a reward"
 HEADERS = ("job", "use", "why", "where SDO loses")
-
-
-def _mean_sd(values: list[float], form: str = ".3f") -> str:
-    if len(values) < 2:
-        return format(values[0], form)
-    return f"{format(statistics.mean(values), form)} ± {format(statistics.stdev(values), form)}"
 
 
 def _ranked(folder: Path, setting: str) -> list[dict]:
@@ -44,18 +37,18 @@ def _held(row: dict) -> bool:
 def _setting_finding(folder: Path, setting: str) -> str:
     rows = _ranked(folder, setting)
     if setting == "confidence":
-        ranking = "; ".join(f"{r['method']} {_mean_sd(r['eval_reward_100'])}" for r in rows)
+        ranking = "; ".join(f"{r['method']} {mean_sd(r['eval_reward_100'])}" for r in rows)
         return f"On `confidence`, the held-out reward at the end of the budget: {ranking}."
     held = [r for r in rows if _held(r)]
     hacked = [r for r in rows if not _held(r)]
     parts = [
-        "; ".join(f"{r['method']} {_mean_sd(r['honest'])}" for r in held) or "no method",
+        "; ".join(f"{r['method']} {mean_sd(r['honest'])}" for r in held) or "no method",
         f"kept the judge at {JUDGE_BAR:.0%} or more on every seed",
     ]
     where = "with the regularizer" if setting == "bold-kl" else "without the regularizer"
     text = f"On `bold` {where}, {parts[0]} ({'reward at its last such evaluation; ' if held else ''}{parts[1]})"
     if hacked:
-        judges = ", ".join(f"{r['method']} {_mean_sd(r['judge_accuracy_100'], '.0%')}" for r in hacked)
+        judges = ", ".join(f"{r['method']} {mean_sd(r['judge_accuracy_100'], '.0%')}" for r in hacked)
         text += f"; the others hack the reward (judge accuracy at the end: {judges})"
     return text + "."
 
@@ -106,8 +99,8 @@ def which_method_weights(results: Path) -> str:
     chosen = by_setting["confidence"][first]
     why = (
         f"best mean rank over `confidence` and `bold` at equal time: confidence "
-        f"{_mean_sd(by_setting['confidence'][first]['eval_reward_100'])}; bold "
-        + (_mean_sd(by_setting["bold"][first]["honest"]) if by_setting["bold"][first]["honest"] else "hacked")
+        f"{mean_sd(by_setting['confidence'][first]['eval_reward_100'])}; bold "
+        + (mean_sd(by_setting["bold"][first]["honest"]) if by_setting["bold"][first]["honest"] else "hacked")
         + f" (judge >= {JUDGE_BAR:.0%}); {chosen['s_per_update']:.2f} s / update"
     )
     behind = [
