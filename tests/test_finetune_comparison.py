@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from sdo.app import finetune_comparison as comparison
 from sdo.app.finetune_comparison import FinetuneComparisonSettings
@@ -23,7 +24,7 @@ def test_tuning_then_every_setting_at_its_calibrated_updates_and_a_rerun_is_exac
     settings = FinetuneComparisonSettings(
         sample_steps=2, batch_size=2, budget_updates=3, calibration_updates=2, eval_per_class=1
     )
-    comparison.run_all(tmp_path, settings, seeds=[0])
+    comparison.run_all(tmp_path, settings, seeds=[0], jobs=2)  # the untimed stages in two worker processes
     calibration = load_json(tmp_path / "calibration" / "confidence.json")
     seconds, updates = calibration["seconds_per_update"], calibration["updates"]
     budget = 3 * seconds["sdo"]
@@ -43,6 +44,10 @@ def test_tuning_then_every_setting_at_its_calibrated_updates_and_a_rerun_is_exac
     tables = comparison_tables(tmp_path)
     assert tables.count("| 1 | ") == 2 and "**bold**: no runs yet." in tables  # ranked confidence and bold-kl
     rows = {row["method"]: row for row in method_rows(tmp_path, "confidence")}
+    assert rows["full"]["s_per_update"] == seconds["full"]  # the calibration's: the runs shared the machine
+    assert load_json(tmp_path / "runs" / "confidence" / "sdo-s0.json")["machine"]["threads"] == max(
+        1, torch.get_num_threads() // 2
+    )
     assert rows["sdo"]["eval_reward_100"] == [
         [r for r in load_json(tmp_path / "runs" / "confidence" / "sdo-s0.json")["metrics"] if "eval_reward" in r][-1][
             "eval_reward"
@@ -58,7 +63,7 @@ def test_tuning_then_every_setting_at_its_calibrated_updates_and_a_rerun_is_exac
 
 def _store_comparison(folder, rewards: dict[str, float], judges: dict[str, float]) -> None:
     """A finished comparison with made-up figures: method m's held-out reward is rewards[m] + seed / 100 at both
-    evaluations, its judge accuracy judges[m] on ``bold`` (1.0 elsewhere), 0.5 s per update."""
+    evaluations, its judge accuracy judges[m] on ``bold`` (1.0 elsewhere), 0.5 s per update (calibrated)."""
     from sdo.app.finetune_comparison import METHODS, REPORTED_SEEDS, SETTINGS
     from sdo.io import save_json
 
@@ -72,7 +77,9 @@ def _store_comparison(folder, rewards: dict[str, float], judges: dict[str, float
                 record = {"config": {"lr": 1e-3}, "metrics": metrics}
                 save_json(record, folder / "runs" / setting / f"{method}-s{seed}.json")
     save_json({"chosen": 20.0, "lr": 1e-3, "held": [20.0], "finals": {}}, folder / "tuning" / "kl.json")
-    save_json({"budget_seconds": 118.4}, folder / "calibration" / "confidence.json")
+    for setting in SETTINGS:
+        seconds = {method: 0.5 for method in METHODS}
+        save_json({"budget_seconds": 118.4, "seconds_per_update": seconds}, folder / "calibration" / f"{setting}.json")
 
 
 def test_the_readme_findings_say_how_far_the_run_is_then_rank_every_setting(tmp_path):

@@ -9,6 +9,8 @@
 - **Stored results** (``stored_record``, ``save_result``): one JSON record per result, written last (its presence
   means the result is complete), so that a comparison may span sessions: a rerun skips what is stored and refuses
   a record made with other settings.
+- **Untimed work in parallel** (``in_workers``): work whose result does not depend on the clock (runs at a stored,
+  calibrated iteration count) may share the machine, a few spawned processes at a time; timing never does.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import argparse
 import dataclasses
 import itertools
 import json
+import multiprocessing
 import os
 import subprocess
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import cache
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +39,7 @@ __all__ = [
     "Contender",
     "add_settings_flags",
     "credited_iterates",
+    "in_workers",
     "interleave",
     "require_idle",
     "reward_at",
@@ -112,6 +117,32 @@ def save_result(record: dict, path: Path, tensors: dict[str, torch.Tensor] | Non
     if tensors is not None:
         save_tensors(tensors, path.with_suffix(".safetensors"))
     save_json(record, path)
+
+
+def in_workers(task: Callable[[object], object], items: Sequence, jobs: int) -> list:
+    """``[task(item) for item in items]``; with ``jobs`` > 1, on ``jobs`` spawned worker processes, each limited to
+    ``torch.get_num_threads() // jobs`` threads (at least 1) so that together they use the cores one process would.
+    Only for untimed work (the workers share the machine). ``task`` and the items must pickle (module-level
+    functions, ``functools.partial``). Each finished item is printed; the first failure cancels the items not
+    started and is raised once the running ones end."""
+    if jobs <= 1 or len(items) <= 1:
+        return [task(item) for item in items]
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_limit_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(task, item): item for item in items}
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                future.result()
+                print(f"[{done}/{len(items)}] done: {futures[future]}", flush=True)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        return [future.result() for future in futures]
+
+
+def _limit_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
 
 
 @cache

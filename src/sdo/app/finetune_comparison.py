@@ -17,7 +17,12 @@ stopped (a run cut short resumes from its checkpoint) and refuses a stored resul
    ``KL_WEIGHTS``; the one with the largest final held-out reward among those whose judge accuracy is at least
    ``JUDGE_BAR`` at every evaluation.
 3. **Runs** (``runs/<setting>/<method>-s<seed>/``, the ``sdo finetune`` folder, and ``<method>-s<seed>.json``, its
-   record, written last): every method on every setting and reported seed, one at a time.
+   record, written last): every method on every setting and reported seed.
+
+Every calibration comes first, alone on the machine. Tuning and runs are untimed (each runs its stored update count;
+the tables' seconds per update are the calibration's), so ``run_all(..., jobs=2)`` runs them two at a time
+(``sdo.app.comparison.in_workers``): the lr grid of every method, each method's widening, the KL weights, then the
+reported runs.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from sdo.app.comparison import save_result, source_commit, this_machine
+from sdo.app.comparison import in_workers, save_result, source_commit, this_machine
 from sdo.app.equal_time import finite_or_none, steady_seconds, stored_record, widen
 from sdo.app.finetuning import FinetuneConfig, finetune
 from sdo.app.report.blocks import load_records
@@ -127,9 +132,8 @@ def run_method(
     """One ``sdo finetune`` run at its calibrated update count (stored; resumed from its checkpoint if cut short;
     a run stopped by a non-finite reward is recorded as such). Tuning runs (``TUNING_SEED``) live under
     ``tuning/<setting>/<method>-lr<lr>-kl<kl>/``, reported ones under ``runs/<setting>/<method>-s<seed>/``."""
-    name = f"{method}-lr{lr:g}-kl{kl:g}" if seed == TUNING_SEED else f"{method}-s{seed}"
-    folder = out / ("tuning" if seed == TUNING_SEED else "runs") / setting / name
-    path = folder.parent / f"{name}.json"
+    path = _record_path(out, setting, method, seed, lr, kl)
+    folder = path.with_suffix("")
     steps = calibrate(out, setting, settings)["updates"][method]
     config = settings.config(setting, method, seed, lr, steps, folder, kl)
     expected = {"settings": asdict(settings), "config": _recorded(config)}
@@ -150,13 +154,22 @@ def final_eval_reward(record: dict) -> float:
     return evaluations[-1]["eval_reward"] if evaluations and "failed" not in record else -math.inf
 
 
-def tune_lr(out: Path, method: str, settings: FinetuneComparisonSettings) -> float:
-    """Stage 2: ``method``'s lr on ``confidence``, ``TUNING_SEED`` (stored in ``tuning/<method>.json``)."""
+def tune_lr(
+    out: Path,
+    method: str,
+    settings: FinetuneComparisonSettings,
+    grid: Sequence[float] | None = None,
+    widenings: int | None = None,
+) -> float:
+    """Stage 2: ``method``'s lr on ``confidence``, ``TUNING_SEED`` (stored in ``tuning/<method>.json``) over
+    ``grid`` (default ``LRS``) widened at most ``widenings`` times (default ``WIDENINGS``)."""
     path = out / "tuning" / f"{method}.json"
     expected = {"settings": asdict(settings), "method": method}
     if (stored := stored_record(path, expected)) is None:
         run = partial(run_method, out, "confidence", method, TUNING_SEED, settings=settings, kl=0.0)
-        search = widen(LRS, lambda lr: final_eval_reward(run(lr=lr)), WIDENINGS)
+        search = widen(
+            grid or LRS, lambda lr: final_eval_reward(run(lr=lr)), WIDENINGS if widenings is None else widenings
+        )
         finals = {f"{lr:g}": finite_or_none(r) for lr, r in search.pop("finals").items()}
         stored = {**expected, **search, "finals": finals}
         save_result(stored, path)
@@ -183,14 +196,46 @@ def _holds_judge(record: dict) -> bool:
     return bool(evaluations) and "failed" not in record and all(r["judge_accuracy"] >= JUDGE_BAR for r in evaluations)
 
 
-def run_all(out: Path, settings: FinetuneComparisonSettings, seeds: Sequence[int] = REPORTED_SEEDS) -> None:
-    """Tuning, then every method on every setting and seed (the order makes partial results useful)."""
-    lrs = {method: tune_lr(out, method, settings) for method in METHODS}
-    kl = tune_kl(out, settings)
+def run_all(
+    out: Path, settings: FinetuneComparisonSettings, seeds: Sequence[int] = REPORTED_SEEDS, jobs: int = 1
+) -> None:
+    """Every calibration (timed, alone), tuning, then every method on every setting and seed (the order makes
+    partial results useful), the untimed stages ``jobs`` runs at a time (module docstring)."""
     for setting in SETTINGS:
-        for seed in seeds:
-            for method in METHODS:
-                run_method(out, setting, method, seed, lrs[method], settings, kl if setting == "bold-kl" else 0.0)
+        calibrate(out, setting, settings)
+    _run_specs(out, settings, [("confidence", m, TUNING_SEED, lr, 0.0) for m in METHODS for lr in LRS], jobs)
+    tune = partial(tune_lr, out, settings=settings, grid=LRS, widenings=WIDENINGS)
+    in_workers(tune, [m for m in METHODS if not (out / "tuning" / f"{m}.json").exists()], jobs)
+    lrs = {method: tune(method) for method in METHODS}
+    _run_specs(out, settings, [("bold-kl", "sdo", TUNING_SEED, lrs["sdo"], w) for w in KL_WEIGHTS], jobs)
+    kl = tune_kl(out, settings)
+    runs = [
+        (setting, method, seed, lrs[method], kl if setting == "bold-kl" else 0.0)
+        for setting in SETTINGS
+        for seed in seeds
+        for method in METHODS
+    ]
+    _run_specs(out, settings, runs, jobs)
+
+
+def _run_specs(out: Path, settings: FinetuneComparisonSettings, specs: list[tuple], jobs: int) -> None:
+    """``run_method`` on each (setting, method, seed, lr, kl): the stored ones first (loaded, so that one made with
+    other settings is refused before anything runs), then the others ``jobs`` at a time."""
+    stored = [spec for spec in specs if _record_path(out, *spec).exists()]
+    for spec in stored:
+        _run_spec(out, settings, spec)
+    in_workers(partial(_run_spec, out, settings), [spec for spec in specs if spec not in stored], jobs)
+
+
+def _run_spec(out: Path, settings: FinetuneComparisonSettings, spec: tuple) -> None:
+    setting, method, seed, lr, kl = spec
+    run_method(out, setting, method, seed, lr, settings, kl)
+
+
+def _record_path(out: Path, setting: str, method: str, seed: int, lr: float, kl: float) -> Path:
+    """Where ``run_method`` stores a run's record."""
+    name = f"{method}-lr{lr:g}-kl{kl:g}" if seed == TUNING_SEED else f"{method}-s{seed}"
+    return out / ("tuning" if seed == TUNING_SEED else "runs") / setting / f"{name}.json"
 
 
 def _recorded(config: FinetuneConfig) -> dict:

@@ -2,7 +2,8 @@
 ``benchmarks/compare_finetuning.py``): the tuning, one table per setting, the regularizer's weight.
 
 Per setting and method, over the reported seeds that finished: the held-out reward (``eval_reward``), judge
-accuracy and Fréchet distance at 50% and 100% of the budget (mean ± sample sd), seconds per update and updates run.
+accuracy and Fréchet distance at 50% and 100% of the budget (mean ± sample sd), seconds per update (the setting's
+calibration: the runs themselves are untimed) and updates run.
 On ``bold`` and ``bold-kl`` the methods are ranked by the held-out reward at the last evaluation whose judge
 accuracy is at least ``JUDGE_BAR`` (reward hacking does not count); elsewhere by the final held-out reward.
 """
@@ -92,7 +93,7 @@ def method_rows(folder: Path, setting: str) -> list[dict]:
                 "failed": sorted(set(records) - set(finished)),
                 "lr": next(iter(finished.values()))["config"]["lr"],
                 "updates": sorted({len(r["metrics"]) for r in finished.values()}),
-                "s_per_update": statistics.median(m["seconds"] for r in finished.values() for m in r["metrics"]),
+                "s_per_update": load(folder / "calibration" / f"{setting}.json")["seconds_per_update"][method],
                 **{f"{name}_50": [e[name] for e in halves] for name in ("eval_reward", "judge_accuracy")},
                 **{f"{name}_100": [e[name] for e in ends] for name in ("eval_reward", "judge_accuracy")},
                 "frechet_50": [e["frechet_judge"] for e in halves],
