@@ -4,6 +4,7 @@ search, ``checkpointed`` credited from ``full``'s run, exact resumes."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -81,6 +82,31 @@ def three_variants(monkeypatch):
         table[name] = equal_time.Variant(name, grid=(0.05, 0.1), per_pair=True)
     monkeypatch.setattr(equal_time, "VARIANTS", table)
     monkeypatch.setattr(equal_time, "WIDENINGS", 0)
+
+
+def test_the_tuning_grid_in_two_workers_gives_what_one_process_gives(tmp_path, three_variants, capsys):
+    settings = EqualTimeSettings(steps=3, full_iters=2, batch=1, late_step=2, calibration_iters=1)
+    resources = equal_time.shared_resources(settings)
+    equal_time.tune_pair(tmp_path / "one", "class", "noise", settings, resources)
+    shutil.copytree(tmp_path / "one" / "cases", tmp_path / "two" / "cases")  # the same calibration: same horizons
+    capsys.readouterr()
+    equal_time.tune_pair(tmp_path / "two", "class", "noise", settings, resources, jobs=2)
+    assert "[4/4] done" in capsys.readouterr().out  # the four grid runs went to the workers
+    for name in ("sdo", "full"):
+        for value in (0.05, 0.1):
+            one, two = (
+                load_json(
+                    equal_time._value_path(tmp_path / d, Case("class", "noise", equal_time.TUNING_SEED), name, value)
+                )
+                for d in ("one", "two")
+            )
+            assert [it["reward"] for it in two["iterates"]] == pytest.approx(
+                [it["reward"] for it in one["iterates"]], rel=1e-4
+            )
+        chosen = [
+            load_json(equal_time.tuning_path(tmp_path / d, "class", "noise", name))["chosen"] for d in ("one", "two")
+        ]
+        assert chosen[0] == chosen[1]
 
 
 def test_checkpointed_is_full_credited_at_its_own_time_and_a_rerun_is_exact(tmp_path, three_variants):
@@ -201,7 +227,7 @@ def test_a_variant_added_later_is_calibrated_beside_full_on_the_stored_clock(tmp
 def test_the_fallbacks_run_only_after_every_kept_variants_tuning_and_cases(monkeypatch, tmp_path):
     stages: list[tuple[str, str, tuple[str, ...]]] = []
     monkeypatch.setattr(
-        equal_time, "tune_pair", lambda o, task, p, s, r, variants: stages.append(("tune", task, variants))
+        equal_time, "tune_pair", lambda o, task, p, s, r, variants, jobs: stages.append(("tune", task, variants))
     )
     monkeypatch.setattr(
         equal_time, "run_case", lambda o, case, s, r, variants: stages.append(("case", case.task, variants))

@@ -41,16 +41,16 @@ import math
 import statistics
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from sdo.app.comparison import interleave, save_result, source_commit, this_machine
+from sdo.app.comparison import in_workers, interleave, save_result, source_commit, this_machine
 from sdo.app.comparison import stored_record as engine_record
 from sdo.app.fair_comparison import Case, VariantRun, case_config, recorded_options
-from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task
+from sdo.app.tasks.latent import LatentTaskConfig, TaskResources, build_task, load_resources
 from sdo.errors import NonFiniteRewardError
 from sdo.freedom import FreedomSettings
 from sdo.gradients import NoGrad
@@ -452,12 +452,18 @@ def tune_pair(
     settings: EqualTimeSettings,
     resources: TaskResources,
     variants: Collection[str] = tuple(VARIANTS),
+    jobs: int = 1,
 ) -> None:
-    """Stage 2 on (task, protocol): calibrate the tuning case, then tune each of ``variants`` tuned here (each value's
-    run stored under ``tuning/<task>-<protocol>/values/``, each variant's choice beside it)."""
+    """Stage 2 on (task, protocol): calibrate the tuning case (timed, alone), then tune each of ``variants`` tuned
+    here (each value's run stored under ``tuning/<task>-<protocol>/values/``, each variant's choice beside it). The
+    runs are untimed: with ``jobs`` > 1 every grid value not yet stored runs first, ``jobs`` at a time
+    (``sdo.app.comparison.in_workers``); the widening past an edge follows in this process."""
     case = Case(task, protocol, TUNING_SEED)
     calibration = calibrate(out, case, settings, resources)
-    for name in [n for n in VARIANTS if n in variants and tuned_here(n, task, protocol)]:
+    names = [n for n in VARIANTS if n in variants and tuned_here(n, task, protocol)]
+    if jobs > 1:
+        _tune_grids_in_workers(out, case, names, calibration, settings, jobs)
+    for name in names:
         schedule = _schedule(out, name, protocol)
         expected = {"settings": asdict(settings), "case": asdict(case), "variant": name, "schedule": schedule}
         path = tuning_path(out, task, protocol, name)
@@ -481,6 +487,39 @@ def tune_pair(
         print(f"  tuned {case.key} {name}: {VARIANTS[name].knob}={search['chosen']:g}")
 
 
+def _tune_grids_in_workers(
+    out: Path, case: Case, names: list[str], calibration: dict, settings: EqualTimeSettings, jobs: int
+) -> None:
+    """The grid values of ``names`` whose run is not stored (variants taking another's schedule wait for it)."""
+    pending = [
+        (name, value)
+        for name in names
+        if not VARIANTS[name].schedule_of
+        for value in VARIANTS[name].grid
+        if not _value_path(out, case, name, value).exists()
+    ]
+    in_workers(partial(_worker_tuning_run, out, case, calibration=calibration, settings=settings), pending, jobs)
+
+
+def _worker_tuning_run(out: Path, case: Case, item: tuple[str, float], *, calibration: dict, settings) -> None:
+    name, value = item
+    schedule = _schedule(out, name, case.protocol)
+    resources = shared_resources(settings)
+    _tuning_run(
+        out, case, name, value, schedule=schedule, calibration=calibration, settings=settings, resources=resources
+    )
+
+
+@cache
+def shared_resources(settings: EqualTimeSettings) -> TaskResources:
+    """The networks every task of the comparison uses, loaded once per process."""
+    return load_resources(settings.task_config(Case("class", "noise", 0), "sdo", 1))
+
+
+def _value_path(out: Path, case: Case, name: str, value: float) -> Path:
+    return out / "tuning" / f"{case.task}-{case.protocol}" / "values" / f"{name}@{value:g}.json"
+
+
 def _may_widen(stored: dict, grid: Sequence[float]) -> bool:
     """Whether a stored search ended at its grid's edge with fewer values than ``WIDENINGS`` allows now."""
     return bool(stored.get("edge")) and len(stored["finals"]) < len(grid) + WIDENINGS
@@ -493,7 +532,7 @@ def finite_or_none(reward: float) -> float | None:
 
 def _tuning_run(out, case, name, value, *, schedule, calibration, settings, resources) -> float:
     """One value's untimed run at the evaluation horizon; its final reward (stored, skipped if stored)."""
-    path = out / "tuning" / f"{case.task}-{case.protocol}" / "values" / f"{name}@{value:g}.json"
+    path = _value_path(out, case, name, value)
     options = options_of(name, value, schedule)
     expected = {"settings": asdict(settings), "case": asdict(case), "options": recorded_options(options)}
     stored = stored_record(path, expected)
@@ -638,16 +677,18 @@ def run_all(
     seeds: Sequence[int] = REPORTED_SEEDS,
     authors: bool = True,
     passes: Sequence[str] = PASSES,
+    jobs: int = 1,
 ) -> None:
     """Every stage in the order that makes partial results useful, in two passes: the kept variants (every task:
     tuning, cases; the class task's authors' rows after its cases), then the ``FALLBACKS`` the same way. Stored
     results are skipped. A case stopped by a non-finite reward is reported and skipped (nothing of it is stored; a
-    rerun tries it again), so an unattended run goes on. ``passes``: which of the two to run (``PASSES``)."""
+    rerun tries it again), so an unattended run goes on. ``passes``: which of the two to run (``PASSES``); ``jobs``:
+    untimed tuning runs at a time (``tune_pair``)."""
     kept = tuple(n for n in VARIANTS if n not in FALLBACKS)
     for variants in [{"kept": kept, "fallbacks": FALLBACKS}[name] for name in passes]:
         for task in sorted(tasks, key=TASKS.index):
             for protocol in PROTOCOLS:
-                tune_pair(out, task, protocol, settings, resources, variants)
+                tune_pair(out, task, protocol, settings, resources, variants, jobs=jobs)
             for seed in seeds:
                 for protocol in PROTOCOLS:
                     _go_on(run_case, out, Case(task, protocol, seed), settings, resources, variants)
