@@ -61,6 +61,27 @@ def test_tuning_then_every_setting_at_its_calibrated_updates_and_a_rerun_is_exac
         comparison.calibrate(tmp_path, "confidence", FinetuneComparisonSettings(sample_steps=3, batch_size=2))
 
 
+def test_the_kl_grid_goes_on_until_a_weight_keeps_the_judge(tmp_path, monkeypatch):
+    """A weight keeps the judge from 50 on (made-up runs): 0-30 hack, so 40 and 50 are run and 50 is chosen, and a
+    stored choice with no weight holding is widened further by a rerun that allows more."""
+    weights = []
+
+    def fake_run(out, setting, method, seed, lr, settings, kl):
+        weights.append(kl)
+        evaluation = {"eval_reward": 1.0 - kl / 100, "judge_accuracy": 0.9 if kl >= 50 else 0.5}
+        return {"metrics": [{"step": 1, **evaluation}]}
+
+    monkeypatch.setattr(comparison, "run_method", fake_run)
+    monkeypatch.setattr(comparison, "tune_lr", lambda out, method, settings: 1e-3)
+    monkeypatch.setattr(comparison, "KL_WIDENINGS", 1)
+    assert comparison.tune_kl(tmp_path, FinetuneComparisonSettings()) == 40.0  # none holds: the largest run
+    assert weights == [0.0, 10.0, 20.0, 30.0, 40.0] and load_json(tmp_path / "tuning" / "kl.json")["held"] == []
+    monkeypatch.setattr(comparison, "KL_WIDENINGS", 3)
+    assert comparison.tune_kl(tmp_path, FinetuneComparisonSettings()) == 50.0
+    assert weights[5:] == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]  # stored runs load again; 50 holds, so 60 is not run
+    assert load_json(tmp_path / "tuning" / "kl.json")["held"] == [50.0]
+
+
 def _store_comparison(folder, rewards: dict[str, float], judges: dict[str, float]) -> None:
     """A finished comparison with made-up figures: method m's held-out reward is rewards[m] + seed / 100 at both
     evaluations, its judge accuracy judges[m] on ``bold`` (1.0 elsewhere), 0.5 s per update (calibrated)."""

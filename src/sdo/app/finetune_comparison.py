@@ -14,8 +14,9 @@ stopped (a run cut short resumes from its checkpoint) and refuses a stored resul
    each method's lr over ``LRS``, widened past an edge until the choice is interior (``equal_time.widen``); the
    metric is the held-out reward (``eval_reward``) at the last evaluation. ``bold`` and ``bold-kl`` take
    ``confidence``'s choice (a cut the issue allows). The KL weight: ``sdo`` on ``bold``, ``TUNING_SEED``, each of
-   ``KL_WEIGHTS``; the one with the largest final held-out reward among those whose judge accuracy is at least
-   ``JUDGE_BAR`` at every evaluation.
+   ``KL_WEIGHTS`` (continued past the largest, ``KL_WIDENINGS`` at most, while none keeps the judge); the one with
+   the largest final held-out reward among those whose judge accuracy is at least ``JUDGE_BAR`` at every
+   evaluation.
 3. **Runs** (``runs/<setting>/<method>-s<seed>/``, the ``sdo finetune`` folder, and ``<method>-s<seed>.json``, its
    record, written last): every method on every setting and reported seed.
 
@@ -42,6 +43,7 @@ from sdo.errors import NonFiniteRewardError
 __all__ = [
     "JUDGE_BAR",
     "KL_WEIGHTS",
+    "KL_WIDENINGS",
     "LRS",
     "METHODS",
     "REPORTED_SEEDS",
@@ -62,6 +64,8 @@ REPORTED_SEEDS = (0, 1, 2)
 LRS = (3e-4, 1e-3, 3e-3)
 """The lr grid (the CLI's default 1e-3 in the middle), widened past an edge."""
 KL_WEIGHTS = (0.0, 10.0, 20.0, 30.0)
+KL_WIDENINGS = 3
+"""At most this many weights past ``KL_WEIGHTS``' largest while no weight keeps the judge at ``JUDGE_BAR``."""
 WIDENINGS = 2
 """At most this many lrs past the grid's edge."""
 JUDGE_BAR = 0.8
@@ -177,14 +181,21 @@ def tune_lr(
 
 
 def tune_kl(out: Path, settings: FinetuneComparisonSettings) -> float:
-    """Stage 2: the KL weight, ``sdo`` on ``bold`` at its tuned lr, ``TUNING_SEED`` (``tuning/kl.json``)."""
+    """Stage 2: the KL weight, ``sdo`` on ``bold`` at its tuned lr, ``TUNING_SEED`` (``tuning/kl.json``): the
+    largest final held-out reward among the weights that keep the judge at ``JUDGE_BAR``; while none does, the grid
+    goes on past its largest weight by its last spacing (at most ``KL_WIDENINGS`` more; then the largest weight)."""
     path = out / "tuning" / "kl.json"
     lr = tune_lr(out, "sdo", settings)
     expected = {"settings": asdict(settings), "lr": lr}
-    if (stored := stored_record(path, expected)) is None:
-        runs = {w: run_method(out, "bold-kl", "sdo", TUNING_SEED, lr, settings, w) for w in KL_WEIGHTS}
+    stored = stored_record(path, expected)
+    if stored is None or (not stored["held"] and len(stored["finals"]) < len(KL_WEIGHTS) + KL_WIDENINGS):
+        run = partial(run_method, out, "bold-kl", "sdo", TUNING_SEED, lr, settings)
+        runs = {w: run(kl=w) for w in KL_WEIGHTS}
+        while not any(map(_holds_judge, runs.values())) and len(runs) < len(KL_WEIGHTS) + KL_WIDENINGS:
+            weight = max(runs) + KL_WEIGHTS[-1] - KL_WEIGHTS[-2]
+            runs[weight] = run(kl=weight)
         held = [w for w, r in runs.items() if _holds_judge(r)]
-        chosen = max(held, key=lambda w: final_eval_reward(runs[w])) if held else max(KL_WEIGHTS)
+        chosen = max(held, key=lambda w: final_eval_reward(runs[w])) if held else max(runs)
         finals = {f"{w:g}": finite_or_none(final_eval_reward(r)) for w, r in runs.items()}
         stored = {**expected, "chosen": chosen, "held": held, "finals": finals}
         save_result(stored, path)

@@ -185,7 +185,8 @@ def kl_table(folder: Path) -> str:
         for weight, r in record["finals"].items()
     ]
     headers = ("--kl-weight", "final held-out reward", f"judge >= {JUDGE_BAR:.0%} at every evaluation")
-    return f"{markdown_table(headers, rows)}\n\nChosen: `--kl-weight {record['chosen']:g}` (lr {record['lr']:g})."
+    why = "" if record["held"] else f"; no weight kept the judge at {JUDGE_BAR:.0%}: the largest run"
+    return f"{markdown_table(headers, rows)}\n\nChosen: `--kl-weight {record['chosen']:g}` (lr {record['lr']:g}{why})."
 
 
 def _folder(out: Path) -> Path:
