@@ -501,7 +501,9 @@ def _tune_grids_in_workers(
     in_workers(partial(_worker_tuning_run, out, case, calibration=calibration, settings=settings), pending, jobs)
 
 
-def _worker_tuning_run(out: Path, case: Case, item: tuple[str, float], *, calibration: dict, settings) -> None:
+def _worker_tuning_run(
+    out: Path, case: Case, item: tuple[str, float], *, calibration: dict, settings: EqualTimeSettings
+) -> None:
     name, value = item
     schedule = _schedule(out, name, case.protocol)
     resources = shared_resources(settings)

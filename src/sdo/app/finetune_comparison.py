@@ -167,7 +167,7 @@ def tune_lr(
 ) -> float:
     """Stage 2: ``method``'s lr on ``confidence``, ``TUNING_SEED`` (stored in ``tuning/<method>.json``) over
     ``grid`` (default ``LRS``) widened at most ``widenings`` times (default ``WIDENINGS``)."""
-    path = out / "tuning" / f"{method}.json"
+    path = _tuning_path(out, method)
     expected = {"settings": asdict(settings), "method": method}
     if (stored := stored_record(path, expected)) is None:
         run = partial(run_method, out, "confidence", method, TUNING_SEED, settings=settings, kl=0.0)
@@ -216,7 +216,7 @@ def run_all(
         calibrate(out, setting, settings)
     _run_specs(out, settings, [("confidence", m, TUNING_SEED, lr, 0.0) for m in METHODS for lr in LRS], jobs)
     tune = partial(tune_lr, out, settings=settings, grid=LRS, widenings=WIDENINGS)
-    in_workers(tune, [m for m in METHODS if not (out / "tuning" / f"{m}.json").exists()], jobs)
+    in_workers(tune, [m for m in METHODS if not _tuning_path(out, m).exists()], jobs)
     lrs = {method: tune(method) for method in METHODS}
     _run_specs(out, settings, [("bold-kl", "sdo", TUNING_SEED, lrs["sdo"], w) for w in KL_WEIGHTS], jobs)
     kl = tune_kl(out, settings)
@@ -241,6 +241,11 @@ def _run_specs(out: Path, settings: FinetuneComparisonSettings, specs: list[tupl
 def _run_spec(out: Path, settings: FinetuneComparisonSettings, spec: tuple) -> None:
     setting, method, seed, lr, kl = spec
     run_method(out, setting, method, seed, lr, settings, kl)
+
+
+def _tuning_path(out: Path, method: str) -> Path:
+    """Where ``tune_lr`` stores ``method``'s lr search."""
+    return out / "tuning" / f"{method}.json"
 
 
 def _record_path(out: Path, setting: str, method: str, seed: int, lr: float, kl: float) -> Path:

@@ -74,6 +74,7 @@ def complete(folder: Path) -> bool:
 def method_rows(folder: Path, setting: str) -> list[dict]:
     """One summary per method with at least one stored reported run on ``setting``."""
     rows = []
+    seconds = None
     for method in METHODS:
         records = {
             seed: load(path)
@@ -83,6 +84,7 @@ def method_rows(folder: Path, setting: str) -> list[dict]:
         finished = {seed: r for seed, r in records.items() if "failed" not in r and len(_evaluations(r)) >= 2}
         if not finished:
             continue
+        seconds = seconds or load(folder / "calibration" / f"{setting}.json")["seconds_per_update"]
         halves = [_evaluations(r)[-2] for r in finished.values()]
         ends = [_evaluations(r)[-1] for r in finished.values()]
         honest = [h for r in finished.values() if (h := _honest_reward(r)) is not None]
@@ -93,7 +95,7 @@ def method_rows(folder: Path, setting: str) -> list[dict]:
                 "failed": sorted(set(records) - set(finished)),
                 "lr": next(iter(finished.values()))["config"]["lr"],
                 "updates": sorted({len(r["metrics"]) for r in finished.values()}),
-                "s_per_update": load(folder / "calibration" / f"{setting}.json")["seconds_per_update"][method],
+                "s_per_update": seconds[method],
                 **{f"{name}_50": [e[name] for e in halves] for name in ("eval_reward", "judge_accuracy")},
                 **{f"{name}_100": [e[name] for e in ends] for name in ("eval_reward", "judge_accuracy")},
                 "frechet_50": [e["frechet_judge"] for e in halves],
