@@ -200,7 +200,9 @@ def test_coarse_to_fine_spends_half_the_budget_from_the_noise_then_goes_on_from_
     assert [h["best_so_far"] for h in history] == pytest.approx(joined)
     record, tensors = run.finish()
     assert record["switched_at"] == 3 and record["late_step"] == 2 and len(record["iterates"]) == 10
-    assert record["iterates"][-1]["best_so_far"] >= max(it["reward"] for it in record["iterates"]) - 1e-9
+    # float32 batch means: each sample's best, averaged, is at least the best mean up to rounding
+    best_mean = max(it["reward"] for it in record["iterates"])
+    assert record["iterates"][-1]["best_so_far"] >= best_mean - 1e-6 * abs(best_mean)
     # the final latent lives at step 2: replayed from there it gives the stored final sample
     latent = run.stepper.current.latent.detach()
     replay = run.task.sampler.sample(latent, NoGrad(), start_step=2)
