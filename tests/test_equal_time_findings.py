@@ -83,3 +83,28 @@ def test_the_rows_recommend_the_best_ranked_latent_variant_with_its_flags_and_th
     assert "`--method sdo`, `--lr` tuned per task (class 0.8; style 0.8)" in edit and edit.endswith(
         "meets full on every task |"
     )
+
+
+def test_the_lean_row_is_the_first_lean_variant_of_the_full_ranking_as_auto_reads_the_guide():
+    """Ranked among all variants, sdo (places 2, 3, 3) is ahead of sdo-cosine (5, 2, 2); ranked among the lean ones
+    alone, sdo-cosine (2, 1, 1) would be ahead of sdo (1, 2, 2). The row follows the full ranking, as ``--method
+    auto`` does when it takes the first variant of ``GUIDE`` that fits the budget."""
+    heavy = 1024 * MIB
+    rewards = {"class": (-1.0, -4.0), "style": (-2.0, -1.0), "adversarial": (-2.0, -1.0)}
+    table = {
+        f"{task}/noise": [
+            _row("full", -5.0, 0.0, _adam(0.1), peak=heavy),
+            _row("sdo", -5.0, sdo, _adam(0.05)),
+            _row("sdo-cosine", -5.0, cosine, _adam(0.025, "cosine")),
+            _row("full-cosine", -5.0, -2.5 if task == "class" else -9.0, _adam(0.1, "cosine"), peak=heavy),
+            _row("sdo-multi-cosine", -5.0, -3.0 if task == "class" else -9.0, _adam(0.1, "cosine"), peak=heavy),
+        ]
+        for task, (sdo, cosine) in rewards.items()
+    }
+    lean = ("sdo", "sdo-cosine")
+    assert latent_ranking(table, "noise", lean) == ("sdo-cosine", "sdo")
+    assert latent_ranking(table, "noise", (*lean, "full", "full-cosine", "sdo-multi-cosine"))[:2] == ("full", "sdo")
+    lean_row = which_method_latents(table).splitlines()[3]
+    assert (
+        "memory short | `--method sdo`, `--lr` tuned per task (class 0.05; style 0.05; adversarial 0.05)" in lean_row
+    )

@@ -120,6 +120,32 @@ def test_the_readme_findings_say_how_far_the_run_is_then_rank_every_setting(tmp_
     assert "the others hack the reward (judge accuracy at the end: sdo 10% ± 0%" in text
     assert "On `bold` with `--kl-weight 20`" in text and "118 s of training per run" in text
     row = which_method_weights(tmp_path).splitlines()[-1]
-    # sdo ranks 1st on confidence and 3rd on bold (behind full and draft-1): mean rank 2; full: 2 and 1 -> 1.5
+    # confidence and bold-kl: sdo 1st, full 2nd; bold: full 1st, draft-1 2nd, the four that hacked share places
+    # 3-6 (4.5 each). Mean ranks: sdo (1 + 4.5 + 1) / 3 = 2.17, full (2 + 1 + 2) / 3 = 1.67
     assert row.startswith("| fine-tune weights on a reward | `--method full --lr 0.001 --kl-weight 20` |")
-    assert "confidence: sdo ahead" not in row and "bold: full ahead" in row
+    assert "(confidence: place 2 of 6, -0.990 ± 0.010; bold: place 1 of 6, -0.990 ± 0.010; bold-kl: place 2" in row
+    assert row.endswith("| bold: full, draft-1 ahead |")
+    tables = comparison_tables(folder).split("**")
+    bold = tables[tables.index("bold") + 1]
+    assert (
+        "| 1 | full |" in bold and "| 2 | draft-1 |" in bold and "| - | sdo |" in bold and "| - | alignprop |" in bold
+    )
+    assert "No place (-): judge accuracy below 80% at every evaluation of every seed" in bold
+    assert "| 1 | sdo |" in tables[tables.index("bold-kl") + 1]
+    hacked = tmp_path / "every-method-hacked"
+    _store_comparison(hacked, rewards, dict.fromkeys(METHODS, 0.1))
+    text = " ".join(finetune_findings(hacked).split())
+    assert (
+        "On `bold` without the regularizer, no method kept the judge at 80% or more on every seed: the reward" in text
+    )
+
+
+def test_methods_that_tie_share_their_places_in_the_mean_rank():
+    """a wins the first group; both hacked the second (equal scores): b must not win on the registry's order."""
+    from sdo.app.report.guide import by_mean_rank
+
+    assert by_mean_rank({"one": {"a": 1.0, "b": 0.0}, "two": {"a": -math.inf, "b": -math.inf}}, ["b", "a"]) == (
+        "a",
+        "b",
+    )
+    assert by_mean_rank({"one": {"a": 0.0, "b": 0.0, "c": 1.0}}, ["b", "a", "c"]) == ("c", "b", "a")

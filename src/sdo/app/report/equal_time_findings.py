@@ -159,8 +159,12 @@ def _flags(name: str, rows_by_task: dict[str, dict]) -> str:
     return f"{text}, `{knob}` tuned per task ({'; '.join(f'{task} {value}' for task, value in values.items())})"
 
 
-def _job_row(table: Table, protocol: str, names: tuple[str, ...], job: str, caveat: str | None = None) -> list[str]:
-    best = latent_ranking(table, protocol, names)[0]
+def _job_row(
+    table: Table, protocol: str, names: tuple[str, ...], job: str, caveat: str | None = None, best: str | None = None
+) -> list[str]:
+    """One row: ``best`` (default: the best-ranked of ``names``), its flags and rewards, and where the best SDO
+    variant among ``names`` is behind full."""
+    best = best or latent_ranking(table, protocol, names)[0]
     per_task = {task: _rows(table, task, protocol) for task in _tasks(table, protocol)}
     chosen = {task: rows[best] for task, rows in per_task.items() if best in rows}
     against = "" if best == "full" else " against full's {:.3f}"
@@ -179,16 +183,19 @@ def _job_row(table: Table, protocol: str, names: tuple[str, ...], job: str, cave
 
 def which_method_latents(table: Table) -> str:
     """The README's latent rows: per protocol, the best-ranked latent variant a command line can express, and the
-    best within ``MEMORY_OF_SDO`` x sdo's memory; the last column says where the best SDO variant is behind full."""
+    best-ranked of them within ``MEMORY_OF_SDO`` x sdo's memory (the first such in the same ranking, as
+    ``--method auto`` reads ``GUIDE``: not a ranking of the lean variants alone, which can order them differently);
+    the last column says where the best SDO variant is behind full."""
     expressible = tuple(name for name in expressible_variants() if name not in GUIDED)
     rows = []
     for protocol in PROTOCOLS:
         if not _tasks(table, protocol):
             continue
+        ranking = latent_ranking(table, protocol, expressible)
         rows.append(_job_row(table, protocol, expressible, JOBS[protocol]))
-        lean = tuple(name for name in expressible if _within_memory(table, protocol, name))
-        if lean and latent_ranking(table, protocol, lean)[0] != latent_ranking(table, protocol, expressible)[0]:
-            rows.append(_job_row(table, protocol, lean, f"{JOBS[protocol]}, memory short"))
+        lean = tuple(name for name in ranking if _within_memory(table, protocol, name))
+        if lean and lean[0] != ranking[0]:
+            rows.append(_job_row(table, protocol, lean, f"{JOBS[protocol]}, memory short", best=lean[0]))
     if not rows:
         return NO_RESULTS.format(folder=FOLDER)
     guided = latent_ranking(table, "noise", GUIDED)

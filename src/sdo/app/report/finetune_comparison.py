@@ -5,7 +5,8 @@ Per setting and method, over the reported seeds that finished: the held-out rewa
 accuracy and Fréchet distance at 50% and 100% of the budget (mean ± sample sd), seconds per update (the setting's
 calibration: the runs themselves are untimed) and updates run.
 On ``bold`` and ``bold-kl`` the methods are ranked by the held-out reward at the last evaluation whose judge
-accuracy is at least ``JUDGE_BAR`` (reward hacking does not count); elsewhere by the final held-out reward.
+accuracy is at least ``JUDGE_BAR`` (reward hacking does not count; a method whose every evaluation fell below it
+gets no place); elsewhere by the final held-out reward.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "mean_sd",
     "method_rows",
     "rank_key",
+    "shared_rank",
     "stored_runs",
     "tuning_table",
 ]
@@ -130,6 +132,15 @@ HEADERS = (
 )
 
 
+def shared_rank(row: dict, rows: list[dict], setting: str) -> int | None:
+    """``row``'s place among ``rows`` by ``rank_key`` (equal keys share a place: 1, 2, 2, 4), None where no seed kept
+    the judge at any evaluation on ``bold``/``bold-kl`` (the reward was hacked: no place)."""
+    key = rank_key(row, setting)
+    if key[1] == -math.inf:
+        return None
+    return 1 + sum(rank_key(other, setting) > key for other in rows)
+
+
 def comparison_tables(folder: Path) -> str:
     """One table per setting, methods ranked (module docstring)."""
     parts = []
@@ -138,9 +149,10 @@ def comparison_tables(folder: Path) -> str:
         if not rows:
             parts.append(f"**{setting}**: no runs yet.")
             continue
+        ranks = [shared_rank(row, rows, setting) for row in rows]
         table = [
             [
-                rank,
+                "-" if rank is None else rank,
                 row["method"],
                 f"{row['lr']:g}",
                 "-".join(map(str, sorted({min(row["updates"]), max(row["updates"])}))),
@@ -151,9 +163,15 @@ def comparison_tables(folder: Path) -> str:
                 f"{mean_sd(row['honest']) or 'none'} ({row['honest_seeds']} of {len(row['seeds'])} seeds)",
                 ", ".join(map(str, row["seeds"])) + (f" (stopped: {row['failed']})" if row["failed"] else ""),
             ]
-            for rank, row in enumerate(rows, 1)
+            for rank, row in zip(ranks, rows, strict=True)
         ]
-        parts.append(f"**{setting}**\n\n{markdown_table(HEADERS, table)}")
+        unranked = (
+            f"\n\nNo place (-): judge accuracy below {JUDGE_BAR:.0%} at every evaluation of every seed (the "
+            "reward was hacked)."
+            if None in ranks
+            else ""
+        )
+        parts.append(f"**{setting}**\n\n{markdown_table(HEADERS, table)}{unranked}")
     return "\n\n".join(parts)
 
 

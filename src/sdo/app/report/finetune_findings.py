@@ -3,8 +3,8 @@ its stored outputs (``sdo.app.report.finetune_comparison.method_rows``) so no pr
 
 Until every reported run is stored (``complete``) the blocks say how far the run is, and the row follows the earlier
 single-seed, untuned runs, as ``--method auto``'s guide does (``sdo.app.report.guide``); once it is, the row names
-the method the guide ranks first (mean rank over ``confidence`` and ``bold`` by ``rank_key``), with its tuned lr
-and the regularizer's tuned weight.
+the method the guide ranks first (mean rank over ``confidence``, ``bold`` and ``bold-kl`` by ``rank_key``), with
+its tuned lr, the regularizer's tuned weight and its place on each setting, and the methods ahead of ``sdo``.
 
 Blocks: ``finetune-findings`` (the README's "Measured results") and ``which-method-weights`` (the README's
 fine-tuning job).
@@ -17,8 +17,16 @@ from pathlib import Path
 from sdo.app.finetune_comparison import JUDGE_BAR, METHODS, REPORTED_SEEDS, SETTINGS
 from sdo.app.report import markdown_table
 from sdo.app.report.blocks import block, fill, load
-from sdo.app.report.finetune_comparison import FOLDER, complete, mean_sd, method_rows, rank_key, stored_runs
-from sdo.app.report.guide import FINETUNE_SETTINGS, earlier_finetune_scores, weights_ranking
+from sdo.app.report.finetune_comparison import (
+    FOLDER,
+    complete,
+    mean_sd,
+    method_rows,
+    rank_key,
+    shared_rank,
+    stored_runs,
+)
+from sdo.app.report.guide import earlier_finetune_scores, weights_ranking
 
 __all__ = ["finetune_findings", "which_method_weights"]
 
@@ -42,13 +50,15 @@ def _setting_finding(folder: Path, setting: str) -> str:
     held = [r for r in rows if _held(r)]
     hacked = [r for r in rows if not _held(r)]
     parts = [
-        "; ".join(f"{r['method']} {mean_sd(r['honest'])}" for r in held) or "no method",
+        "; ".join(f"{r['method']} {mean_sd(r['honest'])}" for r in held),
         f"kept the judge at {JUDGE_BAR:.0%} or more on every seed",
     ]
     where = "with the regularizer" if setting == "bold-kl" else "without the regularizer"
-    text = f"On `bold` {where}, {parts[0]} ({'reward at its last such evaluation; ' if held else ''}{parts[1]})"
+    judges = ", ".join(f"{r['method']} {mean_sd(r['judge_accuracy_100'], '.0%')}" for r in hacked)
+    if not held:
+        return f"On `bold` {where}, no method {parts[1]}: the reward was hacked (judge accuracy at the end: {judges})."
+    text = f"On `bold` {where}, {parts[0]} (reward at its last such evaluation; {parts[1]})"
     if hacked:
-        judges = ", ".join(f"{r['method']} {mean_sd(r['judge_accuracy_100'], '.0%')}" for r in hacked)
         text += f"; the others hack the reward (judge accuracy at the end: {judges})"
     return text + "."
 
@@ -95,26 +105,39 @@ def which_method_weights(results: Path) -> str:
         ]
         return markdown_table(HEADERS, [row])
     kl = load(folder / "tuning" / "kl.json")["chosen"]
-    by_setting = {s: {r["method"]: r for r in _ranked(folder, s)} for s in FINETUNE_SETTINGS}
-    chosen = by_setting["confidence"][first]
-    why = (
-        f"best mean rank over `confidence` and `bold` at equal time: confidence "
-        f"{mean_sd(by_setting['confidence'][first]['eval_reward_100'])}; bold "
-        + (mean_sd(by_setting["bold"][first]["honest"]) if by_setting["bold"][first]["honest"] else "hacked")
-        + f" (judge >= {JUDGE_BAR:.0%}); {chosen['s_per_update']:.2f} s / update"
-    )
+    rows = {setting: _ranked(folder, setting) for setting in SETTINGS}
+    chosen = next(r for r in rows["confidence"] if r["method"] == first)
+    why = "; ".join(_place(first, setting, ranked) for setting, ranked in rows.items())
     behind = [
-        f"{setting}: {rows_[0]['method']} ahead"
-        for setting, rows_ in ((s, _ranked(folder, s)) for s in FINETUNE_SETTINGS)
-        if rows_ and rows_[0]["method"] != "sdo"
+        f"{setting}: {', '.join(r['method'] for r in ahead)} ahead"
+        for setting, ranked in rows.items()
+        if (ahead := _ahead_of("sdo", setting, ranked))
     ]
     row = [
         JOB,
         f"`--method {first} --lr {chosen['lr']:g} --kl-weight {kl:g}`",
-        why,
-        "; ".join(behind) or "ahead of every method on both tasks",
+        f"best mean rank over {', '.join(f'`{s}`' for s in SETTINGS)} at equal time ({why}); "
+        f"{chosen['s_per_update']:.2f} s / update on confidence",
+        "; ".join(behind) or "no method ahead on any setting",
     ]
     return markdown_table(HEADERS, [row])
+
+
+def _ahead_of(method: str, setting: str, ranked: list[dict]) -> list[dict]:
+    """The methods ranked strictly ahead of ``method`` on ``setting`` (ties are not ahead)."""
+    mine = next(rank_key(r, setting) for r in ranked if r["method"] == method)
+    return [r for r in ranked if rank_key(r, setting) > mine]
+
+
+def _place(method: str, setting: str, ranked: list[dict]) -> str:
+    """``method``'s place and figure on ``setting``: ``bold-kl: 2nd of 6, 0.512 ± 0.010``."""
+    row = next(r for r in ranked if r["method"] == method)
+    place = shared_rank(row, ranked, setting)
+    if place is None:
+        alike = sum(shared_rank(r, ranked, setting) is None for r in ranked)
+        return f"{setting}: no place, judge below {JUDGE_BAR:.0%} at every evaluation ({alike} of {len(ranked)} alike)"
+    figure = mean_sd(row["eval_reward_100"] if setting == "confidence" else row["honest"])
+    return f"{setting}: place {place} of {len(ranked)}, {figure}"
 
 
 @block("finetune-findings")

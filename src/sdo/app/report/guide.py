@@ -19,7 +19,7 @@ __all__ = [
     "weights_ranking",
 ]
 
-FINETUNE_SETTINGS = ("confidence", "bold")
+EARLIER_FINETUNE_TASKS = ("confidence", "bold")
 EARLIER_FINETUNE_METHODS = ("sdo", "draft-1", "random-truncation")
 
 
@@ -59,17 +59,18 @@ def latent_ranking(table: Mapping[str, list[dict]], protocol: str, names: Sequen
 
 
 def weights_ranking(results: Path) -> tuple[str, ...]:
-    """The fine-tuning methods by mean rank over ``FINETUNE_SETTINGS``: from the fine-tuning comparison once every
-    reported run is stored (``rank_key``), else from the earlier single-seed runs (``earlier_finetune_scores``); a
-    partial comparison would rank only the methods that happen to have run."""
-    from sdo.app.finetune_comparison import METHODS
+    """The fine-tuning methods by mean rank (``by_mean_rank``): over the fine-tuning comparison's settings
+    (``confidence``, ``bold``, ``bold-kl``; ``rank_key``) once every reported run is stored, else over
+    ``EARLIER_FINETUNE_TASKS`` of the earlier single-seed runs (``earlier_finetune_scores``); a partial comparison
+    would rank only the methods that happen to have run."""
+    from sdo.app.finetune_comparison import METHODS, SETTINGS
     from sdo.app.report.finetune_comparison import FOLDER, complete, method_rows, rank_key
 
     folder = results / FOLDER
     if complete(folder):
         by_setting = {
             setting: {row["method"]: rank_key(row, setting) for row in method_rows(folder, setting)}
-            for setting in FINETUNE_SETTINGS
+            for setting in SETTINGS
         }
         return by_mean_rank(by_setting, METHODS)
     return by_mean_rank(earlier_finetune_scores(results), EARLIER_FINETUNE_METHODS)
@@ -79,7 +80,7 @@ def earlier_finetune_scores(results: Path) -> dict[str, dict[str, float]]:
     """``{task: {method: mean training reward over the last 5 updates}}`` of the earlier single-seed, untuned
     40-update runs (``finetune-<task>-<method>/``)."""
     scores: dict[str, dict[str, float]] = {}
-    for task in FINETUNE_SETTINGS:
+    for task in EARLIER_FINETUNE_TASKS:
         for method in EARLIER_FINETUNE_METHODS:
             path = results / f"finetune-{task}-{method}" / "metrics.jsonl"
             if path.exists():
@@ -89,12 +90,15 @@ def earlier_finetune_scores(results: Path) -> dict[str, dict[str, float]]:
 
 def by_mean_rank(scores: Mapping[str, Mapping[str, object]], order: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """The names ranked by their mean rank over the groups of ``scores`` (``{group: {name: score}}``, higher is
-    better; a name counts where it has a score), ties in ``order``'s order; names without a score are left out."""
-    ranks: dict[str, list[int]] = {}
+    better; a name counts where it has a score). Equal scores share the mean of their places (fractional ranking:
+    a group where every method hacked the reward ranks nobody); equal mean ranks keep ``order``'s order; names
+    without a score are left out."""
+    ranks: dict[str, list[float]] = {}
     for group in scores.values():
-        ranked = sorted(group, key=lambda name: (group[name], -order.index(name)), reverse=True)
-        for rank, name in enumerate(ranked, 1):
-            ranks.setdefault(name, []).append(rank)
+        for name, score in group.items():
+            ahead = sum(other > score for other in group.values())
+            level = sum(other == score for other in group.values())
+            ranks.setdefault(name, []).append(ahead + (level + 1) / 2)
     return tuple(sorted(ranks, key=lambda name: (statistics.mean(ranks[name]), order.index(name))))
 
 
