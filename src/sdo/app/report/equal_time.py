@@ -536,7 +536,8 @@ def _authors_row(protocol: str, name: str, records: list[dict], seeds: list[int]
 
 def save_plot(cases: Cases, path: Path, points: int = 101) -> None:
     """One panel per (task, protocol): mean R_v(f) over seeds against f = t / T_full (0 to 1), one line per variant
-    (the sdo variants' best-so-far dashed), written atomically."""
+    (the sdo variants' best-so-far dashed; a symmetric-log reward axis, linear within 0.1 of 0, so that the early
+    collapses and the last hundredths near the optimum both show), one legend for all panels, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -567,13 +568,18 @@ def save_plot(cases: Cases, path: Path, points: int = 101) -> None:
                 axis.step(fractions, mean, where="post", linestyle=style, color=colors[name], label=label)
         axis.set_title(f"{task} / {protocol}: mean reward over seeds", fontsize=9)
         axis.set_xlabel("training time / full's (T_full)")
-        axis.set_ylabel("reward")
+        axis.set_ylabel("reward (symlog)")
+        axis.set_yscale("symlog", linthresh=0.1)
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(keys) :]:
         axis.set_visible(False)
-    if keys:
-        axes.flat[0].legend(fontsize=6, ncol=2)
-    figure.tight_layout()
+    labelled = {}
+    for axis in axes.flat:
+        handles, labels = axis.get_legend_handles_labels()
+        labelled |= {label: handle for handle, label in zip(handles, labels, strict=True) if label not in labelled}
+    if labelled:
+        figure.legend(labelled.values(), labelled.keys(), loc="lower center", ncol=4, fontsize=7)
+    figure.tight_layout(rect=(0, 0.03 + 0.018 * math.ceil(len(labelled) / 4), 1, 1))
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format=path.suffix.lstrip("."), dpi=90)
     plt.close(figure)
