@@ -108,3 +108,13 @@ def test_the_lean_row_is_the_first_lean_variant_of_the_full_ranking_as_auto_read
     assert (
         "memory short | `--method sdo`, `--lr` tuned per task (class 0.05; style 0.05; adversarial 0.05)" in lean_row
     )
+
+
+def test_a_harness_only_variant_named_by_the_findings_is_said_to_be_no_flag():
+    assert "Harness only" not in findings(_table())  # sdo and sdo-cosine are flags
+    table = _table()
+    table["class/noise"].append(_row("sdo-coarse-to-fine", -1.0, -0.5, _adam(0.05)))
+    text = " ".join(findings(table).split())
+    assert "class: sdo-coarse-to-fine -1.000 against -5.000;" in text
+    assert "**Harness only.** sdo-coarse-to-fine is a rule of this comparison's harness" in text
+    assert "not `sdo optimize` flags" in text and "sdo-beta2" not in text

@@ -93,6 +93,27 @@ def _protocol_finding(table: Table, protocol: str) -> str:
     )
 
 
+def _harness_finding(table: Table) -> str | None:
+    """Which of the SDO variants the bullets name are rules of the comparison's harness, not ``sdo optimize`` flags
+    (``expressible_variants``), so that no reader looks for them on the command line."""
+    cited = {
+        best["variant"]
+        for protocol in PROTOCOLS
+        for task in _tasks(table, protocol)
+        for fraction in ("0.25", "1")
+        if (best := _best(_rows(table, task, protocol), SDO_FAMILY, fraction))
+    }
+    harness = [name for name in SDO_FAMILY if name in cited and name not in expressible_variants()]
+    if not harness:
+        return None
+    return (
+        f"**Harness only.** {', '.join(harness)} {'are rules' if len(harness) > 1 else 'is a rule'} of this "
+        "comparison's harness "
+        '(`sdo.app.equal_time`; issue 28\'s fallbacks), not `sdo optimize` flags; "Which method, for which job" '
+        "names only what a command line runs."
+    )
+
+
 def _cost_finding(table: Table) -> str:
     ratios, memory = [], {}
     for protocol in PROTOCOLS:
@@ -131,6 +152,7 @@ def _guided_finding(table: Table) -> str | None:
 def findings(table: Table) -> str:
     """The bullets (module docstring): per protocol, SDO at 25% and 100% of full's time against full; cost; FreeDoM."""
     bullets = [_protocol_finding(table, protocol) for protocol in PROTOCOLS if _tasks(table, protocol)]
+    bullets += [harness] if bullets and (harness := _harness_finding(table)) else []
     bullets += [_cost_finding(table)] if bullets else []
     bullets += [guided] if bullets and (guided := _guided_finding(table)) else []
     missing = [f"{t}/{p}" for t in TASKS for p in PROTOCOLS if t not in _tasks(table, p)]
