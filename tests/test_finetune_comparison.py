@@ -122,7 +122,10 @@ def test_the_readme_findings_say_how_far_the_run_is_then_rank_every_setting(tmp_
     row = which_method_weights(tmp_path).splitlines()[-1]
     # confidence and bold-kl: sdo 1st, full 2nd; bold: full 1st, draft-1 2nd, the four that hacked share places
     # 3-6 (4.5 each). Mean ranks: sdo (1 + 4.5 + 1) / 3 = 2.17, full (2 + 1 + 2) / 3 = 1.67
-    assert row.startswith("| fine-tune weights on a reward | `--method full --lr 0.001 --kl-weight 20` |")
+    assert row.startswith(
+        "| fine-tune weights on a reward | `--method full --lr 0.001`, with `--kl-weight 20` where the reward can be "
+        "hacked (tuned on `bold`) |"
+    )
     assert "(confidence: place 2 of 6, -0.990 ± 0.010; bold: place 1 of 6, -0.990 ± 0.010; bold-kl: place 2" in row
     assert row.endswith("| bold: full, draft-1 ahead |")
     tables = comparison_tables(folder).split("**")

@@ -115,7 +115,8 @@ def which_method_weights(results: Path) -> str:
     ]
     row = [
         JOB,
-        f"`--method {first} --lr {chosen['lr']:g} --kl-weight {kl:g}`",
+        f"`--method {first} --lr {chosen['lr']:g}`, with `--kl-weight {kl:g}` where the reward can be hacked "
+        "(tuned on `bold`)",
         f"best mean rank over {', '.join(f'`{s}`' for s in SETTINGS)} at equal time ({why}); "
         f"{chosen['s_per_update']:.2f} s / update on confidence",
         "; ".join(behind) or "no method ahead on any setting",
@@ -130,7 +131,7 @@ def _ahead_of(method: str, setting: str, ranked: list[dict]) -> list[dict]:
 
 
 def _place(method: str, setting: str, ranked: list[dict]) -> str:
-    """``method``'s place and figure on ``setting``: ``bold-kl: 2nd of 6, 0.512 ± 0.010``."""
+    """``method``'s place and figure on ``setting``: ``bold-kl: place 2 of 6, 0.512 ± 0.010``."""
     row = next(r for r in ranked if r["method"] == method)
     place = shared_rank(row, ranked, setting)
     if place is None:
