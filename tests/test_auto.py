@@ -22,7 +22,7 @@ from sdo.app.auto import (
     profile_job,
     with_row_options,
 )
-from sdo.app.guide import GUIDE, guide_settings
+from sdo.app.guide import GUIDE, flag_fields, guide_settings
 from sdo.app.report.guide import measured_guide
 from sdo.app.tasks.latent import LatentTaskConfig, build_task, load_resources, task_problem
 from sdo.errors import ConfigError
@@ -228,3 +228,28 @@ def test_finetune_auto_on_a_tiny_pipeline_plans_its_lora_and_records_the_choice(
     choice = Choice.from_record(json.loads((out / "config.json").read_text())["config"]["auto"])
     assert choice.row == GUIDE["weights"][0] and 0 < choice.parts.optimizer < choice.parts.weights
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_flag_fields_express_a_variants_options_as_flags_or_say_they_cannot():
+    assert flag_fields({"betas": (0.9, 0.999)}) == {"adam_beta2": 0.999}
+    assert flag_fields({"adjoint_iters": 0, "adjoint_checkpoint_every": None}) == {
+        "adjoint_iters": 0,
+        "adjoint_checkpoint_every": 0,
+    }
+    assert flag_fields({"betas": (0.8, 0.999)}) is None  # --adam-beta2 keeps the first decay at 0.9
+    assert flag_fields({"project_to_shell": False}) is None  # the authors' setting: no flag row
+
+
+@pytest.mark.parametrize("job", ["noise", "edit"])
+def test_every_latent_guide_row_as_flags_gives_the_options_the_comparison_ran(job):
+    """A row's flags, put on a config as ``--method auto`` puts them, and read back as the run reads them
+    (``MethodFlags.method_options``; the planner's ``with_row_options``), are the variant's fixed options."""
+    from sdo.app.equal_time import VARIANTS
+
+    for row in GUIDE[job]:
+        method, options = guide_settings(job, row)
+        config = replace(LatentTaskConfig(method=method, out="unused", iters=4), **options)
+        ran = config.method_options()
+        planned = with_row_options(LatentTaskConfig(out="unused").method_options(), options)
+        for key, value in VARIANTS[row].fixed.items():
+            assert getattr(ran, key) == getattr(planned, key) == value, (row, key)

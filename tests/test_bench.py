@@ -13,7 +13,7 @@ from sdo.app import bench
 from sdo.app.bench import BenchConfig, reward_at, run_bench
 from sdo.app.cli import main
 from sdo.errors import ConfigError
-from sdo.methods import METHODS, method_names
+from sdo.methods import METHODS, MethodOptions, find_method, method_names
 
 WEIGHT_METHODS = (*method_names("weights"), "nograd")
 
@@ -271,3 +271,33 @@ def test_lr_schedule_flag_reaches_the_run_and_is_refused_where_ignored(tmp_path,
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "runs no Adam" in err and "--lr-schedule 'cosine' would be ignored" in err
         assert not (tmp_path / "refused").exists()
+
+
+# --adam-beta2: Adam's second decay as one flag of optimize and bench (the guide's sdo-beta2 row), recorded, and
+# refused where it would be ignored.
+
+
+def test_adam_beta2_flag_reaches_adam_and_is_refused_where_ignored(tmp_path, capsys):
+    config = BenchConfig(methods="sdo", variable="latent", steps="3", iters=2, batch=1, adam_beta2=0.999)
+    assert config.method_options().betas == (0.9, 0.999)
+    run = bench._method_run("sdo", config, bench.mnist_workload(batch=1), 3)
+    run.iterate()
+    assert run.stepper.update.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    tiny = ["--steps", "3", "--iters", "2", "--batch", "1", "--views", "0", "--threads", "1"]
+    out = tmp_path / "opt"
+    assert main(["optimize", *tiny, "--adam-beta2", "0.999", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["adam_beta2"] == 0.999
+    capsys.readouterr()
+    for argv in (["optimize", "--method", "freedom"], ["bench", "--methods", "sdo,doodl"]):
+        assert main([*argv, "--adam-beta2", "0.999", "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "runs no Adam" in err and "--adam-beta2 0.999 would be ignored" in err
+        assert not (tmp_path / "refused").exists()
+    assert main(["optimize", "--adam-beta2", "1", "--out", str(tmp_path / "refused")]) == 2
+    assert "--adam-beta2" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_the_library_refuses_betas_a_method_without_adam_would_ignore():
+    with pytest.raises(ConfigError, match=r"method 'doodl' runs no Adam .*`betas` \(0\.9, 0\.999\) would be ignored"):
+        find_method("doodl", MethodOptions(betas=(0.9, 0.999)))
+    find_method("doodl-adam", MethodOptions(betas=(0.9, 0.999)))  # its update is sdo's Adam run

@@ -321,13 +321,19 @@ class Method:
     def check(self, options: MethodOptions) -> None:
         """Refuse, before any work, a method that cannot optimize ``options.variable`` or whose mode cannot be
         built from ``options`` (e.g. a bad ``kept_steps``), an unknown ``lr_schedule``, or a schedule other than
-        ``constant`` for a method that runs no Adam (``doodl``, ``freedom``), which would ignore it."""
+        ``constant`` or ``betas`` other than the default's for a method that runs no Adam (``doodl``, ``freedom``),
+        which would ignore them."""
         check_lr_schedule(options.lr_schedule, sized=False)  # the run's length comes with its stepper
-        if options.lr_schedule != AdamSettings.lr_schedule and not self.runner.adam:
-            raise ConfigError(
-                f"method {self.name!r} runs no Adam ({self.runner.runs}): `lr_schedule` {options.lr_schedule!r} "
-                f"would be ignored; leave it {AdamSettings.lr_schedule!r}, or use doodl-adam or a gradient mode."
-            )
+        ignored = {
+            "lr_schedule": (options.lr_schedule, AdamSettings.lr_schedule),
+            "betas": (tuple(options.betas), AdamSettings.betas),
+        }
+        for name, (value, default) in ignored.items():
+            if value != default and not self.runner.adam:
+                raise ConfigError(
+                    f"method {self.name!r} runs no Adam ({self.runner.runs}): `{name}` {value!r} would be ignored; "
+                    f"leave it {default!r}, or use doodl-adam or a gradient mode."
+                )
         if self.build is not None:
             self.mode(options)
         elif options.variable != "latent":

@@ -266,10 +266,13 @@ def _row_methods(protocol: str, row: str) -> list[tuple[str, dict]]:
 
 
 def with_row_options(base: MethodOptions, options: dict) -> MethodOptions:
-    """``base`` with a row's flag options (``adjoint_checkpoint_every`` 0 is None, as ``MethodFlags`` reads it)."""
+    """``base`` with a row's flag options, read as ``MethodFlags.method_options`` reads them
+    (``adjoint_checkpoint_every`` 0 is None; ``adam_beta2`` b is ``betas`` (``base``'s first decay, b))."""
     fields = {**options}
     if "adjoint_checkpoint_every" in fields:
         fields["adjoint_checkpoint_every"] = fields["adjoint_checkpoint_every"] or None
+    if "adam_beta2" in fields:
+        fields["betas"] = (base.betas[0], fields.pop("adam_beta2"))
     return replace(base, **fields)
 
 

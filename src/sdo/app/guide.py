@@ -8,7 +8,7 @@ Jobs and their sources (the results folder is ``benchmarks/results/cpu``):
   variant's mean over the reported seeds of R_v(1), its final-iterate reward within full backpropagation's training
   time, ranks it; a variant's score is its mean rank over the tasks where it ran (equal rewards share the mean of
   their places), ties broken by the registry's order.
-  Only variants a command line can express are ranked (not ``sdo-beta2``, whose betas are no flag, nor
+  Only variants a command line can express are ranked (``sdo-beta2`` is ``--adam-beta2 0.999``; not
   ``sdo-then-exact`` and ``sdo-coarse-to-fine``, harness rules); ``checkpointed`` is ``full``'s gradient credited
   at its own, slower time.
 - ``weights``: the fine-tuning comparison (``sdo.app.finetune_comparison``; issue 29), ranked per setting
@@ -24,7 +24,7 @@ drift from BENCHMARKS.md (``python -m sdo.app.report.guide`` prints the measured
 
 from __future__ import annotations
 
-__all__ = ["FLAG_OPTIONS", "GUIDE", "JOBS", "guide_settings"]
+__all__ = ["FLAG_OPTIONS", "GUIDE", "JOBS", "flag_fields", "guide_settings"]
 
 JOBS = ("noise", "edit", "weights")
 
@@ -37,11 +37,13 @@ GUIDE: dict[str, tuple[str, ...]] = {
         "freedom-official",
         "sdo",
         "sdo-cosine",
+        "sdo-beta2",
         "checkpointed",
         "adjoint-0",
         "doodl-adam",
     ),
     "edit": (
+        "sdo-beta2",
         "sdo",
         "full",
         "full-cosine",
@@ -57,18 +59,38 @@ GUIDE: dict[str, tuple[str, ...]] = {
 """Per job, the guide's rows (equal-time variants for a latent, fine-tuning methods for weights), best first."""
 
 FLAG_OPTIONS = frozenset(
-    {"lr_schedule", "adjoint_iters", "adjoint_checkpoint_every", "freedom_schedule", "freedom_repeats"}
+    {"lr_schedule", "adjoint_iters", "adjoint_checkpoint_every", "freedom_schedule", "freedom_repeats", "betas"}
 )
-"""The variants' fixed options that are ``sdo optimize`` flags (``sdo.app.method_flags.MethodFlags``)."""
+"""The variants' fixed options (``sdo.methods.MethodOptions`` fields) that ``sdo optimize`` flags can set
+(``sdo.app.method_flags.MethodFlags``; ``betas`` through ``--adam-beta2``, its first decay being the default's)."""
+
+
+def flag_fields(fixed: dict) -> dict | None:
+    """A variant's fixed ``MethodOptions`` fields as ``MethodFlags`` fields (``adjoint_checkpoint_every`` None is 0;
+    ``betas`` (0.9, b) is ``adam_beta2`` b), or None where a flag cannot express them (an option that is no flag, a
+    first decay other than the default's)."""
+    from sdo.latent import AdamSettings
+
+    if not set(fixed) <= FLAG_OPTIONS:
+        return None
+    fields = {key: (0 if value is None else value) for key, value in fixed.items() if key != "betas"}
+    if "betas" in fixed:
+        beta1, beta2 = fixed["betas"]
+        if beta1 != AdamSettings.betas[0]:
+            return None
+        fields["adam_beta2"] = beta2
+    return fields
 
 
 def guide_settings(job: str, row: str) -> tuple[str, dict]:
     """``(method, flag options)`` of the guide's ``row`` for ``job``: an equal-time variant's registry method and
-    fixed options (as flag fields: ``adjoint_checkpoint_every`` None is 0), or a fine-tuning method with none."""
+    fixed options as ``MethodFlags`` fields (``flag_fields``), or a fine-tuning method with none."""
     if job == "weights":
         return row, {}
     from sdo.app.equal_time import VARIANTS
 
     variant = VARIANTS[row]
-    options = {key: (0 if value is None else value) for key, value in variant.fixed.items()}
-    return variant.method, options
+    fields = flag_fields(variant.fixed)
+    if fields is None:
+        raise ValueError(f"The guide's row {row!r} has options no flag expresses: {variant.fixed}")
+    return variant.method, fields

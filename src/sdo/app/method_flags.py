@@ -21,7 +21,7 @@ from sdo.doodl import DoodlSettings, scaled_clip
 from sdo.errors import ConfigError
 from sdo.freedom import FREEDOM_SCHEDULES, FreedomSettings
 from sdo.latent import LR_SCHEDULES, AdamSettings
-from sdo.methods import MethodOptions, Variable, find_method
+from sdo.methods import METHODS, MethodOptions, Variable, find_method
 
 __all__ = ["AUTO", "MethodFlags", "checkpoint_kept_flag", "learning_rate", "memory_budget_flag", "parse_kept_steps"]
 
@@ -62,11 +62,12 @@ def memory_budget_flag() -> Any:
 class MethodFlags:
     """The settings of the method a run uses (every field is a flag of the commands that use it).
 
-    ``lr``, ``lr_schedule``, ``prior_weight`` and ``project`` configure the Adam run of a gradient mode and of
-    ``doodl-adam`` (``sdo.optimize_latent``: loss ``-sum_b reward_b + prior_weight * sum_b latent_prior(z_b)``, the
-    lr at update k of K = ``iters`` constant or ``lr * (1 + cos(pi k / K)) / 2``, latents rescaled to their initial
-    norm after each step with ``project``); ``adjoint_iters`` and ``adjoint_checkpoint_every`` are ``sdo.Adjoint``'s
-    ``fixed_point_iters`` and ``checkpoint_every`` (0: None); ``kept_steps`` the kept steps of ``sdo-multi``
+    ``lr``, ``lr_schedule``, ``adam_beta2``, ``prior_weight`` and ``project`` configure the Adam run of a gradient
+    mode and of ``doodl-adam`` (``sdo.optimize_latent``: loss ``-sum_b reward_b + prior_weight * sum_b
+    latent_prior(z_b)``, the lr at update k of K = ``iters`` constant or ``lr * (1 + cos(pi k / K)) / 2``, Adam's
+    betas ``(0.9, adam_beta2)``, latents rescaled to their initial norm after each step with ``project``);
+    ``adjoint_iters`` and ``adjoint_checkpoint_every`` are ``sdo.Adjoint``'s ``fixed_point_iters`` and
+    ``checkpoint_every`` (0: None); ``kept_steps`` the kept steps of ``sdo-multi``
     (``sdo.Shortcut(step=[...])``); ``doodl_lr`` and ``doodl_clip`` DOODL's gradient scale and per-element clip (0:
     ``sdo.doodl.scaled_clip`` of the config's ``iters``, the authors' total movement spread over the run; its
     renormalization follows ``project``); ``freedom_scale``, ``freedom_repeats`` and ``freedom_schedule``
@@ -84,6 +85,13 @@ class MethodFlags:
         "Adam's lr at update k of K = --iters: constant (--lr at every update, the authors' run) or cosine "
         "(lr x (1 + cos(pi k / K)) / 2, decaying towards 0); doodl and freedom take constant only",
         choices=LR_SCHEDULES,
+    )
+    adam_beta2: float = option(
+        AdamSettings.betas[1],
+        "Adam's beta2, the decay of its squared-gradient average: 0.9 as in the authors' scripts; 0.999 (torch's "
+        "default) averages over ~1000 updates, so the step shrinks as the gradient does",
+        at_least=0,
+        at_most=0.9999,
     )
     prior_weight: float = option(
         AdamSettings.prior_weight, "weight of the Gaussian-shell latent regularizer", at_least=0
@@ -158,6 +166,7 @@ class MethodFlags:
             kept_steps=parse_kept_steps(self.kept_steps),
             lr=self.lr,
             lr_schedule=self.lr_schedule,
+            betas=(AdamSettings.betas[0], self.adam_beta2),
             prior_weight=self.prior_weight,
             project_to_shell=self.project,
             doodl_lr=self.doodl_lr,
@@ -172,12 +181,18 @@ class MethodFlags:
 
     def check_method(self, name: str, variable: Variable, steps: int, start_step: int = 0) -> None:
         """Refuse, before any work, method ``name`` on ``variable`` with these flags, for a run of sampling steps
-        ``start_step, ..., steps - 1``: an unknown name, no gradient to ``variable``, or a gradient mode whose steps do
-        not fit the run (``--kept-steps`` past the last step, a ``draft-k`` or ``alignprop`` depth above the steps).
+        ``start_step, ..., steps - 1``: an unknown name, no gradient to ``variable``, a gradient mode whose steps do
+        not fit the run (``--kept-steps`` past the last step, a ``draft-k`` or ``alignprop`` depth above the steps),
+        or ``--adam-beta2`` set for a method that runs no Adam (named by its flag, before the library's ``betas``).
 
         Raises:
             ConfigError: as ``sdo.methods.find_method`` and ``sdo.methods.Method.check_fits``.
         """
+        if name in METHODS and not METHODS[name].runner.adam and self.adam_beta2 != AdamSettings.betas[1]:
+            raise ConfigError(
+                f"method {name!r} runs no Adam ({METHODS[name].runner.runs}): `adam_beta2` {self.adam_beta2:g} would "
+                f"be ignored; leave it {AdamSettings.betas[1]:g}, or use doodl-adam or a gradient mode."
+            )
         options = self.method_options(variable, generator=torch.Generator())
         find_method(name, options).check_fits(options, steps, start_step)
 

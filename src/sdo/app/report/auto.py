@@ -62,10 +62,16 @@ def auto_guide(results: Path | None = None) -> str:
             except BudgetError:
                 cells.append("nothing fits")
                 continue
-            schedule = " (cosine)" if choice.options.get("lr_schedule") == "cosine" else ""
-            cells.append(f"`{choice.method}`{schedule}, {choice.parts.total / GIB:.1f} GiB")
+            cells.append(f"`{choice.method}`{_settings(choice.options)}, {choice.parts.total / GIB:.1f} GiB")
         rows.append(cells)
     return markdown_table(("job", *(f"{budget} GiB" for budget in BUDGETS_GIB)), rows)
+
+
+def _settings(options: dict) -> str:
+    """A row's settings in words: `` (cosine, beta2 0.999)``, or nothing for the defaults."""
+    words = ["cosine"] if options.get("lr_schedule") == "cosine" else []
+    words += [f"beta2 {options['adam_beta2']:g}"] if "adam_beta2" in options else []
+    return f" ({', '.join(words)})" if words else ""
 
 
 block("auto-guide")(auto_guide)

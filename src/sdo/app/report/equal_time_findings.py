@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 from sdo.app.equal_time import PROTOCOLS, TASKS, VARIANTS
-from sdo.app.guide import FLAG_OPTIONS
+from sdo.app.guide import flag_fields
 from sdo.app.report import markdown_table
 from sdo.app.report.blocks import block, fill
 from sdo.app.report.equal_time import (
@@ -165,9 +165,8 @@ def _flags(name: str, rows_by_task: dict[str, dict]) -> str:
     """``name``'s ``sdo optimize`` flags, its tuned knob per task (from the rows' stored options)."""
     variant = VARIANTS[name]
     flags = [f"--method {variant.method}"]
-    for key, value in variant.fixed.items():
-        if key in FLAG_OPTIONS:
-            flags.append(f"--{key.replace('_', '-')} {0 if value is None else value}")
+    for key, value in (flag_fields(variant.fixed) or {}).items():
+        flags.append(f"--{key.replace('_', '-')} {value}")
     schedule = next(iter(rows_by_task.values()))["options"].get("lr_schedule", "constant")
     if variant.schedule_of and schedule != "constant":  # full's schedule, taken on the class task
         flags.append(f"--lr-schedule {schedule}")

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from sdo.app.guide import FLAG_OPTIONS, JOBS
+from sdo.app.guide import JOBS, flag_fields
 from sdo.app.report.blocks import load_records
 
 __all__ = [
@@ -38,12 +38,14 @@ def _latent_guide(results: Path) -> dict[str, tuple[str, ...]]:
 
 
 def expressible_variants() -> tuple[str, ...]:
-    """The equal-time variants a command line can express: fixed options that are flags (not ``sdo-beta2``'s betas),
-    no harness rule (``then_exact``, ``coarse_to_fine``)."""
+    """The equal-time variants a command line can express: fixed options that are flags (``flag_fields``), no
+    harness rule (``then_exact``, ``coarse_to_fine``)."""
     from sdo.app.equal_time import VARIANTS
 
     return tuple(
-        name for name, v in VARIANTS.items() if set(v.fixed) <= FLAG_OPTIONS and not (v.then_exact or v.coarse_to_fine)
+        name
+        for name, v in VARIANTS.items()
+        if flag_fields(v.fixed) is not None and not (v.then_exact or v.coarse_to_fine)
     )
 
 
