@@ -265,11 +265,17 @@ def test_lr_schedule_flag_reaches_the_run_and_is_refused_where_ignored(tmp_path,
     args = ["bench", "--methods", "sdo", "--steps", "3", "--iters", "2", "--batch", "1", "--lr-schedule", "cosine"]
     assert main([*args, "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["config"]["lr_schedule"] == "cosine"
+    _refused_without_adam(tmp_path, capsys, ["--lr-schedule", "cosine"], "--lr-schedule 'cosine' would be ignored")
+
+
+def _refused_without_adam(tmp_path, capsys, flags: list[str], words: str) -> None:
+    """``flags`` on optimize with a method that runs no Adam, and on bench with one among others: one line that
+    names the flag, no folder."""
     capsys.readouterr()
     for argv in (["optimize", "--method", "doodl"], ["bench", "--methods", "sdo,freedom"]):
-        assert main([*argv, "--lr-schedule", "cosine", "--out", str(tmp_path / "refused")]) == 2
+        assert main([*argv, *flags, "--out", str(tmp_path / "refused")]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "runs no Adam" in err and "--lr-schedule 'cosine' would be ignored" in err
+        assert err.count("\n") == 0 and "runs no Adam" in err and words in err
         assert not (tmp_path / "refused").exists()
 
 
@@ -287,12 +293,7 @@ def test_adam_beta2_flag_reaches_adam_and_is_refused_where_ignored(tmp_path, cap
     out = tmp_path / "opt"
     assert main(["optimize", *tiny, "--adam-beta2", "0.999", "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["config"]["adam_beta2"] == 0.999
-    capsys.readouterr()
-    for argv in (["optimize", "--method", "freedom"], ["bench", "--methods", "sdo,doodl"]):
-        assert main([*argv, "--adam-beta2", "0.999", "--out", str(tmp_path / "refused")]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "runs no Adam" in err and "--adam-beta2 0.999 would be ignored" in err
-        assert not (tmp_path / "refused").exists()
+    _refused_without_adam(tmp_path, capsys, ["--adam-beta2", "0.999"], "--adam-beta2 0.999 would be ignored")
     assert main(["optimize", "--adam-beta2", "1", "--out", str(tmp_path / "refused")]) == 2
     assert "--adam-beta2" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
