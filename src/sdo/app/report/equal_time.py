@@ -575,8 +575,8 @@ def save_plot(cases: Cases, path: Path, points: int = 101) -> None:
         axis.set_visible(False)
     labelled = {}
     for axis in axes.flat:
-        handles, labels = axis.get_legend_handles_labels()
-        labelled |= {label: handle for handle, label in zip(handles, labels, strict=True) if label not in labelled}
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            labelled.setdefault(label, handle)
     if labelled:
         figure.legend(labelled.values(), labelled.keys(), loc="lower center", ncol=4, fontsize=7)
     figure.tight_layout(rect=(0, 0.03 + 0.018 * math.ceil(len(labelled) / 4), 1, 1))

@@ -103,7 +103,7 @@ def _harness_finding(table: Table) -> str | None:
         for fraction in ("0.25", "1")
         if (best := _best(_rows(table, task, protocol), SDO_FAMILY, fraction))
     }
-    harness = [name for name in SDO_FAMILY if name in cited and name not in expressible_variants()]
+    harness = [name for name in SDO_FAMILY if name in cited.difference(expressible_variants())]
     if not harness:
         return None
     return (
@@ -213,7 +213,7 @@ def which_method_latents(table: Table) -> str:
         if not _tasks(table, protocol):
             continue
         ranking = latent_ranking(table, protocol, expressible)
-        rows.append(_job_row(table, protocol, expressible, JOBS[protocol]))
+        rows.append(_job_row(table, protocol, expressible, JOBS[protocol], best=ranking[0]))
         lean = tuple(name for name in ranking if _within_memory(table, protocol, name))
         if lean and lean[0] != ranking[0]:
             rows.append(_job_row(table, protocol, lean, f"{JOBS[protocol]}, memory short", best=lean[0]))
